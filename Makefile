@@ -1,0 +1,34 @@
+# One entry point for a fresh machine: `make run` (service / demo) and `make test` (all checks).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Pinned so pip takes the CPU wheel that lies on this machine's disk; on a machine with a
+# CUDA GPU the same pin from PyPI is the CUDA build (see Dockerfile).
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= core,dev
+
+.PHONY: install run test lint typecheck clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+run: install
+	$(BIN)/tuneqdm demo
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: install
+	$(BIN)/mypy
+
+test: lint typecheck
+	$(BIN)/pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

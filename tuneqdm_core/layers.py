@@ -1,0 +1,198 @@
+"""Frozen quantized Linear / Conv2d layers whose scales act on activations.
+
+For a layer with base weight ``W0 = s0 ⊙ (q − z)`` and an adapter's ``(s_out, s_in)``
+(DESIGN.md "core math")::
+
+    y = (s_out / s0) ⊙ base(W0, s_in ⊙ x) + bias
+
+which equals ``x ↦ Ŵ x + bias`` with ``Ŵ = s_out ⊙ (q − z) ⊙ s_in`` (the paper's MCSU
+weight) without ever building ``Ŵ``. ``base`` is :class:`_FrozenProduct`: it dequantizes
+``W0`` in forward and again in backward, so autograd keeps nothing weight-sized; the scale
+multiplications around it keep only activation-sized tensors.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tuneqdm_core import quant
+
+if TYPE_CHECKING:
+    from tuneqdm_core.routing import QuantState
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the base product runs in: autocast's when it is on, else the input's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+class _FrozenProduct(torch.autograd.Function):
+    """``base(W0, x)`` with no gradient w.r.t. the frozen weight and nothing weight-sized saved."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, layer: QuantLayer) -> torch.Tensor:
+        ctx.layer = layer
+        ctx.x_shape = x.shape
+        ctx.x_dtype = x.dtype
+        dtype = compute_dtype(x)
+        return layer.product(x.to(dtype), layer.dequantize(dtype))
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        layer: QuantLayer = ctx.layer
+        # Re-dequantize instead of saving W0: ~one extra dequantization per step buys the
+        # weight-sized memory that materialising implementations keep (PAPER.md).
+        grad_x = layer.input_grad(grad_y, layer.dequantize(grad_y.dtype), ctx.x_shape)
+        return grad_x.to(ctx.x_dtype), None
+
+
+class QuantLayer(nn.Module):
+    """Common part of :class:`QuantLinear` and :class:`QuantConv2d`.
+
+    Buffers (never Parameters): ``codes`` (uint8; two 4-bit codes per byte at 4 bits),
+    ``s0[O]`` and ``zero[O]`` (float32), ``bias[O]`` (float32, optional).
+    """
+
+    # Dimension of the channel axis in activations: 1 for NCHW convs, -1 for Linear.
+    channel_dim: int
+    codes: torch.Tensor
+    s0: torch.Tensor
+    zero: torch.Tensor
+    bias: torch.Tensor | None
+
+    def __init__(
+        self,
+        module: nn.Linear | nn.Conv2d,
+        bits: int,
+        range_method: quant.RangeMethod,
+        **range_options: Any,
+    ) -> None:
+        super().__init__()
+        weight, bias = module.weight, module.bias
+        self.bits = bits
+        self.weight_shape = tuple(weight.shape)
+        w2d = weight.detach().reshape(weight.shape[0], -1).float()
+        s0, zero = quant.choose_qparams(w2d, bits, range_method, **range_options)
+        codes = quant.quantize(w2d, s0, zero, bits)
+        self.register_buffer("codes", quant.pack_int4(codes) if bits == 4 else codes)
+        self.register_buffer("s0", s0)
+        self.register_buffer("zero", zero)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        # Set by quantize_(): position in the model's layout and the shared routing state.
+        self.index = -1
+        self.state: QuantState | None = None
+
+    @property
+    def out_channels(self) -> int:
+        return self.weight_shape[0]
+
+    @property
+    def in_channels(self) -> int:
+        raise NotImplementedError
+
+    def unpacked_codes(self) -> torch.Tensor:
+        """Integer codes ``q[O, K]`` (uint8)."""
+        k = int(torch.Size(self.weight_shape[1:]).numel())
+        return quant.unpack_int4(self.codes, k) if self.bits == 4 else self.codes
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``W0 = s0 · (q − z)`` in the layer's weight shape."""
+        w = quant.dequantize(self.unpacked_codes(), self.s0, self.zero, dtype)
+        return w.view(self.weight_shape)
+
+    def product(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def input_grad(self, grad_y: torch.Tensor, w: torch.Tensor, x_shape: torch.Size) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _broadcast(self, s: torch.Tensor, ndim: int) -> torch.Tensor:
+        """``s[B or 1, C]`` shaped to multiply an activation of ``ndim`` dims on its channel axis."""
+        if self.channel_dim == -1:
+            return s.view(s.shape[0], *([1] * (ndim - 2)), s.shape[1])
+        return s.view(s.shape[0], s.shape[1], *([1] * (ndim - 2)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scales = None if self.state is None else self.state.lookup(self.index, x.shape[0])
+        if scales is None:
+            y = _FrozenProduct.apply(x, self)
+        else:
+            s_out, s_in = scales
+            if s_in is not None:
+                x = x * self._broadcast(s_in, x.ndim).to(x.dtype)
+            y = _FrozenProduct.apply(x, self)
+            ratio = s_out / self.s0
+            y = y * self._broadcast(ratio, y.ndim).to(y.dtype)
+        if self.bias is not None:
+            y = y + self._broadcast(self.bias[None], y.ndim).to(y.dtype)
+        return y
+
+
+class QuantLinear(QuantLayer):
+    channel_dim = -1
+
+    @property
+    def in_channels(self) -> int:
+        return self.weight_shape[1]
+
+    def product(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, w)
+
+    def input_grad(self, grad_y: torch.Tensor, w: torch.Tensor, x_shape: torch.Size) -> torch.Tensor:
+        return grad_y @ w
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_channels}, out={self.out_channels}, bits={self.bits}"
+
+
+class QuantConv2d(QuantLayer):
+    channel_dim = 1
+
+    def __init__(
+        self, module: nn.Conv2d, bits: int, range_method: quant.RangeMethod, **options: Any
+    ) -> None:
+        if isinstance(module.padding, str):
+            raise NotImplementedError(
+                f"Conv2d with padding={module.padding!r} is not supported; "
+                "use explicit integer padding"
+            )
+        super().__init__(module, bits, range_method, **options)
+        self.stride = tuple(module.stride)
+        self.dilation = tuple(module.dilation)
+        self.groups = module.groups
+        self.padding_mode = module.padding_mode
+        # Non-zero padding modes pad explicitly before the product (F.pad commutes with the
+        # per-channel s_in scaling since it only copies values within a channel).
+        self.explicit_pad = module._reversed_padding_repeated_twice
+        self.padding = (0, 0) if self.padding_mode != "zeros" else tuple(module.padding)
+
+    @property
+    def in_channels(self) -> int:
+        return self.weight_shape[1] * self.groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self.explicit_pad, mode=self.padding_mode)
+        return super().forward(x)
+
+    def product(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, w, None, self.stride, self.padding, self.dilation, self.groups)
+
+    def input_grad(self, grad_y: torch.Tensor, w: torch.Tensor, x_shape: torch.Size) -> torch.Tensor:
+        return torch.nn.grad.conv2d_input(
+            x_shape, w, grad_y, self.stride, self.padding, self.dilation, self.groups
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_channels}, out={self.out_channels}, kernel={self.weight_shape[2:]}, "
+            f"stride={self.stride}, padding={self.padding}, groups={self.groups}, bits={self.bits}"
+        )

@@ -1,0 +1,229 @@
+"""Per-sample routing: which adapter and which timestep interval each sample of a batch uses.
+
+A :class:`Route` is built once per model call from the timesteps (and adapter slots) of the
+batch. It holds, per layer, a table of scale rows ``[R, C]`` and, per sample, the row to use;
+every layer then gathers its rows with one ``index_select`` — no host-device synchronisation
+per layer. Two sources of rows:
+
+- a list of :class:`~tuneqdm_core.adapter.Adapter` (training, or a few adapters in hand): the
+  rows that the batch uses are stacked once per call, so intervals nobody used get no gradient;
+  one host synchronisation per call when the timesteps live on an accelerator;
+- a :class:`ScaleBank` (serving): fixed slots in one contiguous buffer, filled by copying an
+  adapter in; routing is all on the device.
+
+Set the route before the forward and keep it until the backward is done: gradient
+checkpointing recomputes layers during backward and reads the route again. Prior-preservation
+batches should therefore go through the model as one batch (which is also faster).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tuneqdm_core.adapter import Adapter
+from tuneqdm_core.model import quant_state
+
+Timesteps = torch.Tensor | int | float | Sequence[int] | Sequence[float]
+Slots = torch.Tensor | int | Sequence[int]
+
+
+@dataclass
+class Route:
+    """Per-layer scale tables and the row each sample reads.
+
+    ``rows`` is ``None`` when the whole batch reads row 0, else a ``[B]`` (or ``[1]``) long
+    tensor on the tables' device."""
+
+    out_parts: Sequence[torch.Tensor]
+    in_parts: Sequence[torch.Tensor] | None
+    rows: torch.Tensor | None
+
+    def lookup(self, index: int, batch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        s_out = self.out_parts[index]
+        s_in = None if self.in_parts is None else self.in_parts[index]
+        if self.rows is None:
+            return s_out[:1], None if s_in is None else s_in[:1]
+        if self.rows.shape[0] not in (1, batch):
+            raise ValueError(
+                f"the route names {self.rows.shape[0]} samples but a layer got a batch of "
+                f"{batch}; pass one timestep/slot per sample (repeat them for "
+                "classifier-free guidance)"
+            )
+        s_out = s_out.index_select(0, self.rows)
+        return s_out, None if s_in is None else s_in.index_select(0, self.rows)
+
+
+def _as_batch(value: Timesteps | Slots, dtype: torch.dtype) -> torch.Tensor:
+    tensor = torch.as_tensor(value, dtype=dtype) if not torch.is_tensor(value) else value
+    return tensor.reshape(-1)
+
+
+def _pair(timesteps: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Broadcast a single timestep or slot to the other's batch size."""
+    if timesteps.shape[0] != slots.shape[0] and 1 not in (timesteps.shape[0], slots.shape[0]):
+        raise ValueError(
+            f"got {timesteps.shape[0]} timesteps but {slots.shape[0]} slots; give one per "
+            "sample, or a single value for the whole batch"
+        )
+    size = max(timesteps.shape[0], slots.shape[0])
+    return timesteps.expand(size), slots.expand(size)
+
+
+def route_adapters(
+    adapters: Sequence[Adapter], timesteps: Timesteps, slots: Slots | None = None
+) -> Route:
+    """A route over ``adapters`` (``slots[b]`` indexes the list; default all 0)."""
+    if not adapters:
+        raise ValueError("route_adapters needs at least one adapter")
+    layout = adapters[0].layout
+    for adapter in adapters[1:]:
+        if adapter.layout != layout:
+            raise ValueError("adapters in one route must be made for the same quantized base")
+    # Row assignment is host work on a few numbers: one transfer per call, never per layer.
+    t_host = _as_batch(timesteps, torch.float64).detach().cpu()
+    s_host = _as_batch(0 if slots is None else slots, torch.long).detach().cpu()
+    t_host, s_host = _pair(t_host, s_host)
+    keys: list[tuple[int, int]] = []
+    for t, slot in zip(t_host.tolist(), s_host.tolist(), strict=True):
+        if not 0 <= slot < len(adapters):
+            raise ValueError(f"slot {slot} is outside [0, {len(adapters)})")
+        keys.append((slot, adapters[slot].config.interval_of(t)))
+    used = sorted(set(keys))
+    device = adapters[0].s_out[0].device
+
+    out_table = torch.stack([adapters[a].s_out[k] for a, k in used])
+    in_table = None
+    if any(adapters[a].has_s_in for a, _ in used):
+        ones = torch.ones(layout.total_in, device=device)
+        in_table = torch.stack([adapters[a].s_in[k] if adapters[a].has_s_in else ones for a, k in used])
+    rows = None
+    if len(used) > 1:
+        position = {key: i for i, key in enumerate(used)}
+        rows = torch.tensor([position[key] for key in keys], device=device)
+    return Route(
+        out_parts=torch.split(out_table, layout.out_sizes, dim=1),
+        in_parts=None if in_table is None else torch.split(in_table, layout.in_sizes, dim=1),
+        rows=rows,
+    )
+
+
+class ScaleBank(nn.Module):
+    """Serving slots: ``slots × max_intervals`` rows of scales in two contiguous buffers.
+
+    Slot values start as the base model (``s_out = s0``, ``s_in = 1``, one interval), so an
+    empty slot serves the plain quantized base. :meth:`load` copies an adapter into a slot —
+    a handful of vector copies, no model weight is touched.
+    """
+
+    s_out: torch.Tensor
+    s_in: torch.Tensor
+    intervals: torch.Tensor
+
+    def __init__(
+        self, model: nn.Module, slots: int, max_intervals: int = 2, num_train_timesteps: int = 1000
+    ) -> None:
+        super().__init__()
+        if slots < 1 or max_intervals < 1:
+            raise ValueError(f"need slots >= 1 and max_intervals >= 1, got {slots}, {max_intervals}")
+        state = quant_state(model)
+        self.layout = state.layout
+        self.base_fingerprint = state.fingerprint
+        self.num_train_timesteps = num_train_timesteps
+        self.register_buffer("base_s_out", state.base_scales().clone(), persistent=False)
+        self.register_buffer(
+            "s_out", self.base_s_out.expand(slots, max_intervals, -1).clone(), persistent=False
+        )
+        self.register_buffer(
+            "s_in",
+            torch.ones(slots, max_intervals, self.layout.total_in, device=self.base_s_out.device),
+            persistent=False,
+        )
+        self.register_buffer(
+            "intervals", torch.ones(slots, dtype=torch.long, device=self.base_s_out.device),
+            persistent=False,
+        )
+        self._parts: tuple[int, Sequence[torch.Tensor], Sequence[torch.Tensor]] | None = None
+
+    @property
+    def slots(self) -> int:
+        return self.s_out.shape[0]
+
+    @property
+    def max_intervals(self) -> int:
+        return self.s_out.shape[1]
+
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= slot < self.slots:
+            raise ValueError(f"slot {slot} is outside [0, {self.slots})")
+
+    def load(self, slot: int, adapter: Adapter) -> None:
+        """Put ``adapter`` in ``slot`` (copies ``intervals × (Σout + Σin)`` values)."""
+        self._check_slot(slot)
+        if adapter.base_fingerprint != self.base_fingerprint or adapter.layout != self.layout:
+            raise ValueError(
+                "adapter was made for another quantized base (fingerprint "
+                f"{adapter.base_fingerprint[:12]}…, this base {self.base_fingerprint[:12]}…)"
+            )
+        n = adapter.config.intervals
+        if n > self.max_intervals:
+            raise ValueError(f"adapter has {n} intervals; this bank holds at most {self.max_intervals}")
+        if adapter.config.num_train_timesteps != self.num_train_timesteps:
+            raise ValueError(
+                f"adapter splits {adapter.config.num_train_timesteps} timesteps, "
+                f"the bank {self.num_train_timesteps}"
+            )
+        with torch.no_grad():
+            for k in range(n):
+                self.s_out[slot, k].copy_(adapter.s_out[k], non_blocking=True)
+                if adapter.has_s_in:
+                    self.s_in[slot, k].copy_(adapter.s_in[k], non_blocking=True)
+                else:
+                    self.s_in[slot, k].fill_(1.0)
+            self.intervals[slot] = n
+
+    def reset(self, slot: int) -> None:
+        """Make ``slot`` serve the plain quantized base again."""
+        self._check_slot(slot)
+        with torch.no_grad():
+            self.s_out[slot].copy_(self.base_s_out.expand_as(self.s_out[slot]))
+            self.s_in[slot].fill_(1.0)
+            self.intervals[slot] = 1
+
+    def _split(self) -> tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]:
+        # Per-layer views into the buffers; rebuilt only when .to() replaced the buffers.
+        key = self.s_out.data_ptr()
+        if self._parts is None or self._parts[0] != key:
+            rows = self.slots * self.max_intervals
+            outs = torch.split(self.s_out.view(rows, -1), self.layout.out_sizes, dim=1)
+            ins = torch.split(self.s_in.view(rows, -1), self.layout.in_sizes, dim=1)
+            self._parts = (key, outs, ins)
+        return self._parts[1], self._parts[2]
+
+    def route(self, timesteps: Timesteps, slots: Slots) -> Route:
+        """A route where sample b reads slot ``slots[b]`` at its own timestep's interval."""
+        device = self.s_out.device
+        t = _as_batch(timesteps, torch.float32).to(device, non_blocking=True)
+        s = _as_batch(slots, torch.long).to(device, non_blocking=True)
+        t, s = _pair(t, s)
+        n = self.intervals.index_select(0, s)
+        # ⌊t·n/T⌋ exactly in float32: t·n < 2^24 and a non-multiple of T is ≥ 1/T from an
+        # integer. Clamped, not checked, to stay free of synchronisation.
+        k = torch.floor(t.float() * n / self.num_train_timesteps).long()
+        k = torch.minimum(k.clamp_(min=0), n - 1)
+        outs, ins = self._split()
+        return Route(out_parts=outs, in_parts=ins, rows=s * self.max_intervals + k)
+
+
+def set_route(model: nn.Module, route: Route | None) -> None:
+    """Make the model's quantized layers read ``route`` until the next call (``None``: the
+    plain quantized base)."""
+    quant_state(model).route = route
+
+
+def use_adapter(model: nn.Module, adapter: Adapter, timesteps: Timesteps) -> None:
+    """Shorthand for the common case: one adapter, each sample at its own timestep."""
+    set_route(model, route_adapters([adapter], timesteps))
