@@ -59,9 +59,7 @@ class AdapterConfig:
 
     def interval_of(self, timestep: float) -> int:
         if not 0 <= timestep < self.num_train_timesteps:
-            raise ValueError(
-                f"timestep {timestep} is outside [0, {self.num_train_timesteps})"
-            )
+            raise ValueError(f"timestep {timestep} is outside [0, {self.num_train_timesteps})")
         return int(timestep * self.intervals // self.num_train_timesteps)
 
 
@@ -81,7 +79,9 @@ class Adapter(nn.Module):
         if len(s_out) != config.intervals or (s_in is not None and len(s_in) != config.intervals):
             raise ValueError(f"expected {config.intervals} interval(s) of scales")
         if (s_in is not None) != config.has_s_in:
-            raise ValueError(f"method {config.method!r} {'needs' if config.has_s_in else 'has no'} s_in")
+            raise ValueError(
+                f"method {config.method!r} {'needs' if config.has_s_in else 'has no'} s_in"
+            )
         self.config = config
         self.layout = layout
         self.base_fingerprint = base_fingerprint
@@ -141,10 +141,20 @@ def param_groups(
     decay by default (nanoGPT's rule).
     """
     groups: list[dict[str, Any]] = [
-        {"params": list(adapter.s_out), "lr": lr_s_out, "weight_decay": weight_decay, "name": "s_out"}
+        {
+            "params": list(adapter.s_out),
+            "lr": lr_s_out,
+            "weight_decay": weight_decay,
+            "name": "s_out",
+        }
     ]
     if adapter.has_s_in:
         groups.append(
-            {"params": list(adapter.s_in), "lr": lr_s_in, "weight_decay": weight_decay, "name": "s_in"}
+            {
+                "params": list(adapter.s_in),
+                "lr": lr_s_in,
+                "weight_decay": weight_decay,
+                "name": "s_in",
+            }
         )
     return groups

@@ -18,11 +18,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.grad import conv2d_input
 
 from tuneqdm_core import quant
 
 if TYPE_CHECKING:
-    from tuneqdm_core.routing import QuantState
+    from tuneqdm_core.model import QuantState
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -111,11 +112,13 @@ class QuantLayer(nn.Module):
     def product(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def input_grad(self, grad_y: torch.Tensor, w: torch.Tensor, x_shape: torch.Size) -> torch.Tensor:
+    def input_grad(
+        self, grad_y: torch.Tensor, w: torch.Tensor, x_shape: torch.Size
+    ) -> torch.Tensor:
         raise NotImplementedError
 
     def _broadcast(self, s: torch.Tensor, ndim: int) -> torch.Tensor:
-        """``s[B or 1, C]`` shaped to multiply an activation of ``ndim`` dims on its channel axis."""
+        """``s[B or 1, C]`` shaped to scale an ``ndim``-dim activation along its channel axis."""
         if self.channel_dim == -1:
             return s.view(s.shape[0], *([1] * (ndim - 2)), s.shape[1])
         return s.view(s.shape[0], s.shape[1], *([1] * (ndim - 2)))
@@ -146,7 +149,9 @@ class QuantLinear(QuantLayer):
     def product(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return F.linear(x, w)
 
-    def input_grad(self, grad_y: torch.Tensor, w: torch.Tensor, x_shape: torch.Size) -> torch.Tensor:
+    def input_grad(
+        self, grad_y: torch.Tensor, w: torch.Tensor, x_shape: torch.Size
+    ) -> torch.Tensor:
         return grad_y @ w
 
     def extra_repr(self) -> str:
@@ -186,8 +191,10 @@ class QuantConv2d(QuantLayer):
     def product(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, w, None, self.stride, self.padding, self.dilation, self.groups)
 
-    def input_grad(self, grad_y: torch.Tensor, w: torch.Tensor, x_shape: torch.Size) -> torch.Tensor:
-        return torch.nn.grad.conv2d_input(
+    def input_grad(
+        self, grad_y: torch.Tensor, w: torch.Tensor, x_shape: torch.Size
+    ) -> torch.Tensor:
+        return conv2d_input(
             x_shape, w, grad_y, self.stride, self.padding, self.dilation, self.groups
         )
 

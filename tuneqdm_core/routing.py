@@ -98,8 +98,10 @@ def route_adapters(
     out_table = torch.stack([adapters[a].s_out[k] for a, k in used])
     in_table = None
     if any(adapters[a].has_s_in for a, _ in used):
-        ones = torch.ones(layout.total_in, device=device)
-        in_table = torch.stack([adapters[a].s_in[k] if adapters[a].has_s_in else ones for a, k in used])
+        ones = torch.ones(layout.total_in, device=device, dtype=out_table.dtype)
+        in_table = torch.stack(
+            [adapters[a].s_in[k] if adapters[a].has_s_in else ones for a, k in used]
+        )
     rows = None
     if len(used) > 1:
         position = {key: i for i, key in enumerate(used)}
@@ -119,6 +121,7 @@ class ScaleBank(nn.Module):
     a handful of vector copies, no model weight is touched.
     """
 
+    base_s_out: torch.Tensor
     s_out: torch.Tensor
     s_in: torch.Tensor
     intervals: torch.Tensor
@@ -128,7 +131,9 @@ class ScaleBank(nn.Module):
     ) -> None:
         super().__init__()
         if slots < 1 or max_intervals < 1:
-            raise ValueError(f"need slots >= 1 and max_intervals >= 1, got {slots}, {max_intervals}")
+            raise ValueError(
+                f"need slots >= 1 and max_intervals >= 1, got {slots}, {max_intervals}"
+            )
         state = quant_state(model)
         self.layout = state.layout
         self.base_fingerprint = state.fingerprint
@@ -143,7 +148,8 @@ class ScaleBank(nn.Module):
             persistent=False,
         )
         self.register_buffer(
-            "intervals", torch.ones(slots, dtype=torch.long, device=self.base_s_out.device),
+            "intervals",
+            torch.ones(slots, dtype=torch.long, device=self.base_s_out.device),
             persistent=False,
         )
         self._parts: tuple[int, Sequence[torch.Tensor], Sequence[torch.Tensor]] | None = None
@@ -170,7 +176,9 @@ class ScaleBank(nn.Module):
             )
         n = adapter.config.intervals
         if n > self.max_intervals:
-            raise ValueError(f"adapter has {n} intervals; this bank holds at most {self.max_intervals}")
+            raise ValueError(
+                f"adapter has {n} intervals; this bank holds at most {self.max_intervals}"
+            )
         if adapter.config.num_train_timesteps != self.num_train_timesteps:
             raise ValueError(
                 f"adapter splits {adapter.config.num_train_timesteps} timesteps, "

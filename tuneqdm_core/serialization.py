@@ -60,7 +60,9 @@ def adapter_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def save_adapter(adapter: Adapter, path: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> Path:
+def save_adapter(
+    adapter: Adapter, path: str | os.PathLike[str], extra: dict[str, Any] | None = None
+) -> Path:
     """Write ``adapter`` to ``path`` atomically (a temporary file, then a rename), so a crash
     never leaves a half-written adapter. ``extra`` is free JSON (tokens, prompts, job id)."""
     path = Path(path)
@@ -108,7 +110,8 @@ def _check_base(path: Path, metadata: dict[str, Any], layout: Layout, model: nn.
     state = quant_state(model)
     if metadata["bits"] != state.config.bits:
         raise AdapterFileError(
-            f"{path}: adapter made for a {metadata['bits']}-bit base, model is {state.config.bits}-bit"
+            f"{path}: adapter made for a {metadata['bits']}-bit base, "
+            f"model is {state.config.bits}-bit"
         )
     if layout != state.layout:
         file_layers = {s.name: s for s in layout.layers}
@@ -121,9 +124,8 @@ def _check_base(path: Path, metadata: dict[str, Any], layout: Layout, model: nn.
             for n in file_layers
             if n in model_layers and file_layers[n] != model_layers[n]
         ]
-        raise AdapterFileError(
-            f"{path}: adapter layers do not match the model's ({_names(problems) or 'order differs'})"
-        )
+        detail = _names(problems) or "same layers in another order"
+        raise AdapterFileError(f"{path}: adapter layers do not match the model's ({detail})")
     if metadata["base_fingerprint"] != state.fingerprint:
         raise AdapterFileError(
             f"{path}: adapter made for another quantized base (fingerprint "
