@@ -1,9 +1,43 @@
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+
+from tuneqdm_core.base import BaseModel, load_base
+from tuneqdm_core.tiny import save_tiny_pipeline
 
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The built-in tiny SD pipeline, written once per test session like a real model folder."""
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd"))
+
+
+@pytest.fixture(scope="session")
+def quant_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("quant-cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tiny_model_dir: Path, quant_cache: Path) -> BaseModel:
+    return load_base(tiny_model_dir, cache_dir=quant_cache)
+
+
+def subject_photos(count: int = 4, size: tuple[int, int] = (40, 48)) -> list[Image.Image]:
+    """A red card with a blue square that moves a little: the same 'subject' in each photo."""
+    photos = []
+    for i in range(count):
+        array = np.zeros((size[1], size[0], 3), np.uint8)
+        array[:, :] = (200, 30 + 10 * i, 30)
+        array[10:30, 12 + i : 30 + i] = (20, 20, 220)
+        photos.append(Image.fromarray(array))
+    return photos

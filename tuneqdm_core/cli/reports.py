@@ -1,10 +1,9 @@
-"""The ``tuneqdm`` command: sizes of quantized models and adapters, adapter inspection, a demo."""
+"""``tuneqdm sizes``, ``tuneqdm inspect`` and ``tuneqdm demo``: reports on the core itself."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -16,10 +15,10 @@ import torch
 
 from tuneqdm_core import sizes
 from tuneqdm_core.adapter import Adapter, AdapterConfig, param_groups
-from tuneqdm_core.configs import UNET_CONFIGS, build_unet, example_inputs
+from tuneqdm_core.configs import build_unet, example_inputs
 from tuneqdm_core.model import QuantConfig, quantize_
 from tuneqdm_core.routing import ScaleBank, set_route, use_adapter
-from tuneqdm_core.serialization import AdapterFileError, load_adapter, read_metadata, save_adapter
+from tuneqdm_core.serialization import load_adapter, read_metadata, save_adapter
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -161,35 +160,3 @@ def cmd_demo(args: argparse.Namespace) -> int:
         unet(**example_inputs(unet, 2, torch.tensor([100, 900])))
     print("one batch served the base model (slot 0) and the adapter (slot 1) together")
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tuneqdm", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    p = commands.add_parser("sizes", help="bytes of a quantized UNet and of its adapter files")
-    p.add_argument("--arch", default="sd1", choices=sorted(UNET_CONFIGS))
-    p.add_argument("--bits", type=int, nargs="+", default=[4, 8], choices=[4, 8])
-    p.add_argument("--range", default="auto", choices=["auto", "minmax", "mse"])
-    p.add_argument("--intervals", type=int, nargs="+", default=[1, 2, 4])
-    p.add_argument("--json", metavar="PATH", help="also write the numbers (bytes) as JSON")
-    p.set_defaults(run=cmd_sizes)
-
-    p = commands.add_parser("inspect", help="print an adapter file's metadata")
-    p.add_argument("path")
-    p.set_defaults(run=cmd_inspect)
-
-    p = commands.add_parser("demo", help="quantize, fine-tune, save, load and swap on a tiny UNet")
-    p.add_argument("--steps", type=int, default=30)
-    p.set_defaults(run=cmd_demo)
-
-    args = parser.parse_args(argv)
-    try:
-        return int(args.run(args))
-    except (AdapterFileError, FileNotFoundError, ValueError) as error:
-        print(f"tuneqdm {args.command}: error: {error}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

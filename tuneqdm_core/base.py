@@ -1,0 +1,192 @@
+"""Loading a Stable Diffusion model as a quantized base, with a disk cache of the quantized UNet.
+
+Any folder or hub id that diffusers' ``from_pretrained`` reads (SD 1.x / 2.x layout: ``unet``,
+``vae``, ``text_encoder``, ``tokenizer``, ``scheduler``) works. The UNet is quantized once;
+the result (packed codes, per-channel parameters, the remaining float tensors, the fingerprint)
+is cached so that a restart skips both the float load and the range search.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from safetensors.torch import load_file, save_file
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from tuneqdm_core.model import QuantConfig, quant_state, quantize_
+
+CACHE_FORMAT = 1
+# "org/name" as the Hugging Face hub spells repository ids; anything else must be a folder.
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+@dataclass
+class BaseModel:
+    """One shared quantized base: what a worker loads once and serves every adapter from."""
+
+    source: str
+    unet: Any  # UNet2DConditionModel, quantized in place
+    vae: Any  # AutoencoderKL, float
+    text_encoder: Any  # CLIPTextModel, float
+    tokenizer: Any  # CLIPTokenizer
+    scheduler_config: dict[str, Any]
+    quant: QuantConfig
+    device: torch.device
+    load_seconds: float = 0.0
+    from_cache: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def fingerprint(self) -> str:
+        return quant_state(self.unet).fingerprint
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return int(2 ** (len(self.vae.config.block_out_channels) - 1))
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.unet.config.in_channels)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """CLIP hidden states ``[N, 77, D]`` (SD's conditioning)."""
+        tokens = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        device = next(self.text_encoder.parameters()).device
+        return self.text_encoder(tokens.input_ids.to(device))[0].to(self.device)
+
+    def prompt_token_count(self, prompt: str) -> int:
+        return len(self.tokenizer(prompt).input_ids)
+
+
+def _cache_key(source: str, config: QuantConfig) -> str:
+    """Identifies a float UNet and a quantization recipe without hashing gigabytes: a local
+    folder by its resolved path and its weight files' sizes and mtimes, a hub id by name."""
+    parts: list[Any] = [source, asdict(config), CACHE_FORMAT]
+    unet_dir = Path(source) / "unet"
+    if unet_dir.is_dir():
+        parts[0] = str(unet_dir.resolve())
+        parts += sorted(
+            (f.name, f.stat().st_size, f.stat().st_mtime_ns)
+            for f in unet_dir.iterdir()
+            if f.is_file()
+        )
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
+
+
+def _write_atomic(path: Path, write: Any) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_quantized_unet(unet: Any, directory: Path, source: str) -> None:
+    """Write a quantized UNet (state dict, config, fingerprint) for :func:`load_quantized_unet`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    state = quant_state(unet)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}
+    meta = {
+        "format": CACHE_FORMAT,
+        "source": source,
+        "unet_config": dict(unet.config),
+        "quant": asdict(state.config),
+        "fingerprint": state.fingerprint,
+    }
+    _write_atomic(directory / "unet.safetensors", lambda tmp: save_file(tensors, tmp))
+    # meta.json last: its presence marks a complete entry.
+    _write_atomic(directory / "meta.json", lambda tmp: Path(tmp).write_text(json.dumps(meta)))
+
+
+def load_quantized_unet(directory: Path, device: torch.device | str = "cpu") -> Any:
+    """Rebuild a quantized UNet from :func:`save_quantized_unet`'s files without any float
+    weights: the architecture is made on the meta device and the tensors are assigned."""
+    meta = json.loads((directory / "meta.json").read_text())
+    if meta.get("format") != CACHE_FORMAT:
+        raise ValueError(f"{directory}: cache format {meta.get('format')}, expected {CACHE_FORMAT}")
+    config = QuantConfig(**meta["quant"])
+    unet_config = {k: v for k, v in meta["unet_config"].items() if not k.startswith("_")}
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(unet_config)
+        # Shapes only: min-max on meta tensors builds the layer structure for free.
+        quantize_(unet, QuantConfig(bits=config.bits, range="minmax"))
+    unet.load_state_dict(load_file(directory / "unet.safetensors", device=str(device)), assign=True)
+    left = [name for name, t in [*unet.named_parameters(), *unet.named_buffers()] if t.is_meta]
+    if left:
+        raise ValueError(f"{directory}: cached UNet lacks {left[:5]}; delete the folder to rebuild")
+    state = quant_state(unet)
+    state.config = config
+    state._fingerprint = meta["fingerprint"]
+    return unet.to(device)
+
+
+def load_base(
+    source: str | os.PathLike[str],
+    *,
+    quant: QuantConfig | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    device: torch.device | str = "cpu",
+) -> BaseModel:
+    """Load a pipeline's parts, quantize its UNet (or take it from ``cache_dir``)."""
+    start = time.perf_counter()
+    source = str(source)
+    quant = quant or QuantConfig()
+    device = torch.device(device)
+    if not Path(source).is_dir() and not HUB_ID.fullmatch(source):
+        raise FileNotFoundError(
+            f"model {source!r} is neither a local model folder nor a hub id like 'org/name'"
+        )
+    entry = Path(cache_dir) / f"unet-{_cache_key(source, quant)}" if cache_dir else None
+    from_cache = entry is not None and (entry / "meta.json").is_file()
+    if entry is not None and from_cache:
+        unet = load_quantized_unet(entry, device)
+    else:
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet").to(device)
+        quantize_(unet, quant)
+        if entry is not None:
+            save_quantized_unet(unet, entry, source)
+    unet.eval()
+    vae = AutoencoderKL.from_pretrained(source, subfolder="vae").to(device).eval()
+    text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder").to(device).eval()
+    tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
+    for module in (vae, text_encoder):
+        module.requires_grad_(False)
+    scheduler_path = Path(source) / "scheduler" / "scheduler_config.json"
+    if scheduler_path.is_file():
+        scheduler_config = json.loads(scheduler_path.read_text())
+    else:
+        from diffusers import DDIMScheduler
+
+        scheduler_config = dict(DDIMScheduler.load_config(source, subfolder="scheduler"))
+    return BaseModel(
+        source=source,
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler_config=scheduler_config,
+        quant=quant,
+        device=device,
+        load_seconds=time.perf_counter() - start,
+        from_cache=from_cache,
+    )

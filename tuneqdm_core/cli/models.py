@@ -1,0 +1,196 @@
+"""``tuneqdm build-tiny | quantize | finetune | generate``: working with real model folders."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from tuneqdm_core.base import BaseModel, load_base
+from tuneqdm_core.finetune import FinetuneConfig, Progress, Subject, finetune
+from tuneqdm_core.generate import SCHEDULERS, GenerationRequest, generate
+from tuneqdm_core.model import QuantConfig
+from tuneqdm_core.serialization import load_adapter, save_adapter
+from tuneqdm_core.tiny import save_tiny_pipeline
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def add_base_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="a diffusers model folder or hub id (SD 1.x / 2.x layout)")
+    parser.add_argument("--bits", type=int, default=4, choices=[4, 8])
+    parser.add_argument("--cache-dir", help="keep the quantized UNet here for the next start")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+
+
+def _base(args: argparse.Namespace) -> BaseModel:
+    base = load_base(
+        args.model, quant=QuantConfig(bits=args.bits), cache_dir=args.cache_dir, device=args.device
+    )
+    origin = "from cache" if base.from_cache else "quantized now"
+    print(f"base {args.model} W{args.bits} ({origin}) in {base.load_seconds:.2f} s")
+    return base
+
+
+def cmd_build_tiny(args: argparse.Namespace) -> int:
+    path = save_tiny_pipeline(args.out, seed=args.seed, resolution=args.resolution)
+    print(f"tiny Stable Diffusion pipeline written to {path}")
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    base = _base(args)
+    print(f"fingerprint {base.fingerprint}")
+    return 0
+
+
+def image_paths(paths: list[str]) -> list[Path]:
+    """Files as given; folders expanded to the image files they hold (sorted)."""
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise FileNotFoundError(f"{path}: no such file or folder")
+    return found
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    subjects = [Subject(p, image_paths([d]), args.class_prompt) for p, d in args.subject or []]
+    if args.images:
+        if not args.prompt:
+            raise ValueError("--images needs --prompt (e.g. 'a photo of sks dog')")
+        subjects.insert(0, Subject(args.prompt, image_paths(args.images), args.class_prompt))
+    if not subjects:
+        raise ValueError("give --images with --prompt, or --subject PROMPT FOLDER")
+    config = FinetuneConfig(
+        method=args.method,
+        intervals=args.intervals,
+        steps=args.steps,
+        lr_s_out=args.lr_s_out,
+        lr_s_in=args.lr_s_in,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        resolution=args.resolution,
+        seed=args.seed,
+        gradient_checkpointing=args.gradient_checkpointing,
+        mixed_precision=args.mixed_precision,
+        prior_loss_weight=args.prior_loss_weight,
+        num_class_images=args.num_class_images,
+        checkpoint_every=args.checkpoint_every,
+    )
+    base = _base(args)
+    with tqdm(total=config.steps, desc="fine-tune", unit="step") as bar:
+
+        def show(p: Progress) -> None:
+            bar.n = p.step
+            bar.set_postfix(loss=f"{p.loss:.4f}")
+            bar.refresh()
+
+        result = finetune(
+            base,
+            subjects,
+            config,
+            checkpoint_dir=args.checkpoint_dir,
+            cache_dir=args.cache_dir,
+            progress=show,
+        )
+    out = Path(args.out)
+    if result.adapter is not None:
+        tokens = [s.instance_prompt for s in subjects]
+        save_adapter(result.adapter, out, extra={"prompts": tokens, "base_model": args.model})
+        print(f"adapter written to {out} ({out.stat().st_size / 1e6:.2f} MB)")
+    elif result.unet is not None:
+        result.unet.save_pretrained(out)
+        print(f"fine-tuned float UNet written to {out}/")
+    print(f"{len(result.losses)} steps in {result.seconds:.1f} s")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    base = _base(args)
+    adapter = load_adapter(args.adapter, base.unet, device=base.device) if args.adapter else None
+    request = GenerationRequest(
+        prompt=args.prompt,
+        adapter=adapter,
+        negative_prompt=args.negative_prompt,
+        num_images=args.num_images,
+        steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        seed=args.seed,
+        width=args.width,
+        height=args.height,
+        scheduler=args.scheduler,
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with tqdm(total=args.steps, desc="generate", unit="step") as bar:
+        images = generate(base, [request], on_step=lambda step, _: bar.update(1))[0]
+    for generated in images:
+        path = out / f"{generated.seed}.png"
+        generated.image.save(path)
+        print(path)
+    return 0
+
+
+def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = commands.add_parser("build-tiny", help="write the built-in tiny SD pipeline to a folder")
+    p.add_argument("out")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resolution", type=int, default=32)
+    p.set_defaults(run=cmd_build_tiny)
+
+    p = commands.add_parser("quantize", help="quantize a model's UNet (and cache it)")
+    add_base_arguments(p)
+    p.set_defaults(run=cmd_quantize)
+
+    p = commands.add_parser("finetune", help="fine-tune an adapter on subject photos")
+    add_base_arguments(p)
+    p.add_argument("--images", nargs="+", help="photos of the subject (files or folders)")
+    p.add_argument("--prompt", help="instance prompt with the identifier, 'a photo of sks dog'")
+    p.add_argument(
+        "--subject",
+        nargs=2,
+        action="append",
+        metavar=("PROMPT", "FOLDER"),
+        help="one more subject for the same adapter (repeatable)",
+    )
+    p.add_argument("--class-prompt", help="turns on prior preservation, 'a photo of a dog'")
+    p.add_argument("--out", required=True, help="adapter file to write (.safetensors)")
+    defaults = FinetuneConfig()
+    p.add_argument("--method", default=defaults.method, choices=["tuneqdm", "peqa", "full"])
+    for name in (
+        "intervals",
+        "steps",
+        "batch_size",
+        "resolution",
+        "seed",
+        "num_class_images",
+        "checkpoint_every",
+    ):
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
+    for name in ("lr_s_out", "lr_s_in", "lr", "prior_loss_weight"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
+    p.add_argument("--checkpoint-dir", help="save/resume training state here")
+    p.set_defaults(run=cmd_finetune)
+
+    p = commands.add_parser("generate", help="generate images, with an adapter or the base")
+    add_base_arguments(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--adapter", help="adapter file (.safetensors); none = the base model")
+    p.add_argument("--out", required=True, help="folder for the PNG files")
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--height", type=int, default=512)
+    p.add_argument("--scheduler", default="ddim", choices=sorted(SCHEDULERS))
+    p.set_defaults(run=cmd_generate)

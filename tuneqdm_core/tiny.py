@@ -1,0 +1,142 @@
+"""The built-in tiny Stable Diffusion pipeline, made offline from scratch.
+
+No pretrained weights can be downloaded here, so tests and the embedded service mode use a
+complete SD 1.x-shaped pipeline built from config: UNet, VAE, CLIP text encoder, a CLIP BPE
+tokenizer whose vocab/merges are written locally, and a DDIM scheduler with SD's betas. It is
+saved with ``save_pretrained`` and loads back through :func:`tuneqdm_core.base.load_base`
+exactly like a real model folder.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from tuneqdm_core.configs import UNET_CONFIGS
+
+# Words the tiny tokenizer knows as single tokens; anything else falls back to characters
+# (every byte has a token, so no text maps to the unknown token).
+WORDS = tuple(
+    " ".join(
+        [
+            "a an the photo picture of in on at with and by sks zwx qrt dog cat bag shoe shirt",
+            "dress coat boot sneaker sandal trouser pullover toy car red green blue yellow black",
+            "white purple orange gray pink background top bottom left right center beach forest",
+            "city snow style painting drawing",
+        ]
+    ).split(" ")
+)
+
+SPECIAL = ("<|startoftext|>", "<|endoftext|>")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte → printable-character table."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, chars), strict=True))
+
+
+def tokenizer_files(
+    words: tuple[str, ...] | list[str] = WORDS,
+) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """``(vocab, merges)`` of a CLIP BPE tokenizer: all 256 byte symbols, alone and as word
+    ends (``</w>``), then one merge chain per word, then the special tokens."""
+    symbols = list(_bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for token in [*symbols, *(s + "</w>" for s in symbols)]:
+        vocab.setdefault(token, len(vocab))
+    merges: list[tuple[str, str]] = []
+    for word in words:
+        pieces = [*word[:-1], word[-1] + "</w>"]
+        while len(pieces) > 1:
+            merge = (pieces[0], pieces[1])
+            if merge not in merges:
+                merges.append(merge)
+            pieces = [pieces[0] + pieces[1], *pieces[2:]]
+            vocab.setdefault(pieces[0], len(vocab))
+    for token in SPECIAL:
+        vocab[token] = len(vocab)
+    return vocab, merges
+
+
+def build_tiny_pipeline(seed: int = 0, resolution: int = 32) -> StableDiffusionPipeline:
+    """A complete, randomly initialised SD 1.x-shaped pipeline (≈2 M parameters)."""
+    torch.manual_seed(seed)
+    vocab, merges = tokenizer_files()
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=vocab[SPECIAL[0]],
+            eos_token_id=vocab[SPECIAL[1]],
+            pad_token_id=vocab[SPECIAL[1]],
+        )
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=resolution,
+    )
+    unet = UNet2DConditionModel(**{**UNET_CONFIGS["tiny-sd1"], "sample_size": resolution // 2})
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def save_tiny_pipeline(directory: str | Path, seed: int = 0, resolution: int = 32) -> Path:
+    """Build the tiny pipeline and write it as a diffusers model folder."""
+    directory = Path(directory)
+    pipeline = build_tiny_pipeline(seed=seed, resolution=resolution)
+    pipeline.save_pretrained(directory)
+    # Keep the plain vocab/merges beside tokenizer.json: they are what CLIP folders ship.
+    vocab, merges = tokenizer_files()
+    (directory / "tokenizer" / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "tokenizer" / "merges.txt").write_text(
+        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)
+    )
+    return directory
