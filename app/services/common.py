@@ -1,0 +1,33 @@
+"""Checks shared by the services."""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from sqlalchemy import Select, func, select
+from sqlalchemy.orm import Session
+
+from app.errors import InvalidInput
+
+T = TypeVar("T")
+
+
+def check_text(value: str | None, *, field: str, max_chars: int, required: bool) -> str | None:
+    """Strip and bound a free-text field; empty counts as missing."""
+    text = (value or "").strip()
+    if not text:
+        if required:
+            raise InvalidInput(f"{field} is empty; describe the image in a few words")
+        return None
+    if len(text) > max_chars:
+        raise InvalidInput(
+            f"{field} has {len(text)} characters, above the limit of {max_chars}; shorten it"
+        )
+    return text
+
+
+def page(session: Session, stmt: Select[T], *, limit: int, offset: int) -> tuple[list[T], int]:
+    """One page of `stmt` plus the total count of rows it matches."""
+    count = session.scalar(select(func.count()).select_from(stmt.order_by(None).subquery()))
+    rows = list(session.scalars(stmt.limit(limit).offset(offset)))
+    return rows, int(count or 0)
