@@ -34,7 +34,7 @@ class RecordingSender:
 
     def send(self, task: str, object_id: str, *, queue: str) -> None:
         if self.fail:
-            raise ServiceUnavailable("task queue not reachable (test); nothing was stored, retry later")
+            raise ServiceUnavailable("queue down (test); nothing was stored, retry later")
         self.sent.append((task, object_id, queue))
 
     def ping(self) -> None:
