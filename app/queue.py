@@ -48,7 +48,6 @@ class CelerySender:
                     "interval_start": 0,
                     "interval_step": 0.2,
                     "interval_max": 0.5,
-                    "timeout": self.timeout_s,
                 },
             )
         except Exception as exc:
