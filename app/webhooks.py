@@ -39,6 +39,8 @@ def _literal_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | No
 def check_webhook_url(url: str, *, allow_private: bool) -> str:
     if len(url) > 2048:
         raise InvalidInput("webhook_url is longer than 2048 characters")
+    if any(ord(c) < 0x21 or ord(c) == 0x7F for c in url):
+        raise InvalidInput("webhook_url contains spaces or control characters; URL-encode them")
     try:
         parts = urlsplit(url)
         host = parts.hostname

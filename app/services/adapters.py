@@ -8,6 +8,7 @@ from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
 from app.errors import NotFound
+from app.ids import looks_like_id
 from app.models import Adapter, Tenant
 from app.services.common import page
 from app.storage import Storage
@@ -20,7 +21,9 @@ def _query(tenant: Tenant) -> Select[Adapter]:
 
 
 def get_adapter(*, session: Session, tenant: Tenant, adapter_id: str) -> Adapter:
-    adapter = session.scalar(_query(tenant).where(Adapter.id == adapter_id))
+    adapter = None
+    if looks_like_id(adapter_id, "ad"):
+        adapter = session.scalar(_query(tenant).where(Adapter.id == adapter_id))
     if adapter is None:
         raise NotFound(f"no adapter with id {adapter_id!r}")
     return adapter

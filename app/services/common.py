@@ -15,6 +15,8 @@ T = TypeVar("T")
 def check_text(value: str | None, *, field: str, max_chars: int, required: bool) -> str | None:
     """Strip and bound a free-text field; empty counts as missing."""
     text = (value or "").strip()
+    if "\x00" in text:
+        raise InvalidInput(f"{field} contains a NUL character; send plain text")
     if not text:
         if required:
             raise InvalidInput(f"{field} is empty; describe the image in a few words")

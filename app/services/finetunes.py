@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from app import storage as st
 from app.errors import Conflict, InvalidInput, NotFound
-from app.ids import new_id
+from app.ids import looks_like_id, new_id
 from app.images import CheckedImage, check_image, read_limited
 from app.models import ACTIVE_STATUSES, FinetuneImage, FinetuneJob, Tenant, utcnow
 from app.queue import FINETUNE_QUEUE, FINETUNE_TASK, TaskSender
@@ -206,7 +206,9 @@ def _query(tenant: Tenant) -> Select[FinetuneJob]:
 
 
 def get_finetune(*, session: Session, tenant: Tenant, finetune_id: str) -> FinetuneJob:
-    job = session.scalar(_query(tenant).where(FinetuneJob.id == finetune_id))
+    job = None
+    if looks_like_id(finetune_id, "ft"):
+        job = session.scalar(_query(tenant).where(FinetuneJob.id == finetune_id))
     if job is None:
         raise NotFound(f"no fine-tune job with id {finetune_id!r}")
     return job

@@ -9,7 +9,7 @@ from sqlalchemy import Select, select
 from sqlalchemy.orm import Session, selectinload
 
 from app.errors import Conflict, InvalidInput, NotFound
-from app.ids import new_id
+from app.ids import looks_like_id, new_id
 from app.models import Adapter, GeneratedImage, GenerationJob, Tenant
 from app.queue import GENERATE_QUEUE, GENERATE_TASK, TaskSender
 from app.schemas import SEED_MAX, GenerationCreate
@@ -35,9 +35,11 @@ def _check_limits(data: GenerationCreate, settings: Settings) -> None:
 
 
 def _check_adapter(session: Session, tenant: Tenant, adapter_id: str, settings: Settings) -> None:
-    adapter = session.scalar(
-        select(Adapter).where(Adapter.id == adapter_id, Adapter.tenant_id == tenant.id)
-    )
+    adapter = None
+    if looks_like_id(adapter_id, "ad"):
+        adapter = session.scalar(
+            select(Adapter).where(Adapter.id == adapter_id, Adapter.tenant_id == tenant.id)
+        )
     if adapter is None:
         # Same answer for "unknown" and "another tenant's": ids must not be probeable.
         raise InvalidInput(
@@ -116,7 +118,9 @@ def _query(tenant: Tenant) -> Select[GenerationJob]:
 
 
 def get_generation(*, session: Session, tenant: Tenant, generation_id: str) -> GenerationJob:
-    gen = session.scalar(_query(tenant).where(GenerationJob.id == generation_id))
+    gen = None
+    if looks_like_id(generation_id, "gen"):
+        gen = session.scalar(_query(tenant).where(GenerationJob.id == generation_id))
     if gen is None:
         raise NotFound(f"no generation with id {generation_id!r}")
     return gen

@@ -70,6 +70,7 @@ FINETUNE_CASES = [
     Case("empty prompt", 422, "instance_prompt is empty", form={"instance_prompt": "   "}),
     Case("over-long prompt", 422, "limit of 200", form={"instance_prompt": "sks " + "a" * 300}),
     Case("over-long class prompt", 422, "limit of 200", form={"class_prompt": "a" * 201}),
+    Case("NUL in prompt", 422, "NUL", form={"instance_prompt": "a sks\x00dog"}),
     Case("prompt without token", 422, "identifier token", form={"instance_prompt": "a dog"}),
     Case("token as part of a word", 422, "identifier token", form={"instance_prompt": "a sksx"}),
     Case("bad token", 422, "token must be", form={"token": "s k s"}),
@@ -95,6 +96,7 @@ FINETUNE_CASES = [
     Case("webhook short ip", 422, "loopback", form={"webhook_url": "http://127.1/"}),
     Case("webhook zero", 422, "loopback", form={"webhook_url": "http://0.0.0.0/"}),
     Case("webhook bad port", 422, "not a valid URL", form={"webhook_url": "http://a.org:99999/"}),
+    Case("webhook with space", 422, "control", form={"webhook_url": "https://a.org/a b"}),
     Case("webhook creds", 422, "credentials", form={"webhook_url": "https://u:p@a.org/"}),
     Case(
         "idempotency key too long", 422, "Idempotency-Key", headers={"Idempotency-Key": "k" * 300}
@@ -121,6 +123,7 @@ def _generation_cases(
         ("blank prompt", 422, "prompt is empty", {"prompt": "   "}),
         ("over-long prompt", 422, "limit of 200", {"prompt": "a" * 201}),
         ("over-long negative", 422, "limit of 200", {"negative_prompt": "a" * 201}),
+        ("NUL in prompt", 422, "NUL", {"prompt": "a\u0000b"}),
         ("unknown field", 422, "Extra inputs", {"cfg": 3}),
         ("unknown adapter", 422, "does not name one of your adapters", {"adapter_id": "ad_1"}),
         ("foreign adapter", 422, "does not name one of your adapters", {"adapter_id": foreign}),

@@ -10,6 +10,8 @@ from app.services import keys
 from app.storage import LocalStorage
 from tests.api.factories import make_adapter, make_finetune, make_generation, make_tenant
 
+UNKNOWN_AD = "ad_" + "0" * 32
+
 # (method, path template) for every endpoint that takes an id; {ft}, {ad}, {gen} are the owner's.
 BY_ID = [
     ("GET", "/v1/finetunes/{ft}"),
@@ -53,11 +55,11 @@ def test_foreign_adapter_in_generation_is_refused_like_unknown(
         "/v1/generations", headers=intruder.headers, json={"prompt": "x", "adapter_id": adapter.id}
     )
     unknown = client.post(
-        "/v1/generations", headers=intruder.headers, json={"prompt": "x", "adapter_id": "ad_0"}
+        "/v1/generations", headers=intruder.headers, json={"prompt": "x", "adapter_id": UNKNOWN_AD}
     )
     assert foreign.status_code == unknown.status_code == 422
     assert foreign.json()["detail"].replace(adapter.id, "X") == unknown.json()["detail"].replace(
-        "ad_0", "X"
+        UNKNOWN_AD, "X"
     )
 
 
