@@ -12,7 +12,7 @@ import warnings
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from app.errors import InvalidInput, PayloadTooLarge
 
@@ -59,7 +59,8 @@ def check_image(data: bytes, *, max_pixels: int, what: str) -> CheckedImage:
                 probe.verify()
             with Image.open(io.BytesIO(data)) as img:
                 img.load()
-                rgb = img.convert("RGB")
+                # Re-encoding drops EXIF, so apply its rotation now or phone photos train sideways.
+                rgb = ImageOps.exif_transpose(img).convert("RGB")
     except InvalidInput:
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -73,4 +74,4 @@ def check_image(data: bytes, *, max_pixels: int, what: str) -> CheckedImage:
         ) from None
     out = io.BytesIO()
     rgb.save(out, format="PNG")
-    return CheckedImage(png=out.getvalue(), width=width, height=height)
+    return CheckedImage(png=out.getvalue(), width=rgb.width, height=rgb.height)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from datetime import timedelta
 
@@ -185,3 +186,24 @@ def test_private_webhook_allowed_by_setting(client: TestClient, session: Session
     client.app.state.settings.allow_private_webhooks = True  # type: ignore[attr-defined]
     r = post_finetune(client, t.headers, data={"webhook_url": "http://127.0.0.1:9000/hook"})
     assert r.status_code == 202, r.text
+
+
+def test_exif_rotation_is_applied_before_reencoding(
+    client: TestClient, session: Session, storage: LocalStorage
+) -> None:
+    t = make_tenant(session)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display", as phones write it
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 32)).save(buf, format="JPEG", exif=exif)
+    r = client.post(
+        "/v1/finetunes",
+        headers=t.headers,
+        files=[("images", ("p.jpg", buf.getvalue(), "image/jpeg"))],
+        data={"instance_prompt": "a photo of sks dog"},
+    )
+    assert r.status_code == 202, r.text
+    row = session.scalars(select(FinetuneImage)).one()
+    assert (row.width, row.height) == (32, 64)
+    with Image.open(storage.path(row.storage_key)) as img:
+        assert img.size == (32, 64)
