@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -43,6 +44,16 @@ def adapter_key(tenant_id: str, adapter_id: str) -> str:
 
 def generated_image_key(tenant_id: str, generation_id: str, index: int) -> str:
     return check_key(f"tenants/{tenant_id}/generations/{generation_id}/{index:03d}.png")
+
+
+def iter_chunks(f: BinaryIO, chunk_size: int = 1 << 16) -> Iterator[bytes]:
+    """Stream an opened file in fixed-size chunks and close it, for HTTP responses.
+
+    (Iterating a binary file directly splits it at newline bytes: one huge chunk per adapter.)
+    """
+    with f:
+        while chunk := f.read(chunk_size):
+            yield chunk
 
 
 class Storage(Protocol):

@@ -11,6 +11,7 @@ from app.deps import CurrentTenant, SessionDep, SettingsDep, StorageDep
 from app.errors import NotFound
 from app.schemas import AdapterPublic, AdaptersPublic
 from app.services import adapters as svc
+from app.storage import iter_chunks
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
 
@@ -61,7 +62,7 @@ def download_adapter(
     except FileNotFoundError:
         raise NotFound(f"the file of adapter {adapter_id} is missing from storage") from None
     return StreamingResponse(
-        f,
+        iter_chunks(f),
         media_type="application/octet-stream",
         headers={"Content-Disposition": f'attachment; filename="{adapter.id}.safetensors"'},
     )

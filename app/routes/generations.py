@@ -11,6 +11,7 @@ from app.deps import CurrentTenant, SenderDep, SessionDep, SettingsDep, StorageD
 from app.errors import NotFound
 from app.schemas import GenerationCreate, GenerationPublic
 from app.services import generations as svc
+from app.storage import iter_chunks
 
 router = APIRouter(prefix="/v1/generations", tags=["generations"])
 
@@ -72,4 +73,4 @@ def get_generated_image(
         f = storage.open(img.storage_key)
     except FileNotFoundError:
         raise NotFound(f"image {n} of generation {generation_id} is missing from storage") from None
-    return StreamingResponse(f, media_type="image/png")
+    return StreamingResponse(iter_chunks(f), media_type="image/png")

@@ -29,10 +29,10 @@ def test_list_and_get(client: TestClient, session: Session, storage: LocalStorag
 
 def test_download_file(client: TestClient, session: Session, storage: LocalStorage) -> None:
     t = make_tenant(session)
-    adapter = make_adapter(session, storage, t.tenant, content=b"\x00safetensors\xff" * 1000)
+    adapter = make_adapter(session, storage, t.tenant, content=b"\x00safetensors\n\xff" * 20_000)
     r = client.get(f"/v1/adapters/{adapter.id}/file", headers=t.headers)
     assert r.status_code == 200
-    assert r.content == b"\x00safetensors\xff" * 1000
+    assert r.content == b"\x00safetensors\n\xff" * 20_000
     assert r.headers["content-type"] == "application/octet-stream"
     assert f"{adapter.id}.safetensors" in r.headers["content-disposition"]
 
