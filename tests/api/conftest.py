@@ -7,7 +7,9 @@ tables and its own storage directory, and both are cleaned up after it.
 
 from __future__ import annotations
 
+import os
 import shutil
+import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +30,8 @@ from app.storage import LocalStorage
 from tests.api.factories import RecordingSender
 
 ROOT = Path(__file__).resolve().parents[2]
-PG_SERVER = "127.0.0.1:5432"
+# CI and developers can point the PostgreSQL half of the suite elsewhere.
+PG_SERVER = os.environ.get("TEST_POSTGRES_SERVER", "127.0.0.1:5432")
 PG_USERS = ("postgres", "root")
 
 
@@ -39,19 +42,29 @@ def alembic_config(url: str) -> Config:
 
 
 def _pg_admin_engine() -> tuple[Engine, str]:
-    """An AUTOCOMMIT engine on the maintenance database (CREATE/DROP DATABASE need it)."""
+    """An AUTOCOMMIT engine on the maintenance database (CREATE/DROP DATABASE need it).
+
+    Skips only when nothing listens at PG_SERVER; a server that answers but refuses us is a
+    failure, not a skip.
+    """
+    host, port = PG_SERVER.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=3).close()
+    except OSError as exc:
+        pytest.skip(f"PostgreSQL at {PG_SERVER} not reachable: {exc}")
     errors = []
     for user in PG_USERS:
-        url = f"postgresql+psycopg://{user}@{PG_SERVER}/postgres"
-        engine = create_engine(url, isolation_level="AUTOCOMMIT")
+        engine = create_engine(
+            f"postgresql+psycopg://{user}@{PG_SERVER}/postgres", isolation_level="AUTOCOMMIT"
+        )
         try:
             with engine.connect() as conn:
                 conn.execute(text("SELECT 1"))
             return engine, user
         except Exception as exc:
-            errors.append(f"{user}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+            errors.append(f"{user}: {str(exc).splitlines()[0]}")
             engine.dispose()
-    pytest.skip(f"PostgreSQL at {PG_SERVER} not reachable ({'; '.join(errors)})")
+    raise RuntimeError(f"PostgreSQL at {PG_SERVER} refused every user: {'; '.join(errors)}")
 
 
 class PgDatabases:
@@ -97,14 +110,15 @@ def backend(request: pytest.FixtureRequest) -> str:
 @pytest.fixture(scope="session")
 def new_database(
     backend: str, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> object:
-    """Returns a callable that makes an empty database of the session's backend."""
+) -> Iterator[object]:
+    """A callable that makes an empty database of the session's backend."""
     tmp = tmp_path_factory.mktemp("databases")
 
     def make() -> str:
         return _new_database(backend, request, tmp)
 
-    return make
+    yield make
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -145,8 +159,6 @@ def workdir(tmp_path: Path) -> Iterator[Path]:
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     # Settings must come from the tests, not from the developer's shell.
-    import os
-
     for name in list(os.environ):
         if name.startswith("TUNEQDM_"):
             monkeypatch.delenv(name)

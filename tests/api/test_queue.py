@@ -26,9 +26,17 @@ DEAD_BROKER = "redis://127.0.0.1:1/0"
 
 
 def _purge() -> None:
-    with Connection(REDIS_URL, connect_timeout=2) as conn:
-        for name in (FINETUNE_QUEUE, GENERATE_QUEUE):
-            conn.SimpleQueue(name).clear()
+    """Drop the two queues and the routing tables kombu keeps for them in Redis."""
+    import redis as redis_client
+
+    r = redis_client.Redis.from_url(REDIS_URL)
+    names = [FINETUNE_QUEUE, GENERATE_QUEUE]
+    r.delete(
+        *names,
+        *(f"_kombu.binding.{n}" for n in names),
+        *(f"_kombu.binding_permanent.{n}" for n in names),
+    )
+    r.close()
 
 
 @pytest.fixture
