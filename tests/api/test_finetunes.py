@@ -6,6 +6,7 @@ import io
 import json
 from datetime import timedelta
 
+import pytest
 from fastapi.testclient import TestClient
 from httpx import Response
 from PIL import Image
@@ -207,3 +208,34 @@ def test_exif_rotation_is_applied_before_reencoding(
     assert (row.width, row.height) == (32, 64)
     with Image.open(storage.path(row.storage_key)) as img:
         assert img.size == (32, 64)
+
+
+def test_idempotency_race_loser_returns_winner_and_removes_its_files(
+    client: TestClient,
+    session: Session,
+    storage: LocalStorage,
+    sender: RecordingSender,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two requests with one key pass the lookup together; the unique constraint decides."""
+    from app.services import finetunes
+
+    t = make_tenant(session)
+    key = {"Idempotency-Key": "race"}
+    first = post_finetune(client, t.headers, extra_headers=key).json()
+    before = snapshot(session, storage)
+
+    real_lookup = finetunes._get_by_idempotency_key
+    calls: list[object] = []
+
+    def lookup(*args: object) -> object:
+        # The first lookup misses, as it would for a request running alongside the winner.
+        calls.append(args)
+        return None if len(calls) == 1 else real_lookup(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(finetunes, "_get_by_idempotency_key", lookup)
+    second = post_finetune(client, t.headers, extra_headers=key)
+    assert second.status_code == 202 and second.json()["id"] == first["id"]
+    assert len(calls) == 2  # the miss, then the lookup after the unique constraint fired
+    assert snapshot(session, storage) == before  # the loser's files are gone
+    assert len(sender.sent) == 1
