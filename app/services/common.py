@@ -12,19 +12,23 @@ from app.errors import InvalidInput
 T = TypeVar("T")
 
 
-def check_text(value: str | None, *, field: str, max_chars: int, required: bool) -> str | None:
+def optional_text(value: str | None, *, field: str, max_chars: int) -> str | None:
     """Strip and bound a free-text field; empty counts as missing."""
     text = (value or "").strip()
+    # PostgreSQL refuses NUL in text columns; refuse it here with a message instead of a 500.
     if "\x00" in text:
         raise InvalidInput(f"{field} contains a NUL character; send plain text")
-    if not text:
-        if required:
-            raise InvalidInput(f"{field} is empty; describe the image in a few words")
-        return None
     if len(text) > max_chars:
         raise InvalidInput(
             f"{field} has {len(text)} characters, above the limit of {max_chars}; shorten it"
         )
+    return text or None
+
+
+def required_text(value: str | None, *, field: str, max_chars: int) -> str:
+    text = optional_text(value, field=field, max_chars=max_chars)
+    if text is None:
+        raise InvalidInput(f"{field} is empty; describe the image in a few words")
     return text
 
 

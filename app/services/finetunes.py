@@ -19,7 +19,7 @@ from app.images import CheckedImage, check_image, read_limited
 from app.models import ACTIVE_STATUSES, FinetuneImage, FinetuneJob, Tenant, utcnow
 from app.queue import FINETUNE_QUEUE, FINETUNE_TASK, TaskSender
 from app.schemas import FinetuneParams
-from app.services.common import check_text, page
+from app.services.common import optional_text, page, required_text
 from app.settings import Settings
 from app.webhooks import check_webhook_url
 
@@ -58,18 +58,12 @@ def parse_params(raw: str | None) -> FinetuneParams:
         raise InvalidInput(f"params is not valid: {problems}") from None
 
 
-def _validate_form(form: FinetuneForm, settings: Settings) -> tuple[FinetuneJob, FinetuneParams]:
-    instance_prompt = check_text(
-        form.instance_prompt,
-        field="instance_prompt",
-        max_chars=settings.max_prompt_chars,
-        required=True,
-    )
-    assert instance_prompt is not None
-    class_prompt = check_text(
-        form.class_prompt, field="class_prompt", max_chars=settings.max_prompt_chars, required=False
-    )
-    name = check_text(form.name, field="name", max_chars=100, required=False)
+def _validate_form(form: FinetuneForm, settings: Settings) -> FinetuneJob:
+    """Check every form field and return the (unsaved) job row they describe."""
+    limit = settings.max_prompt_chars
+    instance_prompt = required_text(form.instance_prompt, field="instance_prompt", max_chars=limit)
+    class_prompt = optional_text(form.class_prompt, field="class_prompt", max_chars=limit)
+    name = optional_text(form.name, field="name", max_chars=100)
     if not TOKEN_RE.fullmatch(form.token):
         raise InvalidInput(
             "token must be 1-32 letters, digits, '_' or '-' (a rare word such as 'sks')"
@@ -99,7 +93,7 @@ def _validate_form(form: FinetuneForm, settings: Settings) -> tuple[FinetuneJob,
         progress_step=0,
         progress_total=params.steps,
     )
-    return job, params
+    return job
 
 
 def _check_uploads(uploads: list[Upload], settings: Settings) -> list[CheckedImage]:
@@ -141,7 +135,7 @@ def create_finetune(
         if existing is not None:
             return existing
 
-    job, _params = _validate_form(form, settings)
+    job = _validate_form(form, settings)
     checked = _check_uploads(uploads, settings)
 
     job.id = new_id("ft")

@@ -13,7 +13,7 @@ from app.ids import looks_like_id, new_id
 from app.models import Adapter, GeneratedImage, GenerationJob, Tenant
 from app.queue import GENERATE_QUEUE, GENERATE_TASK, TaskSender
 from app.schemas import SEED_MAX, GenerationCreate
-from app.services.common import check_text
+from app.services.common import optional_text, required_text
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -67,16 +67,9 @@ def create_generation(
     tenant: Tenant,
     data: GenerationCreate,
 ) -> GenerationJob:
-    prompt = check_text(
-        data.prompt, field="prompt", max_chars=settings.max_prompt_chars, required=True
-    )
-    assert prompt is not None
-    negative = check_text(
-        data.negative_prompt,
-        field="negative_prompt",
-        max_chars=settings.max_prompt_chars,
-        required=False,
-    )
+    limit = settings.max_prompt_chars
+    prompt = required_text(data.prompt, field="prompt", max_chars=limit)
+    negative = optional_text(data.negative_prompt, field="negative_prompt", max_chars=limit)
     _check_limits(data, settings)
     if data.adapter_id is not None:
         _check_adapter(session, tenant, data.adapter_id, settings)
