@@ -10,6 +10,7 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app import errors
@@ -40,6 +41,21 @@ async def _domain_error(_request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": exc.detail}, status_code=status, headers=headers)
 
 
+async def _database_unavailable(_request: Request, exc: Exception) -> JSONResponse:
+    # Connection refused, server restarting, SQLite locked: the client can retry.
+    log.error("database error: %s", exc)
+    return JSONResponse(
+        {"detail": "the database is not reachable right now; retry the request later"},
+        status_code=503,
+    )
+
+
+async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+    # Keep the {"detail": ...} shape even for bugs; the traceback goes to the log only.
+    log.exception("unhandled error", exc_info=exc)
+    return JSONResponse({"detail": "internal error; it has been logged"}, status_code=500)
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -60,6 +76,8 @@ def create_app(
         settings.resolved_broker_url, timeout_s=settings.broker_timeout_s
     )
     app.add_exception_handler(errors.DomainError, _domain_error)
+    app.add_exception_handler(OperationalError, _database_unavailable)
+    app.add_exception_handler(Exception, _unexpected)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     for module in (health, finetunes, adapters, generations):
         app.include_router(module.router)

@@ -131,3 +131,32 @@ def test_body_limit_stops_a_chunked_upload_without_content_length() -> None:
     assert client.post("/", content=chunks(5)).text == "500"
     r = client.post("/", content=chunks(50))
     assert r.status_code == 413 and "larger than 1000 bytes" in r.json()["detail"]
+
+
+def test_database_down_is_503_json(tmp_path: Path) -> None:
+    from app.main import create_app
+
+    settings = Settings(
+        data_dir=tmp_path,
+        database_url="postgresql+psycopg://nobody@127.0.0.1:1/none",
+        broker_url="memory://",
+    )
+    client = TestClient(create_app(settings), raise_server_exceptions=False)
+    r = client.get("/v1/adapters", headers={"Authorization": "Bearer tqk_x"})
+    assert r.status_code == 503 and "database is not reachable" in r.json()["detail"]
+    ready = client.get("/readyz")
+    assert ready.status_code == 503 and ready.json()["checks"]["database"].startswith("unreach")
+    assert client.get("/healthz").status_code == 200
+
+
+def test_unexpected_errors_keep_the_json_shape(tmp_path: Path) -> None:
+    from app.main import create_app
+
+    app = create_app(Settings(data_dir=tmp_path, broker_url="memory://"))
+
+    @app.get("/boom")
+    def boom() -> None:
+        raise RuntimeError("bug")
+
+    r = TestClient(app, raise_server_exceptions=False).get("/boom")
+    assert r.status_code == 500 and r.json() == {"detail": "internal error; it has been logged"}
