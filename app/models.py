@@ -1,0 +1,223 @@
+"""ORM models: the registry that is the source of truth for every job's state (DESIGN.md).
+
+Shared with the worker, so no FastAPI here. The schema itself changes only through Alembic
+revisions in migrations/; a test checks that the revisions and these models agree.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+FINETUNE_STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
+GENERATION_STATUSES = FINETUNE_STATUSES
+ACTIVE_STATUSES = ("queued", "running")
+METHODS = ("tuneqdm", "peqa", "full")
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite drops the offset otherwise)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("naive datetime given; use app.models.utcnow()")
+        return value.astimezone(timezone.utc) if value is not None else None
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=timezone.utc)
+        return value
+
+
+# Stable constraint names so migrations can drop/alter them on every backend.
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+class Tenant(Base):
+    __tablename__ = "tenants"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    # First characters of the key, so an operator can tell keys apart in `keys list`.
+    key_hint: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+
+    tenant: Mapped[Tenant] = relationship()
+
+
+class FinetuneJob(Base):
+    __tablename__ = "finetune_jobs"
+    __table_args__ = (
+        CheckConstraint(_in("status", FINETUNE_STATUSES), name="status"),
+        UniqueConstraint("tenant_id", "idempotency_key", name="uq_finetune_jobs_idempotency"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str | None] = mapped_column(String(100))
+    status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    instance_prompt: Mapped[str] = mapped_column(Text)
+    class_prompt: Mapped[str | None] = mapped_column(Text)
+    token: Mapped[str] = mapped_column(String(32))
+    # Validated FinetuneParams with defaults filled in, so the worker never re-applies defaults.
+    params: Mapped[dict[str, Any]] = mapped_column(JSON)
+    webhook_url: Mapped[str | None] = mapped_column(String(2048))
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    # Progress, written by the worker.
+    progress_step: Mapped[int] = mapped_column(Integer, default=0)
+    progress_total: Mapped[int] = mapped_column(Integer)
+    loss: Mapped[float | None] = mapped_column(Float)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    images: Mapped[list[FinetuneImage]] = relationship(
+        back_populates="job", order_by="FinetuneImage.index", cascade="all, delete-orphan"
+    )
+    adapter: Mapped[Adapter | None] = relationship(back_populates="finetune_job")
+
+
+class FinetuneImage(Base):
+    """One uploaded subject photo, re-encoded to PNG at `storage_key`."""
+
+    __tablename__ = "finetune_images"
+    __table_args__ = (UniqueConstraint("job_id", "index", name="uq_finetune_images_job_index"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("finetune_jobs.id", ondelete="CASCADE"))
+    index: Mapped[int] = mapped_column(Integer)
+    storage_key: Mapped[str] = mapped_column(String(255))
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    size_bytes: Mapped[int] = mapped_column(Integer)
+
+    job: Mapped[FinetuneJob] = relationship(back_populates="images")
+
+
+class Adapter(Base):
+    """A trained adapter file; rows are created by the worker when a fine-tune succeeds."""
+
+    __tablename__ = "adapters"
+    __table_args__ = (
+        CheckConstraint(_in("method", METHODS), name="method"),
+        CheckConstraint("bits IN (4, 8)", name="bits"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    finetune_job_id: Mapped[str | None] = mapped_column(
+        ForeignKey("finetune_jobs.id", ondelete="SET NULL"), unique=True
+    )
+    name: Mapped[str | None] = mapped_column(String(100))
+    method: Mapped[str] = mapped_column(String(16))
+    bits: Mapped[int] = mapped_column(Integer)
+    intervals: Mapped[int] = mapped_column(Integer)
+    tokens: Mapped[list[str]] = mapped_column(JSON)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    base_model: Mapped[str] = mapped_column(String(255))
+    base_fingerprint: Mapped[str] = mapped_column(String(128))
+    storage_key: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+
+    finetune_job: Mapped[FinetuneJob | None] = relationship(back_populates="adapter")
+
+
+class GenerationJob(Base):
+    __tablename__ = "generation_jobs"
+    __table_args__ = (CheckConstraint(_in("status", GENERATION_STATUSES), name="status"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    # Not a foreign key: the job keeps naming the adapter it asked for after a DELETE.
+    adapter_id: Mapped[str | None] = mapped_column(String(40), index=True)
+    base_model: Mapped[str] = mapped_column(String(255))
+    status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    prompt: Mapped[str] = mapped_column(Text)
+    negative_prompt: Mapped[str | None] = mapped_column(Text)
+    num_images: Mapped[int] = mapped_column(Integer)
+    steps: Mapped[int] = mapped_column(Integer)
+    guidance_scale: Mapped[float] = mapped_column(Float)
+    # Image i uses seed + i, so every image can be reproduced on its own.
+    seed: Mapped[int] = mapped_column(BigInteger)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    scheduler: Mapped[str] = mapped_column(String(32))
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    images: Mapped[list[GeneratedImage]] = relationship(
+        back_populates="generation",
+        order_by="GeneratedImage.index",
+        cascade="all, delete-orphan",
+    )
+
+
+class GeneratedImage(Base):
+    """A PNG produced by the worker for one generation job."""
+
+    __tablename__ = "generated_images"
+    __table_args__ = (
+        UniqueConstraint("generation_id", "index", name="uq_generated_images_generation_index"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    generation_id: Mapped[str] = mapped_column(ForeignKey("generation_jobs.id", ondelete="CASCADE"))
+    index: Mapped[int] = mapped_column(Integer)
+    seed: Mapped[int] = mapped_column(BigInteger)
+    storage_key: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    generation: Mapped[GenerationJob] = relationship(back_populates="images")

@@ -1,0 +1,66 @@
+"""Enqueueing by task name: the API knows the worker's task names, never its code.
+
+Called only after the database commit, so a worker that picks the message up always finds the
+row (DESIGN.md, Celery's guidance).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from app.errors import ServiceUnavailable
+
+FINETUNE_TASK = "tuneqdm.finetune"
+FINETUNE_QUEUE = "finetune"
+GENERATE_TASK = "tuneqdm.generate"
+GENERATE_QUEUE = "generate"
+
+
+class TaskSender(Protocol):
+    def send(self, task: str, object_id: str, *, queue: str) -> None:
+        """Publish `task(object_id)` to `queue`; raise ServiceUnavailable when that fails."""
+
+    def ping(self) -> None:
+        """Raise ServiceUnavailable when the broker is not reachable."""
+
+
+class CelerySender:
+    def __init__(self, broker_url: str, *, timeout_s: float = 3.0) -> None:
+        # Imported here so importing app.queue (e.g. for the task names) stays cheap.
+        from celery import Celery
+
+        self.broker_url = broker_url
+        self.timeout_s = timeout_s
+        self.celery = Celery("tuneqdm-api", broker=broker_url)
+        self.celery.conf.broker_connection_timeout = timeout_s
+        self.celery.conf.broker_connection_retry_on_startup = False
+
+    def send(self, task: str, object_id: str, *, queue: str) -> None:
+        try:
+            self.celery.send_task(
+                task,
+                args=[object_id],
+                queue=queue,
+                # A few quick retries, then give up: the request must not hang on a dead broker.
+                retry=True,
+                retry_policy={
+                    "max_retries": 2,
+                    "interval_start": 0,
+                    "interval_step": 0.2,
+                    "interval_max": 0.5,
+                },
+            )
+        except Exception as exc:
+            raise ServiceUnavailable(
+                f"the task queue is not reachable ({type(exc).__name__}); nothing was stored, "
+                "retry the request later"
+            ) from exc
+
+    def ping(self) -> None:
+        from kombu import Connection
+
+        try:
+            with Connection(self.broker_url, connect_timeout=self.timeout_s) as conn:
+                conn.ensure_connection(max_retries=1, timeout=self.timeout_s)
+        except Exception as exc:
+            raise ServiceUnavailable(f"broker not reachable: {type(exc).__name__}") from exc

@@ -1,0 +1,76 @@
+"""/v1/adapters: list, inspect, download and delete trained adapters."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response, status
+from fastapi.responses import StreamingResponse
+
+from app.deps import CurrentTenant, SessionDep, SettingsDep, StorageDep
+from app.errors import NotFound
+from app.schemas import AdapterPublic, AdaptersPublic
+from app.services import adapters as svc
+from app.storage import iter_chunks
+
+router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
+
+ERRORS: dict[int | str, dict[str, str]] = {
+    401: {"description": "Missing or invalid API key."},
+    404: {"description": "No such adapter for this tenant."},
+}
+
+
+@router.get("", response_model=AdaptersPublic, responses={401: ERRORS[401]})
+def list_adapters(
+    session: SessionDep,
+    settings: SettingsDep,
+    tenant: CurrentTenant,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 20,
+    offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
+) -> AdaptersPublic:
+    rows, count = svc.list_adapters(
+        session=session, tenant=tenant, limit=min(limit, settings.max_page_size), offset=offset
+    )
+    return AdaptersPublic(data=[AdapterPublic.from_row(r) for r in rows], count=count)
+
+
+@router.get("/{adapter_id}", response_model=AdapterPublic, responses=ERRORS)
+def get_adapter(session: SessionDep, tenant: CurrentTenant, adapter_id: str) -> AdapterPublic:
+    return AdapterPublic.from_row(
+        svc.get_adapter(session=session, tenant=tenant, adapter_id=adapter_id)
+    )
+
+
+@router.get(
+    "/{adapter_id}/file",
+    response_class=StreamingResponse,
+    responses={
+        **ERRORS,
+        200: {
+            "description": "The adapter's safetensors file.",
+            "content": {"application/octet-stream": {}},
+        },
+    },
+)
+def download_adapter(
+    session: SessionDep, storage: StorageDep, tenant: CurrentTenant, adapter_id: str
+) -> StreamingResponse:
+    adapter = svc.get_adapter(session=session, tenant=tenant, adapter_id=adapter_id)
+    try:
+        f = storage.open(adapter.storage_key)
+    except FileNotFoundError:
+        raise NotFound(f"the file of adapter {adapter_id} is missing from storage") from None
+    return StreamingResponse(
+        iter_chunks(f),
+        media_type="application/octet-stream",
+        headers={"Content-Disposition": f'attachment; filename="{adapter.id}.safetensors"'},
+    )
+
+
+@router.delete("/{adapter_id}", status_code=status.HTTP_204_NO_CONTENT, responses=ERRORS)
+def delete_adapter(
+    session: SessionDep, storage: StorageDep, tenant: CurrentTenant, adapter_id: str
+) -> Response:
+    svc.delete_adapter(session=session, storage=storage, tenant=tenant, adapter_id=adapter_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -1,0 +1,112 @@
+"""/v1/finetunes: submit, inspect, list and cancel fine-tune jobs."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Header, Query, UploadFile, status
+
+from app.deps import CurrentTenant, SenderDep, SessionDep, SettingsDep, StorageDep
+from app.schemas import FinetunePublic, FinetunesPublic, Status
+from app.services import finetunes as svc
+
+router = APIRouter(prefix="/v1/finetunes", tags=["finetunes"])
+
+ERRORS: dict[int | str, dict[str, str]] = {
+    401: {"description": "Missing or invalid API key."},
+    404: {"description": "No such job for this tenant."},
+}
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=FinetunePublic,
+    responses={
+        **ERRORS,
+        413: {"description": "A file or the request is above the byte limit."},
+        422: {"description": "Invalid images, prompts or params; the detail says which."},
+        503: {"description": "The task queue is unreachable; nothing was stored."},
+    },
+)
+def create_finetune(
+    session: SessionDep,
+    settings: SettingsDep,
+    storage: StorageDep,
+    sender: SenderDep,
+    tenant: CurrentTenant,
+    instance_prompt: Annotated[
+        str, Form(description="Describes the subject with its token, e.g. 'a photo of sks dog'.")
+    ],
+    images: Annotated[
+        list[UploadFile] | None, File(description="Photos of the subject (PNG, JPEG or WebP).")
+    ] = None,
+    class_prompt: Annotated[
+        str | None, Form(description="Enables prior preservation, e.g. 'a photo of a dog'.")
+    ] = None,
+    name: Annotated[str | None, Form()] = None,
+    params: Annotated[
+        str | None, Form(description="JSON object of training parameters (see FinetuneParams).")
+    ] = None,
+    webhook_url: Annotated[str | None, Form()] = None,
+    token: Annotated[str, Form(description="Identifier token of the subject.")] = "sks",
+    idempotency_key: Annotated[
+        str | None,
+        Header(description="Repeating a request with the same key returns the same job."),
+    ] = None,
+) -> FinetunePublic:
+    form = svc.FinetuneForm(
+        instance_prompt=instance_prompt,
+        class_prompt=class_prompt,
+        name=name,
+        params=params,
+        webhook_url=webhook_url,
+        token=token,
+        idempotency_key=idempotency_key,
+    )
+    uploads = [svc.Upload(filename=f.filename, stream=f.file) for f in images or []]
+    job = svc.create_finetune(
+        session=session,
+        storage=storage,
+        sender=sender,
+        settings=settings,
+        tenant=tenant,
+        form=form,
+        uploads=uploads,
+    )
+    return FinetunePublic.from_row(job)
+
+
+@router.get("", response_model=FinetunesPublic, responses={401: ERRORS[401]})
+def list_finetunes(
+    session: SessionDep,
+    settings: SettingsDep,
+    tenant: CurrentTenant,
+    status: Status | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 20,
+    offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
+) -> FinetunesPublic:
+    rows, count = svc.list_finetunes(
+        session=session,
+        tenant=tenant,
+        status=status,
+        limit=min(limit, settings.max_page_size),
+        offset=offset,
+    )
+    return FinetunesPublic(data=[FinetunePublic.from_row(r) for r in rows], count=count)
+
+
+@router.get("/{finetune_id}", response_model=FinetunePublic, responses=ERRORS)
+def get_finetune(session: SessionDep, tenant: CurrentTenant, finetune_id: str) -> FinetunePublic:
+    job = svc.get_finetune(session=session, tenant=tenant, finetune_id=finetune_id)
+    return FinetunePublic.from_row(job)
+
+
+@router.post(
+    "/{finetune_id}/cancel",
+    response_model=FinetunePublic,
+    responses={**ERRORS, 409: {"description": "The job has already finished."}},
+)
+def cancel_finetune(session: SessionDep, tenant: CurrentTenant, finetune_id: str) -> FinetunePublic:
+    job = svc.cancel_finetune(session=session, tenant=tenant, finetune_id=finetune_id)
+    return FinetunePublic.from_row(job)

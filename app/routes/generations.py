@@ -1,0 +1,76 @@
+"""/v1/generations: request images from an adapter (or the base model) and fetch them."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, status
+from fastapi.responses import StreamingResponse
+
+from app.deps import CurrentTenant, SenderDep, SessionDep, SettingsDep, StorageDep
+from app.errors import NotFound
+from app.schemas import GenerationCreate, GenerationPublic
+from app.services import generations as svc
+from app.storage import iter_chunks
+
+router = APIRouter(prefix="/v1/generations", tags=["generations"])
+
+ERRORS: dict[int | str, dict[str, str]] = {
+    401: {"description": "Missing or invalid API key."},
+    404: {"description": "No such generation (or image) for this tenant."},
+}
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=GenerationPublic,
+    responses={
+        401: ERRORS[401],
+        409: {"description": "The adapter's fine-tune has not succeeded, or another base."},
+        422: {"description": "Invalid request; the detail says which field."},
+        503: {"description": "The task queue is unreachable; nothing was stored."},
+    },
+)
+def create_generation(
+    session: SessionDep,
+    settings: SettingsDep,
+    sender: SenderDep,
+    tenant: CurrentTenant,
+    data: GenerationCreate,
+) -> GenerationPublic:
+    gen = svc.create_generation(
+        session=session, sender=sender, settings=settings, tenant=tenant, data=data
+    )
+    return GenerationPublic.from_row(gen)
+
+
+@router.get("/{generation_id}", response_model=GenerationPublic, responses=ERRORS)
+def get_generation(
+    session: SessionDep, tenant: CurrentTenant, generation_id: str
+) -> GenerationPublic:
+    return GenerationPublic.from_row(
+        svc.get_generation(session=session, tenant=tenant, generation_id=generation_id)
+    )
+
+
+@router.get(
+    "/{generation_id}/images/{n}",
+    response_class=StreamingResponse,
+    responses={**ERRORS, 200: {"description": "The PNG image.", "content": {"image/png": {}}}},
+)
+def get_generated_image(
+    session: SessionDep,
+    storage: StorageDep,
+    tenant: CurrentTenant,
+    generation_id: str,
+    n: Annotated[int, Path(ge=0, le=10_000)],
+) -> StreamingResponse:
+    img = svc.get_generated_image(
+        session=session, tenant=tenant, generation_id=generation_id, index=n
+    )
+    try:
+        f = storage.open(img.storage_key)
+    except FileNotFoundError:
+        raise NotFound(f"image {n} of generation {generation_id} is missing from storage") from None
+    return StreamingResponse(iter_chunks(f), media_type="image/png")

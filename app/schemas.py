@@ -1,0 +1,281 @@
+"""Pydantic schemas of the public API: XCreate (input), XPublic (output), XsPublic (a page).
+
+No FastAPI imports: the worker validates stored params with the same `FinetuneParams`.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from app import models
+
+Method = Literal["tuneqdm", "peqa", "full"]
+Status = Literal["queued", "running", "succeeded", "failed", "canceled"]
+Scheduler = Literal["ddim", "dpmsolver++", "euler"]
+
+SEED_MAX = 2**32 - 1
+
+
+class FinetuneParams(BaseModel):
+    """Training parameters; unknown keys are refused so a typo never silently becomes a default."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    method: Method = "tuneqdm"
+    bits: Literal[4, 8] = Field(default=8, description="Bit width of the quantized base UNet.")
+    intervals: int | None = Field(
+        default=None,
+        ge=1,
+        le=8,
+        description="Timestep intervals, one scale set each (default 2 for tuneqdm; "
+        "peqa and full use exactly 1).",
+    )
+    steps: int = Field(default=400, ge=1, le=5000)
+    lr_s_out: float = Field(default=1e-3, gt=0, le=1, description="Learning rate of output scales.")
+    lr_s_in: float = Field(default=1e-3, gt=0, le=1, description="Learning rate of input scales.")
+    lr: float = Field(default=5e-6, gt=0, le=1e-2, description="Learning rate of method=full only.")
+    batch_size: int = Field(default=1, ge=1, le=8)
+    resolution: int = Field(default=512, ge=64, le=1024, multiple_of=8)
+    seed: int | None = Field(default=None, ge=0, le=SEED_MAX)
+    prior_loss_weight: float = Field(
+        default=1.0, ge=0, le=10, description="Used with class_prompt."
+    )
+    num_class_images: int = Field(default=100, ge=0, le=1000, description="Used with class_prompt.")
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = Field(
+        default=100, ge=1, le=5000, description="Steps between checkpoints."
+    )
+
+    @model_validator(mode="after")
+    def _intervals_per_method(self) -> FinetuneParams:
+        if self.method == "tuneqdm":
+            self.intervals = 2 if self.intervals is None else self.intervals
+        elif self.intervals not in (None, 1):
+            raise ValueError(
+                f"method={self.method} trains one scale set, so intervals must be 1 "
+                f"(got {self.intervals}); use method=tuneqdm for several intervals"
+            )
+        else:
+            self.intervals = 1
+        return self
+
+
+class Progress(BaseModel):
+    step: int
+    total: int
+
+
+class FinetuneLinks(BaseModel):
+    self: str
+    cancel: str
+    adapter: str | None = None
+
+
+class FinetunePublic(BaseModel):
+    id: str
+    name: str | None
+    status: Status
+    instance_prompt: str
+    class_prompt: str | None
+    token: str
+    params: FinetuneParams
+    webhook_url: str | None
+    num_images: int
+    progress: Progress
+    loss: float | None
+    eta_seconds: float | None = Field(description="Estimated seconds left while running.")
+    error: str | None
+    adapter_id: str | None
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    links: FinetuneLinks
+
+    @classmethod
+    def from_row(cls, job: models.FinetuneJob) -> FinetunePublic:
+        adapter_id = job.adapter.id if job.adapter is not None else None
+        return cls(
+            id=job.id,
+            name=job.name,
+            status=job.status,  # type: ignore[arg-type]
+            instance_prompt=job.instance_prompt,
+            class_prompt=job.class_prompt,
+            token=job.token,
+            params=FinetuneParams.model_validate(job.params),
+            webhook_url=job.webhook_url,
+            num_images=len(job.images),
+            progress=Progress(step=job.progress_step, total=job.progress_total),
+            loss=job.loss,
+            eta_seconds=_eta(job),
+            error=job.error,
+            adapter_id=adapter_id,
+            created_at=job.created_at,
+            updated_at=job.updated_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+            links=FinetuneLinks(
+                self=f"/v1/finetunes/{job.id}",
+                cancel=f"/v1/finetunes/{job.id}/cancel",
+                adapter=f"/v1/adapters/{adapter_id}" if adapter_id else None,
+            ),
+        )
+
+
+def _eta(job: models.FinetuneJob) -> float | None:
+    # Linear extrapolation of the steps done so far; good enough for a progress bar.
+    if job.status != "running" or job.started_at is None or job.progress_step <= 0:
+        return None
+    elapsed = (datetime.now(timezone.utc) - job.started_at).total_seconds()
+    left = max(job.progress_total - job.progress_step, 0)
+    return round(max(elapsed, 0.0) / job.progress_step * left, 1)
+
+
+class FinetunesPublic(BaseModel):
+    data: list[FinetunePublic]
+    count: int = Field(description="Number of matching jobs across all pages.")
+
+
+class AdapterLinks(BaseModel):
+    self: str
+    file: str
+    finetune: str | None = None
+
+
+class AdapterPublic(BaseModel):
+    id: str
+    name: str | None
+    finetune_id: str | None
+    method: Method
+    bits: int
+    intervals: int
+    tokens: list[str]
+    size_bytes: int
+    base_model: str
+    base_fingerprint: str
+    created_at: datetime
+    links: AdapterLinks
+
+    @classmethod
+    def from_row(cls, adapter: models.Adapter) -> AdapterPublic:
+        return cls(
+            id=adapter.id,
+            name=adapter.name,
+            finetune_id=adapter.finetune_job_id,
+            method=adapter.method,  # type: ignore[arg-type]
+            bits=adapter.bits,
+            intervals=adapter.intervals,
+            tokens=list(adapter.tokens),
+            size_bytes=adapter.size_bytes,
+            base_model=adapter.base_model,
+            base_fingerprint=adapter.base_fingerprint,
+            created_at=adapter.created_at,
+            links=AdapterLinks(
+                self=f"/v1/adapters/{adapter.id}",
+                file=f"/v1/adapters/{adapter.id}/file",
+                finetune=(
+                    f"/v1/finetunes/{adapter.finetune_job_id}" if adapter.finetune_job_id else None
+                ),
+            ),
+        )
+
+
+class AdaptersPublic(BaseModel):
+    data: list[AdapterPublic]
+    count: int
+
+
+class GenerationCreate(BaseModel):
+    """Static bounds here; the tighter, configurable limits are checked by the service."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    adapter_id: str | None = Field(
+        default=None, max_length=64, description="Adapter to apply; null uses the plain base model."
+    )
+    prompt: str = Field(min_length=1, max_length=10_000)
+    negative_prompt: str | None = Field(default=None, max_length=10_000)
+    num_images: int = Field(default=1, ge=1, le=64)
+    steps: int = Field(default=30, ge=1, le=1000)
+    guidance_scale: float = Field(default=7.5, ge=0, le=30)
+    seed: int | None = Field(default=None, ge=0, le=SEED_MAX, description="Image i uses seed + i.")
+    width: int = Field(default=512, ge=8, le=8192, multiple_of=8)
+    height: int = Field(default=512, ge=8, le=8192, multiple_of=8)
+    scheduler: Scheduler = "ddim"
+
+
+class GeneratedImagePublic(BaseModel):
+    index: int
+    seed: int
+    url: str
+
+
+class GenerationLinks(BaseModel):
+    self: str
+    adapter: str | None = None
+
+
+class GenerationPublic(BaseModel):
+    id: str
+    adapter_id: str | None
+    base_model: str
+    status: Status
+    prompt: str
+    negative_prompt: str | None
+    num_images: int
+    steps: int
+    guidance_scale: float
+    seed: int
+    width: int
+    height: int
+    scheduler: Scheduler
+    error: str | None
+    images: list[GeneratedImagePublic]
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    links: GenerationLinks
+
+    @classmethod
+    def from_row(cls, gen: models.GenerationJob) -> GenerationPublic:
+        return cls(
+            id=gen.id,
+            adapter_id=gen.adapter_id,
+            base_model=gen.base_model,
+            status=gen.status,  # type: ignore[arg-type]
+            prompt=gen.prompt,
+            negative_prompt=gen.negative_prompt,
+            num_images=gen.num_images,
+            steps=gen.steps,
+            guidance_scale=gen.guidance_scale,
+            seed=gen.seed,
+            width=gen.width,
+            height=gen.height,
+            scheduler=gen.scheduler,  # type: ignore[arg-type]
+            error=gen.error,
+            images=[
+                GeneratedImagePublic(
+                    index=img.index,
+                    seed=img.seed,
+                    url=f"/v1/generations/{gen.id}/images/{img.index}",
+                )
+                for img in gen.images
+            ],
+            created_at=gen.created_at,
+            updated_at=gen.updated_at,
+            started_at=gen.started_at,
+            finished_at=gen.finished_at,
+            links=GenerationLinks(
+                self=f"/v1/generations/{gen.id}",
+                adapter=f"/v1/adapters/{gen.adapter_id}" if gen.adapter_id else None,
+            ),
+        )
+
+
+class HealthPublic(BaseModel):
+    status: Literal["ok"]
+    checks: dict[str, str] = {}

@@ -1,0 +1,1 @@
+"""Plain service functions (no FastAPI): keyword-only, take a session, raise app.errors."""

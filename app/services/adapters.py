@@ -1,0 +1,48 @@
+"""Adapters: read, download and delete (the worker creates them)."""
+
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy import Select, select
+from sqlalchemy.orm import Session
+
+from app.errors import NotFound
+from app.ids import looks_like_id
+from app.models import Adapter, Tenant
+from app.services.common import page
+from app.storage import Storage
+
+log = logging.getLogger(__name__)
+
+
+def _query(tenant: Tenant) -> Select[Adapter]:
+    return select(Adapter).where(Adapter.tenant_id == tenant.id)
+
+
+def get_adapter(*, session: Session, tenant: Tenant, adapter_id: str) -> Adapter:
+    adapter = None
+    if looks_like_id(adapter_id, "ad"):
+        adapter = session.scalar(_query(tenant).where(Adapter.id == adapter_id))
+    if adapter is None:
+        raise NotFound(f"no adapter with id {adapter_id!r}")
+    return adapter
+
+
+def list_adapters(
+    *, session: Session, tenant: Tenant, limit: int, offset: int
+) -> tuple[list[Adapter], int]:
+    stmt = _query(tenant).order_by(Adapter.created_at.desc(), Adapter.id)
+    return page(session, stmt, limit=limit, offset=offset)
+
+
+def delete_adapter(*, session: Session, storage: Storage, tenant: Tenant, adapter_id: str) -> None:
+    adapter = get_adapter(session=session, tenant=tenant, adapter_id=adapter_id)
+    key = adapter.storage_key
+    session.delete(adapter)
+    session.commit()
+    # Row first: a leftover file is harmless garbage, a row without its file is a broken adapter.
+    try:
+        storage.delete(key)
+    except OSError:
+        log.exception("adapter %s deleted but its file %s could not be removed", adapter_id, key)

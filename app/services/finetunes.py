@@ -1,0 +1,239 @@
+"""Fine-tune jobs: validate everything, store the photos, commit the row, then enqueue."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from pydantic import ValidationError
+from sqlalchemy import Select, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, selectinload
+
+from app import storage as st
+from app.errors import Conflict, InvalidInput, NotFound
+from app.ids import looks_like_id, new_id
+from app.images import CheckedImage, check_image, read_limited
+from app.models import ACTIVE_STATUSES, FinetuneImage, FinetuneJob, Tenant, utcnow
+from app.queue import FINETUNE_QUEUE, FINETUNE_TASK, TaskSender
+from app.schemas import FinetuneParams
+from app.services.common import optional_text, page, required_text
+from app.settings import Settings
+from app.webhooks import check_webhook_url
+
+log = logging.getLogger(__name__)
+
+TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+
+
+@dataclass
+class Upload:
+    filename: str | None
+    stream: BinaryIO
+
+
+@dataclass
+class FinetuneForm:
+    instance_prompt: str
+    class_prompt: str | None = None
+    name: str | None = None
+    params: str | None = None  # JSON text, as sent in the multipart form
+    webhook_url: str | None = None
+    token: str = "sks"
+    idempotency_key: str | None = None
+
+
+def parse_params(raw: str | None) -> FinetuneParams:
+    if raw is None or not raw.strip():
+        return FinetuneParams()
+    try:
+        return FinetuneParams.model_validate_json(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"params.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" if e["loc"] else e["msg"]
+            for e in exc.errors()
+        )
+        raise InvalidInput(f"params is not valid: {problems}") from None
+
+
+def _validate_form(form: FinetuneForm, settings: Settings) -> FinetuneJob:
+    """Check every form field and return the (unsaved) job row they describe."""
+    limit = settings.max_prompt_chars
+    instance_prompt = required_text(form.instance_prompt, field="instance_prompt", max_chars=limit)
+    class_prompt = optional_text(form.class_prompt, field="class_prompt", max_chars=limit)
+    name = optional_text(form.name, field="name", max_chars=100)
+    if not TOKEN_RE.fullmatch(form.token):
+        raise InvalidInput(
+            "token must be 1-32 letters, digits, '_' or '-' (a rare word such as 'sks')"
+        )
+    if settings.require_identifier_token and not re.search(
+        rf"(?<![\w-]){re.escape(form.token)}(?![\w-])", instance_prompt
+    ):
+        raise InvalidInput(
+            f"instance_prompt must contain the identifier token {form.token!r} as a word, e.g. "
+            f"'a photo of {form.token} dog'"
+        )
+    params = parse_params(form.params)
+    webhook_url = None
+    if form.webhook_url is not None and form.webhook_url.strip():
+        webhook_url = check_webhook_url(
+            form.webhook_url.strip(), allow_private=settings.allow_private_webhooks
+        )
+    job = FinetuneJob(
+        name=name,
+        status="queued",
+        instance_prompt=instance_prompt,
+        class_prompt=class_prompt,
+        token=form.token,
+        params=params.model_dump(mode="json"),
+        webhook_url=webhook_url,
+        idempotency_key=form.idempotency_key,
+        progress_step=0,
+        progress_total=params.steps,
+    )
+    return job
+
+
+def _check_uploads(uploads: list[Upload], settings: Settings) -> list[CheckedImage]:
+    if len(uploads) < settings.min_images:
+        raise InvalidInput(
+            f"send at least {settings.min_images} photo(s) of the subject in the 'images' field"
+        )
+    if len(uploads) > settings.max_images:
+        raise InvalidInput(
+            f"{len(uploads)} images sent, the limit is {settings.max_images}; send fewer"
+        )
+    checked = []
+    for i, up in enumerate(uploads):
+        # Name files by position, not by their (untrusted) name, in messages too.
+        what = f"images[{i}]"
+        data = read_limited(up.stream, settings.max_image_bytes, what)
+        checked.append(check_image(data, max_pixels=settings.max_image_pixels, what=what))
+    return checked
+
+
+def _get_by_idempotency_key(session: Session, tenant: Tenant, key: str) -> FinetuneJob | None:
+    return session.scalar(_query(tenant).where(FinetuneJob.idempotency_key == key))
+
+
+def create_finetune(
+    *,
+    session: Session,
+    storage: st.Storage,
+    sender: TaskSender,
+    settings: Settings,
+    tenant: Tenant,
+    form: FinetuneForm,
+    uploads: list[Upload],
+) -> FinetuneJob:
+    if form.idempotency_key is not None:
+        if not 1 <= len(form.idempotency_key) <= 255:
+            raise InvalidInput("Idempotency-Key must be 1-255 characters")
+        existing = _get_by_idempotency_key(session, tenant, form.idempotency_key)
+        if existing is not None:
+            return existing
+
+    job = _validate_form(form, settings)
+    checked = _check_uploads(uploads, settings)
+
+    job.id = new_id("ft")
+    job.tenant_id = tenant.id
+    keys = []
+    try:
+        for i, img in enumerate(checked):
+            key = st.finetune_input_key(tenant.id, job.id, i)
+            storage.put(key, img.png)
+            keys.append(key)
+            job.images.append(
+                FinetuneImage(
+                    index=i,
+                    storage_key=key,
+                    width=img.width,
+                    height=img.height,
+                    size_bytes=len(img.png),
+                )
+            )
+        session.add(job)
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        _remove(storage, keys)
+        # A concurrent request with the same Idempotency-Key won the race: answer with its job.
+        if form.idempotency_key is not None:
+            existing = _get_by_idempotency_key(session, tenant, form.idempotency_key)
+            if existing is not None:
+                return existing
+        raise
+    except BaseException:
+        session.rollback()
+        _remove(storage, keys)
+        raise
+
+    try:
+        sender.send(FINETUNE_TASK, job.id, queue=FINETUNE_QUEUE)
+    except Exception:
+        # Nothing half-written: a job no worker will ever see is worse than a clean 503.
+        log.exception("enqueue of %s failed; removing the job", job.id)
+        session.delete(job)
+        session.commit()
+        _remove(storage, keys)
+        raise
+    return job
+
+
+def _remove(storage: st.Storage, keys: list[str]) -> None:
+    for key in keys:
+        try:
+            storage.delete(key)
+        except OSError:
+            log.exception("could not remove %s", key)
+
+
+def _query(tenant: Tenant) -> Select[FinetuneJob]:
+    return (
+        select(FinetuneJob)
+        .where(FinetuneJob.tenant_id == tenant.id)
+        .options(selectinload(FinetuneJob.images), selectinload(FinetuneJob.adapter))
+    )
+
+
+def get_finetune(*, session: Session, tenant: Tenant, finetune_id: str) -> FinetuneJob:
+    job = None
+    if looks_like_id(finetune_id, "ft"):
+        job = session.scalar(_query(tenant).where(FinetuneJob.id == finetune_id))
+    if job is None:
+        raise NotFound(f"no fine-tune job with id {finetune_id!r}")
+    return job
+
+
+def list_finetunes(
+    *, session: Session, tenant: Tenant, status: str | None, limit: int, offset: int
+) -> tuple[list[FinetuneJob], int]:
+    stmt = _query(tenant)
+    if status is not None:
+        stmt = stmt.where(FinetuneJob.status == status)
+    stmt = stmt.order_by(FinetuneJob.created_at.desc(), FinetuneJob.id)
+    return page(session, stmt, limit=limit, offset=offset)
+
+
+def cancel_finetune(*, session: Session, tenant: Tenant, finetune_id: str) -> FinetuneJob:
+    job = get_finetune(session=session, tenant=tenant, finetune_id=finetune_id)
+    now = utcnow()
+    # A conditional UPDATE, so a worker finishing the job at the same moment cannot be
+    # overwritten; the worker stops when it sees status=canceled at its next check.
+    result = session.execute(
+        update(FinetuneJob)
+        .where(FinetuneJob.id == job.id, FinetuneJob.status.in_(ACTIVE_STATUSES))
+        .values(status="canceled", finished_at=now, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
+    session.refresh(job)
+    if result.rowcount == 0:  # type: ignore[attr-defined]
+        raise Conflict(
+            f"fine-tune job {job.id} is already {job.status}; only queued or running jobs "
+            "can be canceled"
+        )
+    return job

@@ -1,0 +1,132 @@
+"""Generation jobs: check the request against the limits and the adapter, commit, enqueue."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+
+from sqlalchemy import Select, select
+from sqlalchemy.orm import Session, selectinload
+
+from app.errors import Conflict, InvalidInput, NotFound
+from app.ids import looks_like_id, new_id
+from app.models import Adapter, GeneratedImage, GenerationJob, Tenant
+from app.queue import GENERATE_QUEUE, GENERATE_TASK, TaskSender
+from app.schemas import SEED_MAX, GenerationCreate
+from app.services.common import optional_text, required_text
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def _check_limits(data: GenerationCreate, settings: Settings) -> None:
+    if data.num_images > settings.max_num_images:
+        raise InvalidInput(
+            f"num_images={data.num_images} is above the limit of {settings.max_num_images}"
+        )
+    if data.steps > settings.max_generation_steps:
+        raise InvalidInput(
+            f"steps={data.steps} is above the limit of {settings.max_generation_steps}"
+        )
+    lo, hi = settings.min_image_side, settings.max_image_side
+    for field, value in (("width", data.width), ("height", data.height)):
+        if not lo <= value <= hi:
+            raise InvalidInput(f"{field}={value} must be between {lo} and {hi} (multiple of 8)")
+
+
+def _check_adapter(session: Session, tenant: Tenant, adapter_id: str, settings: Settings) -> None:
+    adapter = None
+    if looks_like_id(adapter_id, "ad"):
+        adapter = session.scalar(
+            select(Adapter).where(Adapter.id == adapter_id, Adapter.tenant_id == tenant.id)
+        )
+    if adapter is None:
+        # Same answer for "unknown" and "another tenant's": ids must not be probeable.
+        raise InvalidInput(
+            f"adapter_id {adapter_id!r} does not name one of your adapters; list them with "
+            "GET /v1/adapters, or send adapter_id=null for the base model"
+        )
+    job = adapter.finetune_job
+    if job is not None and job.status != "succeeded":
+        raise Conflict(
+            f"adapter {adapter_id} comes from fine-tune job {job.id}, which is {job.status}; "
+            "wait until it has succeeded"
+        )
+    if adapter.base_model != settings.base_model:
+        raise Conflict(
+            f"adapter {adapter_id} was trained on base model {adapter.base_model!r} but this "
+            f"service runs {settings.base_model!r}; fine-tune again on this base"
+        )
+
+
+def create_generation(
+    *,
+    session: Session,
+    sender: TaskSender,
+    settings: Settings,
+    tenant: Tenant,
+    data: GenerationCreate,
+) -> GenerationJob:
+    limit = settings.max_prompt_chars
+    prompt = required_text(data.prompt, field="prompt", max_chars=limit)
+    negative = optional_text(data.negative_prompt, field="negative_prompt", max_chars=limit)
+    _check_limits(data, settings)
+    if data.adapter_id is not None:
+        _check_adapter(session, tenant, data.adapter_id, settings)
+    seed = data.seed if data.seed is not None else secrets.randbelow(SEED_MAX + 1)
+    gen = GenerationJob(
+        id=new_id("gen"),
+        tenant_id=tenant.id,
+        adapter_id=data.adapter_id,
+        base_model=settings.base_model,
+        status="queued",
+        prompt=prompt,
+        negative_prompt=negative,
+        num_images=data.num_images,
+        steps=data.steps,
+        guidance_scale=data.guidance_scale,
+        seed=seed,
+        width=data.width,
+        height=data.height,
+        scheduler=data.scheduler,
+    )
+    session.add(gen)
+    session.commit()
+    try:
+        sender.send(GENERATE_TASK, gen.id, queue=GENERATE_QUEUE)
+    except Exception:
+        log.exception("enqueue of %s failed; removing the job", gen.id)
+        session.delete(gen)
+        session.commit()
+        raise
+    return gen
+
+
+def _query(tenant: Tenant) -> Select[GenerationJob]:
+    return (
+        select(GenerationJob)
+        .where(GenerationJob.tenant_id == tenant.id)
+        .options(selectinload(GenerationJob.images))
+    )
+
+
+def get_generation(*, session: Session, tenant: Tenant, generation_id: str) -> GenerationJob:
+    gen = None
+    if looks_like_id(generation_id, "gen"):
+        gen = session.scalar(_query(tenant).where(GenerationJob.id == generation_id))
+    if gen is None:
+        raise NotFound(f"no generation with id {generation_id!r}")
+    return gen
+
+
+def get_generated_image(
+    *, session: Session, tenant: Tenant, generation_id: str, index: int
+) -> GeneratedImage:
+    gen = get_generation(session=session, tenant=tenant, generation_id=generation_id)
+    for img in gen.images:
+        if img.index == index:
+            return img
+    raise NotFound(
+        f"generation {generation_id} has no image {index} (status {gen.status}, "
+        f"{len(gen.images)} image(s) ready)"
+    )

@@ -1,0 +1,93 @@
+"""One settings class for the API, the CLI, the migrations and (later) the worker.
+
+Read once per process with `get_settings()` and passed around explicitly; tests build their own
+`Settings(...)` instead of patching the environment.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TUNEQDM_", extra="ignore")
+
+    env: Literal["development", "production"] = "development"
+
+    # Embedded mode: everything lives under one data directory, no servers needed.
+    data_dir: Path = Path("var")
+    database_url: str | None = None  # default: sqlite:///<data_dir>/tuneqdm.sqlite
+    broker_url: str | None = None  # default: sqla+sqlite:///<abs data_dir>/broker.sqlite
+    storage_dir: Path | None = None  # default: <data_dir>/files
+
+    # The base model this deployment serves; adapters trained on another base are refused.
+    base_model: str = "tuneqdm/tiny-sd"
+
+    # Upload limits for POST /v1/finetunes.
+    min_images: int = Field(default=1, ge=1)
+    max_images: int = Field(default=20, ge=1)
+    max_image_bytes: int = Field(default=10 * MiB, ge=1)
+    max_image_pixels: int = Field(default=4096 * 4096, ge=1)
+    # Whole request body cap; a multipart upload of max_images files plus form fields fits in it.
+    max_request_bytes: int = Field(default=220 * MiB, ge=1)
+
+    max_prompt_chars: int = Field(default=500, ge=1)
+    require_identifier_token: bool = True
+
+    # Generation limits.
+    max_num_images: int = Field(default=4, ge=1)
+    max_generation_steps: int = Field(default=150, ge=1)
+    min_image_side: int = Field(default=64, ge=8)
+    max_image_side: int = Field(default=1024, ge=8)
+
+    # Webhooks to loopback/private/link-local hosts are a server-side request forgery risk.
+    allow_private_webhooks: bool = False
+
+    max_page_size: int = Field(default=100, ge=1)
+    # Publishing to the broker must not hang a request when the broker is down.
+    broker_timeout_s: float = Field(default=3.0, gt=0)
+
+    @model_validator(mode="after")
+    def _refuse_unsafe_production(self) -> Settings:
+        if self.env != "production":
+            return self
+        problems = []
+        if self.database_url is None or self.database_url.startswith("sqlite"):
+            problems.append("set TUNEQDM_DATABASE_URL to a PostgreSQL URL")
+        if self.broker_url is None or self.broker_url.startswith("sqla+"):
+            problems.append("set TUNEQDM_BROKER_URL to a Redis URL")
+        if self.allow_private_webhooks:
+            problems.append("unset TUNEQDM_ALLOW_PRIVATE_WEBHOOKS")
+        if problems:
+            raise ValueError(
+                "TUNEQDM_ENV=production refuses development defaults: " + "; ".join(problems)
+            )
+        return self
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'tuneqdm.sqlite').resolve()}"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        if self.broker_url:
+            return self.broker_url
+        return f"sqla+sqlite:///{(self.data_dir / 'broker.sqlite').resolve()}"
+
+    @property
+    def resolved_storage_dir(self) -> Path:
+        return (self.storage_dir or self.data_dir / "files").resolve()
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,110 @@
+"""File storage for uploads, adapters and generated images.
+
+Layout under the storage root (keys are built here from server-side ids only, never from user
+file names, and every key is checked to resolve inside the root):
+
+    tenants/<tenant_id>/finetunes/<finetune_id>/inputs/<nnn>.png     uploaded photos, re-encoded
+    tenants/<tenant_id>/adapters/<adapter_id>.safetensors            adapter files (worker)
+    tenants/<tenant_id>/generations/<generation_id>/<nnn>.png        generated images (worker)
+
+`LocalStorage` is the only backend today; an S3 backend would implement the same `Storage`
+protocol.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+# Ids are `<prefix>_<hex>`; a key is slash-separated segments of that alphabet plus a suffix.
+_KEY_RE = re.compile(r"^[a-z0-9_]+(/[a-z0-9_]+)*(\.[a-z]+)?$")
+
+
+class InvalidKey(ValueError):
+    pass
+
+
+def check_key(key: str) -> str:
+    if not _KEY_RE.fullmatch(key) or len(key) > 255:
+        raise InvalidKey(f"storage key {key!r} is not a server-generated key")
+    return key
+
+
+def finetune_input_key(tenant_id: str, finetune_id: str, index: int) -> str:
+    return check_key(f"tenants/{tenant_id}/finetunes/{finetune_id}/inputs/{index:03d}.png")
+
+
+def adapter_key(tenant_id: str, adapter_id: str) -> str:
+    return check_key(f"tenants/{tenant_id}/adapters/{adapter_id}.safetensors")
+
+
+def generated_image_key(tenant_id: str, generation_id: str, index: int) -> str:
+    return check_key(f"tenants/{tenant_id}/generations/{generation_id}/{index:03d}.png")
+
+
+def iter_chunks(f: BinaryIO, chunk_size: int = 1 << 16) -> Iterator[bytes]:
+    """Stream an opened file in fixed-size chunks and close it, for HTTP responses.
+
+    (Iterating a binary file directly splits it at newline bytes: one huge chunk per adapter.)
+    """
+    with f:
+        while chunk := f.read(chunk_size):
+            yield chunk
+
+
+class Storage(Protocol):
+    def put(self, key: str, data: bytes) -> None: ...
+
+    def open(self, key: str) -> BinaryIO: ...
+
+    def exists(self, key: str) -> bool: ...
+
+    def delete(self, key: str) -> None: ...
+
+
+class LocalStorage:
+    """Files in a local directory; writes are atomic (temp file + rename)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+
+    def path(self, key: str) -> Path:
+        path = (self.root / check_key(key)).resolve()
+        # Defence in depth: the key regex already excludes "..", absolute paths and backslashes.
+        if not path.is_relative_to(self.root):
+            raise InvalidKey(f"storage key {key!r} leaves the storage root")
+        return path
+
+    def put(self, key: str, data: bytes) -> None:
+        path = self.path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def open(self, key: str) -> BinaryIO:
+        return self.path(key).open("rb")
+
+    def exists(self, key: str) -> bool:
+        return self.path(key).is_file()
+
+    def delete(self, key: str) -> None:
+        path = self.path(key)
+        path.unlink(missing_ok=True)
+        # Drop now-empty parent folders so a deleted job leaves no trace, stopping at the root.
+        parent = path.parent
+        while parent != self.root and parent.is_relative_to(self.root):
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+            parent = parent.parent
