@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Pinned so pip takes the CPU wheel that lies on this machine's disk; on a machine with a
 # CUDA GPU the same pin from PyPI is the CUDA build (see Dockerfile).
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= core,dev
+EXTRAS ?= core,api,dev
 
 .PHONY: install run test lint typecheck clean
 

@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from httpx import Response
 from PIL import Image
 from sqlalchemy.orm import Session
 
 from app.storage import LocalStorage
 from tests.api.factories import TenantKey, image_bytes, make_adapter, make_tenant, snapshot
+from tests.api.http import Response
 
 PNG = image_bytes(64, 64)
 

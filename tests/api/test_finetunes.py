@@ -8,7 +8,6 @@ from datetime import timedelta
 
 import pytest
 from fastapi.testclient import TestClient
-from httpx import Response
 from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -23,6 +22,7 @@ from tests.api.factories import (
     make_tenant,
     snapshot,
 )
+from tests.api.http import Response
 
 
 def post_finetune(
