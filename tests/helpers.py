@@ -54,7 +54,7 @@ def run_both(
                 y = call()
         else:
             y = call()
-        weights = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)
+        weights = torch.linspace(-1, 1, y.numel(), dtype=y.dtype, device=y.device).view_as(y)
         (y * weights).sum().backward()
         results.append((y.detach(), grads(adapters)))
     set_route(model, None)

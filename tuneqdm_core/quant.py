@@ -109,7 +109,8 @@ def dequantize(
     so bf16/fp16 callers get the exact weight rounded once.
     """
     work = torch.promote_types(scale.dtype, torch.float32)
-    w = (codes.to(work) - zero[:, None]) * scale[:, None]
+    # In place: one weight-sized float temporary at a time (this runs in every backward too).
+    w = codes.to(work).sub_(zero[:, None]).mul_(scale[:, None])
     return w.to(dtype)
 
 
