@@ -25,7 +25,7 @@ class FinetuneParams(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     method: Method = "tuneqdm"
-    bits: Literal[4, 8] = Field(default=8, description="Bit width of the quantized base UNet.")
+    bits: Literal[4, 8] = Field(default=4, description="Bit width of the quantized base UNet.")
     intervals: int | None = Field(
         default=None,
         ge=1,
@@ -34,7 +34,9 @@ class FinetuneParams(BaseModel):
         "peqa and full use exactly 1).",
     )
     steps: int = Field(default=400, ge=1, le=5000)
-    lr_s_out: float = Field(default=1e-3, gt=0, le=1, description="Learning rate of output scales.")
+    # The core's defaults (tuneqdm_core.finetune.FinetuneConfig): s_out lives on the scale of
+    # SD's quantization step (~1e-3), s_in around 1 (PAPER.md).
+    lr_s_out: float = Field(default=3e-6, gt=0, le=1, description="Learning rate of output scales.")
     lr_s_in: float = Field(default=1e-3, gt=0, le=1, description="Learning rate of input scales.")
     lr: float = Field(default=5e-6, gt=0, le=1e-2, description="Learning rate of method=full only.")
     batch_size: int = Field(default=1, ge=1, le=8)
