@@ -7,10 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from torch import nn
 
+from tests.conftest import subject_photos
 from tests.helpers import perturbed_adapter
 from tuneqdm_core import AdapterConfig, QuantConfig, quantize_, save_adapter
+from tuneqdm_core.cli import main
 from tuneqdm_core.configs import build_unet
 
 
@@ -70,3 +73,109 @@ def test_demo_runs() -> None:
     result = _tuneqdm("demo", "--steps", "3")
     assert result.returncode == 0, result.stderr
     assert "swapped into a serving slot" in result.stdout
+
+
+def test_model_commands_end_to_end_and_their_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """build-tiny → quantize → finetune → generate → inspect, in process, as a user types them."""
+    model, cache = str(tmp_path / "tiny"), str(tmp_path / "cache")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, photo in enumerate(subject_photos(3)):
+        photo.save(photos / f"{i}.jpg")
+    adapter = str(tmp_path / "dog.safetensors")
+    assert main(["build-tiny", model]) == 0
+    assert main(["quantize", model, "--cache-dir", cache]) == 0
+    assert "quantized now" in capsys.readouterr().out
+    common = ["--cache-dir", cache, "--resolution", "32", "--steps", "2"]
+    assert (
+        main(
+            [
+                "finetune",
+                model,
+                "--images",
+                str(photos),
+                "--prompt",
+                "a photo of sks dog",
+                "--out",
+                adapter,
+                *common,
+            ]
+        )
+        == 0
+    )
+    assert "from cache" in capsys.readouterr().out
+    out = tmp_path / "out"
+    assert (
+        main(
+            [
+                "generate",
+                model,
+                "--adapter",
+                adapter,
+                "--prompt",
+                "a photo of sks dog",
+                "--width",
+                "32",
+                "--height",
+                "32",
+                "--steps",
+                "2",
+                "--num-images",
+                "2",
+                "--seed",
+                "5",
+                "--cache-dir",
+                cache,
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert sorted(p.name for p in out.iterdir()) == ["5.png", "6.png"]
+    assert main(["inspect", adapter]) == 0
+    capsys.readouterr()
+
+    # Errors a user makes: each exits 2 with a message naming the problem.
+    (photos / "notes.jpg").write_text("not a photo")
+    assert (
+        main(
+            [
+                "finetune",
+                model,
+                "--images",
+                str(photos / "notes.jpg"),
+                "--prompt",
+                "a sks dog",
+                "--out",
+                adapter,
+                *common,
+            ]
+        )
+        == 2
+    )
+    assert "notes.jpg: not a readable image" in capsys.readouterr().err
+    assert main(["generate", str(tmp_path / "nope"), "--prompt", "x", "--out", str(out)]) == 2
+    assert "neither a local model folder" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "generate",
+                model,
+                "--bits",
+                "8",
+                "--adapter",
+                adapter,
+                "--prompt",
+                "x",
+                "--cache-dir",
+                cache,
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
+    assert "4-bit base, model is 8-bit" in capsys.readouterr().err

@@ -3,6 +3,7 @@ shapes the paper's code does not (batch > 1, prior preservation, several subject
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from tests.conftest import subject_photos
-from tuneqdm_core.base import BaseModel
+from tuneqdm_core.base import BaseModel, load_base
 from tuneqdm_core.finetune import (
     FinetuneCanceled,
     FinetuneConfig,
@@ -19,8 +20,10 @@ from tuneqdm_core.finetune import (
     finetune,
     loss_trend,
 )
+from tuneqdm_core.generate import GenerationRequest, generate
 from tuneqdm_core.model import quant_state
 from tuneqdm_core.serialization import adapter_tensors
+from tuneqdm_core.tiny import save_tiny_pipeline
 
 # Learning rates for a random tiny model whose quantization steps are ~1e-2 (not SD's ~1e-3).
 FAST: dict[str, Any] = {"resolution": 32, "lr_s_out": 1e-3, "lr_s_in": 3e-2}
@@ -114,3 +117,15 @@ def test_gradient_checkpointing_trains_the_same(tiny_base: BaseModel) -> None:
     assert plain.adapter is not None and ckpt.adapter is not None
     for a, b in zip(plain.adapter.parameters(), ckpt.adapter.parameters(), strict=True):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_sd2_shaped_model_trains_with_v_prediction(tmp_path: Path) -> None:
+    folder = save_tiny_pipeline(tmp_path / "sd2", arch="tiny-sd2")
+    base = load_base(folder)
+    assert base.scheduler_config["prediction_type"] == "v_prediction"
+    assert base.unet.config.use_linear_projection
+    config = FinetuneConfig(steps=3, batch_size=2, **FAST)
+    result = finetune(base, [Subject("a photo of sks dog", subject_photos())], config)
+    assert all(math.isfinite(loss) for loss in result.losses)
+    request = GenerationRequest("a photo of sks dog", result.adapter, steps=3, width=32, height=32)
+    assert generate(base, [request])[0][0].image.size == (32, 32)

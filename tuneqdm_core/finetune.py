@@ -276,6 +276,10 @@ def finetune(
         params = list(adapter.parameters())
         groups = param_groups(adapter, config.lr_s_out, config.lr_s_in, config.weight_decay)
     optimizer = torch.optim.AdamW(groups)
+    # fp16 gradients of small scale vectors underflow without loss scaling; bf16 needs none.
+    scaler = torch.amp.GradScaler(
+        device.type, enabled=config.mixed_precision == "fp16" and device.type == "cuda"
+    )
     generator = torch.Generator().manual_seed(config.seed)
     losses: list[float] = []
     step = 0
@@ -288,6 +292,7 @@ def finetune(
                 p.copy_(saved)
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
+        scaler.load_state_dict(state["scaler"])
         losses, step = list(state["losses"]), int(state["step"])
     resumed_from = step
 
@@ -347,12 +352,14 @@ def finetune(
                 if use_prior:
                     loss = loss + config.prior_loss_weight * errors[batch:].mean()
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                scaler.scale(loss).backward()
                 if config.max_grad_norm > 0:
+                    scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(
                         [p for p in params if p.grad is not None], config.max_grad_norm
                     )
-                optimizer.step()
+                scaler.step(optimizer)
+                scaler.update()
                 step += 1
                 losses.append(float(loss.detach()))
                 if progress is not None:
@@ -375,6 +382,7 @@ def finetune(
                             "params": [p.detach().cpu() for p in params],
                             "optimizer": optimizer.state_dict(),
                             "generator": generator.get_state(),
+                            "scaler": scaler.state_dict(),
                             "losses": losses,
                             "config": _fingerprint_config(config),
                             "base": base.fingerprint,

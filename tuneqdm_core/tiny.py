@@ -79,8 +79,13 @@ def tokenizer_files(
     return vocab, merges
 
 
-def build_tiny_pipeline(seed: int = 0, resolution: int = 32) -> StableDiffusionPipeline:
-    """A complete, randomly initialised SD 1.x-shaped pipeline (≈2 M parameters)."""
+def build_tiny_pipeline(
+    seed: int = 0, resolution: int = 32, arch: str = "tiny-sd1"
+) -> StableDiffusionPipeline:
+    """A complete, randomly initialised pipeline of SD 1.x shape (≈2 M parameters), or of SD 2.x
+    shape with ``arch="tiny-sd2"`` (linear attention projections, v-prediction)."""
+    if arch not in ("tiny-sd1", "tiny-sd2"):
+        raise ValueError(f"arch must be 'tiny-sd1' or 'tiny-sd2', got {arch!r}")
     torch.manual_seed(seed)
     vocab, merges = tokenizer_files()
     tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
@@ -107,7 +112,7 @@ def build_tiny_pipeline(seed: int = 0, resolution: int = 32) -> StableDiffusionP
         norm_num_groups=32,
         sample_size=resolution,
     )
-    unet = UNet2DConditionModel(**{**UNET_CONFIGS["tiny-sd1"], "sample_size": resolution // 2})
+    unet = UNet2DConditionModel(**{**UNET_CONFIGS[arch], "sample_size": resolution // 2})
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -115,6 +120,7 @@ def build_tiny_pipeline(seed: int = 0, resolution: int = 32) -> StableDiffusionP
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
+        prediction_type="v_prediction" if arch == "tiny-sd2" else "epsilon",
     )
     return StableDiffusionPipeline(
         vae=vae,
@@ -128,10 +134,12 @@ def build_tiny_pipeline(seed: int = 0, resolution: int = 32) -> StableDiffusionP
     )
 
 
-def save_tiny_pipeline(directory: str | Path, seed: int = 0, resolution: int = 32) -> Path:
+def save_tiny_pipeline(
+    directory: str | Path, seed: int = 0, resolution: int = 32, arch: str = "tiny-sd1"
+) -> Path:
     """Build the tiny pipeline and write it as a diffusers model folder."""
     directory = Path(directory)
-    pipeline = build_tiny_pipeline(seed=seed, resolution=resolution)
+    pipeline = build_tiny_pipeline(seed=seed, resolution=resolution, arch=arch)
     pipeline.save_pretrained(directory)
     # Keep the plain vocab/merges beside tokenizer.json: they are what CLIP folders ship.
     vocab, merges = tokenizer_files()

@@ -34,7 +34,7 @@ def _base(args: argparse.Namespace) -> BaseModel:
 
 
 def cmd_build_tiny(args: argparse.Namespace) -> int:
-    path = save_tiny_pipeline(args.out, seed=args.seed, resolution=args.resolution)
+    path = save_tiny_pipeline(args.out, seed=args.seed, resolution=args.resolution, arch=args.arch)
     print(f"tiny Stable Diffusion pipeline written to {path}")
     return 0
 
@@ -142,6 +142,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("out")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resolution", type=int, default=32)
+    p.add_argument("--arch", default="tiny-sd1", choices=["tiny-sd1", "tiny-sd2"])
     p.set_defaults(run=cmd_build_tiny)
 
     p = commands.add_parser("quantize", help="quantize a model's UNet (and cache it)")
