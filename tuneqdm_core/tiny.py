@@ -37,6 +37,7 @@ WORDS = tuple(
 )
 
 SPECIAL = ("<|startoftext|>", "<|endoftext|>")
+TINY_ARCHS = ("tiny-sd1", "tiny-sd2", "sd1", "sd2")
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -83,16 +84,19 @@ def build_tiny_pipeline(
     seed: int = 0, resolution: int = 32, arch: str = "tiny-sd1"
 ) -> StableDiffusionPipeline:
     """A complete, randomly initialised pipeline of SD 1.x shape (≈2 M parameters), or of SD 2.x
-    shape with ``arch="tiny-sd2"`` (linear attention projections, v-prediction)."""
-    if arch not in ("tiny-sd1", "tiny-sd2"):
-        raise ValueError(f"arch must be 'tiny-sd1' or 'tiny-sd2', got {arch!r}")
+    shape with ``arch="tiny-sd2"`` (linear attention projections, v-prediction). ``arch="sd1"``
+    or ``"sd2"`` puts the real-size UNet architecture (random weights) beside the tiny VAE and
+    text encoder, for measurements at full UNet scale."""
+    if arch not in TINY_ARCHS:
+        raise ValueError(f"arch must be one of {TINY_ARCHS}, got {arch!r}")
+    unet_config = {**UNET_CONFIGS[arch], "sample_size": resolution // 2}
     torch.manual_seed(seed)
     vocab, merges = tokenizer_files()
     tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(vocab),
-            hidden_size=32,
+            hidden_size=unet_config["cross_attention_dim"],
             intermediate_size=64,
             num_hidden_layers=2,
             num_attention_heads=4,
@@ -112,7 +116,7 @@ def build_tiny_pipeline(
         norm_num_groups=32,
         sample_size=resolution,
     )
-    unet = UNet2DConditionModel(**{**UNET_CONFIGS[arch], "sample_size": resolution // 2})
+    unet = UNet2DConditionModel(**unet_config)
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -120,7 +124,7 @@ def build_tiny_pipeline(
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
-        prediction_type="v_prediction" if arch == "tiny-sd2" else "epsilon",
+        prediction_type="v_prediction" if arch.endswith("sd2") else "epsilon",
     )
     return StableDiffusionPipeline(
         vae=vae,

@@ -12,7 +12,7 @@ from tuneqdm_core.finetune import FinetuneConfig, Progress, Subject, finetune
 from tuneqdm_core.generate import SCHEDULERS, GenerationRequest, generate
 from tuneqdm_core.model import QuantConfig
 from tuneqdm_core.serialization import load_adapter, save_adapter
-from tuneqdm_core.tiny import save_tiny_pipeline
+from tuneqdm_core.tiny import TINY_ARCHS, save_tiny_pipeline
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -142,7 +142,12 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("out")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resolution", type=int, default=32)
-    p.add_argument("--arch", default="tiny-sd1", choices=["tiny-sd1", "tiny-sd2"])
+    p.add_argument(
+        "--arch",
+        default="tiny-sd1",
+        choices=TINY_ARCHS,
+        help="UNet shape; sd1/sd2 = the real UNet architecture, random weights",
+    )
     p.set_defaults(run=cmd_build_tiny)
 
     p = commands.add_parser("quantize", help="quantize a model's UNet (and cache it)")
