@@ -42,7 +42,7 @@ class _FrozenProduct(torch.autograd.Function):
         ctx.x_shape = x.shape
         ctx.x_dtype = x.dtype
         dtype = compute_dtype(x)
-        return layer.product(x.to(dtype), layer.dequantize(dtype))
+        return layer.product(x.to(dtype), layer.dequantize(dtype, scratch=True))
 
     @staticmethod
     def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, None]:
@@ -51,7 +51,7 @@ class _FrozenProduct(torch.autograd.Function):
         layer: QuantLayer = ctx.layer
         # Re-dequantize instead of saving W0: ~one extra dequantization per step buys the
         # weight-sized memory that materialising implementations keep (PAPER.md).
-        grad_x = layer.input_grad(grad_y, layer.dequantize(grad_y.dtype), ctx.x_shape)
+        grad_x = layer.input_grad(grad_y, layer.dequantize(grad_y.dtype, scratch=True), ctx.x_shape)
         return grad_x.to(ctx.x_dtype), None
 
 
@@ -104,9 +104,39 @@ class QuantLayer(nn.Module):
         k = int(torch.Size(self.weight_shape[1:]).numel())
         return quant.unpack_int4(self.codes, k) if self.bits == 4 else self.codes
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """``W0 = s0 · (q − z)`` in the layer's weight shape."""
-        w = quant.dequantize(self.unpacked_codes(), self.s0, self.zero, dtype)
+    def dequantize(
+        self, dtype: torch.dtype = torch.float32, *, scratch: bool = False
+    ) -> torch.Tensor:
+        """``W0 = s0 · (q − z)`` in the layer's weight shape.
+
+        Same values as :func:`quant.dequantize`, computed in place in one float buffer (codes
+        unpacked straight into it). With ``scratch=True`` that buffer is the model's reusable
+        workspace, valid only until the next dequantization on this thread: the frozen
+        product uses it so that a step does not allocate (and page-fault in) a fresh
+        weight-sized buffer per layer and pass, which dominated CPU step time.
+        """
+        work = torch.promote_types(self.s0.dtype, torch.float32)
+        rows = self.out_channels
+        k = int(torch.Size(self.weight_shape[1:]).numel())
+        width = k + k % 2 if self.bits == 4 else k
+        if scratch and self.state is not None:
+            w = self.state.scratch("weight", rows * width, work, self.s0.device).view(rows, width)
+        else:
+            w = torch.empty(rows, width, dtype=work, device=self.s0.device)
+        if self.bits == 4:
+            w[:, 0::2] = self.codes & 0x0F
+            w[:, 1::2] = self.codes >> 4
+        else:
+            w.copy_(self.codes)
+        w.sub_(self.zero[:, None]).mul_(self.s0[:, None])
+        if width != k:  # odd K at 4 bits: drop the padding code
+            w = w[:, :k].contiguous()
+        if dtype != work:
+            if scratch and self.state is not None:
+                cast = self.state.scratch("cast", rows * k, dtype, self.s0.device)
+                w = cast.view(rows, k).copy_(w)
+            else:
+                w = w.to(dtype)
         return w.view(self.weight_shape)
 
     def product(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -117,9 +118,26 @@ class QuantState:
         )
         self.route: Route | None = None
         self._fingerprint: str | None = None
+        self._scratch: dict[tuple[int, str, torch.dtype, torch.device], torch.Tensor] = {}
 
     def lookup(self, index: int, batch: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         return None if self.route is None else self.route.lookup(index, batch)
+
+    def scratch(
+        self, name: str, numel: int, dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        """A reusable buffer of at least ``numel`` elements, one per thread, name, dtype and
+        device (autograd runs CUDA backward on its own thread, so forward and backward never
+        share one). Sized for the largest layer at first use, so it never regrows."""
+        key = (threading.get_ident(), name, dtype, device)
+        buffer = self._scratch.get(key)
+        if buffer is None or buffer.numel() < numel:
+            largest = max(
+                layer.codes.numel() * (2 if layer.bits == 4 else 1) for _, layer in self.layers
+            )
+            buffer = torch.empty(max(numel, largest), dtype=dtype, device=device)
+            self._scratch[key] = buffer
+        return buffer[:numel]
 
     def base_scales(self) -> torch.Tensor:
         """All layers' ``s0`` concatenated in layout order (the initial ``s_out``)."""
