@@ -22,10 +22,12 @@ GPU: ``torch.cuda.max_memory_allocated`` after moving the model (load) and durin
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,16 +140,15 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
     )
 
     generator = torch.Generator(device).manual_seed(0)
-    times = []
     cross_dim = unet.config.cross_attention_dim
-    for _ in range(args.warmup + args.steps):
-        shape = (args.batch, unet.config.in_channels, args.latent, args.latent)
+    shape = (args.batch, unet.config.in_channels, args.latent, args.latent)
+
+    def step() -> float:
+        """One optimizer step on a fresh random batch; returns the loss (synchronised)."""
         latents = torch.randn(shape, generator=generator, device=device)
         noise = torch.randn(shape, generator=generator, device=device)
         text = torch.randn((args.batch, TEXT_TOKENS, cross_dim), generator=generator, device=device)
         timesteps = torch.randint(0, 1000, (args.batch,), generator=generator, device=device)
-        common.sync(device)
-        step_start = time.perf_counter()
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         # The route stays set until backward is done (checkpointing reads it again).
         if adapter is not None and scales is None:
@@ -160,13 +161,19 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        common.sync(device)
+        return float(loss)  # synchronises on cuda
+
+    times = []
+    for _ in range(args.warmup + args.steps):
+        step_start = time.perf_counter()
+        loss = step()
         times.append(time.perf_counter() - step_start)
 
     if device.type == "cuda":
         train_peak = torch.cuda.max_memory_allocated(device)
     else:
         train_peak = common.peak_rss_bytes()
+    profile = _profile(unet, step, device, autocast) if args.profile else {}
     timed = times[args.warmup :]
     return {
         "variant": variant.name,
@@ -181,8 +188,41 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
         "step_seconds": common.median(timed),
         "step_seconds_min": min(timed),
         "step_seconds_all": times,
-        "loss": float(loss),
+        "loss": loss,
+        **profile,
     }
+
+
+def _profile(
+    unet: torch.nn.Module, step: Callable[[], float], device: torch.device, autocast: Any
+) -> dict[str, Any]:
+    """Where a step's time goes: the top operators of one more step, and for quantized models
+    the time of one dequantization pass over every layer (the activation-side layers run one
+    per forward and one per backward, and one more per recomputed forward with checkpointing).
+    """
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        step()
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    result: dict[str, Any] = {
+        "profile_table": prof.key_averages().table(sort_by=sort, row_limit=15)
+    }
+    state = getattr(unet, "tuneqdm_state", None)
+    if state is not None:
+        dtype = (
+            torch.get_autocast_dtype(device.type)
+            if not isinstance(autocast, nullcontext)
+            else torch.float32
+        )
+        common.sync(device)
+        start = time.perf_counter()
+        for _, layer in state.layers:
+            layer.dequantize(dtype)
+        common.sync(device)
+        result["dequantize_pass_seconds"] = time.perf_counter() - start
+    return result
 
 
 def _row(result: dict[str, Any], full: dict[str, Any], mat: dict[str, Any]) -> list[object]:
@@ -220,24 +260,38 @@ HEADER = [
 
 def _parent(args: argparse.Namespace) -> int:
     variants = ALL_VARIANTS if args.variants == ["all"] else args.variants
-    for name in variants:
-        Variant.parse(name)
+    try:
+        for name in variants:
+            Variant.parse(name)
+    except ValueError as error:
+        print(f"train_memory.py: error: {error}", file=sys.stderr)
+        return 2
     child_args = [
         *("--arch", args.arch, "--latent", str(args.latent), "--batch", str(args.batch)),
         *("--warmup", str(args.warmup), "--steps", str(args.steps), "--device", args.device),
         "--bf16" if args.bf16 else "--fp32",
+        *(["--profile"] if args.profile else []),
     ]
     results = []
     start = time.perf_counter()
     for name in variants:
         variant_start = time.perf_counter()
-        result = common.run_child(Path(__file__), [*child_args, "--variant", name], args.timeout)
+        left = args.budget - (variant_start - start) if args.budget else args.timeout
+        if left < 1:
+            results.append({"variant": name, "error": f"skipped: --budget {args.budget:.0f} s"})
+            continue
+        timeout = min(args.timeout, left)
+        result = common.run_child(Path(__file__), [*child_args, "--variant", name], timeout)
         result.setdefault("variant", name)
         result["wall_seconds"] = time.perf_counter() - variant_start
         results.append(result)
         status = result.get("error") or f"{result['train_peak_bytes'] / common.GIB:.2f} GiB"
         print(f"  {name}: {status} ({result['wall_seconds']:.0f} s)", file=sys.stderr, flush=True)
     by_name = {r["variant"]: r for r in results if "error" not in r}
+    if args.reference and Path(args.reference).exists():
+        # Baselines measured by an earlier run with the same settings.
+        earlier = json.loads(Path(args.reference).read_text())["variants"]
+        by_name = {r["variant"]: r for r in earlier if "error" not in r} | by_name
     full = by_name.get(REFERENCE_FULL, {})
     mat = by_name.get(REFERENCE_MATERIALISING, {})
     memory = "peak RSS" if args.device == "cpu" else "torch.cuda.max_memory_allocated"
@@ -250,6 +304,11 @@ def _parent(args: argparse.Namespace) -> int:
     print(f"machine: {common.machine()}")
     print(common.table(HEADER, [_row(r, full, mat) for r in results]))
     print(f"ratios: /full = vs {REFERENCE_FULL}, /mat = vs {REFERENCE_MATERIALISING}")
+    for r in results:
+        if "profile_table" in r:
+            dequant = r.get("dequantize_pass_seconds")
+            passes = "" if dequant is None else f"; one dequantization pass {dequant:.2f} s"
+            print(f"\nprofile of one step, {r['variant']}{passes}\n{r['profile_table']}")
     common.write_json(
         args.json,
         {
@@ -282,7 +341,19 @@ def main() -> int:
     parser.add_argument("--fp32", action="store_true", help="no autocast, also on cuda")
     parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, help="or: all")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per variant")
+    parser.add_argument(
+        "--budget", type=float, help="seconds for all variants; later ones are skipped, not run"
+    )
     parser.add_argument("--json", metavar="PATH", help="write all numbers here")
+    parser.add_argument(
+        "--profile", action="store_true", help="also profile one step (top operators) per variant"
+    )
+    parser.add_argument(
+        "--reference",
+        metavar="PATH",
+        help=f"JSON of an earlier run whose {REFERENCE_FULL} / {REFERENCE_MATERIALISING} rows "
+        "serve as the ratio baselines when this run does not measure them",
+    )
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # set in the child process
     args = parser.parse_args()
     args.bf16 = args.bf16 or (args.device == "cuda" and not args.fp32)
