@@ -234,7 +234,7 @@ def _profile(
 
 def _row(result: dict[str, Any], full: dict[str, Any], mat: dict[str, Any]) -> list[object]:
     if "error" in result:
-        return [result["variant"], "failed: " + result["error"], *[""] * 9]
+        return [result["variant"], "failed: " + result["error"], *[""] * (len(HEADER) - 2)]
     peak = result["train_peak_bytes"]
     step = result["step_seconds"]
     return [

@@ -71,6 +71,13 @@ def test_serving_reports_swaps_and_every_throughput_mode(tmp_path: Path) -> None
     assert all(r["images_per_s"] > 0 for r in report["throughput"])
 
 
+def test_train_memory_table_rows_fit_the_header_also_for_failed_variants() -> None:
+    from benchmarks.train_memory import HEADER, _row
+
+    failed = _row({"variant": "full", "error": "exit code 1"}, {}, {})
+    assert len(failed) == len(HEADER)
+
+
 def test_train_memory_rejects_an_unknown_variant() -> None:
     from benchmarks.train_memory import Variant
 
