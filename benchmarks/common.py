@@ -96,9 +96,15 @@ def release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def reset_peak_rss() -> None:
-    """Set VmHWM to the current RSS (Linux ≥ 4.0: ``echo 5 > /proc/self/clear_refs``)."""
-    Path("/proc/self/clear_refs").write_text("5")
+def reset_peak_rss() -> bool:
+    """Set VmHWM to the current RSS (Linux ≥ 4.0: ``echo 5 > /proc/self/clear_refs``).
+
+    Returns False where that is not allowed; the peak then still includes loading."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
 
 
 # --- fresh-process variants ---------------------------------------------------------------------
