@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import gc
 import json
+import math
 import os
 import platform
 import statistics
@@ -61,7 +62,7 @@ def sync(device: torch.device) -> None:
 def percentile(values: Sequence[float], q: float) -> float:
     """Nearest-rank percentile (``q`` in [0, 100])."""
     ordered = sorted(values)
-    rank = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
+    rank = max(0, min(len(ordered) - 1, math.ceil(q / 100 * len(ordered)) - 1))
     return ordered[rank]
 
 
