@@ -1,0 +1,293 @@
+"""Serving: adapter swap latency, and sampling throughput with several adapters in one batch.
+
+    PYTHONPATH=. python benchmarks/serving.py [--device cpu|cuda] [--json PATH]
+
+1. Swap latency (SD 1.x architecture, random weights, a 2-interval TuneQDM adapter), p50/p99:
+   file → memory (``load_adapter`` with the base check; the file is in the page cache after
+   the first read) and memory → slot (``ScaleBank.load``; on cuda also host memory → slot).
+2. Sampling throughput, images/s, for a batch of 8 requests (fixed number of UNet calls on a
+   DDIM timestep sequence; no VAE or text encoder): 1, 2, 4 or 8 distinct adapters served in
+   one batch through the ScaleBank ("mixed"), the same requests run adapter by adapter, each
+   group a smaller batch after a swap into the slot ("grouped"), and the bare quantized UNet
+   without any adapter ("bare"), on a tiny and a mid-size UNet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+# This machine's cores are shared with other processes: spinning OpenMP workers then wait on a
+# descheduled peer at every barrier (tiny UNet on 2 cores: 2 vs 100 images/s). libgomp reads
+# this once, when torch loads it, so it is set before the import.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch
+from diffusers import DDIMScheduler, UNet2DConditionModel
+
+from benchmarks import common
+from tuneqdm_core import (
+    Adapter,
+    AdapterConfig,
+    QuantConfig,
+    ScaleBank,
+    load_adapter,
+    quantize_,
+    save_adapter,
+    set_route,
+)
+from tuneqdm_core.configs import UNET_CONFIGS, build_unet
+
+BATCH = 8
+TEXT_TOKENS = 77
+DISTINCT = (1, 2, 4, 8)
+# A mid-size UNet: SD 1.x's block structure at a fifth of its width.
+MID_CONFIG: dict[str, Any] = {
+    **UNET_CONFIGS["tiny-sd1"],
+    "block_out_channels": (64, 128, 256),
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    "cross_attention_dim": 256,
+    "sample_size": 32,
+}
+
+
+def _model(name: str, bits: int, device: torch.device) -> UNet2DConditionModel:
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**MID_CONFIG) if name == "mid" else build_unet(name)
+    quantize_(unet, QuantConfig(bits=bits, range="minmax"))  # type: ignore[arg-type]
+    return unet.to(device).eval()
+
+
+def _trained_adapter(unet: UNet2DConditionModel, seed: int) -> Adapter:
+    """A 2-interval TuneQDM adapter whose scales moved away from the base (as after training)."""
+    adapter = Adapter.create(unet, AdapterConfig(method="tuneqdm", intervals=2))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in [*adapter.s_out, *adapter.s_in]:
+            noise = torch.randn(p.shape, generator=generator).to(p.device)
+            p.mul_(1 + 0.05 * noise)
+    return adapter
+
+
+def _latencies(fn: Callable[[], object], reps: int, device: torch.device) -> list[float]:
+    fn()  # warm-up: first-call allocations, page cache
+    common.sync(device)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        common.sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def swap_latency(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    unet = _model(args.swap_arch, 8, device)
+    adapter = _trained_adapter(unet, seed=1)
+    bank = ScaleBank(unet, slots=BATCH, max_intervals=2)
+    rows = []
+    with tempfile.TemporaryDirectory() as directory:
+        path = save_adapter(adapter, Path(directory) / "adapter.safetensors")
+        size = path.stat().st_size
+        cases: list[tuple[str, Callable[[], object], int]] = [
+            ("file -> memory", lambda: load_adapter(path, unet, device), args.file_reps),
+            ("memory -> slot", lambda: bank.load(3, adapter), args.slot_reps),
+        ]
+        if device.type == "cuda":
+            on_host = _trained_adapter(unet, seed=2).to("cpu")
+            cases.append(("host memory -> slot", lambda: bank.load(3, on_host), args.slot_reps))
+        for name, fn, reps in cases:
+            times = _latencies(fn, reps, device)
+            rows.append(
+                {
+                    "swap": name,
+                    "p50_ms": common.percentile(times, 50) * 1e3,
+                    "p99_ms": common.percentile(times, 99) * 1e3,
+                    "reps": reps,
+                }
+            )
+    print(
+        f"\nAdapter swap latency: {args.swap_arch} UNet, TuneQDM adapter with 2 intervals, "
+        f"{adapter.num_values():,} values, file {size / 1e6:.2f} MB"
+    )
+    print(
+        common.table(
+            ["swap", "p50 ms", "p99 ms", "reps"],
+            [[r["swap"], f"{r['p50_ms']:.3f}", f"{r['p99_ms']:.3f}", r["reps"]] for r in rows],
+        )
+    )
+    return rows
+
+
+def _sample(
+    unet: UNet2DConditionModel,
+    scheduler: DDIMScheduler,
+    latents: torch.Tensor,
+    text: torch.Tensor,
+    route: Callable[[torch.Tensor], None],
+) -> torch.Tensor:
+    """The UNet loop of a sampler: one UNet call per timestep, the route set before each."""
+    x = latents
+    for t in scheduler.timesteps:
+        route(t)
+        eps = unet(x, t, text).sample
+        x = scheduler.step(eps, t, x).prev_sample
+    return x
+
+
+def throughput(args: argparse.Namespace, name: str, device: torch.device) -> list[dict[str, Any]]:
+    unet = _model(name, args.bits, device)
+    adapters = [_trained_adapter(unet, seed=i) for i in range(BATCH)]
+    bank = ScaleBank(unet, slots=BATCH, max_intervals=2)
+    for slot, adapter in enumerate(adapters):
+        bank.load(slot, adapter)
+    scheduler = DDIMScheduler(num_train_timesteps=1000)
+    scheduler.set_timesteps(args.steps)
+    generator = torch.Generator(device).manual_seed(0)
+    shape = (BATCH, unet.config.in_channels, args.latent, args.latent)
+    latents = torch.randn(shape, generator=generator, device=device)
+    text = torch.randn(
+        (BATCH, TEXT_TOKENS, unet.config.cross_attention_dim), generator=generator, device=device
+    )
+
+    def bare() -> None:
+        _sample(unet, scheduler, latents, text, lambda t: set_route(unet, None))
+
+    def mixed(distinct: int) -> Callable[[], None]:
+        slots = torch.arange(BATCH, device=device) % distinct
+
+        def run() -> None:
+            _sample(unet, scheduler, latents, text, lambda t: set_route(unet, bank.route(t, slots)))
+
+        return run
+
+    def grouped(distinct: int) -> Callable[[], None]:
+        size = BATCH // distinct
+        slot = torch.zeros(1, dtype=torch.long, device=device)
+
+        def run() -> None:
+            for group in range(distinct):
+                bank.load(0, adapters[group])  # the swap before each group
+                part = slice(group * size, (group + 1) * size)
+                _sample(
+                    unet,
+                    scheduler,
+                    latents[part],
+                    text[part],
+                    lambda t: set_route(unet, bank.route(t, slot)),
+                )
+
+        return run
+
+    modes: list[tuple[str, int, Callable[[], None]]] = [("bare", 0, bare)]
+    modes += [("mixed", d, mixed(d)) for d in DISTINCT]
+    modes += [("grouped", d, grouped(d)) for d in DISTINCT if d > 1]
+    times: dict[str, list[float]] = {}
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
+    with torch.inference_mode(), autocast:
+        for round_ in range(args.reps + 1):  # round 0 warms up
+            for mode, distinct, fn in modes:
+                common.sync(device)
+                start = time.perf_counter()
+                fn()
+                common.sync(device)
+                if round_:
+                    times.setdefault(f"{mode}-{distinct}", []).append(time.perf_counter() - start)
+    set_route(unet, None)
+
+    speed = {
+        (mode, distinct): BATCH / common.median(times[f"{mode}-{distinct}"])
+        for mode, distinct, _ in modes
+    }
+    one, plain = speed[("mixed", 1)], speed[("bare", 0)]
+    rows: list[dict[str, Any]] = [
+        {
+            "model": name,
+            "mode": mode,
+            "distinct": distinct,
+            "images_per_s": value,
+            "vs_mixed_1": value / one,
+            "vs_bare": value / plain,
+        }
+        for (mode, distinct), value in speed.items()
+    ]
+    params = sum(b.numel() for _, b in unet.named_buffers() if b.dtype == torch.uint8)
+    codes = "packed codes" if args.bits == 4 else "codes"
+    print(
+        f"\nSampling throughput: {name} UNet ({params / 1e6:.1f} M bytes of {codes}, W{args.bits}),"
+        f" batch {BATCH}, latent {args.latent}x{args.latent}, {args.steps} UNet calls per image, "
+        f"median of {args.reps} rounds"
+    )
+    print(
+        common.table(
+            ["mode", "distinct adapters", "images/s", "x mixed-1", "x bare"],
+            [
+                [
+                    r["mode"],
+                    r["distinct"] or "-",
+                    f"{r['images_per_s']:.2f}",
+                    f"{r['vs_mixed_1']:.3f}",
+                    f"{r['vs_bare']:.3f}",
+                ]
+                for r in rows
+            ],
+        )
+    )
+    print(
+        f"8 distinct / 1 distinct = {speed[('mixed', 8)] / one:.3f} (target >= 0.9); "
+        f"adapter overhead vs bare = {(plain / one - 1) * 100:+.1f} % (target <= 5 %)"
+    )
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--swap-arch", default="sd1", choices=sorted(UNET_CONFIGS))
+    parser.add_argument("--file-reps", type=int, default=30)
+    parser.add_argument("--slot-reps", type=int, default=300)
+    parser.add_argument(
+        "--models", nargs="*", default=["tiny-sd1", "mid"], help="tiny-sd1, mid, or any arch"
+    )
+    parser.add_argument("--bits", type=int, default=4, choices=[4, 8])
+    parser.add_argument("--latent", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=10, help="UNet calls per image")
+    parser.add_argument("--reps", type=int, default=3, help="timed rounds of every mode")
+    parser.add_argument("--fp32", action="store_true", help="no bf16 autocast on cuda")
+    parser.add_argument("--json", metavar="PATH", help="write all numbers here")
+    args = parser.parse_args()
+    args.bf16 = args.device == "cuda" and not args.fp32
+    device = torch.device(args.device)
+    start = time.perf_counter()
+    print(f"machine: {common.machine()}; {'bf16 autocast' if args.bf16 else 'fp32'}")
+    swaps = swap_latency(args, device)
+    rows = [row for name in args.models for row in throughput(args, name, device)]
+    common.write_json(
+        args.json,
+        {
+            "benchmark": "serving",
+            "settings": {
+                k: getattr(args, k)
+                for k in ("device", "swap_arch", "bits", "latent", "steps", "reps", "bf16")
+            },
+            "machine": common.machine(),
+            "swap": swaps,
+            "throughput": rows,
+            "wall_seconds": time.perf_counter() - start,
+        },
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,379 @@
+"""Training memory and step time: full fine-tuning, PEQA, materialising and activation-side
+TuneQDM, each in a fresh process, side by side in one table (ratios, since machines are noisy).
+
+    PYTHONPATH=. python benchmarks/train_memory.py [--latent 32|64] [--batch 1|4]
+        [--variants full materialising-w8 tuneqdm-w4-ckpt ...|all] [--device cpu|cuda]
+        [--json PATH]
+
+Model: the SD 1.x UNet architecture (public config, random weights), text states 77×768.
+One step: random latents and noise, a random timestep per sample, ε-prediction MSE, AdamW.
+Variant names: ``full`` (fp32 DreamBooth, every weight trained), ``materialising-w{8,4}``
+(the paper's formulation, benchmarks/materialising.py), ``peqa-w{8,4}``, ``tuneqdm-w{8,4}``
+(2 intervals); a ``-ckpt`` suffix turns on gradient checkpointing.
+
+Memory. CPU: ``load peak`` is the process's peak RSS while building the fp32 UNet and
+quantizing it (the fp32 model exists once, whole); ``train peak`` is the peak RSS during the
+training steps only (the high-water mark is reset after loading), i.e. everything resident while
+training: torch and diffusers code, the (quantized) model, optimizer state, activations.
+GPU: ``torch.cuda.max_memory_allocated`` after moving the model (load) and during the steps
+(train); building and quantizing run on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# This machine's cores are shared with other processes: spinning OpenMP workers then wait on a
+# descheduled peer at every barrier (tiny UNet on 2 cores: 2 vs 100 images/s). libgomp reads
+# this once, when torch loads it, so it is set before the import.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+
+from benchmarks import common
+from benchmarks.materialising import materialise_
+from tuneqdm_core import Adapter, AdapterConfig, QuantConfig, param_groups, quantize_, use_adapter
+from tuneqdm_core.configs import UNET_CONFIGS, build_unet
+
+METHODS = ("full", "materialising", "peqa", "tuneqdm")
+ALL_VARIANTS = [
+    f"{name}{ckpt}"
+    for name in (
+        "full",
+        "materialising-w8",
+        "peqa-w8",
+        "peqa-w4",
+        "tuneqdm-w8",
+        "tuneqdm-w4",
+    )
+    for ckpt in ("", "-ckpt")
+]
+# A few minutes on a 2-core CPU at 256 px (README / benchmarks/RESULTS.md).
+DEFAULT_VARIANTS = ["full", "materialising-w8", "peqa-w8", "tuneqdm-w8", "tuneqdm-w4-ckpt"]
+TEXT_TOKENS = 77
+REFERENCE_FULL = "full"
+REFERENCE_MATERIALISING = "materialising-w8"
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    method: str
+    bits: int | None
+    checkpointing: bool
+
+    @classmethod
+    def parse(cls, name: str) -> Variant:
+        match = re.fullmatch(r"(full|materialising|peqa|tuneqdm)(?:-w([48]))?(-ckpt)?", name)
+        if match is None or (match[1] == "full") != (match[2] is None):
+            raise ValueError(
+                f"unknown variant {name!r}: expected full[-ckpt] or "
+                "{materialising,peqa,tuneqdm}-w{4,8}[-ckpt], e.g. tuneqdm-w4-ckpt"
+            )
+        return cls(name, match[1], None if match[2] is None else int(match[2]), bool(match[3]))
+
+
+def _train(args: argparse.Namespace) -> dict[str, Any]:
+    """One variant in this process: build, quantize, move, train, measure."""
+    variant = Variant.parse(args.variant)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+
+    start = time.perf_counter()
+    unet = build_unet(args.arch)
+    if variant.method != "full":
+        assert variant.bits is not None
+        # min-max ranges: the range search changes no byte or FLOP, only the load time.
+        quantize_(unet, QuantConfig(bits=variant.bits, range="minmax"))  # type: ignore[arg-type]
+    unet.to(device)
+    load_seconds = time.perf_counter() - start
+    load_peak = (
+        torch.cuda.max_memory_allocated(device)
+        if device.type == "cuda"
+        else common.peak_rss_bytes()
+    )
+
+    scales = None
+    adapter = None
+    params: list[dict[str, Any]]
+    if variant.method == "full":
+        unet.requires_grad_(True)
+        params = [{"params": list(unet.parameters()), "lr": 5e-6, "weight_decay": 1e-2}]
+    else:
+        config = (
+            AdapterConfig(method="peqa", intervals=1)
+            if variant.method == "peqa"
+            else AdapterConfig(method="tuneqdm", intervals=2)
+        )
+        adapter = Adapter.create(unet, config)
+        params = param_groups(adapter, lr_s_out=1e-5, lr_s_in=1e-3)
+        if variant.method == "materialising":
+            scales = materialise_(unet, adapter)
+    trainable = sum(p.numel() for group in params for p in group["params"])
+    optimizer = torch.optim.AdamW(params)
+    if variant.checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    noise_scheduler = DDPMScheduler(num_train_timesteps=1000)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
+
+    peak_reset = True
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        common.release_freed_memory()
+        peak_reset = common.reset_peak_rss()
+    before_steps = (
+        torch.cuda.memory_allocated(device) if device.type == "cuda" else common.rss_bytes()
+    )
+
+    generator = torch.Generator(device).manual_seed(0)
+    cross_dim = unet.config.cross_attention_dim
+    shape = (args.batch, unet.config.in_channels, args.latent, args.latent)
+
+    def step() -> float:
+        """One optimizer step on a fresh random batch; returns the loss (synchronised)."""
+        latents = torch.randn(shape, generator=generator, device=device)
+        noise = torch.randn(shape, generator=generator, device=device)
+        text = torch.randn((args.batch, TEXT_TOKENS, cross_dim), generator=generator, device=device)
+        timesteps = torch.randint(0, 1000, (args.batch,), generator=generator, device=device)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        # The route stays set until backward is done (checkpointing reads it again).
+        if adapter is not None and scales is None:
+            use_adapter(unet, adapter, timesteps)
+        if scales is not None:
+            scales.set_timesteps(timesteps)
+        with autocast:
+            prediction = unet(noisy, timesteps, text).sample
+        loss = F.mse_loss(prediction.float(), noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return float(loss)  # synchronises on cuda
+
+    times = []
+    for _ in range(args.warmup + args.steps):
+        step_start = time.perf_counter()
+        loss = step()
+        times.append(time.perf_counter() - step_start)
+
+    if device.type == "cuda":
+        train_peak = torch.cuda.max_memory_allocated(device)
+    else:
+        train_peak = common.peak_rss_bytes()
+    profile = {}
+    if args.profile:
+        # The materialising wrappers never call QuantLayer.dequantize: no pass to time.
+        profile = _profile(unet, step, device, autocast, variant.method in ("peqa", "tuneqdm"))
+    timed = times[args.warmup :]
+    return {
+        "variant": variant.name,
+        "method": variant.method,
+        "bits": variant.bits,
+        "checkpointing": variant.checkpointing,
+        "trainable_values": trainable,
+        "load_peak_bytes": load_peak,
+        "before_steps_bytes": before_steps,
+        "train_peak_bytes": train_peak,
+        # False: the kernel refused to reset the high-water mark, train peak includes loading.
+        "train_peak_excludes_load": peak_reset,
+        "load_seconds": load_seconds,
+        "step_seconds": common.median(timed),
+        "step_seconds_min": min(timed),
+        "step_seconds_all": times,
+        "loss": loss,
+        **profile,
+    }
+
+
+def _profile(
+    unet: torch.nn.Module,
+    step: Callable[[], float],
+    device: torch.device,
+    autocast: Any,
+    time_dequantize: bool,
+) -> dict[str, Any]:
+    """Where a step's time goes: the top operators of one more step, and for quantized models
+    the time of one dequantization pass over every layer (the activation-side layers run one
+    per forward and one per backward, and one more per recomputed forward with checkpointing).
+    """
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        step()
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    result: dict[str, Any] = {
+        "profile_table": prof.key_averages().table(sort_by=sort, row_limit=15)
+    }
+    state = getattr(unet, "tuneqdm_state", None)
+    if state is not None and time_dequantize:
+        dtype = (
+            torch.get_autocast_dtype(device.type)
+            if not isinstance(autocast, nullcontext)
+            else torch.float32
+        )
+        common.sync(device)
+        start = time.perf_counter()
+        for _, layer in state.layers:
+            layer.dequantize(dtype)
+        common.sync(device)
+        result["dequantize_pass_seconds"] = time.perf_counter() - start
+    return result
+
+
+def _row(result: dict[str, Any], full: dict[str, Any], mat: dict[str, Any]) -> list[object]:
+    if "error" in result:
+        return [result["variant"], "failed: " + result["error"], *[""] * (len(HEADER) - 2)]
+    peak = result["train_peak_bytes"]
+    step = result["step_seconds"]
+    return [
+        result["variant"],
+        f"{result['trainable_values'] / 1e6:.2f}",
+        f"{result['load_peak_bytes'] / common.GIB:.2f}",
+        f"{peak / common.GIB:.2f}",
+        common.ratio(peak, full.get("train_peak_bytes")),
+        common.ratio(peak, mat.get("train_peak_bytes")),
+        f"{step:.2f}",
+        f"{result['step_seconds_min']:.2f}",
+        common.ratio(step, full.get("step_seconds")),
+        common.ratio(step, mat.get("step_seconds")),
+    ]
+
+
+HEADER = [
+    "variant",
+    "trained M",
+    "load peak GiB",
+    "train peak GiB",
+    "mem/full",
+    "mem/mat",
+    "step s",
+    "min s",
+    "time/full",
+    "time/mat",
+]
+
+
+def _parent(args: argparse.Namespace) -> int:
+    variants = ALL_VARIANTS if args.variants == ["all"] else args.variants
+    try:
+        for name in variants:
+            Variant.parse(name)
+    except ValueError as error:
+        print(f"train_memory.py: error: {error}", file=sys.stderr)
+        return 2
+    child_args = [
+        *("--arch", args.arch, "--latent", str(args.latent), "--batch", str(args.batch)),
+        *("--warmup", str(args.warmup), "--steps", str(args.steps), "--device", args.device),
+        "--bf16" if args.bf16 else "--fp32",
+        *(["--profile"] if args.profile else []),
+    ]
+    results = []
+    start = time.perf_counter()
+    for name in variants:
+        variant_start = time.perf_counter()
+        left = args.budget - (variant_start - start) if args.budget else args.timeout
+        if left < 1:
+            results.append({"variant": name, "error": f"skipped: --budget {args.budget:.0f} s"})
+            continue
+        timeout = min(args.timeout, left)
+        result = common.run_child(Path(__file__), [*child_args, "--variant", name], timeout)
+        result.setdefault("variant", name)
+        result["wall_seconds"] = time.perf_counter() - variant_start
+        results.append(result)
+        status = result.get("error") or f"{result['train_peak_bytes'] / common.GIB:.2f} GiB"
+        print(f"  {name}: {status} ({result['wall_seconds']:.0f} s)", file=sys.stderr, flush=True)
+    by_name = {r["variant"]: r for r in results if "error" not in r}
+    if args.reference and Path(args.reference).exists():
+        # Baselines measured by an earlier run with the same settings.
+        earlier = json.loads(Path(args.reference).read_text())["variants"]
+        by_name = {r["variant"]: r for r in earlier if "error" not in r} | by_name
+    full = by_name.get(REFERENCE_FULL, {})
+    mat = by_name.get(REFERENCE_MATERIALISING, {})
+    memory = "peak RSS" if args.device == "cpu" else "torch.cuda.max_memory_allocated"
+    precision = "bf16 autocast" if args.bf16 else "fp32"
+    print(
+        f"Training step, {args.arch} UNet (random weights), latent {args.latent}x{args.latent} "
+        f"({args.latent * 8} px), batch {args.batch}, text {TEXT_TOKENS} tokens, {precision}, "
+        f"median of {args.steps} steps after {args.warmup} warm-up; memory = {memory}"
+    )
+    print(f"machine: {common.machine()}")
+    print(common.table(HEADER, [_row(r, full, mat) for r in results]))
+    print(f"ratios: /full = vs {REFERENCE_FULL}, /mat = vs {REFERENCE_MATERIALISING}")
+    if any(not r.get("train_peak_excludes_load", True) for r in results):
+        print("warning: could not reset the peak RSS here; train peak includes the load peak")
+    for r in results:
+        if "profile_table" in r:
+            dequant = r.get("dequantize_pass_seconds")
+            passes = "" if dequant is None else f"; one dequantization pass {dequant:.2f} s"
+            print(f"\nprofile of one step, {r['variant']}{passes}\n{r['profile_table']}")
+    common.write_json(
+        args.json,
+        {
+            "benchmark": "train_memory",
+            "settings": {
+                k: getattr(args, k)
+                for k in ("arch", "latent", "batch", "warmup", "steps", "device", "bf16")
+            },
+            "machine": common.machine(),
+            "variants": results,
+            "wall_seconds": time.perf_counter() - start,
+        },
+    )
+    return 0 if all("error" not in r for r in results) else 1
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--arch", default="sd1", choices=sorted(UNET_CONFIGS))
+    parser.add_argument("--latent", type=int, default=32, help="latent side (px / 8)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument(
+        "--bf16", action="store_true", help="bf16 autocast (default on cuda; scales stay fp32)"
+    )
+    parser.add_argument("--fp32", action="store_true", help="no autocast, also on cuda")
+    parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, help="or: all")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per variant")
+    parser.add_argument(
+        "--budget", type=float, help="seconds for all variants; later ones are skipped, not run"
+    )
+    parser.add_argument("--json", metavar="PATH", help="write all numbers here")
+    parser.add_argument(
+        "--profile", action="store_true", help="also profile one step (top operators) per variant"
+    )
+    parser.add_argument(
+        "--reference",
+        metavar="PATH",
+        help=f"JSON of an earlier run whose {REFERENCE_FULL} / {REFERENCE_MATERIALISING} rows "
+        "serve as the ratio baselines when this run does not measure them",
+    )
+    parser.add_argument("--variant", help=argparse.SUPPRESS)  # set in the child process
+    args = parser.parse_args()
+    args.bf16 = args.bf16 or (args.device == "cuda" and not args.fp32)
+    if args.variant:
+        common.emit_result(_train(args))
+        return 0
+    return _parent(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
