@@ -37,22 +37,23 @@ class _FrozenProduct(torch.autograd.Function):
     """``base(W0, x)`` with no gradient w.r.t. the frozen weight and nothing weight-sized saved."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, layer: QuantLayer) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, layer: QuantLayer, with_bias: bool) -> torch.Tensor:
         ctx.layer = layer
         ctx.x_shape = x.shape
         ctx.x_dtype = x.dtype
         dtype = compute_dtype(x)
-        return layer.product(x.to(dtype), layer.dequantize(dtype, scratch=True))
+        bias = layer.bias.to(dtype) if with_bias and layer.bias is not None else None
+        return layer.product(x.to(dtype), layer.dequantize(dtype, scratch=True), bias)
 
     @staticmethod
-    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, None]:
+    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
         if not ctx.needs_input_grad[0]:
-            return None, None
+            return None, None, None
         layer: QuantLayer = ctx.layer
         # Re-dequantize instead of saving W0: ~one extra dequantization per step buys the
         # weight-sized memory that materialising implementations keep (PAPER.md).
         grad_x = layer.input_grad(grad_y, layer.dequantize(grad_y.dtype, scratch=True), ctx.x_shape)
-        return grad_x.to(ctx.x_dtype), None
+        return grad_x.to(ctx.x_dtype), None, None
 
 
 class QuantLayer(nn.Module):
@@ -139,7 +140,9 @@ class QuantLayer(nn.Module):
                 w = w.to(dtype)
         return w.view(self.weight_shape)
 
-    def product(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def product(
+        self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
         raise NotImplementedError
 
     def input_grad(
@@ -155,18 +158,17 @@ class QuantLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scales = None if self.state is None else self.state.lookup(self.index, x.shape[0])
-        if scales is None:
-            y = _FrozenProduct.apply(x, self)
-        else:
-            s_out, s_in = scales
-            if s_in is not None:
-                x = x * self._broadcast(s_in, x.ndim).to(x.dtype)
-            y = _FrozenProduct.apply(x, self)
-            ratio = s_out / self.s0
-            y = y * self._broadcast(ratio, y.ndim).to(y.dtype)
-        if self.bias is not None:
-            y = y + self._broadcast(self.bias[None], y.ndim).to(y.dtype)
-        return y
+        if scales is None:  # the plain quantized base: bias fused into the product
+            return _FrozenProduct.apply(x, self, True)
+        s_out, s_in = scales
+        if s_in is not None:
+            x = x * self._broadcast(s_in, x.ndim).to(x.dtype)
+        y = _FrozenProduct.apply(x, self, False)
+        ratio = self._broadcast(s_out / self.s0, y.ndim).to(y.dtype)
+        if self.bias is None:
+            return y * ratio
+        # One pass for the output scale and the bias.
+        return torch.addcmul(self._broadcast(self.bias[None], y.ndim).to(y.dtype), y, ratio)
 
 
 class QuantLinear(QuantLayer):
@@ -176,8 +178,10 @@ class QuantLinear(QuantLayer):
     def in_channels(self) -> int:
         return self.weight_shape[1]
 
-    def product(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, w)
+    def product(
+        self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return F.linear(x, w, bias)
 
     def input_grad(
         self, grad_y: torch.Tensor, w: torch.Tensor, x_shape: torch.Size
@@ -218,8 +222,10 @@ class QuantConv2d(QuantLayer):
             x = F.pad(x, self.explicit_pad, mode=self.padding_mode)
         return super().forward(x)
 
-    def product(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, w, None, self.stride, self.padding, self.dilation, self.groups)
+    def product(
+        self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return F.conv2d(x, w, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def input_grad(
         self, grad_y: torch.Tensor, w: torch.Tensor, x_shape: torch.Size
