@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -19,8 +20,15 @@ import time
 from pathlib import Path
 
 CHILD = """
-import json, resource, sys, time
+import json, sys, time
 start = time.perf_counter()
+
+def peak_rss_gib():
+    # VmHWM, not ru_maxrss: ru_maxrss survives execve and would report the parent's peak.
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+
 import torch
 from tuneqdm_core.base import load_base
 from tuneqdm_core.model import QuantConfig
@@ -31,16 +39,19 @@ if sys.argv[4].startswith("cuda"):
     torch.cuda.synchronize()
 print(json.dumps({"from_cache": base.from_cache, "load_s": base.load_seconds,
                   "import_s": imported - start, "total_s": time.perf_counter() - start,
-                  "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+                  "peak_rss_gib": peak_rss_gib()}))
 """
 
 
 def run_child(model: Path, cache: Path, bits: int, device: str) -> dict[str, float]:
+    # Passive OpenMP waits: spinning threads on a shared 2-core machine slowed runs tenfold.
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
     out = subprocess.run(
         [sys.executable, "-c", CHILD, str(model), str(cache), str(bits), device],
         check=True,
         capture_output=True,
         text=True,
+        env=env,
     ).stdout
     return dict(json.loads(out.strip().splitlines()[-1]))
 

@@ -43,6 +43,7 @@ from tuneqdm_core import (
     save_adapter,
     set_route,
 )
+from tuneqdm_core.cli.reports import table
 from tuneqdm_core.configs import UNET_CONFIGS, build_unet
 
 BATCH = 8
@@ -119,7 +120,7 @@ def swap_latency(args: argparse.Namespace, device: torch.device) -> list[dict[st
         f"{adapter.num_values():,} values, file {size / 1e6:.2f} MB"
     )
     print(
-        common.table(
+        table(
             ["swap", "p50 ms", "p99 ms", "reps"],
             [[r["swap"], f"{r['p50_ms']:.3f}", f"{r['p99_ms']:.3f}", r["reps"]] for r in rows],
         )
@@ -227,7 +228,7 @@ def throughput(args: argparse.Namespace, name: str, device: torch.device) -> lis
         f"median of {args.reps} rounds"
     )
     print(
-        common.table(
+        table(
             ["mode", "distinct adapters", "images/s", "x mixed-1", "x bare"],
             [
                 [

@@ -45,6 +45,7 @@ from diffusers import DDPMScheduler
 from benchmarks import common
 from benchmarks.materialising import materialise_
 from tuneqdm_core import Adapter, AdapterConfig, QuantConfig, param_groups, quantize_, use_adapter
+from tuneqdm_core.cli.reports import table
 from tuneqdm_core.configs import UNET_CONFIGS, build_unet
 
 METHODS = ("full", "materialising", "peqa", "tuneqdm")
@@ -312,7 +313,7 @@ def _parent(args: argparse.Namespace) -> int:
         f"median of {args.steps} steps after {args.warmup} warm-up; memory = {memory}"
     )
     print(f"machine: {common.machine()}")
-    print(common.table(HEADER, [_row(r, full, mat) for r in results]))
+    print(table(HEADER, [_row(r, full, mat) for r in results]))
     print(f"ratios: /full = vs {REFERENCE_FULL}, /mat = vs {REFERENCE_MATERIALISING}")
     if any(not r.get("train_peak_excludes_load", True) for r in results):
         print("warning: could not reset the peak RSS here; train peak includes the load peak")

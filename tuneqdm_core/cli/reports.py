@@ -21,7 +21,8 @@ from tuneqdm_core.routing import ScaleBank, set_route, use_adapter
 from tuneqdm_core.serialization import load_adapter, read_metadata, save_adapter
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A plain-text table: first column left-aligned, the rest right-aligned."""
     cells = [list(map(str, header))] + [[str(c) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     lines = [
@@ -68,7 +69,7 @@ def cmd_sizes(args: argparse.Namespace) -> int:
         del unet
     print(f"Quantized UNet, architecture {args.arch!r} (random weights), range {args.range!r}")
     print(
-        _table(
+        table(
             [
                 "bits",
                 "codes GiB",
@@ -98,7 +99,7 @@ def cmd_sizes(args: argparse.Namespace) -> int:
     )
     print("\nAdapter files (safetensors, float32 scales + JSON metadata)")
     print(
-        _table(
+        table(
             ["method", "intervals", "values", "file MB"],
             [
                 [
