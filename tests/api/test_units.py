@@ -97,10 +97,17 @@ def test_production_refuses_development_defaults() -> None:
             broker_url="redis://redis:6379/0",
             allow_private_webhooks=True,
         )
+    with pytest.raises(ValidationError, match="TUNEQDM_SECRET_KEY"):
+        Settings(
+            env="production",
+            database_url="postgresql+psycopg://db/tuneqdm",
+            broker_url="redis://redis:6379/0",
+        )
     ok = Settings(
         env="production",
         database_url="postgresql+psycopg://db/tuneqdm",
         broker_url="redis://redis:6379/0",
+        secret_key="x" * 32,
     )
     assert ok.resolved_broker_url == "redis://redis:6379/0"
 
