@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     # <data_dir>/models/tiny-sd on first start.
     model: str | None = None
     device: str = "cpu"  # "cpu", "cuda" or "cuda:N"
+    # CPU threads torch may use (0: torch's default, one per core). On a CPU shared with other
+    # processes 1 avoids oversubscription, which slows training down by up to 10x.
+    torch_threads: int = Field(default=0, ge=0)
     # Bit width of the worker's base; fine-tunes asking for other bits fail with a message.
     bits: Literal[4, 8] = 4
     quant_cache_dir: Path | None = None  # default: <data_dir>/cache

@@ -73,9 +73,13 @@ class Runtime:
             return self._base
 
     def _load_base(self) -> BaseModel:
+        import torch
+
         from tuneqdm_core.base import load_base
         from tuneqdm_core.model import QuantConfig
 
+        if self.settings.torch_threads:
+            torch.set_num_threads(self.settings.torch_threads)
         start = time.perf_counter()
         source = ensure_default_model(self.settings)
         cache_dir = self.settings.resolved_quant_cache_dir
