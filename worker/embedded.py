@@ -30,6 +30,14 @@ from app.settings import Settings, get_settings
 from app.webhooks import tenant_webhook_secret
 
 ROOT = Path(__file__).resolve().parent.parent
+API_COMMAND = [sys.executable, "-m", "uvicorn", "--factory", "app.main:create_app"]
+# One worker for every queue; gossip, mingle and heartbeats need broadcast, which the SQLite
+# broker does not carry.
+WORKER_COMMAND = [
+    *(sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool=solo"),
+    *("-Q", "finetune,generate,webhooks", "-n", "embedded@%h", "--loglevel=INFO"),
+    *("--without-gossip", "--without-mingle", "--without-heartbeat"),
+]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -99,16 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     url = f"http://{args.host}:{args.port}"
     # Own sessions: Ctrl-C reaches only this process, which then stops the children in order.
     api = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--factory", "app.main:create_app"]
-        + ["--host", args.host, "--port", str(args.port)],
-        start_new_session=True,
+        [*API_COMMAND, "--host", args.host, "--port", str(args.port)], start_new_session=True
     )
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool=solo"]
-        + ["-Q", "finetune,generate,webhooks", "-n", "embedded@%h", "--loglevel=INFO"]
-        + ["--without-gossip", "--without-mingle", "--without-heartbeat"],
-        start_new_session=True,
-    )
+    worker = subprocess.Popen(WORKER_COMMAND, start_new_session=True)
     children = [api, worker]
     stop = threading.Event()
 
