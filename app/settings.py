@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -67,7 +67,8 @@ class Settings(BaseSettings):
     # processes 1 avoids oversubscription, which slows training down by up to 10x.
     torch_threads: int = Field(default=0, ge=0)
     # Bit width of the worker's base; fine-tunes asking for other bits fail with a message.
-    bits: Literal[4, 8] = 4
+    # (an int checked below: a Literal[4, 8] refuses the string "4" from the environment)
+    bits: int = 4
     quant_cache_dir: Path | None = None  # default: <data_dir>/cache
     # Lease of a running job: renewed every heartbeat_s; a job whose heartbeat is older than
     # stale_after_s is taken over by another worker (its own worker died).
@@ -83,6 +84,13 @@ class Settings(BaseSettings):
     webhook_backoff_s: float = Field(default=2.0, gt=0)
     # Polling interval of kombu's SQLAlchemy transport (the embedded broker).
     broker_poll_s: float = Field(default=0.5, gt=0)
+
+    @field_validator("bits")
+    @classmethod
+    def _known_bits(cls, value: int) -> int:
+        if value not in (4, 8):
+            raise ValueError(f"TUNEQDM_BITS must be 4 or 8, got {value}")
+        return value
 
     @model_validator(mode="after")
     def _refuse_unsafe_production(self) -> Settings:
