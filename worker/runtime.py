@@ -86,7 +86,7 @@ class Runtime:
         cache_dir.mkdir(parents=True, exist_ok=True)
         base = load_base(
             source,
-            quant=QuantConfig(bits=self.settings.bits),
+            quant=QuantConfig(bits=4 if self.settings.bits == 4 else 8),
             cache_dir=cache_dir,
             device=self.settings.device,
         )
