@@ -28,6 +28,10 @@ from worker.runtime import Runtime
 log = logging.getLogger(__name__)
 
 TERMINAL = ("succeeded", "failed", "canceled")
+BASE_FAILED = (
+    "the service could not load its base model; the operator has been told (worker log), "
+    "submit the job again later"
+)
 
 
 @dataclass
@@ -122,6 +126,13 @@ def run_finetune(job_id: str, ctx: Context) -> str:
     with Lease(
         ctx.sessions, FinetuneJob, job_id, owner, heartbeat_s=ctx.settings.heartbeat_s
     ) as lease:
+        try:
+            _ = ctx.runtime.base
+        except Exception:
+            # Misconfiguration (wrong TUNEQDM_MODEL, no GPU): not the user's fault to fix.
+            log.exception("the base model could not be loaded")
+            _fail(ctx, job, owner, BASE_FAILED)
+            return "failed"
         try:
             outcome = _train(ctx, job, params, image_keys, lease)
         except Exception as exc:
