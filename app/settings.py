@@ -93,6 +93,16 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
+    def _lease_outlives_heartbeats(self) -> Settings:
+        # Otherwise a live worker's job would be taken over between two of its heartbeats.
+        if self.stale_after_s < 2 * self.heartbeat_s:
+            raise ValueError(
+                f"TUNEQDM_STALE_AFTER_S ({self.stale_after_s}) must be at least twice "
+                f"TUNEQDM_HEARTBEAT_S ({self.heartbeat_s})"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _refuse_unsafe_production(self) -> Settings:
         if self.env != "production":
             return self

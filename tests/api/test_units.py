@@ -112,6 +112,12 @@ def test_production_refuses_development_defaults() -> None:
     assert ok.resolved_broker_url == "redis://redis:6379/0"
 
 
+def test_stale_lease_must_outlive_two_heartbeats() -> None:
+    with pytest.raises(ValidationError, match="STALE_AFTER_S"):
+        Settings(heartbeat_s=5, stale_after_s=8)
+    assert Settings(heartbeat_s=5, stale_after_s=10).stale_after_s == 10
+
+
 def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("TUNEQDM_DATA_DIR", str(tmp_path))
     monkeypatch.setenv("TUNEQDM_MAX_IMAGES", "7")
