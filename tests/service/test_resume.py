@@ -9,6 +9,7 @@ import io
 import time
 from pathlib import Path
 
+import torch
 from sqlalchemy import select
 
 from app.db import make_engine, make_sessionmaker
@@ -22,7 +23,7 @@ from tests.service.procs import service_env, start_worker, wait_for
 from tests.worker.conftest import photo_png
 from worker.finetunes import checkpoint_key
 
-STEPS, EVERY = 30, 3
+STEPS, EVERY = 60, 3
 
 
 def test_sigkilled_fine_tune_resumes_from_its_checkpoint(
@@ -83,10 +84,13 @@ def test_sigkilled_fine_tune_resumes_from_its_checkpoint(
             240,
             [first],
         )
-        killed_at = job().progress_step
-        assert killed_at < STEPS, "training finished before the kill; raise STEPS"
         first.kill()
-        assert job().status == "running"  # the dead worker's job is still marked running
+        killed_at = job().progress_step
+        assert job().status == "running", "finished before the kill; raise STEPS"
+        # The database's progress lags the worker by up to one write interval; the checkpoint
+        # on disk says exactly where the next run must start.
+        saved = int(torch.load(checkpoint, weights_only=True)["step"])
+        assert saved >= EVERY and saved % EVERY == 0
 
         second = start_worker(env, logs, "second")
         seen: list[int] = []
@@ -101,8 +105,7 @@ def test_sigkilled_fine_tune_resumes_from_its_checkpoint(
         row = job()
         assert row.status == "succeeded", (row.error, second.log()[-3000:])
         resumed = row.resumed_from_step
-        assert resumed is not None and resumed > 0 and resumed % EVERY == 0, resumed
-        assert resumed <= killed_at
+        assert resumed == saved, (resumed, saved)
         # Progress never went back to step 0 after the kill.
         assert min(seen) >= EVERY, seen
         assert f"{job_id}" in second.log() and "requeued" in second.log()
