@@ -17,8 +17,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
 	touch $@
 
+# The embedded service: API + one worker, SQLite, local files, the built-in tiny model, CPU.
 run: install
-	$(BIN)/tuneqdm demo
+	$(BIN)/python -m worker.embedded
 
 lint: install
 	$(BIN)/ruff check .

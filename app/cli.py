@@ -12,6 +12,7 @@ from app.db import engine_from_settings, make_sessionmaker, session_scope
 from app.errors import NotFound
 from app.services import keys
 from app.settings import get_settings
+from app.webhooks import tenant_webhook_secret
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,7 +30,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    factory = make_sessionmaker(engine_from_settings(get_settings()))
+    settings = get_settings()
+    factory = make_sessionmaker(engine_from_settings(settings))
     with session_scope(factory) as session:
         if args.action == "create":
             name = args.tenant.strip()
@@ -41,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"key id:  {row.id}")
             print(f"tenant:  {tenant.name} ({tenant.id})")
             print(f"api key: {plaintext}")
+            secret = tenant_webhook_secret(settings.resolved_secret_key, tenant.id)
+            print(f"webhook signing secret: {secret}")
             print("Store the API key now: it is not saved and cannot be shown again.")
         elif args.action == "revoke":
             try:

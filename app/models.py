@@ -120,6 +120,12 @@ class FinetuneJob(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The worker's lease (worker/jobs.py): who runs the job and when it last said so. A job
+    # whose heartbeat is older than TUNEQDM_STALE_AFTER_S is taken over by another worker.
+    lease_owner: Mapped[str | None] = mapped_column(String(100))
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Step the last run resumed from (0: from scratch), so resuming is visible.
+    resumed_from_step: Mapped[int | None] = mapped_column(Integer)
 
     images: Mapped[list[FinetuneImage]] = relationship(
         back_populates="job", order_by="FinetuneImage.index", cascade="all, delete-orphan"
@@ -197,6 +203,8 @@ class GenerationJob(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    lease_owner: Mapped[str | None] = mapped_column(String(100))
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     images: Mapped[list[GeneratedImage]] = relationship(
         back_populates="generation",

@@ -40,7 +40,8 @@ class FinetuneParams(BaseModel):
     lr_s_in: float = Field(default=1e-3, gt=0, le=1, description="Learning rate of input scales.")
     lr: float = Field(default=5e-6, gt=0, le=1e-2, description="Learning rate of method=full only.")
     batch_size: int = Field(default=1, ge=1, le=8)
-    resolution: int = Field(default=512, ge=64, le=1024, multiple_of=8)
+    # The service narrows this to [TUNEQDM_MIN_IMAGE_SIDE, TUNEQDM_MAX_IMAGE_SIDE].
+    resolution: int = Field(default=512, ge=8, le=8192, multiple_of=8)
     seed: int | None = Field(default=None, ge=0, le=SEED_MAX)
     prior_loss_weight: float = Field(
         default=1.0, ge=0, le=10, description="Used with class_prompt."

@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -54,6 +54,54 @@ class Settings(BaseSettings):
     # Publishing to the broker must not hang a request when the broker is down.
     broker_timeout_s: float = Field(default=3.0, gt=0)
 
+    # Signs webhooks: each tenant's secret is HMAC-SHA256(secret_key, tenant id), see
+    # app.webhooks.tenant_webhook_secret. Production refuses to run without one.
+    secret_key: str | None = None
+
+    # --- Worker (worker/): the one quantized base each worker process serves. ---
+    # Model folder or hub id; default: the built-in tiny model, built into
+    # <data_dir>/models/tiny-sd on first start.
+    model: str | None = None
+    device: str = "cpu"  # "cpu", "cuda" or "cuda:N"
+    # CPU threads torch may use (0: torch's default, one per core). On a CPU shared with other
+    # processes 1 avoids oversubscription, which slows training down by up to 10x.
+    torch_threads: int = Field(default=0, ge=0)
+    # Bit width of the worker's base; fine-tunes asking for other bits fail with a message.
+    # (an int checked below: a Literal[4, 8] refuses the string "4" from the environment)
+    bits: int = 4
+    quant_cache_dir: Path | None = None  # default: <data_dir>/cache
+    # Lease of a running job: renewed every heartbeat_s; a job whose heartbeat is older than
+    # stale_after_s is taken over by another worker (its own worker died).
+    heartbeat_s: float = Field(default=5.0, gt=0)
+    stale_after_s: float = Field(default=60.0, gt=0)
+    sweep_every_s: float = Field(default=30.0, gt=0)
+    # Generations of different adapters that share steps/size/scheduler run in one loop.
+    generation_batch_size: int = Field(default=8, ge=1)
+    adapter_cache_size: int = Field(default=32, ge=1)
+    # Webhook delivery: retried with exponential backoff on network errors, 429 and 5xx.
+    webhook_timeout_s: float = Field(default=10.0, gt=0)
+    webhook_max_retries: int = Field(default=8, ge=0)
+    webhook_backoff_s: float = Field(default=2.0, gt=0)
+    # Polling interval of kombu's SQLAlchemy transport (the embedded broker).
+    broker_poll_s: float = Field(default=0.5, gt=0)
+
+    @field_validator("bits")
+    @classmethod
+    def _known_bits(cls, value: int) -> int:
+        if value not in (4, 8):
+            raise ValueError(f"TUNEQDM_BITS must be 4 or 8, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _lease_outlives_heartbeats(self) -> Settings:
+        # Otherwise a live worker's job would be taken over between two of its heartbeats.
+        if self.stale_after_s < 2 * self.heartbeat_s:
+            raise ValueError(
+                f"TUNEQDM_STALE_AFTER_S ({self.stale_after_s}) must be at least twice "
+                f"TUNEQDM_HEARTBEAT_S ({self.heartbeat_s})"
+            )
+        return self
+
     @model_validator(mode="after")
     def _refuse_unsafe_production(self) -> Settings:
         if self.env != "production":
@@ -65,6 +113,8 @@ class Settings(BaseSettings):
             problems.append("set TUNEQDM_BROKER_URL to a Redis URL")
         if self.allow_private_webhooks:
             problems.append("unset TUNEQDM_ALLOW_PRIVATE_WEBHOOKS")
+        if not self.secret_key or len(self.secret_key) < 32:
+            problems.append("set TUNEQDM_SECRET_KEY to a random string of 32+ characters")
         if problems:
             raise ValueError(
                 "TUNEQDM_ENV=production refuses development defaults: " + "; ".join(problems)
@@ -86,6 +136,23 @@ class Settings(BaseSettings):
     @property
     def resolved_storage_dir(self) -> Path:
         return (self.storage_dir or self.data_dir / "files").resolve()
+
+    @property
+    def resolved_secret_key(self) -> str:
+        # Development only (production refuses a missing key): stable, so signatures verify.
+        return self.secret_key or "tuneqdm-development-secret-key-not-for-production"
+
+    @property
+    def default_model_dir(self) -> Path:
+        return (self.data_dir / "models" / "tiny-sd").resolve()
+
+    @property
+    def resolved_model(self) -> str:
+        return self.model or str(self.default_model_dir)
+
+    @property
+    def resolved_quant_cache_dir(self) -> Path:
+        return (self.quant_cache_dir or self.data_dir / "cache").resolve()
 
 
 @lru_cache(maxsize=1)

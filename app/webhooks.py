@@ -1,4 +1,4 @@
-"""Webhook URL checks made when a job is submitted.
+"""Webhook URL checks made when a job is submitted, and the signature every webhook carries.
 
 Only literal addresses and well-known local names are checked here, without DNS: a lookup at
 request time would slow every submission and still not stop DNS rebinding. Whoever sends the
@@ -7,8 +7,11 @@ webhook (the worker) must resolve the host and apply `is_forbidden_address` agai
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import ipaddress
 import socket
+import time
 from urllib.parse import urlsplit
 
 from app.errors import InvalidInput
@@ -66,3 +69,36 @@ def check_webhook_url(url: str, *, allow_private: bool) -> str:
             "TUNEQDM_ALLOW_PRIVATE_WEBHOOKS=true)"
         )
     return url
+
+
+# Signature header: `t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>." + body)>`. The
+# timestamp is signed too, so a receiver can refuse replays older than a few minutes.
+SIGNATURE_HEADER = "X-TuneQDM-Signature"
+
+
+def tenant_webhook_secret(secret_key: str, tenant_id: str) -> str:
+    """Each tenant's signing secret, derived from the server's key (nothing extra to store)."""
+    return hmac.new(
+        secret_key.encode(), f"webhook:{tenant_id}".encode(), hashlib.sha256
+    ).hexdigest()
+
+
+def sign_webhook(secret: str, body: bytes, timestamp: int | None = None) -> str:
+    t = int(time.time()) if timestamp is None else timestamp
+    mac = hmac.new(secret.encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"t={t},v1={mac}"
+
+
+def verify_webhook(
+    secret: str, header: str, body: bytes, *, tolerance_s: float = 300, now: float | None = None
+) -> bool:
+    """What a receiver does: recompute the MAC and compare in constant time."""
+    try:
+        fields = dict(part.split("=", 1) for part in header.split(","))
+        t = int(fields["t"])
+    except (KeyError, ValueError):
+        return False
+    if abs((time.time() if now is None else now) - t) > tolerance_s:
+        return False
+    expected = sign_webhook(secret, body, t).split("v1=", 1)[1]
+    return hmac.compare_digest(expected, fields.get("v1", ""))

@@ -23,6 +23,8 @@ FORBIDDEN = {
         "worker",
     },
     "app": {"torch", "diffusers", "transformers", "safetensors", "tuneqdm_core", "worker"},
+    # The worker shares app's FastAPI-free modules only.
+    "worker": {"fastapi", "starlette", "uvicorn"},
 }
 
 

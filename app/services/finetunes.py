@@ -76,6 +76,11 @@ def _validate_form(form: FinetuneForm, settings: Settings) -> FinetuneJob:
             f"'a photo of {form.token} dog'"
         )
     params = parse_params(form.params)
+    lo, hi = settings.min_image_side, settings.max_image_side
+    if not lo <= params.resolution <= hi:
+        raise InvalidInput(
+            f"params.resolution={params.resolution} must be between {lo} and {hi} (a multiple of 8)"
+        )
     webhook_url = None
     if form.webhook_url is not None and form.webhook_url.strip():
         webhook_url = check_webhook_url(

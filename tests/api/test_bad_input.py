@@ -78,6 +78,7 @@ FINETUNE_CASES = [
     Case("steps out of range", 422, "params.steps", form={"params": '{"steps": 0}'}),
     Case("steps too many", 422, "params.steps", form={"params": '{"steps": 100000}'}),
     Case("resolution not /8", 422, "params.resolution", form={"params": '{"resolution": 100}'}),
+    Case("resolution too small", 422, "params.resolution", form={"params": '{"resolution": 32}'}),
     Case("bad lr", 422, "params.lr_s_out", form={"params": '{"lr_s_out": -1}'}),
     Case("unknown method", 422, "params.method", form={"params": '{"method": "lora"}'}),
     Case("peqa intervals", 422, "intervals must be 1", form={"params": PEQA_2_INTERVALS}),

@@ -97,12 +97,25 @@ def test_production_refuses_development_defaults() -> None:
             broker_url="redis://redis:6379/0",
             allow_private_webhooks=True,
         )
+    with pytest.raises(ValidationError, match="TUNEQDM_SECRET_KEY"):
+        Settings(
+            env="production",
+            database_url="postgresql+psycopg://db/tuneqdm",
+            broker_url="redis://redis:6379/0",
+        )
     ok = Settings(
         env="production",
         database_url="postgresql+psycopg://db/tuneqdm",
         broker_url="redis://redis:6379/0",
+        secret_key="x" * 32,
     )
     assert ok.resolved_broker_url == "redis://redis:6379/0"
+
+
+def test_stale_lease_must_outlive_two_heartbeats() -> None:
+    with pytest.raises(ValidationError, match="STALE_AFTER_S"):
+        Settings(heartbeat_s=5, stale_after_s=8)
+    assert Settings(heartbeat_s=5, stale_after_s=10).stale_after_s == 10
 
 
 def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

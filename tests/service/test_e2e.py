@@ -1,0 +1,147 @@
+"""End to end over HTTP only: real uvicorn, a real Celery worker process, Redis, PostgreSQL.
+
+API key (the admin CLI) → upload photos → fine-tune (tiny model) → adapter listed → generate →
+the PNG decodes to the requested size; the fine-tune's signed webhook arrives and verifies.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, ClassVar
+
+import httpx
+from PIL import Image
+
+from app.webhooks import SIGNATURE_HEADER, verify_webhook
+from tests.service.procs import ROOT, free_port, service_env, start_api, start_worker, wait_for
+from tests.worker.conftest import photo_png
+
+
+class _Receiver(BaseHTTPRequestHandler):
+    received: ClassVar[list[tuple[dict[str, str], bytes]]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.received.append((dict(self.headers.items()), body))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def _poll(client: httpx.Client, url: str, timeout: float, procs: list[Any]) -> dict[str, Any]:
+    state: dict[str, Any] = {}
+
+    def finished() -> bool:
+        state.update(client.get(url).raise_for_status().json())
+        return state["status"] in ("succeeded", "failed", "canceled")
+
+    wait_for(url, finished, timeout, procs)
+    return state
+
+
+def test_http_flow_with_real_processes(
+    pg_url: str,
+    redis_url: str,
+    logs: Path,
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    quant_cache: Path,
+) -> None:
+    env = service_env(
+        database_url=pg_url,
+        broker_url=redis_url,
+        data_dir=tmp_path,
+        model=tiny_model_dir,
+        quant_cache_dir=quant_cache,
+        torch_threads=1,
+        min_image_side=32,
+        allow_private_webhooks="true",
+        heartbeat_s=1,
+    )
+    created = subprocess.run(
+        [sys.executable, "-m", "app.cli", "keys", "create", "--tenant", "e2e"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    fields = dict(line.split(": ", 1) for line in created.splitlines() if ": " in line)
+    key, secret = fields["api key"], fields["webhook signing secret"]
+
+    _Receiver.received = []
+    hooks = ThreadingHTTPServer(("127.0.0.1", free_port()), _Receiver)
+    threading.Thread(target=hooks.serve_forever, daemon=True).start()
+    port = free_port()
+    api = start_api(env, logs, port)
+    worker = start_worker(env, logs, "e2e")
+    procs = [api, worker]
+    base = f"http://127.0.0.1:{port}"
+    try:
+        client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"})
+
+        def ready() -> bool:
+            try:
+                return client.get("/readyz").status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for("the API", ready, 60, procs)
+        start = time.perf_counter()
+        r = client.post(
+            "/v1/finetunes",
+            files=[("images", (f"{i}.png", photo_png(i), "image/png")) for i in range(3)],
+            data={
+                "instance_prompt": "a photo of sks dog",
+                "params": json.dumps({"steps": 4, "resolution": 32, "seed": 1}),
+                "webhook_url": f"http://127.0.0.1:{hooks.server_address[1]}/hook",
+            },
+        )
+        assert r.status_code == 202, r.text
+        job = _poll(client, f"/v1/finetunes/{r.json()['id']}", 240, procs)
+        assert job["status"] == "succeeded", job
+        adapter_id = job["adapter_id"]
+        assert job["progress"] == {"step": 4, "total": 4}
+        listed = client.get("/v1/adapters").json()
+        assert [a["id"] for a in listed["data"]] == [adapter_id]
+        assert listed["data"][0]["tokens"] == ["sks"] and listed["data"][0]["size_bytes"] > 0
+
+        r = client.post(
+            "/v1/generations",
+            json={
+                "adapter_id": adapter_id,
+                "prompt": "a photo of sks dog on the beach",
+                "steps": 3,
+                "width": 32,
+                "height": 48,
+                "seed": 7,
+            },
+        )
+        assert r.status_code == 202, r.text
+        gen = _poll(client, f"/v1/generations/{r.json()['id']}", 120, procs)
+        assert gen["status"] == "succeeded", gen
+        png = client.get(gen["images"][0]["url"])
+        assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+        assert Image.open(io.BytesIO(png.content)).size == (32, 48)
+        elapsed = time.perf_counter() - start
+
+        wait_for("the webhook", lambda: bool(_Receiver.received), 60, procs)
+        headers, body = _Receiver.received[0]
+        assert verify_webhook(secret, headers[SIGNATURE_HEADER], body)
+        assert json.loads(body)["type"] == "finetune.succeeded"
+        assert json.loads(body)["adapter_id"] == adapter_id
+        print(f"\nend-to-end HTTP flow: {elapsed:.1f} s (fine-tune 4 steps + generation)")
+    finally:
+        hooks.shutdown()
+        for proc in procs:
+            proc.stop()

@@ -1,0 +1,122 @@
+"""No lost job: SIGKILL the worker mid-fine-tune; another worker resumes from the checkpoint.
+
+Real processes: two `celery worker` processes one after the other, Redis broker, PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+
+import torch
+from sqlalchemy import select
+
+from app.db import make_engine, make_sessionmaker
+from app.models import Adapter, FinetuneJob
+from app.queue import CelerySender
+from app.services import keys
+from app.services.finetunes import FinetuneForm, Upload, create_finetune
+from app.settings import Settings
+from app.storage import LocalStorage
+from tests.service.procs import service_env, start_worker, wait_for
+from tests.worker.conftest import photo_png
+from worker.finetunes import checkpoint_key
+
+STEPS, EVERY = 60, 3
+
+
+def test_sigkilled_fine_tune_resumes_from_its_checkpoint(
+    pg_url: str,
+    redis_url: str,
+    logs: Path,
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    quant_cache: Path,
+) -> None:
+    values: dict[str, object] = {
+        "database_url": pg_url,
+        "broker_url": redis_url,
+        "data_dir": tmp_path,
+        "model": str(tiny_model_dir),
+        "quant_cache_dir": quant_cache,
+        "heartbeat_s": 0.5,
+        "stale_after_s": 3,
+        "sweep_every_s": 1,
+        "min_image_side": 32,
+        "torch_threads": 1,
+    }
+    settings = Settings(**values)  # type: ignore[arg-type]
+    env = service_env(**values)
+    engine = make_engine(pg_url)
+    sessions = make_sessionmaker(engine)
+    storage = LocalStorage(settings.resolved_storage_dir)
+    with sessions() as s:
+        tenant = keys.get_or_create_tenant(session=s, name="acme")
+        s.commit()
+        job_id = create_finetune(
+            session=s,
+            storage=storage,
+            sender=CelerySender(redis_url),
+            settings=settings,
+            tenant=tenant,
+            form=FinetuneForm(
+                instance_prompt="a photo of sks dog",
+                params=f'{{"steps": {STEPS}, "checkpoint_every": {EVERY}, "resolution": 32, '
+                '"seed": 5}',
+            ),
+            uploads=[Upload(f"{i}.png", io.BytesIO(photo_png(i))) for i in range(3)],
+        ).id
+    checkpoint = storage.path(checkpoint_key(tenant.id, job_id)) / "checkpoint.pt"
+
+    def job() -> FinetuneJob:
+        with sessions() as s:
+            row = s.get(FinetuneJob, job_id)
+            assert row is not None
+            return row
+
+    first = start_worker(env, logs, "first")
+    second = None
+    try:
+        wait_for(
+            "progress past a checkpoint",
+            lambda: checkpoint.is_file() and job().progress_step > EVERY,
+            240,
+            [first],
+        )
+        first.kill()
+        killed_at = job().progress_step
+        assert job().status == "running", "finished before the kill; raise STEPS"
+        # The database's progress lags the worker by up to one write interval; the checkpoint
+        # on disk says exactly where the next run must start.
+        saved = int(torch.load(checkpoint, weights_only=True)["step"])
+        assert saved >= EVERY and saved % EVERY == 0
+
+        second = start_worker(env, logs, "second")
+        seen: list[int] = []
+
+        def done() -> bool:
+            row = job()
+            if row.lease_owner is not None and row.heartbeat_at is not None:
+                seen.append(row.progress_step)
+            return row.status in ("succeeded", "failed", "canceled")
+
+        wait_for("the resumed job to finish", done, 240, [second])
+        row = job()
+        assert row.status == "succeeded", (row.error, second.log()[-3000:])
+        resumed = row.resumed_from_step
+        assert resumed == saved, (resumed, saved)
+        # Progress never went back to step 0 after the kill.
+        assert min(seen) >= EVERY, seen
+        assert f"{job_id}" in second.log() and "requeued" in second.log()
+        with sessions() as s:
+            adapter = s.scalars(select(Adapter).where(Adapter.finetune_job_id == job_id)).one()
+        assert storage.path(adapter.storage_key).stat().st_size == adapter.size_bytes
+        assert not checkpoint.exists()
+    finally:
+        for proc in (first, second):
+            if proc is not None:
+                proc.stop()
+        engine.dispose()
+    # Leave a timing note in the output for the issue's closing note.
+    print(f"killed at step {killed_at}, resumed from {resumed}; {time.strftime('%X')}")

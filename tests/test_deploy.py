@@ -1,0 +1,134 @@
+"""docker-compose.yml and the Dockerfile, checked statically (no Docker engine runs here):
+services, ports, health checks, settings names against the Settings class, and that every
+command the images run exists in this project."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from app.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+SERVICES: dict[str, Any] = COMPOSE["services"]
+DOCKERFILE = (ROOT / "Dockerfile").read_text()
+
+
+def _substitute(value: str) -> str:
+    """Compose interpolation: ${VAR:-default} → default; ${VAR:?error} (required) → a value."""
+    value = re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", value)
+    return re.sub(r"\$\{[A-Z_]+:\?[^}]*\}", "x" * 40, value)
+
+
+def _stages() -> dict[str, str]:
+    parts = re.split(r"^FROM\s+\S+\s+AS\s+(\w+)\s*$", DOCKERFILE, flags=re.M)
+    return dict(zip(parts[1::2], parts[2::2], strict=True))
+
+
+def _check_command(argv: list[str]) -> None:
+    """The programs the containers start, and what they load, exist in this project."""
+    if argv[:2] == ["sh", "-c"]:
+        for part in argv[2].split("&&"):
+            _check_command(shlex.split(part.replace("exec ", "", 1)))
+        return
+    program = argv[0]
+    if program == "alembic":
+        assert argv[1:] == ["upgrade", "head"]
+        assert (ROOT / "alembic.ini").is_file() and (ROOT / "migrations" / "env.py").is_file()
+    elif program == "uvicorn":
+        assert "--factory" in argv
+        module, attr = argv[argv.index("--factory") + 1].split(":")
+        source = (ROOT / (module.replace(".", "/") + ".py")).read_text()
+        assert f"def {attr}(" in source
+    elif program == "celery":
+        module = argv[argv.index("-A") + 1]
+        assert (ROOT / (module.replace(".", "/") + ".py")).is_file()
+        assert argv[argv.index("-A") + 2] == "worker"
+        queues = argv[argv.index("-Q") + 1].split(",")
+        assert set(queues) <= {"finetune", "generate", "webhooks"}
+    else:
+        pytest.fail(f"unknown program {program!r} in {argv}")
+
+
+def test_services_ports_and_health_checks() -> None:
+    assert {"postgres", "redis", "api", "worker"} <= set(SERVICES)
+    for name in ("postgres", "redis", "api"):
+        assert SERVICES[name]["healthcheck"]["test"], name
+    assert "pg_isready" in " ".join(SERVICES["postgres"]["healthcheck"]["test"])
+    assert "ping" in SERVICES["redis"]["healthcheck"]["test"]
+    assert SERVICES["api"]["ports"] == ["8000:8000"]
+    assert SERVICES["api"]["depends_on"] == {
+        "postgres": {"condition": "service_healthy"},
+        "redis": {"condition": "service_healthy"},
+    }
+    assert SERVICES["worker"]["depends_on"]["api"] == {"condition": "service_healthy"}
+
+
+def test_api_migrates_before_serving() -> None:
+    command = SERVICES["api"]["command"]
+    assert command[:2] == ["sh", "-c"]
+    assert command[2].index("alembic upgrade head") < command[2].index("uvicorn")
+
+
+def test_worker_reserves_a_gpu_and_caches_the_model() -> None:
+    worker = SERVICES["worker"]
+    devices = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    env = worker["environment"]
+    assert env["TUNEQDM_DEVICE"] == "cuda"
+    mounts = {_substitute(v).split(":")[1] for v in worker["volumes"]}
+    assert any(env["TUNEQDM_QUANT_CACHE_DIR"].startswith(m) for m in mounts)
+    assert "/models" in mounts  # a mounted model folder, or a hub id in TUNEQDM_MODEL
+    assert "--pool=solo" in worker["command"]
+
+
+def test_every_setting_name_exists_and_validates(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, service in SERVICES.items():
+        env = {
+            k: v for k, v in (service.get("environment") or {}).items() if k.startswith("TUNEQDM_")
+        }
+        if not env:
+            continue
+        for key in [k for k in os.environ if k.startswith("TUNEQDM_")]:
+            monkeypatch.delenv(key)
+        for key, value in env.items():
+            assert key.removeprefix("TUNEQDM_").lower() in Settings.model_fields, (name, key)
+            monkeypatch.setenv(key, _substitute(str(value)))
+        # Read from the environment as the containers do; the production validator accepts it.
+        assert Settings().env == "production", name
+
+
+def test_every_setting_is_documented_in_the_readme() -> None:
+    readme = (ROOT / "README.md").read_text()
+    documented = set(re.findall(r"^\| `TUNEQDM_([A-Z_]+)` \|", readme, flags=re.M))
+    assert documented == {f.upper() for f in Settings.model_fields}
+
+
+def test_commands_refer_to_what_exists() -> None:
+    for name, service in SERVICES.items():
+        if "command" in service and "build" in service:
+            _check_command(service["command"])
+        if "build" in service:
+            assert service["build"]["target"] in _stages(), name
+    for stage, body in _stages().items():
+        cmd = re.search(r"^CMD (\[.*\])$", body, flags=re.M)
+        if cmd:
+            _check_command(json.loads(cmd.group(1)))
+        if stage == "api":
+            assert 'pip install ".[api]"' in body and "torch" not in body
+        if stage == "worker":
+            assert body.index("TORCH_SPEC") < body.index('pip install ".[core,api]"')
+            assert "ARG TORCH_SPEC=torch==2.13.0" in body
+
+
+def test_dockerignore_keeps_local_state_out() -> None:
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".git", ".venv", "var"} <= set(ignored)

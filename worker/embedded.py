@@ -1,0 +1,151 @@
+"""The embedded service (`make run`): API and one worker on this machine, no servers to install.
+
+Everything comes from app.settings' embedded defaults: the SQLite registry, Celery over kombu's
+SQLAlchemy transport on SQLite, files under ./var, the built-in tiny model, the CPU. This
+process migrates the registry, builds the tiny model on first start, creates an API key,
+starts uvicorn and a `--pool=solo` Celery worker, prints the URL and the key, and stops both
+on Ctrl-C or SIGTERM (or when either of them exits).
+
+    python -m worker.embedded [--host 127.0.0.1] [--port 8000] [--tenant local]
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from types import FrameType
+
+from alembic import command
+from alembic.config import Config
+
+from app.db import engine_from_settings, make_sessionmaker, session_scope
+from app.services import keys
+from app.settings import Settings, get_settings
+from app.webhooks import tenant_webhook_secret
+
+ROOT = Path(__file__).resolve().parent.parent
+API_COMMAND = [sys.executable, "-m", "uvicorn", "--factory", "app.main:create_app"]
+# One worker for every queue; gossip, mingle and heartbeats need broadcast, which the SQLite
+# broker does not carry.
+WORKER_COMMAND = [
+    *(sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool=solo"),
+    *("-Q", "finetune,generate,webhooks", "-n", "embedded@%h", "--loglevel=INFO"),
+    *("--without-gossip", "--without-mingle", "--without-heartbeat"),
+]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m worker.embedded", description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--tenant", default="local", help="tenant of the printed API key")
+    return parser
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+def prepare(settings: Settings, tenant_name: str) -> tuple[str, str]:
+    """Migrate, build the model if needed, create a key; returns (api key, webhook secret)."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    cfg = Config(str(ROOT / "alembic.ini"))
+    cfg.attributes["database_url"] = settings.resolved_database_url
+    command.upgrade(cfg, "head")
+    if not settings.model and not (settings.default_model_dir / "model_index.json").is_file():
+        _say(f"building the tiny model in {settings.default_model_dir} (first start only)")
+        from worker.runtime import ensure_default_model
+
+        ensure_default_model(settings)
+    engine = engine_from_settings(settings)
+    try:
+        with session_scope(make_sessionmaker(engine)) as session:
+            tenant = keys.get_or_create_tenant(session=session, name=tenant_name)
+            _, key = keys.create_key(session=session, tenant=tenant)
+            secret = tenant_webhook_secret(settings.resolved_secret_key, tenant.id)
+    finally:
+        engine.dispose()
+    return key, secret
+
+
+def _wait_healthy(url: str, api: subprocess.Popen[bytes], timeout: float = 120) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and api.poll() is None:
+        try:
+            with urllib.request.urlopen(f"{url}/healthz", timeout=2) as response:
+                if response.status == 200:
+                    return True
+        except OSError:
+            time.sleep(0.3)
+    return False
+
+
+def _stop(children: list[subprocess.Popen[bytes]], timeout: float = 15) -> None:
+    for child in children:
+        if child.poll() is None:
+            child.terminate()
+    deadline = time.monotonic() + timeout
+    for child in children:
+        try:
+            child.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            # A fine-tune stopped here resumes from its checkpoint on the next start.
+            child.kill()
+            child.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    settings = get_settings()
+    key, secret = prepare(settings, args.tenant)
+    url = f"http://{args.host}:{args.port}"
+    # Own sessions: Ctrl-C reaches only this process, which then stops the children in order.
+    api = subprocess.Popen(
+        [*API_COMMAND, "--host", args.host, "--port", str(args.port)], start_new_session=True
+    )
+    worker = subprocess.Popen(WORKER_COMMAND, start_new_session=True)
+    children = [api, worker]
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    if not _wait_healthy(url, api):
+        _say("error: the API did not start; see its output above")
+        _stop(children)
+        return 1
+    _say(
+        "\n".join(
+            [
+                "",
+                "tuneqdm is running (embedded mode: SQLite, local files, tiny model, CPU)",
+                f"URL: {url}",
+                f"API key: {key}",
+                f"Webhook signing secret: {secret}",
+                f"Docs: {url}/docs",
+                "Ctrl-C stops the API and the worker.",
+                "",
+            ]
+        )
+    )
+    code = 0
+    while not stop.wait(0.5):
+        exited = [c for c in children if c.poll() is not None]
+        if exited:
+            _say(f"error: a service process exited with code {exited[0].returncode}; stopping")
+            code = 1
+            break
+    _stop(children)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""Exceptions from training or sampling, turned into messages a user can act on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+OOM_HINT = (
+    "the GPU ran out of memory{where}; retry with a lower resolution or batch_size, or with "
+    "gradient_checkpointing=true"
+)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    # torch.cuda.OutOfMemoryError, and the RuntimeError older torch raises, both say so.
+    return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
+
+
+def user_message(exc: BaseException, *, storage_root: Path, what: str) -> str:
+    """One sentence for the job's `error`; server paths never reach the user."""
+    from tuneqdm_core.images import ImageError
+    from tuneqdm_core.serialization import AdapterFileError
+
+    if is_out_of_memory(exc):
+        return OOM_HINT.format(where=f" while running the {what}")
+    if isinstance(exc, ImageError):
+        text = str(exc).replace(str(storage_root) + "/", "")
+        return f"an uploaded photo could not be used ({text}); upload PNG/JPEG/WebP photos again"
+    if isinstance(exc, AdapterFileError):
+        return (
+            "the adapter file does not fit this service's base model; fine-tune the subject "
+            "again on this base"
+        )
+    if isinstance(exc, FileNotFoundError):
+        return f"a stored file of this {what} is missing; submit the job again"
+    return (
+        f"the worker failed while running the {what} ({type(exc).__name__}); it has been "
+        "logged, submit the job again or contact the operator"
+    )

@@ -1,0 +1,191 @@
+"""Generation rows → one `tuneqdm_core.generate` call → PNGs and image rows.
+
+Batching (DESIGN.md): the task that starts first also claims other queued generations that can
+share its denoising loop (same steps, size and scheduler), up to TUNEQDM_GENERATION_BATCH_SIZE,
+whatever their adapters; each adapter goes into a slot of the worker's one ScaleBank. The
+claimed jobs' own messages later find them finished and skip.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from contextlib import ExitStack
+from typing import Any
+
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+
+from app import storage as st
+from app.models import Adapter, GeneratedImage, GenerationJob
+from worker.failures import user_message
+from worker.finetunes import TERMINAL, Context
+from worker.jobs import Lease, claim, finish_owned, new_owner
+
+log = logging.getLogger(__name__)
+
+
+def _claim_batch(session: Session, first: GenerationJob, owner: str, ctx: Context) -> list[str]:
+    """`first` (already claimed) plus queued jobs that can share its loop, claimed one by one
+    (a job another worker claims first is simply not part of this batch)."""
+    if ctx.settings.generation_batch_size <= 1:
+        return [first.id]
+    candidates = session.scalars(
+        select(GenerationJob.id)
+        .where(
+            GenerationJob.status == "queued",
+            GenerationJob.id != first.id,
+            GenerationJob.base_model == first.base_model,
+            GenerationJob.steps == first.steps,
+            GenerationJob.width == first.width,
+            GenerationJob.height == first.height,
+            GenerationJob.scheduler == first.scheduler,
+        )
+        .order_by(GenerationJob.created_at)
+        .limit(ctx.settings.generation_batch_size - 1)
+    ).all()
+    stale = ctx.settings.stale_after_s
+    return [first.id] + [
+        job_id
+        for job_id in candidates
+        if claim(session, GenerationJob, job_id, owner, stale_after_s=stale)
+    ]
+
+
+def run_generation(generation_id: str, ctx: Context) -> str:
+    """Run a generation and whatever joins its batch; returns what happened."""
+    with ctx.sessions() as session:
+        gen = session.get(GenerationJob, generation_id)
+        if gen is None:
+            return "missing"
+        if gen.status in TERMINAL:
+            return f"skipped ({gen.status})"
+        owner = new_owner()
+        stale = ctx.settings.stale_after_s
+        if not claim(session, GenerationJob, generation_id, owner, stale_after_s=stale):
+            return "skipped (held by another worker)"
+        session.refresh(gen)
+        ids = _claim_batch(session, gen, owner, ctx)
+        jobs = [session.get(GenerationJob, job_id) for job_id in ids]
+        for job in jobs:
+            assert job is not None
+            session.refresh(job)
+        adapters = {
+            a.id: (a.tenant_id, a.storage_key)
+            for a in session.scalars(
+                select(Adapter).where(
+                    Adapter.id.in_({j.adapter_id for j in jobs if j and j.adapter_id})
+                )
+            )
+        }
+    with ExitStack() as stack:
+        for job_id in ids:
+            stack.enter_context(
+                Lease(
+                    ctx.sessions,
+                    GenerationJob,
+                    job_id,
+                    owner,
+                    heartbeat_s=ctx.settings.heartbeat_s,
+                )
+            )
+        return _generate(ctx, [j for j in jobs if j is not None], adapters, owner)
+
+
+def _fail(ctx: Context, job_id: str, owner: str, message: str) -> None:
+    with ctx.sessions() as session:
+        finish_owned(session, GenerationJob, job_id, owner, "failed", error=message)
+        session.commit()
+    log.warning("generation %s failed: %s", job_id, message)
+
+
+def _generate(
+    ctx: Context,
+    jobs: list[GenerationJob],
+    adapters: dict[str, tuple[str, str]],
+    owner: str,
+) -> str:
+    from tuneqdm_core.generate import GenerationRequest, generate
+
+    runnable: list[tuple[GenerationJob, Any]] = []
+    for job in jobs:
+        try:
+            if job.base_model != ctx.settings.base_model:
+                _fail(
+                    ctx,
+                    job.id,
+                    owner,
+                    f"this service now runs base model {ctx.settings.base_model!r}, the "
+                    f"generation asked for {job.base_model!r}; submit it again",
+                )
+                continue
+            adapter = None
+            if job.adapter_id is not None:
+                found = adapters.get(job.adapter_id)
+                if found is None or found[0] != job.tenant_id:
+                    _fail(
+                        ctx,
+                        job.id,
+                        owner,
+                        f"adapter {job.adapter_id} was deleted before the generation ran",
+                    )
+                    continue
+                adapter = ctx.runtime.adapter(job.adapter_id, ctx.storage.path(found[1]))
+            request = GenerationRequest(
+                prompt=job.prompt,
+                adapter=adapter,
+                negative_prompt=job.negative_prompt or "",
+                num_images=job.num_images,
+                steps=job.steps,
+                guidance_scale=job.guidance_scale,
+                seed=job.seed,
+                width=job.width,
+                height=job.height,
+                scheduler=job.scheduler,
+            )
+            runnable.append((job, request))
+        except Exception as exc:
+            log.exception("generation %s could not be prepared", job.id)
+            _fail(
+                ctx,
+                job.id,
+                owner,
+                user_message(exc, storage_root=ctx.storage.root, what="generation"),
+            )
+    if not runnable:
+        return "failed"
+
+    requests = [request for _, request in runnable]
+    distinct = {id(r.adapter): r.adapter for r in requests if r.adapter is not None}
+    intervals = max([a.config.intervals for a in distinct.values()] + [1])
+    try:
+        bank = ctx.runtime.bank(len(distinct), intervals)
+        results = generate(ctx.runtime.base, requests, bank=bank)
+    except Exception as exc:
+        log.exception("generation batch %s raised", [j.id for j, _ in runnable])
+        message = user_message(exc, storage_root=ctx.storage.root, what="generation")
+        for job, _ in runnable:
+            _fail(ctx, job.id, owner, message)
+        return "failed"
+
+    for (job, _), images in zip(runnable, results, strict=True):
+        keys = []
+        for index, generated in enumerate(images):
+            buffer = io.BytesIO()
+            generated.image.save(buffer, format="PNG")
+            key = st.generated_image_key(job.tenant_id, job.id, index)
+            ctx.storage.put(key, buffer.getvalue())
+            keys.append((index, generated.seed, key))
+        with ctx.sessions() as session:
+            # A retried job replaces its image rows instead of adding a second set.
+            session.execute(delete(GeneratedImage).where(GeneratedImage.generation_id == job.id))
+            if finish_owned(session, GenerationJob, job.id, owner, "succeeded"):
+                session.add_all(
+                    GeneratedImage(generation_id=job.id, index=i, seed=seed, storage_key=key)
+                    for i, seed, key in keys
+                )
+                session.commit()
+            else:
+                session.rollback()
+    log.info("generated %d job(s) in one loop", len(runnable))
+    return f"succeeded (batch of {len(runnable)})"
