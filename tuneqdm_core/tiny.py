@@ -10,7 +10,9 @@ exactly like a real model folder.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import (
@@ -58,7 +60,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def tokenizer_files(
-    words: tuple[str, ...] | list[str] = WORDS,
+    words: Sequence[str] = WORDS,
 ) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """``(vocab, merges)`` of a CLIP BPE tokenizer: all 256 byte symbols, alone and as word
     ends (``</w>``), then one merge chain per word, then the special tokens."""
@@ -80,25 +82,29 @@ def tokenizer_files(
     return vocab, merges
 
 
-def build_tiny_pipeline(
-    seed: int = 0, resolution: int = 32, arch: str = "tiny-sd1"
+def build_pipeline(
+    unet_config: dict[str, Any],
+    *,
+    seed: int = 0,
+    resolution: int = 32,
+    words: Sequence[str] = WORDS,
+    text_layers: int = 2,
+    vae_channels: tuple[int, ...] = (32, 64),
+    prediction_type: str = "epsilon",
 ) -> StableDiffusionPipeline:
-    """A complete, randomly initialised pipeline of SD 1.x shape (≈2 M parameters), or of SD 2.x
-    shape with ``arch="tiny-sd2"`` (linear attention projections, v-prediction). ``arch="sd1"``
-    or ``"sd2"`` puts the real-size UNet architecture (random weights) beside the tiny VAE and
-    text encoder, for measurements at full UNet scale."""
-    if arch not in TINY_ARCHS:
-        raise ValueError(f"arch must be one of {TINY_ARCHS}, got {arch!r}")
-    unet_config = {**UNET_CONFIGS[arch], "sample_size": resolution // 2}
+    """A randomly initialised SD 1.x-layout pipeline around ``unet_config``: a VAE with
+    ``vae_channels`` (one 2× downsampling per extra block), a CLIP text encoder as wide as the
+    UNet's cross-attention, the local tokenizer knowing ``words``, and SD's DDIM betas."""
     torch.manual_seed(seed)
-    vocab, merges = tokenizer_files()
+    vocab, merges = tokenizer_files(words)
     tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    width = unet_config["cross_attention_dim"]
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(vocab),
-            hidden_size=unet_config["cross_attention_dim"],
-            intermediate_size=64,
-            num_hidden_layers=2,
+            hidden_size=width,
+            intermediate_size=2 * width,
+            num_hidden_layers=text_layers,
             num_attention_heads=4,
             max_position_embeddings=77,
             bos_token_id=vocab[SPECIAL[0]],
@@ -109,14 +115,15 @@ def build_tiny_pipeline(
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        block_out_channels=(32, 64),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
+        block_out_channels=vae_channels,
+        down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
+        latent_channels=unet_config["in_channels"],
         norm_num_groups=32,
         sample_size=resolution,
     )
-    unet = UNet2DConditionModel(**unet_config)
+    factor = 2 ** (len(vae_channels) - 1)
+    unet = UNet2DConditionModel(**{**unet_config, "sample_size": resolution // factor})
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -124,7 +131,7 @@ def build_tiny_pipeline(
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
-        prediction_type="v_prediction" if arch.endswith("sd2") else "epsilon",
+        prediction_type=prediction_type,
     )
     return StableDiffusionPipeline(
         vae=vae,
@@ -138,17 +145,42 @@ def build_tiny_pipeline(
     )
 
 
-def save_tiny_pipeline(
-    directory: str | Path, seed: int = 0, resolution: int = 32, arch: str = "tiny-sd1"
+def build_tiny_pipeline(
+    seed: int = 0, resolution: int = 32, arch: str = "tiny-sd1"
+) -> StableDiffusionPipeline:
+    """A complete, randomly initialised pipeline of SD 1.x shape (≈2 M parameters), or of SD 2.x
+    shape with ``arch="tiny-sd2"`` (linear attention projections, v-prediction). ``arch="sd1"``
+    or ``"sd2"`` puts the real-size UNet architecture (random weights) beside the tiny VAE and
+    text encoder, for measurements at full UNet scale."""
+    if arch not in TINY_ARCHS:
+        raise ValueError(f"arch must be one of {TINY_ARCHS}, got {arch!r}")
+    return build_pipeline(
+        UNET_CONFIGS[arch],
+        seed=seed,
+        resolution=resolution,
+        prediction_type="v_prediction" if arch.endswith("sd2") else "epsilon",
+    )
+
+
+def save_pipeline(
+    pipeline: StableDiffusionPipeline, directory: str | Path, words: Sequence[str] = WORDS
 ) -> Path:
-    """Build the tiny pipeline and write it as a diffusers model folder."""
+    """Write ``pipeline`` (built with ``words``) as a diffusers model folder."""
     directory = Path(directory)
-    pipeline = build_tiny_pipeline(seed=seed, resolution=resolution, arch=arch)
     pipeline.save_pretrained(directory)
     # Keep the plain vocab/merges beside tokenizer.json: they are what CLIP folders ship.
-    vocab, merges = tokenizer_files()
+    vocab, merges = tokenizer_files(words)
     (directory / "tokenizer" / "vocab.json").write_text(json.dumps(vocab))
     (directory / "tokenizer" / "merges.txt").write_text(
         "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)
     )
     return directory
+
+
+def save_tiny_pipeline(
+    directory: str | Path, seed: int = 0, resolution: int = 32, arch: str = "tiny-sd1"
+) -> Path:
+    """Build the tiny pipeline and write it as a diffusers model folder."""
+    return save_pipeline(
+        build_tiny_pipeline(seed=seed, resolution=resolution, arch=arch), directory
+    )
