@@ -14,6 +14,8 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
+# The pretrained built-in model (tuneqdm pretrain), part of a checkout, not of the wheel.
+BUILTIN_MODEL = Path(__file__).resolve().parent.parent / "models" / "fashion-sd"
 
 
 class Settings(BaseSettings):
@@ -28,7 +30,7 @@ class Settings(BaseSettings):
     storage_dir: Path | None = None  # default: <data_dir>/files
 
     # The base model this deployment serves; adapters trained on another base are refused.
-    base_model: str = "tuneqdm/tiny-sd"
+    base_model: str = "tuneqdm/fashion-sd"
 
     # Upload limits for POST /v1/finetunes.
     min_images: int = Field(default=1, ge=1)
@@ -44,7 +46,8 @@ class Settings(BaseSettings):
     # Generation limits.
     max_num_images: int = Field(default=4, ge=1)
     max_generation_steps: int = Field(default=150, ge=1)
-    min_image_side: int = Field(default=64, ge=8)
+    # 32: the built-in model's native size (README "Built-in model").
+    min_image_side: int = Field(default=32, ge=8)
     max_image_side: int = Field(default=1024, ge=8)
 
     # Webhooks to loopback/private/link-local hosts are a server-side request forgery risk.
@@ -59,8 +62,9 @@ class Settings(BaseSettings):
     secret_key: str | None = None
 
     # --- Worker (worker/): the one quantized base each worker process serves. ---
-    # Model folder or hub id; default: the built-in tiny model, built into
-    # <data_dir>/models/tiny-sd on first start.
+    # Model folder or hub id; default: the built-in pretrained model shipped in
+    # models/fashion-sd (or, where that folder is absent, a random tiny model built into
+    # <data_dir>/models/tiny-sd on first start).
     model: str | None = None
     device: str = "cpu"  # "cpu", "cuda" or "cuda:N"
     # CPU threads torch may use (0: torch's default, one per core). On a CPU shared with other
@@ -144,6 +148,8 @@ class Settings(BaseSettings):
 
     @property
     def default_model_dir(self) -> Path:
+        if (BUILTIN_MODEL / "model_index.json").is_file():
+            return BUILTIN_MODEL
         return (self.data_dir / "models" / "tiny-sd").resolve()
 
     @property

@@ -1,8 +1,9 @@
 """The embedded service (`make run`): API and one worker on this machine, no servers to install.
 
 Everything comes from app.settings' embedded defaults: the SQLite registry, Celery over kombu's
-SQLAlchemy transport on SQLite, files under ./var, the built-in tiny model, the CPU. This
-process migrates the registry, builds the tiny model on first start, creates an API key,
+SQLAlchemy transport on SQLite, files under ./var, the built-in model (models/fashion-sd), the
+CPU. This process migrates the registry (and builds a random tiny model on first start where
+the built-in one is missing), creates an API key,
 starts uvicorn and a `--pool=solo` Celery worker, prints the URL and the key, and stops both
 on Ctrl-C or SIGTERM (or when either of them exits).
 
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         "\n".join(
             [
                 "",
-                "tuneqdm is running (embedded mode: SQLite, local files, tiny model, CPU)",
+                "tuneqdm is running (embedded mode: SQLite, local files, built-in model, CPU)",
                 f"URL: {url}",
                 f"API key: {key}",
                 f"Webhook signing secret: {secret}",

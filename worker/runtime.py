@@ -29,8 +29,9 @@ log = logging.getLogger(__name__)
 
 
 def ensure_default_model(settings: Settings) -> str:
-    """The model to load; the built-in tiny model is built into <data_dir>/models/tiny-sd the
-    first time it is needed (atomically: another process may be building it too)."""
+    """The model to load: the setting, else the shipped built-in model, else a random tiny model
+    built into <data_dir>/models/tiny-sd the first time it is needed (atomically: another
+    process may be building it too)."""
     if settings.model:
         return settings.model
     target = settings.default_model_dir

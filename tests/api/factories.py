@@ -92,7 +92,7 @@ def make_adapter(
     tenant: Tenant,
     *,
     job_status: str = "succeeded",
-    base_model: str = "tuneqdm/tiny-sd",
+    base_model: str = "tuneqdm/fashion-sd",
     content: bytes = b"fake safetensors bytes",
 ) -> Adapter:
     """An adapter row and its file, the way the worker will create them."""
@@ -131,7 +131,7 @@ def make_generation(
         id=new_id("gen"),
         tenant_id=tenant.id,
         adapter_id=adapter_id,
-        base_model="tuneqdm/tiny-sd",
+        base_model="tuneqdm/fashion-sd",
         status="succeeded" if images else "queued",
         prompt="a photo of sks dog",
         num_images=max(images, 1),

@@ -20,7 +20,7 @@ def test_list_and_get(client: TestClient, session: Session, storage: LocalStorag
     body = client.get(f"/v1/adapters/{adapters[0].id}", headers=t.headers).json()
     assert body["id"] == adapters[0].id
     assert body["method"] == "tuneqdm" and body["bits"] == 8 and body["intervals"] == 2
-    assert body["tokens"] == ["sks"] and body["base_model"] == "tuneqdm/tiny-sd"
+    assert body["tokens"] == ["sks"] and body["base_model"] == "tuneqdm/fashion-sd"
     assert body["size_bytes"] == len(b"fake safetensors bytes")
     assert body["finetune_id"] == adapters[0].finetune_job_id
     assert body["links"]["file"] == f"/v1/adapters/{adapters[0].id}/file"

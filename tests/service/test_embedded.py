@@ -13,6 +13,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from app.settings import BUILTIN_MODEL
 from tests.service.procs import ROOT, free_port, service_env
 from tests.worker.conftest import photo_png
 
@@ -53,12 +54,13 @@ def test_readme_walkthrough_against_the_embedded_mode(tmp_path: Path) -> None:
             key = re.search(r"^API key: (tqk_\S+)$", output, re.M)
             assert url and key, output
             assert url.group(1) == f"http://127.0.0.1:{port}"
-            assert (tmp_path / "var" / "models" / "tiny-sd" / "model_index.json").is_file()
+            # The shipped pretrained model serves; no random model is built.
+            assert not (tmp_path / "var" / "models").exists()
 
             work = tmp_path / "walk"
             work.mkdir()
             for i in (1, 2, 3):
-                (work / f"dog{i}.png").write_bytes(photo_png(i))
+                (work / f"bag{i}.png").write_bytes(photo_png(i))
             start = time.perf_counter()
             result = subprocess.run(
                 ["bash", "-euo", "pipefail", "-c", walkthrough()],
@@ -70,8 +72,8 @@ def test_readme_walkthrough_against_the_embedded_mode(tmp_path: Path) -> None:
             )
             assert result.returncode == 0, (result.stdout, result.stderr, log_path.read_text())
             assert '"status":"succeeded"' in (work / "ft.json").read_text()
-            image = Image.open(work / "dog-beach.png")
-            assert (image.format, image.size) == ("PNG", (64, 64))
+            image = Image.open(work / "bag-red.png")
+            assert (image.format, image.size) == ("PNG", (32, 32))
             print(f"\nREADME walk-through: {time.perf_counter() - start:.1f} s")
         finally:
             launcher.send_signal(signal.SIGTERM)
@@ -80,3 +82,4 @@ def test_readme_walkthrough_against_the_embedded_mode(tmp_path: Path) -> None:
     # Both children went with it.
     assert not _listening(port)
     assert "Warm shutdown" in log_path.read_text()
+    assert f"base {BUILTIN_MODEL} " in log_path.read_text()
