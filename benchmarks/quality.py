@@ -1,0 +1,359 @@
+"""Does fine-tuning learn the subject? The paper's comparison on the built-in model.
+
+    PYTHONPATH=. python benchmarks/quality.py [--subjects 3] [--seeds 0 1] [--steps 300]
+        [--variants full peqa-w8 ...] [--json PATH]
+
+Subjects are Fashion-MNIST test-set garments (never seen in pretraining), the most atypical of
+their class, each shown in 5 photos (other backgrounds and positions) and given its own token
+("a photo of sks bag"). Every variant fine-tunes the same subjects with the same seeds and
+prior preservation ("a photo of a bag" images from the base), then draws the subject in new
+contexts ("a photo of sks bag on a red background, top right"). Columns: subject fidelity
+(EfficientNet-Lite0 feature cosine to the subject's photos, garment only; the analogue of
+DINO/CLIP-I), prompt fidelity (background colour right, position right; the analogue of
+CLIP-T); mean ± standard deviation over seeds. Reference rows: the photos against each other,
+and the base model drawing the class without the token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+from benchmarks import common
+from benchmarks.fidelity import FeatureNet, prompt_fidelity, self_similarity, subject_fidelity
+from tuneqdm_core.base import BaseModel, load_base
+from tuneqdm_core.cli.reports import table
+from tuneqdm_core.finetune import FinetuneConfig, Subject, finetune
+from tuneqdm_core.generate import GenerationRequest, generate
+from tuneqdm_core.images import to_pil, to_training_tensor
+from tuneqdm_core.model import QuantConfig
+from tuneqdm_core.scenes import CLASSES, DATA_DIR, SIZE, Scene, load_fashion, render, shrink
+
+DEFAULT_MODEL = common.REPO_ROOT / "models" / "fashion-sd"
+# Photo contexts and new contexts share no colour and no position-colour pair.
+PHOTO_CONTEXTS = [
+    ("gray", "top left"),
+    ("white", "bottom right"),
+    ("black", "center"),
+    ("pink", "top right"),
+    ("orange", "bottom left"),
+]
+NEW_CONTEXTS = [
+    ("red", "top right"),
+    ("blue", "top left"),
+    ("yellow", "bottom right"),
+    ("green", "center"),
+    ("purple", "bottom left"),
+]
+SUBJECT_CLASSES = ("bag", "sneaker", "dress", "boot", "pullover", "sandal")
+TOKENS = ("sks", "zwx", "qrt")
+
+
+@dataclass(frozen=True)
+class Variant:
+    method: str  # tuneqdm | peqa | full
+    bits: Literal[4, 8]  # of the base it is trained on (full trains the float UNet)
+    intervals: int = 1
+
+
+VARIANTS = {
+    "full": Variant("full", 8),
+    "peqa-w8": Variant("peqa", 8),
+    "peqa-w4": Variant("peqa", 4),
+    **{f"tuneqdm-w{bits}-i{k}": Variant("tuneqdm", bits, k) for bits in (8, 4) for k in (1, 2, 4)},
+}
+
+
+@dataclass(frozen=True)
+class SubjectItem:
+    name: str  # e.g. "bag"
+    token: str
+    photos: list[torch.Tensor]  # [3, SIZE, SIZE] in [-1, 1]
+
+    @property
+    def instance_prompt(self) -> str:
+        return f"a photo of {self.token} {self.name}"
+
+    def prompt(self, colour: str, position: str, with_token: bool = True) -> str:
+        scene = Scene(CLASSES.index(self.name), colour, position).caption()
+        return scene.replace("a photo of a ", f"a photo of {self.token} ") if with_token else scene
+
+
+def pick_subjects(count: int, data_dir: Path = DATA_DIR) -> list[SubjectItem]:
+    """The test garment of each class farthest from its class's mean training garment."""
+    train_images, train_labels = load_fashion("train", data_dir)
+    test_images, test_labels = load_fashion("test", data_dir)
+    train, test = shrink(train_images), shrink(test_images)
+    subjects = []
+    for i, name in enumerate(SUBJECT_CLASSES[:count]):
+        label = CLASSES.index(name)
+        mean = train[train_labels == label].mean(0)
+        candidates = test[test_labels == label]
+        distance = (candidates - mean).flatten(1).norm(dim=1)
+        garment = candidates[int(distance.argmax())]
+        photos = [render(garment, colour, where) for colour, where in PHOTO_CONTEXTS]
+        subjects.append(SubjectItem(name, TOKENS[i % len(TOKENS)], photos))
+    return subjects
+
+
+def _float_pipeline(base: BaseModel, unet: Any) -> StableDiffusionPipeline:
+    pipeline = StableDiffusionPipeline(
+        vae=base.vae,
+        text_encoder=base.text_encoder,
+        tokenizer=base.tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler.from_config(base.scheduler_config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def draw(
+    base: BaseModel,
+    prompts: Sequence[str],
+    args: argparse.Namespace,
+    *,
+    adapter: Any = None,
+    float_unet: Any = None,
+) -> list[torch.Tensor]:
+    """``args.images`` images per prompt, as ``[3, H, W]`` in [-1, 1]; with the float
+    ``float_unet`` (full fine-tuning) through diffusers' own pipeline, same sampler."""
+    if float_unet is not None:
+        images = []
+        for prompt in prompts:
+            out = _float_pipeline(base, float_unet)(
+                [prompt] * args.images,
+                height=SIZE,
+                width=SIZE,
+                num_inference_steps=args.sample_steps,
+                guidance_scale=args.guidance,
+                generator=[torch.Generator().manual_seed(s) for s in range(args.images)],
+                output_type="pt",
+            ).images
+            images += [x * 2 - 1 for x in out]
+        return images
+    requests = [
+        GenerationRequest(
+            prompt=p,
+            adapter=adapter,
+            num_images=args.images,
+            steps=args.sample_steps,
+            guidance_scale=args.guidance,
+            width=SIZE,
+            height=SIZE,
+        )
+        for p in prompts
+    ]
+    return [
+        to_training_tensor(g.image, SIZE) for result in generate(base, requests) for g in result
+    ]
+
+
+def score(
+    net: FeatureNet, images: list[torch.Tensor], subject: SubjectItem, args: argparse.Namespace
+) -> dict[str, float]:
+    contexts = NEW_CONTEXTS[: args.contexts]
+    colours = [c for c, _ in contexts for _ in range(args.images)]
+    positions = [p for _, p in contexts for _ in range(args.images)]
+    background, position = prompt_fidelity(images, colours, positions)
+    return {
+        "subject": statistics.fmean(subject_fidelity(net, images, subject.photos)),
+        "background": statistics.fmean(background),
+        "position": statistics.fmean(position),
+    }
+
+
+def run_variant(
+    name: str,
+    subject: SubjectItem,
+    seed: int,
+    bases: dict[Literal[4, 8], BaseModel],
+    net: FeatureNet,
+    args: argparse.Namespace,
+    cache: Path,
+) -> dict[str, float]:
+    variant = VARIANTS[name]
+    base = bases[variant.bits]
+    config = FinetuneConfig(
+        method=variant.method,  # type: ignore[arg-type]
+        intervals=variant.intervals,
+        steps=args.steps,
+        lr_s_out=args.lr_s_out,
+        lr_s_in=args.lr_s_in,
+        lr=args.lr_full,
+        resolution=SIZE,
+        seed=seed,
+        num_class_images=args.class_images,
+        class_image_steps=args.sample_steps,
+    )
+    photos = to_pil(torch.stack(subject.photos))
+    class_prompt = f"a photo of a {subject.name}" if args.class_images else None
+    start = time.perf_counter()
+    result = finetune(
+        base, [Subject(subject.instance_prompt, photos, class_prompt)], config, cache_dir=cache
+    )
+    seconds = time.perf_counter() - start
+    prompts = [subject.prompt(c, p) for c, p in NEW_CONTEXTS[: args.contexts]]
+    images = draw(base, prompts, args, adapter=result.adapter, float_unet=result.unet)
+    return {**score(net, images, subject, args), "seconds": seconds}
+
+
+def reference_rows(
+    subjects: Sequence[SubjectItem],
+    bases: dict[Literal[4, 8], BaseModel],
+    net: FeatureNet,
+    args: argparse.Namespace,
+) -> dict[str, dict[str, float]]:
+    """The photos themselves, and each base drawing the class in the new contexts."""
+    rows = {
+        "subject photos": {
+            "subject": statistics.fmean(self_similarity(net, s.photos) for s in subjects)
+        }
+    }
+    for bits, base in sorted(bases.items(), reverse=True):
+        scores = []
+        for subject in subjects:
+            prompts = [
+                subject.prompt(c, p, with_token=False) for c, p in NEW_CONTEXTS[: args.contexts]
+            ]
+            scores.append(score(net, draw(base, prompts, args), subject, args))
+        rows[f"base W{bits}, class prompt"] = {
+            k: statistics.fmean(s[k] for s in scores) for k in scores[0]
+        }
+    return rows
+
+
+def _cell(values: Sequence[float]) -> str:
+    if not values:
+        return "-"
+    mean = statistics.fmean(values)
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:.3f} ± {spread:.3f}"
+
+
+def summarise(
+    results: dict[str, dict[int, list[dict[str, float]]]],
+    references: dict[str, dict[str, float]],
+) -> str:
+    """One row per variant: per seed, the mean over subjects; then mean ± std over seeds."""
+    header = ["variant", "subject fidelity", "prompt fidelity", "background", "position", "s/run"]
+    rows: list[list[object]] = []
+    for name, reference in references.items():
+        prompt = (
+            f"{(reference['background'] + reference['position']) / 2:.3f}"
+            if "background" in reference
+            else "-"
+        )
+        rows.append(
+            [
+                name,
+                f"{reference['subject']:.3f}",
+                prompt,
+                f"{reference['background']:.3f}" if "background" in reference else "-",
+                f"{reference['position']:.3f}" if "position" in reference else "-",
+                "-",
+            ]
+        )
+    for name, by_seed in results.items():
+        per_seed = {
+            key: [statistics.fmean(r[key] for r in runs) for runs in by_seed.values()]
+            for key in ("subject", "background", "position", "seconds")
+        }
+        prompt_scores = [
+            (b + p) / 2 for b, p in zip(per_seed["background"], per_seed["position"], strict=True)
+        ]
+        rows.append(
+            [
+                name,
+                _cell(per_seed["subject"]),
+                _cell(prompt_scores),
+                _cell(per_seed["background"]),
+                _cell(per_seed["position"]),
+                f"{statistics.fmean(per_seed['seconds']):.1f}",
+            ]
+        )
+    return table(header, rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default=str(DEFAULT_MODEL))
+    parser.add_argument("--data-dir", default=str(DATA_DIR))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--subjects", type=int, default=3, help=f"at most {len(SUBJECT_CLASSES)}")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--lr-s-out", type=float, default=FinetuneConfig.lr_s_out)
+    parser.add_argument("--lr-s-in", type=float, default=FinetuneConfig.lr_s_in)
+    parser.add_argument("--lr-full", type=float, default=FinetuneConfig.lr)
+    parser.add_argument("--class-images", type=int, default=16, help="prior preservation; 0: off")
+    parser.add_argument("--contexts", type=int, default=len(NEW_CONTEXTS))
+    parser.add_argument("--images", type=int, default=2, help="images per new-context prompt")
+    parser.add_argument("--sample-steps", type=int, default=25)
+    parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument("--no-reference", action="store_true", help="skip the reference rows")
+    parser.add_argument("--json", metavar="PATH", help="write all numbers here")
+    args = parser.parse_args(argv)
+    if not 1 <= args.subjects <= len(SUBJECT_CLASSES):
+        parser.error(f"--subjects must be 1..{len(SUBJECT_CLASSES)}")
+    if not 1 <= args.contexts <= len(NEW_CONTEXTS):
+        parser.error(f"--contexts must be 1..{len(NEW_CONTEXTS)}")
+
+    start = time.perf_counter()
+    print(f"machine: {common.machine()}; model {args.model}", flush=True)
+    subjects = pick_subjects(args.subjects, Path(args.data_dir))
+    net = FeatureNet()
+    results: dict[str, dict[int, list[dict[str, float]]]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        bits_needed: set[Literal[4, 8]] = {VARIANTS[v].bits for v in args.variants}
+        if not args.no_reference:
+            bits_needed |= {4, 8}
+        bases = {
+            bits: load_base(args.model, quant=QuantConfig(bits=bits), cache_dir=Path(tmp) / "q")
+            for bits in sorted(bits_needed)
+        }
+        references = {} if args.no_reference else reference_rows(subjects, bases, net, args)
+        for name in args.variants:
+            results[name] = {}
+            for seed in args.seeds:
+                runs = [
+                    run_variant(name, s, seed, bases, net, args, Path(tmp) / "class")
+                    for s in subjects
+                ]
+                results[name][seed] = runs
+                fidelity = statistics.fmean(r["subject"] for r in runs)
+                elapsed = time.perf_counter() - start
+                print(f"{name} seed {seed}: subject {fidelity:.3f} ({elapsed:.0f} s)", flush=True)
+    print(summarise(results, references))
+    print(f"total {time.perf_counter() - start:.0f} s")
+    common.write_json(
+        args.json,
+        {
+            "benchmark": "quality",
+            "machine": common.machine(),
+            "settings": {k: v for k, v in vars(args).items() if k != "json"},
+            "subjects": [s.name for s in subjects],
+            "references": references,
+            "results": {n: {str(s): r for s, r in by.items()} for n, by in results.items()},
+        },
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
