@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from tuneqdm_core.cli import models, reports
+from tuneqdm_core.cli import evaluate, models, reports
 from tuneqdm_core.configs import UNET_CONFIGS
 from tuneqdm_core.images import ImageError
 from tuneqdm_core.serialization import AdapterFileError
@@ -16,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tuneqdm", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     models.add_commands(commands)
+    evaluate.add_commands(commands)
 
     p = commands.add_parser("sizes", help="bytes of a quantized UNet and of its adapter files")
     p.add_argument("--arch", default="sd1", choices=sorted(UNET_CONFIGS))
