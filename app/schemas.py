@@ -30,13 +30,19 @@ class FinetuneParams(BaseModel):
         default=None,
         ge=1,
         le=8,
-        description="Timestep intervals, one scale set each (default 2 for tuneqdm; "
-        "peqa and full use exactly 1).",
+        description="Timestep intervals, one scale set each (default 1: more measured no "
+        "better on the built-in model; peqa and full use exactly 1).",
     )
     steps: int = Field(default=400, ge=1, le=5000)
     # The core's defaults (tuneqdm_core.finetune.FinetuneConfig): s_out lives on the scale of
-    # SD's quantization step (~1e-3), s_in around 1 (PAPER.md).
-    lr_s_out: float = Field(default=3e-6, gt=0, le=1, description="Learning rate of output scales.")
+    # the base's quantization step, s_in around 1 (PAPER.md).
+    lr_s_out: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="Learning rate of output scales; default: 2e-3 × the base's median "
+        "quantization step (the same relative step at 4 and 8 bits).",
+    )
     lr_s_in: float = Field(default=1e-3, gt=0, le=1, description="Learning rate of input scales.")
     lr: float = Field(default=5e-6, gt=0, le=1e-2, description="Learning rate of method=full only.")
     batch_size: int = Field(default=1, ge=1, le=8)
@@ -55,7 +61,7 @@ class FinetuneParams(BaseModel):
     @model_validator(mode="after")
     def _intervals_per_method(self) -> FinetuneParams:
         if self.method == "tuneqdm":
-            self.intervals = 2 if self.intervals is None else self.intervals
+            self.intervals = 1 if self.intervals is None else self.intervals
         elif self.intervals not in (None, 1):
             raise ValueError(
                 f"method={self.method} trains one scale set, so intervals must be 1 "

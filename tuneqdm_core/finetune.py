@@ -29,21 +29,35 @@ from tuneqdm_core.adapter import Adapter, AdapterConfig, param_groups
 from tuneqdm_core.base import BaseModel
 from tuneqdm_core.generate import GenerationRequest, generate
 from tuneqdm_core.images import ImageSource, load_subject_images, open_image, to_training_tensor
+from tuneqdm_core.model import quant_state
 from tuneqdm_core.routing import set_route, use_adapter
 
 FinetuneMethod = Literal["tuneqdm", "peqa", "full"]
 
 
+# Relative step of s_out per optimizer step when no lr_s_out is given: measured best on the
+# built-in model at 4 and 8 bits (benchmarks/quality.py, README "Personalization quality").
+S_OUT_RELATIVE_LR = 2e-3
+
+
 @dataclass(frozen=True)
 class FinetuneConfig:
     """Fine-tuning settings. Learning rates: ``s_out`` lives on the scale of the weights'
-    quantization step (~1e-3 for SD at 4 bits), ``s_in`` around 1, so they get separate rates
-    (PAPER.md); ``lr`` is for ``full`` only (DreamBooth's 5e-6)."""
+    quantization step, ``s_in`` around 1, so they get separate rates (PAPER.md); ``lr`` is for
+    ``full`` only (DreamBooth's 5e-6).
+
+    The quantization step differs 16× between 4 and 8 bits and from model to model, and Adam
+    moves a parameter by about its learning rate per step whatever the gradient's size, so a
+    fixed ``lr_s_out`` is a different relative step on every base. ``lr_s_out=None`` (the
+    default) takes ``S_OUT_RELATIVE_LR`` × the base's median ``s0`` instead (see
+    :func:`s_out_learning_rate`); a number is used as given."""
 
     method: FinetuneMethod = "tuneqdm"
-    intervals: int = 2
+    # 1, not the paper's 2: on the built-in model 2 intervals were no better at 400 steps and
+    # worse at 150 (README "Personalization quality"), and double the adapter.
+    intervals: int = 1
     steps: int = 400
-    lr_s_out: float = 3e-6
+    lr_s_out: float | None = None
     lr_s_in: float = 1e-3
     lr: float = 5e-6
     weight_decay: float = 0.0
@@ -71,6 +85,14 @@ class FinetuneConfig:
         if self.method == "peqa":
             return AdapterConfig(method="peqa", intervals=1)
         return AdapterConfig(intervals=self.intervals, init_sigma=self.init_sigma)
+
+
+def s_out_learning_rate(unet: Any, config: FinetuneConfig) -> float:
+    """``config.lr_s_out``, or where it is None ``S_OUT_RELATIVE_LR`` × the median base scale
+    ``s0`` of ``unet``'s quantized layers."""
+    if config.lr_s_out is not None:
+        return config.lr_s_out
+    return S_OUT_RELATIVE_LR * float(quant_state(unet).base_scales().abs().median())
 
 
 @dataclass(frozen=True)
@@ -274,7 +296,8 @@ def finetune(
             unet, config.adapter_config(), torch.Generator().manual_seed(config.seed)
         )
         params = list(adapter.parameters())
-        groups = param_groups(adapter, config.lr_s_out, config.lr_s_in, config.weight_decay)
+        lr_s_out = s_out_learning_rate(unet, config)
+        groups = param_groups(adapter, lr_s_out, config.lr_s_in, config.weight_decay)
     optimizer = torch.optim.AdamW(groups)
     # fp16 gradients of small scale vectors underflow without loss scaling; bf16 needs none.
     scaler = torch.amp.GradScaler(

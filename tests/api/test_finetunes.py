@@ -61,7 +61,7 @@ def test_create_stores_images_commits_row_then_enqueues(
     assert body["id"].startswith("ft_") and body["status"] == "queued"
     assert body["links"]["self"] == f"/v1/finetunes/{body['id']}"
     assert body["num_images"] == 3 and body["progress"] == {"step": 0, "total": 50}
-    assert body["params"]["intervals"] == 2 and body["params"]["method"] == "tuneqdm"
+    assert body["params"]["intervals"] == 1 and body["params"]["method"] == "tuneqdm"
     assert body["webhook_url"] == "https://hooks.example.com/tuneqdm"
     assert sender.sent == [("tuneqdm.finetune", body["id"], "finetune")]
 

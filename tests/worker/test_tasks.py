@@ -47,7 +47,7 @@ def test_finetune_creates_the_adapter_row_and_file(ctx: Context, tenant: Tenant)
     assert (adapter.method, adapter.bits, adapter.intervals, adapter.tokens) == (
         "tuneqdm",
         4,
-        2,
+        1,
         ["sks"],
     )
     assert adapter.size_bytes == path.stat().st_size > 0
