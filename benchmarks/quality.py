@@ -17,6 +17,7 @@ and the base model drawing the class without the token.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -64,10 +65,13 @@ class Variant:
     method: str  # tuneqdm | peqa | full
     bits: Literal[4, 8]  # of the base it is trained on (full trains the float UNet)
     intervals: int = 1
+    lr: float | None = None  # full only: instead of --lr-full
 
 
 VARIANTS = {
     "full": Variant("full", 8),
+    # Ten times DreamBooth's rate: more of the subject, less of the prompt.
+    "full-lr5e-5": Variant("full", 8, lr=5e-5),
     "peqa-w8": Variant("peqa", 8),
     "peqa-w4": Variant("peqa", 4),
     **{f"tuneqdm-w{bits}-i{k}": Variant("tuneqdm", bits, k) for bits in (8, 4) for k in (1, 2, 4)},
@@ -193,7 +197,7 @@ def run_variant(
         steps=args.steps,
         lr_s_out=args.lr_s_out,
         lr_s_in=args.lr_s_in,
-        lr=args.lr_full,
+        lr=variant.lr or args.lr_full,
         resolution=SIZE,
         seed=seed,
         num_class_images=args.class_images,
@@ -288,6 +292,19 @@ def summarise(
     return table(header, rows)
 
 
+def report(paths: Sequence[str]) -> str:
+    """The table of several runs' JSON files: references from the first that has them."""
+    results: dict[str, dict[int, list[dict[str, float]]]] = {}
+    references: dict[str, dict[str, float]] = {}
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        references = references or data["references"]
+        for name, by_seed in data["results"].items():
+            results[name] = {int(seed): runs for seed, runs in by_seed.items()}
+    order = [n for n in VARIANTS if n in results]
+    return summarise({n: results[n] for n in order}, references)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -298,7 +315,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--subjects", type=int, default=3, help=f"at most {len(SUBJECT_CLASSES)}")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--lr-s-out", type=float, default=FinetuneConfig.lr_s_out)
+    parser.add_argument(
+        "--lr-s-out", type=float, help="absolute; default: relative to the base's s0 (the core's)"
+    )
     parser.add_argument("--lr-s-in", type=float, default=FinetuneConfig.lr_s_in)
     parser.add_argument("--lr-full", type=float, default=FinetuneConfig.lr)
     parser.add_argument("--class-images", type=int, default=16, help="prior preservation; 0: off")
@@ -308,7 +327,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("--no-reference", action="store_true", help="skip the reference rows")
     parser.add_argument("--json", metavar="PATH", help="write all numbers here")
+    parser.add_argument(
+        "--report",
+        nargs="+",
+        metavar="JSON",
+        help="print one table from earlier runs' JSON (e.g. variants split over processes)",
+    )
     args = parser.parse_args(argv)
+    if args.report:
+        print(report(args.report))
+        return 0
     if not 1 <= args.subjects <= len(SUBJECT_CLASSES):
         parser.error(f"--subjects must be 1..{len(SUBJECT_CLASSES)}")
     if not 1 <= args.contexts <= len(NEW_CONTEXTS):

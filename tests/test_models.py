@@ -114,7 +114,9 @@ def test_bank_serves_the_same_images_as_the_adapters_themselves() -> None:
     bank.reset(1)
     with torch.no_grad():
         set_route(unet, bank.route(timesteps, torch.ones(6, dtype=torch.long)))
-        assert torch.allclose(unet(**inputs).sample, base, rtol=1e-5, atol=1e-6)
+        # A reset slot is the base up to rounding: the routed path applies bias and scales in
+        # another order than the bare one (seen 1e-6 apart once in a full run).
+        assert torch.allclose(unet(**inputs).sample, base, rtol=1e-4, atol=1e-5)
 
 
 def test_quantize_rejects_misuse() -> None:

@@ -67,6 +67,12 @@ def test_quality_benchmark_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[s
     for name in [*variants, "subject photos"]:
         assert name in table
     assert "±" in table
+    # The same table again from the JSON (how runs split over processes are joined).
+    assert quality.main(["--report", str(out)]) == 0
+    again = capsys.readouterr().out
+    assert [line for line in table.splitlines() if "±" in line] == [
+        line for line in again.splitlines() if "±" in line
+    ]
 
 
 def test_quality_benchmark_rejects_bad_settings() -> None:
