@@ -1,17 +1,17 @@
 """Does fine-tuning learn the subject? The paper's comparison on the built-in model.
 
-    PYTHONPATH=. python benchmarks/quality.py [--subjects 3] [--seeds 0 1] [--steps 300]
-        [--variants full peqa-w8 ...] [--json PATH]
+    PYTHONPATH=. python benchmarks/quality.py [--subjects 2] [--seeds 0 1 2] [--steps 150]
+        [--variants full peqa-w8 ...] [--class-images 0] [--json PATH] | --report JSON...
 
 Subjects are Fashion-MNIST test-set garments (never seen in pretraining), the most atypical of
 their class, each shown in 5 photos (other backgrounds and positions) and given its own token
-("a photo of sks bag"). Every variant fine-tunes the same subjects with the same seeds and
-prior preservation ("a photo of a bag" images from the base), then draws the subject in new
-contexts ("a photo of sks bag on a red background, top right"). Columns: subject fidelity
-(EfficientNet-Lite0 feature cosine to the subject's photos, garment only; the analogue of
-DINO/CLIP-I), prompt fidelity (background colour right, position right; the analogue of
-CLIP-T); mean ± standard deviation over seeds. Reference rows: the photos against each other,
-and the base model drawing the class without the token.
+("a photo of sks bag"). Every variant fine-tunes the same subjects with the same seeds (with
+``--class-images N``, also prior preservation on "a photo of a bag" images from the base), then
+draws the subject in new contexts ("a photo of sks bag on a red background, top right").
+Columns: subject fidelity (EfficientNet-Lite0 feature cosine to the subject's photos, garment
+only; the analogue of DINO/CLIP-I), prompt fidelity (background colour right, position right;
+the analogue of CLIP-T); mean ± standard deviation over seeds. Reference rows: the photos
+against each other, and the base model drawing the class without the token.
 """
 
 from __future__ import annotations
@@ -312,15 +312,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", default=str(DEFAULT_MODEL))
     parser.add_argument("--data-dir", default=str(DATA_DIR))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--subjects", type=int, default=3, help=f"at most {len(SUBJECT_CLASSES)}")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--subjects", type=int, default=2, help=f"at most {len(SUBJECT_CLASSES)}")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=150)
     parser.add_argument(
         "--lr-s-out", type=float, help="absolute; default: relative to the base's s0 (the core's)"
     )
     parser.add_argument("--lr-s-in", type=float, default=FinetuneConfig.lr_s_in)
     parser.add_argument("--lr-full", type=float, default=FinetuneConfig.lr)
-    parser.add_argument("--class-images", type=int, default=16, help="prior preservation; 0: off")
+    parser.add_argument("--class-images", type=int, default=0, help="prior preservation; 0: off")
     parser.add_argument("--contexts", type=int, default=len(NEW_CONTEXTS))
     parser.add_argument("--images", type=int, default=2, help="images per new-context prompt")
     parser.add_argument("--sample-steps", type=int, default=25)
