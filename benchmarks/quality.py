@@ -136,9 +136,10 @@ def draw(
     """``args.images`` images per prompt, as ``[3, H, W]`` in [-1, 1]; with the float
     ``float_unet`` (full fine-tuning) through diffusers' own pipeline, same sampler."""
     if float_unet is not None:
+        pipeline = _float_pipeline(base, float_unet)
         images = []
         for prompt in prompts:
-            out = _float_pipeline(base, float_unet)(
+            out = pipeline(
                 [prompt] * args.images,
                 height=SIZE,
                 width=SIZE,
@@ -256,21 +257,12 @@ def summarise(
     header = ["variant", "subject fidelity", "prompt fidelity", "background", "position", "s/run"]
     rows: list[list[object]] = []
     for name, reference in references.items():
-        prompt = (
-            f"{(reference['background'] + reference['position']) / 2:.3f}"
-            if "background" in reference
-            else "-"
-        )
-        rows.append(
-            [
-                name,
-                f"{reference['subject']:.3f}",
-                prompt,
-                f"{reference['background']:.3f}" if "background" in reference else "-",
-                f"{reference['position']:.3f}" if "position" in reference else "-",
-                "-",
-            ]
-        )
+        # The photos have no prompt: only a subject score.
+        scores = dict(reference)
+        if "background" in scores:
+            scores["prompt"] = (scores["background"] + scores["position"]) / 2
+        cells = [scores.get(k) for k in ("subject", "prompt", "background", "position")]
+        rows.append([name, *("-" if v is None else f"{v:.3f}" for v in cells), "-"])
     for name, by_seed in results.items():
         per_seed = {
             key: [statistics.fmean(r[key] for r in runs) for runs in by_seed.values()]

@@ -64,16 +64,6 @@ UNET_CONFIGS: dict[str, dict[str, Any]] = {
         "cross_attention_dim": 32,
         "attention_head_dim": 8,
     },
-    # The built-in pretrained model (tuneqdm_core/pretrain.py): tiny-sd1's shape, twice as wide.
-    "fashion-sd": {
-        **_SD_COMMON,
-        "sample_size": 16,
-        "block_out_channels": (64, 128),
-        "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
-        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
-        "cross_attention_dim": 64,
-        "attention_head_dim": 8,
-    },
     "tiny-sd2": {
         **_SD_COMMON,
         "sample_size": 16,
@@ -99,6 +89,13 @@ UNET_CONFIGS: dict[str, dict[str, Any]] = {
         # pooled text embedding (32) + 6 time ids × addition_time_embed_dim (8)
         "projection_class_embeddings_input_dim": 80,
     },
+}
+
+# The built-in pretrained model (tuneqdm_core/pretrain.py): tiny-sd1's shape, twice as wide.
+UNET_CONFIGS["fashion-sd"] = {
+    **UNET_CONFIGS["tiny-sd1"],
+    "block_out_channels": (64, 128),
+    "cross_attention_dim": 64,
 }
 
 

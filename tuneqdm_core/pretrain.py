@@ -130,18 +130,17 @@ def pretrain(
     dev = torch.device(device)
     images, labels = load_fashion("train", data_dir)
     sampler = SceneSampler(shrink(images), labels, seed=config.seed)
-    pipeline = build_pipeline(
-        UNET_CONFIGS["fashion-sd"],
-        seed=config.seed,
-        resolution=SIZE,
-        words=FASHION_WORDS,
-        text_layers=config.text_layers,
-    )
-    earlier = None
-    if init is not None:
-        trained = StableDiffusionPipeline.from_pretrained(init)
-        pipeline.vae, pipeline.unet = trained.vae, trained.unet
-        pipeline.text_encoder = trained.text_encoder
+    if init is None:
+        pipeline = build_pipeline(
+            UNET_CONFIGS["fashion-sd"],
+            seed=config.seed,
+            resolution=SIZE,
+            words=FASHION_WORDS,
+            text_layers=config.text_layers,
+        )
+        earlier = None
+    else:
+        pipeline = _load_pipeline(init)
         earlier = json.loads((Path(init) / RECORD).read_text())
     torch.manual_seed(config.seed)
     vae_losses = _train_vae(pipeline, sampler, config, dev, log) if init is None else []
@@ -221,6 +220,12 @@ def pretrain(
     return record
 
 
+def _load_pipeline(model_dir: str | Path) -> StableDiffusionPipeline:
+    return StableDiffusionPipeline.from_pretrained(
+        model_dir, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+
+
 def _digests(directory: Path) -> dict[str, str]:
     return {
         str(path.relative_to(directory)): hashlib.sha256(path.read_bytes()).hexdigest()
@@ -268,9 +273,7 @@ def sample_grid(
 ) -> Image.Image:
     """One row per garment class, one column per (colour, position) of :data:`SAMPLE_SCENES`:
     a picture of what the model learned, drawn with the float pipeline."""
-    pipeline = StableDiffusionPipeline.from_pretrained(
-        model_dir, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-    ).to(device)
+    pipeline = _load_pipeline(model_dir).to(device)
     pipeline.set_progress_bar_config(disable=True)
     images = pipeline(
         [scene.caption() for scene in SAMPLE_SCENES],

@@ -96,6 +96,11 @@ def ink_colour(background: tuple[int, int, int]) -> tuple[int, int, int]:
     return (15, 15, 15) if 0.299 * r + 0.587 * g + 0.114 * b > 140 else (245, 245, 245)
 
 
+# The palette and its inks as [10, 3] tensors, in the order of COLOURS.
+PALETTE = torch.tensor(list(COLOURS.values()), dtype=torch.float32)
+INKS = torch.tensor([ink_colour(c) for c in COLOURS.values()], dtype=torch.float32)
+
+
 @dataclass(frozen=True)
 class Scene:
     garment: int  # class index
@@ -147,23 +152,20 @@ class SceneSampler:
         drop_caption: float = 0.1,
         drop_part: float = 0.2,
     ) -> None:
-        self.coverage, self.labels = coverage, labels
-        self._coverage = coverage.numpy()
+        # numpy for the per-sample slicing: torch's indexing overhead dominated the batch.
+        self.coverage, self.labels = coverage.numpy(), labels
         self.rng = random.Random(seed)
         self.drop_caption, self.drop_part = drop_caption, drop_part
 
     def batch(self, size: int) -> tuple[torch.Tensor, list[str]]:
-        palette = torch.tensor(list(COLOURS.values()), dtype=torch.float32)
-        inks = torch.tensor([ink_colour(c) for c in COLOURS.values()], dtype=torch.float32)
         side = self.coverage.shape[-1]
-        # numpy for the per-sample slicing: torch's indexing overhead dominated the batch.
         alpha = np.zeros((size, SIZE, SIZE), dtype=np.float32)
         colour_ids, captions = [], []
         for b in range(size):
             i = self.rng.randrange(len(self.labels))
             colour = self.rng.randrange(len(COLOURS))
             position = self.rng.choice(list(POSITIONS))
-            garment = self._coverage[i, :, ::-1] if self.rng.random() < 0.5 else self._coverage[i]
+            garment = self.coverage[i, :, ::-1] if self.rng.random() < 0.5 else self.coverage[i]
             left, top = _corner(position, side, (self.rng.randint(-1, 1), self.rng.randint(-1, 1)))
             alpha[b, top : top + side, left : left + side] = garment
             colour_ids.append(colour)
@@ -178,7 +180,7 @@ class SceneSampler:
                 )
         ids = torch.tensor(colour_ids)
         a = torch.from_numpy(alpha).unsqueeze(1)
-        pixels = palette[ids].view(-1, 3, 1, 1) * (1 - a) + inks[ids].view(-1, 3, 1, 1) * a
+        pixels = PALETTE[ids].view(-1, 3, 1, 1) * (1 - a) + INKS[ids].view(-1, 3, 1, 1) * a
         return pixels / 127.5 - 1.0, captions
 
 
@@ -190,34 +192,43 @@ def _as_array(image: torch.Tensor) -> torch.Tensor:
     return (image.float().clamp(-1, 1) + 1) * 127.5
 
 
-def background_of(image: torch.Tensor) -> str:
-    """The palette colour nearest the median of the outermost ring of pixels."""
-    rgb = _as_array(image)
+def _background_index(rgb: torch.Tensor) -> int:
+    """Index in :data:`PALETTE` of the colour nearest the median of the outermost ring."""
     ring = torch.cat([rgb[:, 0, :], rgb[:, -1, :], rgb[:, :, 0], rgb[:, :, -1]], dim=1)
     median = ring.median(dim=1).values
-    palette = torch.tensor(list(COLOURS.values()), dtype=torch.float32)
-    return list(COLOURS)[int((palette - median).norm(dim=1).argmin())]
+    return int((PALETTE - median).norm(dim=1).argmin())
+
+
+def background_of(image: torch.Tensor) -> str:
+    """The palette colour nearest the median of the outermost ring of pixels."""
+    return list(COLOURS)[_background_index(_as_array(image))]
 
 
 def coverage_of(image: torch.Tensor) -> torch.Tensor:
     """``[H, W]`` in [0, 1]: how far each pixel is from the background towards the ink colour
     (the inverse of :func:`render`), so the garment can be compared on any background."""
     rgb = _as_array(image)
-    background = torch.tensor(COLOURS[background_of(image)], dtype=torch.float32).view(3, 1, 1)
-    ink = torch.tensor(ink_colour(COLOURS[background_of(image)]), dtype=torch.float32)
-    direction = ink.view(3, 1, 1) - background
+    index = _background_index(rgb)
+    background = PALETTE[index].view(3, 1, 1)
+    direction = INKS[index].view(3, 1, 1) - background
     alpha = ((rgb - background) * direction).sum(0) / direction.pow(2).sum()
     return alpha.clamp(0, 1)
+
+
+def _centre(alpha: torch.Tensor) -> tuple[float, float]:
+    """``(row, column)`` of the centre of mass of a coverage map, in pixels."""
+    h, w = alpha.shape
+    total = alpha.sum().clamp_min(1e-6)
+    cy = float((alpha * torch.arange(h).view(h, 1)).sum() / total)
+    cx = float((alpha * torch.arange(w).view(1, w)).sum() / total)
+    return cy, cx
 
 
 def position_of(image: torch.Tensor) -> str:
     """The named position nearest the garment's centre of mass."""
     alpha = coverage_of(image)
-    h, w = alpha.shape
-    total = alpha.sum().clamp_min(1e-6)
-    ys = torch.linspace(0, 1, h).view(h, 1)
-    xs = torch.linspace(0, 1, w).view(1, w)
-    cx, cy = float((alpha * xs).sum() / total), float((alpha * ys).sum() / total)
+    cy, cx = _centre(alpha)
+    cy, cx = cy / (alpha.shape[0] - 1), cx / (alpha.shape[1] - 1)
     return min(POSITIONS, key=lambda p: (POSITIONS[p][0] - cx) ** 2 + (POSITIONS[p][1] - cy) ** 2)
 
 
@@ -227,9 +238,7 @@ def garment_crop(image: torch.Tensor, side: int = SIZE // 2) -> torch.Tensor:
     alpha = coverage_of(image)
     h, w = alpha.shape
     side = min(side * h // SIZE, h)
-    total = alpha.sum().clamp_min(1e-6)
-    cy = float((alpha * torch.arange(h).view(h, 1)).sum() / total)
-    cx = float((alpha * torch.arange(w).view(1, w)).sum() / total)
+    cy, cx = _centre(alpha)
     top = min(max(round(cy - side / 2), 0), h - side)
     left = min(max(round(cx - side / 2), 0), w - side)
     return alpha[top : top + side, left : left + side]
