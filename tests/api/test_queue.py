@@ -1,11 +1,12 @@
 """The enqueue after commit, through a real Redis broker, read back with kombu.
 
 These tests use the real Celery sender (no override) against Redis at 127.0.0.1:6379, database
-15, and purge the two queues before and after.
+15 (TEST_REDIS_QUEUE_DB), and purge the two queues before and after.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +22,7 @@ from app.storage import LocalStorage
 from tests.api.conftest import make_settings
 from tests.api.factories import image_bytes, make_tenant, snapshot
 
-REDIS_URL = "redis://127.0.0.1:6379/15"
+REDIS_URL = f"redis://127.0.0.1:6379/{os.environ.get('TEST_REDIS_QUEUE_DB', '15')}"
 DEAD_BROKER = "redis://127.0.0.1:1/0"
 
 

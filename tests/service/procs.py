@@ -16,7 +16,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 REDIS = os.environ.get("TEST_REDIS_SERVER", "127.0.0.1:6379")
-REDIS_DB = 14
+# Own Redis databases per checkout (TEST_REDIS_DB), so two test runs on one machine do not
+# consume each other's messages.
+REDIS_DB = int(os.environ.get("TEST_REDIS_DB", "14"))
 
 
 def free_port() -> int:
