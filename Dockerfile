@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # Two images from one file (docker-compose.yml builds both):
-#   --target api     the API: no torch, starts in a second (DESIGN.md)
+#   --target api     the API: no torch, starts in a second (docs/design.md)
 #   --target worker  a GPU worker: CUDA torch from PyPI, the core, the shared app modules
 FROM python:3.11-slim AS base
 ENV PYTHONDONTWRITEBYTECODE=1 \

@@ -1,4 +1,4 @@
-"""ORM models: the registry that is the source of truth for every job's state (DESIGN.md).
+"""ORM models: the registry that is the source of truth for every job's state (docs/design.md).
 
 Shared with the worker, so no FastAPI here. The schema itself changes only through Alembic
 revisions in migrations/; a test checks that the revisions and these models agree.

@@ -1,7 +1,7 @@
 """Enqueueing by task name: the API knows the worker's task names, never its code.
 
 Called only after the database commit, so a worker that picks the message up always finds the
-row (DESIGN.md, Celery's guidance).
+row (docs/design.md, Celery's guidance).
 """
 
 from __future__ import annotations

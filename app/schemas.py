@@ -35,7 +35,7 @@ class FinetuneParams(BaseModel):
     )
     steps: int = Field(default=400, ge=1, le=5000)
     # The core's defaults (tuneqdm_core.finetune.FinetuneConfig): s_out lives on the scale of
-    # the base's quantization step, s_in around 1 (PAPER.md).
+    # the base's quantization step, s_in around 1 (docs/method.md).
     lr_s_out: float | None = Field(
         default=None,
         gt=0,

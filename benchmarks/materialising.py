@@ -1,7 +1,7 @@
 """Weight-materialising TuneQDM, for comparison only.
 
-This reproduces the design of the paper's own code (PAPER.md "Why that implementation is
-heavy"): every forward of every quantized layer rebuilds
+This reproduces the design of the paper's own code (docs/method.md explains why it is heavy):
+every forward of every quantized layer rebuilds
 
     Ŵ = s_out ⊙ (q − z) ⊙ s_in
 

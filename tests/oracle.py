@@ -1,6 +1,6 @@
 """The reference: TuneQDM's weight built exactly as the paper writes it.
 
-``Ŵ[o, i, …] = s_out[o] · (q − z)[o, i, …] · s_in[i]`` (PAPER.md "MCSU"), then an ordinary
+``Ŵ[o, i, …] = s_out[o] · (q − z)[o, i, …] · s_in[i]`` (docs/method.md, "MCSU"), then an ordinary
 ``F.linear`` / ``F.conv2d``. It materialises the weight on purpose; the library must never.
 Per-sample routing is recomputed here from the raw timesteps with the paper's rule
 ``k = ⌊t·n/T⌋`` written as a loop over interval boundaries, not with the library's code.

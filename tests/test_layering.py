@@ -1,4 +1,4 @@
-"""DESIGN.md layering, read from the source: app ← worker → tuneqdm_core. The core never
+"""The layering of docs/design.md, read from the source: app ← worker → tuneqdm_core. The core never
 imports the service; app never imports the ML stack (tests/api/test_layering.py checks the
 same at run time, in a fresh interpreter)."""
 

@@ -1,6 +1,6 @@
 """TuneQDM core: quantized diffusion UNets with per-subject quantization-scale adapters.
 
-Imports torch and friends only; never the service packages (DESIGN.md layering).
+Imports torch and friends only; never the service packages (docs/design.md, layering).
 """
 
 from tuneqdm_core.adapter import Adapter, AdapterConfig, param_groups

@@ -4,7 +4,8 @@ An adapter of ``n`` intervals holds ``n`` separate Parameters for ``s_out`` (eac
 Σ out-channels) and, for ``tuneqdm``, ``n`` for ``s_in`` (Σ in-channels). Separate tensors per
 interval are what keeps an optimizer step from touching intervals that no sample of the batch
 used: their ``.grad`` stays ``None`` and AdamW skips them (momentum and weight decay included),
-which one tensor holding all intervals could not do (FIELD-NOTES.md).
+which one tensor holding all intervals could not do: its one AdamW state would keep moving the
+unused intervals through momentum and weight decay.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class AdapterConfig:
 
     def boundaries(self) -> list[tuple[int, int]]:
         """Timestep ranges ``[start, end)`` of the intervals: interval k holds the t with
-        ``⌊t·n/T⌋ = k`` (PAPER.md "TAS")."""
+        ``⌊t·n/T⌋ = k`` (TAS, docs/method.md)."""
         n, total = self.intervals, self.num_train_timesteps
         starts = [math.ceil(k * total / n) for k in range(n)] + [total]
         return [(starts[k], starts[k + 1]) for k in range(n)]
@@ -137,7 +138,7 @@ def param_groups(
     """Optimizer parameter groups with separate learning rates for ``s_out`` and ``s_in``.
 
     ``s_out`` lives on the scale of the weights (~1e-3) and ``s_in`` around 1, so one learning
-    rate leaves one of them frozen in practice (PAPER.md). Scales are 1-D and get no weight
+    rate leaves one of them frozen in practice (docs/method.md). Scales are 1-D and get no weight
     decay by default (nanoGPT's rule).
     """
     groups: list[dict[str, Any]] = [

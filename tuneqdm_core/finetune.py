@@ -43,7 +43,7 @@ S_OUT_RELATIVE_LR = 2e-3
 @dataclass(frozen=True)
 class FinetuneConfig:
     """Fine-tuning settings. Learning rates: ``s_out`` lives on the scale of the weights'
-    quantization step, ``s_in`` around 1, so they get separate rates (PAPER.md); ``lr`` is for
+    quantization step, ``s_in`` around 1, so they get separate rates (docs/method.md); ``lr`` is for
     ``full`` only (DreamBooth's 5e-6).
 
     The quantization step differs 16× between 4 and 8 bits and from model to model, and Adam

@@ -1,7 +1,7 @@
 """Frozen quantized Linear / Conv2d layers whose scales act on activations.
 
 For a layer with base weight ``W0 = s0 ⊙ (q − z)`` and an adapter's ``(s_out, s_in)``
-(DESIGN.md "core math")::
+(docs/method.md)::
 
     y = (s_out / s0) ⊙ base(W0, s_in ⊙ x) + bias
 
@@ -51,7 +51,7 @@ class _FrozenProduct(torch.autograd.Function):
             return None, None, None
         layer: QuantLayer = ctx.layer
         # Re-dequantize instead of saving W0: ~one extra dequantization per step buys the
-        # weight-sized memory that materialising implementations keep (PAPER.md).
+        # weight-sized memory that materialising implementations keep (docs/method.md).
         grad_x = layer.input_grad(grad_y, layer.dequantize(grad_y.dtype, scratch=True), ctx.x_shape)
         return grad_x.to(ctx.x_dtype), None, None
 

@@ -2,7 +2,7 @@
 
 Shapes: a weight is viewed as ``w[O, K]`` (``K`` = everything but the output channel, e.g.
 ``I/groups * kh * kw`` for a conv). ``W ≈ s0[o] · (q[o, k] − z[o])`` with integer codes
-``q ∈ [0, 2^bits − 1]`` (PAPER.md "Quantized base"). ``s0`` and ``z`` are float32 per channel;
+``q ∈ [0, 2^bits − 1]`` (docs/method.md). ``s0`` and ``z`` are float32 per channel;
 ``z`` is kept fractional so that the channel's range maps onto the code range exactly.
 """
 
@@ -53,7 +53,7 @@ def choose_qparams(
 
     ``minmax`` spans each row's [min, max]. ``mse`` shrinks that range by ``α`` on a grid of
     ``grid`` values in ``[1 − shrink, 1]`` and keeps, per row, the α with the smallest
-    ``Σ |w − Q(w)|^p`` (the cheap range search PAPER.md mentions; Q-Diffusion/BRECQ use the
+    ``Σ |w − Q(w)|^p`` (the cheap per-channel range search; Q-Diffusion/BRECQ use the
     same L_p objective). Rows are processed in chunks of ``chunk_elements`` to bound memory.
     """
     if w.ndim != 2:

@@ -30,7 +30,8 @@ def create_celery(settings: Settings) -> Celery:
     broker = settings.resolved_broker_url
     if broker.startswith("sqla+sqlite:///"):
         Path(broker.removeprefix("sqla+sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        # The transport's options go to create_engine (FIELD-NOTES): poll via the class.
+        # The transport's options go to create_engine, which crashes on an unknown option such as
+        # polling_interval: set it on the class instead.
         from kombu.transport.sqlalchemy import Transport
 
         Transport.polling_interval = settings.broker_poll_s

@@ -1,6 +1,6 @@
 """Generation rows → one `tuneqdm_core.generate` call → PNGs and image rows.
 
-Batching (DESIGN.md): the task that starts first also claims other queued generations that can
+Batching (docs/design.md): the task that starts first also claims other queued generations that can
 share its denoising loop (same steps, size and scheduler), up to TUNEQDM_GENERATION_BATCH_SIZE,
 whatever their adapters; each adapter goes into a slot of the worker's one ScaleBank. The
 claimed jobs' own messages later find them finished and skip.
