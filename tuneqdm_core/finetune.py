@@ -30,7 +30,7 @@ from tuneqdm_core.base import BaseModel
 from tuneqdm_core.generate import GenerationRequest, generate
 from tuneqdm_core.images import ImageSource, load_subject_images, open_image, to_training_tensor
 from tuneqdm_core.model import quant_state
-from tuneqdm_core.routing import set_route, use_adapter
+from tuneqdm_core.routing import route_adapters, routed
 
 FinetuneMethod = Literal["tuneqdm", "peqa", "full"]
 
@@ -361,21 +361,22 @@ def finetune(
                     if prediction_type == "epsilon"
                     else noise_scheduler.get_velocity(latents, noise, t)
                 )
-                if adapter is not None:
-                    use_adapter(unet, adapter, timesteps)
-                with autocast:
-                    prediction = unet(
-                        noisy, t, encoder_hidden_states=data.embeds[data.prompt_of[rows]]
-                    ).sample
-                errors = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(
-                    dim=(1, 2, 3)
-                )
-                batch = config.batch_size
-                loss = errors[:batch].mean()
-                if use_prior:
-                    loss = loss + config.prior_loss_weight * errors[batch:].mean()
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
+                # The backward stays inside: checkpointing reads the route again there.
+                route = None if adapter is None else route_adapters([adapter], timesteps)
+                with routed(base.unet, route):
+                    with autocast:
+                        prediction = unet(
+                            noisy, t, encoder_hidden_states=data.embeds[data.prompt_of[rows]]
+                        ).sample
+                    errors = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(
+                        dim=(1, 2, 3)
+                    )
+                    batch = config.batch_size
+                    loss = errors[:batch].mean()
+                    if use_prior:
+                        loss = loss + config.prior_loss_weight * errors[batch:].mean()
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
                 if config.max_grad_norm > 0:
                     scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(
@@ -413,7 +414,6 @@ def finetune(
                         checkpoint,
                     )
     finally:
-        set_route(base.unet, None)
         if config.gradient_checkpointing:
             unet.disable_gradient_checkpointing()
         unet.eval()

@@ -19,7 +19,7 @@ from PIL import Image
 from tuneqdm_core.adapter import Adapter
 from tuneqdm_core.base import BaseModel
 from tuneqdm_core.images import to_pil
-from tuneqdm_core.routing import ScaleBank, set_route
+from tuneqdm_core.routing import ScaleBank, routed
 
 SCHEDULERS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "ddim": lambda config: DDIMScheduler.from_config(config),
@@ -143,17 +143,14 @@ def _run_loop(
     scale = torch.tensor(guidance, device=base.device).view(-1, 1, 1, 1)
     slot_ids = torch.tensor(slots + slots, device=base.device)
     unet = base.unet
-    try:
-        for step, t in enumerate(scheduler.timesteps):
-            model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-            set_route(unet, bank.route(t, slot_ids))
+    for step, t in enumerate(scheduler.timesteps):
+        model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
+        with routed(unet, bank.route(t, slot_ids)):
             uncond, cond = unet(model_input, t, encoder_hidden_states=embeds).sample.chunk(2)
-            prediction = uncond + scale * (cond - uncond)
-            latents = scheduler.step(prediction, t, latents).prev_sample
-            if on_step is not None:
-                on_step(step + 1, len(scheduler.timesteps))
-    finally:
-        set_route(unet, None)
+        prediction = uncond + scale * (cond - uncond)
+        latents = scheduler.step(prediction, t, latents).prev_sample
+        if on_step is not None:
+            on_step(step + 1, len(scheduler.timesteps))
     decoded = base.vae.decode(latents / base.vae.config.scaling_factor).sample
     images = iter(zip(to_pil(decoded), seeds, strict=True))
     return [

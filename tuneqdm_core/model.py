@@ -117,11 +117,26 @@ class QuantState:
             )
         )
         self.route: Route | None = None
+        # Set with the route: the model recomputes layers in backward (gradient
+        # checkpointing), so reads of the route are tracked (tuneqdm_core/routing.py).
+        self.recomputes = False
+        # Routes cleared while a graph that read them still awaited its backward.
+        self.retired: list[Route] = []
         self._fingerprint: str | None = None
         self._scratch: dict[tuple[int, str, torch.dtype, torch.device], torch.Tensor] = {}
 
     def lookup(self, index: int, batch: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        return None if self.route is None else self.route.lookup(index, batch)
+        """Layer ``index``'s scale rows from the active route (``None``: the plain base)."""
+        in_backward = self.recomputes and torch._C._current_graph_task_id() != -1
+        if in_backward and any(route.live_graphs for route in self.retired):
+            raise RuntimeError(
+                "gradient checkpointing is recomputing a quantized layer, but the route its "
+                "forward read was cleared; run backward() inside `with routed(...)`"
+            )
+        if self.route is None:
+            return None
+        # The recomputation in backward builds a graph nobody backpropagates: not tracked.
+        return self.route.lookup(index, batch, track=self.recomputes and not in_backward)
 
     def scratch(
         self, name: str, numel: int, dtype: torch.dtype, device: torch.device
