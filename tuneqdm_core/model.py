@@ -165,13 +165,24 @@ class QuantState:
         Computed once (≈1 s for the SD 1.x UNet) and cached: the quantized base is frozen.
         """
         if self._fingerprint is None:
-            digest = hashlib.sha256()
-            for name, layer in self.layers:
-                digest.update(f"{name}:{layer.weight_shape}:{layer.bits};".encode())
-                for tensor in (layer.codes, layer.s0, layer.zero):
-                    digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-            self._fingerprint = digest.hexdigest()
+            self._fingerprint = self.compute_fingerprint()
         return self._fingerprint
+
+    def compute_fingerprint(self) -> str:
+        """:attr:`fingerprint` hashed afresh from the tensors (never cached)."""
+        digest = hashlib.sha256()
+        for name, layer in self.layers:
+            digest.update(f"{name}:{layer.weight_shape}:{layer.bits};".encode())
+            for tensor in (layer.codes, layer.s0, layer.zero):
+                digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
+    def restore_fingerprint(self, fingerprint: str) -> None:
+        """Take the fingerprint saved with these same tensors (the quantized cache), instead
+        of hashing them again when it is first asked for."""
+        if len(fingerprint) != 64 or any(c not in "0123456789abcdef" for c in fingerprint):
+            raise ValueError(f"not a sha256 hex digest: {fingerprint!r}")
+        self._fingerprint = fingerprint
 
 
 def quant_state(model: nn.Module) -> QuantState:
