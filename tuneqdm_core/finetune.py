@@ -17,7 +17,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,6 +33,8 @@ from tuneqdm_core.model import quant_state
 from tuneqdm_core.routing import route_adapters, routed
 
 FinetuneMethod = Literal["tuneqdm", "peqa", "full"]
+# "auto": bf16 on CUDA (fp16 where the GPU has no bf16), none elsewhere (FinetuneConfig.for_device).
+MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
 
 
 # Relative step of s_out per optimizer step when no lr_s_out is given: measured best on the
@@ -66,8 +68,10 @@ class FinetuneConfig:
     resolution: int = 512
     seed: int = 0
     init_sigma: float = 0.0
-    gradient_checkpointing: bool = False
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    # None: on for CUDA (activation memory is what limits a GPU), off elsewhere (it only
+    # costs time there). Resolved by for_device().
+    gradient_checkpointing: bool | None = None
+    mixed_precision: MixedPrecision = "auto"
     prior_loss_weight: float = 1.0
     num_class_images: int = 100
     class_image_steps: int = 30
@@ -80,6 +84,22 @@ class FinetuneConfig:
             raise ValueError("steps and batch_size must be >= 1 and resolution >= 8")
         if self.checkpoint_every < 0 or self.num_class_images < 0:
             raise ValueError("checkpoint_every and num_class_images must be >= 0")
+        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+            raise ValueError(
+                f"mixed_precision must be auto, no, bf16 or fp16, got {self.mixed_precision!r}"
+            )
+
+    def for_device(self, device: torch.device | str) -> FinetuneConfig:
+        """This config with the device-dependent defaults (``mixed_precision="auto"``,
+        ``gradient_checkpointing=None``) made concrete for ``device``."""
+        cuda = torch.device(device).type == "cuda"
+        precision = self.mixed_precision
+        if precision == "auto":
+            precision = "no" if not cuda else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        checkpointing = self.gradient_checkpointing
+        if checkpointing is None:
+            checkpointing = cuda
+        return replace(self, mixed_precision=precision, gradient_checkpointing=checkpointing)
 
     def adapter_config(self) -> AdapterConfig:
         if self.method == "peqa":
@@ -468,6 +488,7 @@ def finetune(
     """
     if not subjects:
         raise ValueError("no subjects given")
+    config = config.for_device(base.device)
     start_time = time.perf_counter()
     checkpoint = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir else None
     data = _prepare(base, subjects, config, Path(cache_dir) if cache_dir else None)
