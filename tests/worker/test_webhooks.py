@@ -130,6 +130,15 @@ def test_loopback_is_refused_at_send_time_unless_allowed(hook: str) -> None:
     assert post_json(hook, b"{}", {}, timeout=5, allow_private=True, ports=[]) == 204
 
 
+@pytest.mark.parametrize(
+    "host",
+    ["[::ffff:127.0.0.1]", "[::7f00:1]", "[64:ff9b::7f00:1]", "[2002:7f00:1::1]", "[fec0::1]"],
+)
+def test_ipv6_forms_of_private_addresses_are_refused_at_send_time(host: str) -> None:
+    with pytest.raises(WebhookRefused, match="non-public"):
+        post_json(f"http://{host}/hook", b"{}", {}, timeout=5, allow_private=False, ports=[])
+
+
 def test_ports_are_checked_at_send_time(hook: str) -> None:
     with pytest.raises(WebhookRefused, match="TUNEQDM_WEBHOOK_PORTS"):
         post_json(hook, b"{}", {}, timeout=5, allow_private=True, ports=[80, 443])
