@@ -154,8 +154,6 @@ def post_json(
     finally:
         watchdog.cancel()
         conn.close()
-    if expired.is_set():
-        raise WebhookRetry(f"POST to {host} did not complete within the {timeout:g} s deadline")
     if 200 <= status < 300:
         return status
     if status == 429 or status >= 500:
