@@ -17,13 +17,18 @@ from typing import Any
 from celery import Celery
 from celery.signals import worker_ready, worker_shutdown
 
-from app.queue import FINETUNE_QUEUE, FINETUNE_TASK, GENERATE_QUEUE, GENERATE_TASK
+from app.queue import (
+    FINETUNE_QUEUE,
+    FINETUNE_TASK,
+    GENERATE_QUEUE,
+    GENERATE_TASK,
+    WEBHOOK_QUEUE,
+)
 from app.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
 WEBHOOK_TASK = "tuneqdm.webhook"
-WEBHOOK_QUEUE = "webhooks"
 
 
 def create_celery(settings: Settings) -> Celery:
