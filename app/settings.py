@@ -86,6 +86,9 @@ class Settings(BaseSettings):
     webhook_timeout_s: float = Field(default=10.0, gt=0)
     webhook_max_retries: int = Field(default=8, ge=0)
     webhook_backoff_s: float = Field(default=2.0, gt=0)
+    # Port on which each worker process serves its own Prometheus metrics (base load time,
+    # step and generation histograms); unset: not served. The API's /metrics needs no port.
+    worker_metrics_port: int | None = Field(default=None, ge=1, le=65535)
     # Polling interval of kombu's SQLAlchemy transport (the embedded broker).
     broker_poll_s: float = Field(default=0.5, gt=0)
 

@@ -115,3 +115,11 @@ def _start_sweeper(sender: Any = None, **_: Any) -> None:
 @worker_shutdown.connect
 def _stop_sweeper(sender: Any = None, **_: Any) -> None:
     _sweeper.stop.set()
+
+
+@worker_ready.connect
+def _serve_metrics(sender: Any = None, **_: Any) -> None:
+    # In the main process: with --pool=solo the tasks run here too (worker/metrics.py).
+    from worker import metrics
+
+    metrics.serve(settings.worker_metrics_port)
