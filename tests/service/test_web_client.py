@@ -130,9 +130,10 @@ def test_client_finetune_wait_generate_download_delete(service: Service, tmp_pat
 # --- the web page ---------------------------------------------------------------------------
 
 
+HAVE_CHROMIUM = os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)
+
+
 def _browser() -> Any:
-    if not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)):
-        pytest.skip("chromium and chromium-driver are not installed (apt-get install them)")
     webdriver = pytest.importorskip("selenium.webdriver")
     from selenium.webdriver.chrome.service import Service as DriverService
 
@@ -180,6 +181,11 @@ def _screenshot(driver: Any, tmp_path: Path, name: str) -> None:
         shutil.copy(path, Path(keep) / path.name)
 
 
+# Decided before any fixture runs, so a machine without chromium does not start the service
+# for nothing.
+@pytest.mark.skipif(
+    not HAVE_CHROMIUM, reason="chromium and chromium-driver are not installed (apt-get install)"
+)
 def test_web_page_happy_path_and_bad_upload(service: Service, browser: Any, tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
 
