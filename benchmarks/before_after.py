@@ -19,13 +19,18 @@ import torch
 from PIL import Image, ImageDraw
 
 from benchmarks import common
-from benchmarks.quality import DEFAULT_MODEL, NEW_CONTEXTS, pick_subjects
+from benchmarks.quality import DEFAULT_MODEL, NEW_CONTEXTS, SubjectItem, pick_subjects
 from tuneqdm_core.cli import main as tuneqdm
 from tuneqdm_core.images import to_pil
 
 CELL = 96  # 32 px images drawn 3× larger, nearest neighbour, so the pixels stay visible
 GAP = 16  # between the three groups
 HEADER = 20
+
+
+def _cli(argv: list[str]) -> None:
+    if tuneqdm(argv) != 0:
+        raise SystemExit(f"tuneqdm {' '.join(argv)} failed")
 
 
 def _generate(
@@ -39,16 +44,14 @@ def _generate(
     ]  # fmt: skip
     if adapter is not None:
         argv += ["--adapter", str(adapter)]
-    if tuneqdm(argv) != 0:
-        raise SystemExit(f"tuneqdm {' '.join(argv)} failed")
+    _cli(argv)
     return Image.open(out / f"{seed}.png").convert("RGB")
 
 
 def subject_row(
-    subject_index: int, work: Path, args: argparse.Namespace
+    subject: SubjectItem, work: Path, args: argparse.Namespace
 ) -> list[list[Image.Image]]:
     """[photos, base images, adapter images] of one subject."""
-    subject = pick_subjects(subject_index + 1)[subject_index]
     photo_dir = work / subject.name / "photos"
     photo_dir.mkdir(parents=True)
     photos = to_pil(torch.stack(subject.photos))
@@ -60,8 +63,7 @@ def subject_row(
         "--images", str(photo_dir), "--prompt", subject.instance_prompt, "--resolution", "32",
         "--steps", str(args.steps), "--seed", "0", "--out", str(adapter),
     ]  # fmt: skip
-    if tuneqdm(argv) != 0:
-        raise SystemExit(f"tuneqdm {' '.join(argv)} failed")
+    _cli(argv)
     prompts = [subject.prompt(colour, where) for colour, where in NEW_CONTEXTS[: args.prompts]]
     before, after = [], []
     for i, prompt in enumerate(prompts):
@@ -106,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cache-dir", default=str(common.REPO_ROOT / "var" / "cache"))
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        rows = [subject_row(i, Path(tmp), args) for i in range(args.subjects)]
+        rows = [subject_row(s, Path(tmp), args) for s in pick_subjects(args.subjects)]
     titles = ["subject photos", "base model", f"with the adapter (W{args.bits})"]
     compose(rows, titles).save(args.out)
     print(f"written to {args.out}")
