@@ -10,14 +10,14 @@ from typing import Literal
 import pytest
 
 from app.settings import BUILTIN_MODEL
-from tests.data import fashion_dir, needs_fashion
+from tests.core.builtin.data import fashion_dir, needs_fashion
 from tuneqdm_core.base import load_base
+from tuneqdm_core.builtin.pretrain import PretrainConfig, pretrain, verify_checksums
+from tuneqdm_core.builtin.scenes import SIZE, background_of
 from tuneqdm_core.cli import main
 from tuneqdm_core.generate import GenerationRequest, generate
 from tuneqdm_core.images import to_training_tensor
 from tuneqdm_core.model import QuantConfig
-from tuneqdm_core.pretrain import PretrainConfig, pretrain, verify_checksums
-from tuneqdm_core.scenes import SIZE, background_of
 
 
 def test_shipped_model_matches_its_checksums_and_record() -> None:
