@@ -42,6 +42,9 @@ def test_jobs_queues_latencies_and_http(
             finished_at=now,
         )
     make_finetune(session, t.tenant, status="running")
+    # Finished before the window: counted by status, left out of the latencies.
+    old = now - timedelta(hours=2)
+    make_finetune(session, t.tenant, started_at=old - timedelta(hours=1), finished_at=old)
     gen = make_generation(session, storage, t.tenant, images=1)
     gen.started_at, gen.finished_at = now - timedelta(seconds=3), now
     gen.created_at = now - timedelta(seconds=4)
@@ -55,7 +58,7 @@ def test_jobs_queues_latencies_and_http(
     assert r.status_code == 202, r.text
 
     m = _samples(client)
-    assert m[("tuneqdm_jobs", (("kind", "finetune"), ("status", "succeeded")))] == 2
+    assert m[("tuneqdm_jobs", (("kind", "finetune"), ("status", "succeeded")))] == 3
     assert m[("tuneqdm_jobs", (("kind", "finetune"), ("status", "queued")))] == 1
     assert m[("tuneqdm_jobs", (("kind", "finetune"), ("status", "running")))] == 1
     assert m[("tuneqdm_jobs", (("kind", "generation"), ("status", "succeeded")))] == 1
