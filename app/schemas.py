@@ -320,6 +320,11 @@ class GenerationPublic(BaseModel):
         )
 
 
+class GenerationsPublic(BaseModel):
+    data: list[GenerationPublic]
+    count: int = Field(description="Number of matching generations across all pages.")
+
+
 class HealthPublic(BaseModel):
     status: Literal["ok"]
     checks: dict[str, str] = {}

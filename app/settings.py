@@ -46,7 +46,7 @@ class Settings(BaseSettings):
     # Generation limits.
     max_num_images: int = Field(default=4, ge=1)
     max_generation_steps: int = Field(default=150, ge=1)
-    # 32: the built-in model's native size (README "Built-in model").
+    # 32: the built-in model's native size (docs/builtin-model.md).
     min_image_side: int = Field(default=32, ge=8)
     max_image_side: int = Field(default=1024, ge=8)
 
@@ -99,6 +99,9 @@ class Settings(BaseSettings):
     # After `tuneqdm-admin tenants rotate-webhook-secret`, webhooks carry signatures with the old
     # and the new secret for this long, so receivers can switch without losing a webhook.
     webhook_secret_overlap_s: float = Field(default=24 * 3600.0, ge=0)
+    # Port on which each worker process serves its own Prometheus metrics (base load time,
+    # step and generation histograms); unset: not served. The API's /metrics needs no port.
+    worker_metrics_port: int | None = Field(default=None, ge=1, le=65535)
     # Polling interval of kombu's SQLAlchemy transport (the embedded broker).
     broker_poll_s: float = Field(default=0.5, gt=0)
 

@@ -17,13 +17,18 @@ from typing import Any
 from celery import Celery
 from celery.signals import worker_ready, worker_shutdown
 
-from app.queue import FINETUNE_QUEUE, FINETUNE_TASK, GENERATE_QUEUE, GENERATE_TASK
+from app.queue import (
+    FINETUNE_QUEUE,
+    FINETUNE_TASK,
+    GENERATE_QUEUE,
+    GENERATE_TASK,
+    WEBHOOK_QUEUE,
+)
 from app.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
 WEBHOOK_TASK = "tuneqdm.webhook"
-WEBHOOK_QUEUE = "webhooks"
 
 
 def create_celery(settings: Settings) -> Celery:
@@ -122,3 +127,11 @@ def _stop_sweeper(sender: Any = None, **_: Any) -> None:
     _sweeper.stop.set()
     if _delivery_sweeper is not None:
         _delivery_sweeper.stop.set()
+
+
+@worker_ready.connect
+def _serve_metrics(sender: Any = None, **_: Any) -> None:
+    # In the main process: with --pool=solo the tasks run here too (worker/metrics.py).
+    from worker import metrics
+
+    metrics.serve(settings.worker_metrics_port)

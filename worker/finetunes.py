@@ -22,6 +22,7 @@ from app.models import Adapter, FinetuneJob
 from app.outbox import record_final
 from app.schemas import FinetuneParams
 from app.settings import Settings
+from worker import metrics
 from worker.failures import user_message
 from worker.jobs import Lease, ProgressWriter, claim, finish_owned, new_owner
 from worker.runtime import Runtime
@@ -165,9 +166,14 @@ def _train(
     config = finetune_config(params, job.id)
     write = ProgressWriter(lease, every_s=min(1.0, ctx.settings.heartbeat_s), clock=time.monotonic)
     first = True
+    last = time.perf_counter()
 
     def progress(p: Any) -> None:
-        nonlocal first
+        nonlocal first, last
+        now = time.perf_counter()
+        if not first:  # the first call's interval includes encoding the photos
+            metrics.FINETUNE_STEP_SECONDS.observe(now - last)
+        last = now
         if first:
             # The first step of this run tells where it started: 0, or a checkpoint's step.
             first = False

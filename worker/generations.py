@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from app import storage as st
 from app.models import Adapter, GeneratedImage, GenerationJob
 from app.outbox import record_final
+from worker import metrics
 from worker.failures import user_message
 from worker.finetunes import TERMINAL, Context
 from worker.jobs import Lease, claim, finish_owned, new_owner
@@ -165,7 +166,8 @@ def _generate(
     intervals = max([a.config.intervals for a in distinct.values()] + [1])
     try:
         bank = ctx.runtime.bank(len(distinct), intervals)
-        results = generate(ctx.runtime.base, requests, bank=bank)
+        with metrics.GENERATION_SECONDS.time():
+            results = generate(ctx.runtime.base, requests, bank=bank)
     except Exception as exc:
         log.exception("generation batch %s raised", [j.id for j, _ in runnable])
         message = user_message(exc, storage_root=ctx.storage.root, what="generation")

@@ -15,7 +15,7 @@ from app.ids import looks_like_id, new_id
 from app.models import Adapter, GeneratedImage, GenerationJob, Tenant
 from app.queue import GENERATE_QUEUE, GENERATE_TASK, TaskSender
 from app.schemas import SEED_MAX, GenerationCreate
-from app.services.common import optional_text, required_text
+from app.services.common import optional_text, page, required_text
 from app.settings import Settings
 from app.webhooks import check_webhook_url
 
@@ -166,6 +166,16 @@ def get_generation(*, session: Session, tenant: Tenant, generation_id: str) -> G
     if gen is None:
         raise NotFound(f"no generation with id {generation_id!r}")
     return gen
+
+
+def list_generations(
+    *, session: Session, tenant: Tenant, status: str | None, limit: int, offset: int
+) -> tuple[list[GenerationJob], int]:
+    stmt = _query(tenant)
+    if status is not None:
+        stmt = stmt.where(GenerationJob.status == status)
+    stmt = stmt.order_by(GenerationJob.created_at.desc(), GenerationJob.id)
+    return page(session, stmt, limit=limit, offset=offset)
 
 
 def get_generated_image(
