@@ -45,7 +45,7 @@ RECORD = "pretrain.json"
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    """Defaults fit about an hour on 2 CPU cores (≈ 57 min measured: README "Built-in model")."""
+    """Defaults fit about an hour on 2 CPU cores (≈ 57 min measured: docs/builtin-model.md)."""
 
     steps: int = 2000
     batch_size: int = 32

@@ -23,7 +23,7 @@ from tuneqdm_core.model import QuantConfig
 def test_shipped_model_matches_its_checksums_and_record() -> None:
     assert verify_checksums(BUILTIN_MODEL) == []
     record = json.loads((BUILTIN_MODEL / "pretrain.json").read_text())
-    # Trained in two runs (README "Built-in model" has the commands).
+    # Trained in two runs (docs/builtin-model.md has the commands).
     assert record["steps_done"] > 1000 and record["continues"]["steps_done"] > 1000
     assert main(["check-model", str(BUILTIN_MODEL)]) == 0
 
