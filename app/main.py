@@ -17,7 +17,7 @@ from app import errors
 from app.db import engine_from_settings, make_sessionmaker
 from app.limits import BodySizeLimit
 from app.queue import CelerySender, TaskSender
-from app.routes import adapters, finetunes, generations, health
+from app.routes import adapters, bases, finetunes, generations, health
 from app.settings import Settings, get_settings
 from app.storage import LocalStorage, Storage
 
@@ -79,6 +79,6 @@ def create_app(
     app.add_exception_handler(OperationalError, _database_unavailable)
     app.add_exception_handler(Exception, _unexpected)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
-    for module in (health, finetunes, adapters, generations):
+    for module in (health, finetunes, adapters, generations, bases):
         app.include_router(module.router)
     return app

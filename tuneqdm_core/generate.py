@@ -18,6 +18,7 @@ from PIL import Image
 
 from tuneqdm_core.adapter import Adapter
 from tuneqdm_core.base import BaseModel
+from tuneqdm_core.cancel import cancel_checks
 from tuneqdm_core.images import to_pil
 from tuneqdm_core.routing import ScaleBank, set_route
 
@@ -76,9 +77,13 @@ def generate(
     *,
     bank: ScaleBank | None = None,
     on_step: Callable[[int, int], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
 ) -> list[list[GeneratedImage]]:
     """Images for each request, in order. Requests are grouped by :meth:`loop_key`; each group
-    runs one loop. ``bank`` (optional) is reused for the adapters, else one is made."""
+    runs one loop. ``bank`` (optional) is reused for the adapters, else one is made.
+
+    ``should_cancel`` is asked before every UNet block (:mod:`tuneqdm_core.cancel`); when it
+    returns true, :class:`~tuneqdm_core.cancel.Canceled` is raised within one UNet call."""
     for request in requests:
         check_request(base, request)
     results: list[list[GeneratedImage]] = [[] for _ in requests]
@@ -86,7 +91,8 @@ def generate(
     for index, request in enumerate(requests):
         groups.setdefault(request.loop_key(), []).append(index)
     for indices in groups.values():
-        images = _run_loop(base, [requests[i] for i in indices], bank, on_step)
+        with cancel_checks(base.unet, should_cancel):
+            images = _run_loop(base, [requests[i] for i in indices], bank, on_step)
         for i, group_images in zip(indices, images, strict=True):
             results[i] = group_images
     return results
