@@ -140,6 +140,13 @@ def test_a_runaway_fine_tune_is_stopped_by_its_time_limit(
         assert adapters and all(nxt["adapter_id"] in f for f in adapters), stored
         assert _inputs_only([f for f in stored if f not in adapters]), stored
         assert "passed its time limit" in svc.procs[1].log()
+        # The worker registered its base: native size from the config files, the fingerprint
+        # once it had loaded the model, and itself as a worker serving it.
+        bases = svc.state("/v1/bases")["data"]
+        assert [b["native_resolution"] for b in bases] == [32], bases
+        assert bases[0]["sizes"] == {"default": 32, "min": 16, "max": 64}
+        assert bases[0]["fingerprint"] and bases[0]["storage_mode"] == "packed", bases
+        assert len(bases[0]["workers"]) == 1 and bases[0]["workers"][0]["device"] == "cpu"
 
 
 def test_cancel_during_class_image_generation(
