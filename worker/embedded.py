@@ -28,8 +28,8 @@ from alembic.config import Config
 from app.bases import register
 from app.db import engine_from_settings, make_sessionmaker, session_scope
 from app.services import keys
+from app.services.webhook_secrets import current_secret
 from app.settings import Settings, get_settings
-from app.webhooks import tenant_webhook_secret
 from worker.bases import folder_info
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,7 +76,7 @@ def prepare(settings: Settings, tenant_name: str) -> tuple[str, str]:
                 register(session, info)
             tenant = keys.get_or_create_tenant(session=session, name=tenant_name)
             _, key = keys.create_key(session=session, tenant=tenant)
-            secret = tenant_webhook_secret(settings.resolved_secret_key, tenant.id)
+            secret = current_secret(settings, tenant)
     finally:
         engine.dispose()
     return key, secret

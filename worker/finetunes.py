@@ -19,8 +19,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app import storage as st
 from app.models import Adapter, FinetuneJob
+from app.outbox import record_final
 from app.schemas import FinetuneParams
 from app.settings import Settings
+from worker import metrics
 from worker.bounds import Deadline, stop_check
 from worker.failures import user_message
 from worker.jobs import Lease, ProgressWriter, claim, finish_owned, new_owner
@@ -38,7 +40,8 @@ BASE_FAILED = (
 @dataclass
 class Context:
     """What a task needs from its process: settings, database, storage, the model runtime and
-    the webhook sender (a callable taking the fine-tune id)."""
+    `notify`, a callable taking a job id that asks for its webhook's first attempt now (the
+    delivery row itself is written with the job's final state; the sweep is the safety net)."""
 
     settings: Settings
     sessions: sessionmaker[Session]
@@ -100,6 +103,8 @@ def _refusal(params: FinetuneParams, settings: Settings) -> str | None:
 def _fail(ctx: Context, job: FinetuneJob, owner: str, message: str) -> None:
     with ctx.sessions() as session:
         done = finish_owned(session, FinetuneJob, job.id, owner, "failed", error=message)
+        if done:
+            record_final(session, FinetuneJob, job.id)
         session.commit()
     if done:
         log.warning("fine-tune %s failed: %s", job.id, message)
@@ -114,7 +119,7 @@ def run_finetune(job_id: str, ctx: Context) -> str:
             return "missing"  # the API removed it after a failed publish
         if job.status in TERMINAL:
             if job.status == "canceled" and job.started_at is None:
-                ctx.notify(job.id)  # canceled while queued: no worker ran it to say so
+                ctx.notify(job.id)  # canceled while queued: the API wrote its webhook row
             return f"skipped ({job.status})"
         owner = new_owner()
         if not claim(session, FinetuneJob, job_id, owner, stale_after_s=ctx.settings.stale_after_s):
@@ -166,9 +171,14 @@ def _train(
     write = ProgressWriter(lease, every_s=min(1.0, ctx.settings.heartbeat_s), clock=time.monotonic)
     deadline = Deadline(job.started_at, job.time_limit_s, "TUNEQDM_FINETUNE_TIME_LIMIT_S")
     first = True
+    last = time.perf_counter()
 
     def progress(p: Any) -> None:
-        nonlocal first
+        nonlocal first, last
+        now = time.perf_counter()
+        if not first:  # the first call's interval includes encoding the photos
+            metrics.FINETUNE_STEP_SECONDS.observe(now - last)
+        last = now
         if first:
             # The first step of this run tells where it started: 0, or a checkpoint's step.
             first = False
@@ -242,6 +252,7 @@ def _train(
                     storage_key=key,
                 )
             )
+            record_final(session, FinetuneJob, job.id)
         session.commit()
     if not done:
         ctx.storage.delete(key)

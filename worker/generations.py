@@ -18,6 +18,8 @@ from sqlalchemy.orm import Session
 
 from app import storage as st
 from app.models import Adapter, GeneratedImage, GenerationJob
+from app.outbox import record_final
+from worker import metrics
 from worker.bounds import Deadline, stop_check
 from worker.failures import user_message
 from worker.finetunes import TERMINAL, Context
@@ -97,9 +99,13 @@ def run_generation(generation_id: str, ctx: Context) -> str:
 
 def _fail(ctx: Context, job_id: str, owner: str, message: str) -> None:
     with ctx.sessions() as session:
-        finish_owned(session, GenerationJob, job_id, owner, "failed", error=message)
+        done = finish_owned(session, GenerationJob, job_id, owner, "failed", error=message)
+        if done:
+            record_final(session, GenerationJob, job_id)
         session.commit()
     log.warning("generation %s failed: %s", job_id, message)
+    if done:
+        ctx.notify(job_id)
 
 
 def _stopped(ctx: Context, job_id: str, owner: str, lease: Lease, deadline: Deadline) -> None:
@@ -187,12 +193,13 @@ def _generate(
         # The loop is shared: it stops (within one UNet call) only when every generation in it
         # was canceled, taken over or passed its time limit. One canceled generation among
         # other tenants' ones only loses its own images below.
-        results = generate(
-            ctx.runtime.base,
-            requests,
-            bank=bank,
-            should_cancel=lambda: all(stop() for stop in stops.values()),
-        )
+        with metrics.GENERATION_SECONDS.time():
+            results = generate(
+                ctx.runtime.base,
+                requests,
+                bank=bank,
+                should_cancel=lambda: all(stop() for stop in stops.values()),
+            )
     except Canceled:
         for job, _ in runnable:
             _stopped(ctx, job.id, owner, leases[job.id], deadlines[job.id])
@@ -226,7 +233,9 @@ def _generate(
                     GeneratedImage(generation_id=job.id, index=i, seed=seed, storage_key=key)
                     for i, seed, key in keys
                 )
+                record_final(session, GenerationJob, job.id)
                 session.commit()
+                ctx.notify(job.id)
             else:
                 # Canceled (or taken over) after the check above: its images are nobody's.
                 session.rollback()

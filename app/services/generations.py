@@ -6,18 +6,21 @@ import logging
 import secrets
 
 from sqlalchemy import Select, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
-from app import budget
+from app import budget, idempotency
 from app.bases import BaseInfo, size_range
 from app.errors import Conflict, InvalidInput, NotFound
 from app.ids import looks_like_id, new_id
 from app.models import ACTIVE_STATUSES, Adapter, GeneratedImage, GenerationJob, Tenant, utcnow
+from app.outbox import record_final
 from app.queue import GENERATE_QUEUE, GENERATE_TASK, TaskSender
 from app.schemas import SEED_MAX, GenerationCreate
 from app.services.bases import current_base
-from app.services.common import optional_text, required_text
+from app.services.common import optional_text, page, required_text
 from app.settings import Settings
+from app.webhooks import check_webhook_url
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +81,25 @@ def _check_adapter(session: Session, tenant: Tenant, adapter_id: str, settings: 
         )
 
 
+def _replay(
+    session: Session,
+    tenant: Tenant,
+    key: str,
+    fingerprint: str,
+    settings: Settings,
+    *,
+    expire: bool = True,
+) -> GenerationJob | None:
+    return idempotency.replay(
+        session,
+        _query(tenant).where(GenerationJob.idempotency_key == key),
+        key=key,
+        fingerprint=fingerprint,
+        ttl_s=settings.idempotency_ttl_s,
+        expire=expire,
+    )
+
+
 def create_generation(
     *,
     session: Session,
@@ -85,13 +107,27 @@ def create_generation(
     settings: Settings,
     tenant: Tenant,
     data: GenerationCreate,
+    idempotency_key: str | None = None,
 ) -> GenerationJob:
+    key = idempotency.check_key(idempotency_key)
+    fingerprint = idempotency.fingerprint(data.model_dump(mode="json"))
+    if key is not None:
+        existing = _replay(session, tenant, key, fingerprint, settings)
+        if existing is not None:
+            return existing
     limit = settings.max_prompt_chars
     prompt = required_text(data.prompt, field="prompt", max_chars=limit)
     negative = optional_text(data.negative_prompt, field="negative_prompt", max_chars=limit)
     width, height = _check_limits(data, settings, current_base(session=session, settings=settings))
     if data.adapter_id is not None:
         _check_adapter(session, tenant, data.adapter_id, settings)
+    webhook_url = None
+    if data.webhook_url is not None and data.webhook_url.strip():
+        webhook_url = check_webhook_url(
+            data.webhook_url.strip(),
+            allow_private=settings.allow_private_webhooks,
+            ports=settings.webhook_ports,
+        )
     seed = data.seed if data.seed is not None else secrets.randbelow(SEED_MAX + 1)
     gen = GenerationJob(
         id=new_id("gen"),
@@ -109,9 +145,22 @@ def create_generation(
         height=height,
         scheduler=data.scheduler,
         time_limit_s=settings.generation_time_limit_s,
+        webhook_url=webhook_url,
+        idempotency_key=key,
+        idempotency_fingerprint=fingerprint if key is not None else None,
     )
     session.add(gen)
-    session.commit()
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        # A concurrent request with the same Idempotency-Key won the race: answer with its job
+        # (or 409 if that request was another one).
+        if key is not None:
+            existing = _replay(session, tenant, key, fingerprint, settings, expire=False)
+            if existing is not None:
+                return existing
+        raise
     try:
         sender.send(GENERATE_TASK, gen.id, queue=GENERATE_QUEUE)
     except Exception:
@@ -126,7 +175,7 @@ def _query(tenant: Tenant) -> Select[GenerationJob]:
     return (
         select(GenerationJob)
         .where(GenerationJob.tenant_id == tenant.id)
-        .options(selectinload(GenerationJob.images))
+        .options(selectinload(GenerationJob.images), selectinload(GenerationJob.webhook))
     )
 
 
@@ -137,6 +186,16 @@ def get_generation(*, session: Session, tenant: Tenant, generation_id: str) -> G
     if gen is None:
         raise NotFound(f"no generation with id {generation_id!r}")
     return gen
+
+
+def list_generations(
+    *, session: Session, tenant: Tenant, status: str | None, limit: int, offset: int
+) -> tuple[list[GenerationJob], int]:
+    stmt = _query(tenant)
+    if status is not None:
+        stmt = stmt.where(GenerationJob.status == status)
+    stmt = stmt.order_by(GenerationJob.created_at.desc(), GenerationJob.id)
+    return page(session, stmt, limit=limit, offset=offset)
 
 
 def get_generated_image(
@@ -164,6 +223,8 @@ def cancel_generation(*, session: Session, tenant: Tenant, generation_id: str) -
         .values(status="canceled", finished_at=now, updated_at=now)
         .execution_options(synchronize_session=False)
     )
+    if result.rowcount:  # type: ignore[attr-defined]
+        record_final(session, GenerationJob, gen.id)  # commits with the canceled state
     session.commit()
     session.refresh(gen)
     if result.rowcount == 0:  # type: ignore[attr-defined]

@@ -23,6 +23,7 @@ TABLES = {
     "generated_images",
     "bases",
     "base_workers",
+    "webhook_deliveries",
 }
 
 
