@@ -77,6 +77,15 @@ class Tenant(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     name: Mapped[str] = mapped_column(String(100), unique=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # Per-tenant overrides of TUNEQDM_TENANT_RPM / _ACTIVE_JOBS / _STORED_BYTES (NULL: the
+    # setting; 0: unlimited), set with `tuneqdm-admin tenants limits`.
+    rpm_limit: Mapped[int | None] = mapped_column(Integer)
+    active_jobs_limit: Mapped[int | None] = mapped_column(Integer)
+    stored_bytes_limit: Mapped[int | None] = mapped_column(BigInteger)
+    # Requests counted in the current minute (app/services/limits.py): the minute's number
+    # since the epoch and the count, updated by one conditional UPDATE per request.
+    rate_window: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    rate_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class ApiKey(Base):
@@ -111,6 +120,9 @@ class FinetuneJob(Base):
     params: Mapped[dict[str, Any]] = mapped_column(JSON)
     webhook_url: Mapped[str | None] = mapped_column(String(2048))
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    # Photos uploaded; stays when the photos themselves are deleted (photos_deleted_at).
+    num_images: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    photos_deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # Progress, written by the worker.
     progress_step: Mapped[int] = mapped_column(Integer, default=0)
     progress_total: Mapped[int] = mapped_column(Integer)
@@ -134,7 +146,7 @@ class FinetuneJob(Base):
 
 
 class FinetuneImage(Base):
-    """One uploaded subject photo, re-encoded to PNG at `storage_key`."""
+    """One uploaded subject photo, downscaled and re-encoded to JPEG at `storage_key`."""
 
     __tablename__ = "finetune_images"
     __table_args__ = (UniqueConstraint("job_id", "index", name="uq_finetune_images_job_index"),)
@@ -226,6 +238,8 @@ class GeneratedImage(Base):
     index: Mapped[int] = mapped_column(Integer)
     seed: Mapped[int] = mapped_column(BigInteger)
     storage_key: Mapped[str] = mapped_column(String(255))
+    # Counted in the tenant's stored bytes (TUNEQDM_TENANT_STORED_BYTES).
+    size_bytes: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     generation: Mapped[GenerationJob] = relationship(back_populates="images")

@@ -92,7 +92,10 @@ class FinetunePublic(BaseModel):
     token: str
     params: FinetuneParams
     webhook_url: str | None
-    num_images: int
+    num_images: int = Field(description="Photos uploaded (kept even after they are deleted).")
+    photos_deleted_at: datetime | None = Field(
+        description="When the photos were deleted (after the job ended; see retention)."
+    )
     progress: Progress
     loss: float | None
     eta_seconds: float | None = Field(description="Estimated seconds left while running.")
@@ -116,7 +119,8 @@ class FinetunePublic(BaseModel):
             token=job.token,
             params=FinetuneParams.model_validate(job.params),
             webhook_url=job.webhook_url,
-            num_images=len(job.images),
+            num_images=job.num_images,
+            photos_deleted_at=job.photos_deleted_at,
             progress=Progress(step=job.progress_step, total=job.progress_total),
             loss=job.loss,
             eta_seconds=_eta(job),

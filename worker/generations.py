@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from app import storage as st
 from app.models import Adapter, GeneratedImage, GenerationJob
+from app.services.retention import discard_generation_files
 from worker.failures import user_message
 from worker.finetunes import TERMINAL, Context
 from worker.jobs import Lease, claim, finish_owned, new_owner
@@ -181,11 +182,18 @@ def _generate(
             session.execute(delete(GeneratedImage).where(GeneratedImage.generation_id == job.id))
             if finish_owned(session, GenerationJob, job.id, owner, "succeeded"):
                 session.add_all(
-                    GeneratedImage(generation_id=job.id, index=i, seed=seed, storage_key=key)
+                    GeneratedImage(
+                        generation_id=job.id,
+                        index=i,
+                        seed=seed,
+                        storage_key=key,
+                        size_bytes=ctx.storage.path(key).stat().st_size,
+                    )
                     for i, seed, key in keys
                 )
                 session.commit()
             else:
                 session.rollback()
+                discard_generation_files(ctx.storage, job.tenant_id, job.id)
     log.info("generated %d job(s) in one loop", len(runnable))
     return f"succeeded (batch of {len(runnable)})"

@@ -19,6 +19,7 @@ from app.images import CheckedImage, check_image, read_limited
 from app.models import ACTIVE_STATUSES, FinetuneImage, FinetuneJob, Tenant, utcnow
 from app.queue import FINETUNE_QUEUE, FINETUNE_TASK, TaskSender
 from app.schemas import FinetuneParams
+from app.services import quotas, retention
 from app.services.common import optional_text, page, required_text
 from app.settings import Settings
 from app.webhooks import check_webhook_url
@@ -101,7 +102,7 @@ def _validate_form(form: FinetuneForm, settings: Settings) -> FinetuneJob:
     return job
 
 
-def _check_uploads(uploads: list[Upload], settings: Settings) -> list[CheckedImage]:
+def check_count(uploads: list[Upload], settings: Settings) -> None:
     if len(uploads) < settings.min_images:
         raise InvalidInput(
             f"send at least {settings.min_images} photo(s) of the subject in the 'images' field"
@@ -110,13 +111,25 @@ def _check_uploads(uploads: list[Upload], settings: Settings) -> list[CheckedIma
         raise InvalidInput(
             f"{len(uploads)} images sent, the limit is {settings.max_images}; send fewer"
         )
-    checked = []
-    for i, up in enumerate(uploads):
-        # Name files by position, not by their (untrusted) name, in messages too.
-        what = f"images[{i}]"
-        data = read_limited(up.stream, settings.max_image_bytes, what)
-        checked.append(check_image(data, max_pixels=settings.max_image_pixels, what=what))
-    return checked
+
+
+def check_upload(upload: Upload, index: int, settings: Settings) -> CheckedImage:
+    """Read, check, downscale and re-encode one photo (CPU work: app.image_pool runs it)."""
+    # Name files by position, not by their (untrusted) name, in messages too.
+    what = f"images[{index}]"
+    data = read_limited(upload.stream, settings.max_image_bytes, what)
+    return check_image(
+        data,
+        max_pixels=settings.max_image_pixels,
+        what=what,
+        max_side=round(settings.stored_photo_scale * settings.max_image_side),
+        quality=settings.stored_photo_quality,
+    )
+
+
+def _check_uploads(uploads: list[Upload], settings: Settings) -> list[CheckedImage]:
+    check_count(uploads, settings)
+    return [check_upload(up, i, settings) for i, up in enumerate(uploads)]
 
 
 def _get_by_idempotency_key(session: Session, tenant: Tenant, key: str) -> FinetuneJob | None:
@@ -131,25 +144,38 @@ def create_finetune(
     settings: Settings,
     tenant: Tenant,
     form: FinetuneForm,
-    uploads: list[Upload],
+    uploads: list[Upload] | None = None,
+    checked: list[CheckedImage] | None = None,
 ) -> FinetuneJob:
+    """Create the job from `uploads`, or from photos already checked with `check_upload`
+    (the route does that in app.image_pool, before it takes a database connection)."""
     if form.idempotency_key is not None:
         if not 1 <= len(form.idempotency_key) <= 255:
             raise InvalidInput("Idempotency-Key must be 1-255 characters")
         existing = _get_by_idempotency_key(session, tenant, form.idempotency_key)
         if existing is not None:
             return existing
+        # End the read transaction: no connection is held while photos are decoded.
+        session.commit()
 
     job = _validate_form(form, settings)
-    checked = _check_uploads(uploads, settings)
+    if checked is None:
+        checked = _check_uploads(uploads or [], settings)
+    quotas.check_new_job(
+        session=session,
+        tenant=tenant,
+        settings=settings,
+        adding_bytes=sum(len(img.data) for img in checked),
+    )
 
     job.id = new_id("ft")
     job.tenant_id = tenant.id
+    job.num_images = len(checked)
     keys = []
     try:
         for i, img in enumerate(checked):
             key = st.finetune_input_key(tenant.id, job.id, i)
-            storage.put(key, img.png)
+            storage.put(key, img.data)
             keys.append(key)
             job.images.append(
                 FinetuneImage(
@@ -157,7 +183,7 @@ def create_finetune(
                     storage_key=key,
                     width=img.width,
                     height=img.height,
-                    size_bytes=len(img.png),
+                    size_bytes=len(img.data),
                 )
             )
         session.add(job)
@@ -223,8 +249,25 @@ def list_finetunes(
     return page(session, stmt, limit=limit, offset=offset)
 
 
-def cancel_finetune(*, session: Session, tenant: Tenant, finetune_id: str) -> FinetuneJob:
+def delete_finetune(
+    *, session: Session, storage: st.Storage, tenant: Tenant, finetune_id: str, delete_adapter: bool
+) -> None:
     job = get_finetune(session=session, tenant=tenant, finetune_id=finetune_id)
+    retention.delete_finetune(
+        session=session, storage=storage, job=job, delete_adapter=delete_adapter
+    )
+
+
+def cancel_finetune(
+    *,
+    session: Session,
+    tenant: Tenant,
+    finetune_id: str,
+    storage: st.Storage | None = None,
+    settings: Settings | None = None,
+) -> FinetuneJob:
+    job = get_finetune(session=session, tenant=tenant, finetune_id=finetune_id)
+    was_queued = job.status == "queued"
     now = utcnow()
     # A conditional UPDATE, so a worker finishing the job at the same moment cannot be
     # overwritten; the worker stops when it sees status=canceled at its next check.
@@ -241,4 +284,9 @@ def cancel_finetune(*, session: Session, tenant: Tenant, finetune_id: str) -> Fi
             f"fine-tune job {job.id} is already {job.status}; only queued or running jobs "
             "can be canceled"
         )
+    if was_queued and storage is not None and settings is not None:
+        # No worker will run it, so no worker will delete its photos: do it here (or leave
+        # them to the sweep when a retention period keeps them).
+        retention.after_finetune_end(session, storage, settings, tenant.id, job.id)
+        session.refresh(job)
     return job

@@ -13,8 +13,10 @@ from app.ids import looks_like_id, new_id
 from app.models import Adapter, GeneratedImage, GenerationJob, Tenant
 from app.queue import GENERATE_QUEUE, GENERATE_TASK, TaskSender
 from app.schemas import SEED_MAX, GenerationCreate
+from app.services import quotas, retention
 from app.services.common import optional_text, required_text
 from app.settings import Settings
+from app.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,7 @@ def create_generation(
     _check_limits(data, settings)
     if data.adapter_id is not None:
         _check_adapter(session, tenant, data.adapter_id, settings)
+    quotas.check_new_job(session=session, tenant=tenant, settings=settings)
     seed = data.seed if data.seed is not None else secrets.randbelow(SEED_MAX + 1)
     gen = GenerationJob(
         id=new_id("gen"),
@@ -130,3 +133,10 @@ def get_generated_image(
         f"generation {generation_id} has no image {index} (status {gen.status}, "
         f"{len(gen.images)} image(s) ready)"
     )
+
+
+def delete_generation(
+    *, session: Session, storage: Storage, tenant: Tenant, generation_id: str
+) -> None:
+    gen = get_generation(session=session, tenant=tenant, generation_id=generation_id)
+    retention.delete_generation(session=session, storage=storage, gen=gen)

@@ -1,0 +1,59 @@
+"""ASGI middleware: a request id for every request, and one access log line per request.
+
+The id comes from the client's X-Request-ID when it is sane (app.logs.new_request_id), else it
+is generated; it is returned in the X-Request-ID response header and is in every log line
+written while the request is served, so a user's report can be matched to the logs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.logs import new_request_id, request_id
+
+log = logging.getLogger("tuneqdm.access")
+HEADER = b"x-request-id"
+
+
+class RequestContext:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        offered = dict(scope.get("headers") or []).get(HEADER)
+        rid = new_request_id(offered.decode("latin-1") if offered is not None else None)
+        token = request_id.set(rid)
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != HEADER]
+                message = {**message, "headers": [*headers, (HEADER, rid.encode())]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            # The path holds only ids (never a prompt); the query string is left out.
+            log.info(
+                "%s %s %d",
+                scope["method"],
+                scope["path"],
+                status,
+                extra={
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "status": status,
+                    "duration_ms": round((time.perf_counter() - started) * 1000, 1),
+                },
+            )
+            request_id.reset(token)
