@@ -4,6 +4,7 @@ expiry of generations, `tuneqdm-admin tenants purge`. Each test checks files and
 from __future__ import annotations
 
 import io
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -303,3 +304,31 @@ def test_purge_removes_every_row_and_file_of_a_tenant(
     assert client.get("/v1/adapters", headers=other.headers).json()["count"] == 1
     assert any(r.getMessage() == "tenant.purge" for r in caplog.records)
     assert cli.main(["tenants", "purge", "nobody", "--yes"]) == 1
+
+
+def test_the_api_process_runs_the_sweep_on_its_timer(
+    database_url: str,
+    workdir: Path,
+    session_factory: sessionmaker[Session],
+    storage: LocalStorage,
+    session: Session,
+) -> None:
+    from app.main import create_app
+
+    t = make_tenant(session)
+    gen = make_generation(session, storage, t.tenant, images=1)
+    gen.finished_at = utcnow() - timedelta(hours=2)
+    session.commit()
+    gen_id = gen.id
+    settings = make_settings(
+        database_url, workdir, generation_retention_s=3600, retention_sweep_every_s=0.1
+    )
+    app = create_app(settings, session_factory=session_factory, storage=storage)
+    with TestClient(app):
+        # The sweep runs in the app's lifespan, as it does under uvicorn (embedded and compose).
+        for _ in range(100):
+            if _count(session, GenerationJob, GenerationJob.id == gen_id) == 0:
+                break
+            time.sleep(0.1)
+    assert _count(session, GenerationJob, GenerationJob.id == gen_id) == 0
+    assert not storage.path(st.generation_prefix(t.tenant.id, gen_id)).exists()
