@@ -46,7 +46,7 @@ class Settings(BaseSettings):
     # Generation limits.
     max_num_images: int = Field(default=4, ge=1)
     max_generation_steps: int = Field(default=150, ge=1)
-    # 32: the built-in model's native size (README "Built-in model").
+    # 32: the built-in model's native size (docs/builtin-model.md).
     min_image_side: int = Field(default=32, ge=8)
     max_image_side: int = Field(default=1024, ge=8)
 

@@ -37,7 +37,7 @@ def ensure_default_model(settings: Settings) -> str:
     target = settings.default_model_dir
     if (target / "model_index.json").is_file():
         return str(target)
-    from tuneqdm_core.tiny import save_tiny_pipeline
+    from tuneqdm_core.builtin.tiny import save_tiny_pipeline
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tiny-sd-"))

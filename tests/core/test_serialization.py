@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from tests.helpers import perturbed_adapter
+from tests.core.helpers import perturbed_adapter
 from tuneqdm_core import (
     AdapterConfig,
     AdapterFileError,

@@ -11,7 +11,7 @@ import pytest
 from torch import nn
 
 from tests.conftest import subject_photos
-from tests.helpers import perturbed_adapter
+from tests.core.helpers import perturbed_adapter
 from tuneqdm_core import AdapterConfig, QuantConfig, quantize_, save_adapter
 from tuneqdm_core.cli import main
 from tuneqdm_core.configs import build_unet

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.helpers import perturbed_adapter
+from tests.core.helpers import perturbed_adapter
 from tuneqdm_core.adapter import AdapterConfig
 from tuneqdm_core.base import BaseModel
 from tuneqdm_core.generate import GenerationRequest, generate

@@ -10,20 +10,20 @@ from typing import Literal
 import pytest
 
 from app.settings import BUILTIN_MODEL
-from tests.data import fashion_dir, needs_fashion
+from tests.core.builtin.data import fashion_dir, needs_fashion
 from tuneqdm_core.base import load_base
+from tuneqdm_core.builtin.pretrain import PretrainConfig, pretrain, verify_checksums
+from tuneqdm_core.builtin.scenes import SIZE, background_of
 from tuneqdm_core.cli import main
 from tuneqdm_core.generate import GenerationRequest, generate
 from tuneqdm_core.images import to_training_tensor
 from tuneqdm_core.model import QuantConfig
-from tuneqdm_core.pretrain import PretrainConfig, pretrain, verify_checksums
-from tuneqdm_core.scenes import SIZE, background_of
 
 
 def test_shipped_model_matches_its_checksums_and_record() -> None:
     assert verify_checksums(BUILTIN_MODEL) == []
     record = json.loads((BUILTIN_MODEL / "pretrain.json").read_text())
-    # Trained in two runs (README "Built-in model" has the commands).
+    # Trained in two runs (docs/builtin-model.md has the commands).
     assert record["steps_done"] > 1000 and record["continues"]["steps_done"] > 1000
     assert main(["check-model", str(BUILTIN_MODEL)]) == 0
 

@@ -1,4 +1,4 @@
-"""Quantized layers against the paper's materialised weight (tests/oracle.py).
+"""Quantized layers against the paper's materialised weight (tests/core/oracle.py).
 
 Error bounds: float64 ≤ 1e-10 relative (the two computations differ only in summation order);
 float32 ≤ 2e-5 relative.
@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from tests.helpers import assert_close_all, perturbed_adapter, run_both
-from tests.oracle import oracle_layer, oracle_mode
+from tests.core.helpers import assert_close_all, perturbed_adapter, run_both
+from tests.core.oracle import oracle_layer, oracle_mode
 from tuneqdm_core import (
     Adapter,
     AdapterConfig,

@@ -7,7 +7,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch import nn
 
-from tests.helpers import assert_close_all, perturbed_adapter, run_both
+from tests.core.helpers import assert_close_all, perturbed_adapter, run_both
 from tuneqdm_core import (
     AdapterConfig,
     QuantConfig,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tests.helpers import perturbed_adapter
+from tests.core.helpers import perturbed_adapter
 from tuneqdm_core import Adapter, AdapterConfig, QuantConfig, param_groups, quantize_, use_adapter
 
 

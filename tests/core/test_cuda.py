@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from tests.conftest import subject_photos
-from tests.helpers import assert_close_all, perturbed_adapter, run_both
-from tests.oracle import oracle_mode
+from tests.core.helpers import assert_close_all, perturbed_adapter, run_both
+from tests.core.oracle import oracle_mode
 from tuneqdm_core import AdapterConfig, QuantConfig, ScaleBank, quantize_, set_route, use_adapter
 from tuneqdm_core.base import load_base
 from tuneqdm_core.finetune import FinetuneConfig, Progress, Subject, finetune

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from tests.oracle import oracle_mode
+from tests.core.oracle import oracle_mode
 from tuneqdm_core import Adapter, AdapterConfig, route_adapters, set_route
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tuneqdm_core.scenes import DATA_DIR
+from tuneqdm_core.builtin.scenes import DATA_DIR
 
 
 def fashion_dir() -> Path:

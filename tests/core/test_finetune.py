@@ -12,6 +12,7 @@ import torch
 
 from tests.conftest import subject_photos
 from tuneqdm_core.base import BaseModel, load_base
+from tuneqdm_core.builtin.tiny import save_tiny_pipeline
 from tuneqdm_core.finetune import (
     FinetuneCanceled,
     FinetuneConfig,
@@ -23,7 +24,6 @@ from tuneqdm_core.finetune import (
 from tuneqdm_core.generate import GenerationRequest, generate
 from tuneqdm_core.model import quant_state
 from tuneqdm_core.serialization import adapter_tensors
-from tuneqdm_core.tiny import save_tiny_pipeline
 
 # Learning rates for a random tiny model whose quantization steps are ~1e-2 (not SD's ~1e-3).
 FAST: dict[str, Any] = {"resolution": 32, "lr_s_out": 1e-3, "lr_s_in": 3e-2}

@@ -26,8 +26,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 from PIL import Image
 
-from tuneqdm_core.configs import UNET_CONFIGS
-from tuneqdm_core.scenes import (
+from tuneqdm_core.builtin.scenes import (
     CLASSES,
     DATA_DIR,
     SIZE,
@@ -36,7 +35,8 @@ from tuneqdm_core.scenes import (
     load_fashion,
     shrink,
 )
-from tuneqdm_core.tiny import WORDS, build_pipeline, save_pipeline
+from tuneqdm_core.builtin.tiny import WORDS, build_pipeline, save_pipeline
+from tuneqdm_core.configs import UNET_CONFIGS
 
 FASHION_WORDS = (*WORDS, "tshirt")
 CHECKSUMS = "SHA256SUMS"
@@ -45,7 +45,7 @@ RECORD = "pretrain.json"
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    """Defaults fit about an hour on 2 CPU cores (≈ 57 min measured: README "Built-in model")."""
+    """Defaults fit about an hour on 2 CPU cores (≈ 57 min measured: docs/builtin-model.md)."""
 
     steps: int = 2000
     batch_size: int = 32

@@ -20,9 +20,10 @@ from transformers import (
 )
 
 from tests.conftest import subject_photos
-from tests.helpers import perturbed_adapter
+from tests.core.helpers import perturbed_adapter
 from tuneqdm_core import AdapterConfig, save_adapter
 from tuneqdm_core.base import BaseModel
+from tuneqdm_core.builtin.tiny import SPECIAL, tokenizer_files
 from tuneqdm_core.cli import main
 from tuneqdm_core.cli.evaluate import parse_subject, read_prompts
 from tuneqdm_core.evaluation import (
@@ -38,7 +39,6 @@ from tuneqdm_core.evaluation import (
     strip_identifier,
     subject_similarity,
 )
-from tuneqdm_core.tiny import SPECIAL, tokenizer_files
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
 VISION = {**TINY, "num_attention_heads": 2, "image_size": 32, "patch_size": 8}

@@ -11,8 +11,8 @@ import torch
 
 from benchmarks import quality
 from benchmarks.fidelity import FeatureNet, prompt_fidelity, self_similarity, subject_fidelity
-from tests.data import fashion_dir, needs_fashion
-from tuneqdm_core.scenes import render
+from tests.core.builtin.data import fashion_dir, needs_fashion
+from tuneqdm_core.builtin.scenes import render
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.data import fashion_dir, needs_fashion
-from tuneqdm_core.scenes import (
+from tests.core.builtin.data import fashion_dir, needs_fashion
+from tuneqdm_core.builtin.scenes import (
     CLASSES,
     COLOURS,
     POSITIONS,
