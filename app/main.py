@@ -21,7 +21,7 @@ from app import errors
 from app.db import engine_from_settings, make_sessionmaker
 from app.image_pool import ImagePool
 from app.limits import BodySizeLimit
-from app.logs import configure_logging
+from app.logs import configure_logging, request_id
 from app.middleware import RequestContext
 from app.queue import CelerySender, TaskSender
 from app.routes import adapters, finetunes, generations, health
@@ -83,7 +83,11 @@ async def _pool_exhausted(_request: Request, _exc: Exception) -> JSONResponse:
 async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
     # Keep the {"detail": ...} shape even for bugs; the traceback goes to the log only.
     log.exception("unhandled error", exc_info=exc)
-    return JSONResponse({"detail": "internal error; it has been logged"}, status_code=500)
+    rid = request_id.get()
+    headers = {"X-Request-ID": rid} if rid != "-" else None
+    return JSONResponse(
+        {"detail": "internal error; it has been logged"}, status_code=500, headers=headers
+    )
 
 
 async def _retention_sweeps(app: FastAPI) -> None:

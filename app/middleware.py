@@ -30,7 +30,7 @@ class RequestContext:
         rid = new_request_id(offered.decode("latin-1") if offered is not None else None)
         token = request_id.set(rid)
         started = time.perf_counter()
-        status = 500
+        status = 500  # until the response starts
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
@@ -42,18 +42,26 @@ class RequestContext:
 
         try:
             await self.app(scope, receive, send_with_id)
-        finally:
-            # The path holds only ids (never a prompt); the query string is left out.
-            log.info(
-                "%s %s %d",
-                scope["method"],
-                scope["path"],
-                status,
-                extra={
-                    "method": scope["method"],
-                    "path": scope["path"],
-                    "status": status,
-                    "duration_ms": round((time.perf_counter() - started) * 1000, 1),
-                },
-            )
-            request_id.reset(token)
+        except BaseException:
+            # Left set: Starlette's outermost error handler (app.main._unexpected) still runs
+            # in this request's context and puts the id in its log line and its 500 response.
+            self._access(scope, 500, started)
+            raise
+        self._access(scope, status, started)
+        request_id.reset(token)
+
+    @staticmethod
+    def _access(scope: Scope, status: int, started: float) -> None:
+        # The path holds only ids (never a prompt); the query string is left out.
+        log.info(
+            "%s %s %d",
+            scope["method"],
+            scope["path"],
+            status,
+            extra={
+                "method": scope["method"],
+                "path": scope["path"],
+                "status": status,
+                "duration_ms": round((time.perf_counter() - started) * 1000, 1),
+            },
+        )

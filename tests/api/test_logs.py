@@ -136,3 +136,22 @@ def test_audit_lines_for_keys_and_deletions(
     deletions = [line for line in audits if line["audit"] != "key.create"]
     assert all(line["request_id"] != "-" for line in deletions[1:])
     assert all(line["tenant_id"] for line in audits)
+
+
+def test_a_500_carries_the_request_id_in_its_header_and_log_line(
+    client: TestClient, json_log: io.StringIO
+) -> None:
+    app = client.app
+
+    @app.get("/boom")  # type: ignore[attr-defined]
+    def boom() -> None:
+        raise RuntimeError("bug")
+
+    r = TestClient(app, raise_server_exceptions=False).get(
+        "/boom", headers={"X-Request-ID": "trace-500"}
+    )
+    assert r.status_code == 500 and r.headers["X-Request-ID"] == "trace-500"
+    errors = [line for line in _lines(json_log) if line["message"] == "unhandled error"]
+    assert errors and errors[-1]["request_id"] == "trace-500"
+    access = [line for line in _lines(json_log) if line["logger"] == "tuneqdm.access"]
+    assert access[-1]["status"] == 500 and access[-1]["request_id"] == "trace-500"
