@@ -75,7 +75,9 @@ async def create_finetune(
         idempotency_key=idempotency_key,
     )
     uploads = [svc.Upload(filename=f.filename, stream=f.file) for f in images or []]
-    svc.check_count(uploads, settings)
+    await run_in_threadpool(
+        svc.precheck, session=session, settings=settings, tenant=tenant, form=form, uploads=uploads
+    )
     # Async on purpose: waiting for a slot of the image pool holds no thread and no database
     # connection (the authentication committed); only the database work below takes a thread.
     checked = [

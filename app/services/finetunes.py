@@ -102,6 +102,28 @@ def _validate_form(form: FinetuneForm, settings: Settings) -> FinetuneJob:
     return job
 
 
+def precheck(
+    *,
+    session: Session,
+    settings: Settings,
+    tenant: Tenant,
+    form: FinetuneForm,
+    uploads: list[Upload],
+) -> None:
+    """The cheap checks, before any photo is decoded: form fields, photo count, the tenant's
+    job and byte limits (checked again with the photos' sizes before the insert). Ends its
+    read transaction, so no connection is held while the photos are decoded."""
+    _validate_form(form, settings)
+    check_count(uploads, settings)
+    try:
+        key = form.idempotency_key
+        # A repeated request answers with its job (create_finetune), limits or not.
+        if key is None or _get_by_idempotency_key(session, tenant, key) is None:
+            quotas.check_new_job(session=session, tenant=tenant, settings=settings)
+    finally:
+        session.commit()
+
+
 def check_count(uploads: list[Upload], settings: Settings) -> None:
     if len(uploads) < settings.min_images:
         raise InvalidInput(

@@ -236,3 +236,31 @@ def test_pool_timeout_answers_503_with_retry_after(
         assert r.headers["Retry-After"] == "5" and "busy" in r.json()["detail"]
     with TestClient(app) as client:
         assert client.get("/v1/adapters", headers=t.headers).status_code == 200
+
+
+def test_a_repeated_request_gets_its_job_even_at_the_limit(
+    database_url: str,
+    workdir: Path,
+    session_factory: sessionmaker[Session],
+    session: Session,
+    storage: LocalStorage,
+) -> None:
+    t = make_tenant(session)
+    app = _app(database_url, workdir, session_factory, storage, tenant_active_jobs=1)
+    headers = {**t.headers, "Idempotency-Key": "once"}
+    with TestClient(app) as client:
+        first = client.post(
+            "/v1/finetunes",
+            headers=headers,
+            data={"instance_prompt": "a photo of sks dog"},
+            files=[("images", ("a.png", image_bytes(), "image/png"))],
+        )
+        again = client.post(
+            "/v1/finetunes",
+            headers=headers,
+            data={"instance_prompt": "a photo of sks dog"},
+            files=[("images", ("a.png", image_bytes(), "image/png"))],
+        )
+        assert first.status_code == again.status_code == 202
+        assert first.json()["id"] == again.json()["id"]
+        assert _upload(client, t.headers) == 429  # a new job is over the limit
