@@ -4,6 +4,7 @@
     tuneqdm-admin tenants list
     tuneqdm-admin tenants limits NAME [--rpm N] [--active-jobs N] [--stored-bytes N]
     tuneqdm-admin tenants purge NAME --yes
+    tuneqdm-admin tenants rotate-webhook-secret NAME
     tuneqdm-admin sweep
 
 The plaintext key is printed once at creation; only its SHA-256 hash is stored.
@@ -21,10 +22,9 @@ from app.db import engine_from_settings, make_sessionmaker, session_scope
 from app.errors import NotFound
 from app.logs import audit, configure_logging
 from app.models import Tenant
-from app.services import keys, quotas, retention
+from app.services import keys, quotas, retention, webhook_secrets
 from app.settings import Settings, get_settings
 from app.storage import LocalStorage
-from app.webhooks import tenant_webhook_secret
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,6 +55,12 @@ def _parser() -> argparse.ArgumentParser:
     purge.add_argument("name")
     purge.add_argument("--yes", action="store_true", help="confirm: this cannot be undone")
     sub.add_parser("sweep", help="run the retention sweep once (photos, expired generations)")
+    rotate = tenants_sub.add_parser(
+        "rotate-webhook-secret",
+        help="new webhook signing secret; the old one also signs until the overlap "
+        "(TUNEQDM_WEBHOOK_SECRET_OVERLAP_S) has passed",
+    )
+    rotate.add_argument("name", help="tenant name")
     return parser
 
 
@@ -144,9 +150,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"photos of {done.photos} fine-tune(s), {done.generations} generation(s) deleted")
         return 0
     with session_scope(factory) as session:
-        if args.group == "tenants":
+        if args.group == "tenants" and args.action == "rotate-webhook-secret":
+            try:
+                tenant, secret = webhook_secrets.rotate_secret(
+                    session=session, settings=settings, name=args.name
+                )
+            except NotFound as exc:
+                print(f"error: {exc.detail}", file=sys.stderr)
+                return 1
+            hours = settings.webhook_secret_overlap_s / 3600
+            print(f"tenant:  {tenant.name} ({tenant.id})")
+            print(f"webhook signing secret: {secret}")
+            print(f"Webhooks are signed with the old and the new secret for {hours:g} h.")
+        elif args.group == "tenants":
             return _tenants(args, session, settings)
-        if args.action == "create":
+        elif args.action == "create":
             name = args.tenant.strip()
             if not name or len(name) > 100:
                 print("error: --tenant must be 1-100 characters", file=sys.stderr)
@@ -156,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"key id:  {row.id}")
             print(f"tenant:  {tenant.name} ({tenant.id})")
             print(f"api key: {plaintext}")
-            secret = tenant_webhook_secret(settings.resolved_secret_key, tenant.id)
+            secret = webhook_secrets.current_secret(settings, tenant)
             print(f"webhook signing secret: {secret}")
             print("Store the API key now: it is not saved and cannot be shown again.")
         elif args.action == "revoke":

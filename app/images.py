@@ -13,6 +13,7 @@ saved on large photos (benchmarks/upload_images.py).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import warnings
@@ -32,6 +33,8 @@ class CheckedImage:
     data: bytes  # JPEG
     width: int
     height: int
+    # Of the upload as sent: what an Idempotency-Key's fingerprint compares (app/idempotency.py).
+    source_sha256: str
 
     suffix = "jpg"
 
@@ -96,4 +99,9 @@ def check_image(
         ) from None
     out = io.BytesIO()
     rgb.save(out, format="JPEG", quality=quality, optimize=True)
-    return CheckedImage(data=out.getvalue(), width=rgb.width, height=rgb.height)
+    return CheckedImage(
+        data=out.getvalue(),
+        width=rgb.width,
+        height=rgb.height,
+        source_sha256=hashlib.sha256(data).hexdigest(),
+    )

@@ -13,18 +13,20 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
-from app import errors
+from app import errors, metrics
 from app.db import engine_from_settings, make_sessionmaker
 from app.image_pool import ImagePool
 from app.limits import BodySizeLimit
 from app.logs import configure_logging, request_id
 from app.middleware import RequestContext
 from app.queue import CelerySender, TaskSender
-from app.routes import adapters, finetunes, generations, health
+from app.routes import adapters, finetunes, generations, health, web
+from app.routes import metrics as metrics_route
 from app.services import retention
 from app.settings import Settings, get_settings
 from app.storage import LocalStorage, Storage
@@ -124,6 +126,11 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.image_pool.shutdown()
 
 
+def _operation_id(route: APIRoute) -> str:
+    # The handler's name (create_finetune, get_adapter, ...): what generated clients call.
+    return route.name
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -138,6 +145,7 @@ def create_app(
         version="0.1.0",
         description="Personalize Stable Diffusion with TuneQDM quantization-scale adapters.",
         lifespan=_lifespan,
+        generate_unique_id_function=_operation_id,
     )
     app.state.settings = settings
     app.state.sessionmaker = session_factory or make_sessionmaker(engine_from_settings(settings))
@@ -153,8 +161,10 @@ def create_app(
     app.add_exception_handler(PoolTimeout, _pool_exhausted)
     app.add_exception_handler(Exception, _unexpected)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    metrics.install(app)
     # Added last, so it is outermost: even a 413 from BodySizeLimit carries the request id.
     app.add_middleware(RequestContext)
-    for module in (health, finetunes, adapters, generations):
+    for module in (health, metrics_route, finetunes, adapters, generations):
         app.include_router(module.router)
+    web.mount(app)
     return app

@@ -18,13 +18,18 @@ from celery import Celery
 from celery.signals import worker_ready, worker_shutdown
 
 import worker.logs  # noqa: F401  (JSON log lines, docs/deployment.md "Logs")
-from app.queue import FINETUNE_QUEUE, FINETUNE_TASK, GENERATE_QUEUE, GENERATE_TASK
+from app.queue import (
+    FINETUNE_QUEUE,
+    FINETUNE_TASK,
+    GENERATE_QUEUE,
+    GENERATE_TASK,
+    WEBHOOK_QUEUE,
+)
 from app.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
 WEBHOOK_TASK = "tuneqdm.webhook"
-WEBHOOK_QUEUE = "webhooks"
 
 
 def create_celery(settings: Settings) -> Celery:
@@ -101,13 +106,33 @@ class _Sweeper:
 
 
 _sweeper = _Sweeper()
+_delivery_sweeper: Any = None
 
 
 @worker_ready.connect
 def _start_sweeper(sender: Any = None, **_: Any) -> None:
+    global _delivery_sweeper
     _sweeper.start()
+    # Workers that consume the webhooks queue also send what the outbox holds (due retries,
+    # deliveries whose sender died); the GPU-only workers never make outbound requests.
+    if sender is not None and WEBHOOK_QUEUE in sender.app.amqp.queues.consume_from:
+        from worker.tasks import sessions
+        from worker.webhooks import DeliverySweeper
+
+        _delivery_sweeper = DeliverySweeper(settings, sessions)
+        _delivery_sweeper.start()
 
 
 @worker_shutdown.connect
 def _stop_sweeper(sender: Any = None, **_: Any) -> None:
     _sweeper.stop.set()
+    if _delivery_sweeper is not None:
+        _delivery_sweeper.stop.set()
+
+
+@worker_ready.connect
+def _serve_metrics(sender: Any = None, **_: Any) -> None:
+    # In the main process: with --pool=solo the tasks run here too (worker/metrics.py).
+    from worker import metrics
+
+    metrics.serve(settings.worker_metrics_port)

@@ -19,9 +19,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app import storage as st
 from app.models import Adapter, FinetuneJob
+from app.outbox import record_final
 from app.schemas import FinetuneParams
 from app.services.retention import finetune_ended
 from app.settings import Settings
+from worker import metrics
 from worker.failures import user_message
 from worker.jobs import Lease, ProgressWriter, claim, finish_owned, new_owner
 from worker.runtime import Runtime
@@ -38,7 +40,8 @@ BASE_FAILED = (
 @dataclass
 class Context:
     """What a task needs from its process: settings, database, storage, the model runtime and
-    the webhook sender (a callable taking the fine-tune id)."""
+    `notify`, a callable taking a job id that asks for its webhook's first attempt now (the
+    delivery row itself is written with the job's final state; the sweep is the safety net)."""
 
     settings: Settings
     sessions: sessionmaker[Session]
@@ -97,6 +100,8 @@ def _refusal(params: FinetuneParams, settings: Settings) -> str | None:
 def _fail(ctx: Context, job: FinetuneJob, owner: str, message: str) -> None:
     with ctx.sessions() as session:
         done = finish_owned(session, FinetuneJob, job.id, owner, "failed", error=message)
+        if done:
+            record_final(session, FinetuneJob, job.id)
         session.commit()
     if done:
         log.warning("fine-tune %s failed: %s", job.id, message)
@@ -112,7 +117,7 @@ def run_finetune(job_id: str, ctx: Context) -> str:
             return "missing"  # the API removed it after a failed publish
         if job.status in TERMINAL:
             if job.status == "canceled" and job.started_at is None:
-                ctx.notify(job.id)  # canceled while queued: no worker ran it to say so
+                ctx.notify(job.id)  # canceled while queued: the API wrote its webhook row
                 finetune_ended(ctx.sessions, ctx.storage, ctx.settings, job.tenant_id, job.id)
             return f"skipped ({job.status})"
         owner = new_owner()
@@ -164,9 +169,14 @@ def _train(
     config = finetune_config(params, job.id)
     write = ProgressWriter(lease, every_s=min(1.0, ctx.settings.heartbeat_s), clock=time.monotonic)
     first = True
+    last = time.perf_counter()
 
     def progress(p: Any) -> None:
-        nonlocal first
+        nonlocal first, last
+        now = time.perf_counter()
+        if not first:  # the first call's interval includes encoding the photos
+            metrics.FINETUNE_STEP_SECONDS.observe(now - last)
+        last = now
         if first:
             # The first step of this run tells where it started: 0, or a checkpoint's step.
             first = False
@@ -232,6 +242,7 @@ def _train(
                     storage_key=key,
                 )
             )
+            record_final(session, FinetuneJob, job.id)
         session.commit()
     if not done:
         ctx.storage.delete(key)

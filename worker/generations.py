@@ -18,7 +18,9 @@ from sqlalchemy.orm import Session
 
 from app import storage as st
 from app.models import Adapter, GeneratedImage, GenerationJob
+from app.outbox import record_final
 from app.services.retention import discard_generation_files
+from worker import metrics
 from worker.failures import user_message
 from worker.finetunes import TERMINAL, Context
 from worker.jobs import Lease, claim, finish_owned, new_owner
@@ -95,9 +97,13 @@ def run_generation(generation_id: str, ctx: Context) -> str:
 
 def _fail(ctx: Context, job_id: str, owner: str, message: str) -> None:
     with ctx.sessions() as session:
-        finish_owned(session, GenerationJob, job_id, owner, "failed", error=message)
+        done = finish_owned(session, GenerationJob, job_id, owner, "failed", error=message)
+        if done:
+            record_final(session, GenerationJob, job_id)
         session.commit()
     log.warning("generation %s failed: %s", job_id, message)
+    if done:
+        ctx.notify(job_id)
 
 
 def _generate(
@@ -161,7 +167,8 @@ def _generate(
     intervals = max([a.config.intervals for a in distinct.values()] + [1])
     try:
         bank = ctx.runtime.bank(len(distinct), intervals)
-        results = generate(ctx.runtime.base, requests, bank=bank)
+        with metrics.GENERATION_SECONDS.time():
+            results = generate(ctx.runtime.base, requests, bank=bank)
     except Exception as exc:
         log.exception("generation batch %s raised", [j.id for j, _ in runnable])
         message = user_message(exc, storage_root=ctx.storage.root, what="generation")
@@ -191,7 +198,9 @@ def _generate(
                     )
                     for i, seed, key in keys
                 )
+                record_final(session, GenerationJob, job.id)
                 session.commit()
+                ctx.notify(job.id)
             else:
                 session.rollback()
                 discard_generation_files(ctx.storage, job.tenant_id, job.id)

@@ -12,11 +12,13 @@ from sqlalchemy import Select, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
+from app import idempotency
 from app import storage as st
 from app.errors import Conflict, InvalidInput, NotFound
 from app.ids import looks_like_id, new_id
 from app.images import CheckedImage, check_image, read_limited
 from app.models import ACTIVE_STATUSES, FinetuneImage, FinetuneJob, Tenant, utcnow
+from app.outbox import record_final
 from app.queue import FINETUNE_QUEUE, FINETUNE_TASK, TaskSender
 from app.schemas import FinetuneParams
 from app.services import quotas, retention
@@ -85,7 +87,9 @@ def _validate_form(form: FinetuneForm, settings: Settings) -> FinetuneJob:
     webhook_url = None
     if form.webhook_url is not None and form.webhook_url.strip():
         webhook_url = check_webhook_url(
-            form.webhook_url.strip(), allow_private=settings.allow_private_webhooks
+            form.webhook_url.strip(),
+            allow_private=settings.allow_private_webhooks,
+            ports=settings.webhook_ports,
         )
     job = FinetuneJob(
         name=name,
@@ -113,12 +117,15 @@ def precheck(
     """The cheap checks, before any photo is decoded: form fields, photo count, the tenant's
     job and byte limits (checked again with the photos' sizes before the insert). Ends its
     read transaction, so no connection is held while the photos are decoded."""
+    key = idempotency.check_key(form.idempotency_key)
     _validate_form(form, settings)
     check_count(uploads, settings)
     try:
-        key = form.idempotency_key
         # A repeated request answers with its job (create_finetune), limits or not.
-        if key is None or _get_by_idempotency_key(session, tenant, key) is None:
+        if (
+            key is None
+            or session.scalar(_query(tenant).where(FinetuneJob.idempotency_key == key)) is None
+        ):
             quotas.check_new_job(session=session, tenant=tenant, settings=settings)
     finally:
         session.commit()
@@ -154,8 +161,36 @@ def _check_uploads(uploads: list[Upload], settings: Settings) -> list[CheckedIma
     return [check_upload(up, i, settings) for i, up in enumerate(uploads)]
 
 
-def _get_by_idempotency_key(session: Session, tenant: Tenant, key: str) -> FinetuneJob | None:
-    return session.scalar(_query(tenant).where(FinetuneJob.idempotency_key == key))
+def _fingerprint(form: FinetuneForm, checked: list[CheckedImage]) -> str:
+    fields = {
+        "instance_prompt": form.instance_prompt,
+        "class_prompt": form.class_prompt,
+        "name": form.name,
+        "params": idempotency.canonical_json(form.params),
+        "webhook_url": form.webhook_url,
+        "token": form.token,
+    }
+    return idempotency.fingerprint_digests(fields, [img.source_sha256 for img in checked])
+
+
+def _replay(
+    session: Session,
+    tenant: Tenant,
+    form: FinetuneForm,
+    fingerprint: str,
+    settings: Settings,
+    *,
+    expire: bool = True,
+) -> FinetuneJob | None:
+    assert form.idempotency_key is not None
+    return idempotency.replay(
+        session,
+        _query(tenant).where(FinetuneJob.idempotency_key == form.idempotency_key),
+        key=form.idempotency_key,
+        fingerprint=fingerprint,
+        ttl_s=settings.idempotency_ttl_s,
+        expire=expire,
+    )
 
 
 def create_finetune(
@@ -171,18 +206,17 @@ def create_finetune(
 ) -> FinetuneJob:
     """Create the job from `uploads`, or from photos already checked with `check_upload`
     (the route does that in app.image_pool, before it takes a database connection)."""
-    if form.idempotency_key is not None:
-        if not 1 <= len(form.idempotency_key) <= 255:
-            raise InvalidInput("Idempotency-Key must be 1-255 characters")
-        existing = _get_by_idempotency_key(session, tenant, form.idempotency_key)
-        if existing is not None:
-            return existing
-        # End the read transaction: no connection is held while photos are decoded.
-        session.commit()
-
-    job = _validate_form(form, settings)
+    idempotency.check_key(form.idempotency_key)
     if checked is None:
         checked = _check_uploads(uploads or [], settings)
+    fingerprint = _fingerprint(form, checked)
+    if form.idempotency_key is not None:
+        existing = _replay(session, tenant, form, fingerprint, settings)
+        if existing is not None:
+            return existing
+
+    job = _validate_form(form, settings)
+    job.idempotency_fingerprint = fingerprint if form.idempotency_key is not None else None
     quotas.check_new_job(
         session=session,
         tenant=tenant,
@@ -213,9 +247,10 @@ def create_finetune(
     except IntegrityError:
         session.rollback()
         _remove(storage, keys)
-        # A concurrent request with the same Idempotency-Key won the race: answer with its job.
+        # A concurrent request with the same Idempotency-Key won the race: answer with its job
+        # (or 409 if that request was another one).
         if form.idempotency_key is not None:
-            existing = _get_by_idempotency_key(session, tenant, form.idempotency_key)
+            existing = _replay(session, tenant, form, fingerprint, settings, expire=False)
             if existing is not None:
                 return existing
         raise
@@ -248,7 +283,11 @@ def _query(tenant: Tenant) -> Select[FinetuneJob]:
     return (
         select(FinetuneJob)
         .where(FinetuneJob.tenant_id == tenant.id)
-        .options(selectinload(FinetuneJob.images), selectinload(FinetuneJob.adapter))
+        .options(
+            selectinload(FinetuneJob.images),
+            selectinload(FinetuneJob.adapter),
+            selectinload(FinetuneJob.webhook),
+        )
     )
 
 
@@ -299,6 +338,8 @@ def cancel_finetune(
         .values(status="canceled", finished_at=now, updated_at=now)
         .execution_options(synchronize_session=False)
     )
+    if result.rowcount:  # type: ignore[attr-defined]
+        record_final(session, FinetuneJob, job.id)  # commits with the canceled state
     session.commit()
     session.refresh(job)
     if result.rowcount == 0:  # type: ignore[attr-defined]
