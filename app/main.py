@@ -23,7 +23,7 @@ from app.db import engine_from_settings, make_sessionmaker
 from app.image_pool import ImagePool
 from app.limits import BodySizeLimit
 from app.logs import configure_logging, request_id
-from app.middleware import RequestContext
+from app.middleware import KeyConcurrency, RequestContext
 from app.queue import CelerySender, TaskSender
 from app.routes import adapters, finetunes, generations, health, web
 from app.routes import metrics as metrics_route
@@ -162,6 +162,7 @@ def create_app(
     app.add_exception_handler(Exception, _unexpected)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     metrics.install(app)
+    app.add_middleware(KeyConcurrency, per_key=settings.requests_per_key)
     # Added last, so it is outermost: even a 413 from BodySizeLimit carries the request id.
     app.add_middleware(RequestContext)
     for module in (health, metrics_route, finetunes, adapters, generations):

@@ -1,4 +1,5 @@
-"""ASGI middleware: a request id for every request, and one access log line per request.
+"""ASGI middleware: a request id and one access log line per request (RequestContext), and a
+fair share of the request threads per API key (KeyConcurrency).
 
 The id comes from the client's X-Request-ID when it is sane (app.logs.new_request_id), else it
 is generated; it is returned in the X-Request-ID response header and is in every log line
@@ -7,6 +8,8 @@ written while the request is served, so a user's report can be matched to the lo
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import logging
 import time
 
@@ -65,3 +68,41 @@ class RequestContext:
                 "duration_ms": round((time.perf_counter() - started) * 1000, 1),
             },
         )
+
+
+class KeyConcurrency:
+    """At most `per_key` requests of one API key run at once in this process; the others wait
+    here, on the event loop, before their body is read or a thread is taken.
+
+    The request thread pool (and the database pool behind it) is shared by every tenant; without
+    this, fifty concurrent requests of one client take every thread and the next tenant's
+    request waits for one. Keyed by a hash of the Authorization header (the tenant is not known
+    before authentication, which needs a thread); a request without one is not held.
+    """
+
+    def __init__(self, app: ASGIApp, *, per_key: int) -> None:
+        self.app = app
+        self.per_key = per_key
+        self._slots: dict[bytes, asyncio.Semaphore] = {}
+        self._users: dict[bytes, int] = {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        auth = (
+            dict(scope.get("headers") or []).get(b"authorization")
+            if scope["type"] == "http"
+            else None
+        )
+        if not auth or not self.per_key:
+            await self.app(scope, receive, send)
+            return
+        key = hashlib.sha256(auth).digest()
+        slot = self._slots.setdefault(key, asyncio.Semaphore(self.per_key))
+        self._users[key] = self._users.get(key, 0) + 1
+        try:
+            async with slot:
+                await self.app(scope, receive, send)
+        finally:
+            self._users[key] -= 1
+            if not self._users[key]:  # forget idle keys
+                del self._users[key]
+                del self._slots[key]

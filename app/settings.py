@@ -71,6 +71,11 @@ class Settings(BaseSettings):
     image_workers: int = Field(default=2, ge=1)
     image_workers_per_tenant: int = Field(default=1, ge=1)
 
+    # Requests of one API key that run at once in one API process (0: no cap); the others wait
+    # without holding a thread, so a client sending fifty at a time cannot take every thread of
+    # the request pool (40) from the other tenants.
+    requests_per_key: int = Field(default=8, ge=0)
+
     # Database connection pool of each API process (SQLAlchemy QueuePool). A request that waits
     # longer than db_pool_timeout_s for a connection answers 503 with Retry-After.
     db_pool_size: int = Field(default=10, ge=1)
