@@ -53,7 +53,16 @@ class FinetuneParams(BaseModel):
         default=1.0, ge=0, le=10, description="Used with class_prompt."
     )
     num_class_images: int = Field(default=100, ge=0, le=1000, description="Used with class_prompt.")
-    gradient_checkpointing: bool = False
+    # The core decides these per device (FinetuneConfig.for_device): the API cannot know
+    # the worker's device, so null / "auto" are stored and resolved there.
+    gradient_checkpointing: bool | None = Field(
+        default=None, description="Recompute activations in backward; default: on for CUDA."
+    )
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        default="auto",
+        description="Autocast dtype of training; auto: bf16 on CUDA (fp16 without bf16), "
+        "none on CPU.",
+    )
     checkpoint_every: int = Field(
         default=100, ge=1, le=5000, description="Steps between checkpoints."
     )

@@ -134,6 +134,9 @@ class Settings(BaseSettings):
     sweep_every_s: float = Field(default=30.0, gt=0)
     # Generations of different adapters that share steps/size/scheduler run in one loop.
     generation_batch_size: int = Field(default=8, ge=1)
+    # Autocast dtype of sampling: half precision halves activation traffic on a GPU; "auto" is
+    # bf16 on CUDA (fp16 without bf16) and fp32 on CPU, where 16-bit math is slower.
+    generation_dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     adapter_cache_size: int = Field(default=32, ge=1)
     # Webhook delivery (worker/webhooks.py): one attempt, connection to last byte, is cut at
     # webhook_timeout_s, so a slow receiver holds a sender no longer than that; retried with

@@ -60,26 +60,18 @@ def adapter_id_for(job_id: str) -> str:
 
 
 def finetune_config(params: FinetuneParams, job_id: str) -> Any:
-    """Stored API params → the core's FinetuneConfig (names are the same by design)."""
+    """Stored API params → the core's FinetuneConfig: every field the two share is passed
+    through by name (tests/worker/test_options.py checks names and defaults)."""
+    from dataclasses import fields
+
     from tuneqdm_core.finetune import FinetuneConfig
 
+    shared = {f.name for f in fields(FinetuneConfig)} & set(FinetuneParams.model_fields)
+    values = {name: getattr(params, name) for name in shared}
     # A job without a seed still needs the same one on every attempt, or it cannot resume.
-    seed = params.seed if params.seed is not None else zlib.crc32(job_id.encode())
-    return FinetuneConfig(
-        method=params.method,
-        intervals=params.intervals or 1,
-        steps=params.steps,
-        lr_s_out=params.lr_s_out,
-        lr_s_in=params.lr_s_in,
-        lr=params.lr,
-        batch_size=params.batch_size,
-        resolution=params.resolution,
-        seed=seed,
-        gradient_checkpointing=params.gradient_checkpointing,
-        prior_loss_weight=params.prior_loss_weight,
-        num_class_images=params.num_class_images,
-        checkpoint_every=params.checkpoint_every,
-    )
+    values["seed"] = params.seed if params.seed is not None else zlib.crc32(job_id.encode())
+    values["intervals"] = params.intervals or 1
+    return FinetuneConfig(**values)
 
 
 def _refusal(params: FinetuneParams, settings: Settings) -> str | None:

@@ -168,7 +168,9 @@ def _generate(
     try:
         bank = ctx.runtime.bank(len(distinct), intervals)
         with metrics.GENERATION_SECONDS.time():
-            results = generate(ctx.runtime.base, requests, bank=bank)
+            results = generate(
+                ctx.runtime.base, requests, bank=bank, precision=ctx.settings.generation_dtype
+            )
     except Exception as exc:
         log.exception("generation batch %s raised", [j.id for j, _ in runnable])
         message = user_message(exc, storage_root=ctx.storage.root, what="generation")
