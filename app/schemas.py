@@ -135,7 +135,10 @@ class FinetunePublic(BaseModel):
     params: FinetuneParams
     webhook_url: str | None
     webhook: WebhookPublic | None
-    num_images: int
+    num_images: int = Field(description="Photos uploaded (kept even after they are deleted).")
+    photos_deleted_at: datetime | None = Field(
+        description="When the photos were deleted (after the job ended; see retention)."
+    )
     progress: Progress
     loss: float | None
     eta_seconds: float | None = Field(description="Estimated seconds left while running.")
@@ -161,7 +164,8 @@ class FinetunePublic(BaseModel):
             params=FinetuneParams.model_validate(job.params),
             webhook_url=job.webhook_url,
             webhook=WebhookPublic.from_row(job.webhook),
-            num_images=len(job.images),
+            num_images=job.num_images,
+            photos_deleted_at=job.photos_deleted_at,
             progress=Progress(step=job.progress_step, total=job.progress_total),
             loss=job.loss,
             eta_seconds=_eta(job),
