@@ -30,7 +30,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import save_file
@@ -282,13 +282,77 @@ def merge_adapter(
     return float_unet
 
 
-def save_merged_unet(
-    unet: nn.Module, directory: str | os.PathLike[str], *, fp16: bool = False
-) -> Path:
-    """Save a merged UNet as a diffusers model folder (``config.json`` +
-    ``diffusion_pytorch_model.safetensors``), in half precision with ``fp16``."""
-    directory = Path(directory)
+def save_merged_unet(unet: nn.Module, path: str | os.PathLike[str], *, fp16: bool = False) -> Path:
+    """Save a merged UNet, in half precision with ``fp16``. A path ending in ``.safetensors``
+    gets one file with diffusers' UNet keys (what ``UNet2DConditionModel.from_single_file``
+    and ComfyUI's diffusion-model loader read; the UNet config rides in its metadata under
+    ``config``); any other path becomes a diffusers model folder (``save_pretrained``)."""
+    path = Path(path)
     if fp16:
         unet = unet.to(torch.float16)
-    unet.save_pretrained(directory, safe_serialization=True)  # type: ignore[operator]
-    return directory
+    if path.suffix != ".safetensors":
+        unet.save_pretrained(path, safe_serialization=True)  # type: ignore[operator]
+        return path
+    tensors = {k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}
+    config = dict(unet.config)  # type: ignore[arg-type]
+    return _write_atomic(path, tensors, {"config": json.dumps(config, default=list)})
+
+
+Format = Literal["lora", "merged"]
+FORMATS = ("lora", "merged")
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What :func:`export_adapter` writes: ``format`` ``lora`` (one ``.safetensors``) or
+    ``merged`` (a UNet: one ``.safetensors`` or a folder, by the output path); ``rank`` for a
+    LoRA; ``interval`` (an index or ``"mean"``); ``fp16`` halves a merged UNet."""
+
+    format: Format = "lora"
+    rank: int = 16
+    interval: Interval = "mean"
+    include_quantization_error: bool = True
+    fp16: bool = False
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS}, got {self.format!r}")
+        if self.rank < 1:
+            raise ValueError(f"rank must be at least 1, got {self.rank}")
+
+
+def load_float_unet(source: str | os.PathLike[str]) -> nn.Module:
+    """The float UNet of a diffusers model folder or hub id (the weights a base was quantized
+    from)."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(str(source), subfolder="unet").eval()
+
+
+def export_adapter(
+    quantized_unet: nn.Module,
+    float_unet: nn.Module,
+    adapter: Adapter,
+    out: str | os.PathLike[str],
+    options: ExportOptions,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write ``adapter`` to ``out`` as ``options`` say; returns the export's metadata (for a
+    LoRA, with its overall relative error). ``float_unet`` is changed in place by a merge."""
+    summary: dict[str, Any] = {"format": options.format, "interval": options.interval}
+    if options.format == "lora":
+        export = export_lora(
+            quantized_unet,
+            float_unet,
+            adapter,
+            rank=options.rank,
+            interval=options.interval,
+            include_quantization_error=options.include_quantization_error,
+            dtype=torch.float16 if options.fp16 else torch.float32,
+        )
+        export.extra = dict(extra or {})
+        save_lora(export, out)
+        return export.metadata()
+    merged = merge_adapter(quantized_unet, float_unet, adapter, interval=options.interval)
+    save_merged_unet(merged, out, fp16=options.fp16)
+    return {**summary, "fp16": options.fp16, **(extra or {})}

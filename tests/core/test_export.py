@@ -15,9 +15,18 @@ from safetensors import safe_open
 from torch import nn
 
 from tests.core.helpers import perturbed_adapter
-from tuneqdm_core import Adapter, AdapterConfig, QuantConfig, quant_state, set_route, use_adapter
+from tuneqdm_core import (
+    Adapter,
+    AdapterConfig,
+    QuantConfig,
+    quant_state,
+    save_adapter,
+    set_route,
+    use_adapter,
+)
 from tuneqdm_core.base import load_base
 from tuneqdm_core.builtin.tiny import save_tiny_pipeline
+from tuneqdm_core.cli import main
 from tuneqdm_core.export import (
     METADATA_KEY,
     export_lora,
@@ -207,3 +216,31 @@ def test_bad_requests_say_what_to_fix(model_dir: Path, quantized: nn.Module) -> 
     other = UNet2DConditionModel.from_pretrained(other_dir / "unet")
     with pytest.raises(ValueError, match="do not quantize to the base's codes"):
         merge_adapter(quantized, other, adapter)
+
+
+def test_cli_exports_a_lora_and_a_single_file_merged_unet(
+    tmp_path: Path, model_dir: Path, quantized: nn.Module, capsys: pytest.CaptureFixture[str]
+) -> None:
+    adapter = _adapter(quantized, intervals=2)
+    adapter_path = save_adapter(adapter, tmp_path / "a.safetensors")
+    common = [str(model_dir), "--adapter", str(adapter_path), "--interval", "1"]
+    lora_path, unet_path = tmp_path / "lora.safetensors", tmp_path / "merged.safetensors"
+    assert main(["export", *common, "--rank", "8", "--out", str(lora_path)]) == 0
+    assert "relative_error" in capsys.readouterr().out
+    assert main(["export", *common, "--format", "merged", "--out", str(unet_path)]) == 0
+    want = _with_adapter(quantized, adapter, 900)
+
+    merged = UNet2DConditionModel.from_single_file(
+        str(unet_path), config=str(model_dir), subfolder="unet"
+    )
+    assert _rel(_plain(merged, 900), want) < 1e-5
+    pipe = _float_pipeline(model_dir)
+    pipe.load_lora_weights(lora_path)
+    with safe_open(str(lora_path), framework="pt") as handle:
+        metadata = json.loads(handle.metadata()[METADATA_KEY])
+    assert metadata["rank"] == 8 and metadata["interval"] == 1
+    # The file's error is over weights; the output error tracks it (same order).
+    assert 0.1 * metadata["relative_error"] < _rel(_plain(pipe.unet, 900), want) < 1.0
+
+    assert main(["export", *common, "--rank", "0", "--out", str(tmp_path / "x")]) == 2
+    assert "rank must be at least 1" in capsys.readouterr().err
