@@ -75,6 +75,24 @@ def test_quality_benchmark_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[s
     ]
 
 
+def test_quality_benchmark_scores_lora_exports(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "quality.json"
+    args = ["--data-dir", str(fashion_dir()), "--subjects", "1", "--seeds", "0", "--steps", "2"]
+    args += ["--contexts", "1", "--images", "1", "--sample-steps", "2", "--no-reference"]
+    args += ["--variants", "tuneqdm-w4-i1", "--export-ranks", "2", "8", "--json", str(out)]
+    assert quality.main(args) == 0
+    results = json.loads(out.read_text())["results"]
+    rows = ["tuneqdm-w4-i1", "tuneqdm-w4-i1 LoRA r2 on float", "tuneqdm-w4-i1 LoRA r8 on float"]
+    assert list(results) == rows
+    r2, r8 = (results[row]["0"][0] for row in rows[1:])
+    assert 0 < r8["relative_error"] < r2["relative_error"] < 1
+    assert all(-1 <= results[row]["0"][0]["subject"] <= 1 for row in rows)
+    table = capsys.readouterr().out
+    assert all(row in table for row in rows)
+
+
 def test_quality_benchmark_rejects_bad_settings() -> None:
     with pytest.raises(SystemExit):
         quality.main(["--subjects", "99"])
