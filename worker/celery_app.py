@@ -105,16 +105,28 @@ class _Sweeper:
 
 
 _sweeper = _Sweeper()
+_delivery_sweeper: Any = None
 
 
 @worker_ready.connect
 def _start_sweeper(sender: Any = None, **_: Any) -> None:
+    global _delivery_sweeper
     _sweeper.start()
+    # Workers that consume the webhooks queue also send what the outbox holds (due retries,
+    # deliveries whose sender died); the GPU-only workers never make outbound requests.
+    if sender is not None and WEBHOOK_QUEUE in sender.app.amqp.queues.consume_from:
+        from worker.tasks import sessions
+        from worker.webhooks import DeliverySweeper
+
+        _delivery_sweeper = DeliverySweeper(settings, sessions)
+        _delivery_sweeper.start()
 
 
 @worker_shutdown.connect
 def _stop_sweeper(sender: Any = None, **_: Any) -> None:
     _sweeper.stop.set()
+    if _delivery_sweeper is not None:
+        _delivery_sweeper.stop.set()
 
 
 @worker_ready.connect

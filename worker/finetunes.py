@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app import storage as st
 from app.models import Adapter, FinetuneJob
+from app.outbox import record_final
 from app.schemas import FinetuneParams
 from app.settings import Settings
 from worker import metrics
@@ -38,7 +39,8 @@ BASE_FAILED = (
 @dataclass
 class Context:
     """What a task needs from its process: settings, database, storage, the model runtime and
-    the webhook sender (a callable taking the fine-tune id)."""
+    `notify`, a callable taking a job id that asks for its webhook's first attempt now (the
+    delivery row itself is written with the job's final state; the sweep is the safety net)."""
 
     settings: Settings
     sessions: sessionmaker[Session]
@@ -97,6 +99,8 @@ def _refusal(params: FinetuneParams, settings: Settings) -> str | None:
 def _fail(ctx: Context, job: FinetuneJob, owner: str, message: str) -> None:
     with ctx.sessions() as session:
         done = finish_owned(session, FinetuneJob, job.id, owner, "failed", error=message)
+        if done:
+            record_final(session, FinetuneJob, job.id)
         session.commit()
     if done:
         log.warning("fine-tune %s failed: %s", job.id, message)
@@ -111,7 +115,7 @@ def run_finetune(job_id: str, ctx: Context) -> str:
             return "missing"  # the API removed it after a failed publish
         if job.status in TERMINAL:
             if job.status == "canceled" and job.started_at is None:
-                ctx.notify(job.id)  # canceled while queued: no worker ran it to say so
+                ctx.notify(job.id)  # canceled while queued: the API wrote its webhook row
             return f"skipped ({job.status})"
         owner = new_owner()
         if not claim(session, FinetuneJob, job_id, owner, stale_after_s=ctx.settings.stale_after_s):
@@ -235,6 +239,7 @@ def _train(
                     storage_key=key,
                 )
             )
+            record_final(session, FinetuneJob, job.id)
         session.commit()
     if not done:
         ctx.storage.delete(key)

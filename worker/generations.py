@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from app import storage as st
 from app.models import Adapter, GeneratedImage, GenerationJob
+from app.outbox import record_final
 from worker import metrics
 from worker.failures import user_message
 from worker.finetunes import TERMINAL, Context
@@ -95,9 +96,13 @@ def run_generation(generation_id: str, ctx: Context) -> str:
 
 def _fail(ctx: Context, job_id: str, owner: str, message: str) -> None:
     with ctx.sessions() as session:
-        finish_owned(session, GenerationJob, job_id, owner, "failed", error=message)
+        done = finish_owned(session, GenerationJob, job_id, owner, "failed", error=message)
+        if done:
+            record_final(session, GenerationJob, job_id)
         session.commit()
     log.warning("generation %s failed: %s", job_id, message)
+    if done:
+        ctx.notify(job_id)
 
 
 def _generate(
@@ -186,7 +191,9 @@ def _generate(
                     GeneratedImage(generation_id=job.id, index=i, seed=seed, storage_key=key)
                     for i, seed, key in keys
                 )
+                record_final(session, GenerationJob, job.id)
                 session.commit()
+                ctx.notify(job.id)
             else:
                 session.rollback()
     log.info("generated %d job(s) in one loop", len(runnable))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query, status
+from fastapi import APIRouter, Header, Path, Query, status
 from fastapi.responses import StreamingResponse
 
 from app.deps import CurrentTenant, SenderDep, SessionDep, SettingsDep, StorageDep
@@ -27,7 +27,10 @@ ERRORS: dict[int | str, dict[str, str]] = {
     response_model=GenerationPublic,
     responses={
         401: ERRORS[401],
-        409: {"description": "The adapter's fine-tune has not succeeded, or another base."},
+        409: {
+            "description": "The adapter's fine-tune has not succeeded, or another base; or the "
+            "Idempotency-Key was used for a different request."
+        },
         422: {"description": "Invalid request; the detail says which field."},
         503: {"description": "The task queue is unreachable; nothing was stored."},
     },
@@ -38,9 +41,21 @@ def create_generation(
     sender: SenderDep,
     tenant: CurrentTenant,
     data: GenerationCreate,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            description="Repeating a request with the same key returns the same generation; "
+            "the same key with another request answers 409."
+        ),
+    ] = None,
 ) -> GenerationPublic:
     gen = svc.create_generation(
-        session=session, sender=sender, settings=settings, tenant=tenant, data=data
+        session=session,
+        sender=sender,
+        settings=settings,
+        tenant=tenant,
+        data=data,
+        idempotency_key=idempotency_key,
     )
     return GenerationPublic.from_row(gen)
 
