@@ -1,7 +1,7 @@
 """How close is a LoRA export to the adapter it came from, by rank?
 
     PYTHONPATH=. python benchmarks/export_rank.py [--steps 100] [--ranks 1 4 16 64 0]
-        [--intervals 2] [--json PATH]
+        [--intervals 1] [--json PATH]
 
 Fine-tunes a TuneQDM adapter (W4) on one Fashion-MNIST subject of the built-in model, then
 exports it as a LoRA of each rank (0 = full rank), with and without the quantization error in
@@ -99,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", default=str(DEFAULT_MODEL))
     parser.add_argument("--data-dir", default=str(DATA_DIR))
     parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--intervals", type=int, default=2)
+    parser.add_argument("--intervals", type=int, default=1, help="of the adapter (service: 1)")
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 4, 16, 64, 0])
     parser.add_argument("--sample-steps", type=int, default=25)
     parser.add_argument("--json", metavar="PATH")
