@@ -20,6 +20,7 @@ from tuneqdm_core import (
     AdapterConfig,
     QuantConfig,
     quant_state,
+    quantize_,
     save_adapter,
     set_route,
     use_adapter,
@@ -244,3 +245,22 @@ def test_cli_exports_a_lora_and_a_single_file_merged_unet(
 
     assert main(["export", *common, "--rank", "0", "--out", str(tmp_path / "x")]) == 2
     assert "rank must be at least 1" in capsys.readouterr().err
+
+
+def test_merge_handles_grouped_convs_and_refuses_them_as_lora() -> None:
+    torch.manual_seed(0)
+    float_model = nn.Sequential(
+        nn.Conv2d(8, 12, 3, padding=1, groups=4), nn.Conv2d(12, 6, 1), nn.Flatten()
+    )
+    model = copy.deepcopy(float_model)
+    quantize_(model, QuantConfig(bits=8))
+    adapter = perturbed_adapter(model, AdapterConfig(intervals=1))
+    x = torch.randn(2, 8, 5, 5)
+    with torch.no_grad():
+        use_adapter(model, adapter, [10, 10])
+        want = model(x)
+        set_route(model, None)
+        got = merge_adapter(model, float_model, adapter)(x)
+    assert _rel(got, want) < 1e-5
+    with pytest.raises(ValueError, match=r"groups=4.*export the merged UNet instead"):
+        export_lora(model, copy.deepcopy(float_model), adapter, rank=2)
