@@ -3,12 +3,14 @@ LoRA or a merged UNet, and downloading it once made (the worker side: tests/work
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from fastapi.testclient import TestClient
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from app import storage as st
-from app.models import AdapterExport
+from app.models import AdapterExport, utcnow
 from app.queue import EXPORT_TASK, GENERATE_QUEUE
 from app.storage import LocalStorage
 from tests.api.factories import RecordingSender, make_adapter, make_tenant
@@ -87,6 +89,25 @@ def test_a_failed_export_says_why_and_runs_again_when_asked(
     assert again.status_code == 202 and again.json()["id"] == first["id"]
     assert again.json()["status"] == "queued" and again.json()["error"] is None
     assert [object_id for _, object_id, _ in sender.sent] == [first["id"], first["id"]]
+
+    # Running, but its worker has said nothing for longer than TUNEQDM_STALE_AFTER_S (it died):
+    # asking again queues it again; a fresh running export is left alone.
+    session.expire_all()
+    row = session.get(AdapterExport, first["id"])
+    assert row is not None
+    row.status = "running"
+    session.commit()
+    fresh = client.post(f"{url}/exports", json={"format": "merged"}, headers=t.headers)
+    assert fresh.status_code == 200 and fresh.json()["status"] == "running"
+    session.execute(
+        update(AdapterExport)
+        .where(AdapterExport.id == first["id"])
+        .values(updated_at=utcnow() - timedelta(hours=1))
+    )
+    session.commit()
+    stale = client.post(f"{url}/exports", json={"format": "merged"}, headers=t.headers)
+    assert stale.status_code == 202 and stale.json()["status"] == "queued"
+    assert len(sender.sent) == 3
 
 
 def test_bad_requests_say_what_to_fix_and_store_nothing(
