@@ -23,6 +23,7 @@ from app.outbox import record_final
 from app.schemas import FinetuneParams
 from app.settings import Settings
 from worker import metrics
+from worker.bounds import Deadline, stop_check
 from worker.failures import user_message
 from worker.jobs import Lease, ProgressWriter, claim, finish_owned, new_owner
 from worker.runtime import Runtime
@@ -59,26 +60,21 @@ def adapter_id_for(job_id: str) -> str:
 
 
 def finetune_config(params: FinetuneParams, job_id: str) -> Any:
-    """Stored API params → the core's FinetuneConfig (names are the same by design)."""
+    """Stored API params → the core's FinetuneConfig: every field the two share is passed
+    through by name (tests/worker/test_options.py checks names and defaults)."""
+    from dataclasses import fields
+
     from tuneqdm_core.finetune import FinetuneConfig
 
+    shared = {f.name for f in fields(FinetuneConfig)} & set(FinetuneParams.model_fields)
+    values = {name: getattr(params, name) for name in shared}
     # A job without a seed still needs the same one on every attempt, or it cannot resume.
-    seed = params.seed if params.seed is not None else zlib.crc32(job_id.encode())
-    return FinetuneConfig(
-        method=params.method,
-        intervals=params.intervals or 1,
-        steps=params.steps,
-        lr_s_out=params.lr_s_out,
-        lr_s_in=params.lr_s_in,
-        lr=params.lr,
-        batch_size=params.batch_size,
-        resolution=params.resolution,
-        seed=seed,
-        gradient_checkpointing=params.gradient_checkpointing,
-        prior_loss_weight=params.prior_loss_weight,
-        num_class_images=params.num_class_images,
-        checkpoint_every=params.checkpoint_every,
-    )
+    values["seed"] = params.seed if params.seed is not None else zlib.crc32(job_id.encode())
+    values["intervals"] = params.intervals or 1
+    if params.resolution is None:
+        # The API stores the base's native size; a row without one was not made by it.
+        raise ValueError(f"fine-tune {job_id} has no resolution in its stored params")
+    return FinetuneConfig(**values)
 
 
 def _refusal(params: FinetuneParams, settings: Settings) -> str | None:
@@ -165,6 +161,7 @@ def _train(
     )
     config = finetune_config(params, job.id)
     write = ProgressWriter(lease, every_s=min(1.0, ctx.settings.heartbeat_s), clock=time.monotonic)
+    deadline = Deadline(job.started_at, job.time_limit_s, "TUNEQDM_FINETUNE_TIME_LIMIT_S")
     first = True
     last = time.perf_counter()
 
@@ -189,9 +186,17 @@ def _train(
             checkpoint_dir=checkpoint_dir,
             cache_dir=ctx.settings.resolved_quant_cache_dir / "class-images",
             progress=progress,
-            should_cancel=lease.should_stop,
+            should_cancel=stop_check(lease.should_stop, deadline),
+            on_class_images=lambda done, total: log.info(
+                "fine-tune %s: class images %d/%d", job.id, done, total
+            ),
         )
     except FinetuneCanceled as stop:
+        if deadline.passed() and not lease.should_stop():
+            log.warning("fine-tune %s passed its time limit at step %d", job.id, stop.step)
+            _fail(ctx, job, lease.owner, deadline.message("fine-tune", "fewer steps"))
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+            return "failed"
         log.info("fine-tune %s stopped at step %d (canceled or taken over)", job.id, stop.step)
         _after_stop(ctx, job)
         return "stopped"
