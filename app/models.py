@@ -126,6 +126,9 @@ class FinetuneJob(Base):
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # Step the last run resumed from (0: from scratch), so resuming is visible.
     resumed_from_step: Mapped[int | None] = mapped_column(Integer)
+    # Claims so far (worker/jobs.py): capped by TUNEQDM_MAX_ATTEMPTS, and part of the paths of
+    # the files an attempt writes, so two attempts never write the same file.
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     images: Mapped[list[FinetuneImage]] = relationship(
         back_populates="job", order_by="FinetuneImage.index", cascade="all, delete-orphan"
@@ -205,6 +208,7 @@ class GenerationJob(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     lease_owner: Mapped[str | None] = mapped_column(String(100))
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     images: Mapped[list[GeneratedImage]] = relationship(
         back_populates="generation",

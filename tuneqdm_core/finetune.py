@@ -245,9 +245,11 @@ def _prepare(
 
 def _atomic_save(obj: Any, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     try:
-        torch.save(obj, tmp)
+        # Through a Python file object, so a full disk raises OSError(ENOSPC) (as the
+        # exception's context) instead of only torch's "unexpected pos" RuntimeError.
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -271,11 +273,14 @@ def finetune(
     cache_dir: str | os.PathLike[str] | None = None,
     progress: Callable[[Progress], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    should_checkpoint: Callable[[], bool] | None = None,
 ) -> FinetuneResult:
     """Fine-tune on ``subjects`` (several subjects share one adapter, each with its own token).
 
-    With ``checkpoint_dir``, the state is saved every ``config.checkpoint_every`` steps and a
-    checkpoint found there is resumed from. ``cache_dir`` keeps generated class images.
+    With ``checkpoint_dir``, the state is saved every ``config.checkpoint_every`` steps, and
+    after any step where ``should_checkpoint()`` is true (a worker asked to stop saves its
+    state before it stops); a checkpoint found there is resumed from. ``cache_dir`` keeps
+    generated class images.
     """
     if not subjects:
         raise ValueError("no subjects given")
@@ -393,12 +398,9 @@ def finetune(
                             step, config.steps, losses[-1], elapsed, rate * (config.steps - step)
                         )
                     )
-                if (
-                    checkpoint is not None
-                    and config.checkpoint_every
-                    and step % config.checkpoint_every == 0
-                    and step < config.steps
-                ):
+                scheduled = config.checkpoint_every and step % config.checkpoint_every == 0
+                asked = should_checkpoint is not None and should_checkpoint()
+                if checkpoint is not None and (scheduled or asked) and step < config.steps:
                     _atomic_save(
                         {
                             "step": step,
