@@ -82,7 +82,9 @@ def _claimable(session: Session, model: JobModel, stale_after_s: float) -> Any:
 def claim(
     session: Session, model: JobModel, job_id: str, owner: str, *, stale_after_s: float
 ) -> int | None:
-    """Take the job if nobody alive holds it; its attempt number when this call won."""
+    """Take the job if nobody alive holds it; its attempt number when this call won. The job's
+    `error` still says how the previous attempt ended (`attempts_exhausted` reads it); the
+    first heartbeat of the new attempt clears it (`Lease`)."""
     now = db_now(session)
     attempt = session.execute(
         update(model)
@@ -182,19 +184,15 @@ def release_owned(
     """Give an owned running job back to `queued` for another attempt. `reason` is shown to the
     user meanwhile (and in the final message if the attempts run out); an attempt that ended
     through no fault of the job (the worker was stopped) does not count (`counts=False`)."""
+    values: dict[str, Any] = {"attempts": model.attempts - (0 if counts else 1)}
+    if reason is not None:
+        values["error"] = reason
     with factory() as session:
         now = db_now(session)
         result = session.execute(
             update(model)
             .where(model.id == job_id, model.lease_owner == owner, model.status == "running")
-            .values(
-                status="queued",
-                lease_owner=None,
-                heartbeat_at=None,
-                updated_at=now,
-                error=reason,
-                attempts=model.attempts - (0 if counts else 1),
-            )
+            .values(status="queued", lease_owner=None, heartbeat_at=None, updated_at=now, **values)
             .execution_options(synchronize_session=False)
         )
         session.commit()
@@ -253,6 +251,8 @@ class Lease:
         self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{job_id}", daemon=True)
 
     def __enter__(self) -> Lease:
+        # A new attempt runs: how the previous one ended is no longer the job's news.
+        self.write(error=None)
         self._thread.start()
         return self
 
