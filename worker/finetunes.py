@@ -134,18 +134,19 @@ def _fail(ctx: Context, job: FinetuneJob, owner: str, message: str) -> None:
 def run_finetune(job_id: str, ctx: Context) -> str:
     """Run the fairest queued fine-tune (`job_id` is the message's); returns what happened
     (for logs and tests)."""
+    with ctx.sessions() as session:
+        job = session.get(FinetuneJob, job_id)
+        if job is not None and job.status == "canceled" and job.started_at is None:
+            ctx.notify(job.id)  # canceled while queued: no worker ran it to say so
     while True:
         with ctx.sessions() as session:
-            job = session.get(FinetuneJob, job_id)
-            if job is not None and job.status == "canceled" and job.started_at is None:
-                ctx.notify(job.id)  # canceled while queued: no worker ran it to say so
             owner = new_owner()
             stale = ctx.settings.stale_after_s
             claimed = claim_next(session, FinetuneJob, owner, stale_after_s=stale, hint=job_id)
             if claimed is None:
+                job = session.get(FinetuneJob, job_id)
                 if job is None:
                     return "missing"  # the API removed it after a failed publish
-                session.refresh(job)
                 if job.status in TERMINAL:
                     return f"skipped ({job.status})"
                 return "skipped (held by another worker)"
