@@ -334,7 +334,7 @@ def test_workers_with_clocks_five_minutes_off_leave_each_others_jobs_alone(
     assert (_log_clock(fast) - now).total_seconds() > 240  # faketime does reach Python
     assert (now - _log_clock(slow)).total_seconds() > 240
     a, b = deploy.tenant("acme"), deploy.tenant("globex")
-    jobs = [deploy.finetune(a, steps=12), deploy.finetune(b, steps=12)]
+    jobs = [deploy.finetune(a, steps=8), deploy.finetune(b, steps=8)]
     states = deploy.wait_final()
     assert set(states.values()) == {"succeeded"}, states
     # Each job ran once, whichever worker took it; the other worker swept it all along.
