@@ -433,3 +433,27 @@ def test_a_poison_generation_fails_alone_and_others_still_succeed(deploy: Deploy
     assert [deploy.row(GenerationJob, g).attempts for g in others] == [2, 2]
     deploy.check()
     print(f"poison: {states}; worker exits {deaths}")
+
+
+def test_a_job_without_progress_is_given_up_and_its_worker_restarts(deploy: Deployment) -> None:
+    """The watchdog: a job that reports no progress for TUNEQDM_PROGRESS_TIMEOUT_S (here 2 s,
+    less than loading the base takes) is given back with the cause, its worker exits with
+    status 70 for its supervisor to restart it, and after TUNEQDM_MAX_ATTEMPTS the job fails
+    naming the cause."""
+    from worker.jobs import STALLED_EXIT
+
+    deploy.values.update(progress_timeout_s=2, max_attempts=1)
+    tenant = deploy.tenant("acme")
+    job_id = deploy.finetune(tenant)
+    first = deploy.worker("first")
+    assert first.popen.wait(timeout=240) == STALLED_EXIT, first.log()[-3000:]
+    given_up = deploy.row(FinetuneJob, job_id)
+    assert (given_up.status, given_up.attempts) == ("queued", 1)
+    assert "made no progress for 2 s" in given_up.error
+    deploy.worker("second")
+    states = deploy.wait_final()
+    job = deploy.row(FinetuneJob, job_id)
+    assert states == {job_id: "failed"}
+    assert job.error.startswith("gave up after 1 attempts; the last one ended with: the job made")
+    deploy.check()
+    print(f"watchdog: worker exit {STALLED_EXIT}, then {states}: {job.error}")
