@@ -1,4 +1,5 @@
-"""Operator CLI: `tuneqdm-admin keys create|revoke|list` (also `python -m app.cli`).
+"""Operator CLI: `tuneqdm-admin keys create|revoke|list` and `tuneqdm-admin tenants
+rotate-webhook-secret NAME` (also `python -m app.cli`).
 
 The plaintext key is printed once at creation; only its SHA-256 hash is stored.
 """
@@ -10,9 +11,8 @@ import sys
 
 from app.db import engine_from_settings, make_sessionmaker, session_scope
 from app.errors import NotFound
-from app.services import keys
+from app.services import keys, webhook_secrets
 from app.settings import get_settings
-from app.webhooks import tenant_webhook_secret
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,6 +25,14 @@ def _parser() -> argparse.ArgumentParser:
     revoke = keys_sub.add_parser("revoke", help="revoke a key by its id (key_...)")
     revoke.add_argument("key_id")
     keys_sub.add_parser("list", help="list keys (ids, tenants, hints; never the keys)")
+    tenants_p = sub.add_parser("tenants", help="manage tenants")
+    tenants_sub = tenants_p.add_subparsers(dest="action", required=True)
+    rotate = tenants_sub.add_parser(
+        "rotate-webhook-secret",
+        help="new webhook signing secret; the old one also signs until the overlap "
+        "(TUNEQDM_WEBHOOK_SECRET_OVERLAP_S) has passed",
+    )
+    rotate.add_argument("name", help="tenant name")
     return parser
 
 
@@ -33,7 +41,19 @@ def main(argv: list[str] | None = None) -> int:
     settings = get_settings()
     factory = make_sessionmaker(engine_from_settings(settings))
     with session_scope(factory) as session:
-        if args.action == "create":
+        if args.group == "tenants" and args.action == "rotate-webhook-secret":
+            try:
+                tenant, secret = webhook_secrets.rotate_secret(
+                    session=session, settings=settings, name=args.name
+                )
+            except NotFound as exc:
+                print(f"error: {exc.detail}", file=sys.stderr)
+                return 1
+            hours = settings.webhook_secret_overlap_s / 3600
+            print(f"tenant:  {tenant.name} ({tenant.id})")
+            print(f"webhook signing secret: {secret}")
+            print(f"Webhooks are signed with the old and the new secret for {hours:g} h.")
+        elif args.action == "create":
             name = args.tenant.strip()
             if not name or len(name) > 100:
                 print("error: --tenant must be 1-100 characters", file=sys.stderr)
@@ -43,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"key id:  {row.id}")
             print(f"tenant:  {tenant.name} ({tenant.id})")
             print(f"api key: {plaintext}")
-            secret = tenant_webhook_secret(settings.resolved_secret_key, tenant.id)
+            secret = webhook_secrets.current_secret(settings, tenant)
             print(f"webhook signing secret: {secret}")
             print("Store the API key now: it is not saved and cannot be shown again.")
         elif args.action == "revoke":

@@ -10,14 +10,16 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from app import errors
+from app import errors, metrics
 from app.db import engine_from_settings, make_sessionmaker
 from app.limits import BodySizeLimit
 from app.queue import CelerySender, TaskSender
-from app.routes import adapters, finetunes, generations, health
+from app.routes import adapters, finetunes, generations, health, web
+from app.routes import metrics as metrics_route
 from app.settings import Settings, get_settings
 from app.storage import LocalStorage, Storage
 
@@ -56,6 +58,11 @@ async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": "internal error; it has been logged"}, status_code=500)
 
 
+def _operation_id(route: APIRoute) -> str:
+    # The handler's name (create_finetune, get_adapter, ...): what generated clients call.
+    return route.name
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -68,6 +75,7 @@ def create_app(
         title="tuneqdm",
         version="0.1.0",
         description="Personalize Stable Diffusion with TuneQDM quantization-scale adapters.",
+        generate_unique_id_function=_operation_id,
     )
     app.state.settings = settings
     app.state.sessionmaker = session_factory or make_sessionmaker(engine_from_settings(settings))
@@ -79,6 +87,8 @@ def create_app(
     app.add_exception_handler(OperationalError, _database_unavailable)
     app.add_exception_handler(Exception, _unexpected)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
-    for module in (health, finetunes, adapters, generations):
+    metrics.install(app)
+    for module in (health, metrics_route, finetunes, adapters, generations):
         app.include_router(module.router)
+    web.mount(app)
     return app

@@ -30,6 +30,8 @@ FINETUNE_STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
 GENERATION_STATUSES = FINETUNE_STATUSES
 ACTIVE_STATUSES = ("queued", "running")
 METHODS = ("tuneqdm", "peqa", "full")
+DELIVERY_STATUSES = ("pending", "delivered", "failed")
+JOB_KINDS = ("finetune", "generation")
 
 
 def utcnow() -> datetime:
@@ -77,6 +79,11 @@ class Tenant(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     name: Mapped[str] = mapped_column(String(100), unique=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # The webhook signing secret is derived from TUNEQDM_SECRET_KEY, the tenant id and this
+    # version (app.webhooks); rotating bumps it, and the previous version still signs until
+    # TUNEQDM_WEBHOOK_SECRET_OVERLAP_S after `webhook_secret_rotated_at`.
+    webhook_secret_version: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    webhook_secret_rotated_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class ApiKey(Base):
@@ -111,6 +118,8 @@ class FinetuneJob(Base):
     params: Mapped[dict[str, Any]] = mapped_column(JSON)
     webhook_url: Mapped[str | None] = mapped_column(String(2048))
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    # SHA-256 of the request the key was first used with (app/idempotency.py).
+    idempotency_fingerprint: Mapped[str | None] = mapped_column(String(64))
     # Progress, written by the worker.
     progress_step: Mapped[int] = mapped_column(Integer, default=0)
     progress_total: Mapped[int] = mapped_column(Integer)
@@ -134,6 +143,9 @@ class FinetuneJob(Base):
         back_populates="job", order_by="FinetuneImage.index", cascade="all, delete-orphan"
     )
     adapter: Mapped[Adapter | None] = relationship(back_populates="finetune_job")
+    webhook: Mapped[WebhookDelivery | None] = relationship(
+        primaryjoin="FinetuneJob.id == foreign(WebhookDelivery.job_id)", viewonly=True
+    )
 
 
 class FinetuneImage(Base):
@@ -183,7 +195,10 @@ class Adapter(Base):
 
 class GenerationJob(Base):
     __tablename__ = "generation_jobs"
-    __table_args__ = (CheckConstraint(_in("status", GENERATION_STATUSES), name="status"),)
+    __table_args__ = (
+        CheckConstraint(_in("status", GENERATION_STATUSES), name="status"),
+        UniqueConstraint("tenant_id", "idempotency_key", name="uq_generation_jobs_idempotency"),
+    )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
@@ -201,6 +216,9 @@ class GenerationJob(Base):
     width: Mapped[int] = mapped_column(Integer)
     height: Mapped[int] = mapped_column(Integer)
     scheduler: Mapped[str] = mapped_column(String(32))
+    webhook_url: Mapped[str | None] = mapped_column(String(2048))
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    idempotency_fingerprint: Mapped[str | None] = mapped_column(String(64))
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
@@ -214,6 +232,9 @@ class GenerationJob(Base):
         back_populates="generation",
         order_by="GeneratedImage.index",
         cascade="all, delete-orphan",
+    )
+    webhook: Mapped[WebhookDelivery | None] = relationship(
+        primaryjoin="GenerationJob.id == foreign(WebhookDelivery.job_id)", viewonly=True
     )
 
 
@@ -233,3 +254,35 @@ class GeneratedImage(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     generation: Mapped[GenerationJob] = relationship(back_populates="images")
+
+
+class WebhookDelivery(Base):
+    """The outbox row of a job's webhook, written in the transaction of the job's final state.
+
+    Senders claim an attempt with a conditional UPDATE (worker/webhooks.py); a row whose sender
+    died becomes due again when its `next_attempt_at` (the claim's lease) passes, so the sweep
+    sends it again: no webhook is lost, and exactly one sender makes each attempt.
+    """
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        CheckConstraint(_in("status", DELIVERY_STATUSES), name="status"),
+        CheckConstraint(_in("job_kind", JOB_KINDS), name="job_kind"),
+    )
+
+    # Also the `webhook-id` header: the same on every attempt, so receivers can drop repeats.
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    job_kind: Mapped[str] = mapped_column(String(16))
+    # Not a foreign key: a job's final state has one webhook, and the row outlives a deleted job.
+    job_id: Mapped[str] = mapped_column(String(40), unique=True)
+    url: Mapped[str] = mapped_column(String(2048))
+    event: Mapped[str] = mapped_column(String(40))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16), default="pending", index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

@@ -6,6 +6,7 @@ row (docs/design.md, Celery's guidance).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Protocol
 
 from app.errors import ServiceUnavailable
@@ -14,6 +15,9 @@ FINETUNE_TASK = "tuneqdm.finetune"
 FINETUNE_QUEUE = "finetune"
 GENERATE_TASK = "tuneqdm.generate"
 GENERATE_QUEUE = "generate"
+WEBHOOK_QUEUE = "webhooks"
+# Every queue the service uses, for the queue-depth metric.
+QUEUES = (FINETUNE_QUEUE, GENERATE_QUEUE, WEBHOOK_QUEUE)
 
 
 class TaskSender(Protocol):
@@ -22,6 +26,9 @@ class TaskSender(Protocol):
 
     def ping(self) -> None:
         """Raise ServiceUnavailable when the broker is not reachable."""
+
+    def queue_sizes(self, queues: Iterable[str]) -> dict[str, int]:
+        """Messages waiting in each queue; raise ServiceUnavailable when the broker is down."""
 
 
 class CelerySender:
@@ -64,3 +71,22 @@ class CelerySender:
                 conn.ensure_connection(max_retries=1, timeout=self.timeout_s)
         except Exception as exc:
             raise ServiceUnavailable(f"broker not reachable: {type(exc).__name__}") from exc
+
+    def queue_sizes(self, queues: Iterable[str]) -> dict[str, int]:
+        from kombu import Connection
+        from kombu.exceptions import ChannelError
+
+        sizes: dict[str, int] = {}
+        try:
+            with Connection(self.broker_url, connect_timeout=self.timeout_s) as conn:
+                conn.ensure_connection(max_retries=1, timeout=self.timeout_s)
+                channel = conn.default_channel
+                for queue in queues:
+                    try:
+                        # Passive: count without creating. Redis has no key for an empty queue.
+                        sizes[queue] = int(channel.queue_declare(queue, passive=True).message_count)
+                    except ChannelError:
+                        sizes[queue] = 0
+        except Exception as exc:
+            raise ServiceUnavailable(f"broker not reachable: {type(exc).__name__}") from exc
+        return sizes

@@ -77,6 +77,32 @@ class Progress(BaseModel):
     total: int
 
 
+class WebhookPublic(BaseModel):
+    """Delivery state of the job's webhook (null until the job has finished)."""
+
+    id: str = Field(description="The `webhook-id` header of every attempt.")
+    event: str
+    status: Literal["pending", "delivered", "failed"]
+    attempts: int
+    last_error: str | None
+    next_attempt_at: datetime | None = Field(description="While pending: the next attempt.")
+    delivered_at: datetime | None
+
+    @classmethod
+    def from_row(cls, row: models.WebhookDelivery | None) -> WebhookPublic | None:
+        if row is None:
+            return None
+        return cls(
+            id=row.id,
+            event=row.event,
+            status=row.status,  # type: ignore[arg-type]
+            attempts=row.attempts,
+            last_error=row.last_error,
+            next_attempt_at=row.next_attempt_at if row.status == "pending" else None,
+            delivered_at=row.delivered_at,
+        )
+
+
 class FinetuneLinks(BaseModel):
     self: str
     cancel: str
@@ -92,6 +118,7 @@ class FinetunePublic(BaseModel):
     token: str
     params: FinetuneParams
     webhook_url: str | None
+    webhook: WebhookPublic | None
     num_images: int
     progress: Progress
     loss: float | None
@@ -116,6 +143,7 @@ class FinetunePublic(BaseModel):
             token=job.token,
             params=FinetuneParams.model_validate(job.params),
             webhook_url=job.webhook_url,
+            webhook=WebhookPublic.from_row(job.webhook),
             num_images=len(job.images),
             progress=Progress(step=job.progress_step, total=job.progress_total),
             loss=job.loss,
@@ -214,6 +242,9 @@ class GenerationCreate(BaseModel):
     width: int = Field(default=512, ge=8, le=8192, multiple_of=8)
     height: int = Field(default=512, ge=8, le=8192, multiple_of=8)
     scheduler: Scheduler = "ddim"
+    webhook_url: str | None = Field(
+        default=None, max_length=2048, description="Receives a signed POST when it finishes."
+    )
 
 
 class GeneratedImagePublic(BaseModel):
@@ -241,6 +272,8 @@ class GenerationPublic(BaseModel):
     width: int
     height: int
     scheduler: Scheduler
+    webhook_url: str | None
+    webhook: WebhookPublic | None
     error: str | None
     images: list[GeneratedImagePublic]
     created_at: datetime
@@ -265,6 +298,8 @@ class GenerationPublic(BaseModel):
             width=gen.width,
             height=gen.height,
             scheduler=gen.scheduler,  # type: ignore[arg-type]
+            webhook_url=gen.webhook_url,
+            webhook=WebhookPublic.from_row(gen.webhook),
             error=gen.error,
             images=[
                 GeneratedImagePublic(
@@ -283,6 +318,11 @@ class GenerationPublic(BaseModel):
                 adapter=f"/v1/adapters/{gen.adapter_id}" if gen.adapter_id else None,
             ),
         )
+
+
+class GenerationsPublic(BaseModel):
+    data: list[GenerationPublic]
+    count: int = Field(description="Number of matching generations across all pages.")
 
 
 class HealthPublic(BaseModel):

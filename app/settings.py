@@ -46,19 +46,25 @@ class Settings(BaseSettings):
     # Generation limits.
     max_num_images: int = Field(default=4, ge=1)
     max_generation_steps: int = Field(default=150, ge=1)
-    # 32: the built-in model's native size (README "Built-in model").
+    # 32: the built-in model's native size (docs/builtin-model.md).
     min_image_side: int = Field(default=32, ge=8)
     max_image_side: int = Field(default=1024, ge=8)
 
     # Webhooks to loopback/private/link-local hosts are a server-side request forgery risk.
     allow_private_webhooks: bool = False
+    # Ports a webhook_url may name (JSON list, e.g. [443, 8443]); other ports reach services that
+    # were never meant to receive webhooks (SSRF). An empty list allows any port.
+    webhook_ports: list[int] = [80, 443]
+    # How long an Idempotency-Key keeps answering with its first job; after that it is free.
+    idempotency_ttl_s: float = Field(default=24 * 3600.0, gt=0)
 
     max_page_size: int = Field(default=100, ge=1)
     # Publishing to the broker must not hang a request when the broker is down.
     broker_timeout_s: float = Field(default=3.0, gt=0)
 
-    # Signs webhooks: each tenant's secret is HMAC-SHA256(secret_key, tenant id), see
-    # app.webhooks.tenant_webhook_secret. Production refuses to run without one.
+    # Signs webhooks: each tenant's secret is derived from secret_key, the tenant id and the
+    # tenant's secret version (app.webhooks.tenant_webhook_secret), so no secret is stored in
+    # the database. Production refuses to run without one.
     secret_key: str | None = None
 
     # --- Worker (worker/): the one quantized base each worker process serves. ---
@@ -97,10 +103,20 @@ class Settings(BaseSettings):
     # Generations of different adapters that share steps/size/scheduler run in one loop.
     generation_batch_size: int = Field(default=8, ge=1)
     adapter_cache_size: int = Field(default=32, ge=1)
-    # Webhook delivery: retried with exponential backoff on network errors, 429 and 5xx.
+    # Webhook delivery (worker/webhooks.py): one attempt, connection to last byte, is cut at
+    # webhook_timeout_s, so a slow receiver holds a sender no longer than that; retried with
+    # exponential backoff on network errors, timeouts, 429 and 5xx, then marked failed.
     webhook_timeout_s: float = Field(default=10.0, gt=0)
     webhook_max_retries: int = Field(default=8, ge=0)
     webhook_backoff_s: float = Field(default=2.0, gt=0)
+    # Deliveries one worker process sends at once from its sweep (slow receivers in parallel).
+    webhook_senders: int = Field(default=4, ge=1)
+    # After `tuneqdm-admin tenants rotate-webhook-secret`, webhooks carry signatures with the old
+    # and the new secret for this long, so receivers can switch without losing a webhook.
+    webhook_secret_overlap_s: float = Field(default=24 * 3600.0, ge=0)
+    # Port on which each worker process serves its own Prometheus metrics (base load time,
+    # step and generation histograms); unset: not served. The API's /metrics needs no port.
+    worker_metrics_port: int | None = Field(default=None, ge=1, le=65535)
     # Polling interval of kombu's SQLAlchemy transport (the embedded broker).
     broker_poll_s: float = Field(default=0.5, gt=0)
 
@@ -109,6 +125,14 @@ class Settings(BaseSettings):
     def _known_bits(cls, value: int) -> int:
         if value not in (4, 8):
             raise ValueError(f"TUNEQDM_BITS must be 4 or 8, got {value}")
+        return value
+
+    @field_validator("webhook_ports")
+    @classmethod
+    def _valid_ports(cls, value: list[int]) -> list[int]:
+        bad = [p for p in value if not 1 <= p <= 65535]
+        if bad:
+            raise ValueError(f"TUNEQDM_WEBHOOK_PORTS has invalid ports {bad}; use 1-65535")
         return value
 
     @model_validator(mode="after")

@@ -3,30 +3,62 @@
 Only literal addresses and well-known local names are checked here, without DNS: a lookup at
 request time would slow every submission and still not stop DNS rebinding. Whoever sends the
 webhook (the worker) must resolve the host and apply `is_forbidden_address` again at send time.
+
+Signatures follow Standard Webhooks (https://www.standardwebhooks.com): headers `webhook-id`,
+`webhook-timestamp` and `webhook-signature` = space-separated `v1,<base64 HMAC-SHA256 of
+"<id>.<timestamp>.<body>">`, one per valid secret of the tenant (old and new after a rotation).
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import ipaddress
 import socket
-import time
+from collections.abc import Collection
+from datetime import datetime, timedelta
 from urllib.parse import urlsplit
 
 from app.errors import InvalidInput
 
 _LOCAL_SUFFIXES = (".localhost", ".local", ".internal", ".localdomain")
 
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-def is_forbidden_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+# IPv6 forms that carry an IPv4 address a router or relay may forward to (RFC 6052 NAT64,
+# RFC 3056 6to4, RFC 4380 Teredo, RFC 4291 IPv4-compatible); checked by their IPv4 part.
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+# RFC 8215 local-use NAT64: translates into whatever IPv4 network the operator chose.
+_NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")
+_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    if ip.ipv4_mapped is not None:
+        return [ip.ipv4_mapped]
+    if ip in _NAT64 or ip in _IPV4_COMPATIBLE:
+        return [ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)]
+    if ip.sixtofour is not None:
+        return [ip.sixtofour]
+    if ip.teredo is not None:
+        return list(ip.teredo)  # (server, client)
+    return []
+
+
+def is_forbidden_address(ip: IPAddress) -> bool:
+    if isinstance(ip, ipaddress.IPv6Address):
+        # Deprecated ranges that Python still calls global: site-local (RFC 3879), local-use
+        # NAT64 and the IPv4-compatible block (RFC 4291 deprecates it; nothing routes it).
+        if ip.is_site_local or ip in _NAT64_LOCAL or ip in _IPV4_COMPATIBLE:
+            return True
+        if any(is_forbidden_address(v4) for v4 in _embedded_ipv4(ip)):
+            return True
     # is_global is False for loopback, private, link-local, shared (CGNAT), reserved, etc.
     return not ip.is_global or ip.is_multicast
 
 
-def _literal_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+def _literal_ip(host: str) -> IPAddress | None:
     try:
         return ipaddress.ip_address(host)
     except ValueError:
@@ -39,7 +71,18 @@ def _literal_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | No
         return None
 
 
-def check_webhook_url(url: str, *, allow_private: bool) -> str:
+def check_port(port: int, ports: Collection[int]) -> str | None:
+    """Why `port` may not receive webhooks (None: it may). `ports` empty allows any port."""
+    if ports and port not in ports:
+        allowed = ", ".join(str(p) for p in sorted(ports))
+        return (
+            f"port {port} is not allowed for webhooks (allowed: {allowed}); use a standard "
+            "port, or an operator can allow more with TUNEQDM_WEBHOOK_PORTS"
+        )
+    return None
+
+
+def check_webhook_url(url: str, *, allow_private: bool, ports: Collection[int]) -> str:
     if len(url) > 2048:
         raise InvalidInput("webhook_url is longer than 2048 characters")
     if any(ord(c) < 0x21 or ord(c) == 0x7F for c in url):
@@ -47,7 +90,7 @@ def check_webhook_url(url: str, *, allow_private: bool) -> str:
     try:
         parts = urlsplit(url)
         host = parts.hostname
-        _ = parts.port  # raises ValueError on a non-numeric or out-of-range port
+        port = parts.port  # raises ValueError on a non-numeric or out-of-range port
     except ValueError:
         raise InvalidInput(f"webhook_url {url!r} is not a valid URL") from None
     if parts.scheme not in ("http", "https"):
@@ -56,49 +99,84 @@ def check_webhook_url(url: str, *, allow_private: bool) -> str:
         raise InvalidInput("webhook_url has no host name")
     if parts.username is not None or parts.password is not None:
         raise InvalidInput("webhook_url must not contain credentials (user:password@)")
-    if allow_private:
-        return url
     host = host.rstrip(".").lower()
     ip = _literal_ip(host)
-    if (ip is not None and is_forbidden_address(ip)) or (
-        host == "localhost" or host.endswith(_LOCAL_SUFFIXES)
+    if not allow_private and (
+        (ip is not None and is_forbidden_address(ip))
+        or host == "localhost"
+        or host.endswith(_LOCAL_SUFFIXES)
     ):
         raise InvalidInput(
             f"webhook_url points at a loopback, private or link-local address ({host}); use a "
             "public host (an operator can allow private hosts with "
             "TUNEQDM_ALLOW_PRIVATE_WEBHOOKS=true)"
         )
+    refused = check_port(port or (443 if parts.scheme == "https" else 80), ports)
+    if refused is not None:
+        raise InvalidInput(f"webhook_url: {refused}")
     return url
 
 
-# Signature header: `t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>." + body)>`. The
-# timestamp is signed too, so a receiver can refuse replays older than a few minutes.
-SIGNATURE_HEADER = "X-TuneQDM-Signature"
+SECRET_PREFIX = "whsec_"
 
 
-def tenant_webhook_secret(secret_key: str, tenant_id: str) -> str:
-    """Each tenant's signing secret, derived from the server's key (nothing extra to store)."""
-    return hmac.new(
-        secret_key.encode(), f"webhook:{tenant_id}".encode(), hashlib.sha256
-    ).hexdigest()
+def tenant_webhook_secret(secret_key: str, tenant_id: str, version: int = 0) -> str:
+    """A tenant's signing secret, `whsec_<base64 of 32 bytes>`, derived from the server's key,
+    the tenant id and the secret's version (nothing secret is stored in the database)."""
+    message = f"webhook:{tenant_id}:v{version}".encode()
+    key = hmac.new(secret_key.encode(), message, hashlib.sha256).digest()
+    return SECRET_PREFIX + base64.b64encode(key).decode()
 
 
-def sign_webhook(secret: str, body: bytes, timestamp: int | None = None) -> str:
-    t = int(time.time()) if timestamp is None else timestamp
-    mac = hmac.new(secret.encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
-    return f"t={t},v1={mac}"
+def signing_secrets(
+    secret_key: str,
+    tenant_id: str,
+    *,
+    version: int,
+    rotated_at: datetime | None,
+    overlap_s: float,
+    now: datetime,
+) -> list[str]:
+    """The secrets a webhook sent at `now` is signed with: the current one, plus the previous
+    one while the rotation's overlap lasts."""
+    found = [tenant_webhook_secret(secret_key, tenant_id, version)]
+    if version > 0 and rotated_at is not None and now < rotated_at + timedelta(seconds=overlap_s):
+        found.append(tenant_webhook_secret(secret_key, tenant_id, version - 1))
+    return found
+
+
+def _key_bytes(secret: str) -> bytes:
+    return base64.b64decode(secret.removeprefix(SECRET_PREFIX))
+
+
+def signature(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
+    mac = hmac.new(
+        _key_bytes(secret), f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256
+    ).digest()
+    return "v1," + base64.b64encode(mac).decode()
+
+
+def webhook_headers(secrets: list[str], msg_id: str, timestamp: int, body: bytes) -> dict[str, str]:
+    return {
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": " ".join(signature(s, msg_id, timestamp, body) for s in secrets),
+    }
 
 
 def verify_webhook(
-    secret: str, header: str, body: bytes, *, tolerance_s: float = 300, now: float | None = None
+    secret: str, headers: dict[str, str], body: bytes, *, now: float, tolerance_s: float = 300
 ) -> bool:
-    """What a receiver does: recompute the MAC and compare in constant time."""
+    """What a receiver does: recompute the MAC, compare each v1 signature in constant time,
+    and refuse timestamps more than `tolerance_s` away (replays)."""
+    lowered = {k.lower(): v for k, v in headers.items()}
     try:
-        fields = dict(part.split("=", 1) for part in header.split(","))
-        t = int(fields["t"])
+        msg_id = lowered["webhook-id"]
+        timestamp = int(lowered["webhook-timestamp"])
+        signatures = lowered["webhook-signature"].split(" ")
     except (KeyError, ValueError):
         return False
-    if abs((time.time() if now is None else now) - t) > tolerance_s:
+    if abs(now - timestamp) > tolerance_s:
         return False
-    expected = sign_webhook(secret, body, t).split("v1=", 1)[1]
-    return hmac.compare_digest(expected, fields.get("v1", ""))
+    expected = signature(secret, msg_id, timestamp, body)
+    return any(hmac.compare_digest(expected, s) for s in signatures)

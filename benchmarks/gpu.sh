@@ -32,8 +32,8 @@ part env 20 "$PY" -c 'import torch, diffusers; print("torch", torch.__version__,
 torch.version.cuda, torch.cuda.get_device_name(0), "diffusers", diffusers.__version__)'
 
 # Only the files that hold CUDA tests: the API's tests need packages a GPU image lacks.
-part tests_cuda 60 "$PY" -m pytest -q -p no:cacheprovider -s tests/test_cuda.py \
-  tests/test_benchmarks.py -k cuda
+part tests_cuda 60 "$PY" -m pytest -q -p no:cacheprovider -s tests/core/test_cuda.py \
+  tests/benchmarks/test_benchmarks.py -k cuda
 
 # The issue's comparison at 512 px, batch 1, bf16 autocast, scales in fp32. The variants
 # that the targets compare first (tuneqdm-w4-ckpt among them); the other checkpointed ones

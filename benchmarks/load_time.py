@@ -63,7 +63,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", help="write the numbers to this file")
     args = parser.parse_args()
-    from tuneqdm_core.tiny import save_tiny_pipeline
+    from tuneqdm_core.builtin.tiny import save_tiny_pipeline
 
     with tempfile.TemporaryDirectory() as tmp:
         model, cache = Path(tmp) / "model", Path(tmp) / "cache"

@@ -9,7 +9,7 @@ in float from the integer codes and calls ``F.linear`` / ``F.conv2d`` with it, s
 keeps weight-sized tensors per layer for the backward, and the whole batch uses the interval of
 its first timestep. The library never does this (tuneqdm_core/layers.py); the benchmark needs it
 as the baseline that the activation-side layers are measured against. The formula is the one
-tests/oracle.py checks the library with; it is written again here because benchmarks do not
+tests/core/oracle.py checks the library with; it is written again here because benchmarks do not
 import the test suite.
 """
 

@@ -33,12 +33,12 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from benchmarks import common
 from benchmarks.fidelity import FeatureNet, prompt_fidelity, self_similarity, subject_fidelity
 from tuneqdm_core.base import BaseModel, load_base
+from tuneqdm_core.builtin.scenes import CLASSES, DATA_DIR, SIZE, Scene, load_fashion, render, shrink
 from tuneqdm_core.cli.reports import table
 from tuneqdm_core.finetune import FinetuneConfig, Subject, finetune
 from tuneqdm_core.generate import GenerationRequest, generate
 from tuneqdm_core.images import to_pil, to_training_tensor
 from tuneqdm_core.model import QuantConfig
-from tuneqdm_core.scenes import CLASSES, DATA_DIR, SIZE, Scene, load_fashion, render, shrink
 
 DEFAULT_MODEL = common.REPO_ROOT / "models" / "fashion-sd"
 # Photo contexts and new contexts share no colour and no position-colour pair.

@@ -61,7 +61,7 @@ ALL_VARIANTS = [
     )
     for ckpt in ("", "-ckpt")
 ]
-# A few minutes on a 2-core CPU at 256 px (README / benchmarks/RESULTS.md).
+# A few minutes on a 2-core CPU at 256 px (docs/benchmarks.md).
 DEFAULT_VARIANTS = ["full", "materialising-w8", "peqa-w8", "tuneqdm-w8", "tuneqdm-w4-ckpt"]
 TEXT_TOKENS = 77
 REFERENCE_FULL = "full"

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from tuneqdm_core.base import BaseModel, load_base
-from tuneqdm_core.tiny import save_tiny_pipeline
+from tuneqdm_core.builtin.tiny import save_tiny_pipeline
 
 
 @pytest.fixture(autouse=True)

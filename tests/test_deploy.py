@@ -101,6 +101,16 @@ def test_worker_gets_time_to_checkpoint_on_stop_and_restarts() -> None:
     assert worker["restart"] in ("unless-stopped", "always", "on-failure")
 
 
+def test_flower_is_an_optional_profile_on_the_same_broker() -> None:
+    flower = SERVICES["flower"]
+    assert flower["profiles"] == ["monitoring"]
+    # Every other service runs without a profile, i.e. on a plain `docker compose up`.
+    assert [n for n, s in SERVICES.items() if "profiles" in s] == ["flower"]
+    broker = SERVICES["api"]["environment"]["TUNEQDM_BROKER_URL"]
+    assert flower["environment"]["CELERY_BROKER_URL"] == broker
+    assert flower["depends_on"] == {"redis": {"condition": "service_healthy"}}
+
+
 def test_every_setting_name_exists_and_validates(monkeypatch: pytest.MonkeyPatch) -> None:
     for name, service in SERVICES.items():
         env = {

@@ -1,6 +1,6 @@
 """The layering of docs/design.md, read from the source: app ← worker → tuneqdm_core. The core never
-imports the service; app never imports the ML stack (tests/api/test_layering.py checks the
-same at run time, in a fresh interpreter)."""
+imports the service; app never imports the ML stack; the client (tuneqdm_client) imports none of
+them (tests/api/test_layering.py checks the same at run time, in a fresh interpreter)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,19 @@ FORBIDDEN = {
     "app": {"torch", "diffusers", "transformers", "safetensors", "tuneqdm_core", "worker"},
     # The worker shares app's FastAPI-free modules only.
     "worker": {"fastapi", "starlette", "uvicorn"},
+    # The client installs on its own with httpx only (docs/client.md).
+    "tuneqdm_client": {
+        "app",
+        "worker",
+        "tuneqdm_core",
+        "torch",
+        "fastapi",
+        "starlette",
+        "sqlalchemy",
+        "celery",
+        "pydantic",
+        "PIL",
+    },
 }
 
 

@@ -91,7 +91,7 @@ UNET_CONFIGS: dict[str, dict[str, Any]] = {
     },
 }
 
-# The built-in pretrained model (tuneqdm_core/pretrain.py): tiny-sd1's shape, twice as wide.
+# The built-in pretrained model (tuneqdm_core/builtin/pretrain.py): tiny-sd1's shape, twice as wide.
 UNET_CONFIGS["fashion-sd"] = {
     **UNET_CONFIGS["tiny-sd1"],
     "block_out_channels": (64, 128),

@@ -28,7 +28,7 @@ from PIL import Image
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer, CLIPModel
 
 # DreamBooth's 25 object re-contextualisation, property-modification and accessorization
-# prompts (google/dreambooth, README); "{}" stands for "TOKEN CLASS", e.g. "sks dog".
+# prompts (google/dreambooth, docs/benchmarks.md); "{}" stands for "TOKEN CLASS", e.g. "sks dog".
 DREAMBOOTH_PROMPTS: tuple[str, ...] = (
     "a {} in the jungle",
     "a {} in the snow",

@@ -36,7 +36,7 @@ FinetuneMethod = Literal["tuneqdm", "peqa", "full"]
 
 
 # Relative step of s_out per optimizer step when no lr_s_out is given: measured best on the
-# built-in model at 4 and 8 bits (benchmarks/quality.py, README "Personalization quality").
+# built-in model at 4 and 8 bits (benchmarks/quality.py, docs/benchmarks.md).
 S_OUT_RELATIVE_LR = 2e-3
 
 
@@ -54,7 +54,7 @@ class FinetuneConfig:
 
     method: FinetuneMethod = "tuneqdm"
     # 1, not the paper's 2: on the built-in model 2 intervals were no better at 400 steps and
-    # worse at 150 (README "Personalization quality"), and double the adapter.
+    # worse at 150 (docs/benchmarks.md), and double the adapter.
     intervals: int = 1
     steps: int = 400
     lr_s_out: float | None = None

@@ -25,8 +25,9 @@ class QuantConfig:
 
     ``range="auto"`` searches the range per channel (``mse``) at 4 bits and takes min-max at
     8 bits: on bell-shaped and heavy-tailed weights the search gains 2–3.5 dB SQNR at 4 bits
-    and under 0.1 dB at 8 bits (``python benchmarks/quant_range.py``; README "Quantization
-    range"), so at 8 bits it would only cost time. ``grid``/``shrink``/``p`` tune the search.
+    and under 0.1 dB at 8 bits (``python benchmarks/quant_range.py``; docs/method.md,
+    "Quantization range"), so at 8 bits it would only cost time. ``grid``/``shrink``/``p`` tune
+    the search.
     """
 
     bits: quant.Bits = 4

@@ -24,13 +24,18 @@ from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db import engine_from_settings, make_sessionmaker
-from app.queue import FINETUNE_QUEUE, FINETUNE_TASK, GENERATE_QUEUE, GENERATE_TASK
+from app.queue import (
+    FINETUNE_QUEUE,
+    FINETUNE_TASK,
+    GENERATE_QUEUE,
+    GENERATE_TASK,
+    WEBHOOK_QUEUE,
+)
 from app.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
 WEBHOOK_TASK = "tuneqdm.webhook"
-WEBHOOK_QUEUE = "webhooks"
 
 
 def create_celery(settings: Settings) -> Celery:
@@ -138,11 +143,20 @@ class _Sweeper:
 
 
 _sweeper = _Sweeper()
+_delivery_sweeper: Any = None
 
 
 @worker_ready.connect
 def _start_sweeper(sender: Any = None, **_: Any) -> None:
+    global _delivery_sweeper
     _sweeper.start()
+    # Workers that consume the webhooks queue also send what the outbox holds (due retries,
+    # deliveries whose sender died); the GPU-only workers never make outbound requests.
+    if sender is not None and WEBHOOK_QUEUE in sender.app.amqp.queues.consume_from:
+        from worker.webhooks import DeliverySweeper
+
+        _delivery_sweeper = DeliverySweeper(settings, sessions)
+        _delivery_sweeper.start()
 
 
 @worker_shutting_down.connect
@@ -157,6 +171,16 @@ def _stop_jobs(sender: Any = None, **_: Any) -> None:
 @worker_shutdown.connect
 def _stop_sweeper(sender: Any = None, **_: Any) -> None:
     _sweeper.stop.set()
+    if _delivery_sweeper is not None:
+        _delivery_sweeper.stop.set()
+
+
+@worker_ready.connect
+def _serve_metrics(sender: Any = None, **_: Any) -> None:
+    # In the main process: with --pool=solo the tasks run here too (worker/metrics.py).
+    from worker import metrics
+
+    metrics.serve(settings.worker_metrics_port)
 
 
 def restart_stalled(model: Any, job_id: str) -> None:

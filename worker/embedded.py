@@ -27,8 +27,8 @@ from alembic.config import Config
 
 from app.db import engine_from_settings, make_sessionmaker, session_scope
 from app.services import keys
+from app.services.webhook_secrets import current_secret
 from app.settings import Settings, get_settings
-from app.webhooks import tenant_webhook_secret
 from worker.jobs import STALLED_EXIT
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,7 +70,7 @@ def prepare(settings: Settings, tenant_name: str) -> tuple[str, str]:
         with session_scope(make_sessionmaker(engine)) as session:
             tenant = keys.get_or_create_tenant(session=session, name=tenant_name)
             _, key = keys.create_key(session=session, tenant=tenant)
-            secret = tenant_webhook_secret(settings.resolved_secret_key, tenant.id)
+            secret = current_secret(settings, tenant)
     finally:
         engine.dispose()
     return key, secret

@@ -20,8 +20,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app import storage as st
 from app.models import Adapter, FinetuneJob
+from app.outbox import record_final
 from app.schemas import FinetuneParams
 from app.settings import Settings
+from worker import metrics
 from worker.failures import transient_reason, user_message
 from worker.files import adapter_attempt_key, checkpoint_key
 from worker.jobs import (
@@ -49,9 +51,11 @@ BASE_FAILED = (
 @dataclass
 class Context:
     """What a task needs from its process: settings, database, storage, the model runtime,
-    the webhook sender (a callable taking the fine-tune id), what sends a message for a job
-    given back to the queue (`requeue`; without it the sweep's reconciler sends one later),
-    and what a stalled job's watchdog does to its process (`on_stall`: restart it)."""
+    `notify`, a callable taking a job id that asks for its webhook's first attempt now (the
+    delivery row itself is written with the job's final state; the sweep is the safety net),
+    what sends a message for a job given back to the queue (`requeue`; without it the sweep's
+    reconciler sends one later), and what a stalled job's watchdog does to its process
+    (`on_stall`: restart it)."""
 
     settings: Settings
     sessions: sessionmaker[Session]
@@ -125,6 +129,8 @@ def _refusal(params: FinetuneParams, settings: Settings) -> str | None:
 def _fail(ctx: Context, job: FinetuneJob, owner: str, message: str) -> None:
     with ctx.sessions() as session:
         done = finish_owned(session, FinetuneJob, job.id, owner, "failed", error=message)
+        if done:
+            record_final(session, FinetuneJob, job.id)
         session.commit()
     if done:
         log.warning("fine-tune %s failed: %s", job.id, message)
@@ -137,7 +143,7 @@ def run_finetune(job_id: str, ctx: Context) -> str:
     with ctx.sessions() as session:
         job = session.get(FinetuneJob, job_id)
         if job is not None and job.status == "canceled" and job.started_at is None:
-            ctx.notify(job.id)  # canceled while queued: no worker ran it to say so
+            ctx.notify(job.id)  # canceled while queued: the API wrote its webhook row
     while True:
         with ctx.sessions() as session:
             owner = new_owner()
@@ -232,9 +238,14 @@ def _train(
     config = finetune_config(params, job.id)
     write = ProgressWriter(lease, every_s=min(1.0, ctx.settings.heartbeat_s), clock=time.monotonic)
     first = True
+    last = time.perf_counter()
 
     def progress(p: Any) -> None:
-        nonlocal first
+        nonlocal first, last
+        now = time.perf_counter()
+        if not first:  # the first call's interval includes encoding the photos
+            metrics.FINETUNE_STEP_SECONDS.observe(now - last)
+        last = now
         if first:
             # The first step of this run tells where it started: 0, or a checkpoint's step.
             first = False
@@ -313,6 +324,7 @@ def publish_adapter(
                         storage_key=key,
                     )
                 )
+                record_final(session, FinetuneJob, job.id)
             session.commit()
     except BaseException:
         ctx.storage.delete(key)

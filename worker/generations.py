@@ -17,6 +17,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.models import Adapter, GeneratedImage, GenerationJob
+from app.outbox import record_final
+from worker import metrics
 from worker.failures import transient_reason, user_message
 from worker.files import generated_image_attempt_key
 from worker.finetunes import TERMINAL, Context
@@ -119,9 +121,13 @@ def run_generation(generation_id: str, ctx: Context) -> str:
 
 def _fail(ctx: Context, job_id: str, owner: str, message: str) -> None:
     with ctx.sessions() as session:
-        finish_owned(session, GenerationJob, job_id, owner, "failed", error=message)
+        done = finish_owned(session, GenerationJob, job_id, owner, "failed", error=message)
+        if done:
+            record_final(session, GenerationJob, job_id)
         session.commit()
     log.warning("generation %s failed: %s", job_id, message)
+    if done:
+        ctx.notify(job_id)
 
 
 def _generate(
@@ -186,7 +192,8 @@ def _generate(
     intervals = max([a.config.intervals for a in distinct.values()] + [1])
     try:
         bank = ctx.runtime.bank(len(distinct), intervals)
-        results = generate(ctx.runtime.base, requests, bank=bank)
+        with metrics.GENERATION_SECONDS.time():
+            results = generate(ctx.runtime.base, requests, bank=bank)
     except Exception as exc:
         log.exception("generation batch %s raised", [j.id for j, _ in runnable])
         message = user_message(exc, storage_root=ctx.storage.root, what="generation")
@@ -228,6 +235,7 @@ def publish_images(
                     GeneratedImage(generation_id=job.id, index=i, seed=seed, storage_key=key)
                     for i, seed, key in keys
                 )
+                record_final(session, GenerationJob, job.id)
             session.commit()
     except BaseException:
         for _, _, key in keys:
@@ -236,4 +244,6 @@ def publish_images(
     if not done:
         for _, _, key in keys:
             ctx.storage.delete(key)
+    else:
+        ctx.notify(job.id)
     return done

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from app.settings import Settings
+from worker import metrics
 
 if TYPE_CHECKING:
     from tuneqdm_core.adapter import Adapter
@@ -37,7 +38,7 @@ def ensure_default_model(settings: Settings) -> str:
     target = settings.default_model_dir
     if (target / "model_index.json").is_file():
         return str(target)
-    from tuneqdm_core.tiny import save_tiny_pipeline
+    from tuneqdm_core.builtin.tiny import save_tiny_pipeline
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tiny-sd-"))
@@ -91,12 +92,14 @@ class Runtime:
             cache_dir=cache_dir,
             device=self.settings.device,
         )
+        seconds = time.perf_counter() - start
+        metrics.BASE_LOAD_SECONDS.set(seconds)
         log.info(
             "base %s (%d-bit, %s) loaded in %.2f s (%s)",
             source,
             self.settings.bits,
             self.settings.device,
-            time.perf_counter() - start,
+            seconds,
             "from the quantized cache" if base.from_cache else "quantized now, cached",
         )
         return base

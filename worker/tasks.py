@@ -25,7 +25,7 @@ from worker.celery_app import (
 from worker.finetunes import Context, run_finetune
 from worker.generations import run_generation
 from worker.runtime import get_runtime
-from worker.webhooks import WebhookRetry, deliver_finetune_webhook
+from worker.webhooks import deliver_for_job
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +33,13 @@ DB_UNREACHABLE = (OperationalError, InterfaceError, DisconnectionError)
 MAX_DB_RETRY_S = 60.0
 
 
-def notify(finetune_id: str) -> None:
-    """Queue the webhook; delivery (and its retries) never blocks training."""
+def notify(job_id: str, countdown: float = 0) -> None:
+    """Ask for an attempt of the job's webhook now (or after `countdown`); delivery never
+    blocks a job. A lost message loses nothing: the delivery row waits for the sweep."""
     try:
-        webhook.apply_async(args=[finetune_id], queue=WEBHOOK_QUEUE)
+        webhook.apply_async(args=[job_id], queue=WEBHOOK_QUEUE, countdown=countdown)
     except Exception:
-        log.exception("could not queue the webhook of %s", finetune_id)
+        log.exception("could not queue the webhook of %s", job_id)
 
 
 def requeue(model: Any, job_id: str) -> None:
@@ -84,11 +85,14 @@ def generate(self: Any, generation_id: str) -> str:
     return outcome
 
 
-@app.task(name=WEBHOOK_TASK, bind=True, max_retries=settings.webhook_max_retries)
-def webhook(self: Any, finetune_id: str) -> str:
-    try:
-        return deliver_finetune_webhook(finetune_id, settings=settings, sessions=sessions())
-    except WebhookRetry as exc:
-        delay = settings.webhook_backoff_s * 2**self.request.retries
-        log.warning("webhook of %s: %s; retrying in %.0f s", finetune_id, exc, delay)
-        raise self.retry(exc=exc, countdown=delay) from exc
+@app.task(name=WEBHOOK_TASK)
+def webhook(job_id: str) -> str:
+    attempt = deliver_for_job(job_id, settings=settings, sessions=sessions())
+    if attempt is None:
+        return "no pending webhook"
+    if attempt.retry_in_s is not None:
+        log.warning(
+            "webhook of %s not delivered; next attempt in %.0f s", job_id, attempt.retry_in_s
+        )
+        notify(job_id, countdown=attempt.retry_in_s)
+    return attempt.outcome

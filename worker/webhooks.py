@@ -1,4 +1,11 @@
-"""Webhook delivery: a signed POST when a fine-tune ends, retried with backoff by its own task.
+"""Webhook delivery: send the outbox rows (app/outbox.py), signed, each attempt under a deadline.
+
+Each attempt is claimed with one conditional UPDATE (the row is pending, due, and its attempt
+counter is what the sender read) that counts the attempt and leases the row until the attempt's
+deadline has surely passed; only the claimer sends, and it records the outcome only while its
+claim still stands. A sender that dies leaves the row due again when the lease ends, and the
+next sweep sends it: a webhook is delivered at least once (receivers drop repeats by
+`webhook-id`), never lost, and its exhausted retries mark the row failed.
 
 The API checked the URL's literal host only; here the host is resolved at send time, every
 address it resolves to must be public (`app.webhooks.is_forbidden_address`, unless
@@ -8,35 +15,61 @@ checked (no second lookup for DNS rebinding to race). Redirects are never follow
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import ipaddress
 import json
 import logging
 import socket
 import ssl
-from typing import Any
+import threading
+import time
+from collections.abc import Callable, Collection
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from datetime import timedelta
 from urllib.parse import urlsplit
 
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.models import FinetuneJob
+from app.models import Tenant, WebhookDelivery, utcnow
 from app.settings import Settings
-from app.webhooks import SIGNATURE_HEADER, is_forbidden_address, sign_webhook, tenant_webhook_secret
+from app.webhooks import check_port, is_forbidden_address, signing_secrets, webhook_headers
 
 log = logging.getLogger(__name__)
 
+# Host name lookups run here so that a hanging resolver counts against the attempt's deadline.
+_resolver = ThreadPoolExecutor(max_workers=4, thread_name_prefix="webhook-dns")
+
 
 class WebhookRefused(Exception):
-    """Never retried: the address is not allowed, or the receiver answered 3xx/4xx."""
+    """Never retried: the address or port is not allowed, or the receiver answered 3xx/4xx."""
 
 
 class WebhookRetry(Exception):
-    """Worth retrying later: network errors, timeouts, 429 and 5xx."""
+    """Worth retrying later: network errors, the deadline, 429 and 5xx."""
 
 
-def resolve_checked(host: str, port: int, *, allow_private: bool) -> str:
+class _Deadline:
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.at = time.monotonic() + seconds
+
+    def left(self) -> float:
+        remaining = self.at - time.monotonic()
+        if remaining <= 0:
+            raise WebhookRetry(f"no answer within the {self.seconds:g} s deadline")
+        return remaining
+
+
+def resolve_checked(host: str, port: int, *, allow_private: bool, deadline: _Deadline) -> str:
+    future = _resolver.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        infos = future.result(timeout=deadline.left())
+    except FutureTimeout:
+        raise WebhookRetry(f"resolving {host} took longer than the deadline") from None
     except socket.gaierror as exc:
         raise WebhookRetry(f"cannot resolve {host}: {exc}") from exc
     addresses = [str(info[4][0]) for info in infos]
@@ -63,28 +96,63 @@ class _PinnedHTTPS(http.client.HTTPSConnection):
 
     def connect(self) -> None:
         sock = socket.create_connection((self.ip, self.port), self.timeout)
+        self.sock = sock  # visible to the deadline's watchdog during the TLS handshake
         # Certificate and SNI are checked against the host name, not the pinned address.
         self.sock = self._context.wrap_socket(sock, server_hostname=self.host)  # type: ignore[attr-defined]
 
 
+def _cut(conn: http.client.HTTPConnection, expired: threading.Event) -> None:
+    """At the deadline: shut the socket down, which wakes a read blocked on a slow receiver
+    (a socket timeout alone restarts with every byte that arrives)."""
+    expired.set()
+    sock = conn.sock
+    if sock is not None:
+        with contextlib.suppress(OSError):  # already closed: nothing to cut
+            sock.shutdown(socket.SHUT_RDWR)
+
+
 def post_json(
-    url: str, body: bytes, headers: dict[str, str], *, timeout: float, allow_private: bool
+    url: str,
+    body: bytes,
+    headers: dict[str, str],
+    *,
+    timeout: float,
+    allow_private: bool,
+    ports: Collection[int],
 ) -> int:
+    """POST `body`; the whole attempt (lookup, connect, TLS, request, status line and headers of
+    the answer) ends within `timeout` seconds."""
+    deadline = _Deadline(timeout)
     parts = urlsplit(url)
     host = parts.hostname or ""
     https = parts.scheme == "https"
     port = parts.port or (443 if https else 80)
-    ip = resolve_checked(host, port, allow_private=allow_private)
+    refused = check_port(port, ports)
+    if refused is not None:
+        raise WebhookRefused(refused)
+    ip = resolve_checked(host, port, allow_private=allow_private, deadline=deadline)
     conn: http.client.HTTPConnection = (_PinnedHTTPS if https else _PinnedHTTP)(
-        host, port, ip, timeout
+        host, port, ip, deadline.left()
     )
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    expired = threading.Event()
+    watchdog = threading.Timer(deadline.left(), _cut, args=(conn, expired))
+    watchdog.daemon = True
+    watchdog.start()
     try:
+        conn.connect()
+        if expired.is_set():  # the timer fired before connect() made the socket it would cut
+            raise WebhookRetry(f"connecting to {host} took the whole {timeout:g} s deadline")
         conn.request("POST", path, body=body, headers=headers)
         status = conn.getresponse().status
-    except (OSError, http.client.HTTPException) as exc:
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        if expired.is_set():
+            raise WebhookRetry(
+                f"POST to {host} did not complete within the {timeout:g} s deadline"
+            ) from exc
         raise WebhookRetry(f"POST to {host} failed: {type(exc).__name__}: {exc}") from exc
     finally:
+        watchdog.cancel()
         conn.close()
     if 200 <= status < 300:
         return status
@@ -94,33 +162,90 @@ def post_json(
     raise WebhookRefused(f"{host} answered {status}; not retried")
 
 
-def finetune_payload(job: FinetuneJob) -> dict[str, Any]:
-    return {
-        "type": f"finetune.{job.status}",
-        "finetune_id": job.id,
-        "status": job.status,
-        "adapter_id": job.adapter.id if job.adapter is not None else None,
-        "error": job.error,
-        "progress": {"step": job.progress_step, "total": job.progress_total},
-        "finished_at": job.finished_at.isoformat() if job.finished_at else None,
-    }
+def lease_s(settings: Settings) -> float:
+    """How long a claimed attempt keeps its row: past the attempt's deadline, with room for the
+    claimer to record the outcome, so a live sender's row is never sent twice at once."""
+    return 2 * settings.webhook_timeout_s + 30
 
 
-def deliver_finetune_webhook(
-    finetune_id: str, *, settings: Settings, sessions: sessionmaker[Session]
-) -> str:
-    """One delivery attempt; raises WebhookRetry when a later attempt may succeed."""
+def backoff_s(settings: Settings, attempts: int) -> float:
+    return float(settings.webhook_backoff_s * 2 ** (attempts - 1))
+
+
+def claim_attempt(session: Session, delivery_id: str, settings: Settings) -> int | None:
+    """Claim the next attempt of a due delivery; its attempt number, or None if not ours."""
+    seen = session.scalar(select(WebhookDelivery.attempts).where(WebhookDelivery.id == delivery_id))
+    if seen is None:
+        return None
+    now = utcnow()
+    result = session.execute(
+        update(WebhookDelivery)
+        .where(
+            WebhookDelivery.id == delivery_id,
+            WebhookDelivery.status == "pending",
+            WebhookDelivery.next_attempt_at <= now,
+            WebhookDelivery.attempts == seen,
+        )
+        .values(
+            attempts=seen + 1,
+            next_attempt_at=now + timedelta(seconds=lease_s(settings)),
+            updated_at=now,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
+    return seen + 1 if result.rowcount else None  # type: ignore[attr-defined]
+
+
+def _record(session: Session, delivery_id: str, attempt: int, **values: object) -> bool:
+    """Write an attempt's outcome only while the claim still stands."""
+    result = session.execute(
+        update(WebhookDelivery)
+        .where(
+            WebhookDelivery.id == delivery_id,
+            WebhookDelivery.status == "pending",
+            WebhookDelivery.attempts == attempt,
+        )
+        .values(updated_at=utcnow(), **values)
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class Attempt:
+    outcome: str
+    retry_in_s: float | None = None  # set when the delivery is due again later
+
+
+def attempt_delivery(
+    delivery_id: str, *, settings: Settings, sessions: sessionmaker[Session]
+) -> Attempt:
+    """One attempt of one delivery, if it is due and this call wins its claim."""
     with sessions() as session:
-        job = session.get(FinetuneJob, finetune_id)
-        if job is None or not job.webhook_url:
-            return "no webhook"
-        url = job.webhook_url
-        body = json.dumps(finetune_payload(job), sort_keys=True).encode()
-        secret = tenant_webhook_secret(settings.resolved_secret_key, job.tenant_id)
+        attempt = claim_attempt(session, delivery_id, settings)
+        if attempt is None:
+            return Attempt("not due (or another sender has it)")
+        row = session.get(WebhookDelivery, delivery_id)
+        tenant = session.get(Tenant, row.tenant_id) if row is not None else None
+        if row is None or tenant is None:
+            return Attempt("gone")
+        url, payload = row.url, row.payload
+        now = utcnow()
+        secrets = signing_secrets(
+            settings.resolved_secret_key,
+            tenant.id,
+            version=tenant.webhook_secret_version,
+            rotated_at=tenant.webhook_secret_rotated_at,
+            overlap_s=settings.webhook_secret_overlap_s,
+            now=now,
+        )
+    body = json.dumps(payload, sort_keys=True).encode()
     headers = {
         "Content-Type": "application/json",
-        "User-Agent": "tuneqdm-webhooks/1",
-        SIGNATURE_HEADER: sign_webhook(secret, body),
+        "User-Agent": "tuneqdm-webhooks/2",
+        **webhook_headers(secrets, delivery_id, int(now.timestamp()), body),
     }
     try:
         status = post_json(
@@ -129,8 +254,90 @@ def deliver_finetune_webhook(
             headers,
             timeout=settings.webhook_timeout_s,
             allow_private=settings.allow_private_webhooks,
+            ports=settings.webhook_ports,
         )
     except WebhookRefused as exc:
-        log.warning("webhook of %s not delivered: %s", finetune_id, exc)
-        return f"refused: {exc}"
-    return f"delivered ({status})"
+        result = Attempt("failed")
+        values: dict[str, object] = {"status": "failed", "last_error": str(exc)}
+    except WebhookRetry as exc:
+        if attempt > settings.webhook_max_retries:
+            error = f"{exc} (gave up after {attempt} attempts)"
+            result, values = Attempt("failed"), {"status": "failed", "last_error": error}
+        else:
+            delay = backoff_s(settings, attempt)
+            result = Attempt("retry", retry_in_s=delay)
+            values = {
+                "last_error": str(exc),
+                "next_attempt_at": utcnow() + timedelta(seconds=delay),
+            }
+    else:
+        result = Attempt(f"delivered ({status})")
+        values = {"status": "delivered", "delivered_at": utcnow(), "last_error": None}
+    with sessions() as session:
+        if not _record(session, delivery_id, attempt, **values):
+            return Attempt("outcome not recorded (claim expired)")
+    if result.outcome == "failed":
+        log.warning("webhook %s failed: %s", delivery_id, values["last_error"])
+    return result
+
+
+def deliver_for_job(
+    job_id: str, *, settings: Settings, sessions: sessionmaker[Session]
+) -> Attempt | None:
+    """An attempt of the job's pending delivery (None: nothing pending)."""
+    with sessions() as session:
+        delivery_id = session.scalar(
+            select(WebhookDelivery.id).where(
+                WebhookDelivery.job_id == job_id, WebhookDelivery.status == "pending"
+            )
+        )
+    if delivery_id is None:
+        return None
+    return attempt_delivery(delivery_id, settings=settings, sessions=sessions)
+
+
+def due_deliveries(session: Session, *, limit: int = 100) -> list[str]:
+    return list(
+        session.scalars(
+            select(WebhookDelivery.id)
+            .where(WebhookDelivery.status == "pending", WebhookDelivery.next_attempt_at <= utcnow())
+            .order_by(WebhookDelivery.next_attempt_at)
+            .limit(limit)
+        )
+    )
+
+
+def sweep_deliveries(
+    *, settings: Settings, sessions: sessionmaker[Session], pool: ThreadPoolExecutor
+) -> dict[str, Attempt]:
+    """Attempt every due delivery, `settings.webhook_senders` at a time (a slow receiver holds
+    one sender for at most the deadline). Returns {delivery id: outcome}."""
+    with sessions() as session:
+        ids = due_deliveries(session)
+    futures = {
+        i: pool.submit(attempt_delivery, i, settings=settings, sessions=sessions) for i in ids
+    }
+    return {i: f.result() for i, f in futures.items()}
+
+
+class DeliverySweeper:
+    """Sends due deliveries every TUNEQDM_SWEEP_EVERY_S: at worker start (what a crash left
+    pending), and whatever a job's own kick (the webhook task) missed."""
+
+    def __init__(self, settings: Settings, sessions: Callable[[], sessionmaker[Session]]) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.stop = threading.Event()
+
+    def start(self) -> None:
+        threading.Thread(target=self._run, name="webhook-sweep", daemon=True).start()
+
+    def _run(self) -> None:
+        with ThreadPoolExecutor(self.settings.webhook_senders, "webhook-send") as pool:
+            while True:
+                try:
+                    sweep_deliveries(settings=self.settings, sessions=self.sessions(), pool=pool)
+                except Exception:
+                    log.exception("webhook sweep failed; trying again later")
+                if self.stop.wait(self.settings.sweep_every_s):
+                    return

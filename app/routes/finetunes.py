@@ -24,6 +24,7 @@ ERRORS: dict[int | str, dict[str, str]] = {
     response_model=FinetunePublic,
     responses={
         **ERRORS,
+        409: {"description": "The Idempotency-Key was used for a different request."},
         413: {"description": "A file or the request is above the byte limit."},
         422: {"description": "Invalid images, prompts or params; the detail says which."},
         503: {"description": "The task queue is unreachable; nothing was stored."},
@@ -52,7 +53,10 @@ def create_finetune(
     token: Annotated[str, Form(description="Identifier token of the subject.")] = "sks",
     idempotency_key: Annotated[
         str | None,
-        Header(description="Repeating a request with the same key returns the same job."),
+        Header(
+            description="Repeating a request with the same key returns the same job; the same "
+            "key with another request (fields or photos) answers 409."
+        ),
     ] = None,
 ) -> FinetunePublic:
     form = svc.FinetuneForm(

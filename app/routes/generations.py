@@ -1,15 +1,15 @@
-"""/v1/generations: request images from an adapter (or the base model) and fetch them."""
+"""/v1/generations: request images from an adapter (or the base model), list and fetch them."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, status
+from fastapi import APIRouter, Header, Path, Query, status
 from fastapi.responses import StreamingResponse
 
 from app.deps import CurrentTenant, SenderDep, SessionDep, SettingsDep, StorageDep
 from app.errors import NotFound
-from app.schemas import GenerationCreate, GenerationPublic
+from app.schemas import GenerationCreate, GenerationPublic, GenerationsPublic, Status
 from app.services import generations as svc
 from app.storage import iter_chunks
 
@@ -27,7 +27,10 @@ ERRORS: dict[int | str, dict[str, str]] = {
     response_model=GenerationPublic,
     responses={
         401: ERRORS[401],
-        409: {"description": "The adapter's fine-tune has not succeeded, or another base."},
+        409: {
+            "description": "The adapter's fine-tune has not succeeded, or another base; or the "
+            "Idempotency-Key was used for a different request."
+        },
         422: {"description": "Invalid request; the detail says which field."},
         503: {"description": "The task queue is unreachable; nothing was stored."},
     },
@@ -38,11 +41,42 @@ def create_generation(
     sender: SenderDep,
     tenant: CurrentTenant,
     data: GenerationCreate,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            description="Repeating a request with the same key returns the same generation; "
+            "the same key with another request answers 409."
+        ),
+    ] = None,
 ) -> GenerationPublic:
     gen = svc.create_generation(
-        session=session, sender=sender, settings=settings, tenant=tenant, data=data
+        session=session,
+        sender=sender,
+        settings=settings,
+        tenant=tenant,
+        data=data,
+        idempotency_key=idempotency_key,
     )
     return GenerationPublic.from_row(gen)
+
+
+@router.get("", response_model=GenerationsPublic, responses={401: ERRORS[401]})
+def list_generations(
+    session: SessionDep,
+    settings: SettingsDep,
+    tenant: CurrentTenant,
+    status: Status | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 20,
+    offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
+) -> GenerationsPublic:
+    rows, count = svc.list_generations(
+        session=session,
+        tenant=tenant,
+        status=status,
+        limit=min(limit, settings.max_page_size),
+        offset=offset,
+    )
+    return GenerationsPublic(data=[GenerationPublic.from_row(r) for r in rows], count=count)
 
 
 @router.get("/{generation_id}", response_model=GenerationPublic, responses=ERRORS)

@@ -12,11 +12,13 @@ from sqlalchemy import Select, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
+from app import idempotency
 from app import storage as st
 from app.errors import Conflict, InvalidInput, NotFound
 from app.ids import looks_like_id, new_id
 from app.images import CheckedImage, check_image, read_limited
 from app.models import ACTIVE_STATUSES, FinetuneImage, FinetuneJob, Tenant, utcnow
+from app.outbox import record_final
 from app.queue import FINETUNE_QUEUE, FINETUNE_TASK, TaskSender
 from app.schemas import FinetuneParams
 from app.services.common import optional_text, page, required_text
@@ -84,7 +86,9 @@ def _validate_form(form: FinetuneForm, settings: Settings) -> FinetuneJob:
     webhook_url = None
     if form.webhook_url is not None and form.webhook_url.strip():
         webhook_url = check_webhook_url(
-            form.webhook_url.strip(), allow_private=settings.allow_private_webhooks
+            form.webhook_url.strip(),
+            allow_private=settings.allow_private_webhooks,
+            ports=settings.webhook_ports,
         )
     job = FinetuneJob(
         name=name,
@@ -101,7 +105,7 @@ def _validate_form(form: FinetuneForm, settings: Settings) -> FinetuneJob:
     return job
 
 
-def _check_uploads(uploads: list[Upload], settings: Settings) -> list[CheckedImage]:
+def _read_uploads(uploads: list[Upload], settings: Settings) -> list[bytes]:
     if len(uploads) < settings.min_images:
         raise InvalidInput(
             f"send at least {settings.min_images} photo(s) of the subject in the 'images' field"
@@ -110,17 +114,50 @@ def _check_uploads(uploads: list[Upload], settings: Settings) -> list[CheckedIma
         raise InvalidInput(
             f"{len(uploads)} images sent, the limit is {settings.max_images}; send fewer"
         )
-    checked = []
-    for i, up in enumerate(uploads):
-        # Name files by position, not by their (untrusted) name, in messages too.
-        what = f"images[{i}]"
-        data = read_limited(up.stream, settings.max_image_bytes, what)
-        checked.append(check_image(data, max_pixels=settings.max_image_pixels, what=what))
-    return checked
+    # Name files by position, not by their (untrusted) name, in messages too.
+    return [
+        read_limited(up.stream, settings.max_image_bytes, f"images[{i}]")
+        for i, up in enumerate(uploads)
+    ]
 
 
-def _get_by_idempotency_key(session: Session, tenant: Tenant, key: str) -> FinetuneJob | None:
-    return session.scalar(_query(tenant).where(FinetuneJob.idempotency_key == key))
+def _check_uploads(raw: list[bytes], settings: Settings) -> list[CheckedImage]:
+    return [
+        check_image(data, max_pixels=settings.max_image_pixels, what=f"images[{i}]")
+        for i, data in enumerate(raw)
+    ]
+
+
+def _fingerprint(form: FinetuneForm, raw: list[bytes]) -> str:
+    fields = {
+        "instance_prompt": form.instance_prompt,
+        "class_prompt": form.class_prompt,
+        "name": form.name,
+        "params": idempotency.canonical_json(form.params),
+        "webhook_url": form.webhook_url,
+        "token": form.token,
+    }
+    return idempotency.fingerprint(fields, raw)
+
+
+def _replay(
+    session: Session,
+    tenant: Tenant,
+    form: FinetuneForm,
+    fingerprint: str,
+    settings: Settings,
+    *,
+    expire: bool = True,
+) -> FinetuneJob | None:
+    assert form.idempotency_key is not None
+    return idempotency.replay(
+        session,
+        _query(tenant).where(FinetuneJob.idempotency_key == form.idempotency_key),
+        key=form.idempotency_key,
+        fingerprint=fingerprint,
+        ttl_s=settings.idempotency_ttl_s,
+        expire=expire,
+    )
 
 
 def create_finetune(
@@ -133,15 +170,17 @@ def create_finetune(
     form: FinetuneForm,
     uploads: list[Upload],
 ) -> FinetuneJob:
+    idempotency.check_key(form.idempotency_key)
+    raw = _read_uploads(uploads, settings)
+    fingerprint = _fingerprint(form, raw)
     if form.idempotency_key is not None:
-        if not 1 <= len(form.idempotency_key) <= 255:
-            raise InvalidInput("Idempotency-Key must be 1-255 characters")
-        existing = _get_by_idempotency_key(session, tenant, form.idempotency_key)
+        existing = _replay(session, tenant, form, fingerprint, settings)
         if existing is not None:
             return existing
 
     job = _validate_form(form, settings)
-    checked = _check_uploads(uploads, settings)
+    checked = _check_uploads(raw, settings)
+    job.idempotency_fingerprint = fingerprint if form.idempotency_key is not None else None
 
     job.id = new_id("ft")
     job.tenant_id = tenant.id
@@ -165,9 +204,10 @@ def create_finetune(
     except IntegrityError:
         session.rollback()
         _remove(storage, keys)
-        # A concurrent request with the same Idempotency-Key won the race: answer with its job.
+        # A concurrent request with the same Idempotency-Key won the race: answer with its job
+        # (or 409 if that request was another one).
         if form.idempotency_key is not None:
-            existing = _get_by_idempotency_key(session, tenant, form.idempotency_key)
+            existing = _replay(session, tenant, form, fingerprint, settings, expire=False)
             if existing is not None:
                 return existing
         raise
@@ -200,7 +240,11 @@ def _query(tenant: Tenant) -> Select[FinetuneJob]:
     return (
         select(FinetuneJob)
         .where(FinetuneJob.tenant_id == tenant.id)
-        .options(selectinload(FinetuneJob.images), selectinload(FinetuneJob.adapter))
+        .options(
+            selectinload(FinetuneJob.images),
+            selectinload(FinetuneJob.adapter),
+            selectinload(FinetuneJob.webhook),
+        )
     )
 
 
@@ -234,6 +278,8 @@ def cancel_finetune(*, session: Session, tenant: Tenant, finetune_id: str) -> Fi
         .values(status="canceled", finished_at=now, updated_at=now)
         .execution_options(synchronize_session=False)
     )
+    if result.rowcount:  # type: ignore[attr-defined]
+        record_final(session, FinetuneJob, job.id)  # commits with the canceled state
     session.commit()
     session.refresh(job)
     if result.rowcount == 0:  # type: ignore[attr-defined]

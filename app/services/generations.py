@@ -6,15 +6,18 @@ import logging
 import secrets
 
 from sqlalchemy import Select, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
+from app import idempotency
 from app.errors import Conflict, InvalidInput, NotFound
 from app.ids import looks_like_id, new_id
 from app.models import Adapter, GeneratedImage, GenerationJob, Tenant
 from app.queue import GENERATE_QUEUE, GENERATE_TASK, TaskSender
 from app.schemas import SEED_MAX, GenerationCreate
-from app.services.common import optional_text, required_text
+from app.services.common import optional_text, page, required_text
 from app.settings import Settings
+from app.webhooks import check_webhook_url
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,25 @@ def _check_adapter(session: Session, tenant: Tenant, adapter_id: str, settings: 
         )
 
 
+def _replay(
+    session: Session,
+    tenant: Tenant,
+    key: str,
+    fingerprint: str,
+    settings: Settings,
+    *,
+    expire: bool = True,
+) -> GenerationJob | None:
+    return idempotency.replay(
+        session,
+        _query(tenant).where(GenerationJob.idempotency_key == key),
+        key=key,
+        fingerprint=fingerprint,
+        ttl_s=settings.idempotency_ttl_s,
+        expire=expire,
+    )
+
+
 def create_generation(
     *,
     session: Session,
@@ -66,13 +88,27 @@ def create_generation(
     settings: Settings,
     tenant: Tenant,
     data: GenerationCreate,
+    idempotency_key: str | None = None,
 ) -> GenerationJob:
+    key = idempotency.check_key(idempotency_key)
+    fingerprint = idempotency.fingerprint(data.model_dump(mode="json"))
+    if key is not None:
+        existing = _replay(session, tenant, key, fingerprint, settings)
+        if existing is not None:
+            return existing
     limit = settings.max_prompt_chars
     prompt = required_text(data.prompt, field="prompt", max_chars=limit)
     negative = optional_text(data.negative_prompt, field="negative_prompt", max_chars=limit)
     _check_limits(data, settings)
     if data.adapter_id is not None:
         _check_adapter(session, tenant, data.adapter_id, settings)
+    webhook_url = None
+    if data.webhook_url is not None and data.webhook_url.strip():
+        webhook_url = check_webhook_url(
+            data.webhook_url.strip(),
+            allow_private=settings.allow_private_webhooks,
+            ports=settings.webhook_ports,
+        )
     seed = data.seed if data.seed is not None else secrets.randbelow(SEED_MAX + 1)
     gen = GenerationJob(
         id=new_id("gen"),
@@ -89,9 +125,22 @@ def create_generation(
         width=data.width,
         height=data.height,
         scheduler=data.scheduler,
+        webhook_url=webhook_url,
+        idempotency_key=key,
+        idempotency_fingerprint=fingerprint if key is not None else None,
     )
     session.add(gen)
-    session.commit()
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        # A concurrent request with the same Idempotency-Key won the race: answer with its job
+        # (or 409 if that request was another one).
+        if key is not None:
+            existing = _replay(session, tenant, key, fingerprint, settings, expire=False)
+            if existing is not None:
+                return existing
+        raise
     try:
         sender.send(GENERATE_TASK, gen.id, queue=GENERATE_QUEUE)
     except Exception:
@@ -106,7 +155,7 @@ def _query(tenant: Tenant) -> Select[GenerationJob]:
     return (
         select(GenerationJob)
         .where(GenerationJob.tenant_id == tenant.id)
-        .options(selectinload(GenerationJob.images))
+        .options(selectinload(GenerationJob.images), selectinload(GenerationJob.webhook))
     )
 
 
@@ -117,6 +166,16 @@ def get_generation(*, session: Session, tenant: Tenant, generation_id: str) -> G
     if gen is None:
         raise NotFound(f"no generation with id {generation_id!r}")
     return gen
+
+
+def list_generations(
+    *, session: Session, tenant: Tenant, status: str | None, limit: int, offset: int
+) -> tuple[list[GenerationJob], int]:
+    stmt = _query(tenant)
+    if status is not None:
+        stmt = stmt.where(GenerationJob.status == status)
+    stmt = stmt.order_by(GenerationJob.created_at.desc(), GenerationJob.id)
+    return page(session, stmt, limit=limit, offset=offset)
 
 
 def get_generated_image(

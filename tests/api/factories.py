@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +41,11 @@ class RecordingSender:
     def ping(self) -> None:
         if self.fail:
             raise ServiceUnavailable("broker not reachable (test)")
+
+    def queue_sizes(self, queues: Iterable[str]) -> dict[str, int]:
+        """Messages sent and not consumed: here, everything sent."""
+        self.ping()
+        return {q: sum(1 for *_, queue in self.sent if queue == q) for q in queues}
 
 
 @dataclass

@@ -11,8 +11,11 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from app import cli
+from app.models import Tenant
 from app.settings import get_settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,3 +67,22 @@ def test_module_entry_point(database_url: str) -> None:
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_rotate_webhook_secret(
+    cli_env: None, session: Session, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["keys", "create", "--tenant", "acme"]) == 0
+    old = re.search(r"webhook signing secret: (\S+)", capsys.readouterr().out).group(1)  # type: ignore[union-attr]
+    assert old.startswith("whsec_")
+    assert cli.main(["tenants", "rotate-webhook-secret", "acme"]) == 0
+    out = capsys.readouterr().out
+    new = re.search(r"webhook signing secret: (\S+)", out).group(1)  # type: ignore[union-attr]
+    assert new.startswith("whsec_") and new != old and "old and the new" in out
+    tenant = session.scalars(select(Tenant).where(Tenant.name == "acme")).one()
+    assert tenant.webhook_secret_version == 1 and tenant.webhook_secret_rotated_at is not None
+    # A new key for the tenant prints the current secret.
+    assert cli.main(["keys", "create", "--tenant", "acme"]) == 0
+    assert f"webhook signing secret: {new}" in capsys.readouterr().out
+    assert cli.main(["tenants", "rotate-webhook-secret", "nobody"]) == 1
+    assert "no tenant named 'nobody'" in capsys.readouterr().err

@@ -185,6 +185,7 @@ def test_identifier_token_can_be_renamed_or_not_required(
 def test_private_webhook_allowed_by_setting(client: TestClient, session: Session) -> None:
     t = make_tenant(session)
     client.app.state.settings.allow_private_webhooks = True  # type: ignore[attr-defined]
+    client.app.state.settings.webhook_ports = [9000]  # type: ignore[attr-defined]
     r = post_finetune(client, t.headers, data={"webhook_url": "http://127.0.0.1:9000/hook"})
     assert r.status_code == 202, r.text
 
@@ -225,15 +226,15 @@ def test_idempotency_race_loser_returns_winner_and_removes_its_files(
     first = post_finetune(client, t.headers, extra_headers=key).json()
     before = snapshot(session, storage)
 
-    real_lookup = finetunes._get_by_idempotency_key
+    real_lookup = finetunes._replay
     calls: list[object] = []
 
-    def lookup(*args: object) -> object:
+    def lookup(*args: object, **kwargs: object) -> object:
         # The first lookup misses, as it would for a request running alongside the winner.
         calls.append(args)
-        return None if len(calls) == 1 else real_lookup(*args)  # type: ignore[arg-type]
+        return None if len(calls) == 1 else real_lookup(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(finetunes, "_get_by_idempotency_key", lookup)
+    monkeypatch.setattr(finetunes, "_replay", lookup)
     second = post_finetune(client, t.headers, extra_headers=key)
     assert second.status_code == 202 and second.json()["id"] == first["id"]
     assert len(calls) == 2  # the miss, then the lookup after the unique constraint fired

@@ -90,3 +90,27 @@ def test_enqueue_failure_leaves_no_row(
     r = client.post("/v1/generations", headers=t.headers, json={"prompt": "x"})
     assert r.status_code == 503 and "retry" in r.json()["detail"]
     assert snapshot(session, storage) == before
+
+
+def test_list_paginates_filters_and_keeps_tenants_apart(
+    client: TestClient, session: Session, storage: LocalStorage
+) -> None:
+    t, other = make_tenant(session), make_tenant(session)
+    done = [make_generation(session, storage, t.tenant, images=1) for _ in range(2)]
+    queued = [make_generation(session, storage, t.tenant) for _ in range(3)]
+    make_generation(session, storage, other.tenant, images=1)
+
+    pages = [
+        client.get(f"/v1/generations?limit=2&offset={o}", headers=t.headers).json()
+        for o in (0, 2, 4)
+    ]
+    assert {p["count"] for p in pages} == {5}
+    ids = [g["id"] for p in pages for g in p["data"]]
+    assert sorted(ids) == sorted(g.id for g in done + queued)
+
+    ok = client.get("/v1/generations?status=succeeded", headers=t.headers).json()
+    assert ok["count"] == 2 and {g["status"] for g in ok["data"]} == {"succeeded"}
+    assert ok["data"][0]["images"][0]["url"].endswith("/images/0")
+    r = client.get("/v1/generations?status=bogus", headers=t.headers)
+    assert r.status_code == 422
+    assert client.get("/v1/generations").status_code == 401

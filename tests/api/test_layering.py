@@ -42,3 +42,9 @@ def test_api_does_not_import_the_ml_stack() -> None:
 def test_shared_modules_do_not_import_fastapi() -> None:
     loaded = _loaded(SHARED)
     assert not loaded & {"fastapi", "starlette", "torch", "tuneqdm_core"}
+
+
+def test_client_loads_only_httpx() -> None:
+    loaded = _loaded("tuneqdm_client")
+    assert "httpx" in loaded
+    assert not loaded & {"app", "worker", "tuneqdm_core", "torch", "fastapi", "pydantic", "PIL"}

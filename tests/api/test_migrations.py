@@ -21,6 +21,7 @@ TABLES = {
     "adapters",
     "generation_jobs",
     "generated_images",
+    "webhook_deliveries",
 }
 
 

@@ -14,6 +14,7 @@ ENDPOINTS = {
     ("get", "/v1/adapters/{adapter_id}/file"),
     ("delete", "/v1/adapters/{adapter_id}"),
     ("post", "/v1/generations"),
+    ("get", "/v1/generations"),
     ("get", "/v1/generations/{generation_id}"),
     ("get", "/v1/generations/{generation_id}/images/{n}"),
     ("get", "/healthz"),
@@ -27,6 +28,18 @@ def test_openapi_lists_every_endpoint(client: TestClient) -> None:
     assert served == ENDPOINTS
     assert "HTTPBearer" in doc["components"]["securitySchemes"]
     assert client.get("/docs").status_code == 200
+
+
+def test_operation_ids_are_the_handler_names(client: TestClient) -> None:
+    doc = client.get("/openapi.json").json()
+    ids = {(m, p): op["operationId"] for p, ops in doc["paths"].items() for m, op in ops.items()}
+    assert ids[("post", "/v1/finetunes")] == "create_finetune"
+    assert ids[("get", "/v1/finetunes/{finetune_id}")] == "get_finetune"
+    assert ids[("get", "/v1/generations")] == "list_generations"
+    assert ids[("delete", "/v1/adapters/{adapter_id}")] == "delete_adapter"
+    # Names, not FastAPI's default "<name>_<path>_<method>"; each one unique.
+    assert all("_v1_" not in i and not i.endswith(("_get", "_post")) for i in ids.values())
+    assert len(set(ids.values())) == len(ids)
 
 
 def test_unknown_route_answers_json(client: TestClient) -> None:

@@ -88,7 +88,12 @@ def test_finetune_and_generation_messages_reach_redis(
             data={"instance_prompt": "a photo of sks dog"},
         )
         assert r.status_code == 202, r.text
+        # The queue-depth metric counts the waiting message (an empty Redis queue has no key).
+        metrics = client.get("/metrics").text
+        assert 'tuneqdm_queue_messages{queue="finetune"} 1.0' in metrics
+        assert 'tuneqdm_queue_messages{queue="generate"} 0.0' in metrics
         assert _read_one(FINETUNE_QUEUE) == ("tuneqdm.finetune", [r.json()["id"]])
+        assert 'tuneqdm_queue_messages{queue="finetune"} 0.0' in client.get("/metrics").text
 
         r = client.post("/v1/generations", headers=t.headers, json={"prompt": "a dog"})
         assert r.status_code == 202, r.text
@@ -119,6 +124,7 @@ def test_dead_broker_gives_503_and_stores_nothing(
         assert time.monotonic() - start < 15
         assert snapshot(session, storage) == before
 
+        assert "tuneqdm_broker_up 0.0" in client.get("/metrics").text
         ready = client.get("/readyz")
         assert ready.status_code == 503
         assert ready.json()["checks"]["database"] == "ok"
@@ -137,9 +143,14 @@ def test_embedded_sqlite_broker_round_trip(workdir: Path) -> None:
     sender = CelerySender(url)
     sender.ping()
     sender.send(FINETUNE_TASK, "ft_123", queue=FINETUNE_QUEUE)
+    assert sender.queue_sizes([FINETUNE_QUEUE, GENERATE_QUEUE]) == {
+        FINETUNE_QUEUE: 1,
+        GENERATE_QUEUE: 0,
+    }
     with Connection(url) as conn:
         q = conn.SimpleQueue(FINETUNE_QUEUE)
         message = q.get(timeout=5)
         message.ack()
         q.close()
     assert (message.headers["task"], message.payload[0]) == (FINETUNE_TASK, ["ft_123"])
+    assert sender.queue_sizes([FINETUNE_QUEUE]) == {FINETUNE_QUEUE: 0}

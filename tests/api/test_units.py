@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from app.errors import InvalidInput
 from app.limits import BodySizeLimit
 from app.settings import Settings
 from app.storage import InvalidKey, LocalStorage, adapter_key, finetune_input_key
-from app.webhooks import check_webhook_url
+from app.webhooks import check_webhook_url, is_forbidden_address
 
 
 @pytest.mark.parametrize(
@@ -62,7 +63,7 @@ def test_storage_layout_and_cleanup(tmp_path: Path) -> None:
     ],
 )
 def test_public_webhooks_pass(url: str) -> None:
-    assert check_webhook_url(url, allow_private=False) == url
+    assert check_webhook_url(url, allow_private=False, ports=[80, 443, 8080]) == url
 
 
 @pytest.mark.parametrize(
@@ -84,7 +85,54 @@ def test_public_webhooks_pass(url: str) -> None:
 )
 def test_dangerous_webhooks_refused(url: str) -> None:
     with pytest.raises(InvalidInput):
-        check_webhook_url(url, allow_private=False)
+        check_webhook_url(url, allow_private=False, ports=[80, 443])
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        # IPv6 forms that carry a private IPv4 address, and deprecated local ranges.
+        "http://[64:ff9b::a00:1]/",  # NAT64 of 10.0.0.1
+        "http://[64:ff9b::7f00:1]/",  # NAT64 of 127.0.0.1
+        "http://[64:ff9b:1::808:808]/",  # local-use NAT64 (RFC 8215)
+        "http://[2002:7f00:1::1]/",  # 6to4 of 127.0.0.1
+        "http://[2002:c0a8:101::1]/",  # 6to4 of 192.168.1.1
+        "http://[2001:0:4136:e378:8000:63bf:3fff:fdd2]/",  # Teredo
+        "http://[::7f00:1]/",  # IPv4-compatible 127.0.0.1
+        "http://[::a9fe:a9fe]/",  # IPv4-compatible 169.254.169.254
+        "http://[::ffff:127.0.0.1]/",  # IPv4-mapped
+        "http://[::ffff:a00:1]/",  # IPv4-mapped 10.0.0.1, hex form
+        "http://[fec0::1]/",  # site-local
+        "http://[fed0::1]/",  # site-local
+    ],
+)
+def test_private_addresses_in_ipv6_forms_refused(url: str) -> None:
+    with pytest.raises(InvalidInput, match="loopback, private"):
+        check_webhook_url(url, allow_private=False, ports=[80, 443])
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["64:ff9b::808:808", "2002:808:808::1", "2606:4700::1111", "8.8.8.8"],
+)
+def test_public_addresses_in_embedded_forms_pass(address: str) -> None:
+    # The same forms around a public IPv4 address are ordinary public addresses.
+    assert not is_forbidden_address(ipaddress.ip_address(address))
+
+
+def test_webhook_ports_are_limited_unless_configured() -> None:
+    for url in ("http://8.8.8.8:8080/", "https://hooks.example.com:22/", "http://a.org:6379/"):
+        with pytest.raises(InvalidInput, match="TUNEQDM_WEBHOOK_PORTS"):
+            check_webhook_url(url, allow_private=False, ports=[80, 443])
+    # Explicit default ports and the scheme's own port pass; private hosts get no port pass.
+    for url in ("http://a.org:80/", "https://a.org:443/", "https://a.org/", "http://a.org/"):
+        assert check_webhook_url(url, allow_private=False, ports=[80, 443]) == url
+    with pytest.raises(InvalidInput, match="port 8080"):
+        check_webhook_url("http://127.0.0.1:8080/", allow_private=True, ports=[80, 443])
+    assert check_webhook_url("http://8.8.8.8:8080/", allow_private=False, ports=[8080])
+    assert check_webhook_url("http://8.8.8.8:8080/", allow_private=False, ports=[])
+    with pytest.raises(ValidationError, match="WEBHOOK_PORTS"):
+        Settings(webhook_ports=[0])
 
 
 def test_production_refuses_development_defaults() -> None:

@@ -1,7 +1,9 @@
 """End to end over HTTP only: real uvicorn, a real Celery worker process, Redis, PostgreSQL.
 
 API key (the admin CLI) → upload photos → fine-tune (tiny model) → adapter listed → generate →
-the PNG decodes to the requested size; the fine-tune's signed webhook arrives and verifies.
+the PNG decodes to the requested size; the fine-tune's and the generation's signed webhooks
+arrive and verify with the Standard Webhooks reference verifier, and a delivery that a crashed
+process left pending in the outbox is sent by the worker's sweep.
 """
 
 from __future__ import annotations
@@ -18,8 +20,12 @@ from typing import Any, ClassVar
 
 import httpx
 from PIL import Image
+from sqlalchemy import select
+from standardwebhooks import Webhook
 
-from app.webhooks import SIGNATURE_HEADER, verify_webhook
+from app.db import make_engine, make_sessionmaker
+from app.ids import new_id
+from app.models import Tenant, WebhookDelivery, utcnow
 from tests.service.procs import ROOT, free_port, service_env, start_api, start_worker, wait_for
 from tests.worker.conftest import photo_png
 
@@ -65,7 +71,9 @@ def test_http_flow_with_real_processes(
         torch_threads=1,
         min_image_side=32,
         allow_private_webhooks="true",
+        webhook_ports="[]",  # the test receiver listens on a random port
         heartbeat_s=1,
+        sweep_every_s=2,
     )
     created = subprocess.run(
         [sys.executable, "-m", "app.cli", "keys", "create", "--tenant", "e2e"],
@@ -82,6 +90,27 @@ def test_http_flow_with_real_processes(
     _Receiver.received = []
     hooks = ThreadingHTTPServer(("127.0.0.1", free_port()), _Receiver)
     threading.Thread(target=hooks.serve_forever, daemon=True).start()
+    hook_url = f"http://127.0.0.1:{hooks.server_address[1]}/hook"
+    # What a process that crashed right after a job's final commit leaves behind: a pending
+    # outbox row nobody was asked to send. The worker's sweep must send it.
+    engine = make_engine(pg_url)
+    with make_sessionmaker(engine)() as s:
+        tenant_id = s.scalars(select(Tenant.id).where(Tenant.name == "e2e")).one()
+        orphan = WebhookDelivery(
+            id=new_id("msg"),
+            tenant_id=tenant_id,
+            job_kind="generation",
+            job_id=new_id("gen"),
+            url=hook_url,
+            event="generation.failed",
+            payload={"type": "generation.failed", "data": {"error": "left by a crash"}},
+            status="pending",
+            attempts=0,
+            next_attempt_at=utcnow(),
+        )
+        s.add(orphan)
+        s.commit()
+    engine.dispose()
     port = free_port()
     api = start_api(env, logs, port)
     worker = start_worker(env, logs, "e2e")
@@ -104,7 +133,7 @@ def test_http_flow_with_real_processes(
             data={
                 "instance_prompt": "a photo of sks dog",
                 "params": json.dumps({"steps": 4, "resolution": 32, "seed": 1}),
-                "webhook_url": f"http://127.0.0.1:{hooks.server_address[1]}/hook",
+                "webhook_url": hook_url,
             },
         )
         assert r.status_code == 202, r.text
@@ -125,6 +154,7 @@ def test_http_flow_with_real_processes(
                 "width": 32,
                 "height": 48,
                 "seed": 7,
+                "webhook_url": hook_url,
             },
         )
         assert r.status_code == 202, r.text
@@ -135,11 +165,26 @@ def test_http_flow_with_real_processes(
         assert Image.open(io.BytesIO(png.content)).size == (32, 48)
         elapsed = time.perf_counter() - start
 
-        wait_for("the webhook", lambda: bool(_Receiver.received), 60, procs)
-        headers, body = _Receiver.received[0]
-        assert verify_webhook(secret, headers[SIGNATURE_HEADER], body)
-        assert json.loads(body)["type"] == "finetune.succeeded"
-        assert json.loads(body)["adapter_id"] == adapter_id
+        wait_for("the webhooks", lambda: len(_Receiver.received) >= 3, 60, procs)
+        verified = {}
+        for headers, body in _Receiver.received:
+            payload = Webhook(secret).verify(body, headers)
+            verified[headers["webhook-id"]] = payload
+        assert len(verified) == 3, verified  # one of each, no repeats
+        by_type = {p["type"]: p["data"] for p in verified.values()}
+        assert by_type["finetune.succeeded"]["adapter_id"] == adapter_id
+        assert by_type["generation.succeeded"]["id"] == gen["id"]
+        assert by_type["generation.failed"] == {"error": "left by a crash"}
+        assert verified[orphan.id]["type"] == "generation.failed"
+        # The jobs show their delivery.
+        for url in (f"/v1/finetunes/{job['id']}", f"/v1/generations/{gen['id']}"):
+            # (the sender records the outcome just after the receiver has answered)
+
+            def delivered(url: str = url) -> bool:
+                return bool(client.get(url).json()["webhook"]["status"] == "delivered")
+
+            wait_for(f"{url} webhook delivered", delivered, 30, procs)
+            assert client.get(url).json()["webhook"]["attempts"] == 1
         print(f"\nend-to-end HTTP flow: {elapsed:.1f} s (fine-tune 4 steps + generation)")
     finally:
         hooks.shutdown()

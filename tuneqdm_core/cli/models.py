@@ -8,11 +8,11 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from tuneqdm_core.base import BaseModel, load_base
+from tuneqdm_core.builtin.tiny import TINY_ARCHS, save_tiny_pipeline
 from tuneqdm_core.finetune import FinetuneConfig, Progress, Subject, finetune
 from tuneqdm_core.generate import SCHEDULERS, GenerationRequest, generate
 from tuneqdm_core.model import QuantConfig
 from tuneqdm_core.serialization import load_adapter, save_adapter
-from tuneqdm_core.tiny import TINY_ARCHS, save_tiny_pipeline
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 

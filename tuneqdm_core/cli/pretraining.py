@@ -6,7 +6,7 @@ import argparse
 from dataclasses import fields
 from pathlib import Path
 
-from tuneqdm_core.pretrain import PretrainConfig, pretrain, sample_grid, verify_checksums
+from tuneqdm_core.builtin.pretrain import PretrainConfig, pretrain, sample_grid, verify_checksums
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:

@@ -1,0 +1,391 @@
+// The tuneqdm web page: plain JavaScript over the /v1 REST API, no build step.
+// The API key stays in sessionStorage (this tab only); images are fetched with the key and
+// shown from blob URLs, since an <img src> cannot send an Authorization header.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const FINAL = ["succeeded", "failed", "canceled"];
+const POLL_MS = 1000;
+const state = {
+  key: sessionStorage.getItem("tuneqdm.key") || "",
+  job: null,          // id of the fine-tune shown in the job card
+  losses: [],         // [step, loss] pairs seen while polling that job
+  timer: null,
+  canDelete: { finetune: true, generation: true, adapter: true },
+  hasSamples: true,
+};
+
+// --- the API --------------------------------------------------------------------------------
+
+class ApiError extends Error {
+  constructor(status, detail) {
+    super(describe(detail));
+    this.status = status;
+  }
+}
+
+// FastAPI's validation errors are a list of {loc, msg}; the service's own are one sentence.
+function describe(detail) {
+  if (Array.isArray(detail)) {
+    return detail.map((d) => `${(d.loc || []).slice(1).join(".")}: ${d.msg}`).join("; ");
+  }
+  return typeof detail === "string" ? detail : JSON.stringify(detail);
+}
+
+async function api(method, path, body) {
+  const init = { method, headers: { Authorization: `Bearer ${state.key}` } };
+  if (body instanceof FormData) {
+    init.body = body;
+  } else if (body !== undefined) {
+    init.headers["Content-Type"] = "application/json";
+    init.body = JSON.stringify(body);
+  }
+  const response = await fetch(path, init);
+  if (!response.ok) {
+    let detail = response.statusText;
+    try { detail = (await response.json()).detail; } catch (_) { /* not JSON */ }
+    throw new ApiError(response.status, detail);
+  }
+  if (response.status === 204) return null;
+  const type = response.headers.get("Content-Type") || "";
+  return type.includes("json") ? response.json() : response.blob();
+}
+
+async function imageUrl(path) {
+  return URL.createObjectURL(await api("GET", path));
+}
+
+function showError(id, error) {
+  const el = $(id);
+  el.textContent = error ? error.message : "";
+  el.hidden = !error;
+}
+
+// --- small DOM helpers ----------------------------------------------------------------------
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
+    else node.setAttribute(k, v);
+  }
+  node.append(...children);
+  return node;
+}
+
+const when = (iso) => (iso ? new Date(iso).toLocaleString() : "");
+const kib = (n) => (n < 1024 * 1024 ? `${(n / 1024).toFixed(1)} KiB` : `${(n / 1048576).toFixed(1)} MiB`);
+
+function deleteButton(kind, id, after) {
+  if (!state.canDelete[kind]) return "";
+  return el("button", {
+    type: "button", class: "danger small", "data-delete": id,
+    onclick: async () => {
+      if (!confirm(`Delete ${id}?`)) return;
+      await remove(kind, id);
+      await after();
+    },
+  }, "Delete");
+}
+
+// DELETE /v1/finetunes/{id} and /v1/generations/{id} exist only on services that have them: a
+// 404/405 to a DELETE of an object the service just listed means "not supported", so the
+// buttons disappear.
+async function remove(kind, id) {
+  const path = { finetune: "/v1/finetunes/", generation: "/v1/generations/", adapter: "/v1/adapters/" }[kind];
+  try {
+    await api("DELETE", path + id);
+  } catch (error) {
+    if (error.status === 404 || error.status === 405) {
+      state.canDelete[kind] = false;
+      if (kind === "finetune") $("delete-job").hidden = true;
+    } else {
+      alert(error.message);
+    }
+  }
+}
+
+// Which DELETE routes this service has, from its OpenAPI document.
+async function discover() {
+  try {
+    const paths = (await (await fetch("/openapi.json")).json()).paths;
+    state.canDelete.finetune = Boolean(paths["/v1/finetunes/{finetune_id}"]?.delete);
+    state.canDelete.generation = Boolean(paths["/v1/generations/{generation_id}"]?.delete);
+    state.hasSamples = Boolean(paths["/v1/finetunes/{finetune_id}/samples"]?.get);
+  } catch (_) { /* keep the optimistic defaults; a 404/405 hides the buttons later */ }
+  $("delete-job").hidden = !state.canDelete.finetune;
+}
+
+// --- key ------------------------------------------------------------------------------------
+
+async function useKey(key) {
+  state.key = key;
+  try {
+    await api("GET", "/v1/adapters?limit=1");
+  } catch (error) {
+    $("key-status").textContent = error.message;
+    $("key-status").className = "error";
+    $("app").hidden = true;
+    return;
+  }
+  sessionStorage.setItem("tuneqdm.key", key);
+  $("key-status").textContent = "Connected.";
+  $("key-status").className = "ok";
+  $("app").hidden = false;
+  await Promise.all([refreshFinetunes(), refreshAdapters(), refreshGenerations()]);
+}
+
+$("key-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  useKey($("api-key").value.trim());
+});
+$("forget-key").addEventListener("click", () => {
+  sessionStorage.removeItem("tuneqdm.key");
+  state.key = "";
+  $("api-key").value = "";
+  $("app").hidden = true;
+  $("key-status").textContent = "Forgotten.";
+  $("key-status").className = "muted";
+});
+
+// --- fine-tunes -----------------------------------------------------------------------------
+
+$("photos").addEventListener("change", () => {
+  const box = $("previews");
+  box.replaceChildren();
+  for (const file of $("photos").files) {
+    const caption = el("figcaption", {}, file.name);
+    const img = el("img", { src: URL.createObjectURL(file), alt: "" });
+    img.addEventListener("error", () => { caption.textContent = `${file.name} (not readable here)`; });
+    box.append(el("figure", {}, img, caption));
+  }
+});
+
+$("finetune-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  showError("finetune-error", null);
+  const form = new FormData();
+  for (const file of $("photos").files) form.append("images", file);
+  form.append("instance_prompt", $("instance-prompt").value);
+  if ($("ft-name").value) form.append("name", $("ft-name").value);
+  const params = { method: $("method").value, bits: Number($("bits").value) };
+  if ($("steps").value) params.steps = Number($("steps").value);
+  if ($("resolution").value) params.resolution = Number($("resolution").value);
+  form.append("params", JSON.stringify(params));
+  $("start-finetune").disabled = true;
+  try {
+    const job = await api("POST", "/v1/finetunes", form);
+    await refreshFinetunes();
+    watch(job.id);
+  } catch (error) {
+    showError("finetune-error", error);
+  } finally {
+    $("start-finetune").disabled = false;
+  }
+});
+
+async function refreshFinetunes() {
+  const page = await api("GET", "/v1/finetunes?limit=10");
+  $("finetunes").replaceChildren(...page.data.map((job) => el("tr", {},
+    el("td", {}, el("a", { href: "#", onclick: (e) => { e.preventDefault(); watch(job.id); } },
+      job.name || job.id)),
+    el("td", {}, el("span", { class: `badge ${job.status}` }, job.status)),
+    el("td", {}, `${job.progress.step}/${job.progress.total}`),
+    el("td", {}, when(job.created_at)))));
+}
+
+function watch(id) {
+  clearTimeout(state.timer);
+  state.job = id;
+  state.losses = [];
+  $("samples").replaceChildren();
+  $("samples-block").hidden = true;
+  $("job").hidden = false;
+  poll();
+}
+
+async function poll() {
+  const id = state.job;
+  let job;
+  try {
+    job = await api("GET", `/v1/finetunes/${id}`);
+  } catch (error) {
+    $("job-detail").textContent = error.message;
+    return;
+  }
+  if (id !== state.job) return;
+  const { step, total } = job.progress;
+  if (job.loss !== null && !state.losses.some(([s]) => s === step)) state.losses.push([step, job.loss]);
+  $("job-title").textContent = `${job.name || job.id} — ${job.instance_prompt}`;
+  $("job-status").textContent = job.status;
+  $("job-status").className = `badge ${job.status}`;
+  const bits = [`step ${step}/${total}`];
+  if (job.loss !== null) bits.push(`loss ${job.loss.toFixed(4)}`);
+  if (job.eta_seconds !== null) bits.push(`about ${Math.round(job.eta_seconds)} s left`);
+  if (job.error) bits.push(job.error);
+  if (job.adapter_id) bits.push(`adapter ${job.adapter_id}`);
+  $("job-detail").textContent = bits.join(" · ");
+  $("job-progress").max = total;
+  $("job-progress").value = step;
+  $("cancel-job").hidden = FINAL.includes(job.status);
+  plotLoss($("loss-plot"), state.losses);
+  await showSamples(id);
+  if (FINAL.includes(job.status)) {
+    await Promise.all([refreshFinetunes(), refreshAdapters()]);
+    if (job.adapter_id) $("gen-adapter").value = job.adapter_id;
+  } else {
+    state.timer = setTimeout(poll, POLL_MS);
+  }
+}
+
+// Images rendered during training, where the service offers them.
+async function showSamples(id) {
+  if (!state.hasSamples) return;
+  let page;
+  try {
+    page = await api("GET", `/v1/finetunes/${id}/samples`);
+  } catch (error) {
+    if (error.status === 404 || error.status === 405) state.hasSamples = false;
+    return;
+  }
+  const shown = new Set([...$("samples").querySelectorAll("img")].map((i) => i.dataset.url));
+  for (const sample of page.data || []) {
+    if (shown.has(sample.url)) continue;
+    $("samples").append(el("figure", {},
+      el("img", { src: await imageUrl(sample.url), "data-url": sample.url, alt: sample.prompt || "" }),
+      el("figcaption", {}, `step ${sample.step}`)));
+  }
+  $("samples-block").hidden = $("samples").childElementCount === 0;
+}
+
+$("cancel-job").addEventListener("click", async () => {
+  try {
+    await api("POST", `/v1/finetunes/${state.job}/cancel`);
+  } catch (error) {
+    alert(error.message);
+  }
+});
+$("delete-job").addEventListener("click", async () => {
+  if (!confirm(`Delete ${state.job}?`)) return;
+  await remove("finetune", state.job);
+  if (state.canDelete.finetune) {
+    clearTimeout(state.timer);
+    $("job").hidden = true;
+    await Promise.all([refreshFinetunes(), refreshAdapters()]);
+  }
+});
+
+// A line of the loss values seen while polling, on a canvas (no chart library).
+function plotLoss(canvas, points) {
+  const ctx = canvas.getContext("2d");
+  const { width: w, height: h } = canvas;
+  const pad = 44;
+  ctx.clearRect(0, 0, w, h);
+  ctx.fillStyle = "#666";
+  ctx.font = "11px sans-serif";
+  if (points.length === 0) {
+    ctx.fillText("loss: waiting for the first steps…", pad, h / 2);
+    return;
+  }
+  const steps = points.map(([s]) => s);
+  const losses = points.map(([, l]) => l);
+  const [s0, s1] = [Math.min(...steps), Math.max(...steps, Math.min(...steps) + 1)];
+  let [l0, l1] = [Math.min(...losses), Math.max(...losses)];
+  if (l1 - l0 < 1e-9) { l0 -= 0.5; l1 += 0.5; }
+  const x = (s) => pad + ((s - s0) / (s1 - s0)) * (w - 2 * pad);
+  const y = (l) => h - pad - 10 - ((l - l0) / (l1 - l0)) * (h - 2 * pad);
+  ctx.strokeStyle = "#ccc";
+  ctx.strokeRect(pad, pad - 10, w - 2 * pad, h - 2 * pad);
+  ctx.fillText(l1.toFixed(3), 2, pad - 6);
+  ctx.fillText(l0.toFixed(3), 2, h - pad - 6);
+  ctx.fillText(`step ${s0}`, pad, h - 4);
+  ctx.fillText(`step ${s1}`, w - pad - 40, h - 4);
+  ctx.strokeStyle = "#2563eb";
+  ctx.lineWidth = 2;
+  ctx.beginPath();
+  points.forEach(([s, l], i) => (i ? ctx.lineTo(x(s), y(l)) : ctx.moveTo(x(s), y(l))));
+  ctx.stroke();
+  for (const [s, l] of points) ctx.fillRect(x(s) - 1.5, y(l) - 1.5, 3, 3);
+}
+
+// --- adapters -------------------------------------------------------------------------------
+
+async function refreshAdapters() {
+  const page = await api("GET", "/v1/adapters?limit=50");
+  $("adapters").replaceChildren(...page.data.map((a) => el("tr", { "data-adapter": a.id },
+    el("td", {}, a.name ? `${a.name} ` : "", el("code", {}, a.id)),
+    el("td", {}, `${a.method}, ${a.bits}-bit, ${a.intervals} interval(s)`),
+    el("td", {}, kib(a.size_bytes)),
+    el("td", {}, when(a.created_at)),
+    el("td", {},
+      el("button", { type: "button", class: "small", onclick: () => { $("gen-adapter").value = a.id; $("gen-prompt").focus(); } }, "Use"),
+      " ",
+      deleteButton("adapter", a.id, refreshAdapters)))));
+  const select = $("gen-adapter");
+  const chosen = select.value;
+  select.replaceChildren(el("option", { value: "" }, "base model (no adapter)"),
+    ...page.data.map((a) => el("option", { value: a.id }, `${a.name || a.id} (${a.tokens.join(", ")})`)));
+  if ([...select.options].some((o) => o.value === chosen)) select.value = chosen;
+}
+
+// --- generations ----------------------------------------------------------------------------
+
+$("generate-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  showError("generate-error", null);
+  const body = { adapter_id: $("gen-adapter").value || null, prompt: $("gen-prompt").value };
+  body.num_images = Number($("gen-num").value || 1);
+  if ($("gen-steps").value) body.steps = Number($("gen-steps").value);
+  if ($("gen-size").value) body.width = body.height = Number($("gen-size").value);
+  if ($("gen-seed").value) body.seed = Number($("gen-seed").value);
+  $("generate").disabled = true;
+  try {
+    let gen = await api("POST", "/v1/generations", body);
+    $("generate-status").textContent = `${gen.id}: ${gen.status}…`;
+    while (!FINAL.includes(gen.status)) {
+      await new Promise((r) => setTimeout(r, POLL_MS / 2));
+      gen = await api("GET", `/v1/generations/${gen.id}`);
+      $("generate-status").textContent = `${gen.id}: ${gen.status}…`;
+    }
+    $("generate-status").textContent = `${gen.id}: ${gen.status}`;
+    if (gen.status !== "succeeded") throw new Error(gen.error || `generation ${gen.status}`);
+    await showGeneration(gen);
+  } catch (error) {
+    showError("generate-error", error);
+  } finally {
+    $("generate").disabled = false;
+    await refreshGenerations();
+  }
+});
+
+async function showGeneration(gen) {
+  const figures = [];
+  for (const image of gen.images) {
+    figures.push(el("figure", {}, el("img", { src: await imageUrl(image.url), alt: gen.prompt, class: "generated" }),
+      el("figcaption", {}, `seed ${image.seed}`)));
+  }
+  $("gen-images").replaceChildren(...figures);
+}
+
+async function refreshGenerations() {
+  let page;
+  try {
+    page = await api("GET", "/v1/generations?limit=10");
+  } catch (_) {
+    return; // a service without the list endpoint
+  }
+  $("generations").replaceChildren(...page.data.map((g) => el("tr", {},
+    el("td", {}, el("a", { href: "#", onclick: (e) => { e.preventDefault(); showGeneration(g); } }, g.id)),
+    el("td", {}, el("span", { class: `badge ${g.status}` }, g.status)),
+    el("td", {}, g.prompt),
+    el("td", {}, deleteButton("generation", g.id, refreshGenerations)))));
+}
+
+// --- start ----------------------------------------------------------------------------------
+
+discover().then(() => {
+  if (state.key) {
+    $("api-key").value = state.key;
+    useKey(state.key);
+  }
+});

@@ -1,0 +1,115 @@
+"""Smoke tests of the benchmark scripts on tiny settings: they run and write the JSON their
+tables come from. Timings are not checked (CI machines are noisy)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(script: str, *args: str, json_path: Path) -> dict[str, Any]:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args, "--json", str(json_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=240,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    report: dict[str, Any] = json.loads(json_path.read_text())
+    return report
+
+
+@pytest.mark.timeout(300)
+def test_train_memory_runs_each_variant_in_its_own_process(tmp_path: Path) -> None:
+    variants = ["full", "materialising-w8", "peqa-w4", "tuneqdm-w4-ckpt"]
+    report = _run(
+        "train_memory.py",
+        *("--arch", "tiny-sd1", "--latent", "8", "--warmup", "0", "--steps", "1"),
+        *("--variants", *variants),
+        json_path=tmp_path / "train.json",
+    )
+    rows = report["variants"]
+    assert [r["variant"] for r in rows] == variants
+    for row in rows:
+        assert "error" not in row, row
+        assert row["train_peak_bytes"] > 0 and row["step_seconds"] > 0
+    by_name = {r["variant"]: r for r in rows}
+    assert by_name["tuneqdm-w4-ckpt"]["checkpointing"] is True
+    assert by_name["tuneqdm-w4-ckpt"]["bits"] == 4
+    # Scales only: s_out of every layer (PEQA), plus s_in, twice over 2 intervals (TuneQDM).
+    assert by_name["peqa-w4"]["trainable_values"] < by_name["tuneqdm-w4-ckpt"]["trainable_values"]
+    assert by_name["tuneqdm-w4-ckpt"]["trainable_values"] < by_name["full"]["trainable_values"]
+
+
+@pytest.mark.timeout(300)
+def test_serving_reports_swaps_and_every_throughput_mode(tmp_path: Path) -> None:
+    report = _run(
+        "serving.py",
+        *("--swap-arch", "tiny-sd1", "--file-reps", "2", "--slot-reps", "3"),
+        *("--models", "tiny-sd1", "--latent", "8", "--steps", "2", "--reps", "1"),
+        json_path=tmp_path / "serving.json",
+    )
+    assert [r["swap"] for r in report["swap"]] == ["file -> memory", "memory -> slot"]
+    assert all(r["p99_ms"] >= r["p50_ms"] > 0 for r in report["swap"])
+    modes = {(r["mode"], r["distinct"]) for r in report["throughput"]}
+    assert modes == {("bare", 0)} | {("mixed", d) for d in (1, 2, 4, 8)} | {
+        ("grouped", d) for d in (2, 4, 8)
+    }
+    assert all(r["images_per_s"] > 0 for r in report["throughput"])
+
+
+def test_train_memory_table_rows_fit_the_header_also_for_failed_variants() -> None:
+    from benchmarks.train_memory import HEADER, _row
+
+    failed = _row({"variant": "full", "error": "exit code 1"}, {}, {})
+    assert len(failed) == len(HEADER)
+
+
+def test_train_memory_rejects_an_unknown_variant() -> None:
+    from benchmarks.train_memory import Variant
+
+    assert Variant.parse("tuneqdm-w4-ckpt") == Variant("tuneqdm-w4-ckpt", "tuneqdm", 4, True)
+    assert Variant.parse("full") == Variant("full", "full", None, False)
+    for bad in ("full-w8", "tuneqdm", "lora-w4", "tuneqdm-w3"):
+        with pytest.raises(ValueError, match="unknown variant"):
+            Variant.parse(bad)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.timeout(300)
+def test_benchmarks_run_on_cuda(tmp_path: Path) -> None:
+    train = _run(
+        "train_memory.py",
+        *("--device", "cuda", "--arch", "tiny-sd1", "--latent", "8", "--warmup", "1"),
+        *("--steps", "1", "--variants", "full", "materialising-w8", "tuneqdm-w4-ckpt"),
+        json_path=tmp_path / "train.json",
+    )
+    assert train["settings"]["bf16"] is True
+    assert all("error" not in r and r["train_peak_bytes"] > 0 for r in train["variants"])
+    serving = _run(
+        "serving.py",
+        *("--device", "cuda", "--swap-arch", "tiny-sd1", "--file-reps", "2", "--slot-reps", "3"),
+        *("--models", "tiny-sd1", "--latent", "8", "--steps", "2", "--reps", "1"),
+        json_path=tmp_path / "serving.json",
+    )
+    assert [r["swap"] for r in serving["swap"]] == [
+        "file -> memory",
+        "memory -> slot",
+        "host memory -> slot",
+    ]

@@ -1,0 +1,82 @@
+"""benchmarks/quality.py on a minimal setting: every kind of variant runs and is scored."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import quality
+from benchmarks.fidelity import FeatureNet, prompt_fidelity, self_similarity, subject_fidelity
+from tests.core.builtin.data import fashion_dir, needs_fashion
+from tuneqdm_core.builtin.scenes import render
+
+
+@pytest.fixture(scope="module")
+def net() -> FeatureNet:
+    return FeatureNet()
+
+
+def _garment(offset: int) -> torch.Tensor:
+    coverage = torch.zeros(16, 16)
+    coverage[2:14, 3 + offset : 9 + offset] = 1.0
+    coverage[6:10, :] = 0.7
+    return coverage
+
+
+def test_subject_fidelity_is_about_the_garment_not_the_scene(net: FeatureNet) -> None:
+    photos = [render(_garment(0), "white", "top left"), render(_garment(0), "black", "center")]
+    same_elsewhere = render(_garment(0), "red", "bottom right")
+    other = render(torch.eye(16).flip(0).clamp(0, 1), "red", "bottom right")
+    same, different = subject_fidelity(net, [same_elsewhere, other], photos)
+    assert same > 0.9 and different < same - 0.1
+    assert self_similarity(net, photos) > 0.9
+
+
+def test_prompt_fidelity_reads_colour_and_position() -> None:
+    images = [render(_garment(0), "blue", "top right"), render(_garment(0), "green", "center")]
+    background, position = prompt_fidelity(images, ["blue", "red"], ["top right", "top right"])
+    assert background == [1.0, 0.0] and position == [1.0, 0.0]
+
+
+@needs_fashion
+def test_quality_benchmark_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "quality.json"
+    variants = ["full", "peqa-w4", "tuneqdm-w8-i2"]
+    args = ["--data-dir", str(fashion_dir()), "--subjects", "1", "--seeds", "0", "1"]
+    args += ["--steps", "2", "--class-images", "1", "--contexts", "1", "--images", "1"]
+    args += ["--sample-steps", "2", "--variants", *variants, "--json", str(out)]
+    assert quality.main(args) == 0
+    report = json.loads(out.read_text())
+    assert report["subjects"] == ["bag"]
+    assert set(report["results"]) == set(variants)
+    for by_seed in report["results"].values():
+        assert set(by_seed) == {"0", "1"}
+        for run in [r for runs in by_seed.values() for r in runs]:
+            assert -1 <= run["subject"] <= 1 and math.isfinite(run["subject"])
+            assert run["background"] in (0.0, 1.0) and run["position"] in (0.0, 1.0)
+    assert set(report["references"]) == {
+        "subject photos",
+        "base W8, class prompt",
+        "base W4, class prompt",
+    }
+    table = capsys.readouterr().out
+    for name in [*variants, "subject photos"]:
+        assert name in table
+    assert "±" in table
+    # The same table again from the JSON (how runs split over processes are joined).
+    assert quality.main(["--report", str(out)]) == 0
+    again = capsys.readouterr().out
+    assert [line for line in table.splitlines() if "±" in line] == [
+        line for line in again.splitlines() if "±" in line
+    ]
+
+
+def test_quality_benchmark_rejects_bad_settings() -> None:
+    with pytest.raises(SystemExit):
+        quality.main(["--subjects", "99"])
+    with pytest.raises(SystemExit):
+        quality.main(["--variants", "nope"])

@@ -1,0 +1,295 @@
+"""The Python client and the web page, each against the real embedded service
+(`python -m worker.embedded`: uvicorn + a Celery worker + SQLite, the built-in model, CPU).
+
+The web page runs in Debian's chromium, headless, driven by Selenium through
+/usr/bin/chromedriver; that test skips where chromium is not installed (.ci/run installs it).
+Set TEST_SCREENSHOTS_DIR to keep the page's screenshots (docs/web.md shows them).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image
+
+from tests.service.procs import free_port, service_env
+from tests.worker.conftest import photo_png
+from tuneqdm_client import ApiError, Client
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+# Small and quick on a CPU: the built-in model's native 32 px and a few steps.
+STEPS = 30
+
+
+@dataclass
+class Service:
+    url: str
+    key: str
+    workdir: Path
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    workdir = tmp_path_factory.mktemp("embedded")
+    port = free_port()
+    log_path = workdir / "embedded.log"
+    with log_path.open("wb") as log:
+        launcher = subprocess.Popen(
+            [sys.executable, "-m", "worker.embedded", "--port", str(port)],
+            cwd=workdir,
+            env=service_env(torch_threads=1),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + 180
+            output = ""
+            while "API key:" not in output:
+                assert time.monotonic() < deadline, output
+                assert launcher.poll() is None, output
+                time.sleep(0.3)
+                output = log_path.read_text(errors="replace")
+            key = re.search(r"^API key: (tqk_\S+)$", output, re.M)
+            assert key, output
+            yield Service(f"http://127.0.0.1:{port}", key.group(1), workdir)
+        finally:
+            launcher.send_signal(signal.SIGTERM)
+            launcher.wait(timeout=60)
+
+
+def _photos(folder: Path) -> list[Path]:
+    folder.mkdir()
+    paths = []
+    for i in (1, 2, 3):
+        path = folder / f"bag{i}.png"
+        path.write_bytes(photo_png(i))
+        paths.append(path)
+    (folder / "notes.txt").write_text("not a photo; the client skips it")
+    return paths
+
+
+def test_client_finetune_wait_generate_download_delete(service: Service, tmp_path: Path) -> None:
+    _photos(tmp_path / "photos")
+    bar = io.StringIO()
+    with Client(service.url, service.key) as client:
+        job = client.create_finetune(
+            tmp_path / "photos", "a photo of sks bag", name="bag", steps=STEPS, resolution=32
+        )
+        assert (job["status"], job["num_images"], job["params"]["steps"]) == ("queued", 3, STEPS)
+        done = client.wait_finetune(job["id"], poll_s=0.5, timeout_s=300, stream=bar)
+        assert done["status"] == "succeeded" and done["adapter_id"]
+        # Not a terminal, so one line per change, the last one at 100 %.
+        lines = bar.getvalue().splitlines()
+        assert lines[-1].startswith(f"{job['id']} [{'#' * 30}] {STEPS}/{STEPS}")
+        assert lines[-1].endswith("succeeded") and "loss " in lines[-1]
+
+        adapter = client.get_adapter(done["adapter_id"])
+        assert adapter["finetune_id"] == job["id"] and adapter["tokens"] == ["sks"]
+        assert adapter["id"] in [a["id"] for a in client.list_adapters()["data"]]
+        saved = client.download_adapter(adapter["id"], tmp_path)
+        assert saved.stat().st_size == adapter["size_bytes"]
+
+        gen = client.generate(
+            adapter["id"], "a photo of sks bag", width=32, height=32, steps=10, seed=7, num_images=2
+        )
+        assert gen["status"] == "succeeded" and len(gen["images"]) == 2
+        files = client.download_images(gen, tmp_path / "out")
+        assert [Image.open(f).size for f in files] == [(32, 32), (32, 32)]
+        listed = client.list_generations(status="succeeded")
+        assert gen["id"] in [g["id"] for g in listed["data"]]
+
+        # The API's own explanation travels in the exception.
+        with pytest.raises(ApiError) as bad:
+            client.generate(adapter["id"], "a photo of sks bag", width=12_000)
+        assert bad.value.status_code == 422 and "width" in str(bad.value)
+        with pytest.raises(ApiError) as bad:
+            client.create_finetune([tmp_path / "photos" / "notes.txt"], "a photo of sks bag")
+        assert bad.value.status_code == 422
+        assert "images[0] is not a readable PNG, JPEG or WebP image" in str(bad.value)
+
+        client.delete_adapter(adapter["id"])
+        with pytest.raises(ApiError) as gone:
+            client.get_adapter(adapter["id"])
+        assert gone.value.status_code == 404
+
+    # The operator's view of the same run: /metrics over the embedded SQLite broker and registry.
+    metrics = httpx.get(service.url + "/metrics").text
+    assert "tuneqdm_broker_up 1.0" in metrics and "tuneqdm_registry_up 1.0" in metrics
+    assert re.search(r'^tuneqdm_queue_messages\{queue="finetune"\} 0\.0$', metrics, re.M)
+    assert re.search(r'^tuneqdm_jobs\{kind="finetune",status="succeeded"\} [1-9]', metrics, re.M)
+    assert re.search(r'^tuneqdm_finetune_step_seconds\{quantile="0.5"\} \d', metrics, re.M)
+    assert re.search(r'^tuneqdm_generation_seconds\{quantile="0.9"\} \d', metrics, re.M)
+
+
+# --- the web page ---------------------------------------------------------------------------
+
+
+HAVE_CHROMIUM = os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)
+
+
+def _browser() -> Any:
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service as DriverService
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--no-first-run",
+        "--window-size=1100,1500",
+    ):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=DriverService(CHROMEDRIVER), options=options)
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    driver = _browser()
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _until(what: str, check: Callable[[], Any], timeout: float, driver: Any) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.3)
+    logs = driver.get_log("browser") if hasattr(driver, "get_log") else []
+    raise AssertionError(f"timed out waiting for {what}; browser log: {logs}")
+
+
+def _screenshot(driver: Any, tmp_path: Path, name: str) -> None:
+    path = tmp_path / f"{name}.png"
+    driver.save_screenshot(str(path))
+    keep = os.environ.get("TEST_SCREENSHOTS_DIR")
+    if keep:
+        shutil.copy(path, Path(keep) / path.name)
+
+
+# Decided before any fixture runs, so a machine without chromium does not start the service
+# for nothing.
+@pytest.mark.skipif(
+    not HAVE_CHROMIUM, reason="chromium and chromium-driver are not installed (apt-get install)"
+)
+def test_web_page_happy_path_and_bad_upload(service: Service, browser: Any, tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    def find(element_id: str) -> Any:
+        return browser.find_element(By.ID, element_id)
+
+    def visible(element_id: str) -> bool:
+        return bool(find(element_id).is_displayed())
+
+    photos = _photos(tmp_path / "photos")
+    browser.get(service.url + "/")
+    assert browser.title == "tuneqdm" and not visible("app")
+
+    # A wrong key: the API's 401 message, and the rest of the page stays hidden.
+    find("api-key").send_keys("tqk_wrong")
+    find("save-key").click()
+    _until("the 401 message", lambda: "API key" in find("key-status").text, 20, browser)
+    assert not visible("app")
+    find("api-key").clear()
+    find("api-key").send_keys(service.key)
+    find("save-key").click()
+    _until("the app", lambda: visible("app"), 20, browser)
+    assert browser.execute_script("return sessionStorage.getItem('tuneqdm.key')") == service.key
+
+    # A bad upload: the page shows the API's own detail, word for word.
+    fake = tmp_path / "fake.png"
+    fake.write_text("this is not an image")
+    find("photos").send_keys(str(fake))
+    find("start-finetune").click()
+    _until("the upload error", lambda: visible("finetune-error"), 20, browser)
+    api_answer = httpx.post(
+        service.url + "/v1/finetunes",
+        headers={"Authorization": f"Bearer {service.key}"},
+        files=[("images", ("fake.png", fake.read_bytes(), "image/png"))],
+        data={"instance_prompt": "a photo of sks bag", "params": '{"method":"tuneqdm","bits":4}'},
+    )
+    assert api_answer.status_code == 422
+    assert find("finetune-error").text == api_answer.json()["detail"]
+    _screenshot(browser, tmp_path, "web-bad-upload")
+
+    # The happy path: photos with previews, a few steps at 32 px, watched to success.
+    find("photos").clear()
+    find("photos").send_keys("\n".join(str(p) for p in photos))
+    previews = lambda: len(find("previews").find_elements(By.TAG_NAME, "img"))  # noqa: E731
+    _until("3 previews", lambda: previews() == 3, 10, browser)
+    find("ft-name").send_keys("bag")
+    find("steps").send_keys(str(STEPS))
+    find("resolution").send_keys("32")
+    find("start-finetune").click()
+    _until("the job card", lambda: visible("job"), 20, browser)
+    assert not visible("finetune-error")
+    _until("success", lambda: find("job-status").text == "succeeded", 300, browser)
+    points = browser.execute_script("return state.losses")
+    assert len(points) >= 1 and all(isinstance(loss, float) for _, loss in points)
+    assert find("job-progress").get_attribute("value") == str(STEPS)
+    # The job's adapter is listed and chosen for the next generation.
+    adapter_id = _until(
+        "the new adapter", lambda: find("gen-adapter").get_attribute("value"), 20, browser
+    )
+    assert browser.find_elements(By.CSS_SELECTOR, f'tr[data-adapter="{adapter_id}"]')
+    _screenshot(browser, tmp_path, "web-finetune")
+
+    find("gen-prompt").clear()
+    find("gen-prompt").send_keys("a photo of sks bag on a red background")
+    find("gen-steps").send_keys("10")
+    find("gen-size").send_keys("32")
+    find("gen-seed").send_keys("7")
+    find("generate").click()
+    image = _until(
+        "the generated image",
+        lambda: browser.execute_script(
+            "const i = document.querySelector('img.generated');"
+            "return i && i.complete && i.naturalWidth ? [i.naturalWidth, i.naturalHeight] : null"
+        ),
+        120,
+        browser,
+    )
+    assert image == [32, 32]
+    assert find("generate-status").text.endswith("succeeded")
+    browser.execute_script("document.getElementById('adapters').scrollIntoView()")
+    _screenshot(browser, tmp_path, "web-generate")
+
+    # Delete the adapter from its row (the page asks first).
+    browser.find_element(By.CSS_SELECTOR, f'button[data-delete="{adapter_id}"]').click()
+    browser.switch_to.alert.accept()
+    _until(
+        "the row to go",
+        lambda: not browser.find_elements(By.CSS_SELECTOR, f'tr[data-adapter="{adapter_id}"]'),
+        20,
+        browser,
+    )
+    gone = httpx.get(
+        f"{service.url}/v1/adapters/{adapter_id}",
+        headers={"Authorization": f"Bearer {service.key}"},
+    )
+    assert gone.status_code == 404
+    # Deleting fine-tunes shows only where the service has DELETE /v1/finetunes/{id}.
+    paths = httpx.get(service.url + "/openapi.json").json()["paths"]
+    assert visible("delete-job") == ("delete" in paths["/v1/finetunes/{finetune_id}"])

@@ -1,0 +1,38 @@
+"""A small Python client of the tuneqdm REST API (needs only httpx).
+
+    from tuneqdm_client import Client
+
+    with Client("http://127.0.0.1:8000", api_key) as client:
+        job = client.create_finetune("photos/", "a photo of sks bag", steps=200, resolution=32)
+        job = client.wait_finetune(job["id"])            # progress bar on stderr
+        gen = client.generate(job["adapter_id"], "a photo of sks bag on the beach")
+        client.download_images(gen, "out/")
+
+docs/client.md describes every method.
+"""
+
+from tuneqdm_client.client import ApiError, Client, JobFailed
+from tuneqdm_client.types import (
+    Adapter,
+    AdapterPage,
+    Finetune,
+    FinetunePage,
+    GeneratedImage,
+    Generation,
+    GenerationPage,
+    Progress,
+)
+
+__all__ = [
+    "Adapter",
+    "AdapterPage",
+    "ApiError",
+    "Client",
+    "Finetune",
+    "FinetunePage",
+    "GeneratedImage",
+    "Generation",
+    "GenerationPage",
+    "JobFailed",
+    "Progress",
+]

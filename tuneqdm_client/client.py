@@ -1,0 +1,301 @@
+"""`Client`: one method per API operation, plus waiting with a progress bar and downloads."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import IO, Any, cast
+
+import httpx
+
+from tuneqdm_client.progress import ProgressBar
+from tuneqdm_client.types import (
+    Adapter,
+    AdapterPage,
+    Finetune,
+    FinetunePage,
+    Generation,
+    GenerationPage,
+)
+
+# What the service accepts (it checks the content, not the name); other files in a folder are
+# skipped so a stray .DS_Store or notes.txt does not fail the upload.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+FINAL = ("succeeded", "failed", "canceled")
+
+
+class ApiError(Exception):
+    """The API answered with an error; `detail` is its explanation of what to fix."""
+
+    def __init__(self, status_code: int, detail: Any) -> None:
+        self.status_code = status_code
+        self.detail = detail
+        super().__init__(f"{status_code}: {_describe(detail)}")
+
+
+class JobFailed(Exception):
+    """A job ended in `failed` or `canceled`; `job` is its final state, `job["error"]` says why."""
+
+    def __init__(self, job: Finetune | Generation) -> None:
+        self.job = job
+        super().__init__(f"{job['id']} {job['status']}: {job.get('error') or 'no message'}")
+
+
+def _describe(detail: Any) -> str:
+    # FastAPI's validation errors are a list of {loc, msg}; the service's own are one sentence.
+    if isinstance(detail, list):
+        return "; ".join(
+            f"{'.'.join(str(p) for p in d.get('loc', [])[1:])}: {d.get('msg')}"
+            if isinstance(d, dict)
+            else str(d)
+            for d in detail
+        )
+    return str(detail)
+
+
+def image_files(images: str | Path | Iterable[str | Path]) -> list[Path]:
+    """A folder's photos (sorted by name), or the given files as they are."""
+    if isinstance(images, (str, Path)):
+        path = Path(images)
+        if path.is_dir():
+            files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not files:
+                raise ValueError(f"{path} holds no {'/'.join(IMAGE_SUFFIXES)} files")
+            return files
+        return [path]
+    return [Path(p) for p in images]
+
+
+class Client:
+    """A client of one tuneqdm service, authenticated with one API key.
+
+    Every method raises `ApiError` (with the API's `detail`) when the service refuses a request,
+    and httpx's own exceptions when the service cannot be reached.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        timeout: float = 60.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self._http = httpx.Client(
+            base_url=base_url.rstrip("/"),
+            headers={"Authorization": f"Bearer {api_key}"},
+            timeout=timeout,
+            transport=transport,
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        response = self._http.request(method, path, **kwargs)
+        _raise_for(response)
+        return response
+
+    def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+        return self._request(method, path, **kwargs).json()
+
+    # --- fine-tunes -------------------------------------------------------------------------
+
+    def create_finetune(
+        self,
+        images: str | Path | Iterable[str | Path],
+        instance_prompt: str,
+        *,
+        class_prompt: str | None = None,
+        name: str | None = None,
+        token: str = "sks",
+        webhook_url: str | None = None,
+        idempotency_key: str | None = None,
+        **params: Any,
+    ) -> Finetune:
+        """Upload the photos (a folder, one file, or a list of files) and start a fine-tune.
+
+        Keyword arguments beyond the named ones are training params (steps=200, resolution=512,
+        method="peqa", ...; docs/api.md lists them).
+        """
+        form: dict[str, str] = {"instance_prompt": instance_prompt, "token": token}
+        for key, value in (("class_prompt", class_prompt), ("name", name)):
+            if value is not None:
+                form[key] = value
+        if webhook_url is not None:
+            form["webhook_url"] = webhook_url
+        if params:
+            form["params"] = json.dumps(params)
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        handles: list[IO[bytes]] = []
+        try:
+            files = []
+            for path in image_files(images):
+                handle = path.open("rb")
+                handles.append(handle)
+                files.append(("images", (path.name, handle, "application/octet-stream")))
+            return cast(
+                Finetune,
+                self._json("POST", "/v1/finetunes", data=form, files=files, headers=headers),
+            )
+        finally:
+            for opened in handles:
+                opened.close()
+
+    def get_finetune(self, finetune_id: str) -> Finetune:
+        return cast(Finetune, self._json("GET", f"/v1/finetunes/{finetune_id}"))
+
+    def list_finetunes(
+        self, *, status: str | None = None, limit: int = 20, offset: int = 0
+    ) -> FinetunePage:
+        query = _query(status=status, limit=limit, offset=offset)
+        return cast(FinetunePage, self._json("GET", "/v1/finetunes", params=query))
+
+    def cancel_finetune(self, finetune_id: str) -> Finetune:
+        return cast(Finetune, self._json("POST", f"/v1/finetunes/{finetune_id}/cancel"))
+
+    def delete_finetune(self, finetune_id: str) -> None:
+        self._request("DELETE", f"/v1/finetunes/{finetune_id}")
+
+    def wait_finetune(
+        self,
+        finetune_id: str,
+        *,
+        poll_s: float = 1.0,
+        timeout_s: float | None = None,
+        progress: bool = True,
+        stream: IO[str] | None = None,
+    ) -> Finetune:
+        """Poll until the job has finished; draw a progress bar on stderr while it runs.
+
+        Returns the succeeded job; raises JobFailed (failed or canceled) or TimeoutError.
+        """
+        bar = ProgressBar(stream or sys.stderr, label=finetune_id) if progress else None
+        job = _poll(lambda: self.get_finetune(finetune_id), poll_s, timeout_s, bar)
+        if job["status"] != "succeeded":
+            raise JobFailed(job)
+        return job
+
+    # --- adapters ---------------------------------------------------------------------------
+
+    def list_adapters(self, *, limit: int = 20, offset: int = 0) -> AdapterPage:
+        query = _query(limit=limit, offset=offset)
+        return cast(AdapterPage, self._json("GET", "/v1/adapters", params=query))
+
+    def get_adapter(self, adapter_id: str) -> Adapter:
+        return cast(Adapter, self._json("GET", f"/v1/adapters/{adapter_id}"))
+
+    def delete_adapter(self, adapter_id: str) -> None:
+        self._request("DELETE", f"/v1/adapters/{adapter_id}")
+
+    def download_adapter(self, adapter_id: str, path: str | Path) -> Path:
+        """Save the adapter's safetensors file at `path` (a folder gets `<id>.safetensors`)."""
+        target = Path(path)
+        if target.is_dir():
+            target = target / f"{adapter_id}.safetensors"
+        return self._download(f"/v1/adapters/{adapter_id}/file", target)
+
+    # --- generations ------------------------------------------------------------------------
+
+    def generate(
+        self,
+        adapter_id: str | None,
+        prompt: str,
+        *,
+        wait: bool = True,
+        poll_s: float = 0.5,
+        timeout_s: float | None = None,
+        **params: Any,
+    ) -> Generation:
+        """Request images (adapter_id=None: the plain base model); by default wait for them.
+
+        Keyword arguments are the request's fields: num_images, steps, guidance_scale, seed,
+        width, height, scheduler, negative_prompt. Raises JobFailed when the generation fails.
+        """
+        body = {"adapter_id": adapter_id, "prompt": prompt, **params}
+        gen = cast(Generation, self._json("POST", "/v1/generations", json=body))
+        return self.wait_generation(gen["id"], poll_s=poll_s, timeout_s=timeout_s) if wait else gen
+
+    def get_generation(self, generation_id: str) -> Generation:
+        return cast(Generation, self._json("GET", f"/v1/generations/{generation_id}"))
+
+    def list_generations(
+        self, *, status: str | None = None, limit: int = 20, offset: int = 0
+    ) -> GenerationPage:
+        query = _query(status=status, limit=limit, offset=offset)
+        return cast(GenerationPage, self._json("GET", "/v1/generations", params=query))
+
+    def delete_generation(self, generation_id: str) -> None:
+        self._request("DELETE", f"/v1/generations/{generation_id}")
+
+    def wait_generation(
+        self, generation_id: str, *, poll_s: float = 0.5, timeout_s: float | None = None
+    ) -> Generation:
+        gen = _poll(lambda: self.get_generation(generation_id), poll_s, timeout_s, None)
+        if gen["status"] != "succeeded":
+            raise JobFailed(gen)
+        return gen
+
+    def download_images(self, generation: Generation | str, folder: str | Path) -> list[Path]:
+        """Save a generation's PNGs as `<folder>/<generation id>-<index>.png`."""
+        gen = self.get_generation(generation) if isinstance(generation, str) else generation
+        out = Path(folder)
+        out.mkdir(parents=True, exist_ok=True)
+        return [
+            self._download(image["url"], out / f"{gen['id']}-{image['index']}.png")
+            for image in gen["images"]
+        ]
+
+    def _download(self, url: str, target: Path) -> Path:
+        # Written beside the target, then renamed: an interrupted download leaves no half file.
+        partial = target.with_name(target.name + ".part")
+        with self._http.stream("GET", url) as response:
+            if response.is_error:
+                response.read()
+                _raise_for(response)
+            with partial.open("wb") as f:
+                for chunk in response.iter_bytes():
+                    f.write(chunk)
+        partial.replace(target)
+        return target
+
+
+def _raise_for(response: httpx.Response) -> None:
+    if response.is_error:
+        try:
+            detail = response.json().get("detail", response.text)
+        except (ValueError, AttributeError):
+            detail = response.text or response.reason_phrase
+        raise ApiError(response.status_code, detail)
+
+
+def _query(**values: Any) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _poll(
+    get: Callable[[], Any], poll_s: float, timeout_s: float | None, bar: ProgressBar | None
+) -> Any:
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        job = get()
+        if bar is not None:
+            bar.update(job)
+        if job["status"] in FINAL:
+            if bar is not None:
+                bar.close()
+            return job
+        if deadline is not None and time.monotonic() > deadline:
+            if bar is not None:
+                bar.close()
+            raise TimeoutError(f"{job['id']} still {job['status']} after {timeout_s} s")
+        time.sleep(poll_s)

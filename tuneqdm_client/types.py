@@ -1,0 +1,96 @@
+"""The API's JSON objects as TypedDicts: plain dicts at run time, typed for editors and mypy.
+
+They mirror the response schemas of the OpenAPI document (/openapi.json) field for field.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypedDict
+
+
+class Progress(TypedDict):
+    step: int
+    total: int
+
+
+class Finetune(TypedDict):
+    id: str
+    name: str | None
+    status: str  # queued | running | succeeded | failed | canceled
+    instance_prompt: str
+    class_prompt: str | None
+    token: str
+    params: dict[str, Any]
+    webhook_url: str | None
+    num_images: int
+    progress: Progress
+    loss: float | None
+    eta_seconds: float | None
+    error: str | None
+    adapter_id: str | None
+    created_at: str
+    updated_at: str
+    started_at: str | None
+    finished_at: str | None
+    links: dict[str, str | None]
+
+
+class Adapter(TypedDict):
+    id: str
+    name: str | None
+    finetune_id: str | None
+    method: str
+    bits: int
+    intervals: int
+    tokens: list[str]
+    size_bytes: int
+    base_model: str
+    base_fingerprint: str
+    created_at: str
+    links: dict[str, str | None]
+
+
+class GeneratedImage(TypedDict):
+    index: int
+    seed: int
+    url: str
+
+
+class Generation(TypedDict):
+    id: str
+    adapter_id: str | None
+    base_model: str
+    status: str
+    prompt: str
+    negative_prompt: str | None
+    num_images: int
+    steps: int
+    guidance_scale: float
+    seed: int
+    width: int
+    height: int
+    scheduler: str
+    error: str | None
+    images: list[GeneratedImage]
+    created_at: str
+    updated_at: str
+    started_at: str | None
+    finished_at: str | None
+    links: dict[str, str | None]
+
+
+# One page of a list endpoint; `count` is the number of matches across all pages. (Three
+# classes rather than one generic TypedDict, which Python 3.10 does not support.)
+class FinetunePage(TypedDict):
+    data: list[Finetune]
+    count: int
+
+
+class AdapterPage(TypedDict):
+    data: list[Adapter]
+    count: int
+
+
+class GenerationPage(TypedDict):
+    data: list[Generation]
+    count: int
