@@ -79,6 +79,15 @@ class Tenant(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     name: Mapped[str] = mapped_column(String(100), unique=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # Per-tenant overrides of TUNEQDM_TENANT_RPM / _ACTIVE_JOBS / _STORED_BYTES (NULL: the
+    # setting; 0: unlimited), set with `tuneqdm-admin tenants limits`.
+    rpm_limit: Mapped[int | None] = mapped_column(Integer)
+    active_jobs_limit: Mapped[int | None] = mapped_column(Integer)
+    stored_bytes_limit: Mapped[int | None] = mapped_column(BigInteger)
+    # Requests counted in the current minute (app/services/quotas.py): the minute's number
+    # since the epoch and the count, updated by one conditional UPDATE per request.
+    rate_window: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    rate_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # The webhook signing secret is derived from TUNEQDM_SECRET_KEY, the tenant id and this
     # version (app.webhooks); rotating bumps it, and the previous version still signs until
     # TUNEQDM_WEBHOOK_SECRET_OVERLAP_S after `webhook_secret_rotated_at`.
@@ -118,6 +127,9 @@ class FinetuneJob(Base):
     params: Mapped[dict[str, Any]] = mapped_column(JSON)
     webhook_url: Mapped[str | None] = mapped_column(String(2048))
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    # Photos uploaded; stays when the photos themselves are deleted (photos_deleted_at).
+    num_images: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    photos_deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # SHA-256 of the request the key was first used with (app/idempotency.py).
     idempotency_fingerprint: Mapped[str | None] = mapped_column(String(64))
     # Progress, written by the worker.
@@ -138,6 +150,9 @@ class FinetuneJob(Base):
     # Claims so far (worker/jobs.py): capped by TUNEQDM_MAX_ATTEMPTS, and part of the paths of
     # the files an attempt writes, so two attempts never write the same file.
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Seconds the job may run counted from started_at (TUNEQDM_FINETUNE_TIME_LIMIT_S at
+    # submit), enforced by the worker; null on jobs submitted before the limit existed.
+    time_limit_s: Mapped[float | None] = mapped_column(Float)
 
     images: Mapped[list[FinetuneImage]] = relationship(
         back_populates="job", order_by="FinetuneImage.index", cascade="all, delete-orphan"
@@ -149,7 +164,7 @@ class FinetuneJob(Base):
 
 
 class FinetuneImage(Base):
-    """One uploaded subject photo, re-encoded to PNG at `storage_key`."""
+    """One uploaded subject photo, downscaled and re-encoded to JPEG at `storage_key`."""
 
     __tablename__ = "finetune_images"
     __table_args__ = (UniqueConstraint("job_id", "index", name="uq_finetune_images_job_index"),)
@@ -227,6 +242,8 @@ class GenerationJob(Base):
     lease_owner: Mapped[str | None] = mapped_column(String(100))
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # As on finetune_jobs, from TUNEQDM_GENERATION_TIME_LIMIT_S.
+    time_limit_s: Mapped[float | None] = mapped_column(Float)
 
     images: Mapped[list[GeneratedImage]] = relationship(
         back_populates="generation",
@@ -236,6 +253,45 @@ class GenerationJob(Base):
     webhook: Mapped[WebhookDelivery | None] = relationship(
         primaryjoin="GenerationJob.id == foreign(WebhookDelivery.job_id)", viewonly=True
     )
+
+
+class ServedBase(Base):
+    """A base model workers serve (app/bases.py): what every request's defaults and bounds
+    derive from. Written by workers when they start and when they load the model."""
+
+    __tablename__ = "bases"
+    __table_args__ = (CheckConstraint("bits IN (4, 8)", name="bits"),)
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    source: Mapped[str] = mapped_column(String(1024))  # model folder or hub id
+    native_resolution: Mapped[int] = mapped_column(Integer)
+    prediction_type: Mapped[str] = mapped_column(String(32))
+    bits: Mapped[int] = mapped_column(Integer)
+    # Known once a worker has loaded (quantized) the model.
+    fingerprint: Mapped[str | None] = mapped_column(String(128))
+    device: Mapped[str | None] = mapped_column(String(32))
+    storage_mode: Mapped[str | None] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+    workers: Mapped[list[BaseWorker]] = relationship(
+        back_populates="base", order_by="BaseWorker.worker", cascade="all, delete-orphan"
+    )
+
+
+class BaseWorker(Base):
+    """A worker process serving a base, and when it last said so."""
+
+    __tablename__ = "base_workers"
+
+    base_name: Mapped[str] = mapped_column(
+        ForeignKey("bases.name", ondelete="CASCADE"), primary_key=True
+    )
+    worker: Mapped[str] = mapped_column(String(100), primary_key=True)
+    device: Mapped[str | None] = mapped_column(String(32))
+    last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    base: Mapped[ServedBase] = relationship(back_populates="workers")
 
 
 class GeneratedImage(Base):
@@ -251,6 +307,8 @@ class GeneratedImage(Base):
     index: Mapped[int] = mapped_column(Integer)
     seed: Mapped[int] = mapped_column(BigInteger)
     storage_key: Mapped[str] = mapped_column(String(255))
+    # Counted in the tenant's stored bytes (TUNEQDM_TENANT_STORED_BYTES).
+    size_bytes: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     generation: Mapped[GenerationJob] = relationship(back_populates="images")

@@ -46,9 +46,21 @@ class Settings(BaseSettings):
     # Generation limits.
     max_num_images: int = Field(default=4, ge=1)
     max_generation_steps: int = Field(default=150, ge=1)
-    # 32: the built-in model's native size (docs/builtin-model.md).
-    min_image_side: int = Field(default=32, ge=8)
-    max_image_side: int = Field(default=1024, ge=8)
+    # Image sides (fine-tune resolution, generation width/height) are bounded relative to the
+    # base's native size (app/bases.py): cost and memory grow with the square of the side
+    # (attention with its fourth power), and far from its native size a base makes no sense.
+    min_size_factor: float = Field(default=0.5, gt=0, le=1)
+    max_size_factor: float = Field(default=2.0, ge=1, le=16)
+    # Compute budgets checked at submit (app/budget.py), in native-size units, so one number
+    # means the same on every base: fine-tune training samples at the native size
+    # (steps × batch × (1 + prior) × pixels / native pixels; the default job is 400), and
+    # generation images × steps at the native size (the default request is 30).
+    max_finetune_cost: float = Field(default=10_000, gt=0)
+    max_generation_cost: float = Field(default=1_000, gt=0)
+    # Wall-clock bound of one job from its first start, stored on the row at submit and
+    # enforced by the worker: a job that passes it fails and frees its worker.
+    finetune_time_limit_s: float = Field(default=3600.0, gt=0)
+    generation_time_limit_s: float = Field(default=600.0, gt=0)
 
     # Webhooks to loopback/private/link-local hosts are a server-side request forgery risk.
     allow_private_webhooks: bool = False
@@ -57,6 +69,53 @@ class Settings(BaseSettings):
     webhook_ports: list[int] = [80, 443]
     # How long an Idempotency-Key keeps answering with its first job; after that it is free.
     idempotency_ttl_s: float = Field(default=24 * 3600.0, gt=0)
+
+    # Stored subject photos are downscaled so their longer side is at most this many times the
+    # largest training resolution (TUNEQDM_MAX_IMAGE_SIDE): enough for a random crop, and a
+    # 4096² upload does not cost 26 MiB of disk. JPEG quality of the stored copy (95: no
+    # artefact a fine-tune could learn).
+    stored_photo_scale: float = Field(default=2.0, ge=1.0)
+    stored_photo_quality: int = Field(default=95, ge=50, le=100)
+    # Threads that decode and re-encode uploaded photos, shared by every request of this API
+    # process: image work is CPU-bound, so more threads than cores only add latency; and a
+    # tenant may use at most this many of them at once, so one tenant's burst of uploads
+    # cannot queue every other tenant's upload behind it.
+    image_workers: int = Field(default=2, ge=1)
+    image_workers_per_tenant: int = Field(default=1, ge=1)
+
+    # Requests of one API key that run at once in one API process (0: no cap); the others wait
+    # without holding a thread, so a client sending fifty at a time cannot take every thread of
+    # the request pool (40) from the other tenants.
+    requests_per_key: int = Field(default=8, ge=0)
+
+    # Database connection pool of each API process (SQLAlchemy QueuePool). A request that waits
+    # longer than db_pool_timeout_s for a connection answers 503 with Retry-After.
+    db_pool_size: int = Field(default=10, ge=1)
+    db_max_overflow: int = Field(default=10, ge=0)
+    db_pool_timeout_s: float = Field(default=10.0, gt=0)
+
+    # Per-tenant limits (0: unlimited); `tuneqdm-admin tenants limits NAME` overrides them for
+    # one tenant. Requests over a limit answer 429 with Retry-After and the limit's name.
+    # Requests per minute and API key, counted in the database, so every API replica shares
+    # one count and the embedded mode (no Redis) works the same way.
+    tenant_rpm: int = Field(default=600, ge=0)
+    # Queued + running fine-tunes and generations together.
+    tenant_active_jobs: int = Field(default=100, ge=0)
+    # Photos, adapters and generated images together.
+    tenant_stored_bytes: int = Field(default=5 * 1024 * MiB, ge=0)
+
+    # Retention of people's data (docs/api.md, "What is kept"). Subject photos are deleted this
+    # many seconds after their fine-tune ends (0: as soon as it ends); generations (rows,
+    # prompts, images) this many seconds after they end (0: kept until deleted).
+    photo_retention_s: float = Field(default=0.0, ge=0)
+    generation_retention_s: float = Field(default=7 * 24 * 3600.0, ge=0)
+    # How often each API process runs the retention sweep (0: never; run
+    # `tuneqdm-admin sweep` from cron instead).
+    retention_sweep_every_s: float = Field(default=300.0, ge=0)
+
+    # Logs: JSON lines on stderr (false: plain text for a terminal).
+    log_json: bool = True
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     max_page_size: int = Field(default=100, ge=1)
     # Publishing to the broker must not hang a request when the broker is down.
@@ -102,6 +161,9 @@ class Settings(BaseSettings):
     collect_after_s: float = Field(default=3600.0, ge=0)
     # Generations of different adapters that share steps/size/scheduler run in one loop.
     generation_batch_size: int = Field(default=8, ge=1)
+    # Autocast dtype of sampling: half precision halves activation traffic on a GPU; "auto" is
+    # bf16 on CUDA (fp16 without bf16) and fp32 on CPU, where 16-bit math is slower.
+    generation_dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     adapter_cache_size: int = Field(default=32, ge=1)
     # Webhook delivery (worker/webhooks.py): one attempt, connection to last byte, is cut at
     # webhook_timeout_s, so a slow receiver holds a sender no longer than that; retried with
@@ -109,6 +171,8 @@ class Settings(BaseSettings):
     webhook_timeout_s: float = Field(default=10.0, gt=0)
     webhook_max_retries: int = Field(default=8, ge=0)
     webhook_backoff_s: float = Field(default=2.0, gt=0)
+    # How often a worker refreshes its last_seen_at in the bases registry (GET /v1/bases).
+    base_seen_every_s: float = Field(default=30.0, gt=0)
     # Deliveries one worker process sends at once from its sweep (slow receivers in parallel).
     webhook_senders: int = Field(default=4, ge=1)
     # After `tuneqdm-admin tenants rotate-webhook-secret`, webhooks carry signatures with the old

@@ -37,11 +37,12 @@ from tuneqdm_core import (
     Adapter,
     AdapterConfig,
     QuantConfig,
+    Route,
     ScaleBank,
     load_adapter,
     quantize_,
+    routed,
     save_adapter,
-    set_route,
 )
 from tuneqdm_core.cli.reports import table
 from tuneqdm_core.configs import UNET_CONFIGS, build_unet
@@ -133,13 +134,13 @@ def _sample(
     scheduler: DDIMScheduler,
     latents: torch.Tensor,
     text: torch.Tensor,
-    route: Callable[[torch.Tensor], None],
+    route: Callable[[torch.Tensor], Route | None],
 ) -> torch.Tensor:
-    """The UNet loop of a sampler: one UNet call per timestep, the route set before each."""
+    """The UNet loop of a sampler: one UNet call per timestep, each under its own route."""
     x = latents
     for t in scheduler.timesteps:
-        route(t)
-        eps = unet(x, t, text).sample
+        with routed(unet, route(t)):
+            eps = unet(x, t, text).sample
         x = scheduler.step(eps, t, x).prev_sample
     return x
 
@@ -160,13 +161,13 @@ def throughput(args: argparse.Namespace, name: str, device: torch.device) -> lis
     )
 
     def bare() -> None:
-        _sample(unet, scheduler, latents, text, lambda t: set_route(unet, None))
+        _sample(unet, scheduler, latents, text, lambda t: None)
 
     def mixed(distinct: int) -> Callable[[], None]:
         slots = torch.arange(BATCH, device=device) % distinct
 
         def run() -> None:
-            _sample(unet, scheduler, latents, text, lambda t: set_route(unet, bank.route(t, slots)))
+            _sample(unet, scheduler, latents, text, lambda t: bank.route(t, slots))
 
         return run
 
@@ -183,7 +184,7 @@ def throughput(args: argparse.Namespace, name: str, device: torch.device) -> lis
                     scheduler,
                     latents[part],
                     text[part],
-                    lambda t: set_route(unet, bank.route(t, slot)),
+                    lambda t: bank.route(t, slot),
                 )
 
         return run
@@ -202,7 +203,6 @@ def throughput(args: argparse.Namespace, name: str, device: torch.device) -> lis
                 common.sync(device)
                 if round_:
                     times.setdefault(f"{mode}-{distinct}", []).append(time.perf_counter() - start)
-    set_route(unet, None)
 
     speed = {
         (mode, distinct): BATCH / common.median(times[f"{mode}-{distinct}"])

@@ -44,9 +44,10 @@ from diffusers import DDPMScheduler
 
 from benchmarks import common
 from benchmarks.materialising import materialise_
-from tuneqdm_core import Adapter, AdapterConfig, QuantConfig, param_groups, quantize_, use_adapter
+from tuneqdm_core import Adapter, AdapterConfig, QuantConfig, param_groups, quantize_
 from tuneqdm_core.cli.reports import table
 from tuneqdm_core.configs import UNET_CONFIGS, build_unet
+from tuneqdm_core.routing import route_adapters, routed
 
 METHODS = ("full", "materialising", "peqa", "tuneqdm")
 ALL_VARIANTS = [
@@ -152,16 +153,18 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
         text = torch.randn((args.batch, TEXT_TOKENS, cross_dim), generator=generator, device=device)
         timesteps = torch.randint(0, 1000, (args.batch,), generator=generator, device=device)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-        # The route stays set until backward is done (checkpointing reads it again).
+        route = None
         if adapter is not None and scales is None:
-            use_adapter(unet, adapter, timesteps)
+            route = route_adapters([adapter], timesteps)
         if scales is not None:
             scales.set_timesteps(timesteps)
-        with autocast:
-            prediction = unet(noisy, timesteps, text).sample
-        loss = F.mse_loss(prediction.float(), noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        # The backward stays inside: checkpointing reads the route again there.
+        with routed(unet, route) if route is not None else nullcontext():
+            with autocast:
+                prediction = unet(noisy, timesteps, text).sample
+            loss = F.mse_loss(prediction.float(), noise)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
         optimizer.step()
         return float(loss)  # synchronises on cuda
 

@@ -6,7 +6,14 @@ Imports torch and friends only; never the service packages (docs/design.md, laye
 from tuneqdm_core.adapter import Adapter, AdapterConfig, param_groups
 from tuneqdm_core.layers import QuantConv2d, QuantLayer, QuantLinear
 from tuneqdm_core.model import Layout, QuantConfig, QuantState, quant_state, quantize_
-from tuneqdm_core.routing import Route, ScaleBank, route_adapters, set_route, use_adapter
+from tuneqdm_core.routing import (
+    Route,
+    ScaleBank,
+    route_adapters,
+    routed,
+    set_route,
+    use_adapter,
+)
 from tuneqdm_core.serialization import AdapterFileError, load_adapter, read_metadata, save_adapter
 
 __all__ = [
@@ -27,6 +34,7 @@ __all__ = [
     "quantize_",
     "read_metadata",
     "route_adapters",
+    "routed",
     "save_adapter",
     "set_route",
     "use_adapter",

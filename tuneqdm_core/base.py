@@ -136,7 +136,7 @@ def load_quantized_unet(directory: Path, device: torch.device | str = "cpu") -> 
         raise ValueError(f"{directory}: cached UNet lacks {left[:5]}; delete the folder to rebuild")
     state = quant_state(unet)
     state.config = config
-    state._fingerprint = meta["fingerprint"]
+    state.restore_fingerprint(meta["fingerprint"])
     return unet.to(device)
 
 

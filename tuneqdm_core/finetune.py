@@ -15,9 +15,9 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,12 +27,15 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from tuneqdm_core.adapter import Adapter, AdapterConfig, param_groups
 from tuneqdm_core.base import BaseModel
+from tuneqdm_core.cancel import Canceled, cancel_checks
 from tuneqdm_core.generate import GenerationRequest, generate
 from tuneqdm_core.images import ImageSource, load_subject_images, open_image, to_training_tensor
 from tuneqdm_core.model import quant_state
-from tuneqdm_core.routing import set_route, use_adapter
+from tuneqdm_core.routing import route_adapters, routed
 
 FinetuneMethod = Literal["tuneqdm", "peqa", "full"]
+# "auto": bf16 on CUDA (fp16 where the GPU has no bf16), none elsewhere (FinetuneConfig.for_device).
+MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
 
 
 # Relative step of s_out per optimizer step when no lr_s_out is given: measured best on the
@@ -66,8 +69,10 @@ class FinetuneConfig:
     resolution: int = 512
     seed: int = 0
     init_sigma: float = 0.0
-    gradient_checkpointing: bool = False
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    # None: on for CUDA (activation memory is what limits a GPU), off elsewhere (it only
+    # costs time there). Resolved by for_device().
+    gradient_checkpointing: bool | None = None
+    mixed_precision: MixedPrecision = "auto"
     prior_loss_weight: float = 1.0
     num_class_images: int = 100
     class_image_steps: int = 30
@@ -80,6 +85,22 @@ class FinetuneConfig:
             raise ValueError("steps and batch_size must be >= 1 and resolution >= 8")
         if self.checkpoint_every < 0 or self.num_class_images < 0:
             raise ValueError("checkpoint_every and num_class_images must be >= 0")
+        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+            raise ValueError(
+                f"mixed_precision must be auto, no, bf16 or fp16, got {self.mixed_precision!r}"
+            )
+
+    def for_device(self, device: torch.device | str) -> FinetuneConfig:
+        """This config with the device-dependent defaults (``mixed_precision="auto"``,
+        ``gradient_checkpointing=None``) made concrete for ``device``."""
+        cuda = torch.device(device).type == "cuda"
+        precision = self.mixed_precision
+        if precision == "auto":
+            precision = "no" if not cuda else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        checkpointing = self.gradient_checkpointing
+        if checkpointing is None:
+            checkpointing = cuda
+        return replace(self, mixed_precision=precision, gradient_checkpointing=checkpointing)
 
     def adapter_config(self) -> AdapterConfig:
         if self.method == "peqa":
@@ -123,8 +144,10 @@ class FinetuneResult:
     resumed_from: int = 0
 
 
-class FinetuneCanceled(Exception):
-    """Raised between steps when ``should_cancel()`` returned true."""
+class FinetuneCanceled(Canceled):
+    """Raised when ``should_cancel()`` returned true: between steps, inside a UNet call
+    (:mod:`tuneqdm_core.cancel`) or between chunks of class images. ``step`` is the last
+    completed step."""
 
     def __init__(self, step: int) -> None:
         super().__init__(f"fine-tune canceled after step {step}")
@@ -170,34 +193,69 @@ def _encode_images(base: BaseModel, pixels: torch.Tensor) -> tuple[torch.Tensor,
     return torch.cat(means), torch.cat(stds)
 
 
+# Class images per generate() call: progress, cancel checks and the cache advance per chunk
+# instead of once after up to 1000 images.
+CLASS_IMAGE_CHUNK = 4
+
+
 def class_images(
-    base: BaseModel, prompt: str, count: int, resolution: int, steps: int, cache_dir: Path | None
+    base: BaseModel,
+    prompt: str,
+    count: int,
+    resolution: int,
+    steps: int,
+    cache_dir: Path | None,
+    *,
+    should_cancel: Callable[[], bool] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    chunk: int = CLASS_IMAGE_CHUNK,
 ) -> list[ImageSource]:
-    """``count`` images of ``prompt`` from the base model itself, cached per base and prompt."""
+    """``count`` images of ``prompt`` from the base model itself, cached per base and prompt.
+
+    Made ``chunk`` at a time; each chunk is saved before the next starts, so a canceled or
+    interrupted job keeps what it made. Image ``n`` always has seed ``n``, so chunking does not
+    change the images. ``progress(done, count)`` is called after each chunk; ``should_cancel``
+    as in :func:`~tuneqdm_core.generate.generate` (raises
+    :class:`~tuneqdm_core.cancel.Canceled`)."""
     key = hashlib.sha256(f"{base.fingerprint}|{prompt}|{resolution}|{steps}".encode()).hexdigest()
     folder = cache_dir / f"class-{key[:16]}" if cache_dir else None
-    have = sorted(folder.glob("*.png")) if folder and folder.is_dir() else []
-    if len(have) >= count:
-        return [*have[:count]]
-    request = GenerationRequest(
-        prompt=prompt,
-        num_images=count - len(have),
-        steps=steps,
-        width=resolution,
-        height=resolution,
-        seed=len(have),
-    )
-    made = [g.image for g in generate(base, [request])[0]]
-    if folder is None:
-        return [*have, *made]
-    folder.mkdir(parents=True, exist_ok=True)
-    for offset, image in enumerate(made):
-        image.save(folder / f"{len(have) + offset:05d}.png")
-    return [*sorted(folder.glob("*.png"))[:count]]
+    have: list[ImageSource] = [*sorted(folder.glob("*.png"))] if folder and folder.is_dir() else []
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+    while len(have) < count:
+        if progress is not None:
+            progress(len(have), count)
+        request = GenerationRequest(
+            prompt=prompt,
+            num_images=min(chunk, count - len(have)),
+            steps=steps,
+            width=resolution,
+            height=resolution,
+            seed=len(have),
+        )
+        made = [g.image for g in generate(base, [request], should_cancel=should_cancel)[0]]
+        if folder is None:
+            have += made
+            continue
+        for image in made:
+            # Written under a temporary name and renamed: a killed worker leaves no half PNG.
+            path = folder / f"{len(have):05d}.png"
+            tmp = folder / f".{path.name}.tmp"
+            image.save(tmp, format="PNG")
+            os.replace(tmp, path)
+            have.append(path)
+    if progress is not None:
+        progress(min(len(have), count), count)
+    return have[:count]
 
 
 def _prepare(
-    base: BaseModel, subjects: Sequence[Subject], config: FinetuneConfig, cache_dir: Path | None
+    base: BaseModel,
+    subjects: Sequence[Subject],
+    config: FinetuneConfig,
+    cache_dir: Path | None,
+    should_cancel: Callable[[], bool] | None = None,
+    on_class_images: Callable[[int, int], None] | None = None,
 ) -> _Data:
     prompts: list[str] = []
 
@@ -224,6 +282,8 @@ def _prepare(
                 config.resolution,
                 config.class_image_steps,
                 cache_dir,
+                should_cancel=should_cancel,
+                progress=on_class_images,
             )
             tensors = [to_training_tensor(open_image(src), config.resolution) for src in sources]
             start = sum(p.shape[0] for p in pixels)
@@ -264,31 +324,33 @@ def _fingerprint_config(config: FinetuneConfig) -> dict[str, Any]:
     return {k: v for k, v in asdict(config).items() if k != "checkpoint_every"}
 
 
-def finetune(
-    base: BaseModel,
-    subjects: Sequence[Subject],
-    config: FinetuneConfig,
-    *,
-    checkpoint_dir: str | os.PathLike[str] | None = None,
-    cache_dir: str | os.PathLike[str] | None = None,
-    progress: Callable[[Progress], None] | None = None,
-    should_cancel: Callable[[], bool] | None = None,
-    should_checkpoint: Callable[[], bool] | None = None,
-) -> FinetuneResult:
-    """Fine-tune on ``subjects`` (several subjects share one adapter, each with its own token).
+@dataclass
+class _Run:
+    """What one fine-tune trains and the state a checkpoint saves."""
 
-    With ``checkpoint_dir``, the state is saved every ``config.checkpoint_every`` steps, and
-    after any step where ``should_checkpoint()`` is true (a worker asked to stop saves its
-    state before it stops); a checkpoint found there is resumed from. ``cache_dir`` keeps
-    generated class images.
-    """
-    if not subjects:
-        raise ValueError("no subjects given")
-    start_time = time.perf_counter()
-    checkpoint = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir else None
-    data = _prepare(base, subjects, config, Path(cache_dir) if cache_dir else None)
+    unet: Any  # the quantized base UNet, or a float copy for method "full"
+    adapter: Adapter | None
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    generator: torch.Generator
+    losses: list[float] = field(default_factory=list)
+    step: int = 0
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """One step's draws: data rows (instance rows, then their paired class rows), noise."""
+
+    rows: torch.Tensor
+    noise: torch.Tensor
+    latent_noise: torch.Tensor
+    timesteps: torch.Tensor
+
+
+def _start(base: BaseModel, config: FinetuneConfig) -> _Run:
+    """The trained parameters (a fresh adapter, or the float UNet), optimizer and generator."""
     device = base.device
-
     adapter: Adapter | None = None
     unet = base.unet
     if config.method == "full":
@@ -303,128 +365,234 @@ def finetune(
         params = list(adapter.parameters())
         lr_s_out = s_out_learning_rate(unet, config)
         groups = param_groups(adapter, lr_s_out, config.lr_s_in, config.weight_decay)
-    optimizer = torch.optim.AdamW(groups)
     # fp16 gradients of small scale vectors underflow without loss scaling; bf16 needs none.
     scaler = torch.amp.GradScaler(
         device.type, enabled=config.mixed_precision == "fp16" and device.type == "cuda"
     )
-    generator = torch.Generator().manual_seed(config.seed)
-    losses: list[float] = []
-    step = 0
-    if checkpoint is not None and checkpoint.is_file():
-        state = torch.load(checkpoint, weights_only=True)
-        if state["config"] != _fingerprint_config(config) or state["base"] != base.fingerprint:
-            raise ValueError(f"{checkpoint}: made by another configuration or base; delete it")
-        with torch.no_grad():
-            for p, saved in zip(params, state["params"], strict=True):
-                p.copy_(saved)
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        scaler.load_state_dict(state["scaler"])
-        losses, step = list(state["losses"]), int(state["step"])
-    resumed_from = step
-
-    noise_scheduler = DDPMScheduler.from_config(base.scheduler_config)
-    prediction_type = noise_scheduler.config.prediction_type
-    total_t = noise_scheduler.config.num_train_timesteps
-    use_prior = any(data.class_rows)
-    autocast = (
-        torch.autocast(
-            device.type, dtype=torch.bfloat16 if config.mixed_precision == "bf16" else torch.float16
-        )
-        if config.mixed_precision != "no" and device.type == "cuda"
-        else nullcontext()
+    return _Run(
+        unet=unet,
+        adapter=adapter,
+        params=params,
+        optimizer=torch.optim.AdamW(groups),
+        scaler=scaler,
+        generator=torch.Generator().manual_seed(config.seed),
     )
+
+
+def _save_checkpoint(run: _Run, path: Path, config: FinetuneConfig, base: BaseModel) -> None:
+    _atomic_save(
+        {
+            "step": run.step,
+            "params": [p.detach().cpu() for p in run.params],
+            "optimizer": run.optimizer.state_dict(),
+            "generator": run.generator.get_state(),
+            "scaler": run.scaler.state_dict(),
+            "losses": run.losses,
+            "config": _fingerprint_config(config),
+            "base": base.fingerprint,
+        },
+        path,
+    )
+
+
+def _restore_checkpoint(run: _Run, path: Path, config: FinetuneConfig, base: BaseModel) -> None:
+    state = torch.load(path, weights_only=True)
+    if state["config"] != _fingerprint_config(config) or state["base"] != base.fingerprint:
+        raise ValueError(f"{path}: made by another configuration or base; delete it")
+    with torch.no_grad():
+        for p, saved in zip(run.params, state["params"], strict=True):
+            p.copy_(saved)
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.generator.set_state(state["generator"])
+    run.scaler.load_state_dict(state["scaler"])
+    run.losses, run.step = list(state["losses"]), int(state["step"])
+
+
+def _checkpoint_due(config: FinetuneConfig, step: int) -> bool:
+    # The last step saves nothing: the caller writes the adapter itself.
+    every = config.checkpoint_every
+    return every > 0 and step % every == 0 and step < config.steps
+
+
+def _draw_batch(
+    data: _Data, config: FinetuneConfig, generator: torch.Generator, total_t: int
+) -> _Batch:
+    """Rows, noises and timesteps of one step, all from ``generator`` in a fixed order (what
+    makes a resumed run end with the same adapter)."""
+    rows = torch.randint(0, data.instance, (config.batch_size,), generator=generator)
+    if any(data.class_rows):
+        # Each instance sample is paired with a class image of its own subject.
+        picks = []
+        for r in rows.tolist():
+            own = data.class_rows[int(data.subject_of[r])] or [r]
+            picks.append(own[int(torch.randint(0, len(own), (1,), generator=generator))])
+        rows = torch.cat([rows, torch.tensor(picks)])
+    noise = torch.randn(data.mean[rows].shape, generator=generator)
+    latent_noise = torch.randn(data.mean[rows].shape, generator=generator)
+    timesteps = torch.randint(0, total_t, (rows.shape[0],), generator=generator)
+    return _Batch(rows, noise, latent_noise, timesteps)
+
+
+def _noisy_latents(
+    base: BaseModel, data: _Data, batch: _Batch, noise_scheduler: Any
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(noisy latents, timesteps, target) on the device: a latent sampled from each image's
+    VAE posterior, noised at its timestep; the target is ε or v by the scheduler's type."""
+    device = base.device
+    latents = data.mean[batch.rows] + data.std[batch.rows] * batch.latent_noise.to(device)
+    latents = latents * base.vae.config.scaling_factor
+    noise = batch.noise.to(device)
+    t = batch.timesteps.to(device)
+    noisy = noise_scheduler.add_noise(latents, noise, t)
+    if noise_scheduler.config.prediction_type == "epsilon":
+        return noisy, t, noise
+    return noisy, t, noise_scheduler.get_velocity(latents, noise, t)
+
+
+def _autocast(config: FinetuneConfig, device: torch.device) -> Any:
+    if config.mixed_precision == "no" or device.type != "cuda":
+        return nullcontext()
+    dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _loss(prediction: torch.Tensor, target: torch.Tensor, config: FinetuneConfig) -> torch.Tensor:
+    """Instance MSE, plus ``prior_loss_weight`` × the class images' MSE when the batch carries
+    them (its second half)."""
+    errors = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    loss = errors[: config.batch_size].mean()
+    if errors.shape[0] > config.batch_size:
+        loss = loss + config.prior_loss_weight * errors[config.batch_size :].mean()
+    return loss
+
+
+def _optimizer_step(run: _Run, loss: torch.Tensor, max_grad_norm: float) -> None:
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    if max_grad_norm > 0:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_([p for p in run.params if p.grad is not None], max_grad_norm)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+
+
+def _train_step(
+    base: BaseModel,
+    run: _Run,
+    data: _Data,
+    batch: _Batch,
+    noise_scheduler: Any,
+    config: FinetuneConfig,
+) -> float:
+    """One optimizer step on ``batch``; returns its loss."""
+    noisy, t, target = _noisy_latents(base, data, batch, noise_scheduler)
+    route = None if run.adapter is None else route_adapters([run.adapter], batch.timesteps)
+    # The backward stays inside: checkpointing reads the route again there.
+    with routed(base.unet, route):
+        with _autocast(config, base.device):
+            prediction = run.unet(
+                noisy, t, encoder_hidden_states=data.embeds[data.prompt_of[batch.rows]]
+            ).sample
+        loss = _loss(prediction, target, config)
+        _optimizer_step(run, loss, config.max_grad_norm)
+    return float(loss.detach())
+
+
+@contextmanager
+def _training(base: BaseModel, unet: Any, config: FinetuneConfig) -> Iterator[None]:
+    """``unet`` in train mode (checkpointing on if asked), VAE and text encoder offloaded."""
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
     try:
         with _offloaded(base):
-            while step < config.steps:
-                if should_cancel is not None and should_cancel():
-                    raise FinetuneCanceled(step)
-                rows = torch.randint(0, data.instance, (config.batch_size,), generator=generator)
-                if use_prior:
-                    # Each instance sample is paired with a class image of its own subject.
-                    picks = []
-                    for r in rows.tolist():
-                        own = data.class_rows[int(data.subject_of[r])] or [r]
-                        picks.append(
-                            own[int(torch.randint(0, len(own), (1,), generator=generator))]
-                        )
-                    rows = torch.cat([rows, torch.tensor(picks)])
-                noise_draw = torch.randn(data.mean[rows].shape, generator=generator)
-                latent_draw = torch.randn(data.mean[rows].shape, generator=generator)
-                timesteps = torch.randint(0, total_t, (rows.shape[0],), generator=generator)
-                latents = data.mean[rows] + data.std[rows] * latent_draw.to(device)
-                latents = latents * base.vae.config.scaling_factor
-                noise = noise_draw.to(device)
-                t = timesteps.to(device)
-                noisy = noise_scheduler.add_noise(latents, noise, t)
-                target = (
-                    noise
-                    if prediction_type == "epsilon"
-                    else noise_scheduler.get_velocity(latents, noise, t)
-                )
-                if adapter is not None:
-                    use_adapter(unet, adapter, timesteps)
-                with autocast:
-                    prediction = unet(
-                        noisy, t, encoder_hidden_states=data.embeds[data.prompt_of[rows]]
-                    ).sample
-                errors = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(
-                    dim=(1, 2, 3)
-                )
-                batch = config.batch_size
-                loss = errors[:batch].mean()
-                if use_prior:
-                    loss = loss + config.prior_loss_weight * errors[batch:].mean()
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if config.max_grad_norm > 0:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(
-                        [p for p in params if p.grad is not None], config.max_grad_norm
-                    )
-                scaler.step(optimizer)
-                scaler.update()
-                step += 1
-                losses.append(float(loss.detach()))
-                if progress is not None:
-                    elapsed = time.perf_counter() - start_time
-                    rate = elapsed / max(1, step - resumed_from)
-                    progress(
-                        Progress(
-                            step, config.steps, losses[-1], elapsed, rate * (config.steps - step)
-                        )
-                    )
-                scheduled = config.checkpoint_every and step % config.checkpoint_every == 0
-                asked = should_checkpoint is not None and should_checkpoint()
-                if checkpoint is not None and (scheduled or asked) and step < config.steps:
-                    _atomic_save(
-                        {
-                            "step": step,
-                            "params": [p.detach().cpu() for p in params],
-                            "optimizer": optimizer.state_dict(),
-                            "generator": generator.get_state(),
-                            "scaler": scaler.state_dict(),
-                            "losses": losses,
-                            "config": _fingerprint_config(config),
-                            "base": base.fingerprint,
-                        },
-                        checkpoint,
-                    )
+            yield
     finally:
-        set_route(base.unet, None)
         if config.gradient_checkpointing:
             unet.disable_gradient_checkpointing()
         unet.eval()
-    if adapter is not None:
-        adapter.requires_grad_(False)
+
+
+def finetune(
+    base: BaseModel,
+    subjects: Sequence[Subject],
+    config: FinetuneConfig,
+    *,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    progress: Callable[[Progress], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+    on_class_images: Callable[[int, int], None] | None = None,
+    should_pause: Callable[[], bool] | None = None,
+) -> FinetuneResult:
+    """Fine-tune on ``subjects`` (several subjects share one adapter, each with its own token).
+
+    With ``checkpoint_dir``, the state is saved every ``config.checkpoint_every`` steps and a
+    checkpoint found there is resumed from. ``cache_dir`` keeps generated class images.
+    ``should_cancel`` is asked before every UNet block (training and class images) and
+    between steps; when true, :class:`FinetuneCanceled` is raised. ``should_pause`` is asked
+    after every step only: when true, the state is checkpointed and FinetuneCanceled raised, so
+    a resumed run continues exactly where this one paused (a worker asked to stop).
+    ``on_class_images(done, total)`` reports the class images of prior preservation as they are
+    made.
+    """
+    if not subjects:
+        raise ValueError("no subjects given")
+    config = config.for_device(base.device)
+    start_time = time.perf_counter()
+    checkpoint = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir else None
+    try:
+        data = _prepare(
+            base,
+            subjects,
+            config,
+            Path(cache_dir) if cache_dir else None,
+            should_cancel,
+            on_class_images,
+        )
+    except FinetuneCanceled:
+        raise
+    except Canceled:
+        raise FinetuneCanceled(0) from None
+    run = _start(base, config)
+    if checkpoint is not None and checkpoint.is_file():
+        _restore_checkpoint(run, checkpoint, config, base)
+    resumed_from = run.step
+    noise_scheduler = DDPMScheduler.from_config(base.scheduler_config)
+    total_t = noise_scheduler.config.num_train_timesteps
+    with _training(base, run.unet, config), cancel_checks(run.unet, should_cancel):
+        while run.step < config.steps:
+            if should_cancel is not None and should_cancel():
+                raise FinetuneCanceled(run.step)
+            batch = _draw_batch(data, config, run.generator, total_t)
+            try:
+                loss = _train_step(base, run, data, batch, noise_scheduler, config)
+            except FinetuneCanceled:
+                raise
+            except Canceled:
+                # Stopped inside the UNet (or its recomputation in backward): this step never
+                # happened; the last checkpoint stays the place to resume from.
+                raise FinetuneCanceled(run.step) from None
+            run.losses.append(loss)
+            run.step += 1
+            if progress is not None:
+                elapsed = time.perf_counter() - start_time
+                rate = elapsed / max(1, run.step - resumed_from)
+                eta = rate * (config.steps - run.step)
+                progress(Progress(run.step, config.steps, run.losses[-1], elapsed, eta))
+            due = _checkpoint_due(config, run.step)
+            if checkpoint is not None and due:
+                _save_checkpoint(run, checkpoint, config, base)
+            if should_pause is not None and run.step < config.steps and should_pause():
+                if checkpoint is not None and not due:
+                    _save_checkpoint(run, checkpoint, config, base)
+                raise FinetuneCanceled(run.step)
+    if run.adapter is not None:
+        run.adapter.requires_grad_(False)
     return FinetuneResult(
-        adapter=adapter,
-        unet=unet if config.method == "full" else None,
-        losses=losses,
+        adapter=run.adapter,
+        unet=run.unet if config.method == "full" else None,
+        losses=run.losses,
         seconds=time.perf_counter() - start_time,
         resumed_from=resumed_from,
     )

@@ -9,8 +9,9 @@ its own seeded generator, so a batch gives the images its requests give one by o
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
@@ -18,8 +19,26 @@ from PIL import Image
 
 from tuneqdm_core.adapter import Adapter
 from tuneqdm_core.base import BaseModel
+from tuneqdm_core.cancel import cancel_checks
 from tuneqdm_core.images import to_pil
-from tuneqdm_core.routing import ScaleBank, set_route
+from tuneqdm_core.routing import ScaleBank, routed
+
+# "auto": bf16 on CUDA (fp16 on GPUs without bf16), fp32 elsewhere. Sampling needs no
+# gradients, so half precision costs only rounding; the scales keep float32 (layers.py).
+Precision = Literal["auto", "fp32", "fp16", "bf16"]
+_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def autocast_dtype(precision: Precision, device: torch.device | str) -> torch.dtype | None:
+    """The autocast dtype sampling runs in on ``device`` (None: float32, no autocast)."""
+    if precision not in ("auto", "fp32", "fp16", "bf16"):
+        raise ValueError(f"precision must be auto, fp32, fp16 or bf16, got {precision!r}")
+    if precision == "auto":
+        if torch.device(device).type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return _DTYPES.get(precision)
+
 
 SCHEDULERS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "ddim": lambda config: DDIMScheduler.from_config(config),
@@ -76,9 +95,16 @@ def generate(
     *,
     bank: ScaleBank | None = None,
     on_step: Callable[[int, int], None] | None = None,
+    precision: Precision = "fp32",
+    should_cancel: Callable[[], bool] | None = None,
 ) -> list[list[GeneratedImage]]:
     """Images for each request, in order. Requests are grouped by :meth:`loop_key`; each group
-    runs one loop. ``bank`` (optional) is reused for the adapters, else one is made."""
+    runs one loop. ``bank`` (optional) is reused for the adapters, else one is made.
+    ``precision`` is the autocast dtype of text encoder, UNet and VAE (:func:`autocast_dtype`).
+
+    ``should_cancel`` is asked before every UNet block (:mod:`tuneqdm_core.cancel`); when it
+    returns true, :class:`~tuneqdm_core.cancel.Canceled` is raised within one UNet call."""
+    dtype = autocast_dtype(precision, base.device)
     for request in requests:
         check_request(base, request)
     results: list[list[GeneratedImage]] = [[] for _ in requests]
@@ -86,7 +112,11 @@ def generate(
     for index, request in enumerate(requests):
         groups.setdefault(request.loop_key(), []).append(index)
     for indices in groups.values():
-        images = _run_loop(base, [requests[i] for i in indices], bank, on_step)
+        autocast = (
+            torch.autocast(base.device.type, dtype=dtype) if dtype is not None else nullcontext()
+        )
+        with autocast, cancel_checks(base.unet, should_cancel):
+            images = _run_loop(base, [requests[i] for i in indices], bank, on_step)
         for i, group_images in zip(indices, images, strict=True):
             results[i] = group_images
     return results
@@ -143,19 +173,16 @@ def _run_loop(
     scale = torch.tensor(guidance, device=base.device).view(-1, 1, 1, 1)
     slot_ids = torch.tensor(slots + slots, device=base.device)
     unet = base.unet
-    try:
-        for step, t in enumerate(scheduler.timesteps):
-            model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-            set_route(unet, bank.route(t, slot_ids))
+    for step, t in enumerate(scheduler.timesteps):
+        model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
+        with routed(unet, bank.route(t, slot_ids)):
             uncond, cond = unet(model_input, t, encoder_hidden_states=embeds).sample.chunk(2)
-            prediction = uncond + scale * (cond - uncond)
-            latents = scheduler.step(prediction, t, latents).prev_sample
-            if on_step is not None:
-                on_step(step + 1, len(scheduler.timesteps))
-    finally:
-        set_route(unet, None)
+        prediction = uncond + scale * (cond - uncond)
+        latents = scheduler.step(prediction, t, latents).prev_sample
+        if on_step is not None:
+            on_step(step + 1, len(scheduler.timesteps))
     decoded = base.vae.decode(latents / base.vae.config.scaling_factor).sample
-    images = iter(zip(to_pil(decoded), seeds, strict=True))
+    images = iter(zip(to_pil(decoded.float()), seeds, strict=True))
     return [
         [GeneratedImage(image, seed) for image, seed in (next(images) for _ in range(r.num_images))]
         for r in requests

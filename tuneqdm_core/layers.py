@@ -161,14 +161,19 @@ class QuantLayer(nn.Module):
         if scales is None:  # the plain quantized base: bias fused into the product
             return _FrozenProduct.apply(x, self, True)
         s_out, s_in = scales
+        # The scale arithmetic runs at the scales' precision (float32), never at a 16-bit
+        # activation dtype: cast to bf16, a scale near 1 moves in steps of ~8e-3, and a 1e-3
+        # training step of s_out or s_in would change nothing (docs/method.md, "Precision").
+        # Type promotion does it: bf16 ⊙ float32 is float32, so under autocast a routed
+        # layer returns float32 and the next product casts it down again.
         if s_in is not None:
-            x = x * self._broadcast(s_in, x.ndim).to(x.dtype)
+            x = x * self._broadcast(s_in, x.ndim)
         y = _FrozenProduct.apply(x, self, False)
-        ratio = self._broadcast(s_out / self.s0, y.ndim).to(y.dtype)
+        ratio = self._broadcast(s_out / self.s0, y.ndim)
         if self.bias is None:
             return y * ratio
         # One pass for the output scale and the bias.
-        return torch.addcmul(self._broadcast(self.bias[None], y.ndim).to(y.dtype), y, ratio)
+        return torch.addcmul(self._broadcast(self.bias[None], y.ndim), y, ratio)
 
 
 class QuantLinear(QuantLayer):

@@ -118,11 +118,26 @@ class QuantState:
             )
         )
         self.route: Route | None = None
+        # Set with the route: the model recomputes layers in backward (gradient
+        # checkpointing), so reads of the route are tracked (tuneqdm_core/routing.py).
+        self.recomputes = False
+        # Routes cleared while a graph that read them still awaited its backward.
+        self.retired: list[Route] = []
         self._fingerprint: str | None = None
         self._scratch: dict[tuple[int, str, torch.dtype, torch.device], torch.Tensor] = {}
 
     def lookup(self, index: int, batch: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        return None if self.route is None else self.route.lookup(index, batch)
+        """Layer ``index``'s scale rows from the active route (``None``: the plain base)."""
+        in_backward = self.recomputes and torch._C._current_graph_task_id() != -1
+        if in_backward and any(route.live_graphs for route in self.retired):
+            raise RuntimeError(
+                "gradient checkpointing is recomputing a quantized layer, but the route its "
+                "forward read was cleared; run backward() inside `with routed(...)`"
+            )
+        if self.route is None:
+            return None
+        # The recomputation in backward builds a graph nobody backpropagates: not tracked.
+        return self.route.lookup(index, batch, track=self.recomputes and not in_backward)
 
     def scratch(
         self, name: str, numel: int, dtype: torch.dtype, device: torch.device
@@ -151,13 +166,24 @@ class QuantState:
         Computed once (≈1 s for the SD 1.x UNet) and cached: the quantized base is frozen.
         """
         if self._fingerprint is None:
-            digest = hashlib.sha256()
-            for name, layer in self.layers:
-                digest.update(f"{name}:{layer.weight_shape}:{layer.bits};".encode())
-                for tensor in (layer.codes, layer.s0, layer.zero):
-                    digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-            self._fingerprint = digest.hexdigest()
+            self._fingerprint = self.compute_fingerprint()
         return self._fingerprint
+
+    def compute_fingerprint(self) -> str:
+        """:attr:`fingerprint` hashed afresh from the tensors (never cached)."""
+        digest = hashlib.sha256()
+        for name, layer in self.layers:
+            digest.update(f"{name}:{layer.weight_shape}:{layer.bits};".encode())
+            for tensor in (layer.codes, layer.s0, layer.zero):
+                digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
+    def restore_fingerprint(self, fingerprint: str) -> None:
+        """Take the fingerprint saved with these same tensors (the quantized cache), instead
+        of hashing them again when it is first asked for."""
+        if len(fingerprint) != 64 or any(c not in "0123456789abcdef" for c in fingerprint):
+            raise ValueError(f"not a sha256 hex digest: {fingerprint!r}")
+        self._fingerprint = fingerprint
 
 
 def quant_state(model: nn.Module) -> QuantState:

@@ -11,38 +11,89 @@ per layer. Two sources of rows:
 - a :class:`ScaleBank` (serving): fixed slots in one contiguous buffer, filled by copying an
   adapter in; routing is all on the device.
 
-Set the route before the forward and keep it until the backward is done: gradient
-checkpointing recomputes layers during backward and reads the route again. Prior-preservation
-batches should therefore go through the model as one batch (which is also faster).
+Set a route with ``with routed(model, route):`` and run the backward inside the block:
+gradient checkpointing recomputes layers during backward and reads the route again, so on a
+model with checkpointing on, :func:`routed` (and :func:`set_route`) refuse to replace a route
+while an autograd graph that read it has not been backpropagated (or freed), and a backward
+that would recompute with a route cleared under it raises instead of giving silently wrong
+gradients. Prior-preservation batches should therefore go through the model as one batch
+(which is also faster).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from tuneqdm_core.adapter import Adapter
-from tuneqdm_core.model import quant_state
+from tuneqdm_core.model import QuantState, quant_state
 
 Timesteps = torch.Tensor | int | float | Sequence[int] | Sequence[float]
 Slots = torch.Tensor | int | Sequence[int]
 
 
-@dataclass
+class _ReadGuard:
+    """One autograd graph that read a route: counted on the route until that graph's backward
+    passes through it, or the graph is freed without one."""
+
+    __slots__ = ("route",)
+
+    def __init__(self, route: Route) -> None:
+        self.route: Route | None = route
+        route.live_graphs += 1
+
+    def release(self) -> None:
+        if self.route is not None:
+            self.route.live_graphs -= 1
+            self.route = None
+
+    def __del__(self) -> None:
+        self.release()
+
+
+class _MarkRead(torch.autograd.Function):
+    """Identity on a looked-up scale row; its graph node holds a :class:`_ReadGuard`."""
+
+    @staticmethod
+    def forward(ctx: Any, s: torch.Tensor, route: Route) -> torch.Tensor:
+        ctx.guard = _ReadGuard(route)
+        return s.view_as(s)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        ctx.guard.release()
+        return grad, None
+
+
+@dataclass(eq=False)
 class Route:
     """Per-layer scale tables and the row each sample reads.
 
     ``rows`` is ``None`` when the whole batch reads row 0, else a ``[B]`` (or ``[1]``) long
-    tensor on the tables' device."""
+    tensor on the tables' device. ``live_graphs`` counts autograd graphs that read the route
+    on a model with gradient checkpointing and still need it for their backward."""
 
     out_parts: Sequence[torch.Tensor]
     in_parts: Sequence[torch.Tensor] | None
     rows: torch.Tensor | None
+    live_graphs: int = field(default=0, init=False, repr=False)
 
-    def lookup(self, index: int, batch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def lookup(
+        self, index: int, batch: int, *, track: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Layer ``index``'s scale rows for a batch of ``batch``; ``track`` counts the read in
+        ``live_graphs`` while the graph it goes into is alive (gradient checkpointing)."""
+        s_out, s_in = self._rows(index, batch)
+        if track and torch.is_grad_enabled() and s_out.requires_grad:
+            s_out = _MarkRead.apply(s_out, self)
+        return s_out, s_in
+
+    def _rows(self, index: int, batch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         s_out = self.out_parts[index]
         s_in = None if self.in_parts is None else self.in_parts[index]
         if self.rows is None:
@@ -226,10 +277,49 @@ class ScaleBank(nn.Module):
         return Route(out_parts=outs, in_parts=ins, rows=s * self.max_intervals + k)
 
 
+def _still_needed(state: QuantState) -> bool:
+    """Whether a graph that read the current or a cleared route still awaits its backward."""
+    state.retired = [r for r in state.retired if r.live_graphs]
+    return bool(state.retired) or (state.route is not None and state.route.live_graphs > 0)
+
+
 def set_route(model: nn.Module, route: Route | None) -> None:
     """Make the model's quantized layers read ``route`` until the next call (``None``: the
-    plain quantized base)."""
-    quant_state(model).route = route
+    plain quantized base). Prefer :func:`routed`, which also clears it.
+
+    Raises ``RuntimeError`` on a model with gradient checkpointing on when a graph that read
+    the current route has not been backpropagated yet: its backward would recompute the
+    layers with the new route."""
+    state = quant_state(model)
+    if route is not state.route and _still_needed(state):
+        raise RuntimeError(
+            "cannot change the route while a backward pass still needs the current one: "
+            "with gradient checkpointing the backward recomputes the quantized layers and "
+            "reads the route again. Call backward() (or drop the outputs) first; with "
+            "routed(), keep the backward inside the `with` block."
+        )
+    state.route = route
+    # diffusers' models say whether they checkpoint; anything else is not tracked.
+    state.recomputes = bool(getattr(model, "is_gradient_checkpointing", False))
+
+
+def _clear_route(state: QuantState) -> None:
+    if state.route is not None and state.route.live_graphs:
+        # A backward of a graph that read it would now recompute without it: remember the
+        # route so that such a backward raises (QuantState.lookup) and no route replaces it.
+        state.retired.append(state.route)
+    state.route = None
+
+
+@contextmanager
+def routed(model: nn.Module, route: Route | None) -> Iterator[Route | None]:
+    """``with routed(model, route):`` the quantized layers read ``route`` inside the block;
+    it is cleared on the way out, whatever happens. Run the backward inside the block."""
+    set_route(model, route)
+    try:
+        yield route
+    finally:
+        _clear_route(quant_state(model))
 
 
 def use_adapter(model: nn.Module, adapter: Adapter, timesteps: Timesteps) -> None:

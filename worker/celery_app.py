@@ -23,6 +23,7 @@ from celery import Celery
 from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 from sqlalchemy.orm import Session, sessionmaker
 
+import worker.logs  # noqa: F401  (JSON log lines, docs/deployment.md "Logs")
 from app.db import engine_from_settings, make_sessionmaker
 from app.queue import (
     FINETUNE_QUEUE,
@@ -47,7 +48,7 @@ def create_celery(settings: Settings) -> Celery:
         from kombu.transport.sqlalchemy import Transport
 
         Transport.polling_interval = settings.broker_poll_s
-    celery = Celery("tuneqdm-worker", broker=broker, include=["worker.tasks"])
+    celery = Celery("tuneqdm-worker", broker=broker, include=["worker.tasks", "worker.bases"])
     celery.conf.update(
         task_routes={
             FINETUNE_TASK: {"queue": FINETUNE_QUEUE},

@@ -22,8 +22,10 @@ from app import storage as st
 from app.models import Adapter, FinetuneJob
 from app.outbox import record_final
 from app.schemas import FinetuneParams
+from app.services.retention import finetune_ended
 from app.settings import Settings
 from worker import metrics
+from worker.bounds import Deadline, stop_check
 from worker.failures import transient_reason, user_message
 from worker.files import adapter_attempt_key, checkpoint_key
 from worker.jobs import (
@@ -89,26 +91,21 @@ def adapter_id_for(job_id: str) -> str:
 
 
 def finetune_config(params: FinetuneParams, job_id: str) -> Any:
-    """Stored API params → the core's FinetuneConfig (names are the same by design)."""
+    """Stored API params → the core's FinetuneConfig: every field the two share is passed
+    through by name (tests/worker/test_options.py checks names and defaults)."""
+    from dataclasses import fields
+
     from tuneqdm_core.finetune import FinetuneConfig
 
+    shared = {f.name for f in fields(FinetuneConfig)} & set(FinetuneParams.model_fields)
+    values = {name: getattr(params, name) for name in shared}
     # A job without a seed still needs the same one on every attempt, or it cannot resume.
-    seed = params.seed if params.seed is not None else zlib.crc32(job_id.encode())
-    return FinetuneConfig(
-        method=params.method,
-        intervals=params.intervals or 1,
-        steps=params.steps,
-        lr_s_out=params.lr_s_out,
-        lr_s_in=params.lr_s_in,
-        lr=params.lr,
-        batch_size=params.batch_size,
-        resolution=params.resolution,
-        seed=seed,
-        gradient_checkpointing=params.gradient_checkpointing,
-        prior_loss_weight=params.prior_loss_weight,
-        num_class_images=params.num_class_images,
-        checkpoint_every=params.checkpoint_every,
-    )
+    values["seed"] = params.seed if params.seed is not None else zlib.crc32(job_id.encode())
+    values["intervals"] = params.intervals or 1
+    if params.resolution is None:
+        # The API stores the base's native size; a row without one was not made by it.
+        raise ValueError(f"fine-tune {job_id} has no resolution in its stored params")
+    return FinetuneConfig(**values)
 
 
 def _refusal(params: FinetuneParams, settings: Settings) -> str | None:
@@ -135,6 +132,7 @@ def _fail(ctx: Context, job: FinetuneJob, owner: str, message: str) -> None:
     if done:
         log.warning("fine-tune %s failed: %s", job.id, message)
         ctx.notify(job.id)
+        finetune_ended(ctx.sessions, ctx.storage, ctx.settings, job.tenant_id, job.id)
 
 
 def run_finetune(job_id: str, ctx: Context) -> str:
@@ -144,6 +142,7 @@ def run_finetune(job_id: str, ctx: Context) -> str:
         job = session.get(FinetuneJob, job_id)
         if job is not None and job.status == "canceled" and job.started_at is None:
             ctx.notify(job.id)  # canceled while queued: the API wrote its webhook row
+            finetune_ended(ctx.sessions, ctx.storage, ctx.settings, job.tenant_id, job.id)
     while True:
         with ctx.sessions() as session:
             owner = new_owner()
@@ -195,6 +194,8 @@ def _run_claimed(
             return "failed"
         try:
             result = _train(ctx, job, params, image_keys, lease)
+            if isinstance(result, str):
+                return result  # ended by its time limit
             if result is None:
                 return _after_stop(ctx, job, lease)
             if not publish_adapter(ctx, job, params, result, owner, attempt):
@@ -218,6 +219,7 @@ def _run_claimed(
         result.resumed_from,
     )
     ctx.notify(job.id)
+    finetune_ended(ctx.sessions, ctx.storage, ctx.settings, job.tenant_id, job.id)
     return "succeeded"
 
 
@@ -237,8 +239,13 @@ def _train(
     )
     config = finetune_config(params, job.id)
     write = ProgressWriter(lease, every_s=min(1.0, ctx.settings.heartbeat_s), clock=time.monotonic)
+    deadline = Deadline(job.started_at, job.time_limit_s, "TUNEQDM_FINETUNE_TIME_LIMIT_S")
     first = True
     last = time.perf_counter()
+
+    def class_images(done: int, total: int) -> None:
+        lease.touch()  # each chunk of class images is progress too
+        log.info("fine-tune %s: class images %d/%d", job.id, done, total)
 
     def progress(p: Any) -> None:
         nonlocal first, last
@@ -261,11 +268,17 @@ def _train(
             checkpoint_dir=checkpoint_dir,
             cache_dir=ctx.settings.resolved_quant_cache_dir / "class-images",
             progress=progress,
-            should_cancel=lease.should_stop,
+            should_cancel=stop_check(lease.should_stop, deadline),
+            on_class_images=class_images,
             # A worker asked to stop saves the step it is at, so the next one loses nothing.
-            should_checkpoint=SHUTDOWN.is_set,
+            should_pause=SHUTDOWN.is_set,
         )
     except FinetuneCanceled as stop:
+        if deadline.passed() and not lease.should_stop():
+            log.warning("fine-tune %s passed its time limit at step %d", job.id, stop.step)
+            _fail(ctx, job, lease.owner, deadline.message("fine-tune", "fewer steps"))
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+            return "failed"
         log.info("fine-tune %s stopped at step %d", job.id, stop.step)
         return None
 
@@ -346,6 +359,7 @@ def _after_stop(ctx: Context, job: FinetuneJob, lease: Lease) -> str:
         if status is not None and status.status == "canceled":
             shutil.rmtree(ctx.storage.path(checkpoint_key(job.tenant_id, job.id)), True)
             ctx.notify(job.id)
+            finetune_ended(ctx.sessions, ctx.storage, ctx.settings, job.tenant_id, job.id)
             return "stopped"
     if SHUTDOWN.is_set() and not lease.lost.is_set():
         ctx.release(FinetuneJob, job.id, lease.owner, None)

@@ -300,7 +300,9 @@ class Lease:
             self.on_stall(self.model, self.job_id)
 
     def should_stop(self) -> bool:
-        return self.lost.is_set() or SHUTDOWN.is_set()
+        # A stopping worker (SHUTDOWN) does not stop here, inside a step: the fine-tune pauses
+        # after its step with a checkpoint (should_pause), a generation finishes.
+        return self.lost.is_set()
 
 
 class ProgressWriter:

@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session
 
 from app.errors import NotFound
 from app.ids import looks_like_id
+from app.logs import audit
 from app.models import Adapter, Tenant
 from app.services.common import page
 from app.storage import Storage
@@ -46,3 +47,4 @@ def delete_adapter(*, session: Session, storage: Storage, tenant: Tenant, adapte
         storage.delete(key)
     except OSError:
         log.exception("adapter %s deleted but its file %s could not be removed", adapter_id, key)
+    audit("adapter.delete", tenant_id=tenant.id, adapter_id=adapter_id)

@@ -72,7 +72,7 @@ def test_create_stores_images_commits_row_then_enqueues(
         assert row.storage_key.startswith(f"tenants/{t.tenant.id}/finetunes/{body['id']}/")
         assert "passwd" not in row.storage_key
         with Image.open(storage.path(row.storage_key)) as img:
-            assert img.format == "PNG" and img.size == (64, 64)
+            assert img.format == "JPEG" and img.size == (64, 64)
 
 
 def test_get_and_progress(client: TestClient, session: Session) -> None:
@@ -155,7 +155,8 @@ def test_params_defaults_per_method(client: TestClient, session: Session) -> Non
     r = post_finetune(client, t.headers, data={"params": json.dumps({"method": "peqa"})})
     assert r.status_code == 202, r.text
     assert r.json()["params"]["intervals"] == 1
-    assert r.json()["params"]["steps"] == 400 and r.json()["params"]["resolution"] == 512
+    # resolution: the base's native size (the built-in model's 32 px), stored resolved.
+    assert r.json()["params"]["steps"] == 400 and r.json()["params"]["resolution"] == 32
 
 
 def test_enqueue_failure_leaves_nothing(

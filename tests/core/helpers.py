@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from tests.core.oracle import oracle_mode
-from tuneqdm_core import Adapter, AdapterConfig, route_adapters, set_route
+from tuneqdm_core import Adapter, AdapterConfig, route_adapters, routed
 
 
 def perturbed_adapter(model: nn.Module, config: AdapterConfig, spread: float = 0.2) -> Adapter:
@@ -48,16 +48,16 @@ def run_both(
     for use_oracle in (False, True):
         for adapter in adapters:
             adapter.zero_grad(set_to_none=True)
-        set_route(model, route_adapters(adapters, torch.tensor(timesteps), torch.tensor(slots)))
-        if use_oracle:
-            with oracle_mode(model, adapters, timesteps, slots):
+        route = route_adapters(adapters, torch.tensor(timesteps), torch.tensor(slots))
+        with routed(model, route):
+            if use_oracle:
+                with oracle_mode(model, adapters, timesteps, slots):
+                    y = call()
+            else:
                 y = call()
-        else:
-            y = call()
-        weights = torch.linspace(-1, 1, y.numel(), dtype=y.dtype, device=y.device).view_as(y)
-        (y * weights).sum().backward()
+            weights = torch.linspace(-1, 1, y.numel(), dtype=y.dtype, device=y.device).view_as(y)
+            (y * weights).sum().backward()
         results.append((y.detach(), grads(adapters)))
-    set_route(model, None)
     return results[0], results[1]
 
 

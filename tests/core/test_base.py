@@ -39,8 +39,10 @@ def test_cached_base_loads_the_same_quantized_unet(tiny_model_dir: Path, tmp_pat
     second = load_base(tiny_model_dir, cache_dir=tmp_path)
     assert not first.from_cache and second.from_cache
     assert first.fingerprint == second.fingerprint
-    quant_state(second.unet)._fingerprint = None  # recomputed from the loaded tensors
-    assert second.fingerprint == first.fingerprint
+    # The cache's stored fingerprint is what the loaded tensors hash to.
+    assert quant_state(second.unet).compute_fingerprint() == first.fingerprint
+    with pytest.raises(ValueError, match="sha256"):
+        quant_state(second.unet).restore_fingerprint("not-a-digest")
     inputs = example_inputs(first.unet, 2, torch.tensor([3, 700]))
     with torch.no_grad():
         assert torch.equal(first.unet(**inputs).sample, second.unet(**inputs).sample)

@@ -6,11 +6,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from tests.core.helpers import perturbed_adapter
 from tuneqdm_core.adapter import AdapterConfig
 from tuneqdm_core.base import BaseModel
-from tuneqdm_core.generate import GenerationRequest, generate
+from tuneqdm_core.generate import GenerationRequest, autocast_dtype, generate
 
 
 def _pixels(result: list) -> list[np.ndarray]:
@@ -64,3 +65,21 @@ def test_bad_requests_are_refused(
     with pytest.raises(ValueError, match=message):
         options: dict[str, Any] = {"steps": 2, "width": 32, "height": 32, **change}
         generate(tiny_base, [GenerationRequest("a photo", **options)])
+
+
+def test_precision_resolves_per_device() -> None:
+    assert autocast_dtype("auto", "cpu") is None  # 16-bit math is slower on a CPU
+    assert autocast_dtype("fp32", "cuda") is None
+    assert autocast_dtype("fp16", "cpu") == torch.float16
+    assert autocast_dtype("bf16", "cuda:1") == torch.bfloat16
+    with pytest.raises(ValueError, match="precision must be"):
+        autocast_dtype("int8", "cpu")  # type: ignore[arg-type]
+
+
+def test_bf16_generation_gives_the_fp32_image_up_to_rounding(tiny_base: BaseModel) -> None:
+    adapter = perturbed_adapter(tiny_base.unet, AdapterConfig(intervals=2), spread=0.3)
+    request = GenerationRequest("a photo of sks dog", adapter, steps=4, width=32, height=32)
+    full = _pixels(generate(tiny_base, [request]))[0]
+    half = _pixels(generate(tiny_base, [request], precision="bf16"))[0]
+    assert not np.array_equal(full, half)  # it did run in bf16
+    assert float(np.abs(full - half).mean()) < 8  # of 255: the same picture

@@ -18,6 +18,8 @@ from tuneqdm_core import (
     QuantConfig,
     quant_state,
     quantize_,
+    route_adapters,
+    routed,
     set_route,
     use_adapter,
 )
@@ -115,3 +117,37 @@ def test_nothing_weight_sized_is_saved_for_backward() -> None:
     assert max(ours) < weight_numel / 8, ours
     # The check can fail: the paper's formulation keeps weight-sized tensors.
     assert max(materialising) >= weight_numel
+
+
+@pytest.mark.parametrize("scale", ["s_out", "s_in"])
+@pytest.mark.parametrize("factor", [1.001, 1.002, 1.003])
+def test_a_small_scale_step_changes_a_bf16_output(scale: str, factor: float) -> None:
+    # Under bf16 autocast the products run in bf16, and a scale near 1 cast to bf16 has a
+    # resolution of ~8e-3: a 1e-3 step of one layer's scales must still move the output.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.SiLU(), nn.Linear(256, 256))
+    quantize_(model, QuantConfig(bits=8))
+    layout = quant_state(model).layout
+    x = torch.randn(64, 64)
+    outputs = []
+    for f in (1.0, factor):
+        adapter = Adapter.create(model, AdapterConfig(intervals=1))
+        # The second Linear, whose input is already bf16 under autocast.
+        with torch.no_grad():
+            if scale == "s_out":
+                adapter.s_out[0][layout.out_sizes[0] :] *= f
+            else:
+                adapter.s_in[0][layout.in_sizes[0] :] *= f
+        with (
+            torch.no_grad(),
+            torch.autocast("cpu", dtype=torch.bfloat16),
+            routed(model, route_adapters([adapter], [0])),
+        ):
+            outputs.append(model(x))
+    before, after = outputs
+    assert not torch.equal(before, after)
+    # By the right amount: output − bias scales by `factor` (a least-squares fit over 16k
+    # bf16 outputs, whose rounding errors average out).
+    unbiased = before.float() - model[2].bias
+    fitted = ((after.float() - before.float()) * unbiased).sum() / unbiased.pow(2).sum()
+    assert abs(float(fitted) - (factor - 1)) < 0.2 * (factor - 1)

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import fields
 from pathlib import Path
+from typing import Literal, get_args, get_origin, get_type_hints
 
 from tqdm.auto import tqdm
 
 from tuneqdm_core.base import BaseModel, load_base
 from tuneqdm_core.builtin.tiny import TINY_ARCHS, save_tiny_pipeline
 from tuneqdm_core.finetune import FinetuneConfig, Progress, Subject, finetune
-from tuneqdm_core.generate import SCHEDULERS, GenerationRequest, generate
+from tuneqdm_core.generate import SCHEDULERS, GenerationRequest, Precision, generate
 from tuneqdm_core.model import QuantConfig
 from tuneqdm_core.serialization import load_adapter, save_adapter
 
@@ -59,6 +61,31 @@ def image_paths(paths: list[str]) -> list[Path]:
     return found
 
 
+# What a None default means, where the flag's default alone would not say.
+_NONE_MEANS = {
+    "lr_s_out": "2e-3 x the base's median quantization step",
+    "gradient_checkpointing": "on for CUDA, off elsewhere",
+}
+
+
+def add_config_arguments(p: argparse.ArgumentParser) -> None:
+    """One flag per :class:`FinetuneConfig` field, its type, choices and default read from
+    the dataclass (the core's config is the one source of the training options)."""
+    hints = get_type_hints(FinetuneConfig)
+    for option in fields(FinetuneConfig):
+        flag = f"--{option.name.replace('_', '-')}"
+        kind = hints[option.name]
+        shown = "default: " + _NONE_MEANS.get(option.name, "%(default)s")
+        if get_origin(kind) is Literal:
+            p.add_argument(flag, default=option.default, choices=get_args(kind), help=shown)
+        elif kind in (bool, bool | None):
+            action = argparse.BooleanOptionalAction
+            p.add_argument(flag, default=option.default, action=action, help=shown)
+        else:
+            scalar = next(t for t in (get_args(kind) or (kind,)) if t is not type(None))
+            p.add_argument(flag, type=scalar, default=option.default, help=shown)
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
     subjects = [Subject(p, image_paths([d]), args.class_prompt) for p, d in args.subject or []]
     if args.images:
@@ -67,22 +94,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         subjects.insert(0, Subject(args.prompt, image_paths(args.images), args.class_prompt))
     if not subjects:
         raise ValueError("give --images with --prompt, or --subject PROMPT FOLDER")
-    config = FinetuneConfig(
-        method=args.method,
-        intervals=args.intervals,
-        steps=args.steps,
-        lr_s_out=args.lr_s_out,
-        lr_s_in=args.lr_s_in,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        resolution=args.resolution,
-        seed=args.seed,
-        gradient_checkpointing=args.gradient_checkpointing,
-        mixed_precision=args.mixed_precision,
-        prior_loss_weight=args.prior_loss_weight,
-        num_class_images=args.num_class_images,
-        checkpoint_every=args.checkpoint_every,
-    )
+    config = FinetuneConfig(**{f.name: getattr(args, f.name) for f in fields(FinetuneConfig)})
     base = _base(args)
     with tqdm(total=config.steps, desc="fine-tune", unit="step") as bar:
 
@@ -129,7 +141,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with tqdm(total=args.steps, desc="generate", unit="step") as bar:
-        images = generate(base, [request], on_step=lambda step, _: bar.update(1))[0]
+        images = generate(
+            base, [request], on_step=lambda step, _: bar.update(1), precision=args.precision
+        )[0]
     for generated in images:
         path = out / f"{generated.seed}.png"
         generated.image.save(path)
@@ -167,22 +181,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     p.add_argument("--class-prompt", help="turns on prior preservation, 'a photo of a dog'")
     p.add_argument("--out", required=True, help="adapter file to write (.safetensors)")
-    defaults = FinetuneConfig()
-    p.add_argument("--method", default=defaults.method, choices=["tuneqdm", "peqa", "full"])
-    for name in (
-        "intervals",
-        "steps",
-        "batch_size",
-        "resolution",
-        "seed",
-        "num_class_images",
-        "checkpoint_every",
-    ):
-        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
-    for name in ("lr_s_out", "lr_s_in", "lr", "prior_loss_weight"):
-        p.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
+    add_config_arguments(p)
     p.add_argument("--checkpoint-dir", help="save/resume training state here")
     p.set_defaults(run=cmd_finetune)
 
@@ -199,4 +198,10 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--height", type=int, default=512)
     p.add_argument("--scheduler", default="ddim", choices=sorted(SCHEDULERS))
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=get_args(Precision),
+        help="autocast dtype; auto: bf16 on CUDA, fp32 on CPU",
+    )
     p.set_defaults(run=cmd_generate)

@@ -17,7 +17,7 @@ from tuneqdm_core import sizes
 from tuneqdm_core.adapter import Adapter, AdapterConfig, param_groups
 from tuneqdm_core.configs import build_unet, example_inputs
 from tuneqdm_core.model import QuantConfig, quantize_
-from tuneqdm_core.routing import ScaleBank, set_route, use_adapter
+from tuneqdm_core.routing import ScaleBank, route_adapters, routed
 from tuneqdm_core.serialization import load_adapter, read_metadata, save_adapter
 
 
@@ -140,11 +140,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     target = torch.randn_like(batch["sample"])
     for step in range(args.steps):
         timesteps = torch.randint(0, 1000, (4,))
-        use_adapter(unet, adapter, timesteps)
-        out = unet(**{**batch, "timestep": timesteps}).sample
-        loss = torch.nn.functional.mse_loss(out, target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        with routed(unet, route_adapters([adapter], timesteps)):
+            out = unet(**{**batch, "timestep": timesteps}).sample
+            loss = torch.nn.functional.mse_loss(out, target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
         optimizer.step()
         if step % max(1, args.steps // 5) == 0 or step == args.steps - 1:
             print(f"step {step:3d}  loss {loss.item():.4f}")
@@ -156,8 +156,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     bank.load(1, loaded)
     print(f"adapter swapped into a serving slot in {(time.perf_counter() - start) * 1e3:.3f} ms")
-    set_route(unet, bank.route(torch.tensor([100, 900]), torch.tensor([0, 1])))
-    with torch.no_grad():
+    route = bank.route(torch.tensor([100, 900]), torch.tensor([0, 1]))
+    with torch.no_grad(), routed(unet, route):
         unet(**example_inputs(unet, 2, torch.tensor([100, 900])))
     print("one batch served the base model (slot 0) and the adapter (slot 1) together")
     return 0
