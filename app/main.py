@@ -25,7 +25,7 @@ from app.limits import BodySizeLimit
 from app.logs import configure_logging, request_id
 from app.middleware import KeyConcurrency, RequestContext
 from app.queue import CelerySender, TaskSender
-from app.routes import adapters, bases, finetunes, generations, health, web
+from app.routes import adapters, bases, exports, finetunes, generations, health, web
 from app.routes import metrics as metrics_route
 from app.services import retention
 from app.settings import Settings, get_settings
@@ -165,7 +165,7 @@ def create_app(
     app.add_middleware(KeyConcurrency, per_key=settings.requests_per_key)
     # Added last, so it is outermost: even a 413 from BodySizeLimit carries the request id.
     app.add_middleware(RequestContext)
-    for module in (health, metrics_route, finetunes, adapters, generations, bases):
+    for module in (health, metrics_route, finetunes, adapters, exports, generations, bases):
         app.include_router(module.router)
     web.mount(app)
     return app

@@ -30,6 +30,8 @@ FINETUNE_STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
 GENERATION_STATUSES = FINETUNE_STATUSES
 ACTIVE_STATUSES = ("queued", "running")
 METHODS = ("tuneqdm", "peqa", "full")
+EXPORT_FORMATS = ("lora", "merged")
+EXPORT_STATUSES = ("queued", "running", "succeeded", "failed")
 DELIVERY_STATUSES = ("pending", "delivered", "failed")
 JOB_KINDS = ("finetune", "generation")
 
@@ -312,6 +314,38 @@ class GeneratedImage(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     generation: Mapped[GenerationJob] = relationship(back_populates="images")
+
+
+class AdapterExport(Base):
+    """An adapter converted for other tools (a LoRA file or a merged UNet), made by a worker on
+    request; one row per adapter and variant (format, rank, interval)."""
+
+    __tablename__ = "adapter_exports"
+    __table_args__ = (
+        CheckConstraint(_in("format", EXPORT_FORMATS), name="format"),
+        CheckConstraint(_in("status", EXPORT_STATUSES), name="status"),
+        UniqueConstraint("adapter_id", "variant", name="uq_adapter_exports_variant"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    adapter_id: Mapped[str] = mapped_column(ForeignKey("adapters.id", ondelete="CASCADE"))
+    # "lora-r16-mean", "merged-1": the unique name of what was asked for (a NULL rank would
+    # not make a unique constraint hold).
+    variant: Mapped[str] = mapped_column(String(40))
+    format: Mapped[str] = mapped_column(String(16))
+    rank: Mapped[int | None] = mapped_column(Integer)
+    # A timestep interval index as text, or "mean".
+    interval: Mapped[str] = mapped_column(String(8))
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    storage_key: Mapped[str | None] = mapped_column(String(255))
+    size_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    # LoRA only: ‖D − B·A‖ / ‖D‖ over all layers (docs/library.md, "Exports").
+    relative_error: Mapped[float | None] = mapped_column(Float)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class WebhookDelivery(Base):

@@ -118,6 +118,9 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     max_page_size: int = Field(default=100, ge=1)
+    # Largest LoRA rank an export may ask for: bounds the worker's SVD time and the file (a
+    # rank-r LoRA of the SD 1.x UNet takes r × 4.2 MB in float32; full rank there is 1280).
+    max_export_rank: int = Field(default=128, ge=1)
     # Publishing to the broker must not hang a request when the broker is down.
     broker_timeout_s: float = Field(default=3.0, gt=0)
 

@@ -6,6 +6,7 @@ file names, and every key is checked to resolve inside the root):
     tenants/<tenant_id>/finetunes/<finetune_id>/inputs/<nnn>.jpg     uploaded photos, re-encoded
     tenants/<tenant_id>/finetunes/<finetune_id>/checkpoint/          training checkpoints (worker)
     tenants/<tenant_id>/adapters/<adapter_id>.safetensors            adapter files (worker)
+    tenants/<tenant_id>/exports/<export_id>.safetensors              LoRA / merged UNet (worker)
     tenants/<tenant_id>/generations/<generation_id>/<nnn>.png        generated images (worker)
 
 `LocalStorage` is the only backend today; an S3 backend would implement the same `Storage`
@@ -55,6 +56,10 @@ def tenant_prefix(tenant_id: str) -> str:
 
 def adapter_key(tenant_id: str, adapter_id: str) -> str:
     return check_key(f"tenants/{tenant_id}/adapters/{adapter_id}.safetensors")
+
+
+def export_key(tenant_id: str, export_id: str) -> str:
+    return check_key(f"tenants/{tenant_id}/exports/{export_id}.safetensors")
 
 
 def generated_image_key(tenant_id: str, generation_id: str, index: int) -> str:

@@ -1,4 +1,4 @@
-"""Thin Celery tasks: take an id, hand it to worker.finetunes / worker.generations / webhooks.
+"""Thin Celery tasks: take an id, hand it to worker.finetunes / generations / exports / webhooks.
 
 A task that cannot reach the database does not acknowledge its message away: it is retried
 with a doubling delay (TUNEQDM_DB_RETRY_S, at most a minute apart) for as long as it takes.
@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 
-from app.queue import FINETUNE_TASK, GENERATE_TASK
+from app.queue import EXPORT_TASK, FINETUNE_TASK, GENERATE_TASK
 from app.storage import LocalStorage
 from worker.celery_app import (
     WEBHOOK_QUEUE,
@@ -22,6 +22,7 @@ from worker.celery_app import (
     sessions,
     settings,
 )
+from worker.exports import run_export
 from worker.finetunes import Context, run_finetune
 from worker.generations import run_generation
 from worker.runtime import get_runtime
@@ -82,6 +83,13 @@ def generate(self: Any, generation_id: str) -> str:
     except DB_UNREACHABLE as exc:
         raise _retry_later(self, exc, generation_id) from exc
     log.info("generation %s: %s", generation_id, outcome)
+    return outcome
+
+
+@app.task(name=EXPORT_TASK)
+def export(export_id: str) -> str:
+    outcome = run_export(export_id, context())
+    log.info("export %s: %s", export_id, outcome)
     return outcome
 
 

@@ -26,6 +26,7 @@ from app.logs import audit
 from app.models import (
     ACTIVE_STATUSES,
     Adapter,
+    AdapterExport,
     FinetuneImage,
     FinetuneJob,
     GenerationJob,
@@ -117,8 +118,12 @@ def delete_finetune(
     adapter = session.scalar(select(Adapter).where(Adapter.finetune_job_id == job.id))
     if delete_adapter and adapter is not None:
         adapter_key = adapter.storage_key
-        storage.delete(adapter_key)
-        session.delete(adapter)
+        exports = session.scalars(
+            select(AdapterExport).where(AdapterExport.adapter_id == adapter.id)
+        )
+        for key in [adapter_key] + [e.storage_key for e in exports if e.storage_key]:
+            storage.delete(key)
+        session.delete(adapter)  # its export rows go with it (ON DELETE CASCADE)
     session.delete(job)
     session.commit()
     audit(
