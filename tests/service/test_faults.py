@@ -311,9 +311,10 @@ def _faketime(offset: str) -> dict[str, str]:
 
 
 def _log_clock(proc: Proc) -> datetime:
-    stamp = re.search(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)", proc.log())
+    # The worker's JSON log lines carry its own clock's UTC time.
+    stamp = re.search(r'"time": "(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)', proc.log())
     assert stamp is not None, proc.log()
-    return datetime.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S").astimezone(timezone.utc)
+    return datetime.strptime(stamp.group(1), "%Y-%m-%dT%H:%M:%S").replace(tzinfo=timezone.utc)
 
 
 def test_workers_with_clocks_five_minutes_off_leave_each_others_jobs_alone(
