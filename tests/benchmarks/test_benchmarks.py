@@ -129,3 +129,13 @@ def test_cotrain_runs_each_group_size_in_its_own_process(tmp_path: Path) -> None
         assert group["train_peak_bytes"] > 0 and group["step_seconds"] > 0
         want = group["k"] * 3600 / (group["step_seconds"] * report["finetune_steps"])
         assert group["finetunes_per_hour"] == pytest.approx(want)
+
+
+def test_upload_images_compares_the_stored_photo_pipelines(tmp_path: Path) -> None:
+    report = _run(
+        "upload_images.py", "--side", "2304", "--repeat", "1", json_path=tmp_path / "u.json"
+    )
+    before, after = report["rows"].values()
+    # 2304 > 2 × the default largest training resolution (1024): downscaled to 2048.
+    assert before["size"] == [2304, 2304] and after["size"] == [2048, 2048]
+    assert 0 < after["bytes"] < before["bytes"]
