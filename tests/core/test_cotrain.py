@@ -255,3 +255,26 @@ def test_jobs_that_cannot_share_a_forward_pass_are_refused(tiny_base: BaseModel)
     assert trainer.keys == ["a"]
     outcomes = trainer.run()
     assert [o.key for o in outcomes] == ["a"] and outcomes[0].result is not None
+
+
+def test_a_failing_job_leaves_without_disturbing_the_others(base64: BaseModel) -> None:
+    """A member whose own part of a step fails (here its progress callback) leaves with its
+    error after that step; the others end as they would alone."""
+    config = FinetuneConfig(steps=4, seed=5, **FAST)
+    alone = finetune(base64, [TOY], config)
+
+    def broken(p: Progress) -> None:
+        if p.step == 2:
+            raise OSError("disk full")
+
+    outcomes = cotrain(
+        base64,
+        [
+            CoJob("broken", [CAT], FinetuneConfig(steps=6, seed=6, **FAST), progress=broken),
+            CoJob("toy", [TOY], config),
+        ],
+    )
+    assert isinstance(outcomes["broken"].error, OSError) and outcomes["broken"].result is None
+    result = outcomes["toy"].result
+    assert result is not None
+    assert_same_tensors(params_of(result), params_of(alone), F64)
