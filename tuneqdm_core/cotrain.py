@@ -36,7 +36,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +109,7 @@ class _Member:
     run: _Run
     checkpoint: Path | None
     resumed_from: int
-    joined: float = field(default_factory=time.perf_counter)
+    started: float  # perf_counter() when add() began
 
 
 class CoTrainer:
@@ -140,6 +140,7 @@ class CoTrainer:
         """Prepare ``job`` (its photos, class images, checkpoint) and let it join at the next
         step. Raises ``ValueError`` for a job that cannot share this group's forward pass and
         :class:`FinetuneCanceled` when it is canceled while its class images are made."""
+        started = time.perf_counter()  # elapsed and ETA count the preparation, as finetune()'s
         if not job.subjects:
             raise ValueError(f"job {job.key!r}: no subjects given")
         if job.key in self.keys:
@@ -173,7 +174,7 @@ class CoTrainer:
         if checkpoint is not None and checkpoint.is_file():
             _restore_checkpoint(run, checkpoint, config, self.base)
         self._key = group_key(config)
-        self._members.append(_Member(job, config, data, run, checkpoint, run.step))
+        self._members.append(_Member(job, config, data, run, checkpoint, run.step, started))
 
     def remove(self, key: str) -> int:
         """Take job ``key`` out of the group without a result (its worker gave it up); returns
@@ -290,7 +291,7 @@ class CoTrainer:
         run.losses.append(float(loss.detach()))
         run.step += 1
         if member.job.progress is not None:
-            elapsed = time.perf_counter() - member.joined
+            elapsed = time.perf_counter() - member.started
             eta = elapsed / max(1, run.step - member.resumed_from) * (config.steps - run.step)
             member.job.progress(Progress(run.step, config.steps, run.losses[-1], elapsed, eta))
         if member.checkpoint is not None and _checkpoint_due(config, run.step):
@@ -304,7 +305,7 @@ class CoTrainer:
             adapter=adapter,
             unet=None,
             losses=member.run.losses,
-            seconds=time.perf_counter() - member.joined,
+            seconds=time.perf_counter() - member.started,
             resumed_from=member.resumed_from,
         )
 
