@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The GPU check of issue 6, as one short script: CUDA tests, training memory at 512 px, serving.
+# The GPU check of issue 6, as one short script: CUDA tests, training memory at 512 px, serving,
+# and co-batched fine-tuning (issue 14).
 #
 #   OUT=/path/to/results bash benchmarks/gpu.sh
 #
 # Run from the repository root on a machine with CUDA torch, diffusers, transformers and
 # safetensors installed (no network needed). Every table and JSON goes to "$OUT"; summary.txt
-# collects them in one file. Each part has its own time limit (6 min 45 s in all), so one
+# collects them in one file. Each part has its own time limit (9 min 15 s in all), so one
 # slow part cannot eat the rest; a part that fails or times out is logged and the next runs.
 set -uo pipefail
 : "${OUT:?set OUT to the folder the results go to}"
@@ -50,5 +51,10 @@ part train_memory_512_ckpt 90 "$PY" benchmarks/train_memory.py --device cuda --l
   --batch 1 --warmup 2 --steps 5 --budget 75 --timeout 45 \
   --variants full-ckpt materialising-w8-ckpt peqa-w8-ckpt tuneqdm-w8-ckpt \
   --reference "$OUT/train_memory_512.json" --json "$OUT/train_memory_512_ckpt.json"
+
+# Co-batched fine-tuning at 512 px (latent 64): fine-tunes per hour for K = 1, 2, 4, 8 (target:
+# K = 8 gives >= 3x the fine-tunes per hour of K = 1).
+part cotrain_512 150 "$PY" benchmarks/cotrain.py --device cuda --latent 64 --ks 1 2 4 8 \
+  --warmup 2 --steps 3 --timeout 34 --json "$OUT/cotrain_512.json"
 
 echo "== done; tables in $SUMMARY" | tee -a "$SUMMARY"

@@ -106,7 +106,9 @@ class Adapter(nn.Module):
         if config.has_s_in:
             s_in = []
             for _ in range(config.intervals):
-                ones = torch.ones(state.layout.total_in, device=s0.device)
+                # float32 next to half-precision s0, float64 next to float64 s0.
+                dtype = torch.promote_types(s0.dtype, torch.float32)
+                ones = torch.ones(state.layout.total_in, device=s0.device, dtype=dtype)
                 if config.init_sigma > 0:
                     noise = torch.randn(ones.shape, generator=generator, device="cpu")
                     ones = ones + config.init_sigma * noise.to(s0.device)

@@ -459,7 +459,11 @@ def _autocast(config: FinetuneConfig, device: torch.device) -> Any:
 def _loss(prediction: torch.Tensor, target: torch.Tensor, config: FinetuneConfig) -> torch.Tensor:
     """Instance MSE, plus ``prior_loss_weight`` × the class images' MSE when the batch carries
     them (its second half)."""
-    errors = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    # At least float32 (mixed precision); a float64 model keeps float64 (exactness tests).
+    dtype = torch.promote_types(prediction.dtype, torch.float32)
+    errors = F.mse_loss(prediction.to(dtype), target.to(dtype), reduction="none").mean(
+        dim=(1, 2, 3)
+    )
     loss = errors[: config.batch_size].mean()
     if errors.shape[0] > config.batch_size:
         loss = loss + config.prior_loss_weight * errors[config.batch_size :].mean()

@@ -115,6 +115,22 @@ def test_benchmarks_run_on_cuda(tmp_path: Path) -> None:
     ]
 
 
+@pytest.mark.timeout(300)
+def test_cotrain_runs_each_group_size_in_its_own_process(tmp_path: Path) -> None:
+    report = _run(
+        "cotrain.py",
+        *("--arch", "tiny-sd1", "--latent", "4", "--ks", "1", "2", "--warmup", "0", "--steps", "1"),
+        json_path=tmp_path / "cotrain.json",
+    )
+    groups = report["groups"]
+    assert [g["k"] for g in groups] == [1, 2]
+    for group in groups:
+        assert "error" not in group, group
+        assert group["train_peak_bytes"] > 0 and group["step_seconds"] > 0
+        want = group["k"] * 3600 / (group["step_seconds"] * report["finetune_steps"])
+        assert group["finetunes_per_hour"] == pytest.approx(want)
+
+
 def test_upload_images_compares_the_stored_photo_pipelines(tmp_path: Path) -> None:
     report = _run(
         "upload_images.py", "--side", "2304", "--repeat", "1", json_path=tmp_path / "u.json"
