@@ -91,6 +91,7 @@ class Runtime:
             quant=QuantConfig(bits=4 if self.settings.bits == 4 else 8),
             cache_dir=cache_dir,
             device=self.settings.device,
+            config=self.settings.single_file_config,
         )
         seconds = time.perf_counter() - start
         metrics.BASE_LOAD_SECONDS.set(seconds)
