@@ -18,7 +18,7 @@ from app import errors, metrics
 from app.db import engine_from_settings, make_sessionmaker
 from app.limits import BodySizeLimit
 from app.queue import CelerySender, TaskSender
-from app.routes import adapters, finetunes, generations, health, web
+from app.routes import adapters, bases, finetunes, generations, health, web
 from app.routes import metrics as metrics_route
 from app.settings import Settings, get_settings
 from app.storage import LocalStorage, Storage
@@ -88,7 +88,7 @@ def create_app(
     app.add_exception_handler(Exception, _unexpected)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     metrics.install(app)
-    for module in (health, metrics_route, finetunes, adapters, generations):
+    for module in (health, metrics_route, finetunes, adapters, generations, bases):
         app.include_router(module.router)
     web.mount(app)
     return app

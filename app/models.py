@@ -135,6 +135,9 @@ class FinetuneJob(Base):
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # Step the last run resumed from (0: from scratch), so resuming is visible.
     resumed_from_step: Mapped[int | None] = mapped_column(Integer)
+    # Seconds the job may run counted from started_at (TUNEQDM_FINETUNE_TIME_LIMIT_S at
+    # submit), enforced by the worker; null on jobs submitted before the limit existed.
+    time_limit_s: Mapped[float | None] = mapped_column(Float)
 
     images: Mapped[list[FinetuneImage]] = relationship(
         back_populates="job", order_by="FinetuneImage.index", cascade="all, delete-orphan"
@@ -223,6 +226,8 @@ class GenerationJob(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     lease_owner: Mapped[str | None] = mapped_column(String(100))
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # As on finetune_jobs, from TUNEQDM_GENERATION_TIME_LIMIT_S.
+    time_limit_s: Mapped[float | None] = mapped_column(Float)
 
     images: Mapped[list[GeneratedImage]] = relationship(
         back_populates="generation",
@@ -232,6 +237,45 @@ class GenerationJob(Base):
     webhook: Mapped[WebhookDelivery | None] = relationship(
         primaryjoin="GenerationJob.id == foreign(WebhookDelivery.job_id)", viewonly=True
     )
+
+
+class ServedBase(Base):
+    """A base model workers serve (app/bases.py): what every request's defaults and bounds
+    derive from. Written by workers when they start and when they load the model."""
+
+    __tablename__ = "bases"
+    __table_args__ = (CheckConstraint("bits IN (4, 8)", name="bits"),)
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    source: Mapped[str] = mapped_column(String(1024))  # model folder or hub id
+    native_resolution: Mapped[int] = mapped_column(Integer)
+    prediction_type: Mapped[str] = mapped_column(String(32))
+    bits: Mapped[int] = mapped_column(Integer)
+    # Known once a worker has loaded (quantized) the model.
+    fingerprint: Mapped[str | None] = mapped_column(String(128))
+    device: Mapped[str | None] = mapped_column(String(32))
+    storage_mode: Mapped[str | None] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+    workers: Mapped[list[BaseWorker]] = relationship(
+        back_populates="base", order_by="BaseWorker.worker", cascade="all, delete-orphan"
+    )
+
+
+class BaseWorker(Base):
+    """A worker process serving a base, and when it last said so."""
+
+    __tablename__ = "base_workers"
+
+    base_name: Mapped[str] = mapped_column(
+        ForeignKey("bases.name", ondelete="CASCADE"), primary_key=True
+    )
+    worker: Mapped[str] = mapped_column(String(100), primary_key=True)
+    device: Mapped[str | None] = mapped_column(String(32))
+    last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    base: Mapped[ServedBase] = relationship(back_populates="workers")
 
 
 class GeneratedImage(Base):

@@ -46,8 +46,15 @@ class FinetuneParams(BaseModel):
     lr_s_in: float = Field(default=1e-3, gt=0, le=1, description="Learning rate of input scales.")
     lr: float = Field(default=5e-6, gt=0, le=1e-2, description="Learning rate of method=full only.")
     batch_size: int = Field(default=1, ge=1, le=8)
-    # The service narrows this to [TUNEQDM_MIN_IMAGE_SIDE, TUNEQDM_MAX_IMAGE_SIDE].
-    resolution: int = Field(default=512, ge=8, le=8192, multiple_of=8)
+    # Static bounds here; the service fills in and bounds it from the base (app/bases.py).
+    resolution: int | None = Field(
+        default=None,
+        ge=8,
+        le=8192,
+        multiple_of=8,
+        description="Training image side; default: the base's native resolution "
+        "(GET /v1/bases), accepted within TUNEQDM_MIN/MAX_SIZE_FACTOR × native.",
+    )
     seed: int | None = Field(default=None, ge=0, le=SEED_MAX)
     prior_loss_weight: float = Field(
         default=1.0, ge=0, le=10, description="Used with class_prompt."
@@ -134,6 +141,7 @@ class FinetunePublic(BaseModel):
     eta_seconds: float | None = Field(description="Estimated seconds left while running.")
     error: str | None
     adapter_id: str | None
+    time_limit_s: float | None = Field(description="Seconds the job may run from its start.")
     created_at: datetime
     updated_at: datetime
     started_at: datetime | None
@@ -159,6 +167,7 @@ class FinetunePublic(BaseModel):
             eta_seconds=_eta(job),
             error=job.error,
             adapter_id=adapter_id,
+            time_limit_s=job.time_limit_s,
             created_at=job.created_at,
             updated_at=job.updated_at,
             started_at=job.started_at,
@@ -248,8 +257,20 @@ class GenerationCreate(BaseModel):
     steps: int = Field(default=30, ge=1, le=1000)
     guidance_scale: float = Field(default=7.5, ge=0, le=30)
     seed: int | None = Field(default=None, ge=0, le=SEED_MAX, description="Image i uses seed + i.")
-    width: int = Field(default=512, ge=8, le=8192, multiple_of=8)
-    height: int = Field(default=512, ge=8, le=8192, multiple_of=8)
+    width: int | None = Field(
+        default=None,
+        ge=8,
+        le=8192,
+        multiple_of=8,
+        description="Default: the base's native resolution (GET /v1/bases).",
+    )
+    height: int | None = Field(
+        default=None,
+        ge=8,
+        le=8192,
+        multiple_of=8,
+        description="Default: the base's native resolution (GET /v1/bases).",
+    )
     scheduler: Scheduler = "ddim"
     webhook_url: str | None = Field(
         default=None, max_length=2048, description="Receives a signed POST when it finishes."
@@ -264,6 +285,7 @@ class GeneratedImagePublic(BaseModel):
 
 class GenerationLinks(BaseModel):
     self: str
+    cancel: str
     adapter: str | None = None
 
 
@@ -285,6 +307,7 @@ class GenerationPublic(BaseModel):
     webhook: WebhookPublic | None
     error: str | None
     images: list[GeneratedImagePublic]
+    time_limit_s: float | None = Field(description="Seconds the job may run from its start.")
     created_at: datetime
     updated_at: datetime
     started_at: datetime | None
@@ -318,15 +341,71 @@ class GenerationPublic(BaseModel):
                 )
                 for img in gen.images
             ],
+            time_limit_s=gen.time_limit_s,
             created_at=gen.created_at,
             updated_at=gen.updated_at,
             started_at=gen.started_at,
             finished_at=gen.finished_at,
             links=GenerationLinks(
                 self=f"/v1/generations/{gen.id}",
+                cancel=f"/v1/generations/{gen.id}/cancel",
                 adapter=f"/v1/adapters/{gen.adapter_id}" if gen.adapter_id else None,
             ),
         )
+
+
+class SizeRangePublic(BaseModel):
+    default: int = Field(description="The native resolution, used when a request omits a size.")
+    min: int
+    max: int
+
+
+class BaseWorkerPublic(BaseModel):
+    worker: str
+    device: str | None
+    last_seen_at: datetime
+
+
+class BasePublic(BaseModel):
+    name: str
+    source: str = Field(description="Model folder or hub id.")
+    native_resolution: int = Field(description="UNet sample size × VAE scale factor, in pixels.")
+    sizes: SizeRangePublic = Field(
+        description="Accepted fine-tune resolution and generation width/height (multiples of 8)."
+    )
+    bits: int
+    prediction_type: str
+    fingerprint: str | None = Field(description="Known once a worker has loaded the base.")
+    device: str | None
+    storage_mode: str | None
+    workers: list[BaseWorkerPublic]
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def from_row(cls, row: models.ServedBase, sizes: SizeRangePublic) -> BasePublic:
+        return cls(
+            name=row.name,
+            source=row.source,
+            native_resolution=row.native_resolution,
+            sizes=sizes,
+            bits=row.bits,
+            prediction_type=row.prediction_type,
+            fingerprint=row.fingerprint,
+            device=row.device,
+            storage_mode=row.storage_mode,
+            workers=[
+                BaseWorkerPublic(worker=w.worker, device=w.device, last_seen_at=w.last_seen_at)
+                for w in row.workers
+            ],
+            created_at=row.created_at,
+            updated_at=row.updated_at,
+        )
+
+
+class BasesPublic(BaseModel):
+    data: list[BasePublic]
+    count: int
 
 
 class GenerationsPublic(BaseModel):

@@ -46,9 +46,21 @@ class Settings(BaseSettings):
     # Generation limits.
     max_num_images: int = Field(default=4, ge=1)
     max_generation_steps: int = Field(default=150, ge=1)
-    # 32: the built-in model's native size (docs/builtin-model.md).
-    min_image_side: int = Field(default=32, ge=8)
-    max_image_side: int = Field(default=1024, ge=8)
+    # Image sides (fine-tune resolution, generation width/height) are bounded relative to the
+    # base's native size (app/bases.py): cost and memory grow with the square of the side
+    # (attention with its fourth power), and far from its native size a base makes no sense.
+    min_size_factor: float = Field(default=0.5, gt=0, le=1)
+    max_size_factor: float = Field(default=2.0, ge=1, le=16)
+    # Compute budgets checked at submit (app/budget.py), in native-size units, so one number
+    # means the same on every base: fine-tune training samples at the native size
+    # (steps × batch × (1 + prior) × pixels / native pixels; the default job is 400), and
+    # generation images × steps at the native size (the default request is 30).
+    max_finetune_cost: float = Field(default=10_000, gt=0)
+    max_generation_cost: float = Field(default=1_000, gt=0)
+    # Wall-clock bound of one job from its first start, stored on the row at submit and
+    # enforced by the worker: a job that passes it fails and frees its worker.
+    finetune_time_limit_s: float = Field(default=3600.0, gt=0)
+    generation_time_limit_s: float = Field(default=600.0, gt=0)
 
     # Webhooks to loopback/private/link-local hosts are a server-side request forgery risk.
     allow_private_webhooks: bool = False
@@ -101,6 +113,8 @@ class Settings(BaseSettings):
     webhook_timeout_s: float = Field(default=10.0, gt=0)
     webhook_max_retries: int = Field(default=8, ge=0)
     webhook_backoff_s: float = Field(default=2.0, gt=0)
+    # How often a worker refreshes its last_seen_at in the bases registry (GET /v1/bases).
+    base_seen_every_s: float = Field(default=30.0, gt=0)
     # Deliveries one worker process sends at once from its sweep (slow receivers in parallel).
     webhook_senders: int = Field(default=4, ge=1)
     # After `tuneqdm-admin tenants rotate-webhook-secret`, webhooks carry signatures with the old

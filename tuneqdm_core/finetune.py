@@ -27,6 +27,7 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from tuneqdm_core.adapter import Adapter, AdapterConfig, param_groups
 from tuneqdm_core.base import BaseModel
+from tuneqdm_core.cancel import Canceled, cancel_checks
 from tuneqdm_core.generate import GenerationRequest, generate
 from tuneqdm_core.images import ImageSource, load_subject_images, open_image, to_training_tensor
 from tuneqdm_core.model import quant_state
@@ -143,8 +144,10 @@ class FinetuneResult:
     resumed_from: int = 0
 
 
-class FinetuneCanceled(Exception):
-    """Raised between steps when ``should_cancel()`` returned true."""
+class FinetuneCanceled(Canceled):
+    """Raised when ``should_cancel()`` returned true: between steps, inside a UNet call
+    (:mod:`tuneqdm_core.cancel`) or between chunks of class images. ``step`` is the last
+    completed step."""
 
     def __init__(self, step: int) -> None:
         super().__init__(f"fine-tune canceled after step {step}")
@@ -190,34 +193,69 @@ def _encode_images(base: BaseModel, pixels: torch.Tensor) -> tuple[torch.Tensor,
     return torch.cat(means), torch.cat(stds)
 
 
+# Class images per generate() call: progress, cancel checks and the cache advance per chunk
+# instead of once after up to 1000 images.
+CLASS_IMAGE_CHUNK = 4
+
+
 def class_images(
-    base: BaseModel, prompt: str, count: int, resolution: int, steps: int, cache_dir: Path | None
+    base: BaseModel,
+    prompt: str,
+    count: int,
+    resolution: int,
+    steps: int,
+    cache_dir: Path | None,
+    *,
+    should_cancel: Callable[[], bool] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    chunk: int = CLASS_IMAGE_CHUNK,
 ) -> list[ImageSource]:
-    """``count`` images of ``prompt`` from the base model itself, cached per base and prompt."""
+    """``count`` images of ``prompt`` from the base model itself, cached per base and prompt.
+
+    Made ``chunk`` at a time; each chunk is saved before the next starts, so a canceled or
+    interrupted job keeps what it made. Image ``n`` always has seed ``n``, so chunking does not
+    change the images. ``progress(done, count)`` is called after each chunk; ``should_cancel``
+    as in :func:`~tuneqdm_core.generate.generate` (raises
+    :class:`~tuneqdm_core.cancel.Canceled`)."""
     key = hashlib.sha256(f"{base.fingerprint}|{prompt}|{resolution}|{steps}".encode()).hexdigest()
     folder = cache_dir / f"class-{key[:16]}" if cache_dir else None
-    have = sorted(folder.glob("*.png")) if folder and folder.is_dir() else []
-    if len(have) >= count:
-        return [*have[:count]]
-    request = GenerationRequest(
-        prompt=prompt,
-        num_images=count - len(have),
-        steps=steps,
-        width=resolution,
-        height=resolution,
-        seed=len(have),
-    )
-    made = [g.image for g in generate(base, [request])[0]]
-    if folder is None:
-        return [*have, *made]
-    folder.mkdir(parents=True, exist_ok=True)
-    for offset, image in enumerate(made):
-        image.save(folder / f"{len(have) + offset:05d}.png")
-    return [*sorted(folder.glob("*.png"))[:count]]
+    have: list[ImageSource] = [*sorted(folder.glob("*.png"))] if folder and folder.is_dir() else []
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+    while len(have) < count:
+        if progress is not None:
+            progress(len(have), count)
+        request = GenerationRequest(
+            prompt=prompt,
+            num_images=min(chunk, count - len(have)),
+            steps=steps,
+            width=resolution,
+            height=resolution,
+            seed=len(have),
+        )
+        made = [g.image for g in generate(base, [request], should_cancel=should_cancel)[0]]
+        if folder is None:
+            have += made
+            continue
+        for image in made:
+            # Written under a temporary name and renamed: a killed worker leaves no half PNG.
+            path = folder / f"{len(have):05d}.png"
+            tmp = folder / f".{path.name}.tmp"
+            image.save(tmp, format="PNG")
+            os.replace(tmp, path)
+            have.append(path)
+    if progress is not None:
+        progress(min(len(have), count), count)
+    return have[:count]
 
 
 def _prepare(
-    base: BaseModel, subjects: Sequence[Subject], config: FinetuneConfig, cache_dir: Path | None
+    base: BaseModel,
+    subjects: Sequence[Subject],
+    config: FinetuneConfig,
+    cache_dir: Path | None,
+    should_cancel: Callable[[], bool] | None = None,
+    on_class_images: Callable[[int, int], None] | None = None,
 ) -> _Data:
     prompts: list[str] = []
 
@@ -244,6 +282,8 @@ def _prepare(
                 config.resolution,
                 config.class_image_steps,
                 cache_dir,
+                should_cancel=should_cancel,
+                progress=on_class_images,
             )
             tensors = [to_training_tensor(open_image(src), config.resolution) for src in sources]
             start = sum(p.shape[0] for p in pixels)
@@ -480,30 +520,54 @@ def finetune(
     cache_dir: str | os.PathLike[str] | None = None,
     progress: Callable[[Progress], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    on_class_images: Callable[[int, int], None] | None = None,
 ) -> FinetuneResult:
     """Fine-tune on ``subjects`` (several subjects share one adapter, each with its own token).
 
     With ``checkpoint_dir``, the state is saved every ``config.checkpoint_every`` steps and a
     checkpoint found there is resumed from. ``cache_dir`` keeps generated class images.
+    ``should_cancel`` is asked before every UNet block (training and class images) and
+    between steps; when true, :class:`FinetuneCanceled` is raised. ``on_class_images(done,
+    total)`` reports the class images of prior preservation as they are made.
     """
     if not subjects:
         raise ValueError("no subjects given")
     config = config.for_device(base.device)
     start_time = time.perf_counter()
     checkpoint = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir else None
-    data = _prepare(base, subjects, config, Path(cache_dir) if cache_dir else None)
+    try:
+        data = _prepare(
+            base,
+            subjects,
+            config,
+            Path(cache_dir) if cache_dir else None,
+            should_cancel,
+            on_class_images,
+        )
+    except FinetuneCanceled:
+        raise
+    except Canceled:
+        raise FinetuneCanceled(0) from None
     run = _start(base, config)
     if checkpoint is not None and checkpoint.is_file():
         _restore_checkpoint(run, checkpoint, config, base)
     resumed_from = run.step
     noise_scheduler = DDPMScheduler.from_config(base.scheduler_config)
     total_t = noise_scheduler.config.num_train_timesteps
-    with _training(base, run.unet, config):
+    with _training(base, run.unet, config), cancel_checks(run.unet, should_cancel):
         while run.step < config.steps:
             if should_cancel is not None and should_cancel():
                 raise FinetuneCanceled(run.step)
             batch = _draw_batch(data, config, run.generator, total_t)
-            run.losses.append(_train_step(base, run, data, batch, noise_scheduler, config))
+            try:
+                loss = _train_step(base, run, data, batch, noise_scheduler, config)
+            except FinetuneCanceled:
+                raise
+            except Canceled:
+                # Stopped inside the UNet (or its recomputation in backward): this step never
+                # happened; the last checkpoint stays the place to resume from.
+                raise FinetuneCanceled(run.step) from None
+            run.losses.append(loss)
             run.step += 1
             if progress is not None:
                 elapsed = time.perf_counter() - start_time

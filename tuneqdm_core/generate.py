@@ -19,6 +19,7 @@ from PIL import Image
 
 from tuneqdm_core.adapter import Adapter
 from tuneqdm_core.base import BaseModel
+from tuneqdm_core.cancel import cancel_checks
 from tuneqdm_core.images import to_pil
 from tuneqdm_core.routing import ScaleBank, routed
 
@@ -95,10 +96,14 @@ def generate(
     bank: ScaleBank | None = None,
     on_step: Callable[[int, int], None] | None = None,
     precision: Precision = "fp32",
+    should_cancel: Callable[[], bool] | None = None,
 ) -> list[list[GeneratedImage]]:
     """Images for each request, in order. Requests are grouped by :meth:`loop_key`; each group
     runs one loop. ``bank`` (optional) is reused for the adapters, else one is made.
-    ``precision`` is the autocast dtype of text encoder, UNet and VAE (:func:`autocast_dtype`)."""
+    ``precision`` is the autocast dtype of text encoder, UNet and VAE (:func:`autocast_dtype`).
+
+    ``should_cancel`` is asked before every UNet block (:mod:`tuneqdm_core.cancel`); when it
+    returns true, :class:`~tuneqdm_core.cancel.Canceled` is raised within one UNet call."""
     dtype = autocast_dtype(precision, base.device)
     for request in requests:
         check_request(base, request)
@@ -110,7 +115,7 @@ def generate(
         autocast = (
             torch.autocast(base.device.type, dtype=dtype) if dtype is not None else nullcontext()
         )
-        with autocast:
+        with autocast, cancel_checks(base.unet, should_cancel):
             images = _run_loop(base, [requests[i] for i in indices], bank, on_step)
         for i, group_images in zip(indices, images, strict=True):
             results[i] = group_images

@@ -40,7 +40,7 @@ def create_celery(settings: Settings) -> Celery:
         from kombu.transport.sqlalchemy import Transport
 
         Transport.polling_interval = settings.broker_poll_s
-    celery = Celery("tuneqdm-worker", broker=broker, include=["worker.tasks"])
+    celery = Celery("tuneqdm-worker", broker=broker, include=["worker.tasks", "worker.bases"])
     celery.conf.update(
         task_routes={
             FINETUNE_TASK: {"queue": FINETUNE_QUEUE},

@@ -25,10 +25,12 @@ from types import FrameType
 from alembic import command
 from alembic.config import Config
 
+from app.bases import register
 from app.db import engine_from_settings, make_sessionmaker, session_scope
 from app.services import keys
 from app.services.webhook_secrets import current_secret
 from app.settings import Settings, get_settings
+from worker.bases import folder_info
 
 ROOT = Path(__file__).resolve().parent.parent
 API_COMMAND = [sys.executable, "-m", "uvicorn", "--factory", "app.main:create_app"]
@@ -67,6 +69,11 @@ def prepare(settings: Settings, tenant_name: str) -> tuple[str, str]:
     engine = engine_from_settings(settings)
     try:
         with session_scope(make_sessionmaker(engine)) as session:
+            # Registered before the API serves, so GET /v1/bases lists the base at once (the
+            # worker adds itself and the fingerprint when it starts and loads the model).
+            info = folder_info(settings)
+            if info is not None:
+                register(session, info)
             tenant = keys.get_or_create_tenant(session=session, name=tenant_name)
             _, key = keys.create_key(session=session, tenant=tenant)
             secret = current_secret(settings, tenant)

@@ -23,6 +23,7 @@ from app.outbox import record_final
 from app.schemas import FinetuneParams
 from app.settings import Settings
 from worker import metrics
+from worker.bounds import Deadline, stop_check
 from worker.failures import user_message
 from worker.jobs import Lease, ProgressWriter, claim, finish_owned, new_owner
 from worker.runtime import Runtime
@@ -70,6 +71,9 @@ def finetune_config(params: FinetuneParams, job_id: str) -> Any:
     # A job without a seed still needs the same one on every attempt, or it cannot resume.
     values["seed"] = params.seed if params.seed is not None else zlib.crc32(job_id.encode())
     values["intervals"] = params.intervals or 1
+    if params.resolution is None:
+        # The API stores the base's native size; a row without one was not made by it.
+        raise ValueError(f"fine-tune {job_id} has no resolution in its stored params")
     return FinetuneConfig(**values)
 
 
@@ -157,6 +161,7 @@ def _train(
     )
     config = finetune_config(params, job.id)
     write = ProgressWriter(lease, every_s=min(1.0, ctx.settings.heartbeat_s), clock=time.monotonic)
+    deadline = Deadline(job.started_at, job.time_limit_s, "TUNEQDM_FINETUNE_TIME_LIMIT_S")
     first = True
     last = time.perf_counter()
 
@@ -181,9 +186,17 @@ def _train(
             checkpoint_dir=checkpoint_dir,
             cache_dir=ctx.settings.resolved_quant_cache_dir / "class-images",
             progress=progress,
-            should_cancel=lease.should_stop,
+            should_cancel=stop_check(lease.should_stop, deadline),
+            on_class_images=lambda done, total: log.info(
+                "fine-tune %s: class images %d/%d", job.id, done, total
+            ),
         )
     except FinetuneCanceled as stop:
+        if deadline.passed() and not lease.should_stop():
+            log.warning("fine-tune %s passed its time limit at step %d", job.id, stop.step)
+            _fail(ctx, job, lease.owner, deadline.message("fine-tune", "fewer steps"))
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+            return "failed"
         log.info("fine-tune %s stopped at step %d (canceled or taken over)", job.id, stop.step)
         _after_stop(ctx, job)
         return "stopped"

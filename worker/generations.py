@@ -20,6 +20,7 @@ from app import storage as st
 from app.models import Adapter, GeneratedImage, GenerationJob
 from app.outbox import record_final
 from worker import metrics
+from worker.bounds import Deadline, stop_check
 from worker.failures import user_message
 from worker.finetunes import TERMINAL, Context
 from worker.jobs import Lease, claim, finish_owned, new_owner
@@ -81,8 +82,8 @@ def run_generation(generation_id: str, ctx: Context) -> str:
             )
         }
     with ExitStack() as stack:
-        for job_id in ids:
-            stack.enter_context(
+        leases = {
+            job_id: stack.enter_context(
                 Lease(
                     ctx.sessions,
                     GenerationJob,
@@ -91,7 +92,9 @@ def run_generation(generation_id: str, ctx: Context) -> str:
                     heartbeat_s=ctx.settings.heartbeat_s,
                 )
             )
-        return _generate(ctx, [j for j in jobs if j is not None], adapters, owner)
+            for job_id in ids
+        }
+        return _generate(ctx, [j for j in jobs if j is not None], adapters, owner, leases)
 
 
 def _fail(ctx: Context, job_id: str, owner: str, message: str) -> None:
@@ -105,12 +108,28 @@ def _fail(ctx: Context, job_id: str, owner: str, message: str) -> None:
         ctx.notify(job_id)
 
 
+def _stopped(ctx: Context, job_id: str, owner: str, lease: Lease, deadline: Deadline) -> None:
+    """A generation that must not publish: failed when it passed its time limit; a canceled or
+    taken-over one is already in the state its canceler or new owner gave it."""
+    if deadline.passed() and not lease.should_stop():
+        _fail(
+            ctx,
+            job_id,
+            owner,
+            deadline.message("generation", "fewer steps or images, or a smaller size"),
+        )
+    else:
+        log.info("generation %s stopped (canceled or taken over); its images are dropped", job_id)
+
+
 def _generate(
     ctx: Context,
     jobs: list[GenerationJob],
     adapters: dict[str, tuple[str, str]],
     owner: str,
+    leases: dict[str, Lease],
 ) -> str:
+    from tuneqdm_core.cancel import Canceled
     from tuneqdm_core.generate import GenerationRequest, generate
 
     runnable: list[tuple[GenerationJob, Any]] = []
@@ -164,12 +183,29 @@ def _generate(
     requests = [request for _, request in runnable]
     distinct = {id(r.adapter): r.adapter for r in requests if r.adapter is not None}
     intervals = max([a.config.intervals for a in distinct.values()] + [1])
+    deadlines = {
+        job.id: Deadline(job.started_at, job.time_limit_s, "TUNEQDM_GENERATION_TIME_LIMIT_S")
+        for job, _ in runnable
+    }
+    stops = {job_id: stop_check(leases[job_id].should_stop, d) for job_id, d in deadlines.items()}
     try:
         bank = ctx.runtime.bank(len(distinct), intervals)
+        # The loop is shared: it stops (within one UNet call) only when every generation in it
+        # was canceled, taken over or passed its time limit. One canceled generation among
+        # other tenants' ones only loses its own images below.
         with metrics.GENERATION_SECONDS.time():
             results = generate(
-                ctx.runtime.base, requests, bank=bank, precision=ctx.settings.generation_dtype
+                ctx.runtime.base,
+                requests,
+                bank=bank,
+                precision=ctx.settings.generation_dtype,
+                should_cancel=lambda: all(stop() for stop in stops.values()),
             )
+    except Canceled:
+        for job, _ in runnable:
+            _stopped(ctx, job.id, owner, leases[job.id], deadlines[job.id])
+        log.info("generation batch %s stopped", [j.id for j, _ in runnable])
+        return "stopped"
     except Exception as exc:
         log.exception("generation batch %s raised", [j.id for j, _ in runnable])
         message = user_message(exc, storage_root=ctx.storage.root, what="generation")
@@ -178,6 +214,11 @@ def _generate(
         return "failed"
 
     for (job, _), images in zip(runnable, results, strict=True):
+        # Finished images of a generation past its time limit are still delivered; a canceled
+        # or taken-over one publishes nothing.
+        if leases[job.id].should_stop():
+            _stopped(ctx, job.id, owner, leases[job.id], deadlines[job.id])
+            continue
         keys = []
         for index, generated in enumerate(images):
             buffer = io.BytesIO()
@@ -197,6 +238,9 @@ def _generate(
                 session.commit()
                 ctx.notify(job.id)
             else:
+                # Canceled (or taken over) after the check above: its images are nobody's.
                 session.rollback()
+                for _, _, key in keys:
+                    ctx.storage.delete(key)
     log.info("generated %d job(s) in one loop", len(runnable))
     return f"succeeded (batch of {len(runnable)})"

@@ -15,6 +15,7 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -62,6 +63,8 @@ class Runtime:
         self._adapters: OrderedDict[str, Adapter] = OrderedDict()
         self._bank: ScaleBank | None = None
         self._lock = threading.Lock()
+        # Called once with the loaded base (worker/bases.py registers its fingerprint).
+        self.on_load: Callable[[BaseModel], None] | None = None
 
     @property
     def loaded(self) -> bool:
@@ -72,6 +75,12 @@ class Runtime:
         with self._lock:
             if self._base is None:
                 self._base = self._load_base()
+                if self.on_load is not None:
+                    try:
+                        self.on_load(self._base)
+                    except Exception:
+                        # Bookkeeping only: a registry hiccup must not fail the job.
+                        log.exception("the on_load hook of the base failed")
             return self._base
 
     def _load_base(self) -> BaseModel:

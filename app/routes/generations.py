@@ -88,6 +88,18 @@ def get_generation(
     )
 
 
+@router.post(
+    "/{generation_id}/cancel",
+    response_model=GenerationPublic,
+    responses={**ERRORS, 409: {"description": "The generation has already finished."}},
+)
+def cancel_generation(
+    session: SessionDep, tenant: CurrentTenant, generation_id: str
+) -> GenerationPublic:
+    gen = svc.cancel_generation(session=session, tenant=tenant, generation_id=generation_id)
+    return GenerationPublic.from_row(gen)
+
+
 @router.get(
     "/{generation_id}/images/{n}",
     response_class=StreamingResponse,

@@ -12,8 +12,9 @@ from sqlalchemy import Select, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
-from app import idempotency
+from app import budget, idempotency
 from app import storage as st
+from app.bases import BaseInfo, size_range
 from app.errors import Conflict, InvalidInput, NotFound
 from app.ids import looks_like_id, new_id
 from app.images import CheckedImage, check_image, read_limited
@@ -21,6 +22,7 @@ from app.models import ACTIVE_STATUSES, FinetuneImage, FinetuneJob, Tenant, utcn
 from app.outbox import record_final
 from app.queue import FINETUNE_QUEUE, FINETUNE_TASK, TaskSender
 from app.schemas import FinetuneParams
+from app.services.bases import current_base
 from app.services.common import optional_text, page, required_text
 from app.settings import Settings
 from app.webhooks import check_webhook_url
@@ -60,7 +62,7 @@ def parse_params(raw: str | None) -> FinetuneParams:
         raise InvalidInput(f"params is not valid: {problems}") from None
 
 
-def _validate_form(form: FinetuneForm, settings: Settings) -> FinetuneJob:
+def _validate_form(form: FinetuneForm, settings: Settings, base: BaseInfo) -> FinetuneJob:
     """Check every form field and return the (unsaved) job row they describe."""
     limit = settings.max_prompt_chars
     instance_prompt = required_text(form.instance_prompt, field="instance_prompt", max_chars=limit)
@@ -78,11 +80,18 @@ def _validate_form(form: FinetuneForm, settings: Settings) -> FinetuneJob:
             f"'a photo of {form.token} dog'"
         )
     params = parse_params(form.params)
-    lo, hi = settings.min_image_side, settings.max_image_side
-    if not lo <= params.resolution <= hi:
+    sizes = size_range(base.native_resolution, settings)
+    if params.resolution is None:
+        # Stored resolved, so the worker never re-applies a default.
+        params.resolution = sizes.default
+    elif not sizes.min <= params.resolution <= sizes.max:
         raise InvalidInput(
-            f"params.resolution={params.resolution} must be between {lo} and {hi} (a multiple of 8)"
+            f"params.resolution={params.resolution} must be {sizes.describe()} for base "
+            f"{base.name!r} (native {base.native_resolution} px; TUNEQDM_MIN_SIZE_FACTOR / "
+            "TUNEQDM_MAX_SIZE_FACTOR set the range)"
         )
+    prior = class_prompt is not None and params.num_class_images > 0
+    budget.check_finetune(params, prior=prior, native=base.native_resolution, settings=settings)
     webhook_url = None
     if form.webhook_url is not None and form.webhook_url.strip():
         webhook_url = check_webhook_url(
@@ -101,6 +110,7 @@ def _validate_form(form: FinetuneForm, settings: Settings) -> FinetuneJob:
         idempotency_key=form.idempotency_key,
         progress_step=0,
         progress_total=params.steps,
+        time_limit_s=settings.finetune_time_limit_s,
     )
     return job
 
@@ -178,7 +188,8 @@ def create_finetune(
         if existing is not None:
             return existing
 
-    job = _validate_form(form, settings)
+    base = current_base(session=session, settings=settings)
+    job = _validate_form(form, settings, base)
     checked = _check_uploads(raw, settings)
     job.idempotency_fingerprint = fingerprint if form.idempotency_key is not None else None
 

@@ -5,16 +5,19 @@ from __future__ import annotations
 import logging
 import secrets
 
-from sqlalchemy import Select, select
+from sqlalchemy import Select, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
-from app import idempotency
+from app import budget, idempotency
+from app.bases import BaseInfo, size_range
 from app.errors import Conflict, InvalidInput, NotFound
 from app.ids import looks_like_id, new_id
-from app.models import Adapter, GeneratedImage, GenerationJob, Tenant
+from app.models import ACTIVE_STATUSES, Adapter, GeneratedImage, GenerationJob, Tenant, utcnow
+from app.outbox import record_final
 from app.queue import GENERATE_QUEUE, GENERATE_TASK, TaskSender
 from app.schemas import SEED_MAX, GenerationCreate
+from app.services.bases import current_base
 from app.services.common import optional_text, page, required_text
 from app.settings import Settings
 from app.webhooks import check_webhook_url
@@ -22,7 +25,8 @@ from app.webhooks import check_webhook_url
 log = logging.getLogger(__name__)
 
 
-def _check_limits(data: GenerationCreate, settings: Settings) -> None:
+def _check_limits(data: GenerationCreate, settings: Settings, base: BaseInfo) -> tuple[int, int]:
+    """Check the request's limits; returns (width, height) with the base's defaults filled in."""
     if data.num_images > settings.max_num_images:
         raise InvalidInput(
             f"num_images={data.num_images} is above the limit of {settings.max_num_images}"
@@ -31,10 +35,25 @@ def _check_limits(data: GenerationCreate, settings: Settings) -> None:
         raise InvalidInput(
             f"steps={data.steps} is above the limit of {settings.max_generation_steps}"
         )
-    lo, hi = settings.min_image_side, settings.max_image_side
-    for field, value in (("width", data.width), ("height", data.height)):
-        if not lo <= value <= hi:
-            raise InvalidInput(f"{field}={value} must be between {lo} and {hi} (multiple of 8)")
+    sizes = size_range(base.native_resolution, settings)
+    width = sizes.default if data.width is None else data.width
+    height = sizes.default if data.height is None else data.height
+    for field, value in (("width", width), ("height", height)):
+        if not sizes.min <= value <= sizes.max:
+            raise InvalidInput(
+                f"{field}={value} must be {sizes.describe()} for base {base.name!r} (native "
+                f"{base.native_resolution} px; TUNEQDM_MIN_SIZE_FACTOR / TUNEQDM_MAX_SIZE_FACTOR "
+                "set the range)"
+            )
+    budget.check_generation(
+        num_images=data.num_images,
+        steps=data.steps,
+        width=width,
+        height=height,
+        native=base.native_resolution,
+        settings=settings,
+    )
+    return width, height
 
 
 def _check_adapter(session: Session, tenant: Tenant, adapter_id: str, settings: Settings) -> None:
@@ -99,7 +118,7 @@ def create_generation(
     limit = settings.max_prompt_chars
     prompt = required_text(data.prompt, field="prompt", max_chars=limit)
     negative = optional_text(data.negative_prompt, field="negative_prompt", max_chars=limit)
-    _check_limits(data, settings)
+    width, height = _check_limits(data, settings, current_base(session=session, settings=settings))
     if data.adapter_id is not None:
         _check_adapter(session, tenant, data.adapter_id, settings)
     webhook_url = None
@@ -122,9 +141,10 @@ def create_generation(
         steps=data.steps,
         guidance_scale=data.guidance_scale,
         seed=seed,
-        width=data.width,
-        height=data.height,
+        width=width,
+        height=height,
         scheduler=data.scheduler,
+        time_limit_s=settings.generation_time_limit_s,
         webhook_url=webhook_url,
         idempotency_key=key,
         idempotency_fingerprint=fingerprint if key is not None else None,
@@ -189,3 +209,27 @@ def get_generated_image(
         f"generation {generation_id} has no image {index} (status {gen.status}, "
         f"{len(gen.images)} image(s) ready)"
     )
+
+
+def cancel_generation(*, session: Session, tenant: Tenant, generation_id: str) -> GenerationJob:
+    gen = get_generation(session=session, tenant=tenant, generation_id=generation_id)
+    now = utcnow()
+    # Conditional, like a fine-tune's cancel: a worker finishing at the same moment wins or
+    # loses cleanly. The worker stops within one UNet call of its next heartbeat, or, when the
+    # generation shares its loop with others, drops only this generation's images.
+    result = session.execute(
+        update(GenerationJob)
+        .where(GenerationJob.id == gen.id, GenerationJob.status.in_(ACTIVE_STATUSES))
+        .values(status="canceled", finished_at=now, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount:  # type: ignore[attr-defined]
+        record_final(session, GenerationJob, gen.id)  # commits with the canceled state
+    session.commit()
+    session.refresh(gen)
+    if result.rowcount == 0:  # type: ignore[attr-defined]
+        raise Conflict(
+            f"generation {gen.id} is already {gen.status}; only queued or running generations "
+            "can be canceled"
+        )
+    return gen

@@ -26,7 +26,8 @@ def test_create_on_base_model(
     assert body["adapter_id"] is None and body["images"] == []
     # The server picks a seed when none is given, so the result is reproducible later.
     assert isinstance(body["seed"], int)
-    assert (body["width"], body["height"], body["scheduler"]) == (512, 512, "ddim")
+    # No size given: the base's native size (the built-in model's 32 px, GET /v1/bases).
+    assert (body["width"], body["height"], body["scheduler"]) == (32, 32, "ddim")
     assert sender.sent == [("tuneqdm.generate", body["id"], "generate")]
 
 
@@ -43,8 +44,8 @@ def test_create_with_adapter(
         "steps": 20,
         "guidance_scale": 5.0,
         "seed": 123,
-        "width": 256,
-        "height": 384,
+        "width": 48,
+        "height": 64,
         "scheduler": "dpmsolver++",
     }
     r = client.post("/v1/generations", headers=t.headers, json=payload)

@@ -17,7 +17,7 @@ print(json.dumps(sorted(m.split('.')[0] for m in sys.modules)))
 
 SHARED = "app.settings, app.db, app.models, app.storage, app.security, app.queue, " + (
     "app.schemas, app.images, app.webhooks, app.services.finetunes, app.services.generations, "
-    "app.services.adapters, app.services.keys, app.cli"
+    "app.services.adapters, app.services.keys, app.services.bases, app.bases, app.budget, app.cli"
 )
 
 

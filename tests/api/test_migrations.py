@@ -21,6 +21,8 @@ TABLES = {
     "adapters",
     "generation_jobs",
     "generated_images",
+    "bases",
+    "base_workers",
     "webhook_deliveries",
 }
 

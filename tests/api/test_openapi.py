@@ -17,6 +17,9 @@ ENDPOINTS = {
     ("get", "/v1/generations"),
     ("get", "/v1/generations/{generation_id}"),
     ("get", "/v1/generations/{generation_id}/images/{n}"),
+    ("post", "/v1/generations/{generation_id}/cancel"),
+    ("get", "/v1/bases"),
+    ("get", "/v1/bases/{name}"),
     ("get", "/healthz"),
     ("get", "/readyz"),
 }

@@ -69,7 +69,6 @@ def test_http_flow_with_real_processes(
         model=tiny_model_dir,
         quant_cache_dir=quant_cache,
         torch_threads=1,
-        min_image_side=32,
         allow_private_webhooks="true",
         webhook_ports="[]",  # the test receiver listens on a random port
         heartbeat_s=1,

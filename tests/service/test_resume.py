@@ -43,7 +43,6 @@ def test_sigkilled_fine_tune_resumes_from_its_checkpoint(
         "heartbeat_s": 0.5,
         "stale_after_s": 3,
         "sweep_every_s": 1,
-        "min_image_side": 32,
         "torch_threads": 1,
     }
     settings = Settings(**values)  # type: ignore[arg-type]

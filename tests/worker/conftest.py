@@ -72,7 +72,6 @@ def worker_settings(tmp_path: Path, model: Path, cache: Path, **values: object) 
         "quant_cache_dir": cache,
         "heartbeat_s": 0.2,
         "stale_after_s": 2.0,
-        "min_image_side": 32,
     }
     defaults.update(values)
     return Settings(**defaults)  # type: ignore[arg-type]

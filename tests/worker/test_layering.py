@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_worker_import_loads_no_ml_stack_and_no_fastapi(tmp_path: Path) -> None:
     probe = (
         "import json, sys\n"
-        "import worker.celery_app, worker.tasks, worker.embedded\n"
+        "import worker.celery_app, worker.tasks, worker.embedded, worker.bases, worker.bounds\n"
         "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))\n"
     )
     out = subprocess.run(

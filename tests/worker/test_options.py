@@ -33,6 +33,7 @@ API_DEFAULTS = {
     "intervals": (None, "null is resolved per method by the schema (1, the core's default)"),
     "seed": (None, "null: the worker derives a stable seed from the job id"),
     "checkpoint_every": (100, "the service always checkpoints so a lost job resumes"),
+    "resolution": (None, "null: the API stores the base's native size (GET /v1/bases)"),
 }
 
 
@@ -87,9 +88,16 @@ def test_the_worker_passes_every_shared_field_through() -> None:
 
 
 def test_default_params_give_the_cores_defaults() -> None:
-    config = finetune_config(FinetuneParams(), "ft_abc")
+    # The API always stores a resolution (the base's native size when none was asked for).
+    config = finetune_config(FinetuneParams(resolution=32), "ft_abc")
     seed = zlib.crc32(b"ft_abc")
-    assert config == FinetuneConfig(seed=seed, checkpoint_every=API["checkpoint_every"].default)
+    every = API["checkpoint_every"].default
+    assert config == FinetuneConfig(seed=seed, checkpoint_every=every, resolution=32)
+
+
+def test_params_without_a_resolution_are_refused() -> None:
+    with pytest.raises(ValueError, match="no resolution"):
+        finetune_config(FinetuneParams(), "ft_abc")
 
 
 def test_the_cli_has_a_flag_for_every_field_with_the_cores_default() -> None:

@@ -121,7 +121,7 @@ def test_other_bits_than_the_workers_base_fail_clearly(ctx: Context, tenant: Ten
 
 def test_cancel_is_honoured_between_steps(ctx: Context, tenant: Tenant) -> None:
     job_id = submit_finetune(
-        ctx, tenant, '{"steps": 5000, "resolution": 64, "checkpoint_every": 5}'
+        ctx, tenant, '{"steps": 2500, "resolution": 64, "checkpoint_every": 5}'
     )
     outcome: list[str] = []
     thread = threading.Thread(target=lambda: outcome.append(run_finetune(job_id, ctx)))
@@ -134,6 +134,6 @@ def test_cancel_is_honoured_between_steps(ctx: Context, tenant: Tenant) -> None:
     thread.join(timeout=60)
     assert outcome == ["stopped"]
     job = _job(ctx, job_id)
-    assert job.status == "canceled" and job.progress_step < 5000
+    assert job.status == "canceled" and job.progress_step < 2500
     assert not ctx.storage.path(checkpoint_key(tenant.id, job_id)).exists()
     assert ctx.notify == [job_id]

@@ -1,0 +1,62 @@
+"""Compute budgets checked at submit: a request whose work is above its limit is refused
+before anything is stored, with a message naming the limit, its setting and what to lower.
+
+Costs are counted in units of one UNet sample at the base's native size, so a limit means the
+same amount of work on every base: a fine-tune costs steps × batch × (1 + prior) × pixels /
+native pixels (prior preservation doubles each step's batch), a generation images × steps ×
+pixels / native pixels. Attention makes large sizes cost more than their pixel count, which is
+one reason sizes are also bounded (TUNEQDM_MAX_SIZE_FACTOR). The class images of prior
+preservation are not in the budget; the job's time limit bounds them.
+"""
+
+from __future__ import annotations
+
+from app.errors import InvalidInput
+from app.schemas import FinetuneParams
+from app.settings import Settings
+
+
+def _area(width: int, height: int, native: int) -> float:
+    return width * height / (native * native)
+
+
+def finetune_cost(params: FinetuneParams, *, prior: bool, native: int) -> float:
+    assert params.resolution is not None, "resolve the resolution first"
+    return (
+        params.steps
+        * params.batch_size
+        * (2 if prior else 1)
+        * _area(params.resolution, params.resolution, native)
+    )
+
+
+def generation_cost(*, num_images: int, steps: int, width: int, height: int, native: int) -> float:
+    return num_images * steps * _area(width, height, native)
+
+
+def check_finetune(params: FinetuneParams, *, prior: bool, native: int, settings: Settings) -> None:
+    cost = finetune_cost(params, prior=prior, native=native)
+    limit = settings.max_finetune_cost
+    if cost > limit:
+        res = params.resolution
+        raise InvalidInput(
+            f"this fine-tune costs {cost:g} (steps {params.steps} × batch_size "
+            f"{params.batch_size}{' × 2 for prior preservation' if prior else ''} × "
+            f"{res}² / {native}² pixels), above the limit of {limit:g} "
+            f"(TUNEQDM_MAX_FINETUNE_COST); lower steps, batch_size or resolution"
+        )
+
+
+def check_generation(
+    *, num_images: int, steps: int, width: int, height: int, native: int, settings: Settings
+) -> None:
+    cost = generation_cost(
+        num_images=num_images, steps=steps, width=width, height=height, native=native
+    )
+    limit = settings.max_generation_cost
+    if cost > limit:
+        raise InvalidInput(
+            f"this generation costs {cost:g} (num_images {num_images} × steps {steps} × "
+            f"{width}×{height} / {native}² pixels), above the limit of {limit:g} "
+            f"(TUNEQDM_MAX_GENERATION_COST); lower num_images, steps, width or height"
+        )

@@ -1,0 +1,136 @@
+"""A worker tells the registry which base it serves (app/bases.py, GET /v1/bases).
+
+At start, from the model folder's config JSON (no torch, no model load: the API can size
+requests before the first job loads the model); once the model is loaded, with what only the
+loaded model knows (fingerprint, device, storage mode); and every TUNEQDM_BASE_SEEN_EVERY_S
+its last_seen_at, so an operator sees which workers are alive. Registration failures are
+logged and retried on the next beat: they never stop the worker from serving jobs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from typing import TYPE_CHECKING, Any
+
+from celery.signals import worker_ready, worker_shutdown
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.bases import BaseInfo, describe_folder, register
+from app.settings import Settings
+
+if TYPE_CHECKING:
+    from tuneqdm_core.base import BaseModel
+
+log = logging.getLogger(__name__)
+
+# How tuneqdm_core holds a quantized base today: integer codes on the device, dequantized per
+# layer on every pass (docs/method.md). A "resident" half-precision copy is not implemented.
+STORAGE_MODE = "packed"
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()[:60]}:{os.getpid()}"
+
+
+def folder_info(settings: Settings) -> BaseInfo | None:
+    source = settings.model or (
+        str(settings.default_model_dir)
+        if (settings.default_model_dir / "model_index.json").is_file()
+        else None
+    )
+    if source is None:
+        # The random tiny model is built on first load; registered then.
+        return None
+    return describe_folder(source, name=settings.base_model, bits=settings.bits)
+
+
+def loaded_info(settings: Settings, base: BaseModel) -> BaseInfo:
+    """The description of the model as loaded (also right for a hub id)."""
+    sample_size = base.unet.config.sample_size
+    if isinstance(sample_size, (list, tuple)):
+        sample_size = min(sample_size)
+    return BaseInfo(
+        name=settings.base_model,
+        source=base.source,
+        native_resolution=int(sample_size) * base.vae_scale_factor,
+        prediction_type=str(base.scheduler_config.get("prediction_type", "epsilon")),
+        bits=settings.bits,
+    )
+
+
+def register_worker(
+    sessions: sessionmaker[Session],
+    info: BaseInfo,
+    *,
+    device: str | None = None,
+    fingerprint: str | None = None,
+    storage_mode: str | None = None,
+) -> None:
+    with sessions() as session:
+        register(
+            session,
+            info,
+            worker=worker_name(),
+            fingerprint=fingerprint,
+            device=device,
+            storage_mode=storage_mode,
+        )
+        session.commit()
+
+
+class Registrar:
+    """Registers at start, on model load, and refreshes last_seen_at on a timer."""
+
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session]) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.info: BaseInfo | None = None
+        self.loaded: dict[str, str] = {}
+        self.stop = threading.Event()
+        self._lock = threading.Lock()
+
+    def beat(self) -> None:
+        with self._lock:
+            info = self.info or folder_info(self.settings)
+            if info is None:
+                return
+            self.info = info
+            try:
+                register_worker(self.sessions, info, device=self.settings.device, **self.loaded)
+            except Exception:
+                log.exception("could not register base %s; retrying later", info.name)
+
+    def on_load(self, base: BaseModel) -> None:
+        self.info = loaded_info(self.settings, base)
+        self.loaded = {"fingerprint": base.fingerprint, "storage_mode": STORAGE_MODE}
+        self.beat()
+
+    def run(self) -> None:
+        while True:
+            self.beat()
+            if self.stop.wait(self.settings.base_seen_every_s):
+                return
+
+
+_registrar: Registrar | None = None
+
+
+@worker_ready.connect
+def _start(sender: Any = None, **_: Any) -> None:
+    global _registrar
+    from worker.celery_app import settings
+    from worker.runtime import get_runtime
+    from worker.tasks import sessions
+
+    _registrar = Registrar(settings, sessions())
+    get_runtime(settings).on_load = _registrar.on_load
+    threading.Thread(target=_registrar.run, name="base-registrar", daemon=True).start()
+
+
+@worker_shutdown.connect
+def _stop(sender: Any = None, **_: Any) -> None:
+    if _registrar is not None:
+        _registrar.stop.set()
