@@ -89,6 +89,11 @@ class Settings(BaseSettings):
     # the checkpoint's keys (needs the hub, or that repository in the local hub cache).
     single_file_config: str | None = None
     device: str = "cpu"  # "cpu", "cuda" or "cuda:N"
+    # How the base UNet holds its frozen weights: "packed" keeps only the integer codes and
+    # dequantizes per layer on every pass (least memory); "resident" also keeps one dequantized
+    # copy on the device (bf16/fp16 on CUDA, fp32 on CPU), shared by every job: faster steps
+    # and sampling for ~2 bytes a weight more on a GPU (docs/method.md "Storage modes").
+    storage_mode: Literal["packed", "resident"] = "packed"
     # CPU threads torch may use (0: torch's default, one per core). On a CPU shared with other
     # processes 1 avoids oversubscription, which slows training down by up to 10x.
     torch_threads: int = Field(default=0, ge=0)

@@ -27,7 +27,13 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from tuneqdm_core.model import QuantConfig, quant_state, quantize_
+from tuneqdm_core.model import (
+    QuantConfig,
+    StorageMode,
+    quant_state,
+    quantize_,
+    set_storage_mode,
+)
 
 CACHE_FORMAT = 1
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
@@ -54,6 +60,11 @@ class BaseModel:
     @property
     def fingerprint(self) -> str:
         return quant_state(self.unet).fingerprint
+
+    @property
+    def storage_mode(self) -> StorageMode:
+        """How the UNet holds its frozen weights (tuneqdm_core.model.set_storage_mode)."""
+        return quant_state(self.unet).storage_mode
 
     @property
     def vae_scale_factor(self) -> int:
@@ -181,12 +192,15 @@ def load_base(
     cache_dir: str | os.PathLike[str] | None = None,
     device: torch.device | str = "cpu",
     config: str | os.PathLike[str] | None = None,
+    storage_mode: StorageMode = "packed",
 ) -> BaseModel:
     """Load a pipeline's parts, quantize its UNet (or take it from ``cache_dir``).
 
     ``source``: a diffusers folder, a hub id, or one ``.safetensors``/``.ckpt`` checkpoint;
     ``config``: for a single file, the diffusers folder or hub id whose configs, tokenizer and
-    scheduler it is read with (ignored otherwise; see the module docstring).
+    scheduler it is read with (ignored otherwise; see the module docstring);
+    ``storage_mode``: ``packed`` (codes only, least memory) or ``resident`` (plus a dequantized
+    copy of the UNet's frozen weights on ``device``, fastest; :func:`set_storage_mode`).
     """
     start = time.perf_counter()
     source = str(source)
@@ -214,6 +228,7 @@ def load_base(
         if entry is not None:
             save_quantized_unet(unet, entry, source)
     unet.eval()
+    set_storage_mode(unet, storage_mode)
     if pipeline is not None:
         vae, text_encoder, tokenizer = pipeline.vae, pipeline.text_encoder, pipeline.tokenizer
         scheduler_config = dict(pipeline.scheduler.config)

@@ -1,4 +1,5 @@
-"""What TUNEQDM_MODEL may name: a single-file checkpoint serves the same base as its folder."""
+"""What the worker loads: a single-file TUNEQDM_MODEL serves the same base as its folder;
+TUNEQDM_STORAGE_MODE picks how the base holds its weights and is reported in the registry."""
 
 from __future__ import annotations
 
@@ -7,9 +8,13 @@ from pathlib import Path
 import pytest
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import save_file
+from sqlalchemy.orm import Session, sessionmaker
 
+from app.models import ServedBase
 from app.settings import Settings
 from tests.core.sd_checkpoint import pipeline_to_ldm
+from tuneqdm_core.model import quant_state
+from worker.bases import Registrar
 from worker.runtime import Runtime
 
 
@@ -28,3 +33,29 @@ def test_worker_loads_a_single_file_checkpoint(
     assert not base.from_cache
     assert len(list(runtime.settings.resolved_quant_cache_dir.glob("unet-*"))) == 1
     assert base.fingerprint == shared_runtime.base.fingerprint
+
+
+def test_worker_storage_mode_setting_and_registry_row(
+    tiny_model_dir: Path,
+    quant_cache: Path,
+    tmp_path: Path,
+    sessions: sessionmaker[Session],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TUNEQDM_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("TUNEQDM_MODEL", str(tiny_model_dir))
+    monkeypatch.setenv("TUNEQDM_QUANT_CACHE_DIR", str(quant_cache))
+    monkeypatch.setenv("TUNEQDM_STORAGE_MODE", "resident")
+    settings = Settings()
+    base = Runtime(settings).base
+    assert base.storage_mode == "resident"
+    assert all(layer.resident is not None for _, layer in quant_state(base.unet).layers)
+    # GET /v1/bases reads the row the worker registers once the model is loaded.
+    Registrar(settings, sessions).on_load(base)
+    with sessions() as session:
+        row = session.get(ServedBase, settings.base_model)
+        assert row is not None
+        assert (row.storage_mode, row.fingerprint) == ("resident", base.fingerprint)
+    monkeypatch.setenv("TUNEQDM_STORAGE_MODE", "mmap")
+    with pytest.raises(ValueError, match="packed"):
+        Settings()
