@@ -13,8 +13,14 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.settings import Settings
 
 
-def make_engine(url: str) -> Engine:
-    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+def make_engine(
+    url: str, *, pool_size: int = 5, max_overflow: int = 10, pool_timeout_s: float = 30.0
+) -> Engine:
+    # hide_parameters: a failed statement's bound values (prompts, webhook URLs, key hashes)
+    # must not reach the logs through the exception text.
+    kwargs: dict[str, Any] = {"pool_pre_ping": True, "hide_parameters": True}
+    if ":memory:" not in url:
+        kwargs.update(pool_size=pool_size, max_overflow=max_overflow, pool_timeout=pool_timeout_s)
     if url.startswith("sqlite"):
         # The API serves requests from a thread pool; SQLite objects are usable across threads
         # as long as one connection is not shared concurrently, which the pool guarantees.
@@ -41,7 +47,12 @@ def engine_from_settings(settings: Settings) -> Engine:
     url = settings.resolved_database_url
     if url.startswith("sqlite:///") and ":memory:" not in url:
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    return make_engine(url)
+    return make_engine(
+        url,
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_max_overflow,
+        pool_timeout_s=settings.db_pool_timeout_s,
+    )
 
 
 @contextmanager

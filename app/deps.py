@@ -14,9 +14,11 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from app.errors import Unauthorized
+from app.image_pool import ImagePool
 from app.models import Tenant
 from app.queue import TaskSender
 from app.services.keys import authenticate
+from app.services.quotas import count_request
 from app.settings import Settings
 from app.storage import Storage
 
@@ -41,7 +43,13 @@ def get_sender(request: Request) -> TaskSender:
     return sender
 
 
+def get_image_pool(request: Request) -> ImagePool:
+    pool: ImagePool = request.app.state.image_pool
+    return pool
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+ImagePoolDep = Annotated[ImagePool, Depends(get_image_pool)]
 SessionDep = Annotated[Session, Depends(get_session)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
 SenderDep = Annotated[TaskSender, Depends(get_sender)]
@@ -51,11 +59,21 @@ _bearer = HTTPBearer(auto_error=False, description="An API key from `tuneqdm-adm
 
 def get_current_tenant(
     session: SessionDep,
+    settings: SettingsDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Tenant:
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise Unauthorized("send your API key as 'Authorization: Bearer <key>'")
-    return authenticate(session=session, key=credentials.credentials)
+    try:
+        tenant = authenticate(session=session, key=credentials.credentials)
+        count_request(session=session, tenant=tenant, settings=settings)
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    # Committed: the connection is back in the pool before the handler reads or decodes
+    # anything (a slow upload must not hold one while other tenants wait for it).
+    return tenant
 
 
 CurrentTenant = Annotated[Tenant, Depends(get_current_tenant)]

@@ -32,3 +32,11 @@ class Unauthorized(DomainError):
 
 class ServiceUnavailable(DomainError):
     """A dependency (database, broker) is not reachable; the request can be retried."""
+
+
+class TooManyRequests(DomainError):
+    """A per-tenant limit is reached; `retry_after_s` says when trying again can succeed."""
+
+    def __init__(self, detail: str, *, retry_after_s: int) -> None:
+        super().__init__(detail)
+        self.retry_after_s = max(1, retry_after_s)

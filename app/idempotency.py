@@ -38,9 +38,13 @@ def check_key(key: str | None) -> str | None:
 
 def fingerprint(fields: dict[str, Any], files: Sequence[bytes] = ()) -> str:
     """SHA-256 over the request's fields (canonical JSON) and the digests of its files."""
-    digests = [hashlib.sha256(data).hexdigest() for data in files]
+    return fingerprint_digests(fields, [hashlib.sha256(data).hexdigest() for data in files])
+
+
+def fingerprint_digests(fields: dict[str, Any], digests: Sequence[str]) -> str:
+    """`fingerprint` from the files' SHA-256 hex digests (the photos are hashed when read)."""
     canonical = json.dumps(
-        {"fields": fields, "files": digests}, sort_keys=True, separators=(",", ":")
+        {"fields": fields, "files": list(digests)}, sort_keys=True, separators=(",", ":")
     )
     return hashlib.sha256(canonical.encode()).hexdigest()
 

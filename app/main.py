@@ -6,20 +6,28 @@ importing this module never reads the environment or touches the disk.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
 from app import errors, metrics
 from app.db import engine_from_settings, make_sessionmaker
+from app.image_pool import ImagePool
 from app.limits import BodySizeLimit
+from app.logs import configure_logging, request_id
+from app.middleware import KeyConcurrency, RequestContext
 from app.queue import CelerySender, TaskSender
-from app.routes import adapters, bases, finetunes, generations, health, web
+from app.routes import adapters, bases, exports, finetunes, generations, health, web
 from app.routes import metrics as metrics_route
+from app.services import retention
 from app.settings import Settings, get_settings
 from app.storage import LocalStorage, Storage
 
@@ -33,29 +41,89 @@ STATUS_OF: dict[type[errors.DomainError], int] = {
     errors.Conflict: 409,
     errors.Unauthorized: 401,
     errors.ServiceUnavailable: 503,
+    errors.TooManyRequests: 429,
 }
+# Seconds a client should wait after a 503 (database or broker unreachable, pool exhausted).
+RETRY_AFTER_UNAVAILABLE_S = 5
 
 
 async def _domain_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, errors.DomainError)
     status = STATUS_OF.get(type(exc), 400)
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    headers = None
+    if status == 401:
+        headers = {"WWW-Authenticate": "Bearer"}
+    elif isinstance(exc, errors.TooManyRequests):
+        headers = {"Retry-After": str(exc.retry_after_s)}
+    elif status == 503:
+        headers = {"Retry-After": str(RETRY_AFTER_UNAVAILABLE_S)}
     return JSONResponse({"detail": exc.detail}, status_code=status, headers=headers)
 
 
 async def _database_unavailable(_request: Request, exc: Exception) -> JSONResponse:
-    # Connection refused, server restarting, SQLite locked: the client can retry.
-    log.error("database error: %s", exc)
+    # Connection refused, server restarting, SQLite locked: the client can retry. Only the
+    # error's class is logged: its text can quote the statement's parameters.
+    log.error("database error: %s", type(getattr(exc, "orig", exc)).__name__)
     return JSONResponse(
         {"detail": "the database is not reachable right now; retry the request later"},
         status_code=503,
+        headers={"Retry-After": str(RETRY_AFTER_UNAVAILABLE_S)},
+    )
+
+
+async def _pool_exhausted(_request: Request, _exc: Exception) -> JSONResponse:
+    # Every connection of this process is busy for longer than TUNEQDM_DB_POOL_TIMEOUT_S: the
+    # service is overloaded, not broken, so the client is told to come back.
+    log.warning("database pool exhausted; answering 503")
+    return JSONResponse(
+        {"detail": "the service is busy; retry the request in a few seconds"},
+        status_code=503,
+        headers={"Retry-After": str(RETRY_AFTER_UNAVAILABLE_S)},
     )
 
 
 async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
     # Keep the {"detail": ...} shape even for bugs; the traceback goes to the log only.
     log.exception("unhandled error", exc_info=exc)
-    return JSONResponse({"detail": "internal error; it has been logged"}, status_code=500)
+    rid = request_id.get()
+    headers = {"X-Request-ID": rid} if rid != "-" else None
+    return JSONResponse(
+        {"detail": "internal error; it has been logged"}, status_code=500, headers=headers
+    )
+
+
+async def _retention_sweeps(app: FastAPI) -> None:
+    """Run the retention sweep every TUNEQDM_RETENTION_SWEEP_EVERY_S (first after one period).
+
+    It runs in every API process, so it works the same in the embedded mode and in compose;
+    concurrent sweeps of several replicas delete the same things idempotently.
+    """
+    settings: Settings = app.state.settings
+    while True:
+        await asyncio.sleep(settings.retention_sweep_every_s)
+        try:
+            await asyncio.to_thread(
+                retention.sweep,
+                sessions=app.state.sessionmaker,
+                storage=app.state.storage,
+                settings=settings,
+            )
+        except Exception:
+            log.exception("retention sweep failed; trying again next period")
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    sweeper = None
+    if settings.retention_sweep_every_s > 0:
+        sweeper = asyncio.create_task(_retention_sweeps(app))
+    try:
+        yield
+    finally:
+        if sweeper is not None:
+            sweeper.cancel()
+        app.state.image_pool.shutdown()
 
 
 def _operation_id(route: APIRoute) -> str:
@@ -71,10 +139,12 @@ def create_app(
     sender: TaskSender | None = None,
 ) -> FastAPI:
     settings = settings or get_settings()
+    configure_logging(json_lines=settings.log_json, level=settings.log_level)
     app = FastAPI(
         title="tuneqdm",
         version="0.1.0",
         description="Personalize Stable Diffusion with TuneQDM quantization-scale adapters.",
+        lifespan=_lifespan,
         generate_unique_id_function=_operation_id,
     )
     app.state.settings = settings
@@ -83,12 +153,19 @@ def create_app(
     app.state.sender = sender or CelerySender(
         settings.resolved_broker_url, timeout_s=settings.broker_timeout_s
     )
+    app.state.image_pool = ImagePool(
+        workers=settings.image_workers, per_tenant=settings.image_workers_per_tenant
+    )
     app.add_exception_handler(errors.DomainError, _domain_error)
     app.add_exception_handler(OperationalError, _database_unavailable)
+    app.add_exception_handler(PoolTimeout, _pool_exhausted)
     app.add_exception_handler(Exception, _unexpected)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     metrics.install(app)
-    for module in (health, metrics_route, finetunes, adapters, generations, bases):
+    app.add_middleware(KeyConcurrency, per_key=settings.requests_per_key)
+    # Added last, so it is outermost: even a 413 from BodySizeLimit carries the request id.
+    app.add_middleware(RequestContext)
+    for module in (health, metrics_route, finetunes, adapters, exports, generations, bases):
         app.include_router(module.router)
     web.mount(app)
     return app

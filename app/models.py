@@ -30,6 +30,8 @@ FINETUNE_STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
 GENERATION_STATUSES = FINETUNE_STATUSES
 ACTIVE_STATUSES = ("queued", "running")
 METHODS = ("tuneqdm", "peqa", "full")
+EXPORT_FORMATS = ("lora", "merged")
+EXPORT_STATUSES = ("queued", "running", "succeeded", "failed")
 DELIVERY_STATUSES = ("pending", "delivered", "failed")
 JOB_KINDS = ("finetune", "generation")
 
@@ -79,6 +81,15 @@ class Tenant(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     name: Mapped[str] = mapped_column(String(100), unique=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # Per-tenant overrides of TUNEQDM_TENANT_RPM / _ACTIVE_JOBS / _STORED_BYTES (NULL: the
+    # setting; 0: unlimited), set with `tuneqdm-admin tenants limits`.
+    rpm_limit: Mapped[int | None] = mapped_column(Integer)
+    active_jobs_limit: Mapped[int | None] = mapped_column(Integer)
+    stored_bytes_limit: Mapped[int | None] = mapped_column(BigInteger)
+    # Requests counted in the current minute (app/services/quotas.py): the minute's number
+    # since the epoch and the count, updated by one conditional UPDATE per request.
+    rate_window: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    rate_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # The webhook signing secret is derived from TUNEQDM_SECRET_KEY, the tenant id and this
     # version (app.webhooks); rotating bumps it, and the previous version still signs until
     # TUNEQDM_WEBHOOK_SECRET_OVERLAP_S after `webhook_secret_rotated_at`.
@@ -118,6 +129,9 @@ class FinetuneJob(Base):
     params: Mapped[dict[str, Any]] = mapped_column(JSON)
     webhook_url: Mapped[str | None] = mapped_column(String(2048))
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    # Photos uploaded; stays when the photos themselves are deleted (photos_deleted_at).
+    num_images: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    photos_deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # SHA-256 of the request the key was first used with (app/idempotency.py).
     idempotency_fingerprint: Mapped[str | None] = mapped_column(String(64))
     # Progress, written by the worker.
@@ -149,7 +163,7 @@ class FinetuneJob(Base):
 
 
 class FinetuneImage(Base):
-    """One uploaded subject photo, re-encoded to PNG at `storage_key`."""
+    """One uploaded subject photo, downscaled and re-encoded to JPEG at `storage_key`."""
 
     __tablename__ = "finetune_images"
     __table_args__ = (UniqueConstraint("job_id", "index", name="uq_finetune_images_job_index"),)
@@ -291,9 +305,43 @@ class GeneratedImage(Base):
     index: Mapped[int] = mapped_column(Integer)
     seed: Mapped[int] = mapped_column(BigInteger)
     storage_key: Mapped[str] = mapped_column(String(255))
+    # Counted in the tenant's stored bytes (TUNEQDM_TENANT_STORED_BYTES).
+    size_bytes: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     generation: Mapped[GenerationJob] = relationship(back_populates="images")
+
+
+class AdapterExport(Base):
+    """An adapter converted for other tools (a LoRA file or a merged UNet), made by a worker on
+    request; one row per adapter and variant (format, rank, interval)."""
+
+    __tablename__ = "adapter_exports"
+    __table_args__ = (
+        CheckConstraint(_in("format", EXPORT_FORMATS), name="format"),
+        CheckConstraint(_in("status", EXPORT_STATUSES), name="status"),
+        UniqueConstraint("adapter_id", "variant", name="uq_adapter_exports_variant"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    adapter_id: Mapped[str] = mapped_column(ForeignKey("adapters.id", ondelete="CASCADE"))
+    # "lora-r16-mean", "merged-1": the unique name of what was asked for (a NULL rank would
+    # not make a unique constraint hold).
+    variant: Mapped[str] = mapped_column(String(40))
+    format: Mapped[str] = mapped_column(String(16))
+    rank: Mapped[int | None] = mapped_column(Integer)
+    # A timestep interval index as text, or "mean".
+    interval: Mapped[str] = mapped_column(String(8))
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    storage_key: Mapped[str | None] = mapped_column(String(255))
+    size_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    # LoRA only: ‖D − B·A‖ / ‖D‖ over all layers (docs/library.md, "Exports").
+    relative_error: Mapped[float | None] = mapped_column(Float)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class WebhookDelivery(Base):

@@ -15,6 +15,8 @@ FINETUNE_TASK = "tuneqdm.finetune"
 FINETUNE_QUEUE = "finetune"
 GENERATE_TASK = "tuneqdm.generate"
 GENERATE_QUEUE = "generate"
+# Exports run where generations run: a worker that holds the quantized base.
+EXPORT_TASK = "tuneqdm.export"
 WEBHOOK_QUEUE = "webhooks"
 # Every queue the service uses, for the queue-depth metric.
 QUEUES = (FINETUNE_QUEUE, GENERATE_QUEUE, WEBHOOK_QUEUE)

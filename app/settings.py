@@ -70,7 +70,57 @@ class Settings(BaseSettings):
     # How long an Idempotency-Key keeps answering with its first job; after that it is free.
     idempotency_ttl_s: float = Field(default=24 * 3600.0, gt=0)
 
+    # Stored subject photos are downscaled so their longer side is at most this many times the
+    # largest training resolution (TUNEQDM_MAX_IMAGE_SIDE): enough for a random crop, and a
+    # 4096² upload does not cost 26 MiB of disk. JPEG quality of the stored copy (95: no
+    # artefact a fine-tune could learn).
+    stored_photo_scale: float = Field(default=2.0, ge=1.0)
+    stored_photo_quality: int = Field(default=95, ge=50, le=100)
+    # Threads that decode and re-encode uploaded photos, shared by every request of this API
+    # process: image work is CPU-bound, so more threads than cores only add latency; and a
+    # tenant may use at most this many of them at once, so one tenant's burst of uploads
+    # cannot queue every other tenant's upload behind it.
+    image_workers: int = Field(default=2, ge=1)
+    image_workers_per_tenant: int = Field(default=1, ge=1)
+
+    # Requests of one API key that run at once in one API process (0: no cap); the others wait
+    # without holding a thread, so a client sending fifty at a time cannot take every thread of
+    # the request pool (40) from the other tenants.
+    requests_per_key: int = Field(default=8, ge=0)
+
+    # Database connection pool of each API process (SQLAlchemy QueuePool). A request that waits
+    # longer than db_pool_timeout_s for a connection answers 503 with Retry-After.
+    db_pool_size: int = Field(default=10, ge=1)
+    db_max_overflow: int = Field(default=10, ge=0)
+    db_pool_timeout_s: float = Field(default=10.0, gt=0)
+
+    # Per-tenant limits (0: unlimited); `tuneqdm-admin tenants limits NAME` overrides them for
+    # one tenant. Requests over a limit answer 429 with Retry-After and the limit's name.
+    # Requests per minute and API key, counted in the database, so every API replica shares
+    # one count and the embedded mode (no Redis) works the same way.
+    tenant_rpm: int = Field(default=600, ge=0)
+    # Queued + running fine-tunes and generations together.
+    tenant_active_jobs: int = Field(default=100, ge=0)
+    # Photos, adapters and generated images together.
+    tenant_stored_bytes: int = Field(default=5 * 1024 * MiB, ge=0)
+
+    # Retention of people's data (docs/api.md, "What is kept"). Subject photos are deleted this
+    # many seconds after their fine-tune ends (0: as soon as it ends); generations (rows,
+    # prompts, images) this many seconds after they end (0: kept until deleted).
+    photo_retention_s: float = Field(default=0.0, ge=0)
+    generation_retention_s: float = Field(default=7 * 24 * 3600.0, ge=0)
+    # How often each API process runs the retention sweep (0: never; run
+    # `tuneqdm-admin sweep` from cron instead).
+    retention_sweep_every_s: float = Field(default=300.0, ge=0)
+
+    # Logs: JSON lines on stderr (false: plain text for a terminal).
+    log_json: bool = True
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
     max_page_size: int = Field(default=100, ge=1)
+    # Largest LoRA rank an export may ask for: bounds the worker's SVD time and the file (a
+    # rank-r LoRA of the SD 1.x UNet takes r × 4.2 MB in float32; full rank there is 1280).
+    max_export_rank: int = Field(default=128, ge=1)
     # Publishing to the broker must not hang a request when the broker is down.
     broker_timeout_s: float = Field(default=3.0, gt=0)
 

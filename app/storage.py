@@ -3,8 +3,10 @@
 Layout under the storage root (keys are built here from server-side ids only, never from user
 file names, and every key is checked to resolve inside the root):
 
-    tenants/<tenant_id>/finetunes/<finetune_id>/inputs/<nnn>.png     uploaded photos, re-encoded
+    tenants/<tenant_id>/finetunes/<finetune_id>/inputs/<nnn>.jpg     uploaded photos, re-encoded
+    tenants/<tenant_id>/finetunes/<finetune_id>/checkpoint/          training checkpoints (worker)
     tenants/<tenant_id>/adapters/<adapter_id>.safetensors            adapter files (worker)
+    tenants/<tenant_id>/exports/<export_id>.safetensors              LoRA / merged UNet (worker)
     tenants/<tenant_id>/generations/<generation_id>/<nnn>.png        generated images (worker)
 
 `LocalStorage` is the only backend today; an S3 backend would implement the same `Storage`
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,11 +38,28 @@ def check_key(key: str) -> str:
 
 
 def finetune_input_key(tenant_id: str, finetune_id: str, index: int) -> str:
-    return check_key(f"tenants/{tenant_id}/finetunes/{finetune_id}/inputs/{index:03d}.png")
+    return check_key(f"tenants/{tenant_id}/finetunes/{finetune_id}/inputs/{index:03d}.jpg")
+
+
+def finetune_prefix(tenant_id: str, finetune_id: str) -> str:
+    """Everything stored for one fine-tune: photos and checkpoints (not its adapter)."""
+    return check_key(f"tenants/{tenant_id}/finetunes/{finetune_id}")
+
+
+def generation_prefix(tenant_id: str, generation_id: str) -> str:
+    return check_key(f"tenants/{tenant_id}/generations/{generation_id}")
+
+
+def tenant_prefix(tenant_id: str) -> str:
+    return check_key(f"tenants/{tenant_id}")
 
 
 def adapter_key(tenant_id: str, adapter_id: str) -> str:
     return check_key(f"tenants/{tenant_id}/adapters/{adapter_id}.safetensors")
+
+
+def export_key(tenant_id: str, export_id: str) -> str:
+    return check_key(f"tenants/{tenant_id}/exports/{export_id}.safetensors")
 
 
 def generated_image_key(tenant_id: str, generation_id: str, index: int) -> str:
@@ -64,6 +84,10 @@ class Storage(Protocol):
     def exists(self, key: str) -> bool: ...
 
     def delete(self, key: str) -> None: ...
+
+    def delete_prefix(self, prefix: str) -> None:
+        """Remove every file under `prefix` (a folder-like key); no error when there is none."""
+        ...
 
 
 class LocalStorage:
@@ -108,3 +132,12 @@ class LocalStorage:
             except OSError:
                 break
             parent = parent.parent
+
+    def delete_prefix(self, prefix: str) -> None:
+        path = self.path(prefix)
+        if path == self.root:
+            raise InvalidKey("refusing to delete the whole storage root")
+        shutil.rmtree(path, ignore_errors=True)
+        if path.exists():
+            raise OSError(f"could not remove everything under {prefix}")
+        self.delete(prefix)  # only prunes the now-empty parents

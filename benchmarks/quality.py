@@ -1,7 +1,8 @@
 """Does fine-tuning learn the subject? The paper's comparison on the built-in model.
 
     PYTHONPATH=. python benchmarks/quality.py [--subjects 2] [--seeds 0 1 2] [--steps 150]
-        [--variants full peqa-w8 ...] [--class-images 0] [--json PATH] | --report JSON...
+        [--variants full peqa-w8 ...] [--class-images 0] [--export-ranks 4 32]
+        [--json PATH] | --report JSON...
 
 Subjects are Fashion-MNIST test-set garments (never seen in pretraining), the most atypical of
 their class, each shown in 5 photos (other backgrounds and positions) and given its own token
@@ -11,7 +12,10 @@ draws the subject in new contexts ("a photo of sks bag on a red background, top 
 Columns: subject fidelity (EfficientNet-Lite0 feature cosine to the subject's photos, garment
 only; the analogue of DINO/CLIP-I), prompt fidelity (background colour right, position right;
 the analogue of CLIP-T); mean ± standard deviation over seeds. Reference rows: the photos
-against each other, and the base model drawing the class without the token.
+against each other, and the base model drawing the class without the token. With
+``--export-ranks``, each adapter is also exported as a LoRA of those ranks
+(``tuneqdm_core.export``) and drawn by diffusers' own pipeline of the float model with
+``load_lora_weights``: rows ``<variant> LoRA r<k> on float``.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from benchmarks.fidelity import FeatureNet, prompt_fidelity, self_similarity, su
 from tuneqdm_core.base import BaseModel, load_base
 from tuneqdm_core.builtin.scenes import CLASSES, DATA_DIR, SIZE, Scene, load_fashion, render, shrink
 from tuneqdm_core.cli.reports import table
+from tuneqdm_core.export import export_lora, load_float_unet
 from tuneqdm_core.finetune import FinetuneConfig, Subject, finetune
 from tuneqdm_core.generate import GenerationRequest, generate
 from tuneqdm_core.images import to_pil, to_training_tensor
@@ -189,7 +194,8 @@ def run_variant(
     net: FeatureNet,
     args: argparse.Namespace,
     cache: Path,
-) -> dict[str, float]:
+) -> dict[str, dict[str, float]]:
+    """Scores of the fine-tuned variant (and of its LoRA exports), by row name."""
     variant = VARIANTS[name]
     base = bases[variant.bits]
     config = FinetuneConfig(
@@ -213,7 +219,24 @@ def run_variant(
     seconds = time.perf_counter() - start
     prompts = [subject.prompt(c, p) for c, p in NEW_CONTEXTS[: args.contexts]]
     images = draw(base, prompts, args, adapter=result.adapter, float_unet=result.unet)
-    return {**score(net, images, subject, args), "seconds": seconds}
+    rows = {name: {**score(net, images, subject, args), "seconds": seconds}}
+    adapter = result.adapter
+    for rank in args.export_ranks:
+        if adapter is None:  # full fine-tuning: a float UNet, nothing to export
+            break
+        # The adapter as a LoRA on the float model, drawn by diffusers' pipeline.
+        start = time.perf_counter()
+        float_unet = load_float_unet(args.model)
+        lora = export_lora(base.unet, float_unet, adapter, rank=rank)
+        pipeline = _float_pipeline(base, float_unet)
+        pipeline.load_lora_weights(lora.tensors)
+        images = draw(base, prompts, args, float_unet=pipeline.unet)
+        rows[f"{name} LoRA r{rank} on float"] = {
+            **score(net, images, subject, args),
+            "seconds": time.perf_counter() - start,
+            "relative_error": lora.error,
+        }
+    return rows
 
 
 def reference_rows(
@@ -293,7 +316,8 @@ def report(paths: Sequence[str]) -> str:
         references = references or data["references"]
         for name, by_seed in data["results"].items():
             results[name] = {int(seed): runs for seed, runs in by_seed.items()}
-    order = [n for n in VARIANTS if n in results]
+    # Variants in their order, each followed by its export rows.
+    order = [r for n in VARIANTS for r in results if r == n or r.startswith(f"{n} LoRA ")]
     return summarise({n: results[n] for n in order}, references)
 
 
@@ -318,6 +342,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sample-steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("--no-reference", action="store_true", help="skip the reference rows")
+    parser.add_argument(
+        "--export-ranks",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also score each adapter exported as a LoRA of these ranks on the float model",
+    )
     parser.add_argument("--json", metavar="PATH", help="write all numbers here")
     parser.add_argument(
         "--report",
@@ -349,16 +380,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         references = {} if args.no_reference else reference_rows(subjects, bases, net, args)
         for name in args.variants:
-            results[name] = {}
             for seed in args.seeds:
-                runs = [
-                    run_variant(name, s, seed, bases, net, args, Path(tmp) / "class")
-                    for s in subjects
-                ]
-                results[name][seed] = runs
-                fidelity = statistics.fmean(r["subject"] for r in runs)
-                elapsed = time.perf_counter() - start
-                print(f"{name} seed {seed}: subject {fidelity:.3f} ({elapsed:.0f} s)", flush=True)
+                by_row: dict[str, list[dict[str, float]]] = {}
+                for subject in subjects:
+                    rows = run_variant(name, subject, seed, bases, net, args, Path(tmp) / "class")
+                    for row, scores in rows.items():
+                        by_row.setdefault(row, []).append(scores)
+                for row, runs in by_row.items():
+                    results.setdefault(row, {})[seed] = runs
+                    fidelity = statistics.fmean(r["subject"] for r in runs)
+                    elapsed = time.perf_counter() - start
+                    print(
+                        f"{row} seed {seed}: subject {fidelity:.3f} ({elapsed:.0f} s)", flush=True
+                    )
     print(summarise(results, references))
     print(f"total {time.perf_counter() - start:.0f} s")
     common.write_json(

@@ -17,6 +17,7 @@ from typing import Any
 from celery import Celery
 from celery.signals import worker_ready, worker_shutdown
 
+import worker.logs  # noqa: F401  (JSON log lines, docs/deployment.md "Logs")
 from app.queue import (
     FINETUNE_QUEUE,
     FINETUNE_TASK,

@@ -21,6 +21,7 @@ from app import storage as st
 from app.models import Adapter, FinetuneJob
 from app.outbox import record_final
 from app.schemas import FinetuneParams
+from app.services.retention import finetune_ended
 from app.settings import Settings
 from worker import metrics
 from worker.bounds import Deadline, stop_check
@@ -101,6 +102,7 @@ def _fail(ctx: Context, job: FinetuneJob, owner: str, message: str) -> None:
     if done:
         log.warning("fine-tune %s failed: %s", job.id, message)
         ctx.notify(job.id)
+        finetune_ended(ctx.sessions, ctx.storage, ctx.settings, job.tenant_id, job.id)
 
 
 def run_finetune(job_id: str, ctx: Context) -> str:
@@ -112,6 +114,7 @@ def run_finetune(job_id: str, ctx: Context) -> str:
         if job.status in TERMINAL:
             if job.status == "canceled" and job.started_at is None:
                 ctx.notify(job.id)  # canceled while queued: the API wrote its webhook row
+                finetune_ended(ctx.sessions, ctx.storage, ctx.settings, job.tenant_id, job.id)
             return f"skipped ({job.status})"
         owner = new_owner()
         if not claim(session, FinetuneJob, job_id, owner, stale_after_s=ctx.settings.stale_after_s):
@@ -258,6 +261,7 @@ def _train(
         result.resumed_from,
     )
     ctx.notify(job.id)
+    finetune_ended(ctx.sessions, ctx.storage, ctx.settings, job.tenant_id, job.id)
     return "succeeded"
 
 
@@ -269,3 +273,4 @@ def _after_stop(ctx: Context, job: FinetuneJob) -> None:
         if status is not None and status.status == "canceled":
             shutil.rmtree(ctx.storage.path(checkpoint_key(job.tenant_id, job.id)), True)
             ctx.notify(job.id)
+    finetune_ended(ctx.sessions, ctx.storage, ctx.settings, job.tenant_id, job.id)

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from app import storage as st
 from app.models import Adapter, GeneratedImage, GenerationJob
 from app.outbox import record_final
+from app.services.retention import discard_generation_files
 from worker import metrics
 from worker.bounds import Deadline, stop_check
 from worker.failures import user_message
@@ -231,7 +232,13 @@ def _generate(
             session.execute(delete(GeneratedImage).where(GeneratedImage.generation_id == job.id))
             if finish_owned(session, GenerationJob, job.id, owner, "succeeded"):
                 session.add_all(
-                    GeneratedImage(generation_id=job.id, index=i, seed=seed, storage_key=key)
+                    GeneratedImage(
+                        generation_id=job.id,
+                        index=i,
+                        seed=seed,
+                        storage_key=key,
+                        size_bytes=ctx.storage.path(key).stat().st_size,
+                    )
                     for i, seed, key in keys
                 )
                 record_final(session, GenerationJob, job.id)
@@ -240,7 +247,6 @@ def _generate(
             else:
                 # Canceled (or taken over) after the check above: its images are nobody's.
                 session.rollback()
-                for _, _, key in keys:
-                    ctx.storage.delete(key)
+                discard_generation_files(ctx.storage, job.tenant_id, job.id)
     log.info("generated %d job(s) in one loop", len(runnable))
     return f"succeeded (batch of {len(runnable)})"

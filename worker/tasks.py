@@ -1,4 +1,4 @@
-"""Thin Celery tasks: take an id, hand it to worker.finetunes / worker.generations / webhooks."""
+"""Thin Celery tasks: take an id, hand it to worker.finetunes / generations / exports / webhooks."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ from functools import lru_cache
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db import engine_from_settings, make_sessionmaker
-from app.queue import FINETUNE_TASK, GENERATE_TASK
+from app.queue import EXPORT_TASK, FINETUNE_TASK, GENERATE_TASK
 from app.storage import LocalStorage
 from worker.celery_app import WEBHOOK_QUEUE, WEBHOOK_TASK, app, settings
+from worker.exports import run_export
 from worker.finetunes import Context, run_finetune
 from worker.generations import run_generation
 from worker.runtime import get_runtime
@@ -54,6 +55,13 @@ def finetune(finetune_id: str) -> str:
 def generate(generation_id: str) -> str:
     outcome = run_generation(generation_id, context())
     log.info("generation %s: %s", generation_id, outcome)
+    return outcome
+
+
+@app.task(name=EXPORT_TASK)
+def export(export_id: str) -> str:
+    outcome = run_export(export_id, context())
+    log.info("export %s: %s", export_id, outcome)
     return outcome
 
 

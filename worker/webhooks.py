@@ -146,7 +146,9 @@ def post_json(
         conn.request("POST", path, body=body, headers=headers)
         status = conn.getresponse().status
     except (OSError, http.client.HTTPException, ValueError) as exc:
-        if expired.is_set():
+        # A socket timeout is the deadline too: each socket operation may wait at most what
+        # was left of it, so under load it can fire just before the watchdog does.
+        if expired.is_set() or isinstance(exc, TimeoutError):
             raise WebhookRetry(
                 f"POST to {host} did not complete within the {timeout:g} s deadline"
             ) from exc

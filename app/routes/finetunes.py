@@ -1,12 +1,20 @@
-"""/v1/finetunes: submit, inspect, list and cancel fine-tune jobs."""
+"""/v1/finetunes: submit, inspect, list, cancel and delete fine-tune jobs."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Header, Query, UploadFile, status
+from fastapi import APIRouter, File, Form, Header, Query, Response, UploadFile, status
+from starlette.concurrency import run_in_threadpool
 
-from app.deps import CurrentTenant, SenderDep, SessionDep, SettingsDep, StorageDep
+from app.deps import (
+    CurrentTenant,
+    ImagePoolDep,
+    SenderDep,
+    SessionDep,
+    SettingsDep,
+    StorageDep,
+)
 from app.schemas import FinetunePublic, FinetunesPublic, Status
 from app.services import finetunes as svc
 
@@ -15,6 +23,7 @@ router = APIRouter(prefix="/v1/finetunes", tags=["finetunes"])
 ERRORS: dict[int | str, dict[str, str]] = {
     401: {"description": "Missing or invalid API key."},
     404: {"description": "No such job for this tenant."},
+    429: {"description": "A per-tenant limit is reached; see Retry-After and the detail."},
 }
 
 
@@ -30,11 +39,12 @@ ERRORS: dict[int | str, dict[str, str]] = {
         503: {"description": "The task queue is unreachable; nothing was stored."},
     },
 )
-def create_finetune(
+async def create_finetune(
     session: SessionDep,
     settings: SettingsDep,
     storage: StorageDep,
     sender: SenderDep,
+    pool: ImagePoolDep,
     tenant: CurrentTenant,
     instance_prompt: Annotated[
         str, Form(description="Describes the subject with its token, e.g. 'a photo of sks dog'.")
@@ -69,14 +79,24 @@ def create_finetune(
         idempotency_key=idempotency_key,
     )
     uploads = [svc.Upload(filename=f.filename, stream=f.file) for f in images or []]
-    job = svc.create_finetune(
+    max_side = await run_in_threadpool(
+        svc.precheck, session=session, settings=settings, tenant=tenant, form=form, uploads=uploads
+    )
+    # Async on purpose: waiting for a slot of the image pool holds no thread and no database
+    # connection (the authentication committed); only the database work below takes a thread.
+    checked = [
+        await pool.run(tenant.id, svc.check_upload, up, i, settings, max_side)
+        for i, up in enumerate(uploads)
+    ]
+    job = await run_in_threadpool(
+        svc.create_finetune,
         session=session,
         storage=storage,
         sender=sender,
         settings=settings,
         tenant=tenant,
         form=form,
-        uploads=uploads,
+        checked=checked,
     )
     return FinetunePublic.from_row(job)
 
@@ -111,6 +131,41 @@ def get_finetune(session: SessionDep, tenant: CurrentTenant, finetune_id: str) -
     response_model=FinetunePublic,
     responses={**ERRORS, 409: {"description": "The job has already finished."}},
 )
-def cancel_finetune(session: SessionDep, tenant: CurrentTenant, finetune_id: str) -> FinetunePublic:
-    job = svc.cancel_finetune(session=session, tenant=tenant, finetune_id=finetune_id)
+def cancel_finetune(
+    session: SessionDep,
+    settings: SettingsDep,
+    storage: StorageDep,
+    tenant: CurrentTenant,
+    finetune_id: str,
+) -> FinetunePublic:
+    job = svc.cancel_finetune(
+        session=session,
+        tenant=tenant,
+        finetune_id=finetune_id,
+        storage=storage,
+        settings=settings,
+    )
     return FinetunePublic.from_row(job)
+
+
+@router.delete("/{finetune_id}", status_code=status.HTTP_204_NO_CONTENT, responses=ERRORS)
+def delete_finetune(
+    session: SessionDep,
+    storage: StorageDep,
+    tenant: CurrentTenant,
+    finetune_id: str,
+    delete_adapter: Annotated[
+        bool,
+        Query(description="Also delete the adapter trained by this job (kept by default)."),
+    ] = False,
+) -> Response:
+    """Delete the job, its photos and checkpoints (a queued or running job is canceled
+    first); its adapter only with delete_adapter=true."""
+    svc.delete_finetune(
+        session=session,
+        storage=storage,
+        tenant=tenant,
+        finetune_id=finetune_id,
+        delete_adapter=delete_adapter,
+    )
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

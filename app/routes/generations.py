@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Path, Query, status
+from fastapi import APIRouter, Header, Path, Query, Response, status
 from fastapi.responses import StreamingResponse
 
 from app.deps import CurrentTenant, SenderDep, SessionDep, SettingsDep, StorageDep
@@ -18,6 +18,7 @@ router = APIRouter(prefix="/v1/generations", tags=["generations"])
 ERRORS: dict[int | str, dict[str, str]] = {
     401: {"description": "Missing or invalid API key."},
     404: {"description": "No such generation (or image) for this tenant."},
+    429: {"description": "A per-tenant limit is reached; see Retry-After and the detail."},
 }
 
 
@@ -27,6 +28,7 @@ ERRORS: dict[int | str, dict[str, str]] = {
     response_model=GenerationPublic,
     responses={
         401: ERRORS[401],
+        429: ERRORS[429],
         409: {
             "description": "The adapter's fine-tune has not succeeded, or another base; or the "
             "Idempotency-Key was used for a different request."
@@ -120,3 +122,15 @@ def get_generated_image(
     except FileNotFoundError:
         raise NotFound(f"image {n} of generation {generation_id} is missing from storage") from None
     return StreamingResponse(iter_chunks(f), media_type="image/png")
+
+
+@router.delete("/{generation_id}", status_code=status.HTTP_204_NO_CONTENT, responses=ERRORS)
+def delete_generation(
+    session: SessionDep, storage: StorageDep, tenant: CurrentTenant, generation_id: str
+) -> Response:
+    """Delete the generation, its prompt and its images (a queued or running one is canceled
+    first)."""
+    svc.delete_generation(
+        session=session, storage=storage, tenant=tenant, generation_id=generation_id
+    )
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 
-from sqlalchemy import Select, select
+from sqlalchemy import Select, delete, select
 from sqlalchemy.orm import Session
 
 from app.errors import NotFound
 from app.ids import looks_like_id
-from app.models import Adapter, Tenant
+from app.logs import audit
+from app.models import Adapter, AdapterExport, Tenant
 from app.services.common import page
 from app.storage import Storage
 
@@ -38,11 +39,17 @@ def list_adapters(
 
 def delete_adapter(*, session: Session, storage: Storage, tenant: Tenant, adapter_id: str) -> None:
     adapter = get_adapter(session=session, tenant=tenant, adapter_id=adapter_id)
-    key = adapter.storage_key
+    exports = session.scalars(select(AdapterExport).where(AdapterExport.adapter_id == adapter.id))
+    keys = [adapter.storage_key] + [e.storage_key for e in exports if e.storage_key]
+    session.execute(delete(AdapterExport).where(AdapterExport.adapter_id == adapter.id))
     session.delete(adapter)
     session.commit()
-    # Row first: a leftover file is harmless garbage, a row without its file is a broken adapter.
-    try:
-        storage.delete(key)
-    except OSError:
-        log.exception("adapter %s deleted but its file %s could not be removed", adapter_id, key)
+    # Rows first: a leftover file is harmless garbage, a row without its file is a broken adapter.
+    for key in keys:
+        try:
+            storage.delete(key)
+        except OSError:
+            log.exception(
+                "adapter %s deleted but its file %s could not be removed", adapter_id, key
+            )
+    audit("adapter.delete", tenant_id=tenant.id, adapter_id=adapter_id)

@@ -22,6 +22,7 @@ from app.models import ACTIVE_STATUSES, FinetuneImage, FinetuneJob, Tenant, utcn
 from app.outbox import record_final
 from app.queue import FINETUNE_QUEUE, FINETUNE_TASK, TaskSender
 from app.schemas import FinetuneParams
+from app.services import quotas, retention
 from app.services.bases import current_base
 from app.services.common import optional_text, page, required_text
 from app.settings import Settings
@@ -115,7 +116,41 @@ def _validate_form(form: FinetuneForm, settings: Settings, base: BaseInfo) -> Fi
     return job
 
 
-def _read_uploads(uploads: list[Upload], settings: Settings) -> list[bytes]:
+def precheck(
+    *,
+    session: Session,
+    settings: Settings,
+    tenant: Tenant,
+    form: FinetuneForm,
+    uploads: list[Upload],
+) -> int:
+    """The cheap checks, before any photo is decoded: form fields, photo count, the tenant's
+    job and byte limits (checked again with the photos' sizes before the insert). Ends its
+    read transaction, so no connection is held while the photos are decoded. Returns the
+    side photos are stored at (:func:`stored_side`)."""
+    key = idempotency.check_key(form.idempotency_key)
+    base = current_base(session=session, settings=settings)
+    _validate_form(form, settings, base)
+    check_count(uploads, settings)
+    try:
+        # A repeated request answers with its job (create_finetune), limits or not.
+        if (
+            key is None
+            or session.scalar(_query(tenant).where(FinetuneJob.idempotency_key == key)) is None
+        ):
+            quotas.check_new_job(session=session, tenant=tenant, settings=settings)
+    finally:
+        session.commit()
+    return stored_side(base.native_resolution, settings)
+
+
+def stored_side(native: int, settings: Settings) -> int:
+    """Photos are kept at about twice the largest training size a base of this native size
+    accepts: enough for any resolution a fine-tune may ask for, far less than a phone's 12 MP."""
+    return round(settings.stored_photo_scale * size_range(native, settings).max)
+
+
+def check_count(uploads: list[Upload], settings: Settings) -> None:
     if len(uploads) < settings.min_images:
         raise InvalidInput(
             f"send at least {settings.min_images} photo(s) of the subject in the 'images' field"
@@ -124,21 +159,28 @@ def _read_uploads(uploads: list[Upload], settings: Settings) -> list[bytes]:
         raise InvalidInput(
             f"{len(uploads)} images sent, the limit is {settings.max_images}; send fewer"
         )
+
+
+def check_upload(upload: Upload, index: int, settings: Settings, max_side: int) -> CheckedImage:
+    """Read, check, downscale and re-encode one photo (CPU work: app.image_pool runs it)."""
     # Name files by position, not by their (untrusted) name, in messages too.
-    return [
-        read_limited(up.stream, settings.max_image_bytes, f"images[{i}]")
-        for i, up in enumerate(uploads)
-    ]
+    what = f"images[{index}]"
+    data = read_limited(upload.stream, settings.max_image_bytes, what)
+    return check_image(
+        data,
+        max_pixels=settings.max_image_pixels,
+        what=what,
+        max_side=max_side,
+        quality=settings.stored_photo_quality,
+    )
 
 
-def _check_uploads(raw: list[bytes], settings: Settings) -> list[CheckedImage]:
-    return [
-        check_image(data, max_pixels=settings.max_image_pixels, what=f"images[{i}]")
-        for i, data in enumerate(raw)
-    ]
+def _check_uploads(uploads: list[Upload], settings: Settings, max_side: int) -> list[CheckedImage]:
+    check_count(uploads, settings)
+    return [check_upload(up, i, settings, max_side) for i, up in enumerate(uploads)]
 
 
-def _fingerprint(form: FinetuneForm, raw: list[bytes]) -> str:
+def _fingerprint(form: FinetuneForm, checked: list[CheckedImage]) -> str:
     fields = {
         "instance_prompt": form.instance_prompt,
         "class_prompt": form.class_prompt,
@@ -147,7 +189,7 @@ def _fingerprint(form: FinetuneForm, raw: list[bytes]) -> str:
         "webhook_url": form.webhook_url,
         "token": form.token,
     }
-    return idempotency.fingerprint(fields, raw)
+    return idempotency.fingerprint_digests(fields, [img.source_sha256 for img in checked])
 
 
 def _replay(
@@ -178,28 +220,39 @@ def create_finetune(
     settings: Settings,
     tenant: Tenant,
     form: FinetuneForm,
-    uploads: list[Upload],
+    uploads: list[Upload] | None = None,
+    checked: list[CheckedImage] | None = None,
 ) -> FinetuneJob:
+    """Create the job from `uploads`, or from photos already checked with `check_upload`
+    (the route does that in app.image_pool, before it takes a database connection)."""
     idempotency.check_key(form.idempotency_key)
-    raw = _read_uploads(uploads, settings)
-    fingerprint = _fingerprint(form, raw)
+    base = current_base(session=session, settings=settings)
+    if checked is None:
+        side = stored_side(base.native_resolution, settings)
+        checked = _check_uploads(uploads or [], settings, side)
+    fingerprint = _fingerprint(form, checked)
     if form.idempotency_key is not None:
         existing = _replay(session, tenant, form, fingerprint, settings)
         if existing is not None:
             return existing
 
-    base = current_base(session=session, settings=settings)
     job = _validate_form(form, settings, base)
-    checked = _check_uploads(raw, settings)
     job.idempotency_fingerprint = fingerprint if form.idempotency_key is not None else None
+    quotas.check_new_job(
+        session=session,
+        tenant=tenant,
+        settings=settings,
+        adding_bytes=sum(len(img.data) for img in checked),
+    )
 
     job.id = new_id("ft")
     job.tenant_id = tenant.id
+    job.num_images = len(checked)
     keys = []
     try:
         for i, img in enumerate(checked):
             key = st.finetune_input_key(tenant.id, job.id, i)
-            storage.put(key, img.png)
+            storage.put(key, img.data)
             keys.append(key)
             job.images.append(
                 FinetuneImage(
@@ -207,7 +260,7 @@ def create_finetune(
                     storage_key=key,
                     width=img.width,
                     height=img.height,
-                    size_bytes=len(img.png),
+                    size_bytes=len(img.data),
                 )
             )
         session.add(job)
@@ -278,8 +331,25 @@ def list_finetunes(
     return page(session, stmt, limit=limit, offset=offset)
 
 
-def cancel_finetune(*, session: Session, tenant: Tenant, finetune_id: str) -> FinetuneJob:
+def delete_finetune(
+    *, session: Session, storage: st.Storage, tenant: Tenant, finetune_id: str, delete_adapter: bool
+) -> None:
     job = get_finetune(session=session, tenant=tenant, finetune_id=finetune_id)
+    retention.delete_finetune(
+        session=session, storage=storage, job=job, delete_adapter=delete_adapter
+    )
+
+
+def cancel_finetune(
+    *,
+    session: Session,
+    tenant: Tenant,
+    finetune_id: str,
+    storage: st.Storage | None = None,
+    settings: Settings | None = None,
+) -> FinetuneJob:
+    job = get_finetune(session=session, tenant=tenant, finetune_id=finetune_id)
+    was_queued = job.status == "queued"
     now = utcnow()
     # A conditional UPDATE, so a worker finishing the job at the same moment cannot be
     # overwritten; the worker stops when it sees status=canceled at its next check.
@@ -298,4 +368,9 @@ def cancel_finetune(*, session: Session, tenant: Tenant, finetune_id: str) -> Fi
             f"fine-tune job {job.id} is already {job.status}; only queued or running jobs "
             "can be canceled"
         )
+    if was_queued and storage is not None and settings is not None:
+        # No worker will run it, so no worker will delete its photos: do it here (or leave
+        # them to the sweep when a retention period keeps them).
+        retention.after_finetune_end(session, storage, settings, tenant.id, job.id)
+        session.refresh(job)
     return job

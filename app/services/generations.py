@@ -17,9 +17,11 @@ from app.models import ACTIVE_STATUSES, Adapter, GeneratedImage, GenerationJob, 
 from app.outbox import record_final
 from app.queue import GENERATE_QUEUE, GENERATE_TASK, TaskSender
 from app.schemas import SEED_MAX, GenerationCreate
+from app.services import quotas, retention
 from app.services.bases import current_base
 from app.services.common import optional_text, page, required_text
 from app.settings import Settings
+from app.storage import Storage
 from app.webhooks import check_webhook_url
 
 log = logging.getLogger(__name__)
@@ -128,6 +130,7 @@ def create_generation(
             allow_private=settings.allow_private_webhooks,
             ports=settings.webhook_ports,
         )
+    quotas.check_new_job(session=session, tenant=tenant, settings=settings)
     seed = data.seed if data.seed is not None else secrets.randbelow(SEED_MAX + 1)
     gen = GenerationJob(
         id=new_id("gen"),
@@ -233,3 +236,10 @@ def cancel_generation(*, session: Session, tenant: Tenant, generation_id: str) -
             "can be canceled"
         )
     return gen
+
+
+def delete_generation(
+    *, session: Session, storage: Storage, tenant: Tenant, generation_id: str
+) -> None:
+    gen = get_generation(session=session, tenant=tenant, generation_id=generation_id)
+    retention.delete_generation(session=session, storage=storage, gen=gen)

@@ -7,6 +7,7 @@ from sqlalchemy.orm import Session
 
 from app.errors import NotFound, Unauthorized
 from app.ids import new_id
+from app.logs import audit
 from app.models import ApiKey, Tenant, utcnow
 from app.security import generate_api_key, hash_api_key
 
@@ -28,6 +29,7 @@ def create_key(*, session: Session, tenant: Tenant) -> tuple[ApiKey, str]:
     )
     session.add(row)
     session.flush()
+    audit("key.create", tenant_id=tenant.id, key_id=row.id)
     return row, key
 
 
@@ -37,6 +39,7 @@ def revoke_key(*, session: Session, key_id: str) -> ApiKey:
         raise NotFound(f"no API key with id {key_id!r}")
     if row.revoked_at is None:
         row.revoked_at = utcnow()
+        audit("key.revoke", tenant_id=row.tenant_id, key_id=row.id)
     return row
 
 

@@ -72,7 +72,7 @@ def test_create_stores_images_commits_row_then_enqueues(
         assert row.storage_key.startswith(f"tenants/{t.tenant.id}/finetunes/{body['id']}/")
         assert "passwd" not in row.storage_key
         with Image.open(storage.path(row.storage_key)) as img:
-            assert img.format == "PNG" and img.size == (64, 64)
+            assert img.format == "JPEG" and img.size == (64, 64)
 
 
 def test_get_and_progress(client: TestClient, session: Session) -> None:

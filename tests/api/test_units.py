@@ -44,7 +44,7 @@ def test_storage_refuses_keys_that_are_not_server_made(tmp_path: Path, key: str)
 def test_storage_layout_and_cleanup(tmp_path: Path) -> None:
     storage = LocalStorage(tmp_path)
     key = finetune_input_key("tn_1", "ft_2", 3)
-    assert key == "tenants/tn_1/finetunes/ft_2/inputs/003.png"
+    assert key == "tenants/tn_1/finetunes/ft_2/inputs/003.jpg"
     assert adapter_key("tn_1", "ad_9") == "tenants/tn_1/adapters/ad_9.safetensors"
     storage.put(key, b"png")
     assert storage.exists(key) and storage.open(key).read() == b"png"

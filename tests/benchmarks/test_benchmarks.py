@@ -139,3 +139,13 @@ def test_benchmarks_run_on_cuda(tmp_path: Path) -> None:
         "memory -> slot",
         "host memory -> slot",
     ]
+
+
+def test_upload_images_compares_the_stored_photo_pipelines(tmp_path: Path) -> None:
+    report = _run(
+        "upload_images.py", "--side", "2304", "--repeat", "1", json_path=tmp_path / "u.json"
+    )
+    before, after = report["rows"].values()
+    # 2304 > 2 × the default largest training resolution (1024): downscaled to 2048.
+    assert before["size"] == [2304, 2304] and after["size"] == [2048, 2048]
+    assert 0 < after["bytes"] < before["bytes"]

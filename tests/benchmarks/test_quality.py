@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import quality
+from benchmarks import export_rank, quality
 from benchmarks.fidelity import FeatureNet, prompt_fidelity, self_similarity, subject_fidelity
 from tests.core.builtin.data import fashion_dir, needs_fashion
 from tuneqdm_core.builtin.scenes import render
@@ -73,6 +73,37 @@ def test_quality_benchmark_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert [line for line in table.splitlines() if "±" in line] == [
         line for line in again.splitlines() if "±" in line
     ]
+
+
+def test_quality_benchmark_scores_lora_exports(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "quality.json"
+    args = ["--data-dir", str(fashion_dir()), "--subjects", "1", "--seeds", "0", "--steps", "2"]
+    args += ["--contexts", "1", "--images", "1", "--sample-steps", "2", "--no-reference"]
+    args += ["--variants", "tuneqdm-w4-i1", "--export-ranks", "2", "8", "--json", str(out)]
+    assert quality.main(args) == 0
+    results = json.loads(out.read_text())["results"]
+    rows = ["tuneqdm-w4-i1", "tuneqdm-w4-i1 LoRA r2 on float", "tuneqdm-w4-i1 LoRA r8 on float"]
+    assert list(results) == rows
+    r2, r8 = (results[row]["0"][0] for row in rows[1:])
+    assert 0 < r8["relative_error"] < r2["relative_error"] < 1
+    assert all(-1 <= results[row]["0"][0]["subject"] <= 1 for row in rows)
+    table = capsys.readouterr().out
+    assert all(row in table for row in rows)
+
+
+def test_export_rank_benchmark_is_exact_at_full_rank(tmp_path: Path) -> None:
+    out = tmp_path / "export.json"
+    args = ["--data-dir", str(fashion_dir()), "--steps", "2", "--ranks", "2", "0"]
+    assert export_rank.main([*args, "--sample-steps", "2", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    by = {(r["rank"], r["with_quantization_error"]): r for r in results}
+    full = max(rank for rank, _ in by)
+    assert by[(full, True)]["output_error"] < 1e-4 and by[(full, True)]["pixel_difference"] < 1
+    assert by[(2, True)]["weight_error"] > by[(full, True)]["weight_error"] == 0.0
+    # Without the quantization error, full rank still differs by the quantization error.
+    assert by[(full, False)]["output_error"] > 10 * by[(full, True)]["output_error"]
 
 
 def test_quality_benchmark_rejects_bad_settings() -> None:

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 
 import httpx
 from PIL import Image
+from safetensors import safe_open
 from sqlalchemy import select
 from standardwebhooks import Webhook
 
@@ -163,6 +164,25 @@ def test_http_flow_with_real_processes(
         assert png.status_code == 200 and png.headers["content-type"] == "image/png"
         assert Image.open(io.BytesIO(png.content)).size == (32, 48)
         elapsed = time.perf_counter() - start
+
+        # The adapter as a LoRA, made by the worker, downloaded over HTTP.
+        r = client.post(f"/v1/adapters/{adapter_id}/exports", json={"format": "lora", "rank": 8})
+        assert r.status_code == 202, r.text
+        export = r.json()
+
+        def exported() -> bool:
+            rows = client.get(f"/v1/adapters/{adapter_id}/exports").json()["data"]
+            return bool(rows[0]["status"] in ("succeeded", "failed"))
+
+        wait_for("the export", exported, 120, procs)
+        listed_export = client.get(f"/v1/adapters/{adapter_id}/exports").json()["data"][0]
+        assert listed_export["status"] == "succeeded", listed_export
+        lora = client.get(export["links"]["file"])
+        assert lora.status_code == 200 and len(lora.content) == listed_export["size_bytes"]
+        (tmp_path / "lora.safetensors").write_bytes(lora.content)
+        with safe_open(str(tmp_path / "lora.safetensors"), framework="pt") as handle:
+            assert json.loads(handle.metadata()["tuneqdm_export"])["tokens"] == ["sks"]
+            assert tuple(handle.get_tensor("unet.conv_in.lora_A.weight").shape) == (8, 4, 3, 3)
 
         wait_for("the webhooks", lambda: len(_Receiver.received) >= 3, 60, procs)
         verified = {}

@@ -10,10 +10,11 @@ import time
 from PIL import Image
 from sqlalchemy import select
 
-from app.models import Adapter, FinetuneJob, GenerationJob, Tenant
+from app.models import Adapter, FinetuneImage, FinetuneJob, GenerationJob, Tenant
 from app.schemas import GenerationCreate
 from app.services.finetunes import cancel_finetune
 from app.services.generations import create_generation
+from app.storage import finetune_prefix
 from tests.api.factories import RecordingSender
 from tests.worker.conftest import submit_finetune
 from worker.finetunes import Context, checkpoint_key, run_finetune
@@ -54,9 +55,19 @@ def test_finetune_creates_the_adapter_row_and_file(ctx: Context, tenant: Tenant)
     assert adapter.base_fingerprint == ctx.runtime.base.fingerprint
     assert adapter.base_model == ctx.settings.base_model
     assert not ctx.storage.path(checkpoint_key(tenant.id, job_id)).exists()
+    _assert_photos_deleted(ctx, tenant, job_id)
     assert ctx.notify == [job_id]
     # A second delivery of the same message does nothing.
     assert run_finetune(job_id, ctx) == "skipped (succeeded)"
+
+
+def _assert_photos_deleted(ctx: Context, tenant: Tenant, job_id: str) -> None:
+    """A fine-tune that ended keeps no photo (TUNEQDM_PHOTO_RETENTION_S=0): files and rows."""
+    job = _job(ctx, job_id)
+    assert job.photos_deleted_at is not None and job.num_images == 3
+    with ctx.sessions() as s:
+        assert s.scalars(select(FinetuneImage).where(FinetuneImage.job_id == job_id)).all() == []
+    assert not ctx.storage.path(finetune_prefix(tenant.id, job_id)).exists()
 
 
 def _generation(ctx: Context, tenant: Tenant, adapter_id: str | None, seed: int) -> str:
@@ -95,6 +106,7 @@ def test_generations_for_different_adapters_share_one_loop(ctx: Context, tenant:
             assert gen is not None and gen.status == "succeeded", gen and gen.error
             assert [img.index for img in gen.images] == list(range(count))
             for img in gen.images:
+                assert img.size_bytes == ctx.storage.path(img.storage_key).stat().st_size > 0
                 with ctx.storage.open(img.storage_key) as f:
                     assert Image.open(io.BytesIO(f.read())).size == (32, 48)
 
@@ -109,6 +121,7 @@ def test_unreadable_photo_fails_with_a_message(ctx: Context, tenant: Tenant) -> 
     assert job.status == "failed" and job.error is not None
     assert "uploaded photo could not be used" in job.error
     assert str(ctx.storage.root) not in job.error
+    _assert_photos_deleted(ctx, tenant, job_id)
     assert ctx.notify == [job_id]
 
 
@@ -136,4 +149,5 @@ def test_cancel_is_honoured_between_steps(ctx: Context, tenant: Tenant) -> None:
     job = _job(ctx, job_id)
     assert job.status == "canceled" and job.progress_step < 2500
     assert not ctx.storage.path(checkpoint_key(tenant.id, job_id)).exists()
+    _assert_photos_deleted(ctx, tenant, job_id)
     assert ctx.notify == [job_id]

@@ -1,5 +1,5 @@
-"""The ``tuneqdm`` command: build or pretrain a model, quantize, fine-tune, generate, evaluate,
-inspect."""
+"""The ``tuneqdm`` command: build or pretrain a model, quantize, fine-tune, generate, export,
+evaluate, inspect."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from tuneqdm_core.cli import evaluate, models, pretraining, reports
+from tuneqdm_core.cli import evaluate, exporting, models, pretraining, reports
 from tuneqdm_core.configs import UNET_CONFIGS
 from tuneqdm_core.images import ImageError
 from tuneqdm_core.serialization import AdapterFileError
@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_commands(commands)
     pretraining.add_commands(commands)
     evaluate.add_commands(commands)
+    exporting.add_commands(commands)
 
     p = commands.add_parser("sizes", help="bytes of a quantized UNet and of its adapter files")
     p.add_argument("--arch", default="sd1", choices=sorted(UNET_CONFIGS))

@@ -1,0 +1,160 @@
+"""POST /v1/adapters/{id}/exports, GET .../exports and GET .../export: asking a worker for a
+LoRA or a merged UNet, and downloading it once made (the worker side: tests/worker/)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from app import storage as st
+from app.models import AdapterExport, utcnow
+from app.queue import EXPORT_TASK, GENERATE_QUEUE
+from app.storage import LocalStorage
+from tests.api.factories import RecordingSender, make_adapter, make_tenant
+
+
+def _finish(session: Session, storage: LocalStorage, export_id: str, content: bytes) -> None:
+    """What the worker does when an export succeeds."""
+    row = session.get(AdapterExport, export_id)
+    assert row is not None
+    key = st.export_key(row.tenant_id, row.id)
+    storage.put(key, content)
+    row.status, row.storage_key, row.size_bytes = "succeeded", key, len(content)
+    session.commit()
+
+
+def test_ask_poll_download(
+    client: TestClient, session: Session, storage: LocalStorage, sender: RecordingSender
+) -> None:
+    t = make_tenant(session)
+    adapter = make_adapter(session, storage, t.tenant)
+    url = f"/v1/adapters/{adapter.id}"
+    download = f"{url}/export?format=lora&rank=16"
+
+    r = client.get(download, headers=t.headers)
+    assert r.status_code == 404 and f"POST /v1/adapters/{adapter.id}/exports" in r.json()["detail"]
+
+    r = client.post(f"{url}/exports", json={"format": "lora", "rank": 16}, headers=t.headers)
+    assert r.status_code == 202, r.text
+    body = r.json()
+    assert (body["format"], body["rank"], body["interval"], body["status"]) == (
+        "lora",
+        16,
+        "mean",
+        "queued",
+    )
+    assert body["links"]["file"] == f"{url}/export?format=lora&interval=mean&rank=16"
+    assert sender.sent == [(EXPORT_TASK, body["id"], GENERATE_QUEUE)]
+
+    # Asking again for the same variant is the same export, not a second job.
+    again = client.post(f"{url}/exports", json={"format": "lora", "rank": 16}, headers=t.headers)
+    assert again.status_code == 200 and again.json()["id"] == body["id"]
+    assert len(sender.sent) == 1
+
+    r = client.get(download, headers=t.headers)
+    assert r.status_code == 409 and "is queued" in r.json()["detail"]
+
+    _finish(session, storage, body["id"], b"lora bytes" * 1000)
+    r = client.get(body["links"]["file"], headers=t.headers)
+    assert r.status_code == 200 and r.content == b"lora bytes" * 1000
+    assert f"{adapter.id}-lora-r16-mean.safetensors" in r.headers["content-disposition"]
+
+    merged = client.post(f"{url}/exports", json={"format": "merged"}, headers=t.headers).json()
+    listing = client.get(f"{url}/exports", headers=t.headers).json()
+    assert listing["count"] == 2
+    assert [(e["id"], e["status"]) for e in listing["data"]] == [
+        (body["id"], "succeeded"),
+        (merged["id"], "queued"),
+    ]
+
+
+def test_a_failed_export_says_why_and_runs_again_when_asked(
+    client: TestClient, session: Session, storage: LocalStorage, sender: RecordingSender
+) -> None:
+    t = make_tenant(session)
+    adapter = make_adapter(session, storage, t.tenant)
+    url = f"/v1/adapters/{adapter.id}"
+    first = client.post(f"{url}/exports", json={"format": "merged"}, headers=t.headers).json()
+    row = session.get(AdapterExport, first["id"])
+    assert row is not None
+    row.status, row.error = "failed", "the GPU ran out of memory while running the export"
+    session.commit()
+
+    r = client.get(f"{url}/export?format=merged", headers=t.headers)
+    assert r.status_code == 409 and "ran out of memory" in r.json()["detail"]
+    again = client.post(f"{url}/exports", json={"format": "merged"}, headers=t.headers)
+    assert again.status_code == 202 and again.json()["id"] == first["id"]
+    assert again.json()["status"] == "queued" and again.json()["error"] is None
+    assert [object_id for _, object_id, _ in sender.sent] == [first["id"], first["id"]]
+
+    # Running, but its worker has said nothing for longer than TUNEQDM_STALE_AFTER_S (it died):
+    # asking again queues it again; a fresh running export is left alone.
+    session.expire_all()
+    row = session.get(AdapterExport, first["id"])
+    assert row is not None
+    row.status = "running"
+    session.commit()
+    fresh = client.post(f"{url}/exports", json={"format": "merged"}, headers=t.headers)
+    assert fresh.status_code == 200 and fresh.json()["status"] == "running"
+    session.execute(
+        update(AdapterExport)
+        .where(AdapterExport.id == first["id"])
+        .values(updated_at=utcnow() - timedelta(hours=1))
+    )
+    session.commit()
+    stale = client.post(f"{url}/exports", json={"format": "merged"}, headers=t.headers)
+    assert stale.status_code == 202 and stale.json()["status"] == "queued"
+    assert len(sender.sent) == 3
+
+
+def test_bad_requests_say_what_to_fix_and_store_nothing(
+    client: TestClient, session: Session, storage: LocalStorage, sender: RecordingSender
+) -> None:
+    t = make_tenant(session)
+    other = make_tenant(session)
+    adapter = make_adapter(session, storage, t.tenant)  # 2 intervals
+    url = f"/v1/adapters/{adapter.id}/exports"
+    cases = [
+        ({"format": "lora"}, "rank is required for format=lora"),
+        ({"format": "merged", "rank": 4}, "rank applies to format=lora only"),
+        ({"format": "lora", "rank": 129}, "above this service's largest export rank (128"),
+        ({"format": "lora", "rank": 4, "interval": "2"}, "this adapter has 2 interval(s)"),
+        ({"format": "lora", "rank": 4, "interval": "last"}, "interval must be 'mean' or an"),
+        ({"format": "onnx"}, "format"),
+        ({"format": "lora", "rank": 0}, "rank"),
+    ]
+    for payload, message in cases:
+        r = client.post(url, json=payload, headers=t.headers)
+        assert r.status_code == 422, payload
+        assert message in str(r.json()["detail"]), (payload, r.json())
+    r = client.post(url, json={"format": "merged"}, headers=other.headers)
+    assert r.status_code == 404
+    r = client.get(f"/v1/adapters/{adapter.id}/export?format=lora", headers=t.headers)
+    assert r.status_code == 422 and "rank is required" in str(r.json()["detail"])
+
+    sender.fail = True
+    r = client.post(url, json={"format": "merged"}, headers=t.headers)
+    assert r.status_code == 503 and "nothing was stored" in r.json()["detail"]
+    assert session.scalar(select(func.count()).select_from(AdapterExport)) == 0
+    assert sender.sent == []
+
+
+def test_deleting_the_adapter_deletes_its_exports(
+    client: TestClient, session: Session, storage: LocalStorage
+) -> None:
+    t = make_tenant(session)
+    adapter = make_adapter(session, storage, t.tenant)
+    url = f"/v1/adapters/{adapter.id}"
+    made = client.post(f"{url}/exports", json={"format": "lora", "rank": 2}, headers=t.headers)
+    _finish(session, storage, made.json()["id"], b"x")
+    key = st.export_key(t.tenant.id, made.json()["id"])
+    assert storage.exists(key)
+
+    assert client.delete(url, headers=t.headers).status_code == 204
+    assert not storage.exists(key)
+    session.expire_all()
+    assert session.scalar(select(func.count()).select_from(AdapterExport)) == 0
+    assert client.get(f"{url}/exports", headers=t.headers).status_code == 404
