@@ -149,6 +149,9 @@ class FinetuneJob(Base):
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # Step the last run resumed from (0: from scratch), so resuming is visible.
     resumed_from_step: Mapped[int | None] = mapped_column(Integer)
+    # Claims so far (worker/jobs.py): capped by TUNEQDM_MAX_ATTEMPTS, and part of the paths of
+    # the files an attempt writes, so two attempts never write the same file.
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # Seconds the job may run counted from started_at (TUNEQDM_FINETUNE_TIME_LIMIT_S at
     # submit), enforced by the worker; null on jobs submitted before the limit existed.
     time_limit_s: Mapped[float | None] = mapped_column(Float)
@@ -240,6 +243,7 @@ class GenerationJob(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     lease_owner: Mapped[str | None] = mapped_column(String(100))
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # As on finetune_jobs, from TUNEQDM_GENERATION_TIME_LIMIT_S.
     time_limit_s: Mapped[float | None] = mapped_column(Float)
 

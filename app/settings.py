@@ -156,6 +156,21 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(default=5.0, gt=0)
     stale_after_s: float = Field(default=60.0, gt=0)
     sweep_every_s: float = Field(default=30.0, gt=0)
+    # A claim counts an attempt; the claim after the last allowed one fails the job with the
+    # cause, so a job that kills its worker (out of memory, a driver fault) cannot loop forever.
+    max_attempts: int = Field(default=3, ge=1)
+    # The sweep also re-sends a message for queued jobs older than this when the queue holds
+    # fewer messages than there are queued jobs (a publish lost between commit and send).
+    requeue_after_s: float = Field(default=60.0, gt=0)
+    # Watchdog: a job that reports no progress for this long stops renewing its lease; its
+    # worker gives the job up for a retry and restarts its process.
+    progress_timeout_s: float = Field(default=600.0, gt=0)
+    # A task that cannot reach the database retries after this delay, doubling each time.
+    db_retry_s: float = Field(default=2.0, gt=0)
+    # Orphan-file collector: removes files that no row owns, at most this often, and only files
+    # older than collect_after_s (a file being published is younger).
+    collect_every_s: float = Field(default=3600.0, gt=0)
+    collect_after_s: float = Field(default=3600.0, ge=0)
     # Generations of different adapters that share steps/size/scheduler run in one loop.
     generation_batch_size: int = Field(default=8, ge=1)
     # Autocast dtype of sampling: half precision halves activation traffic on a GPU; "auto" is

@@ -90,6 +90,17 @@ def test_worker_reserves_a_gpu_and_caches_the_model() -> None:
     assert "--pool=solo" in worker["command"]
 
 
+def test_worker_gets_time_to_checkpoint_on_stop_and_restarts() -> None:
+    worker = SERVICES["worker"]
+    # docker's default of 10 s can cut a generation or a checkpoint short; then the job waits
+    # for its lease to run out instead of being resumed at once.
+    grace = re.fullmatch(r"(\d+)(s|m)", worker["stop_grace_period"])
+    assert grace is not None, worker["stop_grace_period"]
+    assert int(grace.group(1)) * (60 if grace.group(2) == "m" else 1) >= 60
+    # A worker whose job stalled exits for its restart (worker/jobs.py STALLED_EXIT).
+    assert worker["restart"] in ("unless-stopped", "always", "on-failure")
+
+
 def test_flower_is_an_optional_profile_on_the_same_broker() -> None:
     flower = SERVICES["flower"]
     assert flower["profiles"] == ["monitoring"]

@@ -305,9 +305,11 @@ def _prepare(
 
 def _atomic_save(obj: Any, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     try:
-        torch.save(obj, tmp)
+        # Through a Python file object, so a full disk raises OSError(ENOSPC) (as the
+        # exception's context) instead of only torch's "unexpected pos" RuntimeError.
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -521,14 +523,18 @@ def finetune(
     progress: Callable[[Progress], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
     on_class_images: Callable[[int, int], None] | None = None,
+    should_pause: Callable[[], bool] | None = None,
 ) -> FinetuneResult:
     """Fine-tune on ``subjects`` (several subjects share one adapter, each with its own token).
 
     With ``checkpoint_dir``, the state is saved every ``config.checkpoint_every`` steps and a
     checkpoint found there is resumed from. ``cache_dir`` keeps generated class images.
     ``should_cancel`` is asked before every UNet block (training and class images) and
-    between steps; when true, :class:`FinetuneCanceled` is raised. ``on_class_images(done,
-    total)`` reports the class images of prior preservation as they are made.
+    between steps; when true, :class:`FinetuneCanceled` is raised. ``should_pause`` is asked
+    after every step only: when true, the state is checkpointed and FinetuneCanceled raised, so
+    a resumed run continues exactly where this one paused (a worker asked to stop).
+    ``on_class_images(done, total)`` reports the class images of prior preservation as they are
+    made.
     """
     if not subjects:
         raise ValueError("no subjects given")
@@ -574,8 +580,13 @@ def finetune(
                 rate = elapsed / max(1, run.step - resumed_from)
                 eta = rate * (config.steps - run.step)
                 progress(Progress(run.step, config.steps, run.losses[-1], elapsed, eta))
-            if checkpoint is not None and _checkpoint_due(config, run.step):
+            due = _checkpoint_due(config, run.step)
+            if checkpoint is not None and due:
                 _save_checkpoint(run, checkpoint, config, base)
+            if should_pause is not None and run.step < config.steps and should_pause():
+                if checkpoint is not None and not due:
+                    _save_checkpoint(run, checkpoint, config, base)
+                raise FinetuneCanceled(run.step)
     if run.adapter is not None:
         run.adapter.requires_grad_(False)
     return FinetuneResult(

@@ -5,19 +5,26 @@ Start one worker process per GPU (prefetch 1, tasks acknowledged only after they
     celery -A worker.celery_app worker --pool=solo -Q finetune,generate,webhooks
 
 Nothing here imports torch; the model loads lazily on the first task (worker/runtime.py).
+Each worker also runs the sweep (below): stale leases, queued jobs without a message, orphan
+files. SIGTERM (`docker stop`) makes a running fine-tune checkpoint and give its job back.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
+import time
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
+from sqlalchemy.orm import Session, sessionmaker
 
 import worker.logs  # noqa: F401  (JSON log lines, docs/deployment.md "Logs")
+from app.db import engine_from_settings, make_sessionmaker
 from app.queue import (
     FINETUNE_QUEUE,
     FINETUNE_TASK,
@@ -71,8 +78,22 @@ settings = get_settings()
 app = create_celery(settings)
 
 
+@lru_cache(maxsize=1)
+def sessions() -> sessionmaker[Session]:
+    """The worker process's database sessions (tasks and the sweep share the engine)."""
+    return make_sessionmaker(engine_from_settings(settings))
+
+
+def job_route(model: Any) -> tuple[str, str]:
+    """(task name, queue) of a job table's messages."""
+    if model.__tablename__ == "finetune_jobs":
+        return FINETUNE_TASK, FINETUNE_QUEUE
+    return GENERATE_TASK, GENERATE_QUEUE
+
+
 class _Sweeper:
-    """Requeues jobs whose worker died (stale heartbeat): at worker start, then on a timer."""
+    """At worker start, then on a timer: requeue jobs whose worker died (stale heartbeat), send
+    messages for queued jobs that have none, and (less often) remove files no row owns."""
 
     def __init__(self) -> None:
         self.stop = threading.Event()
@@ -84,23 +105,40 @@ class _Sweeper:
 
     def _run(self) -> None:
         from app.queue import CelerySender
-        from worker.jobs import sweep_stale
-        from worker.tasks import sessions
+        from worker.files import collect_orphans
+        from worker.jobs import reconcile_queued, sweep_stale
 
         # Its own broker connection: the task thread's producer is not shared across threads.
         sender = CelerySender(settings.resolved_broker_url, timeout_s=settings.broker_timeout_s)
 
         def enqueue(model: Any, job_id: str) -> None:
-            if model.__tablename__ == "finetune_jobs":
-                sender.send(FINETUNE_TASK, job_id, queue=FINETUNE_QUEUE)
-            else:
-                sender.send(GENERATE_TASK, job_id, queue=GENERATE_QUEUE)
+            task, queue = job_route(model)
+            sender.send(task, job_id, queue=queue)
 
+        def backlog(model: Any) -> int:
+            _, queue = job_route(model)
+            with sender.celery.connection_for_write() as conn:
+                return int(conn.default_channel.queue_declare(queue=queue).message_count)
+
+        next_collect = time.monotonic()
         while True:
             try:
                 sweep_stale(sessions(), stale_after_s=settings.stale_after_s, enqueue=enqueue)
+                reconcile_queued(
+                    sessions(),
+                    older_than_s=settings.requeue_after_s,
+                    backlog=backlog,
+                    enqueue=enqueue,
+                )
+                if time.monotonic() >= next_collect:
+                    next_collect = time.monotonic() + settings.collect_every_s
+                    collect_orphans(
+                        sessions(),
+                        settings.resolved_storage_dir,
+                        older_than_s=settings.collect_after_s,
+                    )
             except Exception:
-                log.exception("stale-job sweep failed; trying again later")
+                log.exception("job sweep failed; trying again later")
             if self.stop.wait(settings.sweep_every_s):
                 return
 
@@ -116,11 +154,19 @@ def _start_sweeper(sender: Any = None, **_: Any) -> None:
     # Workers that consume the webhooks queue also send what the outbox holds (due retries,
     # deliveries whose sender died); the GPU-only workers never make outbound requests.
     if sender is not None and WEBHOOK_QUEUE in sender.app.amqp.queues.consume_from:
-        from worker.tasks import sessions
         from worker.webhooks import DeliverySweeper
 
         _delivery_sweeper = DeliverySweeper(settings, sessions)
         _delivery_sweeper.start()
+
+
+@worker_shutting_down.connect
+def _stop_jobs(sender: Any = None, **_: Any) -> None:
+    # Celery's warm shutdown waits for the running task; this makes a fine-tune checkpoint and
+    # give its job back between two steps instead of running to the end.
+    from worker.jobs import SHUTDOWN
+
+    SHUTDOWN.set()
 
 
 @worker_shutdown.connect
@@ -136,3 +182,18 @@ def _serve_metrics(sender: Any = None, **_: Any) -> None:
     from worker import metrics
 
     metrics.serve(settings.worker_metrics_port)
+
+
+def restart_stalled(model: Any, job_id: str) -> None:
+    """A job's watchdog fired (worker/jobs.py Lease): send its message again and end this
+    process at once; its thread may be stuck where nothing else can stop it."""
+    task, queue = job_route(model)
+    try:
+        app.send_task(task, args=[job_id], queue=queue)
+    except Exception:
+        log.exception("could not send %s again; the reconciler will", job_id)
+    from worker.jobs import STALLED_EXIT
+
+    log.critical("job %s stalled; restarting this worker process", job_id)
+    logging.shutdown()
+    os._exit(STALLED_EXIT)

@@ -31,6 +31,7 @@ from app.services import keys
 from app.services.webhook_secrets import current_secret
 from app.settings import Settings, get_settings
 from worker.bases import folder_info
+from worker.jobs import STALLED_EXIT
 
 ROOT = Path(__file__).resolve().parent.parent
 API_COMMAND = [sys.executable, "-m", "uvicorn", "--factory", "app.main:create_app"]
@@ -146,6 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     code = 0
     while not stop.wait(0.5):
+        if worker.poll() == STALLED_EXIT:
+            # Its job made no progress for TUNEQDM_PROGRESS_TIMEOUT_S and was given back.
+            _say("the worker gave up a stalled job; starting it again")
+            worker = subprocess.Popen(WORKER_COMMAND, start_new_session=True)
+            children = [api, worker]
         exited = [c for c in children if c.poll() is not None]
         if exited:
             _say(f"error: a service process exited with code {exited[0].returncode}; stopping")

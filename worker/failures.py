@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 OOM_HINT = (
@@ -36,3 +37,30 @@ def user_message(exc: BaseException, *, storage_root: Path, what: str) -> str:
         f"the worker failed while running the {what} ({type(exc).__name__}); it has been "
         "logged, submit the job again or contact the operator"
     )
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen:
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return seen
+
+
+def transient_reason(exc: BaseException) -> str | None:
+    """Why `exc` is an infrastructure fault worth another attempt (None: it is not).
+
+    A database blip or a full disk is the service's fault, not the job's: the job goes back to
+    the queue (its checkpoint kept) instead of failing for good. Out of memory is not retried.
+    """
+    from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
+
+    for error in _chain(exc):
+        if isinstance(error, OperationalError | InterfaceError | DisconnectionError):
+            return "the worker lost its connection to the database; retrying"
+        no_space = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+        # safetensors reports the OS error in its message only.
+        if no_space or "No space left on device" in str(error):
+            return "the worker's disk was full while saving this job's files; retrying"
+    return None

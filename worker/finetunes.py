@@ -1,7 +1,8 @@
 """A fine-tune job row → `tuneqdm_core.finetune` → an adapter file and row.
 
 `run_finetune` is what the Celery task calls; it takes everything it uses as arguments, so
-tests run it in-process without a broker.
+tests run it in-process without a broker. Its message is a token (worker/jobs.py): it runs the
+fairest queued fine-tune, which is the message's own job unless others wait.
 """
 
 from __future__ import annotations
@@ -25,8 +26,19 @@ from app.services.retention import finetune_ended
 from app.settings import Settings
 from worker import metrics
 from worker.bounds import Deadline, stop_check
-from worker.failures import user_message
-from worker.jobs import Lease, ProgressWriter, claim, finish_owned, new_owner
+from worker.failures import transient_reason, user_message
+from worker.files import adapter_attempt_key, checkpoint_key
+from worker.jobs import (
+    SHUTDOWN,
+    JobModel,
+    Lease,
+    ProgressWriter,
+    attempts_exhausted,
+    claim_next,
+    finish_owned,
+    new_owner,
+    release_owned,
+)
 from worker.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -40,23 +52,41 @@ BASE_FAILED = (
 
 @dataclass
 class Context:
-    """What a task needs from its process: settings, database, storage, the model runtime and
+    """What a task needs from its process: settings, database, storage, the model runtime,
     `notify`, a callable taking a job id that asks for its webhook's first attempt now (the
-    delivery row itself is written with the job's final state; the sweep is the safety net)."""
+    delivery row itself is written with the job's final state; the sweep is the safety net),
+    what sends a message for a job given back to the queue (`requeue`; without it the sweep's
+    reconciler sends one later), and what a stalled job's watchdog does to its process
+    (`on_stall`: restart it)."""
 
     settings: Settings
     sessions: sessionmaker[Session]
     storage: st.LocalStorage
     runtime: Runtime
     notify: Callable[[str], None]
+    requeue: Callable[[JobModel, str], None] | None = None
+    on_stall: Callable[[JobModel, str], None] | None = None
 
-
-def checkpoint_key(tenant_id: str, job_id: str) -> str:
-    return st.check_key(f"tenants/{tenant_id}/finetunes/{job_id}/checkpoint")
+    def release(self, model: JobModel, job_id: str, owner: str, reason: str | None) -> None:
+        """Give the job back for another attempt (one that does not count when `reason` is
+        None: the worker is stopping) and send its message at once."""
+        try:
+            released = release_owned(
+                self.sessions, model, job_id, owner, reason=reason, counts=reason is not None
+            )
+        except Exception:
+            # The database is gone too: the lease runs out and the sweep requeues the job.
+            log.exception("could not release %s", job_id)
+            return
+        if released and self.requeue is not None:
+            try:
+                self.requeue(model, job_id)
+            except Exception:
+                log.exception("could not send %s again; the reconciler will", job_id)
 
 
 def adapter_id_for(job_id: str) -> str:
-    # One adapter per job, the same id on every attempt: a retried save overwrites its own file.
+    # One adapter per job, the same id on every attempt (each attempt's file has its own name).
     return "ad_" + job_id.removeprefix("ft_")
 
 
@@ -106,21 +136,40 @@ def _fail(ctx: Context, job: FinetuneJob, owner: str, message: str) -> None:
 
 
 def run_finetune(job_id: str, ctx: Context) -> str:
-    """Run one fine-tune job; returns what happened (for logs and tests)."""
+    """Run the fairest queued fine-tune (`job_id` is the message's); returns what happened
+    (for logs and tests)."""
     with ctx.sessions() as session:
         job = session.get(FinetuneJob, job_id)
-        if job is None:
-            return "missing"  # the API removed it after a failed publish
-        if job.status in TERMINAL:
-            if job.status == "canceled" and job.started_at is None:
-                ctx.notify(job.id)  # canceled while queued: the API wrote its webhook row
-                finetune_ended(ctx.sessions, ctx.storage, ctx.settings, job.tenant_id, job.id)
-            return f"skipped ({job.status})"
-        owner = new_owner()
-        if not claim(session, FinetuneJob, job_id, owner, stale_after_s=ctx.settings.stale_after_s):
-            return "skipped (held by another worker)"
-        session.refresh(job)
-        image_keys = [img.storage_key for img in job.images]
+        if job is not None and job.status == "canceled" and job.started_at is None:
+            ctx.notify(job.id)  # canceled while queued: the API wrote its webhook row
+            finetune_ended(ctx.sessions, ctx.storage, ctx.settings, job.tenant_id, job.id)
+    while True:
+        with ctx.sessions() as session:
+            owner = new_owner()
+            stale = ctx.settings.stale_after_s
+            claimed = claim_next(session, FinetuneJob, owner, stale_after_s=stale, hint=job_id)
+            if claimed is None:
+                job = session.get(FinetuneJob, job_id)
+                if job is None:
+                    return "missing"  # the API removed it after a failed publish
+                if job.status in TERMINAL:
+                    return f"skipped ({job.status})"
+                return "skipped (held by another worker)"
+            claimed_id, attempt = claimed
+            run = session.get(FinetuneJob, claimed_id)
+            assert run is not None
+            session.refresh(run)
+            image_keys = [img.storage_key for img in run.images]
+        exhausted = attempts_exhausted(attempt, ctx.settings.max_attempts, run.error)
+        if exhausted is None:
+            return _run_claimed(ctx, run, owner, attempt, image_keys)
+        # This token is not spent yet: fail the job and look for the next one.
+        _fail(ctx, run, owner, exhausted)
+
+
+def _run_claimed(
+    ctx: Context, job: FinetuneJob, owner: str, attempt: int, image_keys: list[str]
+) -> str:
     params = FinetuneParams.model_validate(job.params)
     refusal = _refusal(params, ctx.settings)
     if refusal is not None:
@@ -128,7 +177,13 @@ def run_finetune(job_id: str, ctx: Context) -> str:
         return "failed"
 
     with Lease(
-        ctx.sessions, FinetuneJob, job_id, owner, heartbeat_s=ctx.settings.heartbeat_s
+        ctx.sessions,
+        FinetuneJob,
+        job.id,
+        owner,
+        heartbeat_s=ctx.settings.heartbeat_s,
+        progress_timeout_s=ctx.settings.progress_timeout_s,
+        on_stall=ctx.on_stall,
     ) as lease:
         try:
             _ = ctx.runtime.base
@@ -138,23 +193,43 @@ def run_finetune(job_id: str, ctx: Context) -> str:
             _fail(ctx, job, owner, BASE_FAILED)
             return "failed"
         try:
-            outcome = _train(ctx, job, params, image_keys, lease)
+            result = _train(ctx, job, params, image_keys, lease)
+            if isinstance(result, str):
+                return result  # ended by its time limit
+            if result is None:
+                return _after_stop(ctx, job, lease)
+            if not publish_adapter(ctx, job, params, result, owner, attempt):
+                return _after_stop(ctx, job, lease)
         except Exception as exc:
-            log.exception("fine-tune %s raised", job_id)
+            reason = transient_reason(exc)
+            if reason is not None:
+                log.warning("fine-tune %s hit a transient fault", job.id, exc_info=True)
+                ctx.release(FinetuneJob, job.id, owner, reason)
+                return "released"
+            log.exception("fine-tune %s raised", job.id)
             _fail(
                 ctx, job, owner, user_message(exc, storage_root=ctx.storage.root, what="fine-tune")
             )
             return "failed"
-    return outcome
+    shutil.rmtree(ctx.storage.path(checkpoint_key(job.tenant_id, job.id)), ignore_errors=True)
+    log.info(
+        "fine-tune %s succeeded in %.1f s (resumed from step %d)",
+        job.id,
+        result.seconds,
+        result.resumed_from,
+    )
+    ctx.notify(job.id)
+    finetune_ended(ctx.sessions, ctx.storage, ctx.settings, job.tenant_id, job.id)
+    return "succeeded"
 
 
 def _train(
     ctx: Context, job: FinetuneJob, params: FinetuneParams, image_keys: list[str], lease: Lease
-) -> str:
+) -> Any:
+    """Train (resuming from the job's checkpoint); the core's FinetuneResult, or None when the
+    run stopped early (canceled, lease lost, worker stopping or stalled)."""
     from tuneqdm_core.finetune import FinetuneCanceled, Subject, finetune
-    from tuneqdm_core.serialization import save_adapter
 
-    base = ctx.runtime.base
     checkpoint_dir = ctx.storage.path(checkpoint_key(job.tenant_id, job.id))
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     subject = Subject(
@@ -167,6 +242,10 @@ def _train(
     deadline = Deadline(job.started_at, job.time_limit_s, "TUNEQDM_FINETUNE_TIME_LIMIT_S")
     first = True
     last = time.perf_counter()
+
+    def class_images(done: int, total: int) -> None:
+        lease.touch()  # each chunk of class images is progress too
+        log.info("fine-tune %s: class images %d/%d", job.id, done, total)
 
     def progress(p: Any) -> None:
         nonlocal first, last
@@ -182,17 +261,17 @@ def _train(
             write(p.step, p.total, p.loss)
 
     try:
-        result = finetune(
-            base,
+        return finetune(
+            ctx.runtime.base,
             [subject],
             config,
             checkpoint_dir=checkpoint_dir,
             cache_dir=ctx.settings.resolved_quant_cache_dir / "class-images",
             progress=progress,
             should_cancel=stop_check(lease.should_stop, deadline),
-            on_class_images=lambda done, total: log.info(
-                "fine-tune %s: class images %d/%d", job.id, done, total
-            ),
+            on_class_images=class_images,
+            # A worker asked to stop saves the step it is at, so the next one loses nothing.
+            should_pause=SHUTDOWN.is_set,
         )
     except FinetuneCanceled as stop:
         if deadline.passed() and not lease.should_stop():
@@ -200,77 +279,89 @@ def _train(
             _fail(ctx, job, lease.owner, deadline.message("fine-tune", "fewer steps"))
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
             return "failed"
-        log.info("fine-tune %s stopped at step %d (canceled or taken over)", job.id, stop.step)
-        _after_stop(ctx, job)
-        return "stopped"
+        log.info("fine-tune %s stopped at step %d", job.id, stop.step)
+        return None
+
+
+def publish_adapter(
+    ctx: Context, job: FinetuneJob, params: FinetuneParams, result: Any, owner: str, attempt: int
+) -> bool:
+    """Publish the trained adapter: its file under this attempt's own name (written to a
+    temporary file and renamed), then, in one transaction, the `adapters` row and the job's
+    `succeeded`, only while `owner` holds the lease. False (and this attempt's file removed)
+    when the lease was lost; on an exception the file is removed too."""
+    from tuneqdm_core.serialization import save_adapter
 
     trained = result.adapter
     if trained is None:  # only method=full returns no adapter, refused above
         raise RuntimeError("finetune() returned no adapter")
     adapter_id = adapter_id_for(job.id)
-    key = st.adapter_key(job.tenant_id, adapter_id)
+    key = adapter_attempt_key(job.tenant_id, adapter_id, attempt)
     path = ctx.storage.path(key)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_adapter(
-        trained,
-        path,
-        extra={"tokens": [job.token], "instance_prompt": job.instance_prompt, "job": job.id},
-    )
-    with ctx.sessions() as session:
-        # Only the lease holder may finish the job; the row and the status change commit
-        # together, so an adapter row always comes with a succeeded job.
-        done = finish_owned(
-            session,
-            FinetuneJob,
-            job.id,
-            lease.owner,
-            "succeeded",
-            progress_step=params.steps,
-            loss=result.losses[-1] if result.losses else None,
-            resumed_from_step=result.resumed_from,
+    try:
+        save_adapter(
+            trained,
+            path,
+            extra={"tokens": [job.token], "instance_prompt": job.instance_prompt, "job": job.id},
         )
-        if done:
-            session.execute(delete(Adapter).where(Adapter.id == adapter_id))
-            session.add(
-                Adapter(
-                    id=adapter_id,
-                    tenant_id=job.tenant_id,
-                    finetune_job_id=job.id,
-                    name=job.name,
-                    method=params.method,
-                    bits=trained.bits,
-                    intervals=trained.config.intervals,
-                    tokens=[job.token],
-                    size_bytes=path.stat().st_size,
-                    base_model=ctx.settings.base_model,
-                    base_fingerprint=base.fingerprint,
-                    storage_key=key,
-                )
+        with ctx.sessions() as session:
+            # The row and the status change commit together, so an adapter row always comes
+            # with a succeeded job.
+            done = finish_owned(
+                session,
+                FinetuneJob,
+                job.id,
+                owner,
+                "succeeded",
+                error=None,
+                progress_step=params.steps,
+                loss=result.losses[-1] if result.losses else None,
+                resumed_from_step=result.resumed_from,
             )
-            record_final(session, FinetuneJob, job.id)
-        session.commit()
+            if done:
+                session.execute(delete(Adapter).where(Adapter.id == adapter_id))
+                session.add(
+                    Adapter(
+                        id=adapter_id,
+                        tenant_id=job.tenant_id,
+                        finetune_job_id=job.id,
+                        name=job.name,
+                        method=params.method,
+                        bits=trained.bits,
+                        intervals=trained.config.intervals,
+                        tokens=[job.token],
+                        size_bytes=path.stat().st_size,
+                        base_model=ctx.settings.base_model,
+                        base_fingerprint=ctx.runtime.base.fingerprint,
+                        storage_key=key,
+                    )
+                )
+                record_final(session, FinetuneJob, job.id)
+            session.commit()
+    except BaseException:
+        ctx.storage.delete(key)
+        raise
     if not done:
         ctx.storage.delete(key)
-        _after_stop(ctx, job)
-        return "stopped"
-    shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    log.info(
-        "fine-tune %s succeeded in %.1f s (resumed from step %d)",
-        job.id,
-        result.seconds,
-        result.resumed_from,
-    )
-    ctx.notify(job.id)
-    finetune_ended(ctx.sessions, ctx.storage, ctx.settings, job.tenant_id, job.id)
-    return "succeeded"
+    return done
 
 
-def _after_stop(ctx: Context, job: FinetuneJob) -> None:
-    """A canceled job drops its checkpoint and tells its webhook; a taken-over one does nothing
-    (its new worker continues from the checkpoint)."""
+def _after_stop(ctx: Context, job: FinetuneJob, lease: Lease) -> str:
+    """A run that stopped early: a canceled job drops its checkpoint and tells its webhook; a
+    stopping worker gives the job back (not counted as an attempt) for the next worker to
+    resume at once; a stalled one was given back by its watchdog; a taken-over one does
+    nothing (its new worker continues from the checkpoint)."""
+    if lease.stalled.is_set():
+        return "stalled"
     with ctx.sessions() as session:
         status = session.get(FinetuneJob, job.id)
         if status is not None and status.status == "canceled":
             shutil.rmtree(ctx.storage.path(checkpoint_key(job.tenant_id, job.id)), True)
             ctx.notify(job.id)
-    finetune_ended(ctx.sessions, ctx.storage, ctx.settings, job.tenant_id, job.id)
+            finetune_ended(ctx.sessions, ctx.storage, ctx.settings, job.tenant_id, job.id)
+            return "stopped"
+    if SHUTDOWN.is_set() and not lease.lost.is_set():
+        ctx.release(FinetuneJob, job.id, lease.owner, None)
+        return "released"
+    return "stopped"

@@ -3,7 +3,7 @@
 Batching (docs/design.md): the task that starts first also claims other queued generations that can
 share its denoising loop (same steps, size and scheduler), up to TUNEQDM_GENERATION_BATCH_SIZE,
 whatever their adapters; each adapter goes into a slot of the worker's one ScaleBank. The
-claimed jobs' own messages later find them finished and skip.
+claimed jobs' own messages later claim other queued generations, or find nothing and end.
 """
 
 from __future__ import annotations
@@ -13,31 +13,37 @@ import logging
 from contextlib import ExitStack
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app import storage as st
 from app.models import Adapter, GeneratedImage, GenerationJob
 from app.outbox import record_final
-from app.services.retention import discard_generation_files
 from worker import metrics
 from worker.bounds import Deadline, stop_check
-from worker.failures import user_message
+from worker.failures import transient_reason, user_message
+from worker.files import generated_image_attempt_key
 from worker.finetunes import TERMINAL, Context
-from worker.jobs import Lease, claim, finish_owned, new_owner
+from worker.jobs import Lease, attempts_exhausted, claim, claim_next, finish_owned, new_owner
 
 log = logging.getLogger(__name__)
 
 
-def _claim_batch(session: Session, first: GenerationJob, owner: str, ctx: Context) -> list[str]:
+def _claim_batch(
+    session: Session, first: GenerationJob, attempt: int, owner: str, ctx: Context
+) -> list[tuple[str, int]]:
     """`first` (already claimed) plus queued jobs that can share its loop, claimed one by one
-    (a job another worker claims first is simply not part of this batch)."""
-    if ctx.settings.generation_batch_size <= 1:
-        return [first.id]
+    (a job another worker claims first is simply not part of this batch), as (id, attempt).
+
+    A job on its second attempt or later may be the one that killed its worker: it runs
+    alone, and only first attempts join a batch, so a poison job never drags other tenants'
+    generations along more than once."""
+    if ctx.settings.generation_batch_size <= 1 or attempt > 1:
+        return [(first.id, attempt)]
     candidates = session.scalars(
         select(GenerationJob.id)
         .where(
             GenerationJob.status == "queued",
+            GenerationJob.attempts == 0,
             GenerationJob.id != first.id,
             GenerationJob.base_model == first.base_model,
             GenerationJob.steps == first.steps,
@@ -49,53 +55,71 @@ def _claim_batch(session: Session, first: GenerationJob, owner: str, ctx: Contex
         .limit(ctx.settings.generation_batch_size - 1)
     ).all()
     stale = ctx.settings.stale_after_s
-    return [first.id] + [
-        job_id
-        for job_id in candidates
-        if claim(session, GenerationJob, job_id, owner, stale_after_s=stale)
-    ]
+    batch = [(first.id, attempt)]
+    for job_id in candidates:
+        won = claim(session, GenerationJob, job_id, owner, stale_after_s=stale)
+        if won is not None:
+            batch.append((job_id, won))
+    return batch
 
 
 def run_generation(generation_id: str, ctx: Context) -> str:
-    """Run a generation and whatever joins its batch; returns what happened."""
-    with ctx.sessions() as session:
-        gen = session.get(GenerationJob, generation_id)
-        if gen is None:
-            return "missing"
-        if gen.status in TERMINAL:
-            return f"skipped ({gen.status})"
-        owner = new_owner()
-        stale = ctx.settings.stale_after_s
-        if not claim(session, GenerationJob, generation_id, owner, stale_after_s=stale):
-            return "skipped (held by another worker)"
-        session.refresh(gen)
-        ids = _claim_batch(session, gen, owner, ctx)
-        jobs = [session.get(GenerationJob, job_id) for job_id in ids]
-        for job in jobs:
-            assert job is not None
-            session.refresh(job)
-        adapters = {
-            a.id: (a.tenant_id, a.storage_key)
-            for a in session.scalars(
-                select(Adapter).where(
-                    Adapter.id.in_({j.adapter_id for j in jobs if j and j.adapter_id})
-                )
+    """Run the fairest queued generation (`generation_id` is the message's) and whatever
+    joins its batch; returns what happened."""
+    while True:
+        with ctx.sessions() as session:
+            owner = new_owner()
+            stale = ctx.settings.stale_after_s
+            claimed = claim_next(
+                session, GenerationJob, owner, stale_after_s=stale, hint=generation_id
             )
-        }
-    with ExitStack() as stack:
-        leases = {
-            job_id: stack.enter_context(
-                Lease(
-                    ctx.sessions,
-                    GenerationJob,
-                    job_id,
-                    owner,
-                    heartbeat_s=ctx.settings.heartbeat_s,
+            if claimed is None:
+                gen = session.get(GenerationJob, generation_id)
+                if gen is None:
+                    return "missing"
+                if gen.status in TERMINAL:
+                    return f"skipped ({gen.status})"
+                return "skipped (held by another worker)"
+            first = session.get(GenerationJob, claimed[0])
+            assert first is not None
+            session.refresh(first)
+            exhausted = attempts_exhausted(claimed[1], ctx.settings.max_attempts, first.error)
+            if exhausted is not None:
+                # This token is not spent yet: fail the job and look for the next one.
+                _fail(ctx, first.id, owner, exhausted)
+                continue
+            batch = _claim_batch(session, first, claimed[1], owner, ctx)
+            jobs = []
+            for job_id, _ in batch:
+                job = session.get(GenerationJob, job_id)
+                assert job is not None
+                session.refresh(job)
+                jobs.append(job)
+            adapters = {
+                a.id: (a.tenant_id, a.storage_key)
+                for a in session.scalars(
+                    select(Adapter).where(
+                        Adapter.id.in_({j.adapter_id for j in jobs if j.adapter_id})
+                    )
                 )
-            )
-            for job_id in ids
-        }
-        return _generate(ctx, [j for j in jobs if j is not None], adapters, owner, leases)
+            }
+        attempts = dict(batch)
+        with ExitStack() as stack:
+            leases = {
+                job_id: stack.enter_context(
+                    Lease(
+                        ctx.sessions,
+                        GenerationJob,
+                        job_id,
+                        owner,
+                        heartbeat_s=ctx.settings.heartbeat_s,
+                        progress_timeout_s=ctx.settings.progress_timeout_s,
+                        on_stall=ctx.on_stall,
+                    )
+                )
+                for job_id in attempts
+            }
+            return _generate(ctx, jobs, adapters, owner, leases, attempts)
 
 
 def _fail(ctx: Context, job_id: str, owner: str, message: str) -> None:
@@ -129,6 +153,7 @@ def _generate(
     adapters: dict[str, tuple[str, str]],
     owner: str,
     leases: dict[str, Lease],
+    attempts: dict[str, int],
 ) -> str:
     from tuneqdm_core.cancel import Canceled
     from tuneqdm_core.generate import GenerationRequest, generate
@@ -220,17 +245,35 @@ def _generate(
         if leases[job.id].should_stop():
             _stopped(ctx, job.id, owner, leases[job.id], deadlines[job.id])
             continue
-        keys = []
+        try:
+            publish_images(ctx, job, images, owner, attempts[job.id])
+        except Exception as exc:
+            reason = transient_reason(exc)
+            if reason is None:
+                raise
+            log.warning("generation %s hit a transient fault", job.id, exc_info=True)
+            ctx.release(GenerationJob, job.id, owner, reason)
+    log.info("generated %d job(s) in one loop", len(runnable))
+    return f"succeeded (batch of {len(runnable)})"
+
+
+def publish_images(
+    ctx: Context, job: GenerationJob, images: list[Any], owner: str, attempt: int
+) -> bool:
+    """Write the PNGs under this attempt's own folder (each by temporary file and rename),
+    then the image rows and `succeeded` in one transaction while `owner` holds the lease;
+    this attempt's files are removed when the lease was lost or anything failed."""
+    keys = []
+    try:
         for index, generated in enumerate(images):
             buffer = io.BytesIO()
             generated.image.save(buffer, format="PNG")
-            key = st.generated_image_key(job.tenant_id, job.id, index)
-            ctx.storage.put(key, buffer.getvalue())
+            key = generated_image_attempt_key(job.tenant_id, job.id, attempt, index)
             keys.append((index, generated.seed, key))
+            ctx.storage.put(key, buffer.getvalue())
         with ctx.sessions() as session:
-            # A retried job replaces its image rows instead of adding a second set.
-            session.execute(delete(GeneratedImage).where(GeneratedImage.generation_id == job.id))
-            if finish_owned(session, GenerationJob, job.id, owner, "succeeded"):
+            done = finish_owned(session, GenerationJob, job.id, owner, "succeeded", error=None)
+            if done:
                 session.add_all(
                     GeneratedImage(
                         generation_id=job.id,
@@ -242,11 +285,15 @@ def _generate(
                     for i, seed, key in keys
                 )
                 record_final(session, GenerationJob, job.id)
-                session.commit()
-                ctx.notify(job.id)
-            else:
-                # Canceled (or taken over) after the check above: its images are nobody's.
-                session.rollback()
-                discard_generation_files(ctx.storage, job.tenant_id, job.id)
-    log.info("generated %d job(s) in one loop", len(runnable))
-    return f"succeeded (batch of {len(runnable)})"
+            session.commit()
+    except BaseException:
+        for _, _, key in keys:
+            ctx.storage.delete(key)
+        raise
+    if not done:
+        # Canceled, deleted or taken over meanwhile: only this attempt's own images go.
+        for _, _, key in keys:
+            ctx.storage.delete(key)
+    else:
+        ctx.notify(job.id)
+    return done

@@ -1,12 +1,21 @@
 """Job leases: the database decides who runs a job, so a job never runs twice at once.
 
 A worker claims a job with one conditional UPDATE (status queued, or running with a heartbeat
-older than TUNEQDM_STALE_AFTER_S) that writes its lease owner and a heartbeat. While it works a
-thread renews the heartbeat; every write it makes afterwards is conditional on still owning the
-lease, so a worker whose lease was taken over (or whose job was canceled) learns it at its next
-write and stops. A worker killed with SIGKILL stops heartbeating: `sweep_stale` (run by every
-worker at start and on a timer) puts such jobs back to `queued` and re-enqueues them, and the
-next worker resumes from the job's last checkpoint.
+older than TUNEQDM_STALE_AFTER_S) that writes its lease owner, a heartbeat and one more attempt.
+Every time here is the database's clock (SQL `now()`), never the host's: a worker whose clock is
+off cannot make a live job look dead, nor a dead one look alive.
+
+While it works a thread renews the heartbeat, but only while the job makes progress (`touch`):
+a job with no progress for TUNEQDM_PROGRESS_TIMEOUT_S is given up (released for a retry) and its
+worker process restarts. Every write a worker makes afterwards is conditional on still owning
+the lease, so a worker whose lease was taken over (or whose job was canceled) learns it at its
+next write and stops.
+
+Messages are tokens: a task claims the fairest claimable job of its kind (`claim_next`), not
+necessarily the one its message names, so one tenant's hundred queued jobs do not delay another
+tenant's first. The number of messages stays equal to the number of queued jobs, and
+`reconcile_queued` re-sends messages where the broker holds fewer than that (a publish lost
+between the commit and the send, a broker restarted without its data).
 """
 
 from __future__ import annotations
@@ -15,19 +24,28 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import ColumnElement, and_, func, literal, or_, select, update
+from sqlalchemy.orm import Session, aliased, sessionmaker
 
-from app.models import FinetuneJob, GenerationJob, utcnow
+from app.models import FinetuneJob, GenerationJob
 
 log = logging.getLogger(__name__)
 
 JobModel = type[FinetuneJob] | type[GenerationJob]
+JOB_MODELS: tuple[JobModel, ...] = (FinetuneJob, GenerationJob)
+
+# Set when the worker process is asked to stop (SIGTERM): running jobs checkpoint, give their
+# lease back and stop between two steps, so the next worker resumes them at once.
+SHUTDOWN = threading.Event()
+# Exit status of a worker process whose job stalled: its supervisor (docker's restart policy,
+# the embedded launcher) starts it again.
+STALLED_EXIT = 70
 
 
 def new_owner() -> str:
@@ -36,45 +54,100 @@ def new_owner() -> str:
     return f"{socket.gethostname()[:40]}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
 
 
-def _claimable(model: JobModel, now: datetime, stale_after_s: float) -> Any:
-    stale = now - timedelta(seconds=stale_after_s)
+def db_now(session: Session, ago_s: float = 0.0) -> ColumnElement[Any]:
+    """The database's current time (minus `ago_s` seconds), as an SQL expression."""
+    if session.get_bind().dialect.name == "sqlite":
+        # SQLite's clock is the host's (it runs in-process); written in the format SQLAlchemy
+        # stores datetimes in on SQLite (microseconds), so strings compare in time order.
+        modifier = f"-{ago_s:.6f} seconds"
+        return func.strftime("%Y-%m-%d %H:%M:%f", "now", modifier).concat("000")
+    if ago_s:
+        return func.now() - literal(timedelta(seconds=ago_s))
+    return func.now()
+
+
+def _claimable(session: Session, model: JobModel, stale_after_s: float) -> Any:
     return or_(
         model.status == "queued",
         and_(
             model.status == "running",
-            or_(model.heartbeat_at.is_(None), model.heartbeat_at < stale),
+            or_(
+                model.heartbeat_at.is_(None),
+                model.heartbeat_at < db_now(session, stale_after_s),
+            ),
         ),
     )
 
 
 def claim(
     session: Session, model: JobModel, job_id: str, owner: str, *, stale_after_s: float
-) -> bool:
-    """Take the job if nobody alive holds it; True when this call won."""
-    now = utcnow()
-    result = session.execute(
+) -> int | None:
+    """Take the job if nobody alive holds it; its attempt number when this call won. The job's
+    `error` still says how the previous attempt ended (`attempts_exhausted` reads it); the
+    first heartbeat of the new attempt clears it (`Lease`)."""
+    now = db_now(session)
+    attempt = session.execute(
         update(model)
-        .where(model.id == job_id, _claimable(model, now, stale_after_s))
-        .values(status="running", lease_owner=owner, heartbeat_at=now, updated_at=now)
-        .execution_options(synchronize_session=False)
-    )
-    session.commit()
-    won = bool(result.rowcount)  # type: ignore[attr-defined]
-    if won:
-        # started_at keeps the first start, so the ETA covers the whole job.
-        session.execute(
-            update(model)
-            .where(model.id == job_id, model.started_at.is_(None))
-            .values(started_at=now)
-            .execution_options(synchronize_session=False)
+        .where(model.id == job_id, _claimable(session, model, stale_after_s))
+        .values(
+            status="running",
+            lease_owner=owner,
+            heartbeat_at=now,
+            updated_at=now,
+            attempts=model.attempts + 1,
+            # started_at keeps the first start, so the ETA covers the whole job.
+            started_at=func.coalesce(model.started_at, now),
         )
+        .returning(model.attempts)
+        .execution_options(synchronize_session=False)
+    ).scalar()
+    session.commit()
+    return attempt
+
+
+def fairest_queued(session: Session, model: JobModel, *, limit: int) -> list[str]:
+    """Queued jobs in fair order: the tenant with the fewest running jobs first, then the tenant
+    that started a job least recently (never: first), then the oldest job."""
+    other = aliased(model)
+    running = (
+        select(func.count())
+        .where(other.tenant_id == model.tenant_id, other.status == "running")
+        .scalar_subquery()
+    )
+    last_start = (
+        select(func.max(other.started_at)).where(other.tenant_id == model.tenant_id)
+    ).scalar_subquery()
+    return list(
+        session.scalars(
+            select(model.id)
+            .where(model.status == "queued")
+            .order_by(running, last_start.asc().nulls_first(), model.created_at, model.id)
+            .limit(limit)
+        ).all()
+    )
+
+
+def claim_next(
+    session: Session, model: JobModel, owner: str, *, stale_after_s: float, hint: str
+) -> tuple[str, int] | None:
+    """Claim the fairest queued job (or, with none queued, the message's own job `hint` when
+    its worker died); (job id, attempt), or None when there is nothing to run."""
+    for _ in range(5):  # other workers may win a candidate first; look again
+        candidates = fairest_queued(session, model, limit=4)
         session.commit()
-    return won
+        if not candidates:
+            break
+        for job_id in candidates:
+            attempt = claim(session, model, job_id, owner, stale_after_s=stale_after_s)
+            if attempt is not None:
+                return job_id, attempt
+    attempt = claim(session, model, hint, owner, stale_after_s=stale_after_s)
+    return (hint, attempt) if attempt is not None else None
 
 
 def write_owned(session: Session, model: JobModel, job_id: str, owner: str, **values: Any) -> bool:
     """Update a running job only while `owner` still holds its lease; False if it lost it."""
-    now = utcnow()
+    now = db_now(session)
     result = session.execute(
         update(model)
         .where(model.id == job_id, model.lease_owner == owner, model.status == "running")
@@ -89,7 +162,7 @@ def finish_owned(
     session: Session, model: JobModel, job_id: str, owner: str, status: str, **values: Any
 ) -> bool:
     """Move an owned running job to a terminal status (in the caller's transaction)."""
-    now = utcnow()
+    now = db_now(session)
     result = session.execute(
         update(model)
         .where(model.id == job_id, model.lease_owner == owner, model.status == "running")
@@ -99,11 +172,57 @@ def finish_owned(
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
+def release_owned(
+    factory: sessionmaker[Session],
+    model: JobModel,
+    job_id: str,
+    owner: str,
+    *,
+    reason: str | None,
+    counts: bool = True,
+) -> bool:
+    """Give an owned running job back to `queued` for another attempt. `reason` is shown to the
+    user meanwhile (and in the final message if the attempts run out); an attempt that ended
+    through no fault of the job (the worker was stopped) does not count (`counts=False`)."""
+    values: dict[str, Any] = {"attempts": model.attempts - (0 if counts else 1)}
+    if reason is not None:
+        values["error"] = reason
+    with factory() as session:
+        now = db_now(session)
+        result = session.execute(
+            update(model)
+            .where(model.id == job_id, model.lease_owner == owner, model.status == "running")
+            .values(status="queued", lease_owner=None, heartbeat_at=None, updated_at=now, **values)
+            .execution_options(synchronize_session=False)
+        )
+        session.commit()
+    released = bool(result.rowcount)  # type: ignore[attr-defined]
+    if released:
+        log.warning("job %s released for another attempt: %s", job_id, reason or "worker stopped")
+    return released
+
+
+def attempts_exhausted(attempt: int, max_attempts: int, reason: str | None) -> str | None:
+    """The failure message when claim number `attempt` is past the cap, else None."""
+    if attempt <= max_attempts:
+        return None
+    ended = attempt - 1
+    if reason:
+        return f"gave up after {ended} attempts; the last one ended with: {reason}"
+    return (
+        f"the worker stopped {ended} times while running this job (it may have run out of "
+        "memory or crashed); submit it again with smaller settings, or contact the operator"
+    )
+
+
 class Lease:
     """A claimed job's heartbeat thread plus its throttled progress writes.
 
-    `lost` is set as soon as a write finds the lease gone (canceled, or taken over after this
-    worker looked dead); training polls it between steps through `should_stop`.
+    The heartbeat is renewed only while the job makes progress (`touch`); with none for
+    `progress_timeout_s` the thread gives the job up (`stalled`) and calls `on_stall`, which in
+    a worker process restarts the process (the job's thread may be stuck where nothing can
+    interrupt it). `lost` is set as soon as a write finds the lease gone (canceled, or taken
+    over after this worker looked dead); training polls `should_stop` between steps.
     """
 
     def __init__(
@@ -114,24 +233,36 @@ class Lease:
         owner: str,
         *,
         heartbeat_s: float,
+        progress_timeout_s: float = float("inf"),
+        on_stall: Callable[[JobModel, str], None] | None = None,
     ) -> None:
         self.factory = factory
         self.model = model
         self.job_id = job_id
         self.owner = owner
         self.heartbeat_s = heartbeat_s
+        self.progress_timeout_s = progress_timeout_s
+        self.on_stall = on_stall
         self.lost = threading.Event()
+        self.stalled = threading.Event()
+        self.last_progress = time.monotonic()
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{job_id}", daemon=True)
 
     def __enter__(self) -> Lease:
+        # A new attempt runs: how the previous one ended is no longer the job's news.
+        self.write(error=None)
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(timeout=self.heartbeat_s + 5)
+
+    def touch(self) -> None:
+        """The job made progress: keep renewing the lease."""
+        self.last_progress = time.monotonic()
 
     def write(self, **values: Any) -> bool:
         with self._lock, self.factory() as session:
@@ -147,15 +278,36 @@ class Lease:
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
+            if time.monotonic() - self.last_progress > self.progress_timeout_s:
+                self._give_up()
+                return
             if not self.write():
                 return
 
+    def _give_up(self) -> None:
+        reason = (
+            f"the job made no progress for {self.progress_timeout_s:.0f} s; its worker restarted"
+        )
+        self.stalled.set()
+        self.lost.set()
+        try:
+            release_owned(self.factory, self.model, self.job_id, self.owner, reason=reason)
+        except Exception:
+            # The lease then runs out on its own and the sweep requeues the job.
+            log.exception("could not release stalled job %s", self.job_id)
+        log.error("job %s stalled: %s", self.job_id, reason)
+        if self.on_stall is not None:
+            self.on_stall(self.model, self.job_id)
+
     def should_stop(self) -> bool:
+        # A stopping worker (SHUTDOWN) does not stop here, inside a step: the fine-tune pauses
+        # after its step with a checkpoint (should_pause), a generation finishes.
         return self.lost.is_set()
 
 
 class ProgressWriter:
-    """Writes training progress at most every `every_s` seconds (always the first and last)."""
+    """Writes training progress at most every `every_s` seconds (always the first and last);
+    every call counts as progress for the lease."""
 
     def __init__(self, lease: Lease, every_s: float, clock: Callable[[], float]) -> None:
         self.lease = lease
@@ -164,6 +316,7 @@ class ProgressWriter:
         self.last = float("-inf")
 
     def __call__(self, step: int, total: int, loss: float, **extra: Any) -> None:
+        self.lease.touch()
         now = self.clock()
         if step < total and now - self.last < self.every_s and not extra:
             return
@@ -180,46 +333,62 @@ def sweep_stale(
     """Put running jobs with a stale heartbeat back to `queued` and enqueue them again.
 
     Several workers may sweep at once: the conditional UPDATE lets exactly one of them requeue
-    a given job. Returns the ids it requeued.
+    a given job. A failed enqueue is left to `reconcile_queued`. Returns the requeued ids.
     """
     requeued = []
-    now = utcnow()
-    stale = now - timedelta(seconds=stale_after_s)
-    for model in (FinetuneJob, GenerationJob):
+    for model in JOB_MODELS:
         with factory() as session:
-            ids = session.scalars(
-                select(model.id).where(
-                    model.status == "running",
-                    or_(model.heartbeat_at.is_(None), model.heartbeat_at < stale),
-                )
-            ).all()
+            stale = or_(
+                model.heartbeat_at.is_(None), model.heartbeat_at < db_now(session, stale_after_s)
+            )
+            ids = session.scalars(select(model.id).where(model.status == "running", stale)).all()
             for job_id in ids:
                 result = session.execute(
                     update(model)
-                    .where(
-                        model.id == job_id,
-                        model.status == "running",
-                        or_(model.heartbeat_at.is_(None), model.heartbeat_at < stale),
-                    )
-                    .values(status="queued", lease_owner=None, updated_at=now)
+                    .where(model.id == job_id, model.status == "running", stale)
+                    .values(status="queued", lease_owner=None, updated_at=db_now(session))
                     .execution_options(synchronize_session=False)
                 )
                 session.commit()
                 if not result.rowcount:  # type: ignore[attr-defined]
                     continue
+                log.warning("job %s had a stale heartbeat; requeued", job_id)
+                requeued.append(job_id)
                 try:
                     enqueue(model, job_id)
                 except Exception:
-                    # Back to running-and-stale, so the next sweep tries again.
-                    log.exception("re-enqueue of %s failed", job_id)
-                    session.execute(
-                        update(model)
-                        .where(model.id == job_id, model.status == "queued")
-                        .values(status="running")
-                        .execution_options(synchronize_session=False)
-                    )
-                    session.commit()
-                    continue
-                log.warning("job %s had a stale heartbeat; requeued", job_id)
-                requeued.append(job_id)
+                    log.exception("re-enqueue of %s failed; the reconciler sends it later", job_id)
     return requeued
+
+
+def reconcile_queued(
+    factory: sessionmaker[Session],
+    *,
+    older_than_s: float,
+    backlog: Callable[[JobModel], int],
+    enqueue: Callable[[JobModel, str], None],
+) -> list[str]:
+    """Send a message for queued jobs that may have none: when the broker's queue holds fewer
+    messages (`backlog`) than there are jobs queued for longer than `older_than_s`, the
+    difference is sent, naming the oldest of them. A message too many is harmless: its task
+    finds nothing to claim. Returns the ids messages were sent for."""
+    sent = []
+    for model in JOB_MODELS:
+        with factory() as session:
+            owed = session.scalars(
+                select(model.id)
+                .where(
+                    model.status == "queued",
+                    model.updated_at < db_now(session, older_than_s),
+                )
+                .order_by(model.created_at)
+            ).all()
+        if not owed:
+            continue
+        missing = len(owed) - backlog(model)
+        for job_id in owed[: max(0, missing)]:
+            enqueue(model, job_id)
+            sent.append(job_id)
+        if missing > 0:
+            log.warning("%d queued %s had no message; sent again", missing, model.__tablename__)
+    return sent

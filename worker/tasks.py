@@ -1,16 +1,27 @@
-"""Thin Celery tasks: take an id, hand it to worker.finetunes / generations / exports / webhooks."""
+"""Thin Celery tasks: take an id, hand it to worker.finetunes / generations / exports / webhooks.
+
+A task that cannot reach the database does not acknowledge its message away: it is retried
+with a doubling delay (TUNEQDM_DB_RETRY_S, at most a minute apart) for as long as it takes.
+"""
 
 from __future__ import annotations
 
 import logging
-from functools import lru_cache
+from typing import Any
 
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 
-from app.db import engine_from_settings, make_sessionmaker
 from app.queue import EXPORT_TASK, FINETUNE_TASK, GENERATE_TASK
 from app.storage import LocalStorage
-from worker.celery_app import WEBHOOK_QUEUE, WEBHOOK_TASK, app, settings
+from worker.celery_app import (
+    WEBHOOK_QUEUE,
+    WEBHOOK_TASK,
+    app,
+    job_route,
+    restart_stalled,
+    sessions,
+    settings,
+)
 from worker.exports import run_export
 from worker.finetunes import Context, run_finetune
 from worker.generations import run_generation
@@ -19,10 +30,8 @@ from worker.webhooks import deliver_for_job
 
 log = logging.getLogger(__name__)
 
-
-@lru_cache(maxsize=1)
-def sessions() -> sessionmaker[Session]:
-    return make_sessionmaker(engine_from_settings(settings))
+DB_UNREACHABLE = (OperationalError, InterfaceError, DisconnectionError)
+MAX_DB_RETRY_S = 60.0
 
 
 def notify(job_id: str, countdown: float = 0) -> None:
@@ -34,6 +43,11 @@ def notify(job_id: str, countdown: float = 0) -> None:
         log.exception("could not queue the webhook of %s", job_id)
 
 
+def requeue(model: Any, job_id: str) -> None:
+    task, queue = job_route(model)
+    app.send_task(task, args=[job_id], queue=queue)
+
+
 def context() -> Context:
     return Context(
         settings=settings,
@@ -41,19 +55,33 @@ def context() -> Context:
         storage=LocalStorage(settings.resolved_storage_dir),
         runtime=get_runtime(settings),
         notify=notify,
+        requeue=requeue,
+        on_stall=restart_stalled,
     )
 
 
-@app.task(name=FINETUNE_TASK)
-def finetune(finetune_id: str) -> str:
-    outcome = run_finetune(finetune_id, context())
+def _retry_later(task: Any, exc: Exception, object_id: str) -> Exception:
+    delay = min(MAX_DB_RETRY_S, settings.db_retry_s * 2**task.request.retries)
+    log.warning("%s: database not reachable (%s); retrying in %.0f s", object_id, exc, delay)
+    return task.retry(exc=exc, countdown=delay)
+
+
+@app.task(name=FINETUNE_TASK, bind=True, max_retries=None)
+def finetune(self: Any, finetune_id: str) -> str:
+    try:
+        outcome = run_finetune(finetune_id, context())
+    except DB_UNREACHABLE as exc:
+        raise _retry_later(self, exc, finetune_id) from exc
     log.info("fine-tune %s: %s", finetune_id, outcome)
     return outcome
 
 
-@app.task(name=GENERATE_TASK)
-def generate(generation_id: str) -> str:
-    outcome = run_generation(generation_id, context())
+@app.task(name=GENERATE_TASK, bind=True, max_retries=None)
+def generate(self: Any, generation_id: str) -> str:
+    try:
+        outcome = run_generation(generation_id, context())
+    except DB_UNREACHABLE as exc:
+        raise _retry_later(self, exc, generation_id) from exc
     log.info("generation %s: %s", generation_id, outcome)
     return outcome
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -74,7 +76,8 @@ class Proc:
         )
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def alive(self) -> bool:
@@ -96,10 +99,13 @@ class Proc:
         return int(self.popen.returncode)
 
 
-def start_worker(env: dict[str, str], logs: Path, name: str) -> Proc:
+def start_worker(env: dict[str, str], logs: Path, name: str, prefix: Sequence[str] = ()) -> Proc:
+    """A `--pool=solo` Celery worker on every queue; `prefix` runs it under another command
+    (e.g. `faketime`)."""
     return Proc(
         name,
         [
+            *prefix,
             sys.executable,
             "-m",
             "celery",
@@ -150,3 +156,110 @@ def wait_for(what: str, check: Callable[[], bool], timeout: float, procs: list[P
         time.sleep(0.2)
     logs = "\n".join(f"--- {p.name}\n{p.log()[-4000:]}" for p in procs)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{logs}")
+
+
+class TcpProxy:
+    """A TCP proxy on loopback to `target_port`, switched off (every open connection cut, new
+    ones closed at once, as a network partition looks to a client) and on again."""
+
+    def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
+        self.target = (target_host, target_port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.listener.getsockname()[1])
+        self.enabled = threading.Event()
+        self.enabled.set()
+        self._open: list[socket.socket] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            if not self.enabled.is_set():
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            with self._lock:
+                self._open += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def off(self) -> None:
+        self.enabled.clear()
+        with self._lock:
+            for s in self._open:
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                s.close()
+            self._open.clear()
+
+    def on(self) -> None:
+        self.enabled.set()
+
+    def close(self) -> None:
+        self.off()
+        self.listener.close()
+
+
+class RedisServer:
+    """A private redis-server on a free port, without persistence: a restart loses every
+    message, as a broker restarted without its data does."""
+
+    def __init__(self, logs: Path) -> None:
+        self.port = free_port()
+        self.logs = logs
+        self.proc: Proc | None = None
+        self.starts = 0
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.starts += 1
+        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
+        args += ["--save", "", "--appendonly", "no", "--dir", str(self.logs)]
+        self.proc = Proc(f"redis-{self.starts}", args, dict(os.environ), self.logs)
+        wait_for("redis-server", self._answers, 30, [self.proc])
+
+    def _answers(self) -> bool:
+        import redis
+
+        client = redis.Redis(port=self.port, socket_connect_timeout=1)
+        try:
+            return bool(client.ping())
+        except redis.exceptions.ConnectionError:
+            return False
+        finally:
+            client.close()
+
+    def restart(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.stop()
+        self.start()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()

@@ -105,6 +105,7 @@ def test_sigkilled_fine_tune_resumes_from_its_checkpoint(
         assert row.status == "succeeded", (row.error, second.log()[-3000:])
         resumed = row.resumed_from_step
         assert resumed == saved, (resumed, saved)
+        assert row.attempts == 2  # the killed run and this one
         # Progress never went back to step 0 after the kill.
         assert min(seen) >= EVERY, seen
         assert f"{job_id}" in second.log() and "requeued" in second.log()
