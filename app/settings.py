@@ -130,11 +130,20 @@ class Settings(BaseSettings):
     secret_key: str | None = None
 
     # --- Worker (worker/): the one quantized base each worker process serves. ---
-    # Model folder or hub id; default: the built-in pretrained model shipped in
-    # models/fashion-sd (or, where that folder is absent, a random tiny model built into
-    # <data_dir>/models/tiny-sd on first start).
+    # Model folder, hub id, or one .safetensors/.ckpt checkpoint; default: the built-in
+    # pretrained model shipped in models/fashion-sd (or, where that folder is absent, a random
+    # tiny model built into <data_dir>/models/tiny-sd on first start).
     model: str | None = None
+    # A single-file checkpoint holds weights only: the diffusers folder or hub id whose configs,
+    # tokenizer and scheduler it is read with. Unset, diffusers infers the hub repository from
+    # the checkpoint's keys (needs the hub, or that repository in the local hub cache).
+    single_file_config: str | None = None
     device: str = "cpu"  # "cpu", "cuda" or "cuda:N"
+    # How the base UNet holds its frozen weights: "packed" keeps only the integer codes and
+    # dequantizes per layer on every pass (least memory); "resident" also keeps one dequantized
+    # copy on the device (bf16/fp16 on CUDA, fp32 on CPU), shared by every job: faster steps
+    # and sampling for ~2 bytes a weight more on a GPU (docs/method.md "Storage modes").
+    storage_mode: Literal["packed", "resident"] = "packed"
     # CPU threads torch may use (0: torch's default, one per core). On a CPU shared with other
     # processes 1 avoids oversubscription, which slows training down by up to 10x.
     torch_threads: int = Field(default=0, ge=0)

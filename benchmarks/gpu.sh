@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
-# The GPU check of issue 6, as one short script: CUDA tests, training memory at 512 px, serving,
-# and co-batched fine-tuning (issue 14).
+# The GPU check, as one prepared script (< 10 minutes): CUDA tests, training step and memory of
+# both storage modes at 512 px, serving (adapter overhead, resident vs packed vs the float UNet),
+# co-batched fine-tuning (fine-tunes per hour for K = 1, 2, 4, 8).
 #
+#   bash benchmarks/gpu.sh                  # results in benchmarks/results/gpu-<UTC time>/
 #   OUT=/path/to/results bash benchmarks/gpu.sh
 #
 # Run from the repository root on a machine with CUDA torch, diffusers, transformers and
 # safetensors installed (no network needed). Every table and JSON goes to "$OUT"; summary.txt
-# collects them in one file. Each part has its own time limit (9 min 15 s in all), so one
-# slow part cannot eat the rest; a part that fails or times out is logged and the next runs.
+# collects them in one file. Each part has its own time limit (9 min 50 s in all), so one slow
+# part cannot eat the rest; a part that fails or times out is logged and the next runs.
 set -uo pipefail
-: "${OUT:?set OUT to the folder the results go to}"
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)  # absolute: the script changes directory next
 cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results/gpu-$(date -u +%Y%m%d-%H%M)}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 PY=${PYTHON:-python3}
 SUMMARY="$OUT/summary.txt"
@@ -29,32 +31,37 @@ part() {  # part NAME SECONDS COMMAND...: run with a time limit, keep its output
   echo "== $name: exit $rc after $((SECONDS - start))s" | tee -a "$SUMMARY"
 }
 
-part env 20 "$PY" -c 'import torch, diffusers; print("torch", torch.__version__, "cuda",
+part env 15 "$PY" -c 'import torch, diffusers; print("torch", torch.__version__, "cuda",
 torch.version.cuda, torch.cuda.get_device_name(0), "diffusers", diffusers.__version__)'
 
-# Only the files that hold CUDA tests: the API's tests need packages a GPU image lacks.
-part tests_cuda 60 "$PY" -m pytest -q -p no:cacheprovider -s tests/core/test_cuda.py \
+# Only the files that hold CUDA tests (the API's tests need packages a GPU image may lack),
+# the storage modes' exactness tests, and the benchmark scripts' CUDA smoke test.
+part tests_cuda 85 "$PY" -m pytest -q -p no:cacheprovider -s tests/core/test_cuda.py \
+  tests/core/test_storage.py
+part tests_cuda_benchmarks 45 "$PY" -m pytest -q -p no:cacheprovider \
   tests/benchmarks/test_benchmarks.py -k cuda
 
-# The issue's comparison at 512 px, batch 1, bf16 autocast, scales in fp32. The variants
-# that the targets compare first (tuneqdm-w4-ckpt among them); the other checkpointed ones
-# after, in what time is left, with ratios against the first run's baselines.
-part train_memory_512 160 "$PY" benchmarks/train_memory.py --device cuda --latent 64 \
-  --batch 1 --warmup 2 --steps 5 --budget 145 --timeout 60 \
-  --variants full materialising-w8 tuneqdm-w4-ckpt tuneqdm-w8 peqa-w8 tuneqdm-w4 \
-  --json "$OUT/train_memory_512.json"
+# SD 1.x UNet architecture, 512 px, batch 1, bf16 autocast with fp32 scales: the baselines
+# (full fine-tune, materialising W8) and TuneQDM packed and resident, side by side. Targets:
+# resident step <= 0.7 x full; packed step <= 1.0 x materialising; packed peak <= 2 GiB.
+part train_512 165 "$PY" benchmarks/train_memory.py --device cuda --latent 64 \
+  --batch 1 --warmup 2 --steps 5 --budget 150 --timeout 60 \
+  --variants full materialising-w8 tuneqdm-w4-ckpt tuneqdm-w8 --storage-mode both \
+  --json "$OUT/train_512.json"
 
+# Adapter overhead (target <= 5 %) and mixed batches on the small UNets, both storage modes.
 part serving 75 "$PY" benchmarks/serving.py --device cuda --models tiny-sd1 mid \
-  --latent 32 --steps 10 --reps 3 --json "$OUT/serving.json"
+  --latent 32 --steps 10 --reps 3 --storage-mode both --json "$OUT/serving.json"
 
-part train_memory_512_ckpt 90 "$PY" benchmarks/train_memory.py --device cuda --latent 64 \
-  --batch 1 --warmup 2 --steps 5 --budget 75 --timeout 45 \
-  --variants full-ckpt materialising-w8-ckpt peqa-w8-ckpt tuneqdm-w8-ckpt \
-  --reference "$OUT/train_memory_512.json" --json "$OUT/train_memory_512_ckpt.json"
+# SD 1.x UNet at 512 px (latent 64), batch 8: resident with an adapter vs the float UNet in
+# fp16 (what diffusers' StableDiffusionPipeline(torch_dtype=float16) runs; target >= 0.9).
+part serving_sd1_512 100 "$PY" benchmarks/serving.py --device cuda --models sd1 \
+  --latent 64 --steps 10 --reps 2 --file-reps 5 --slot-reps 50 --storage-mode both \
+  --json "$OUT/serving_sd1_512.json"
 
 # Co-batched fine-tuning at 512 px (latent 64): fine-tunes per hour for K = 1, 2, 4, 8 (target:
 # K = 8 gives >= 3x the fine-tunes per hour of K = 1).
-part cotrain_512 150 "$PY" benchmarks/cotrain.py --device cuda --latent 64 --ks 1 2 4 8 \
-  --warmup 2 --steps 3 --timeout 34 --json "$OUT/cotrain_512.json"
+part cotrain_512 105 "$PY" benchmarks/cotrain.py --device cuda --latent 64 --ks 1 2 4 8 \
+  --warmup 2 --steps 3 --timeout 24 --json "$OUT/cotrain_512.json"
 
 echo "== done; tables in $SUMMARY" | tee -a "$SUMMARY"

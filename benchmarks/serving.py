@@ -1,6 +1,7 @@
 """Serving: adapter swap latency, and sampling throughput with several adapters in one batch.
 
-    PYTHONPATH=. python benchmarks/serving.py [--device cpu|cuda] [--json PATH]
+    PYTHONPATH=. python benchmarks/serving.py [--device cpu|cuda]
+        [--storage-mode packed|resident|both] [--json PATH]
 
 1. Swap latency (SD 1.x architecture, random weights, a 2-interval TuneQDM adapter), p50/p99:
    file → memory (``load_adapter`` with the base check; the file is in the page cache after
@@ -9,7 +10,12 @@
    DDIM timestep sequence; no VAE or text encoder): 1, 2, 4 or 8 distinct adapters served in
    one batch through the ScaleBank ("mixed"), the same requests run adapter by adapter, each
    group a smaller batch after a swap into the slot ("grouped"), and the bare quantized UNet
-   without any adapter ("bare"), on a tiny and a mid-size UNet.
+   without any adapter ("bare"), on a tiny and a mid-size UNet. ``--storage-mode`` picks how
+   the quantized base holds its weights (docs/method.md "Storage modes"); ``both`` measures
+   packed and resident on the same model (resident: bare, mixed 1 and 8). A "float" row is the
+   same UNet unquantized, in the sampling dtype (fp16 weights on cuda, as diffusers'
+   ``StableDiffusionPipeline(torch_dtype=float16)`` runs it; fp32 on cpu): what a user would run
+   instead.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from tuneqdm_core import (
     quantize_,
     routed,
     save_adapter,
+    set_storage_mode,
 )
 from tuneqdm_core.cli.reports import table
 from tuneqdm_core.configs import UNET_CONFIGS, build_unet
@@ -61,9 +68,13 @@ MID_CONFIG: dict[str, Any] = {
 }
 
 
-def _model(name: str, bits: int, device: torch.device) -> UNet2DConditionModel:
+def _float_model(name: str) -> UNet2DConditionModel:
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**MID_CONFIG) if name == "mid" else build_unet(name)
+    return UNet2DConditionModel(**MID_CONFIG) if name == "mid" else build_unet(name)
+
+
+def _model(name: str, bits: int, device: torch.device) -> UNet2DConditionModel:
+    unet = _float_model(name)
     quantize_(unet, QuantConfig(bits=bits, range="minmax"))  # type: ignore[arg-type]
     return unet.to(device).eval()
 
@@ -134,15 +145,36 @@ def _sample(
     scheduler: DDIMScheduler,
     latents: torch.Tensor,
     text: torch.Tensor,
-    route: Callable[[torch.Tensor], Route | None],
+    route: Callable[[torch.Tensor], Route | None] | None,
 ) -> torch.Tensor:
-    """The UNet loop of a sampler: one UNet call per timestep, each under its own route."""
+    """The UNet loop of a sampler: one UNet call per timestep, each under its own route
+    (``route=None``: a plain, unquantized UNet)."""
     x = latents
     for t in scheduler.timesteps:
-        with routed(unet, route(t)):
+        with routed(unet, route(t)) if route is not None else nullcontext():
             eps = unet(x, t, text).sample
         x = scheduler.step(eps, t, x).prev_sample
     return x
+
+
+def _timed(
+    modes: list[tuple[str, int, Callable[[], None]]],
+    reps: int,
+    device: torch.device,
+    autocast: Any,
+) -> dict[tuple[str, int], float]:
+    """images/s of each mode, the median of ``reps`` rounds after one warm-up round."""
+    times: dict[tuple[str, int], list[float]] = {}
+    with torch.inference_mode(), autocast:
+        for round_ in range(reps + 1):
+            for mode, distinct, fn in modes:
+                common.sync(device)
+                start = time.perf_counter()
+                fn()
+                common.sync(device)
+                if round_:
+                    times.setdefault((mode, distinct), []).append(time.perf_counter() - start)
+    return {key: BATCH / common.median(value) for key, value in times.items()}
 
 
 def throughput(args: argparse.Namespace, name: str, device: torch.device) -> list[dict[str, Any]]:
@@ -189,37 +221,48 @@ def throughput(args: argparse.Namespace, name: str, device: torch.device) -> lis
 
         return run
 
-    modes: list[tuple[str, int, Callable[[], None]]] = [("bare", 0, bare)]
-    modes += [("mixed", d, mixed(d)) for d in DISTINCT]
-    modes += [("grouped", d, grouped(d)) for d in DISTINCT if d > 1]
-    times: dict[str, list[float]] = {}
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
-    with torch.inference_mode(), autocast:
-        for round_ in range(args.reps + 1):  # round 0 warms up
-            for mode, distinct, fn in modes:
-                common.sync(device)
-                start = time.perf_counter()
-                fn()
-                common.sync(device)
-                if round_:
-                    times.setdefault(f"{mode}-{distinct}", []).append(time.perf_counter() - start)
+    storages = ["packed", "resident"] if args.storage_mode == "both" else [args.storage_mode]
+    speed: dict[tuple[str, str, int], float] = {}
+    for storage in storages:
+        # The resident copy in the sampling dtype, so that no UNet call dequantizes.
+        set_storage_mode(unet, storage, torch.bfloat16 if args.bf16 else torch.float32)  # type: ignore[arg-type]
+        modes: list[tuple[str, int, Callable[[], None]]] = [("bare", 0, bare)]
+        if storage == "packed" or len(storages) == 1:
+            modes += [("mixed", d, mixed(d)) for d in DISTINCT]
+            modes += [("grouped", d, grouped(d)) for d in DISTINCT if d > 1]
+        else:  # the second storage mode: what its comparison needs
+            modes += [("mixed", 1, mixed(1)), ("mixed", BATCH, mixed(BATCH))]
+        for (mode, distinct), value in _timed(modes, args.reps, device, autocast).items():
+            speed[(storage, mode, distinct)] = value
+    set_storage_mode(unet, "packed")
+    if args.float_baseline:
+        # What a user would run instead: the float UNet in the sampling dtype, no adapter.
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+        plain = _float_model(name).to(device, dtype).eval()
+        half_latents, half_text = latents.to(dtype), text.to(dtype)
 
-    speed = {
-        (mode, distinct): BATCH / common.median(times[f"{mode}-{distinct}"])
-        for mode, distinct, _ in modes
-    }
-    one, plain = speed[("mixed", 1)], speed[("bare", 0)]
-    rows: list[dict[str, Any]] = [
-        {
-            "model": name,
-            "mode": mode,
-            "distinct": distinct,
-            "images_per_s": value,
-            "vs_mixed_1": value / one,
-            "vs_bare": value / plain,
-        }
-        for (mode, distinct), value in speed.items()
-    ]
+        def float_unet() -> None:
+            _sample(plain, scheduler, half_latents, half_text, None)
+
+        timed = _timed([("float", 0, float_unet)], args.reps, device, nullcontext())
+        speed[("float", "float", 0)] = timed[("float", 0)]
+        del plain
+
+    rows: list[dict[str, Any]] = []
+    for (storage, mode, distinct), value in speed.items():
+        base = storage if storage != "float" else storages[0]
+        rows.append(
+            {
+                "model": name,
+                "storage": storage,
+                "mode": mode,
+                "distinct": distinct,
+                "images_per_s": value,
+                "vs_mixed_1": value / speed[(base, "mixed", 1)],
+                "vs_bare": value / speed[(base, "bare", 0)],
+            }
+        )
     params = sum(b.numel() for _, b in unet.named_buffers() if b.dtype == torch.uint8)
     codes = "packed codes" if args.bits == 4 else "codes"
     print(
@@ -229,9 +272,10 @@ def throughput(args: argparse.Namespace, name: str, device: torch.device) -> lis
     )
     print(
         table(
-            ["mode", "distinct adapters", "images/s", "x mixed-1", "x bare"],
+            ["storage", "mode", "distinct adapters", "images/s", "x mixed-1", "x bare"],
             [
                 [
+                    r["storage"],
                     r["mode"],
                     r["distinct"] or "-",
                     f"{r['images_per_s']:.2f}",
@@ -242,10 +286,20 @@ def throughput(args: argparse.Namespace, name: str, device: torch.device) -> lis
             ],
         )
     )
-    print(
-        f"8 distinct / 1 distinct = {speed[('mixed', 8)] / one:.3f} (target >= 0.9); "
-        f"adapter overhead vs bare = {(plain / one - 1) * 100:+.1f} % (target <= 5 %)"
-    )
+    for storage in storages:
+        one, plain = speed[(storage, "mixed", 1)], speed[(storage, "bare", 0)]
+        line = (
+            f"{storage}: 8 distinct / 1 distinct = {speed[(storage, 'mixed', 8)] / one:.3f} "
+            f"(target >= 0.9); adapter overhead vs bare = {(plain / one - 1) * 100:+.1f} % "
+            "(target <= 5 %)"
+        )
+        if ("float", "float", 0) in speed:
+            ratio = one / speed[("float", "float", 0)]
+            line += f"; with an adapter / float UNet = {ratio:.3f}"
+        print(line)
+    if len(storages) == 2:
+        ratio = speed[("resident", "mixed", 1)] / speed[("packed", "mixed", 1)]
+        print(f"resident / packed, one adapter: {ratio:.3f}")
     return rows
 
 
@@ -265,6 +319,18 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=10, help="UNet calls per image")
     parser.add_argument("--reps", type=int, default=3, help="timed rounds of every mode")
     parser.add_argument("--fp32", action="store_true", help="no bf16 autocast on cuda")
+    parser.add_argument(
+        "--storage-mode",
+        default="packed",
+        choices=["packed", "resident", "both"],
+        help="how the quantized base holds its weights (both: packed and resident side by side)",
+    )
+    parser.add_argument(
+        "--no-float-baseline",
+        dest="float_baseline",
+        action="store_false",
+        help="skip the unquantized UNet row",
+    )
     parser.add_argument("--json", metavar="PATH", help="write all numbers here")
     args = parser.parse_args()
     args.bf16 = args.device == "cuda" and not args.fp32
@@ -279,7 +345,16 @@ def main() -> int:
             "benchmark": "serving",
             "settings": {
                 k: getattr(args, k)
-                for k in ("device", "swap_arch", "bits", "latent", "steps", "reps", "bf16")
+                for k in (
+                    "device",
+                    "swap_arch",
+                    "bits",
+                    "latent",
+                    "steps",
+                    "reps",
+                    "bf16",
+                    "storage_mode",
+                )
             },
             "machine": common.machine(),
             "swap": swaps,

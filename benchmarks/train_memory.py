@@ -3,13 +3,17 @@ TuneQDM, each in a fresh process, side by side in one table (ratios, since machi
 
     PYTHONPATH=. python benchmarks/train_memory.py [--latent 32|64] [--batch 1|4]
         [--variants full materialising-w8 tuneqdm-w4-ckpt ...|all] [--device cpu|cuda]
-        [--json PATH]
+        [--storage-mode packed|resident|both] [--json PATH]
 
 Model: the SD 1.x UNet architecture (public config, random weights), text states 77×768.
 One step: random latents and noise, a random timestep per sample, ε-prediction MSE, AdamW.
 Variant names: ``full`` (fp32 DreamBooth, every weight trained), ``materialising-w{8,4}``
 (the paper's formulation, benchmarks/materialising.py), ``peqa-w{8,4}``, ``tuneqdm-w{8,4}``
-(2 intervals); a ``-ckpt`` suffix turns on gradient checkpointing.
+(2 intervals); a ``-ckpt`` suffix turns on gradient checkpointing; a ``-resident`` suffix
+(peqa/tuneqdm only) holds the base in the resident storage mode (docs/method.md "Storage
+modes"): one dequantized copy of every weight, in the step's compute dtype, made at load.
+``--storage-mode resident`` runs the peqa/tuneqdm variants resident, ``both`` runs each of them
+packed and resident, side by side with the baselines.
 
 Memory. CPU: ``load peak`` is the process's peak RSS while building the fp32 UNet and
 quantizing it (the fp32 model exists once, whole); ``train peak`` is the peak RSS during the
@@ -44,7 +48,14 @@ from diffusers import DDPMScheduler
 
 from benchmarks import common
 from benchmarks.materialising import materialise_
-from tuneqdm_core import Adapter, AdapterConfig, QuantConfig, param_groups, quantize_
+from tuneqdm_core import (
+    Adapter,
+    AdapterConfig,
+    QuantConfig,
+    param_groups,
+    quantize_,
+    set_storage_mode,
+)
 from tuneqdm_core.cli.reports import table
 from tuneqdm_core.configs import UNET_CONFIGS, build_unet
 from tuneqdm_core.routing import route_adapters, routed
@@ -75,16 +86,47 @@ class Variant:
     method: str
     bits: int | None
     checkpointing: bool
+    resident: bool = False
 
     @classmethod
     def parse(cls, name: str) -> Variant:
-        match = re.fullmatch(r"(full|materialising|peqa|tuneqdm)(?:-w([48]))?(-ckpt)?", name)
-        if match is None or (match[1] == "full") != (match[2] is None):
+        match = re.fullmatch(
+            r"(full|materialising|peqa|tuneqdm)(?:-w([48]))?(-ckpt)?(-resident)?", name
+        )
+        if (
+            match is None
+            or (match[1] == "full") != (match[2] is None)
+            or (match[4] and match[1] not in ("peqa", "tuneqdm"))
+        ):
             raise ValueError(
-                f"unknown variant {name!r}: expected full[-ckpt] or "
-                "{materialising,peqa,tuneqdm}-w{4,8}[-ckpt], e.g. tuneqdm-w4-ckpt"
+                f"unknown variant {name!r}: expected full[-ckpt], materialising-w{{4,8}}[-ckpt] "
+                "or {peqa,tuneqdm}-w{4,8}[-ckpt][-resident], e.g. tuneqdm-w4-ckpt-resident"
             )
-        return cls(name, match[1], None if match[2] is None else int(match[2]), bool(match[3]))
+        bits = None if match[2] is None else int(match[2])
+        return cls(name, match[1], bits, bool(match[3]), bool(match[4]))
+
+    @property
+    def storage_mode(self) -> str | None:
+        """The base's storage mode; None where there is no quantized base read per pass."""
+        if self.method not in ("peqa", "tuneqdm"):
+            return None
+        return "resident" if self.resident else "packed"
+
+
+def with_storage_modes(names: list[str], mode: str) -> list[str]:
+    """``names`` with their peqa/tuneqdm variants in storage ``mode`` (packed, resident or both,
+    each packed variant followed by its resident twin); other variants unchanged."""
+    out: list[str] = []
+    for name in names:
+        variant = Variant.parse(name)
+        if variant.storage_mode is None or variant.resident:
+            out.append(name)
+            continue
+        if mode in ("packed", "both"):
+            out.append(name)
+        if mode in ("resident", "both"):
+            out.append(f"{name}-resident")
+    return out
 
 
 def _train(args: argparse.Namespace) -> dict[str, Any]:
@@ -100,6 +142,9 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
         # min-max ranges: the range search changes no byte or FLOP, only the load time.
         quantize_(unet, QuantConfig(bits=variant.bits, range="minmax"))  # type: ignore[arg-type]
     unet.to(device)
+    if variant.resident:
+        # In the dtype the products run in, so that no pass dequantizes.
+        set_storage_mode(unet, "resident", torch.bfloat16 if args.bf16 else torch.float32)
     load_seconds = time.perf_counter() - start
     load_peak = (
         torch.cuda.max_memory_allocated(device)
@@ -188,6 +233,7 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
         "method": variant.method,
         "bits": variant.bits,
         "checkpointing": variant.checkpointing,
+        "storage_mode": variant.storage_mode,
         "trainable_values": trainable,
         "load_peak_bytes": load_peak,
         "before_steps_bytes": before_steps,
@@ -275,8 +321,7 @@ HEADER = [
 def _parent(args: argparse.Namespace) -> int:
     variants = ALL_VARIANTS if args.variants == ["all"] else args.variants
     try:
-        for name in variants:
-            Variant.parse(name)
+        variants = with_storage_modes(variants, args.storage_mode)
     except ValueError as error:
         print(f"train_memory.py: error: {error}", file=sys.stderr)
         return 2
@@ -331,7 +376,16 @@ def _parent(args: argparse.Namespace) -> int:
             "benchmark": "train_memory",
             "settings": {
                 k: getattr(args, k)
-                for k in ("arch", "latent", "batch", "warmup", "steps", "device", "bf16")
+                for k in (
+                    "arch",
+                    "latent",
+                    "batch",
+                    "warmup",
+                    "steps",
+                    "device",
+                    "bf16",
+                    "storage_mode",
+                )
             },
             "machine": common.machine(),
             "variants": results,
@@ -356,6 +410,12 @@ def main() -> int:
     )
     parser.add_argument("--fp32", action="store_true", help="no autocast, also on cuda")
     parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, help="or: all")
+    parser.add_argument(
+        "--storage-mode",
+        default="packed",
+        choices=["packed", "resident", "both"],
+        help="storage mode of the peqa/tuneqdm variants' base (both: each variant in both)",
+    )
     parser.add_argument("--timeout", type=float, default=900, help="seconds per variant")
     parser.add_argument(
         "--budget", type=float, help="seconds for all variants; later ones are skipped, not run"

@@ -5,7 +5,14 @@ Imports torch and friends only; never the service packages (docs/design.md, laye
 
 from tuneqdm_core.adapter import Adapter, AdapterConfig, param_groups
 from tuneqdm_core.layers import QuantConv2d, QuantLayer, QuantLinear
-from tuneqdm_core.model import Layout, QuantConfig, QuantState, quant_state, quantize_
+from tuneqdm_core.model import (
+    Layout,
+    QuantConfig,
+    QuantState,
+    quant_state,
+    quantize_,
+    set_storage_mode,
+)
 from tuneqdm_core.routing import (
     Route,
     ScaleBank,
@@ -37,5 +44,6 @@ __all__ = [
     "routed",
     "save_adapter",
     "set_route",
+    "set_storage_mode",
     "use_adapter",
 ]

@@ -1,7 +1,11 @@
 """Loading a Stable Diffusion model as a quantized base, with a disk cache of the quantized UNet.
 
 Any folder or hub id that diffusers' ``from_pretrained`` reads (SD 1.x / 2.x layout: ``unet``,
-``vae``, ``text_encoder``, ``tokenizer``, ``scheduler``) works. The UNet is quantized once;
+``vae``, ``text_encoder``, ``tokenizer``, ``scheduler``) works, and so does one checkpoint file
+(``.safetensors`` / ``.ckpt`` in the original layout) through diffusers' ``from_single_file``.
+A single file holds weights only: the tokenizer, the scheduler and the component configs come
+from ``config`` (a diffusers folder or hub id of the same architecture), or, without it, from
+the hub repository diffusers infers from the checkpoint's keys. The UNet is quantized once;
 the result (packed codes, per-channel parameters, the remaining float tensors, the fingerprint)
 is cached so that a restart skips both the float load and the range search.
 """
@@ -23,9 +27,16 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from tuneqdm_core.model import QuantConfig, quant_state, quantize_
+from tuneqdm_core.model import (
+    QuantConfig,
+    StorageMode,
+    quant_state,
+    quantize_,
+    set_storage_mode,
+)
 
 CACHE_FORMAT = 1
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 # "org/name" as the Hugging Face hub spells repository ids; anything else must be a folder.
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
@@ -49,6 +60,11 @@ class BaseModel:
     @property
     def fingerprint(self) -> str:
         return quant_state(self.unet).fingerprint
+
+    @property
+    def storage_mode(self) -> StorageMode:
+        """How the UNet holds its frozen weights (tuneqdm_core.model.set_storage_mode)."""
+        return quant_state(self.unet).storage_mode
 
     @property
     def vae_scale_factor(self) -> int:
@@ -75,12 +91,23 @@ class BaseModel:
         return len(self.tokenizer(prompt).input_ids)
 
 
-def _cache_key(source: str, config: QuantConfig) -> str:
+def is_single_file(source: str | os.PathLike[str]) -> bool:
+    """Whether ``source`` is one checkpoint file rather than a model folder or hub id."""
+    path = Path(source)
+    return path.suffix.lower() in SINGLE_FILE_SUFFIXES and path.is_file()
+
+
+def _cache_key(source: str, config: QuantConfig, model_config: str | None = None) -> str:
     """Identifies a float UNet and a quantization recipe without hashing gigabytes: a local
-    folder by its resolved path and its weight files' sizes and mtimes, a hub id by name."""
+    folder by its resolved path and its weight files' sizes and mtimes, a single file by its
+    resolved path, size and mtime (and the configs it is read with), a hub id by name."""
     parts: list[Any] = [source, asdict(config), CACHE_FORMAT]
     unet_dir = Path(source) / "unet"
-    if unet_dir.is_dir():
+    if is_single_file(source):
+        stat = Path(source).stat()
+        parts[0] = str(Path(source).resolve())
+        parts += [stat.st_size, stat.st_mtime_ns, model_config]
+    elif unet_dir.is_dir():
         parts[0] = str(unet_dir.resolve())
         parts += sorted(
             (f.name, f.stat().st_size, f.stat().st_mtime_ns)
@@ -140,44 +167,81 @@ def load_quantized_unet(directory: Path, device: torch.device | str = "cpu") -> 
     return unet.to(device)
 
 
+def _single_file_pipeline(source: str, config: str | None, device: torch.device) -> Any:
+    """The float pipeline of a single checkpoint file (its configs from ``config``)."""
+    from diffusers import StableDiffusionPipeline
+
+    local = config is not None and Path(config).is_dir()
+    pipeline = StableDiffusionPipeline.from_single_file(
+        source,
+        config=config,
+        local_files_only=local,
+        # Weights as the folder path loads them (fp16 checkpoints would stay fp16 otherwise).
+        torch_dtype=torch.float32,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    return pipeline.to(device)
+
+
 def load_base(
     source: str | os.PathLike[str],
     *,
     quant: QuantConfig | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     device: torch.device | str = "cpu",
+    config: str | os.PathLike[str] | None = None,
+    storage_mode: StorageMode = "packed",
 ) -> BaseModel:
-    """Load a pipeline's parts, quantize its UNet (or take it from ``cache_dir``)."""
+    """Load a pipeline's parts, quantize its UNet (or take it from ``cache_dir``).
+
+    ``source``: a diffusers folder, a hub id, or one ``.safetensors``/``.ckpt`` checkpoint;
+    ``config``: for a single file, the diffusers folder or hub id whose configs, tokenizer and
+    scheduler it is read with (ignored otherwise; see the module docstring);
+    ``storage_mode``: ``packed`` (codes only, least memory) or ``resident`` (plus a dequantized
+    copy of the UNet's frozen weights on ``device``, fastest; :func:`set_storage_mode`).
+    """
     start = time.perf_counter()
     source = str(source)
+    model_config = str(config) if config else None  # "": unset, as an empty env var gives
     quant = quant or QuantConfig()
     device = torch.device(device)
-    if not Path(source).is_dir() and not HUB_ID.fullmatch(source):
+    single = is_single_file(source)
+    if not single and not Path(source).is_dir() and not HUB_ID.fullmatch(source):
         raise FileNotFoundError(
-            f"model {source!r} is neither a local model folder nor a hub id like 'org/name'"
+            f"model {source!r} is neither a local model folder nor a hub id like 'org/name' "
+            "nor a .safetensors/.ckpt checkpoint file"
         )
-    entry = Path(cache_dir) / f"unet-{_cache_key(source, quant)}" if cache_dir else None
+    pipeline = _single_file_pipeline(source, model_config, device) if single else None
+    key = _cache_key(source, quant, model_config if single else None)
+    entry = Path(cache_dir) / f"unet-{key}" if cache_dir else None
     from_cache = entry is not None and (entry / "meta.json").is_file()
     if entry is not None and from_cache:
         unet = load_quantized_unet(entry, device)
     else:
-        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet").to(device)
+        if pipeline is not None:
+            unet = pipeline.unet
+        else:
+            unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet").to(device)
         quantize_(unet, quant)
         if entry is not None:
             save_quantized_unet(unet, entry, source)
     unet.eval()
-    vae = AutoencoderKL.from_pretrained(source, subfolder="vae").to(device).eval()
-    text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder").to(device).eval()
-    tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
+    set_storage_mode(unet, storage_mode)
+    if pipeline is not None:
+        vae, text_encoder, tokenizer = pipeline.vae, pipeline.text_encoder, pipeline.tokenizer
+        scheduler_config = dict(pipeline.scheduler.config)
+        del pipeline  # a cached UNet leaves the float one to be freed here
+    else:
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae").to(device)
+        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder").to(device)
+        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
+        scheduler_config = _scheduler_config(source)
+    vae.eval()
+    text_encoder.eval()
     for module in (vae, text_encoder):
         module.requires_grad_(False)
-    scheduler_path = Path(source) / "scheduler" / "scheduler_config.json"
-    if scheduler_path.is_file():
-        scheduler_config = json.loads(scheduler_path.read_text())
-    else:
-        from diffusers import DDIMScheduler
-
-        scheduler_config = dict(DDIMScheduler.load_config(source, subfolder="scheduler"))
     return BaseModel(
         source=source,
         unet=unet,
@@ -190,3 +254,12 @@ def load_base(
         load_seconds=time.perf_counter() - start,
         from_cache=from_cache,
     )
+
+
+def _scheduler_config(source: str) -> dict[str, Any]:
+    scheduler_path = Path(source) / "scheduler" / "scheduler_config.json"
+    if scheduler_path.is_file():
+        return dict(json.loads(scheduler_path.read_text()))
+    from diffusers import DDIMScheduler
+
+    return dict(DDIMScheduler.load_config(source, subfolder="scheduler"))

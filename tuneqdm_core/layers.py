@@ -43,16 +43,16 @@ class _FrozenProduct(torch.autograd.Function):
         ctx.x_dtype = x.dtype
         dtype = compute_dtype(x)
         bias = layer.bias.to(dtype) if with_bias and layer.bias is not None else None
-        return layer.product(x.to(dtype), layer.dequantize(dtype, scratch=True), bias)
+        return layer.product(x.to(dtype), layer.frozen_weight(dtype), bias)
 
     @staticmethod
     def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
         if not ctx.needs_input_grad[0]:
             return None, None, None
         layer: QuantLayer = ctx.layer
-        # Re-dequantize instead of saving W0: ~one extra dequantization per step buys the
-        # weight-sized memory that materialising implementations keep (docs/method.md).
-        grad_x = layer.input_grad(grad_y, layer.dequantize(grad_y.dtype, scratch=True), ctx.x_shape)
+        # Packed: re-dequantize instead of saving W0: ~one extra dequantization per step buys
+        # the weight-sized memory that materialising implementations keep (docs/method.md).
+        grad_x = layer.input_grad(grad_y, layer.frozen_weight(grad_y.dtype), ctx.x_shape)
         return grad_x.to(ctx.x_dtype), None, None
 
 
@@ -91,6 +91,9 @@ class QuantLayer(nn.Module):
         # Set by quantize_(): position in the model's layout and the shared routing state.
         self.index = -1
         self.state: QuantState | None = None
+        # The resident storage mode's dequantized W0 (set_storage_mode); a plain attribute,
+        # not a buffer, so it never enters a state_dict, a cache file or the fingerprint.
+        self.resident: torch.Tensor | None = None
 
     @property
     def out_channels(self) -> int:
@@ -139,6 +142,15 @@ class QuantLayer(nn.Module):
             else:
                 w = w.to(dtype)
         return w.view(self.weight_shape)
+
+    def frozen_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """``W0`` in ``dtype`` for one pass: the resident copy when there is one in that dtype,
+        else dequantized from the codes (exact in any dtype: a pass at another precision than
+        the resident copy's never sees a rounded W0; nor does a model moved to another device)."""
+        resident = self.resident
+        if resident is not None and resident.dtype == dtype and resident.device == self.s0.device:
+            return resident
+        return self.dequantize(dtype, scratch=True)
 
     def product(
         self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None

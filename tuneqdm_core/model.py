@@ -18,6 +18,12 @@ from tuneqdm_core.layers import QuantConv2d, QuantLayer, QuantLinear
 if TYPE_CHECKING:
     from tuneqdm_core.routing import Route
 
+# How a quantized model holds its frozen weights (set_storage_mode; docs/method.md):
+# "packed": integer codes only, dequantized per layer on every forward and backward pass;
+# "resident": the codes plus one dequantized copy of W0 per layer, read by every pass.
+StorageMode = Literal["packed", "resident"]
+STORAGE_MODES: tuple[StorageMode, ...] = ("packed", "resident")
+
 
 @dataclass(frozen=True)
 class QuantConfig:
@@ -124,6 +130,7 @@ class QuantState:
         # Routes cleared while a graph that read them still awaited its backward.
         self.retired: list[Route] = []
         self._fingerprint: str | None = None
+        self.storage_mode: StorageMode = "packed"  # set_storage_mode()
         self._scratch: dict[tuple[int, str, torch.dtype, torch.device], torch.Tensor] = {}
 
     def lookup(self, index: int, batch: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -194,6 +201,41 @@ def quant_state(model: nn.Module) -> QuantState:
             f"{type(model).__name__} has no quantized layers; call tuneqdm_core.quantize_(model) "
             "first"
         )
+    return state
+
+
+def resident_dtype(device: torch.device | str) -> torch.dtype:
+    """The dtype of a resident copy: what the products run in by default on ``device`` (bf16
+    on CUDA, fp16 where bf16 is unsupported; fp32 on a CPU, where autocast is off by default)."""
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def set_storage_mode(
+    model: nn.Module, mode: StorageMode, dtype: torch.dtype | None = None
+) -> QuantState:
+    """Switch a quantized model between the ``packed`` and ``resident`` storage modes.
+
+    ``resident`` dequantizes every layer's ``W0`` once into ``dtype`` (default
+    :func:`resident_dtype` of the model's device) on the model's device; every forward and
+    backward pass whose compute dtype is ``dtype`` reads that copy instead of dequantizing, and
+    every adapter, job and route of the model shares it. The integer codes are kept (they are
+    1/4 of an fp16 copy at 4 bits, 1/2 at 8): they are what the fingerprint, the quantized
+    cache and adapters' checks read, and a pass at another dtype dequantizes from them exactly.
+    Call it after moving the model to its device.
+    """
+    if mode not in STORAGE_MODES:
+        raise ValueError(f"storage mode must be one of {STORAGE_MODES}, got {mode!r}")
+    state = quant_state(model)
+    for _, layer in state.layers:
+        layer.resident = None  # the old copies go before new ones are made
+    if mode == "resident":
+        dtype = dtype or resident_dtype(state.layers[0][1].codes.device)
+        with torch.no_grad():
+            for _, layer in state.layers:
+                layer.resident = layer.dequantize(dtype).detach()
+    state.storage_mode = mode
     return state
 
 

@@ -26,10 +26,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# How tuneqdm_core holds a quantized base today: integer codes on the device, dequantized per
-# layer on every pass (docs/method.md). A "resident" half-precision copy is not implemented.
-STORAGE_MODE = "packed"
-
 
 def worker_name() -> str:
     return f"{socket.gethostname()[:60]}:{os.getpid()}"
@@ -105,7 +101,7 @@ class Registrar:
 
     def on_load(self, base: BaseModel) -> None:
         self.info = loaded_info(self.settings, base)
-        self.loaded = {"fingerprint": base.fingerprint, "storage_mode": STORAGE_MODE}
+        self.loaded = {"fingerprint": base.fingerprint, "storage_mode": base.storage_mode}
         self.beat()
 
     def run(self) -> None:

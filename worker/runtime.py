@@ -100,14 +100,17 @@ class Runtime:
             quant=QuantConfig(bits=4 if self.settings.bits == 4 else 8),
             cache_dir=cache_dir,
             device=self.settings.device,
+            config=self.settings.single_file_config,
+            storage_mode=self.settings.storage_mode,
         )
         seconds = time.perf_counter() - start
         metrics.BASE_LOAD_SECONDS.set(seconds)
         log.info(
-            "base %s (%d-bit, %s) loaded in %.2f s (%s)",
+            "base %s (%d-bit, %s, %s) loaded in %.2f s (%s)",
             source,
             self.settings.bits,
             self.settings.device,
+            base.storage_mode,
             seconds,
             "from the quantized cache" if base.from_cache else "quantized now, cached",
         )

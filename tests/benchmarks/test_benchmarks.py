@@ -68,10 +68,34 @@ def test_serving_reports_swaps_and_every_throughput_mode(tmp_path: Path) -> None
     assert [r["swap"] for r in report["swap"]] == ["file -> memory", "memory -> slot"]
     assert all(r["p99_ms"] >= r["p50_ms"] > 0 for r in report["swap"])
     modes = {(r["mode"], r["distinct"]) for r in report["throughput"]}
-    assert modes == {("bare", 0)} | {("mixed", d) for d in (1, 2, 4, 8)} | {
+    # The float row: the unquantized UNet a user would run instead.
+    assert modes == {("bare", 0), ("float", 0)} | {("mixed", d) for d in (1, 2, 4, 8)} | {
         ("grouped", d) for d in (2, 4, 8)
     }
     assert all(r["images_per_s"] > 0 for r in report["throughput"])
+
+
+@pytest.mark.timeout(300)
+def test_benchmarks_compare_the_storage_modes(tmp_path: Path) -> None:
+    train = _run(
+        "train_memory.py",
+        *("--arch", "tiny-sd1", "--latent", "8", "--warmup", "0", "--steps", "1"),
+        *("--variants", "full", "tuneqdm-w4-ckpt", "--storage-mode", "both"),
+        json_path=tmp_path / "train.json",
+    )
+    rows = {r["variant"]: r for r in train["variants"]}
+    assert list(rows) == ["full", "tuneqdm-w4-ckpt", "tuneqdm-w4-ckpt-resident"]
+    assert [r["storage_mode"] for r in rows.values()] == [None, "packed", "resident"]
+    assert all("error" not in r and r["step_seconds"] > 0 for r in rows.values())
+    serving = _run(
+        "serving.py",
+        *("--swap-arch", "tiny-sd1", "--file-reps", "2", "--slot-reps", "3", "--steps", "2"),
+        *("--models", "tiny-sd1", "--latent", "8", "--reps", "1", "--storage-mode", "both"),
+        json_path=tmp_path / "serving.json",
+    )
+    seen = {(r["storage"], r["mode"], r["distinct"]) for r in serving["throughput"]}
+    assert {("resident", "bare", 0), ("resident", "mixed", 1), ("resident", "mixed", 8)} <= seen
+    assert {("packed", "mixed", 1), ("float", "float", 0)} <= seen
 
 
 def test_train_memory_table_rows_fit_the_header_also_for_failed_variants() -> None:
@@ -86,7 +110,9 @@ def test_train_memory_rejects_an_unknown_variant() -> None:
 
     assert Variant.parse("tuneqdm-w4-ckpt") == Variant("tuneqdm-w4-ckpt", "tuneqdm", 4, True)
     assert Variant.parse("full") == Variant("full", "full", None, False)
-    for bad in ("full-w8", "tuneqdm", "lora-w4", "tuneqdm-w3"):
+    assert Variant.parse("peqa-w8-resident").storage_mode == "resident"
+    assert Variant.parse("materialising-w8").storage_mode is None
+    for bad in ("full-w8", "tuneqdm", "lora-w4", "tuneqdm-w3", "materialising-w8-resident"):
         with pytest.raises(ValueError, match="unknown variant"):
             Variant.parse(bad)
 

@@ -171,3 +171,42 @@ def test_device_defaults_are_bf16_and_checkpointing_on_cuda() -> None:
     config = FinetuneConfig().for_device("cuda")
     assert config.mixed_precision in ("bf16", "fp16") and config.gradient_checkpointing
     assert FinetuneConfig().for_device("cpu").mixed_precision == "no"
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_resident_storage_matches_packed_on_cuda(
+    bits: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bf16 autocast, the resident copy in bf16: the same outputs and scale gradients as the
+    packed model (both products see the same bf16 W0), and no pass dequantizes."""
+    from tests.core.helpers import grads
+    from tuneqdm_core import route_adapters, routed
+    from tuneqdm_core.layers import QuantLayer
+    from tuneqdm_core.model import set_storage_mode
+
+    model = _stack(bits)
+    adapters = [perturbed_adapter(model, AdapterConfig(intervals=2))]
+    x = torch.randn(4, 8, 8, 8, device="cuda")
+
+    def run() -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        for adapter in adapters:
+            adapter.zero_grad(set_to_none=True)
+        route = route_adapters(adapters, torch.tensor([5.0, 900, 400, 600], device="cuda"))
+        with routed(model, route):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                y = model(x).float()
+            weights = torch.linspace(-1, 1, y.numel(), device="cuda").view_as(y)
+            (y * weights).sum().backward()
+        return y.detach(), grads(adapters)
+
+    packed, packed_grads = run()
+    set_storage_mode(model, "resident", torch.bfloat16)
+
+    def refuse(*_: object, **__: object) -> torch.Tensor:
+        raise AssertionError("a layer was dequantized")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(QuantLayer, "dequantize", refuse)
+        resident, resident_grads = run()
+    assert torch.equal(resident, packed)
+    assert_close_all(resident_grads, packed_grads, 1e-6)

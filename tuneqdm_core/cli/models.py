@@ -20,7 +20,16 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".ti
 
 
 def add_base_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="a diffusers model folder or hub id (SD 1.x / 2.x layout)")
+    parser.add_argument(
+        "model",
+        help="a diffusers model folder or hub id (SD 1.x / 2.x layout), "
+        "or one .safetensors/.ckpt checkpoint",
+    )
+    parser.add_argument(
+        "--config",
+        help="for a single-file model: the diffusers folder or hub id it is read with "
+        "(configs, tokenizer, scheduler); default: inferred from the checkpoint by diffusers",
+    )
     parser.add_argument("--bits", type=int, default=4, choices=[4, 8])
     parser.add_argument("--cache-dir", help="keep the quantized UNet here for the next start")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
@@ -28,7 +37,11 @@ def add_base_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _base(args: argparse.Namespace) -> BaseModel:
     base = load_base(
-        args.model, quant=QuantConfig(bits=args.bits), cache_dir=args.cache_dir, device=args.device
+        args.model,
+        quant=QuantConfig(bits=args.bits),
+        cache_dir=args.cache_dir,
+        device=args.device,
+        config=args.config,
     )
     origin = "from cache" if base.from_cache else "quantized now"
     print(f"base {args.model} W{args.bits} ({origin}) in {base.load_seconds:.2f} s")
