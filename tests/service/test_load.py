@@ -26,10 +26,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 from PIL import Image
-from sqlalchemy import create_engine, func, select
+from sqlalchemy import create_engine, func, select, update
+from sqlalchemy.orm import sessionmaker
 
 from app.models import FinetuneJob, GenerationJob, Tenant
 from tests.service.procs import ROOT, free_port, service_env, start_api, wait_for
+from worker.jobs import claim, claim_next, finish_owned, new_owner
 
 FLOOD_UPLOADS = 50
 FLOOD_GENERATIONS = 200
@@ -199,3 +201,51 @@ def test_a_flooding_tenant_does_not_hurt_the_other(
     accepted = sum(s == 202 for _, s, _ in flood_rows)
     assert active == accepted
     assert FLOOD_ACTIVE_JOBS <= active <= FLOOD_ACTIVE_JOBS + FLOOD_CONCURRENCY
+    _quiet_job_starts_next(pg_url)
+
+
+def _quiet_job_starts_next(pg_url: str) -> None:
+    """The worker's fair pick on the registry the flood left behind. The quiet tenant keeps
+    only its newest generation (it cancels the others); the flood has dozens queued before it.
+    A worker that has just run one of the flood's takes the quiet tenant's next, where
+    first-in-first-out would take the flood's next oldest."""
+    engine = create_engine(pg_url)
+    try:
+        factory = sessionmaker(engine)
+        with factory() as session:
+            ids = dict(session.execute(select(Tenant.name, Tenant.id)).tuples().all())
+            queued = GenerationJob.status == "queued"
+            quiet_jobs = session.scalars(
+                select(GenerationJob.id)
+                .where(queued, GenerationJob.tenant_id == ids["quiet"])
+                .order_by(GenerationJob.created_at)
+            ).all()
+            newest = quiet_jobs[-1]
+            session.execute(
+                update(GenerationJob)
+                .where(GenerationJob.id.in_(quiet_jobs[:-1]))
+                .values(status="canceled")
+            )
+            newest_at = select(GenerationJob.created_at).where(GenerationJob.id == newest)
+            flood_first = session.scalars(
+                select(GenerationJob.id)
+                .where(
+                    queued,
+                    GenerationJob.tenant_id == ids["flood"],
+                    GenerationJob.created_at < newest_at.scalar_subquery(),
+                )
+                .order_by(GenerationJob.created_at)
+            ).all()
+            session.commit()
+            assert len(flood_first) >= 10, len(flood_first)
+            # A worker runs the flood's oldest generation.
+            owner = new_owner()
+            assert claim(session, GenerationJob, flood_first[0], owner, stale_after_s=60)
+            finish_owned(session, GenerationJob, flood_first[0], owner, "succeeded")
+            session.commit()
+            got = claim_next(session, GenerationJob, new_owner(), stale_after_s=60, hint=newest)
+            session.commit()
+        print(f"next claim: {got}; the flood had {len(flood_first) - 1} older generations queued")
+        assert got is not None and got[0] == newest, (got, newest)
+    finally:
+        engine.dispose()
