@@ -404,7 +404,10 @@ def test_a_poison_generation_fails_alone_and_others_still_succeed(deploy: Deploy
     cause and the others succeed."""
     deploy.values.update(max_attempts=2, generation_batch_size=8)
     a, b = deploy.tenant("acme"), deploy.tenant("globex")
-    shape = {"steps": 4, "width": 32, "height": 32}
+    # 32 images × 30 steps take far more than the 5 s of CPU time the worker gets below, on
+    # any machine (at 4 steps a fast, idle machine could finish them in time); one image of
+    # the same loop shape takes a fraction of a second. Cost 960, within the budget of 1000.
+    shape = {"steps": 30, "width": 32, "height": 32}
     poison = deploy.generation(a, num_images=32, **shape)
     others = [deploy.generation(b, **shape), deploy.generation(b, seed=2, **shape)]
     deaths: list[int] = []
