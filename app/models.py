@@ -144,7 +144,8 @@ class FinetuneJob(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # The worker's lease (worker/jobs.py): who runs the job and when it last said so. A job
-    # whose heartbeat is older than TUNEQDM_STALE_AFTER_S is taken over by another worker.
+    # whose heartbeat is older than TUNEQDM_STALE_AFTER_S is taken over by another worker. A
+    # finished job keeps it: "<host>:<pid>:<claim>", the worker that ran its last attempt.
     lease_owner: Mapped[str | None] = mapped_column(String(100))
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # Step the last run resumed from (0: from scratch), so resuming is visible.

@@ -10,8 +10,6 @@ logged and retried on the next beat: they never stop the worker from serving job
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -20,15 +18,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.bases import BaseInfo, describe_folder, register
 from app.settings import Settings
+from worker.jobs import worker_name
 
 if TYPE_CHECKING:
     from tuneqdm_core.base import BaseModel
 
 log = logging.getLogger(__name__)
-
-
-def worker_name() -> str:
-    return f"{socket.gethostname()[:60]}:{os.getpid()}"
 
 
 def folder_info(settings: Settings) -> BaseInfo | None:

@@ -48,10 +48,17 @@ SHUTDOWN = threading.Event()
 STALLED_EXIT = 70
 
 
+def worker_name() -> str:
+    """This worker process: host and process id, so two workers on one machine (one per GPU)
+    are two names. Also its row in base_workers (worker/bases.py)."""
+    return f"{socket.gethostname()[:60]}:{os.getpid()}"
+
+
 def new_owner() -> str:
-    """One lease owner per claim: host, process and a random part (a restarted process on the
-    same host is a different owner)."""
-    return f"{socket.gethostname()[:40]}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+    """One lease owner per claim: the worker's name and a random part (a restarted process on
+    the same host is a different owner). A finished job keeps its last owner, so its row names
+    the worker that ran it."""
+    return f"{worker_name()}:{uuid.uuid4().hex[:12]}"
 
 
 def db_now(session: Session, ago_s: float = 0.0) -> ColumnElement[Any]:
@@ -161,12 +168,13 @@ def write_owned(session: Session, model: JobModel, job_id: str, owner: str, **va
 def finish_owned(
     session: Session, model: JobModel, job_id: str, owner: str, status: str, **values: Any
 ) -> bool:
-    """Move an owned running job to a terminal status (in the caller's transaction)."""
+    """Move an owned running job to a terminal status (in the caller's transaction). The lease
+    owner stays on the row: it names the worker that ran the job's last attempt."""
     now = db_now(session)
     result = session.execute(
         update(model)
         .where(model.id == job_id, model.lease_owner == owner, model.status == "running")
-        .values(status=status, finished_at=now, updated_at=now, lease_owner=None, **values)
+        .values(status=status, finished_at=now, updated_at=now, **values)
         .execution_options(synchronize_session=False)
     )
     return bool(result.rowcount)  # type: ignore[attr-defined]

@@ -39,7 +39,7 @@ def test_a_finetune_past_its_time_limit_fails_and_leaves_no_files(
     assert run_finetune(job_id, ctx) == "failed"
     with ctx.sessions() as s:
         job = s.get(FinetuneJob, job_id)
-        assert job is not None and job.status == "failed" and job.lease_owner is None
+        assert job is not None and job.status == "failed" and job.lease_owner is not None
         assert job.error == (
             "the fine-tune ran past its time limit of 0.2 s and was stopped "
             "(TUNEQDM_FINETUNE_TIME_LIMIT_S); submit it again with fewer steps"

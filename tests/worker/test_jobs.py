@@ -95,7 +95,7 @@ def test_claims_count_attempts_and_the_cap_fails_the_job_with_its_cause(
     assert run_finetune(job_id, ctx) == "skipped (failed)"
     with ctx.sessions() as s:
         job = s.get(FinetuneJob, job_id)
-        assert job is not None and job.status == "failed" and job.lease_owner is None
+        assert job is not None and job.status == "failed" and job.lease_owner is not None
         assert job.error is not None and "the worker stopped 3 times" in job.error
     assert ctx.notify == [job_id]
 
