@@ -20,6 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES: dict[str, Any] = COMPOSE["services"]
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
+# One worker service per GPU: worker-gpu0, worker-gpu1, ...
+GPU_WORKERS = {n: s for n, s in SERVICES.items() if re.fullmatch(r"worker-gpu\d+", n)}
 
 
 def _substitute(value: str) -> str:
@@ -59,7 +61,7 @@ def _check_command(argv: list[str]) -> None:
 
 
 def test_services_ports_and_health_checks() -> None:
-    assert {"postgres", "redis", "api", "worker"} <= set(SERVICES)
+    assert {"postgres", "redis", "api", "worker-gpu0", "worker-gpu1"} <= set(SERVICES)
     for name in ("postgres", "redis", "api"):
         assert SERVICES[name]["healthcheck"]["test"], name
     assert "pg_isready" in " ".join(SERVICES["postgres"]["healthcheck"]["test"])
@@ -69,7 +71,8 @@ def test_services_ports_and_health_checks() -> None:
         "postgres": {"condition": "service_healthy"},
         "redis": {"condition": "service_healthy"},
     }
-    assert SERVICES["worker"]["depends_on"]["api"] == {"condition": "service_healthy"}
+    for worker in GPU_WORKERS.values():
+        assert worker["depends_on"]["api"] == {"condition": "service_healthy"}
 
 
 def test_api_migrates_before_serving() -> None:
@@ -78,34 +81,61 @@ def test_api_migrates_before_serving() -> None:
     assert command[2].index("alembic upgrade head") < command[2].index("uvicorn")
 
 
-def test_worker_reserves_a_gpu_and_caches_the_model() -> None:
-    worker = SERVICES["worker"]
+def _device_ids(worker: dict[str, Any]) -> list[str]:
     devices = worker["deploy"]["resources"]["reservations"]["devices"]
-    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
-    env = worker["environment"]
-    assert env["TUNEQDM_DEVICE"] == "cuda"
-    mounts = {_substitute(v).split(":")[1] for v in worker["volumes"]}
-    assert any(env["TUNEQDM_QUANT_CACHE_DIR"].startswith(m) for m in mounts)
-    assert "/models" in mounts  # a mounted model folder, or a hub id in TUNEQDM_MODEL
-    assert "--pool=solo" in worker["command"]
+    assert len(devices) == 1 and devices[0]["driver"] == "nvidia", devices
+    # Pinned by id: `count: 1` with --scale would put every replica on the same GPU.
+    assert "count" not in devices[0] and devices[0]["capabilities"] == ["gpu"], devices
+    return [str(i) for i in devices[0]["device_ids"]]
+
+
+def test_one_worker_per_gpu_each_on_its_own_device() -> None:
+    assert len(GPU_WORKERS) >= 2
+    pinned = {name: _device_ids(worker) for name, worker in GPU_WORKERS.items()}
+    # worker-gpuN reserves exactly GPU N: one device per process, no GPU shared.
+    assert pinned == {name: [name.removeprefix("worker-gpu")] for name in GPU_WORKERS}
+    ids = [i for ids in pinned.values() for i in ids]
+    assert len(ids) == len(set(ids))
+    # Each process names itself after its host (worker/jobs.py worker_name): distinct hostnames.
+    hostnames = [w["hostname"] for w in GPU_WORKERS.values()]
+    assert hostnames == list(GPU_WORKERS) and len(set(hostnames)) == len(hostnames)
+    # Every GPU worker is the same worker but for its device (one anchor, `x-worker`).
+    shared = dict(COMPOSE["x-worker"])
+    for worker in GPU_WORKERS.values():
+        assert {k: worker[k] for k in shared} == shared
+    # The first GPU runs on a plain `docker compose up`; the others are opt-in.
+    assert "profiles" not in GPU_WORKERS["worker-gpu0"]
+    assert all(w["profiles"] == ["multi-gpu"] for n, w in GPU_WORKERS.items() if n != "worker-gpu0")
+
+
+def test_worker_reserves_a_gpu_and_caches_the_model() -> None:
+    for worker in GPU_WORKERS.values():
+        env = worker["environment"]
+        # The container sees only its reserved GPU, as device 0 ("cuda:1" would not exist).
+        assert env["TUNEQDM_DEVICE"] in ("cuda", "cuda:0")
+        mounts = {_substitute(v).split(":")[1] for v in worker["volumes"]}
+        assert any(env["TUNEQDM_QUANT_CACHE_DIR"].startswith(m) for m in mounts)
+        assert "/models" in mounts  # a mounted model folder, or a hub id in TUNEQDM_MODEL
+        assert "--pool=solo" in worker["command"]  # one job at a time per process
 
 
 def test_worker_gets_time_to_checkpoint_on_stop_and_restarts() -> None:
-    worker = SERVICES["worker"]
-    # docker's default of 10 s can cut a generation or a checkpoint short; then the job waits
-    # for its lease to run out instead of being resumed at once.
-    grace = re.fullmatch(r"(\d+)(s|m)", worker["stop_grace_period"])
-    assert grace is not None, worker["stop_grace_period"]
-    assert int(grace.group(1)) * (60 if grace.group(2) == "m" else 1) >= 60
-    # A worker whose job stalled exits for its restart (worker/jobs.py STALLED_EXIT).
-    assert worker["restart"] in ("unless-stopped", "always", "on-failure")
+    for worker in GPU_WORKERS.values():
+        # docker's default of 10 s can cut a generation or a checkpoint short; then the job
+        # waits for its lease to run out instead of being resumed at once.
+        grace = re.fullmatch(r"(\d+)(s|m)", worker["stop_grace_period"])
+        assert grace is not None, worker["stop_grace_period"]
+        assert int(grace.group(1)) * (60 if grace.group(2) == "m" else 1) >= 60
+        # A worker whose job stalled exits for its restart (worker/jobs.py STALLED_EXIT).
+        assert worker["restart"] in ("unless-stopped", "always", "on-failure")
 
 
 def test_flower_is_an_optional_profile_on_the_same_broker() -> None:
     flower = SERVICES["flower"]
     assert flower["profiles"] == ["monitoring"]
-    # Every other service runs without a profile, i.e. on a plain `docker compose up`.
-    assert [n for n, s in SERVICES.items() if "profiles" in s] == ["flower"]
+    # Every other service but the extra GPUs' workers runs on a plain `docker compose up`.
+    optional = {n for n, s in SERVICES.items() if "profiles" in s}
+    assert optional == {"flower"} | (set(GPU_WORKERS) - {"worker-gpu0"})
     broker = SERVICES["api"]["environment"]["TUNEQDM_BROKER_URL"]
     assert flower["environment"]["CELERY_BROKER_URL"] == broker
     assert flower["depends_on"] == {"redis": {"condition": "service_healthy"}}
