@@ -1,4 +1,5 @@
-"""Real processes for the service tests: uvicorn, Celery workers, the embedded launcher."""
+"""Real processes for the service tests and the load benchmark (benchmarks/load.py): uvicorn,
+Celery workers, redis-server, the admin CLI. pytest is imported only where a test skips."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
-import pytest
+import httpx
 
 ROOT = Path(__file__).resolve().parents[2]
 REDIS = os.environ.get("TEST_REDIS_SERVER", "127.0.0.1:6379")
@@ -31,6 +32,7 @@ def free_port() -> int:
 
 def require_redis() -> str:
     """The test broker URL (a database of its own, emptied), or skip when Redis is not there."""
+    import pytest
     import redis
 
     host, port = REDIS.rsplit(":", 1)
@@ -156,6 +158,74 @@ def wait_for(what: str, check: Callable[[], bool], timeout: float, procs: list[P
         time.sleep(0.2)
     logs = "\n".join(f"--- {p.name}\n{p.log()[-4000:]}" for p in procs)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{logs}")
+
+
+def admin(env: dict[str, str], *args: str) -> str:
+    """Run the admin CLI (`tuneqdm-admin`) against the service's settings; its stdout."""
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+
+
+def create_key(env: dict[str, str], tenant: str) -> dict[str, str]:
+    """A new API key for `tenant` (created if new): the CLI's fields, e.g. "api key" and
+    "webhook signing secret"."""
+    out = admin(env, "keys", "create", "--tenant", tenant)
+    return dict(line.split(": ", 1) for line in out.splitlines() if ": " in line)
+
+
+class Service:
+    """The API (uvicorn) and `workers` Celery worker processes on one database, broker and
+    storage (all in `env`). Workers are named w0, w1, ... (their logs: w0.log, ...)."""
+
+    def __init__(self, env: dict[str, str], logs: Path, workers: int = 1) -> None:
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.api = start_api(env, logs, self.port)
+        self.workers = [start_worker(env, logs, f"w{i}") for i in range(workers)]
+
+    @property
+    def procs(self) -> list[Proc]:
+        return [self.api, *self.workers]
+
+    def client(self, key: str, **kwargs: Any) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"}
+        return httpx.Client(base_url=self.base_url, headers=headers, **kwargs)
+
+    def wait_ready(self, key: str, timeout: float = 120) -> None:
+        """Until the API is ready and every worker has registered (GET /v1/bases lists it),
+        i.e. each worker listens on the queues and a batch submitted now reaches all of them."""
+        with self.client(key, timeout=5) as client:
+
+            def ready() -> bool:
+                try:
+                    return client.get("/readyz").status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            def registered() -> bool:
+                bases = client.get("/v1/bases").raise_for_status().json()["data"]
+                names = {w["worker"] for b in bases for w in b["workers"]}
+                return len(names) >= len(self.workers)
+
+            wait_for("the API", ready, timeout, self.procs)
+            wait_for(f"{len(self.workers)} worker(s) registered", registered, timeout, self.procs)
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.stop()
+
+    def __enter__(self) -> Service:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 class TcpProxy:

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import io
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from collections import defaultdict
@@ -30,7 +28,7 @@ from sqlalchemy import create_engine, func, select, update
 from sqlalchemy.orm import sessionmaker
 
 from app.models import FinetuneJob, GenerationJob, Tenant
-from tests.service.procs import ROOT, free_port, service_env, start_api, wait_for
+from tests.service.procs import admin, create_key, free_port, service_env, start_api, wait_for
 from worker.jobs import claim, claim_next, finish_owned, new_owner
 
 FLOOD_UPLOADS = 50
@@ -49,23 +47,6 @@ def _photo(seed: int, side: int = 1024) -> bytes:
     out = io.BytesIO()
     Image.fromarray(pixels).save(out, format="JPEG", quality=90)
     return out.getvalue()
-
-
-def _cli(env: dict[str, str], *args: str) -> str:
-    return subprocess.run(
-        [sys.executable, "-m", "app.cli", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    ).stdout
-
-
-def _key(env: dict[str, str], tenant: str) -> str:
-    out = _cli(env, "keys", "create", "--tenant", tenant)
-    return dict(line.split(": ", 1) for line in out.splitlines() if ": " in line)["api key"]
 
 
 class Recorder:
@@ -111,8 +92,8 @@ def test_a_flooding_tenant_does_not_hurt_the_other(
         storage_dir=tmp_path / "files",
         retention_sweep_every_s=0,
     )
-    flood_key, quiet_key = _key(env, "flood"), _key(env, "quiet")
-    limits = _cli(env, "tenants", "limits", "flood", "--active-jobs", str(FLOOD_ACTIVE_JOBS))
+    flood_key, quiet_key = (create_key(env, t)["api key"] for t in ("flood", "quiet"))
+    limits = admin(env, "tenants", "limits", "flood", "--active-jobs", str(FLOOD_ACTIVE_JOBS))
     assert f"{FLOOD_ACTIVE_JOBS} (override)" in limits
 
     port = free_port()
