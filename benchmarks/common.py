@@ -6,10 +6,8 @@ import contextlib
 import ctypes
 import gc
 import json
-import math
 import os
 import platform
-import statistics
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -17,6 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+# Re-exported: the scripts call them as common.percentile etc.
+from benchmarks.summary import median as median
+from benchmarks.summary import percentile as percentile
+from benchmarks.summary import write_json as write_json
 
 GIB = 1024**3
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -42,17 +45,6 @@ def machine() -> str:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (``q`` in [0, 100])."""
-    ordered = sorted(values)
-    rank = max(0, min(len(ordered) - 1, math.ceil(q / 100 * len(ordered)) - 1))
-    return ordered[rank]
-
-
-def median(values: Sequence[float]) -> float:
-    return float(statistics.median(values))
 
 
 # --- CPU memory: peak RSS of this process ------------------------------------------------------
@@ -119,9 +111,3 @@ def run_child(script: Path, args: Sequence[str], timeout: float | None) -> dict[
             return result
     tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
     return {"error": f"exit code {done.returncode}: {' | '.join(tail)}"}
-
-
-def write_json(path: str | None, report: dict[str, Any]) -> None:
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(report, indent=2))

@@ -72,6 +72,7 @@ class Proc:
     def __init__(self, name: str, args: list[str], env: dict[str, str], logs: Path) -> None:
         self.name = name
         self.log_path = logs / f"{name}.log"
+        self._terminated = False
         self._log: IO[bytes] = self.log_path.open("wb")
         self.popen = subprocess.Popen(
             args, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT
@@ -89,9 +90,15 @@ class Proc:
         self.popen.send_signal(signal.SIGKILL)
         self.popen.wait(timeout=30)
 
+    def terminate(self) -> None:
+        """Ask it to stop (SIGTERM) without waiting; `stop` then waits."""
+        if self.alive() and not self._terminated:
+            self.popen.terminate()
+            self._terminated = True
+
     def stop(self, timeout: float = 20) -> int:
         if self.alive():
-            self.popen.terminate()
+            self.terminate()
             try:
                 self.popen.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
@@ -218,6 +225,8 @@ class Service:
             wait_for(f"{len(self.workers)} worker(s) registered", registered, timeout, self.procs)
 
     def stop(self) -> None:
+        for proc in self.procs:  # all at once: each may take seconds to shut down
+            proc.terminate()
         for proc in self.procs:
             proc.stop()
 
