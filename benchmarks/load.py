@@ -17,8 +17,8 @@ the jobs lost: submitted (202) but not final when the drain ran out, or succeede
 their files. The exit status is 1 when any job was lost or failed.
 
 Before the clock starts, each worker runs one fine-tune (warm-up, not counted), so the
-workers' first model load is outside the numbers (``--no-warm-up`` counts it). Tenant limits are off (the load test
-measures the service; tests/service/test_load.py covers the limits).
+workers' first model load is outside the numbers (``--no-warm-up`` counts it). Tenant limits
+are off (the load test measures the service; tests/service/test_load.py covers the limits).
 """
 
 from __future__ import annotations
