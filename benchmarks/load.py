@@ -452,6 +452,8 @@ def main() -> int:
             "poll_s": args.poll,
             "command": " ".join(["python", "benchmarks/load.py", *sys.argv[1:]]),
         }
+        # The machine's own load, for reading the numbers (other work shares the cores).
+        meta["load_average_1min"] = os.getloadavg()[0]
         result = report(run, meta)
     print(table(result))
     if args.keep:
