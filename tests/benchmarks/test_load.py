@@ -28,9 +28,10 @@ def test_a_short_load_run_prints_its_table_and_loses_nothing(
     server = f"postgresql+psycopg://{admin.user}@{PG_SERVER}/postgres"
     admin.drop_all()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    args = ["--duration", "5", "--drain", "90", "--postgres", server]
-    # The session's tiny model and its quantized cache; no warm-up: the smoke test is about the
-    # table and the count of lost jobs, not the numbers.
+    args = ["--duration", "3", "--drain", "90", "--workers", "1", "--postgres", server]
+    # The session's tiny model and its quantized cache, one worker, no warm-up: the smoke test
+    # is about the table and the count of lost jobs, not the numbers, and a worker's first model
+    # load is most of its time (tests/service/test_gpus.py runs two workers).
     args += ["--model", str(tiny_model_dir), "--quant-cache", str(quant_cache), "--no-warm-up"]
     done = subprocess.run(
         [sys.executable, "benchmarks/load.py", *args, "--json", str(tmp_path / "load.json")],
