@@ -34,8 +34,9 @@ import tempfile
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as in the other benchmark
 import httpx
 from alembic import command
 from alembic.config import Config
+from PIL import Image
 from sqlalchemy import create_engine, text
 
 from app.db import make_engine, make_sessionmaker
@@ -101,10 +103,6 @@ class Run:
 
 
 def _photo(i: int) -> bytes:
-    from io import BytesIO
-
-    from PIL import Image
-
     image = Image.new("RGB", (64, 64), (200, 30 + 10 * i, 30))
     image.paste((20, 20, 220), (12 + i, 10, 40 + i, 40))  # the "subject", moving a little
     out = BytesIO()
@@ -177,7 +175,7 @@ async def _generation(
 
 
 async def _user(
-    job: Any,
+    job: Callable[[Run, httpx.AsyncClient, str, list[str], float], Awaitable[bool]],
     run: Run,
     client: httpx.AsyncClient,
     tenant: str,
