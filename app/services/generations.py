@@ -18,7 +18,7 @@ from app.outbox import record_final
 from app.queue import GENERATE_QUEUE, GENERATE_TASK, TaskSender, base_queue
 from app.schemas import SEED_MAX, GenerationCreate
 from app.services import quotas, retention
-from app.services.bases import resolve_base
+from app.services.bases import known_bases, resolve_base
 from app.services.common import optional_text, page, required_text
 from app.settings import Settings
 from app.storage import Storage
@@ -84,14 +84,21 @@ def _base_of(
     session: Session, settings: Settings, data: GenerationCreate, adapter: Adapter | None
 ) -> BaseInfo:
     """The generation's base: its adapter's (a `base` naming another is refused), else the
-    requested one, else the default. An adapter's base that no longer is served is a 422 too:
-    its workers are gone, so the job would wait forever."""
+    requested one, else the default. An adapter whose base is not served (any more) is a
+    conflict: no worker would ever run the job."""
     if adapter is None:
         return resolve_base(session=session, settings=settings, name=data.base)
     if data.base and data.base != adapter.base_model:
         raise InvalidInput(
             f"adapter {adapter.id} was trained on base {adapter.base_model!r}, not "
             f"{data.base!r}; omit base (it follows the adapter) or use an adapter of that base"
+        )
+    known = known_bases(session=session, settings=settings)
+    if adapter.base_model not in known:
+        raise Conflict(
+            f"adapter {adapter.id} was trained on base model {adapter.base_model!r}, which this "
+            f"service does not serve (it serves {', '.join(map(repr, known))}); fine-tune again "
+            "on one of those"
         )
     return resolve_base(session=session, settings=settings, name=adapter.base_model)
 
