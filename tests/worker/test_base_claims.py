@@ -4,12 +4,15 @@ jobs, and a message of another base's job (a misrouted token) runs nothing here.
 from __future__ import annotations
 
 from datetime import timedelta
+from types import SimpleNamespace
 
+import pytest
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.bases import BaseInfo, register
 from app.models import FinetuneJob, Tenant, utcnow
+from app.queue import queue_safe
 from tests.worker.conftest import submit_finetune
 from worker.finetunes import Context, run_finetune
 from worker.jobs import JobModel, claim, claim_next, reconcile_queued, sweep_stale
@@ -88,3 +91,20 @@ def test_sweep_and_reconciler_keep_to_the_base(ctx: Context, tenant: Tenant) -> 
         assert s.get(FinetuneJob, theirs).status == "running"  # type: ignore[union-attr]
     # Its own base's worker requeues it.
     assert sweep_stale(ctx.sessions, stale_after_s=30, enqueue=enqueue, base=OTHER) == [theirs]
+
+
+def test_minus_q_kinds_mean_the_workers_own_base_queues() -> None:
+    # Here, not at the top: the module builds its app from the environment's settings.
+    from worker.celery_app import _consume_own_base, create_celery, own_queues, settings
+
+    app = create_celery(settings)
+    app.amqp.queues.select(["finetune", "generate", "webhooks"])
+    _consume_own_base(instance=SimpleNamespace(app=app))
+    mine = own_queues()
+    assert set(app.amqp.queues.consume_from) == {*mine.values(), "webhooks"}
+    assert mine["finetune"] == f"finetune.{queue_safe(settings.base_model)}"
+    # Another base's queue: this worker would swallow that base's messages; refused.
+    app = create_celery(settings)
+    app.amqp.queues.select(["finetune.sd21-8bit"])
+    with pytest.raises(RuntimeError, match="must not consume"):
+        _consume_own_base(instance=SimpleNamespace(app=app))
