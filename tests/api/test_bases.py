@@ -5,17 +5,21 @@ names the known ones; GET /v1/bases shows each base's workers and queued jobs.""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import timedelta
 
+from alembic import command
 from fastapi.testclient import TestClient
-from sqlalchemy import update
+from sqlalchemy import text, update
 from sqlalchemy.orm import Session
 
 from app.bases import BaseInfo, register
+from app.db import make_engine
 from app.models import BaseWorker, FinetuneJob, GenerationJob, utcnow
 from app.queue import FINETUNE_QUEUE, GENERATE_QUEUE, base_queue, queue_safe
 from app.settings import Settings
 from app.storage import LocalStorage
+from tests.api.conftest import alembic_config
 from tests.api.factories import (
     RecordingSender,
     make_adapter,
@@ -188,3 +192,43 @@ def test_bases_list_workers_up_and_queued_jobs(
     # (the adapter's own fine-tune is the fourth, succeeded)
     rows = session.query(FinetuneJob).filter_by(base_model=OTHER).count()
     assert rows == 4 and session.query(GenerationJob).filter_by(base_model=OTHER).count() == 1
+
+
+def test_the_migration_gives_existing_finetunes_a_base(new_database: Callable[[], str]) -> None:
+    """Before several bases a deployment served one: a fine-tune gets its adapter's base, one
+    without an adapter the default base (TUNEQDM_BASE_MODEL as the migration runs)."""
+    url = new_database()
+    cfg = alembic_config(url)
+    command.upgrade(cfg, "0014-1")
+    engine = make_engine(url)
+    now = utcnow()
+    try:
+        with engine.begin() as c:
+            c.execute(
+                text("INSERT INTO tenants (id, name, created_at) VALUES ('tn_1', 'a', :now)"),
+                {"now": now},
+            )
+            for job_id in ("ft_1", "ft_2"):
+                c.execute(
+                    text(
+                        "INSERT INTO finetune_jobs (id, tenant_id, status, instance_prompt, "
+                        "token, params, progress_step, progress_total, created_at, updated_at) "
+                        "VALUES (:id, 'tn_1', 'succeeded', 'sks', 'sks', '{}', 0, 1, :now, :now)"
+                    ),
+                    {"id": job_id, "now": now},
+                )
+            c.execute(
+                text(
+                    "INSERT INTO adapters (id, tenant_id, finetune_job_id, method, bits, "
+                    "intervals, tokens, size_bytes, base_model, base_fingerprint, storage_key, "
+                    "created_at) VALUES ('ad_1', 'tn_1', 'ft_1', 'tuneqdm', 8, 1, '[]', 1, "
+                    f"'{OTHER}', 'f', 'k', :now)"
+                ),
+                {"now": now},
+            )
+        command.upgrade(cfg, "head")
+        with engine.connect() as c:
+            rows = dict(c.execute(text("SELECT id, base_model FROM finetune_jobs")).all())
+        assert rows == {"ft_1": OTHER, "ft_2": DEFAULT}
+    finally:
+        engine.dispose()
