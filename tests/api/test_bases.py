@@ -228,9 +228,8 @@ def test_the_migration_gives_existing_finetunes_a_base(new_database: Callable[[]
             )
         command.upgrade(cfg, "head")
         with engine.connect() as c:
-            rows: dict[str, str] = dict(
-                c.execute(text("SELECT id, base_model FROM finetune_jobs")).tuples().all()
-            )
+            result = c.execute(text("SELECT id, base_model FROM finetune_jobs"))
+            rows = {str(job_id): str(base) for job_id, base in result}
         assert rows == {"ft_1": OTHER, "ft_2": DEFAULT}
     finally:
         engine.dispose()
