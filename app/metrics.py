@@ -30,8 +30,8 @@ from prometheus_fastapi_instrumentator import Instrumentator
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.models import FINETUNE_STATUSES, FinetuneJob, GenerationJob, utcnow
-from app.queue import QUEUES, TaskSender
+from app.models import FINETUNE_STATUSES, FinetuneJob, GenerationJob, ServedBase, utcnow
+from app.queue import TaskSender, queues_of
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +57,10 @@ def _quantile_gauge(name: str, doc: str, values: list[float]) -> GaugeMetricFami
 class RegistryCollector(Collector):
     """Gauges computed from the database and the broker each time Prometheus scrapes."""
 
-    def __init__(self, session: Session, sender: TaskSender) -> None:
+    def __init__(self, session: Session, sender: TaskSender, default_base: str) -> None:
         self.session = session
         self.sender = sender
+        self.default_base = default_base
 
     def collect(self) -> Iterable[Metric]:
         yield from self._queues()
@@ -81,7 +82,15 @@ class RegistryCollector(Collector):
             "tuneqdm_queue_messages", "Messages waiting in a broker queue.", labels=["queue"]
         )
         try:
-            for queue, size in self.sender.queue_sizes(QUEUES).items():
+            # Each registered base has its own queues (app.queue.base_queue).
+            bases = set(self.session.scalars(select(ServedBase.name)))
+        except Exception as exc:
+            log.error("metrics: registry not readable: %s", exc)
+            self.session.rollback()
+            bases = set()
+        bases.add(self.default_base)  # its queues exist before its first worker registers
+        try:
+            for queue, size in self.sender.queue_sizes(queues_of(sorted(bases))).items():
                 depth.add_metric([queue], size)
             up.add_metric([], 1)
         except Exception as exc:
@@ -169,8 +178,8 @@ def install(app: FastAPI) -> None:
     app.state.metrics_registry = registry
 
 
-def render(app: FastAPI, *, session: Session, sender: TaskSender) -> bytes:
+def render(app: FastAPI, *, session: Session, sender: TaskSender, default_base: str) -> bytes:
     """The text exposition: HTTP metrics, then the gauges read now."""
     scraped = CollectorRegistry()
-    scraped.register(RegistryCollector(session, sender))
+    scraped.register(RegistryCollector(session, sender, default_base))
     return generate_latest(app.state.metrics_registry) + generate_latest(scraped)

@@ -125,6 +125,9 @@ class FinetuneJob(Base):
     instance_prompt: Mapped[str] = mapped_column(Text)
     class_prompt: Mapped[str | None] = mapped_column(Text)
     token: Mapped[str] = mapped_column(String(32))
+    # The base it trains on (the `base` field, default TUNEQDM_BASE_MODEL): only that base's
+    # workers claim it (worker/jobs.py), and its adapter is of that base.
+    base_model: Mapped[str] = mapped_column(String(255))
     # Validated FinetuneParams with defaults filled in, so the worker never re-applies defaults.
     params: Mapped[dict[str, Any]] = mapped_column(JSON)
     webhook_url: Mapped[str | None] = mapped_column(String(2048))

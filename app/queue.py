@@ -6,20 +6,48 @@ row (docs/design.md, Celery's guidance).
 
 from __future__ import annotations
 
+import hashlib
+import re
 from collections.abc import Iterable
 from typing import Protocol
 
 from app.errors import ServiceUnavailable
 
 FINETUNE_TASK = "tuneqdm.finetune"
-FINETUNE_QUEUE = "finetune"
 GENERATE_TASK = "tuneqdm.generate"
+# Job kinds: each base has one queue of each, `<kind>.<base>` (base_queue), since a worker
+# holds one base; a worker's `-Q finetune,generate` means its own base's two queues.
+FINETUNE_QUEUE = "finetune"
 GENERATE_QUEUE = "generate"
-# Exports run where generations run: a worker that holds the quantized base.
+# Exports run where generations run: a worker that holds the adapter's quantized base.
 EXPORT_TASK = "tuneqdm.export"
+# Not per base: delivering a webhook needs no model.
 WEBHOOK_QUEUE = "webhooks"
-# Every queue the service uses, for the queue-depth metric.
-QUEUES = (FINETUNE_QUEUE, GENERATE_QUEUE, WEBHOOK_QUEUE)
+
+_UNSAFE = re.compile(r"[^a-z0-9_-]+")
+
+
+def queue_safe(base: str) -> str:
+    """The base's part of its queue names. A name of lowercase letters, digits, '-' and '_'
+    stays as it is; any other is reduced to those characters and given a short hash of the
+    whole name, so two bases never share a queue ('a/b' and 'a-b' differ) and the queue name
+    has no '.', ',' (a -Q list) or '/'."""
+    slug = _UNSAFE.sub("-", base.lower()).strip("-")[:80]
+    if slug == base:
+        return slug
+    return f"{slug}-{hashlib.sha256(base.encode()).hexdigest()[:8]}"
+
+
+def base_queue(kind: str, base: str) -> str:
+    """The queue of `kind` (FINETUNE_QUEUE or GENERATE_QUEUE) jobs on `base`."""
+    return f"{kind}.{queue_safe(base)}"
+
+
+def queues_of(bases: Iterable[str]) -> list[str]:
+    """Every queue of these bases plus the webhooks queue (the queue-depth metric)."""
+    return [base_queue(k, b) for b in bases for k in (FINETUNE_QUEUE, GENERATE_QUEUE)] + [
+        WEBHOOK_QUEUE
+    ]
 
 
 class TaskSender(Protocol):

@@ -27,7 +27,11 @@ class FinetuneParams(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     method: Method = "tuneqdm"
-    bits: Literal[4, 8] = Field(default=4, description="Bit width of the quantized base UNet.")
+    bits: Literal[4, 8] | None = Field(
+        default=None,
+        description="Bit width of the quantized base UNet; default: the base's (GET /v1/bases), "
+        "the only one its workers serve.",
+    )
     intervals: int | None = Field(
         default=None,
         ge=1,
@@ -134,6 +138,7 @@ class FinetunePublic(BaseModel):
     instance_prompt: str
     class_prompt: str | None
     token: str
+    base_model: str = Field(description="The base it trains on (the `base` field).")
     params: FinetuneParams
     webhook_url: str | None
     webhook: WebhookPublic | None
@@ -163,6 +168,7 @@ class FinetunePublic(BaseModel):
             instance_prompt=job.instance_prompt,
             class_prompt=job.class_prompt,
             token=job.token,
+            base_model=job.base_model,
             params=FinetuneParams.model_validate(job.params),
             webhook_url=job.webhook_url,
             webhook=WebhookPublic.from_row(job.webhook),
@@ -339,6 +345,12 @@ class GenerationCreate(BaseModel):
     adapter_id: str | None = Field(
         default=None, max_length=64, description="Adapter to apply; null uses the plain base model."
     )
+    base: str | None = Field(
+        default=None,
+        max_length=255,
+        description="Base to generate with (GET /v1/bases); default: the adapter's base, or "
+        "without an adapter the deployment's default base.",
+    )
     prompt: str = Field(min_length=1, max_length=10_000)
     negative_prompt: str | None = Field(default=None, max_length=10_000)
     num_images: int = Field(default=1, ge=1, le=64)
@@ -452,6 +464,15 @@ class BaseWorkerPublic(BaseModel):
     worker: str
     device: str | None
     last_seen_at: datetime
+    up: bool = Field(
+        description="Seen within 3 × TUNEQDM_BASE_SEEN_EVERY_S (a live worker refreshes "
+        "last_seen_at every TUNEQDM_BASE_SEEN_EVERY_S)."
+    )
+
+
+class QueuedPublic(BaseModel):
+    finetune: int = Field(description="Fine-tunes of this base waiting for a worker.")
+    generation: int = Field(description="Generations of this base waiting for a worker.")
 
 
 class BasePublic(BaseModel):
@@ -466,12 +487,32 @@ class BasePublic(BaseModel):
     fingerprint: str | None = Field(description="Known once a worker has loaded the base.")
     device: str | None
     storage_mode: str | None
+    default: bool = Field(description="The base of requests that name none (TUNEQDM_BASE_MODEL).")
+    workers_up: int = Field(description="Workers of this base seen recently (`up`).")
+    queued: QueuedPublic
     workers: list[BaseWorkerPublic]
     created_at: datetime
     updated_at: datetime
 
     @classmethod
-    def from_row(cls, row: models.ServedBase, sizes: SizeRangePublic) -> BasePublic:
+    def from_row(
+        cls,
+        row: models.ServedBase,
+        sizes: SizeRangePublic,
+        *,
+        default: bool,
+        queued: QueuedPublic,
+        up_since: datetime,
+    ) -> BasePublic:
+        workers = [
+            BaseWorkerPublic(
+                worker=w.worker,
+                device=w.device,
+                last_seen_at=w.last_seen_at,
+                up=w.last_seen_at >= up_since,
+            )
+            for w in row.workers
+        ]
         return cls(
             name=row.name,
             source=row.source,
@@ -482,10 +523,10 @@ class BasePublic(BaseModel):
             fingerprint=row.fingerprint,
             device=row.device,
             storage_mode=row.storage_mode,
-            workers=[
-                BaseWorkerPublic(worker=w.worker, device=w.device, last_seen_at=w.last_seen_at)
-                for w in row.workers
-            ],
+            default=default,
+            workers_up=sum(w.up for w in workers),
+            queued=queued,
+            workers=workers,
             created_at=row.created_at,
             updated_at=row.updated_at,
         )

@@ -26,8 +26,8 @@ GPU_WORKERS = {n: s for n, s in SERVICES.items() if re.fullmatch(r"worker-gpu\d+
 
 def _substitute(value: str) -> str:
     """Compose interpolation: ${VAR:-default} → default; ${VAR:?error} (required) → a value."""
-    value = re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", value)
-    return re.sub(r"\$\{[A-Z_]+:\?[^}]*\}", "x" * 40, value)
+    value = re.sub(r"\$\{[A-Z0-9_]+:-([^}]*)\}", r"\1", value)
+    return re.sub(r"\$\{[A-Z0-9_]+:\?[^}]*\}", "x" * 40, value)
 
 
 def _stages() -> dict[str, str]:
@@ -133,9 +133,10 @@ def test_worker_gets_time_to_checkpoint_on_stop_and_restarts() -> None:
 def test_flower_is_an_optional_profile_on_the_same_broker() -> None:
     flower = SERVICES["flower"]
     assert flower["profiles"] == ["monitoring"]
-    # Every other service but the extra GPUs' workers runs on a plain `docker compose up`.
+    # Every other service but the extra GPUs' workers and the second base's worker runs on a
+    # plain `docker compose up`.
     optional = {n for n, s in SERVICES.items() if "profiles" in s}
-    assert optional == {"flower"} | (set(GPU_WORKERS) - {"worker-gpu0"})
+    assert optional == {"flower", "worker-2"} | (set(GPU_WORKERS) - {"worker-gpu0"})
     broker = SERVICES["api"]["environment"]["TUNEQDM_BROKER_URL"]
     assert flower["environment"]["CELERY_BROKER_URL"] == broker
     assert flower["depends_on"] == {"redis": {"condition": "service_healthy"}}
@@ -183,3 +184,20 @@ def test_commands_refer_to_what_exists() -> None:
 def test_dockerignore_keeps_local_state_out() -> None:
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".git", ".venv", "var"} <= set(ignored)
+
+
+def test_a_second_base_is_a_second_worker_service() -> None:
+    first, second = SERVICES["worker-gpu0"], SERVICES["worker-2"]
+    assert second["profiles"] == ["second-base"]
+    env1, env2 = first["environment"], second["environment"]
+    # Its own base: name, model, bits; the same registry, broker and files as the first.
+    assert _substitute(env2["TUNEQDM_BASE_MODEL"]) != _substitute(env1["TUNEQDM_BASE_MODEL"])
+    assert {"TUNEQDM_MODEL", "TUNEQDM_BITS"} <= set(env2)
+    for name in ("TUNEQDM_DATABASE_URL", "TUNEQDM_BROKER_URL", "TUNEQDM_STORAGE_DIR"):
+        assert env2[name] == env1[name], name
+    assert second["volumes"] == first["volumes"]
+    # The same command: `-Q finetune,generate` means its own base's queues (worker/celery_app.py).
+    assert second["command"] == first["command"]
+    assert second["stop_grace_period"] == first["stop_grace_period"]
+    (device,) = second["deploy"]["resources"]["reservations"]["devices"]
+    assert device["capabilities"] == ["gpu"] and device["device_ids"]

@@ -112,10 +112,14 @@ _registrar: Registrar | None = None
 @worker_ready.connect
 def _start(sender: Any = None, **_: Any) -> None:
     global _registrar
-    from worker.celery_app import settings
+    from worker.celery_app import own_queues, settings
     from worker.runtime import get_runtime
     from worker.tasks import sessions
 
+    if sender is not None and not set(own_queues().values()) & set(
+        sender.app.amqp.queues.consume_from
+    ):
+        return  # a webhooks-only worker serves no base
     _registrar = Registrar(settings, sessions())
     get_runtime(settings).on_load = _registrar.on_load
     threading.Thread(target=_registrar.run, name="base-registrar", daemon=True).start()

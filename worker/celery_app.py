@@ -4,6 +4,10 @@ Start one worker process per GPU (prefetch 1, tasks acknowledged only after they
 
     celery -A worker.celery_app worker --pool=solo -Q finetune,generate,webhooks
 
+A worker serves one base (TUNEQDM_BASE_MODEL, TUNEQDM_MODEL, TUNEQDM_BITS): `-Q finetune,generate`
+names the kinds of work, and the worker consumes its base's queues of those kinds,
+`finetune.<base>` and `generate.<base>` (app.queue.base_queue), never another base's.
+
 Nothing here imports torch; the model loads lazily on the first task (worker/runtime.py).
 Each worker also runs the sweep (below): stale leases, queued jobs without a message, orphan
 files. SIGTERM (`docker stop`) makes a running fine-tune checkpoint and give its job back.
@@ -20,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
+from celery.signals import celeryd_after_setup, worker_ready, worker_shutdown, worker_shutting_down
 from sqlalchemy.orm import Session, sessionmaker
 
 import worker.logs  # noqa: F401  (JSON log lines, docs/deployment.md "Logs")
@@ -31,6 +35,7 @@ from app.queue import (
     GENERATE_QUEUE,
     GENERATE_TASK,
     WEBHOOK_QUEUE,
+    base_queue,
 )
 from app.settings import Settings, get_settings
 
@@ -49,13 +54,14 @@ def create_celery(settings: Settings) -> Celery:
 
         Transport.polling_interval = settings.broker_poll_s
     celery = Celery("tuneqdm-worker", broker=broker, include=["worker.tasks", "worker.bases"])
+    base = settings.base_model
     celery.conf.update(
         task_routes={
-            FINETUNE_TASK: {"queue": FINETUNE_QUEUE},
-            GENERATE_TASK: {"queue": GENERATE_QUEUE},
+            FINETUNE_TASK: {"queue": base_queue(FINETUNE_QUEUE, base)},
+            GENERATE_TASK: {"queue": base_queue(GENERATE_QUEUE, base)},
             WEBHOOK_TASK: {"queue": WEBHOOK_QUEUE},
         },
-        task_default_queue=FINETUNE_QUEUE,
+        task_default_queue=base_queue(FINETUNE_QUEUE, base),
         # One task at a time per process, acknowledged after it ran: a message whose worker
         # died goes back to the queue (where the broker supports it); the database lease
         # (worker/jobs.py) makes a second delivery harmless.
@@ -84,11 +90,43 @@ def sessions() -> sessionmaker[Session]:
     return make_sessionmaker(engine_from_settings(settings))
 
 
+def own_queues() -> dict[str, str]:
+    """This worker's queue of each kind: its base's (TUNEQDM_BASE_MODEL)."""
+    kinds = (FINETUNE_QUEUE, GENERATE_QUEUE)
+    return {kind: base_queue(kind, settings.base_model) for kind in kinds}
+
+
 def job_route(model: Any) -> tuple[str, str]:
-    """(task name, queue) of a job table's messages."""
+    """(task name, queue) of a job table's messages, for a job of this worker's base (the only
+    jobs a worker requeues or re-sends)."""
     if model.__tablename__ == "finetune_jobs":
-        return FINETUNE_TASK, FINETUNE_QUEUE
-    return GENERATE_TASK, GENERATE_QUEUE
+        return FINETUNE_TASK, own_queues()[FINETUNE_QUEUE]
+    return GENERATE_TASK, own_queues()[GENERATE_QUEUE]
+
+
+@celeryd_after_setup.connect
+def _consume_own_base(sender: Any = None, instance: Any = None, **_: Any) -> None:
+    """`-Q finetune,generate` → this base's `finetune.<base>,generate.<base>`. A queue of
+    another base (`-Q finetune.other`) is refused: this worker would take that base's messages
+    and find none of its jobs to claim."""
+    queues = instance.app.amqp.queues
+    own = own_queues()
+    for kind, queue in own.items():
+        if kind in queues.consume_from:
+            queues.select_add(queue)
+            queues.deselect(kind)
+    foreign = [
+        name
+        for name in queues.consume_from
+        if name.split(".", 1)[0] in own and name not in own.values()
+    ]
+    if foreign:
+        raise RuntimeError(
+            f"this worker serves base {settings.base_model!r} (TUNEQDM_BASE_MODEL), whose queues "
+            f"are {sorted(own.values())}; it must not consume {sorted(foreign)}: start it with "
+            "-Q finetune,generate"
+        )
+    log.info("serving base %s from queues %s", settings.base_model, sorted(queues.consume_from))
 
 
 class _Sweeper:
@@ -123,12 +161,19 @@ class _Sweeper:
         next_collect = time.monotonic()
         while True:
             try:
-                sweep_stale(sessions(), stale_after_s=settings.stale_after_s, enqueue=enqueue)
+                # Only this worker's base: its queues are the ones `enqueue` and `backlog` use.
+                sweep_stale(
+                    sessions(),
+                    stale_after_s=settings.stale_after_s,
+                    enqueue=enqueue,
+                    base=settings.base_model,
+                )
                 reconcile_queued(
                     sessions(),
                     older_than_s=settings.requeue_after_s,
                     backlog=backlog,
                     enqueue=enqueue,
+                    base=settings.base_model,
                 )
                 if time.monotonic() >= next_collect:
                     next_collect = time.monotonic() + settings.collect_every_s

@@ -147,7 +147,14 @@ def run_finetune(job_id: str, ctx: Context) -> str:
         with ctx.sessions() as session:
             owner = new_owner()
             stale = ctx.settings.stale_after_s
-            claimed = claim_next(session, FinetuneJob, owner, stale_after_s=stale, hint=job_id)
+            claimed = claim_next(
+                session,
+                FinetuneJob,
+                owner,
+                stale_after_s=stale,
+                hint=job_id,
+                base=ctx.settings.base_model,  # this worker's base only
+            )
             if claimed is None:
                 job = session.get(FinetuneJob, job_id)
                 if job is None:
@@ -156,6 +163,12 @@ def run_finetune(job_id: str, ctx: Context) -> str:
                     return f"skipped ({job.status})"
                 return "skipped (held by another worker)"
             claimed_id, attempt = claimed
+            log.info(
+                "fine-tune %s claimed (attempt %d, base %s)",
+                claimed_id,
+                attempt,
+                ctx.settings.base_model,
+            )
             run = session.get(FinetuneJob, claimed_id)
             assert run is not None
             session.refresh(run)
@@ -332,7 +345,7 @@ def publish_adapter(
                         intervals=trained.config.intervals,
                         tokens=[job.token],
                         size_bytes=path.stat().st_size,
-                        base_model=ctx.settings.base_model,
+                        base_model=job.base_model,  # the worker's (claims filter by it)
                         base_fingerprint=ctx.runtime.base.fingerprint,
                         storage_key=key,
                     )

@@ -71,7 +71,12 @@ def run_generation(generation_id: str, ctx: Context) -> str:
             owner = new_owner()
             stale = ctx.settings.stale_after_s
             claimed = claim_next(
-                session, GenerationJob, owner, stale_after_s=stale, hint=generation_id
+                session,
+                GenerationJob,
+                owner,
+                stale_after_s=stale,
+                hint=generation_id,
+                base=ctx.settings.base_model,  # this worker's base only
             )
             if claimed is None:
                 gen = session.get(GenerationJob, generation_id)
@@ -89,6 +94,11 @@ def run_generation(generation_id: str, ctx: Context) -> str:
                 _fail(ctx, first.id, owner, exhausted)
                 continue
             batch = _claim_batch(session, first, claimed[1], owner, ctx)
+            log.info(
+                "generations %s claimed (base %s)",
+                ", ".join(job_id for job_id, _ in batch),
+                ctx.settings.base_model,
+            )
             jobs = []
             for job_id, _ in batch:
                 job = session.get(GenerationJob, job_id)

@@ -16,6 +16,10 @@ necessarily the one its message names, so one tenant's hundred queued jobs do no
 tenant's first. The number of messages stays equal to the number of queued jobs, and
 `reconcile_queued` re-sends messages where the broker holds fewer than that (a publish lost
 between the commit and the send, a broker restarted without its data).
+
+A worker holds one base and has its own queues (app.queue.base_queue); everything here that picks
+jobs takes that `base` (`of_base`), so a worker never claims, requeues or re-sends another
+base's job.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, func, literal, or_, select, update
+from sqlalchemy import ColumnElement, and_, func, literal, or_, select, true, update
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from app.models import FinetuneJob, GenerationJob
@@ -73,6 +77,12 @@ def db_now(session: Session, ago_s: float = 0.0) -> ColumnElement[Any]:
     return func.now()
 
 
+def of_base(model: JobModel, base: str | None) -> ColumnElement[bool]:
+    """Only `base`'s jobs (None: any base, for tools and tests). A worker holds one base and
+    passes it everywhere it picks jobs: claims, the stale sweep, the reconciler."""
+    return true() if base is None else model.base_model == base
+
+
 def _claimable(session: Session, model: JobModel, stale_after_s: float) -> Any:
     return or_(
         model.status == "queued",
@@ -87,7 +97,13 @@ def _claimable(session: Session, model: JobModel, stale_after_s: float) -> Any:
 
 
 def claim(
-    session: Session, model: JobModel, job_id: str, owner: str, *, stale_after_s: float
+    session: Session,
+    model: JobModel,
+    job_id: str,
+    owner: str,
+    *,
+    stale_after_s: float,
+    base: str | None = None,
 ) -> int | None:
     """Take the job if nobody alive holds it; its attempt number when this call won. The job's
     `error` still says how the previous attempt ended (`attempts_exhausted` reads it); the
@@ -95,7 +111,7 @@ def claim(
     now = db_now(session)
     attempt = session.execute(
         update(model)
-        .where(model.id == job_id, _claimable(session, model, stale_after_s))
+        .where(model.id == job_id, of_base(model, base), _claimable(session, model, stale_after_s))
         .values(
             status="running",
             lease_owner=owner,
@@ -112,7 +128,9 @@ def claim(
     return attempt
 
 
-def fairest_queued(session: Session, model: JobModel, *, limit: int) -> list[str]:
+def fairest_queued(
+    session: Session, model: JobModel, *, limit: int, base: str | None = None
+) -> list[str]:
     """Queued jobs in fair order: the tenant with the fewest running jobs first, then the tenant
     that started a job least recently (never: first), then the oldest job."""
     other = aliased(model)
@@ -127,7 +145,7 @@ def fairest_queued(session: Session, model: JobModel, *, limit: int) -> list[str
     return list(
         session.scalars(
             select(model.id)
-            .where(model.status == "queued")
+            .where(model.status == "queued", of_base(model, base))
             .order_by(running, last_start.asc().nulls_first(), model.created_at, model.id)
             .limit(limit)
         ).all()
@@ -135,20 +153,26 @@ def fairest_queued(session: Session, model: JobModel, *, limit: int) -> list[str
 
 
 def claim_next(
-    session: Session, model: JobModel, owner: str, *, stale_after_s: float, hint: str
+    session: Session,
+    model: JobModel,
+    owner: str,
+    *,
+    stale_after_s: float,
+    hint: str,
+    base: str | None = None,
 ) -> tuple[str, int] | None:
     """Claim the fairest queued job (or, with none queued, the message's own job `hint` when
     its worker died); (job id, attempt), or None when there is nothing to run."""
     for _ in range(5):  # other workers may win a candidate first; look again
-        candidates = fairest_queued(session, model, limit=4)
+        candidates = fairest_queued(session, model, limit=4, base=base)
         session.commit()
         if not candidates:
             break
         for job_id in candidates:
-            attempt = claim(session, model, job_id, owner, stale_after_s=stale_after_s)
+            attempt = claim(session, model, job_id, owner, stale_after_s=stale_after_s, base=base)
             if attempt is not None:
                 return job_id, attempt
-    attempt = claim(session, model, hint, owner, stale_after_s=stale_after_s)
+    attempt = claim(session, model, hint, owner, stale_after_s=stale_after_s, base=base)
     return (hint, attempt) if attempt is not None else None
 
 
@@ -337,8 +361,10 @@ def sweep_stale(
     *,
     stale_after_s: float,
     enqueue: Callable[[JobModel, str], None],
+    base: str | None = None,
 ) -> list[str]:
-    """Put running jobs with a stale heartbeat back to `queued` and enqueue them again.
+    """Put running jobs (of `base`) with a stale heartbeat back to `queued` and enqueue them
+    again.
 
     Several workers may sweep at once: the conditional UPDATE lets exactly one of them requeue
     a given job. A failed enqueue is left to `reconcile_queued`. Returns the requeued ids.
@@ -349,7 +375,9 @@ def sweep_stale(
             stale = or_(
                 model.heartbeat_at.is_(None), model.heartbeat_at < db_now(session, stale_after_s)
             )
-            ids = session.scalars(select(model.id).where(model.status == "running", stale)).all()
+            ids = session.scalars(
+                select(model.id).where(model.status == "running", of_base(model, base), stale)
+            ).all()
             for job_id in ids:
                 result = session.execute(
                     update(model)
@@ -375,8 +403,10 @@ def reconcile_queued(
     older_than_s: float,
     backlog: Callable[[JobModel], int],
     enqueue: Callable[[JobModel, str], None],
+    base: str | None = None,
 ) -> list[str]:
-    """Send a message for queued jobs that may have none: when the broker's queue holds fewer
+    """Send a message for queued jobs (of `base`, whose queue `backlog` counts) that may have
+    none: when the broker's queue holds fewer
     messages (`backlog`) than there are jobs queued for longer than `older_than_s`, the
     difference is sent, naming the oldest of them. A message too many is harmless: its task
     finds nothing to claim. Returns the ids messages were sent for."""
@@ -387,6 +417,7 @@ def reconcile_queued(
                 select(model.id)
                 .where(
                     model.status == "queued",
+                    of_base(model, base),
                     model.updated_at < db_now(session, older_than_s),
                 )
                 .order_by(model.created_at)

@@ -1,4 +1,5 @@
-"""/v1/bases: the base models workers serve, their native size and accepted size range."""
+"""/v1/bases: the base models workers serve, their native size and accepted size range, their
+workers (up or not) and the jobs queued for them."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from fastapi import APIRouter
 
 from app.deps import CurrentTenant, SessionDep, SettingsDep
 from app.models import ServedBase
-from app.schemas import BasePublic, BasesPublic, SizeRangePublic
+from app.schemas import BasePublic, BasesPublic, QueuedPublic, SizeRangePublic
 from app.services import bases as svc
 from app.settings import Settings
 
@@ -18,21 +19,30 @@ ERRORS: dict[int | str, dict[str, str]] = {
 }
 
 
-def _public(row: ServedBase, settings: Settings) -> BasePublic:
+def _public(row: ServedBase, settings: Settings, queued: dict[str, dict[str, int]]) -> BasePublic:
     sizes = svc.sizes_of(row.native_resolution, settings)
+    counts = queued.get(row.name, {})
     return BasePublic.from_row(
-        row, SizeRangePublic(default=sizes.default, min=sizes.min, max=sizes.max)
+        row,
+        SizeRangePublic(default=sizes.default, min=sizes.min, max=sizes.max),
+        default=row.name == settings.base_model,
+        queued=QueuedPublic(
+            finetune=counts.get("finetune", 0), generation=counts.get("generation", 0)
+        ),
+        up_since=svc.up_since(settings),
     )
 
 
 @router.get("", response_model=BasesPublic, responses={401: ERRORS[401]})
 def list_bases(session: SessionDep, settings: SettingsDep, _tenant: CurrentTenant) -> BasesPublic:
     rows = svc.list_bases(session=session)
-    return BasesPublic(data=[_public(r, settings) for r in rows], count=len(rows))
+    queued = svc.queued_jobs(session=session)
+    return BasesPublic(data=[_public(r, settings, queued) for r in rows], count=len(rows))
 
 
 @router.get("/{name:path}", response_model=BasePublic, responses=ERRORS)
 def get_base(
     session: SessionDep, settings: SettingsDep, _tenant: CurrentTenant, name: str
 ) -> BasePublic:
-    return _public(svc.get_base(session=session, name=name), settings)
+    row = svc.get_base(session=session, name=name)
+    return _public(row, settings, svc.queued_jobs(session=session))

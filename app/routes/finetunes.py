@@ -61,6 +61,14 @@ async def create_finetune(
     ] = None,
     webhook_url: Annotated[str | None, Form()] = None,
     token: Annotated[str, Form(description="Identifier token of the subject.")] = "sks",
+    base: Annotated[
+        str | None,
+        Form(
+            max_length=255,
+            description="Base model to fine-tune (GET /v1/bases); default: the deployment's "
+            "default base. The adapter works only with this base.",
+        ),
+    ] = None,
     idempotency_key: Annotated[
         str | None,
         Header(
@@ -77,6 +85,7 @@ async def create_finetune(
         webhook_url=webhook_url,
         token=token,
         idempotency_key=idempotency_key,
+        base=base,
     )
     uploads = [svc.Upload(filename=f.filename, stream=f.file) for f in images or []]
     max_side = await run_in_threadpool(

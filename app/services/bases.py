@@ -2,27 +2,44 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, selectinload
 
 from app.bases import BaseInfo, SizeRange, describe_folder, info_of, size_range
-from app.errors import NotFound, ServiceUnavailable
-from app.models import ServedBase
+from app.errors import InvalidInput, NotFound, ServiceUnavailable
+from app.models import FinetuneJob, GenerationJob, ServedBase, utcnow
 from app.settings import Settings
 
 
-def current_base(*, session: Session, settings: Settings) -> BaseInfo:
-    """The description of the base this deployment serves (TUNEQDM_BASE_MODEL).
+def known_bases(*, session: Session, settings: Settings) -> list[str]:
+    """The bases requests may name: every base a worker has registered, plus the deployment's
+    default (TUNEQDM_BASE_MODEL), which is accepted before its first worker starts."""
+    names = set(session.scalars(select(ServedBase.name)))
+    return sorted(names | {settings.base_model})
+
+
+def resolve_base(*, session: Session, settings: Settings, name: str | None = None) -> BaseInfo:
+    """The description of base `name` (None: the default base, TUNEQDM_BASE_MODEL).
 
     The registry row a worker wrote wins (it describes the model the worker really loaded).
-    Before any worker registered (the API may start first: `make run` starts both at once,
-    compose starts the API without waiting for a GPU worker) the model folder's config JSON
-    gives the same facts without torch; a hub id that only workers download cannot be read
-    here, and then the request is refused with 503 rather than sized by a guessed default.
+    Before any worker registered the default base (the API may start first: `make run` starts
+    both at once, compose starts the API without waiting for a GPU worker) the model folder's
+    config JSON gives the same facts without torch; a hub id that only workers download cannot
+    be read here, and then the request is refused with 503 rather than sized by a guessed
+    default. Any other base is known only from its row: 422 naming the known ones otherwise.
     """
-    row = session.get(ServedBase, settings.base_model)
+    name = name or settings.base_model
+    row = session.get(ServedBase, name)
     if row is not None:
         return info_of(row)
+    if name != settings.base_model:
+        known = ", ".join(repr(b) for b in known_bases(session=session, settings=settings))
+        raise InvalidInput(
+            f"base {name!r} is not served here; send one of {known} (GET /v1/bases), or omit "
+            "base for the default"
+        )
     info = describe_folder(settings.resolved_model, name=settings.base_model, bits=settings.bits)
     if info is None:
         raise ServiceUnavailable(
@@ -48,3 +65,24 @@ def get_base(*, session: Session, name: str) -> ServedBase:
     if row is None:
         raise NotFound(f"no base named {name!r}; list them with GET /v1/bases")
     return row
+
+
+def queued_jobs(*, session: Session) -> dict[str, dict[str, int]]:
+    """Queued jobs per base and kind ("finetune", "generation"), from the registry: what the
+    base's workers have still to do (the broker's queues hold tokens, not jobs)."""
+    counts: dict[str, dict[str, int]] = {}
+    for kind, model in (("finetune", FinetuneJob), ("generation", GenerationJob)):
+        stmt = (
+            select(model.base_model, func.count())
+            .where(model.status == "queued")
+            .group_by(model.base_model)
+        )
+        for base, n in session.execute(stmt):
+            counts.setdefault(base, {"finetune": 0, "generation": 0})[kind] = int(n)
+    return counts
+
+
+def up_since(settings: Settings) -> datetime:
+    """Workers seen after this are up: a live one refreshes every TUNEQDM_BASE_SEEN_EVERY_S,
+    so three missed refreshes mean it is gone (or cannot reach the database)."""
+    return utcnow() - timedelta(seconds=3 * settings.base_seen_every_s)

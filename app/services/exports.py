@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from app.errors import Conflict, InvalidInput, NotFound
 from app.ids import new_id
 from app.models import AdapterExport, Tenant, utcnow
-from app.queue import EXPORT_TASK, GENERATE_QUEUE, TaskSender
+from app.queue import EXPORT_TASK, GENERATE_QUEUE, TaskSender, base_queue
 from app.schemas import ExportCreate
 from app.services.adapters import get_adapter
 from app.settings import Settings
@@ -75,7 +75,8 @@ def create_export(
     row.status, row.error, row.finished_at = "queued", None, None
     session.commit()
     try:
-        sender.send(EXPORT_TASK, row.id, queue=GENERATE_QUEUE)
+        # Made by a worker of the adapter's base.
+        sender.send(EXPORT_TASK, row.id, queue=base_queue(GENERATE_QUEUE, adapter.base_model))
     except Exception:
         log.exception("enqueue of export %s failed", row.id)
         if created:  # nothing stays behind, as the 503 says

@@ -20,10 +20,10 @@ from app.ids import looks_like_id, new_id
 from app.images import CheckedImage, check_image, read_limited
 from app.models import ACTIVE_STATUSES, FinetuneImage, FinetuneJob, Tenant, utcnow
 from app.outbox import record_final
-from app.queue import FINETUNE_QUEUE, FINETUNE_TASK, TaskSender
+from app.queue import FINETUNE_QUEUE, FINETUNE_TASK, TaskSender, base_queue
 from app.schemas import FinetuneParams
 from app.services import quotas, retention
-from app.services.bases import current_base
+from app.services.bases import resolve_base
 from app.services.common import optional_text, page, required_text
 from app.settings import Settings
 from app.webhooks import check_webhook_url
@@ -48,6 +48,7 @@ class FinetuneForm:
     webhook_url: str | None = None
     token: str = "sks"
     idempotency_key: str | None = None
+    base: str | None = None  # None: TUNEQDM_BASE_MODEL
 
 
 def parse_params(raw: str | None) -> FinetuneParams:
@@ -81,6 +82,14 @@ def _validate_form(form: FinetuneForm, settings: Settings, base: BaseInfo) -> Fi
             f"'a photo of {form.token} dog'"
         )
     params = parse_params(form.params)
+    if params.bits is None:
+        # Stored resolved, like the resolution (the registry holds only 4 and 8).
+        params.bits = 8 if base.bits == 8 else 4
+    elif params.bits != base.bits:
+        raise InvalidInput(
+            f"params.bits={params.bits} but base {base.name!r} is served at {base.bits} bits; "
+            f"send bits={base.bits} (or omit it), or name a base served at {params.bits} bits"
+        )
     sizes = size_range(base.native_resolution, settings)
     if params.resolution is None:
         # Stored resolved, so the worker never re-applies a default.
@@ -106,6 +115,7 @@ def _validate_form(form: FinetuneForm, settings: Settings, base: BaseInfo) -> Fi
         instance_prompt=instance_prompt,
         class_prompt=class_prompt,
         token=form.token,
+        base_model=base.name,
         params=params.model_dump(mode="json"),
         webhook_url=webhook_url,
         idempotency_key=form.idempotency_key,
@@ -129,7 +139,7 @@ def precheck(
     read transaction, so no connection is held while the photos are decoded. Returns the
     side photos are stored at (:func:`stored_side`)."""
     key = idempotency.check_key(form.idempotency_key)
-    base = current_base(session=session, settings=settings)
+    base = resolve_base(session=session, settings=settings, name=form.base)
     _validate_form(form, settings, base)
     check_count(uploads, settings)
     try:
@@ -188,6 +198,7 @@ def _fingerprint(form: FinetuneForm, checked: list[CheckedImage]) -> str:
         "params": idempotency.canonical_json(form.params),
         "webhook_url": form.webhook_url,
         "token": form.token,
+        "base": form.base,
     }
     return idempotency.fingerprint_digests(fields, [img.source_sha256 for img in checked])
 
@@ -226,7 +237,7 @@ def create_finetune(
     """Create the job from `uploads`, or from photos already checked with `check_upload`
     (the route does that in app.image_pool, before it takes a database connection)."""
     idempotency.check_key(form.idempotency_key)
-    base = current_base(session=session, settings=settings)
+    base = resolve_base(session=session, settings=settings, name=form.base)
     if checked is None:
         side = stored_side(base.native_resolution, settings)
         checked = _check_uploads(uploads or [], settings, side)
@@ -281,7 +292,7 @@ def create_finetune(
         raise
 
     try:
-        sender.send(FINETUNE_TASK, job.id, queue=FINETUNE_QUEUE)
+        sender.send(FINETUNE_TASK, job.id, queue=base_queue(FINETUNE_QUEUE, job.base_model))
     except Exception:
         # Nothing half-written: a job no worker will ever see is worse than a clean 503.
         log.exception("enqueue of %s failed; removing the job", job.id)

@@ -15,10 +15,10 @@ from app.errors import Conflict, InvalidInput, NotFound
 from app.ids import looks_like_id, new_id
 from app.models import ACTIVE_STATUSES, Adapter, GeneratedImage, GenerationJob, Tenant, utcnow
 from app.outbox import record_final
-from app.queue import GENERATE_QUEUE, GENERATE_TASK, TaskSender
+from app.queue import GENERATE_QUEUE, GENERATE_TASK, TaskSender, base_queue
 from app.schemas import SEED_MAX, GenerationCreate
 from app.services import quotas, retention
-from app.services.bases import current_base
+from app.services.bases import known_bases, resolve_base
 from app.services.common import optional_text, page, required_text
 from app.settings import Settings
 from app.storage import Storage
@@ -58,7 +58,8 @@ def _check_limits(data: GenerationCreate, settings: Settings, base: BaseInfo) ->
     return width, height
 
 
-def _check_adapter(session: Session, tenant: Tenant, adapter_id: str, settings: Settings) -> None:
+def _check_adapter(session: Session, tenant: Tenant, adapter_id: str) -> Adapter:
+    """The tenant's adapter, ready to use; its base is the generation's."""
     adapter = None
     if looks_like_id(adapter_id, "ad"):
         adapter = session.scalar(
@@ -76,11 +77,30 @@ def _check_adapter(session: Session, tenant: Tenant, adapter_id: str, settings: 
             f"adapter {adapter_id} comes from fine-tune job {job.id}, which is {job.status}; "
             "wait until it has succeeded"
         )
-    if adapter.base_model != settings.base_model:
-        raise Conflict(
-            f"adapter {adapter_id} was trained on base model {adapter.base_model!r} but this "
-            f"service runs {settings.base_model!r}; fine-tune again on this base"
+    return adapter
+
+
+def _base_of(
+    session: Session, settings: Settings, data: GenerationCreate, adapter: Adapter | None
+) -> BaseInfo:
+    """The generation's base: its adapter's (a `base` naming another is refused), else the
+    requested one, else the default. An adapter whose base is not served (any more) is a
+    conflict: no worker would ever run the job."""
+    if adapter is None:
+        return resolve_base(session=session, settings=settings, name=data.base)
+    if data.base and data.base != adapter.base_model:
+        raise InvalidInput(
+            f"adapter {adapter.id} was trained on base {adapter.base_model!r}, not "
+            f"{data.base!r}; omit base (it follows the adapter) or use an adapter of that base"
         )
+    known = known_bases(session=session, settings=settings)
+    if adapter.base_model not in known:
+        raise Conflict(
+            f"adapter {adapter.id} was trained on base model {adapter.base_model!r}, which this "
+            f"service does not serve (it serves {', '.join(map(repr, known))}); fine-tune again "
+            "on one of those"
+        )
+    return resolve_base(session=session, settings=settings, name=adapter.base_model)
 
 
 def _replay(
@@ -120,9 +140,11 @@ def create_generation(
     limit = settings.max_prompt_chars
     prompt = required_text(data.prompt, field="prompt", max_chars=limit)
     negative = optional_text(data.negative_prompt, field="negative_prompt", max_chars=limit)
-    width, height = _check_limits(data, settings, current_base(session=session, settings=settings))
+    adapter = None
     if data.adapter_id is not None:
-        _check_adapter(session, tenant, data.adapter_id, settings)
+        adapter = _check_adapter(session, tenant, data.adapter_id)
+    base = _base_of(session, settings, data, adapter)
+    width, height = _check_limits(data, settings, base)
     webhook_url = None
     if data.webhook_url is not None and data.webhook_url.strip():
         webhook_url = check_webhook_url(
@@ -136,7 +158,7 @@ def create_generation(
         id=new_id("gen"),
         tenant_id=tenant.id,
         adapter_id=data.adapter_id,
-        base_model=settings.base_model,
+        base_model=base.name,
         status="queued",
         prompt=prompt,
         negative_prompt=negative,
@@ -165,7 +187,7 @@ def create_generation(
                 return existing
         raise
     try:
-        sender.send(GENERATE_TASK, gen.id, queue=GENERATE_QUEUE)
+        sender.send(GENERATE_TASK, gen.id, queue=base_queue(GENERATE_QUEUE, gen.base_model))
     except Exception:
         log.exception("enqueue of %s failed; removing the job", gen.id)
         session.delete(gen)

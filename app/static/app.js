@@ -168,7 +168,9 @@ $("finetune-form").addEventListener("submit", async (event) => {
   for (const file of $("photos").files) form.append("images", file);
   form.append("instance_prompt", $("instance-prompt").value);
   if ($("ft-name").value) form.append("name", $("ft-name").value);
-  const params = { method: $("method").value, bits: Number($("bits").value) };
+  const params = { method: $("method").value };
+  // Unset: the base's own bit width (another one is refused).
+  if ($("bits").value) params.bits = Number($("bits").value);
   if ($("steps").value) params.steps = Number($("steps").value);
   if ($("resolution").value) params.resolution = Number($("resolution").value);
   form.append("params", JSON.stringify(params));

@@ -73,7 +73,12 @@ def image_bytes(w: int = 64, h: int = 64, fmt: str = "PNG", color: str = "red") 
 
 
 def make_finetune(
-    session: Session, tenant: Tenant, *, status: str = "succeeded", **values: Any
+    session: Session,
+    tenant: Tenant,
+    *,
+    status: str = "succeeded",
+    base_model: str = "tuneqdm/fashion-sd",
+    **values: Any,
 ) -> FinetuneJob:
     params = FinetuneParams().model_dump(mode="json")
     job = FinetuneJob(
@@ -82,6 +87,7 @@ def make_finetune(
         status=status,
         instance_prompt="a photo of sks dog",
         token="sks",
+        base_model=base_model,
         params=params,
         progress_step=0,
         progress_total=params["steps"],
@@ -102,7 +108,7 @@ def make_adapter(
     content: bytes = b"fake safetensors bytes",
 ) -> Adapter:
     """An adapter row and its file, the way the worker will create them."""
-    job = make_finetune(session, tenant, status=job_status)
+    job = make_finetune(session, tenant, status=job_status, base_model=base_model)
     adapter_id = new_id("ad")
     key = st.adapter_key(tenant.id, adapter_id)
     storage.put(key, content)

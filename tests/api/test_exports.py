@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from app import storage as st
 from app.models import AdapterExport, utcnow
-from app.queue import EXPORT_TASK, GENERATE_QUEUE
+from app.queue import EXPORT_TASK, GENERATE_QUEUE, base_queue
 from app.storage import LocalStorage
 from tests.api.factories import RecordingSender, make_adapter, make_tenant
 
@@ -47,7 +47,9 @@ def test_ask_poll_download(
         "queued",
     )
     assert body["links"]["file"] == f"{url}/export?format=lora&interval=mean&rank=16"
-    assert sender.sent == [(EXPORT_TASK, body["id"], GENERATE_QUEUE)]
+    assert sender.sent == [
+        (EXPORT_TASK, body["id"], base_queue(GENERATE_QUEUE, adapter.base_model))
+    ]
 
     # Asking again for the same variant is the same export, not a second job.
     again = client.post(f"{url}/exports", json={"format": "lora", "rank": 16}, headers=t.headers)

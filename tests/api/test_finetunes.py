@@ -13,6 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.models import FinetuneImage, FinetuneJob, utcnow
+from app.queue import base_queue
 from app.storage import LocalStorage
 from tests.api.factories import (
     RecordingSender,
@@ -23,6 +24,8 @@ from tests.api.factories import (
     snapshot,
 )
 from tests.api.http import Response
+
+DEFAULT = "tuneqdm/fashion-sd"  # make_settings names no other base
 
 
 def post_finetune(
@@ -63,7 +66,8 @@ def test_create_stores_images_commits_row_then_enqueues(
     assert body["num_images"] == 3 and body["progress"] == {"step": 0, "total": 50}
     assert body["params"]["intervals"] == 1 and body["params"]["method"] == "tuneqdm"
     assert body["webhook_url"] == "https://hooks.example.com/tuneqdm"
-    assert sender.sent == [("tuneqdm.finetune", body["id"], "finetune")]
+    assert sender.sent == [("tuneqdm.finetune", body["id"], base_queue("finetune", DEFAULT))]
+    assert body["base_model"] == DEFAULT and body["params"]["bits"] == 4
 
     rows = list(session.scalars(select(FinetuneImage).order_by(FinetuneImage.index)))
     assert [row.index for row in rows] == [0, 1, 2]

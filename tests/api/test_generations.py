@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
+from app.queue import base_queue
 from app.storage import LocalStorage
 from tests.api.factories import (
     RecordingSender,
@@ -13,6 +14,8 @@ from tests.api.factories import (
     make_tenant,
     snapshot,
 )
+
+DEFAULT = "tuneqdm/fashion-sd"  # make_settings names no other base
 
 
 def test_create_on_base_model(
@@ -28,7 +31,7 @@ def test_create_on_base_model(
     assert isinstance(body["seed"], int)
     # No size given: the base's native size (the built-in model's 32 px, GET /v1/bases).
     assert (body["width"], body["height"], body["scheduler"]) == (32, 32, "ddim")
-    assert sender.sent == [("tuneqdm.generate", body["id"], "generate")]
+    assert sender.sent == [("tuneqdm.generate", body["id"], base_queue("generate", DEFAULT))]
 
 
 def test_create_with_adapter(

@@ -9,6 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.orm import Session
 
 from app.models import utcnow
+from app.queue import FINETUNE_QUEUE, GENERATE_QUEUE, base_queue
 from app.storage import LocalStorage
 from tests.api.factories import (
     RecordingSender,
@@ -63,8 +64,12 @@ def test_jobs_queues_latencies_and_http(
     assert m[("tuneqdm_jobs", (("kind", "finetune"), ("status", "running")))] == 1
     assert m[("tuneqdm_jobs", (("kind", "generation"), ("status", "succeeded")))] == 1
     assert m[("tuneqdm_jobs", (("kind", "generation"), ("status", "failed")))] == 0
-    assert m[("tuneqdm_queue_messages", (("queue", "finetune"),))] == 1
-    assert m[("tuneqdm_queue_messages", (("queue", "generate"),))] == 0
+    # The default base's queues (app.queue.base_queue).
+    finetune = base_queue(FINETUNE_QUEUE, "tuneqdm/fashion-sd")
+    assert finetune.startswith("finetune.tuneqdm-fashion-sd-")
+    assert m[("tuneqdm_queue_messages", (("queue", finetune),))] == 1
+    generate = base_queue(GENERATE_QUEUE, "tuneqdm/fashion-sd")
+    assert m[("tuneqdm_queue_messages", (("queue", generate),))] == 0
     assert m[("tuneqdm_broker_up", ())] == 1 and m[("tuneqdm_registry_up", ())] == 1
     # 400 steps each (the default): 2 and 4 seconds per step.
     assert m[("tuneqdm_finetune_step_seconds", (("quantile", "0.5"),))] == 3.0

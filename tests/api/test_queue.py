@@ -17,11 +17,14 @@ from kombu import Connection
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.main import create_app
-from app.queue import FINETUNE_QUEUE, GENERATE_QUEUE
+from app.queue import FINETUNE_QUEUE, GENERATE_QUEUE, base_queue
 from app.storage import LocalStorage
 from tests.api.conftest import make_settings
 from tests.api.factories import image_bytes, make_tenant, snapshot
 
+# The default base's queues (the API's settings name no other base).
+FINETUNE = base_queue(FINETUNE_QUEUE, "tuneqdm/fashion-sd")
+GENERATE = base_queue(GENERATE_QUEUE, "tuneqdm/fashion-sd")
 REDIS_URL = f"redis://127.0.0.1:6379/{os.environ.get('TEST_REDIS_QUEUE_DB', '15')}"
 DEAD_BROKER = "redis://127.0.0.1:1/0"
 
@@ -31,7 +34,7 @@ def _purge() -> None:
     import redis as redis_client
 
     r = redis_client.Redis.from_url(REDIS_URL)
-    names = [FINETUNE_QUEUE, GENERATE_QUEUE]
+    names = [FINETUNE, GENERATE]
     r.delete(
         *names,
         *(f"_kombu.binding.{n}" for n in names),
@@ -90,14 +93,14 @@ def test_finetune_and_generation_messages_reach_redis(
         assert r.status_code == 202, r.text
         # The queue-depth metric counts the waiting message (an empty Redis queue has no key).
         metrics = client.get("/metrics").text
-        assert 'tuneqdm_queue_messages{queue="finetune"} 1.0' in metrics
-        assert 'tuneqdm_queue_messages{queue="generate"} 0.0' in metrics
-        assert _read_one(FINETUNE_QUEUE) == ("tuneqdm.finetune", [r.json()["id"]])
-        assert 'tuneqdm_queue_messages{queue="finetune"} 0.0' in client.get("/metrics").text
+        assert f'tuneqdm_queue_messages{{queue="{FINETUNE}"}} 1.0' in metrics
+        assert f'tuneqdm_queue_messages{{queue="{GENERATE}"}} 0.0' in metrics
+        assert _read_one(FINETUNE) == ("tuneqdm.finetune", [r.json()["id"]])
+        assert f'tuneqdm_queue_messages{{queue="{FINETUNE}"}} 0.0' in client.get("/metrics").text
 
         r = client.post("/v1/generations", headers=t.headers, json={"prompt": "a dog"})
         assert r.status_code == 202, r.text
-        assert _read_one(GENERATE_QUEUE) == ("tuneqdm.generate", [r.json()["id"]])
+        assert _read_one(GENERATE) == ("tuneqdm.generate", [r.json()["id"]])
 
         assert client.get("/readyz").json()["checks"]["broker"] == "ok"
 

@@ -7,9 +7,11 @@ import io
 import threading
 import time
 
+import pytest
 from PIL import Image
 from sqlalchemy import select
 
+from app.errors import InvalidInput
 from app.models import Adapter, FinetuneImage, FinetuneJob, GenerationJob, Tenant
 from app.schemas import GenerationCreate
 from app.services.finetunes import cancel_finetune
@@ -124,7 +126,16 @@ def test_unreadable_photo_fails_with_a_message(ctx: Context, tenant: Tenant) -> 
 
 
 def test_other_bits_than_the_workers_base_fail_clearly(ctx: Context, tenant: Tenant) -> None:
-    job_id = submit_finetune(ctx, tenant, '{"steps": 2, "bits": 8}')
+    # The API refuses other bits than the base's at submit; a job stored before its base's
+    # worker was restarted at another width still fails with a message, not with a crash.
+    with pytest.raises(InvalidInput, match="served at 4 bits"):
+        submit_finetune(ctx, tenant, '{"steps": 2, "bits": 8}')
+    job_id = submit_finetune(ctx, tenant, '{"steps": 2}')
+    with ctx.sessions() as s:
+        job = s.get(FinetuneJob, job_id)
+        assert job is not None and job.params["bits"] == 4
+        job.params = {**job.params, "bits": 8}
+        s.commit()
     assert run_finetune(job_id, ctx) == "failed"
     error = _job(ctx, job_id).error
     assert error is not None and "4-bit base" in error and "bits=4" in error

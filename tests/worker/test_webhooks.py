@@ -207,8 +207,9 @@ def test_a_failed_job_is_delivered_in_the_standard_webhooks_format(
     open_ctx: Context, tenant: Tenant, hook: str
 ) -> None:
     ctx = open_ctx
-    # bits=8 on a 4-bit worker fails at once: the failure and its delivery row commit together.
-    job_id = submit_finetune(ctx, tenant, '{"steps": 2, "bits": 8}', webhook_url=hook)
+    # method=full (no adapter to serve) fails at once: the failure and its delivery row commit
+    # together.
+    job_id = submit_finetune(ctx, tenant, '{"steps": 2, "method": "full"}', webhook_url=hook)
     assert run_finetune(job_id, ctx) == "failed"
     with ctx.sessions() as s:
         row = s.scalars(select(WebhookDelivery)).one()
@@ -229,7 +230,7 @@ def test_a_failed_job_is_delivered_in_the_standard_webhooks_format(
     # The reference implementation of the standard accepts it...
     payload = Webhook(secret).verify(body, headers)
     assert payload["type"] == "finetune.failed" and payload["data"]["id"] == job_id
-    assert "bits=4" in payload["data"]["error"]
+    assert "method=full" in payload["data"]["error"]
     assert headers["webhook-id"] == row.id and headers["webhook-signature"].startswith("v1,")
     # ...and refuses a changed body, another tenant's secret, or a replayed old timestamp.
     with pytest.raises(WebhookVerificationError):
