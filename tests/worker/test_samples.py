@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 
+import torch
 from PIL import Image
 from safetensors.torch import load_file
 from sqlalchemy import select
@@ -27,7 +28,7 @@ def _params(**extra: object) -> str:
     return json.dumps({"steps": 5, "resolution": 32, "checkpoint_every": 2, "seed": 3, **extra})
 
 
-def _adapter_tensors(ctx: Context, job_id: str) -> dict[str, object]:
+def _adapter_tensors(ctx: Context, job_id: str) -> dict[str, torch.Tensor]:
     with ctx.sessions() as s:
         adapter = s.scalars(select(Adapter).where(Adapter.finetune_job_id == job_id)).one()
     return load_file(ctx.storage.path(adapter.storage_key))
@@ -71,7 +72,7 @@ def test_samples_at_the_expected_steps_events_in_order_and_the_same_adapter(
     steps = [e.data["step"] for e in events if e.type == "progress"]
     assert steps == sorted(steps) and steps[-1] == 5 and 1 <= len(steps) <= 5
     # A samples event comes after the progress of its step.
-    order = [(e.type, e.data.get("step")) for e in events if e.type in ("progress", "samples")]
+    order = [(e.type, int(e.data["step"])) for e in events if e.type in ("progress", "samples")]
     for i, (kind, step) in enumerate(order):
         if kind == "samples":
             assert all(s <= step for k, s in order[:i] if k == "progress"), order
@@ -80,7 +81,7 @@ def test_samples_at_the_expected_steps_events_in_order_and_the_same_adapter(
     # Sampling drew nothing from the training's random streams.
     a, b = _adapter_tensors(ctx, sampled), _adapter_tensors(ctx, plain)
     assert a.keys() == b.keys()
-    assert all(a[k].equal(b[k]) for k in a)  # type: ignore[attr-defined]
+    assert all(a[k].equal(b[k]) for k in a)
 
     # Photos are gone with the job's end; progress images stay, and are owned.
     with ctx.sessions() as s:
