@@ -10,6 +10,7 @@ const state = {
   key: sessionStorage.getItem("tuneqdm.key") || "",
   job: null,          // id of the fine-tune shown in the job card
   losses: [],         // [step, loss] pairs seen while polling that job
+  sampleBlobs: new Map(),  // sample url -> blob: URL, so each progress image is fetched once
   timer: null,
   canDelete: { finetune: true, generation: true, adapter: true },
   hasSamples: true,
@@ -171,6 +172,9 @@ $("finetune-form").addEventListener("submit", async (event) => {
   const params = { method: $("method").value, bits: Number($("bits").value) };
   if ($("steps").value) params.steps = Number($("steps").value);
   if ($("resolution").value) params.resolution = Number($("resolution").value);
+  const prompts = $("validation-prompts").value.split("\n").map((p) => p.trim()).filter(Boolean);
+  if (prompts.length) params.validation_prompts = prompts;
+  if ($("sample-every").value) params.sample_every = Number($("sample-every").value);
   form.append("params", JSON.stringify(params));
   $("start-finetune").disabled = true;
   try {
@@ -198,7 +202,10 @@ function watch(id) {
   clearTimeout(state.timer);
   state.job = id;
   state.losses = [];
+  for (const blob of state.sampleBlobs.values()) URL.revokeObjectURL(blob);
+  state.sampleBlobs.clear();
   $("samples").replaceChildren();
+  $("sample-prompts").textContent = "";
   $("samples-block").hidden = true;
   $("job").hidden = false;
   poll();
@@ -248,14 +255,24 @@ async function showSamples(id) {
     if (error.status === 404 || error.status === 405) state.hasSamples = false;
     return;
   }
-  const shown = new Set([...$("samples").querySelectorAll("img")].map((i) => i.dataset.url));
+  // One column per step, one image per validation prompt (top to bottom), same seeds at
+  // every step: what changes from column to column is the training.
+  const byStep = new Map();
+  const prompts = [];
   for (const sample of page.data || []) {
-    if (shown.has(sample.url)) continue;
-    $("samples").append(el("figure", {},
-      el("img", { src: await imageUrl(sample.url), "data-url": sample.url, alt: sample.prompt || "" }),
-      el("figcaption", {}, `step ${sample.step}`)));
+    if (!state.sampleBlobs.has(sample.url)) state.sampleBlobs.set(sample.url, await imageUrl(sample.url));
+    if (!byStep.has(sample.step)) byStep.set(sample.step, []);
+    byStep.get(sample.step).push(sample);
+    prompts[sample.prompt_index] = sample.prompt;
   }
-  $("samples-block").hidden = $("samples").childElementCount === 0;
+  if (id !== state.job) return;
+  $("samples").replaceChildren(...[...byStep].map(([step, samples]) => el("figure", { class: "step", "data-step": step },
+    ...samples.map((s) => el("img", {
+      src: state.sampleBlobs.get(s.url), "data-url": s.url, alt: s.prompt, title: `${s.prompt} (seed ${s.seed})`,
+    })),
+    el("figcaption", {}, `step ${step}`))));
+  $("sample-prompts").textContent = prompts.map((p, i) => `${i + 1}. ${p}`).join("   ");
+  $("samples-block").hidden = byStep.size === 0;
 }
 
 $("cancel-job").addEventListener("click", async () => {
