@@ -48,6 +48,8 @@ from worker.runtime import Runtime
 log = logging.getLogger(__name__)
 
 TERMINAL = ("succeeded", "failed", "canceled")
+# Progress image i of every sampling point uses seed SAMPLE_SEED + i (docs/api.md).
+SAMPLE_SEED = 0
 BASE_FAILED = (
     "the service could not load its base model; the operator has been told (worker log), "
     "submit the job again later"
@@ -302,7 +304,7 @@ def _train(
 
 def sampling_for(ctx: Context, params: FinetuneParams) -> Any:
     """The core's Sampling for the job's validation prompts (None without any): the base's
-    native size, TUNEQDM_SAMPLE_STEPS, prompt i with seed i at every step."""
+    native size, TUNEQDM_SAMPLE_STEPS, prompt i with seed SAMPLE_SEED + i at every step."""
     if not params.validation_prompts or params.sample_every is None:
         return None
     from tuneqdm_core.finetune import Sampling
@@ -313,6 +315,7 @@ def sampling_for(ctx: Context, params: FinetuneParams) -> Any:
         every=params.sample_every,
         size=loaded_info(ctx.settings, base).native_resolution,
         steps=ctx.settings.sample_steps,
+        seed=SAMPLE_SEED,
         precision=ctx.settings.generation_dtype,
     )
 
@@ -327,39 +330,44 @@ def store_samples(
 ) -> bool:
     """Write the PNGs of one sampling point, then, only while the lease holds, their rows and
     a `samples` event in one transaction. A (step, prompt) that has a row already (a resumed
-    job sampling a step again) adds nothing; its file is rewritten with the same image."""
-    keys = []
+    job sampling a step again) adds nothing, not even a file. False when the lease is lost."""
+
+    def existing(session: Session) -> set[int]:
+        query = select(FinetuneSample.prompt_index).where(
+            FinetuneSample.job_id == job.id, FinetuneSample.step == step
+        )
+        return set(session.scalars(query))
+
+    with ctx.sessions() as session:
+        have = existing(session)
+    written: dict[int, tuple[str, int]] = {}
     for index, image in enumerate(images):
+        if index in have:
+            continue
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
         key = st.finetune_sample_key(job.tenant_id, job.id, step, index)
-        ctx.storage.put(key, buffer.getvalue())
-        keys.append((key, len(buffer.getvalue())))
+        ctx.storage.put(key, buffer.getvalue())  # the collector removes it if no row follows
+        written[index] = (key, len(buffer.getvalue()))
     with ctx.sessions() as session:
-        # The lease check (and the job's row lock) first: a canceled job gets no more rows.
-        owned = write_owned(session, FinetuneJob, job.id, lease.owner, commit=False)
-        if not owned:
+        # The lease check first: it locks the job's row, so a canceled job gets no more rows
+        # and this transaction's event is in order.
+        if not write_owned(session, FinetuneJob, job.id, lease.owner, commit=False):
             session.rollback()
             lease.lost.set()
             return False
-        have = set(
-            session.scalars(
-                select(FinetuneSample.prompt_index).where(
-                    FinetuneSample.job_id == job.id, FinetuneSample.step == step
-                )
-            )
-        )
-        new = [i for i in range(len(images)) if i not in have]
-        for i in new:
+        new = sorted(set(written) - existing(session))
+        for index in new:
+            key, size = written[index]
             session.add(
                 FinetuneSample(
                     job_id=job.id,
                     step=step,
-                    prompt_index=i,
-                    prompt=params.validation_prompts[i],
-                    seed=i,
-                    storage_key=keys[i][0],
-                    size_bytes=keys[i][1],
+                    prompt_index=index,
+                    prompt=params.validation_prompts[index],
+                    seed=SAMPLE_SEED + index,
+                    storage_key=key,
+                    size_bytes=size,
                 )
             )
         if new:
