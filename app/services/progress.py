@@ -33,7 +33,7 @@ def decode_cursor(cursor: str | None) -> int:
         if not text.startswith(_CURSOR_PREFIX):
             raise ValueError(text)
         after = int(text.removeprefix(_CURSOR_PREFIX))
-        if after < 0:
+        if not 0 <= after < 2**62:
             raise ValueError(text)
         return after
     except (ValueError, binascii.Error, UnicodeDecodeError):
