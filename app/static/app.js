@@ -271,7 +271,7 @@ async function showSamples(id) {
       src: state.sampleBlobs.get(s.url), "data-url": s.url, alt: s.prompt, title: `${s.prompt} (seed ${s.seed})`,
     })),
     el("figcaption", {}, `step ${step}`))));
-  $("sample-prompts").textContent = prompts.map((p, i) => `${i + 1}. ${p}`).join("   ");
+  $("sample-prompts").textContent = `top to bottom: ${prompts.map((p, i) => `${i + 1}. ${p}`).join(" · ")}`;
   $("samples-block").hidden = byStep.size === 0;
 }
 
