@@ -10,12 +10,12 @@ import json
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from app.models import Adapter, FinetuneEvent, FinetuneJob, FinetuneSample, Tenant
 from app.schemas import FinetuneParams
 from app.services import retention
-from app.storage import finetune_samples_prefix
+from app.storage import finetune_sample_key, finetune_samples_prefix
 from tests.worker.conftest import submit_finetune
 from worker.files import collect_orphans
 from worker.finetunes import Context, run_finetune, store_samples
@@ -126,3 +126,31 @@ def test_a_step_sampled_again_adds_no_row_and_no_event(ctx: Context, tenant: Ten
     with Lease(ctx.sessions, FinetuneJob, job_id, "other", heartbeat_s=30) as lease:
         assert not store_samples(ctx, job, params, lease, 4, images)
         assert lease.lost.is_set()
+
+
+def test_the_collector_removes_progress_images_no_row_owns(ctx: Context, tenant: Tenant) -> None:
+    job_id = submit_finetune(ctx, tenant, _params(validation_prompts=PROMPTS))
+    with ctx.sessions() as s:
+        job = s.get(FinetuneJob, job_id)
+        assert job is not None and claim(s, FinetuneJob, job_id, "a", stale_after_s=30)
+        s.refresh(job)
+    params = FinetuneParams.model_validate(job.params)
+    images = [Image.new("RGB", (32, 32)) for _ in PROMPTS]
+    with Lease(ctx.sessions, FinetuneJob, job_id, "a", heartbeat_s=30) as lease:
+        assert store_samples(ctx, job, params, lease, 2, images)
+    owned = ctx.storage.path(finetune_sample_key(tenant.id, job_id, 2, 0))
+    stray = finetune_sample_key(tenant.id, job_id, 4, 0)  # written, then the worker died
+    ctx.storage.put(stray, b"png")
+    gone_job = finetune_sample_key(tenant.id, "ft_0123456789abcdef", 2, 0)
+    ctx.storage.put(gone_job, b"png")
+    # While the job runs, its worker may be between a file and its row: nothing is taken.
+    assert collect_orphans(ctx.sessions, ctx.storage.root, older_than_s=0) == [
+        ctx.storage.path(finetune_samples_prefix(tenant.id, "ft_0123456789abcdef"))
+    ]
+    with ctx.sessions() as s:
+        s.execute(update(FinetuneJob).where(FinetuneJob.id == job_id).values(status="failed"))
+        s.commit()
+    assert collect_orphans(ctx.sessions, ctx.storage.root, older_than_s=0) == [
+        ctx.storage.path(stray)
+    ]
+    assert owned.is_file()
