@@ -11,6 +11,8 @@ const state = {
   job: null,          // id of the fine-tune shown in the job card
   losses: [],         // [step, loss] pairs seen while polling that job
   sampleBlobs: new Map(),  // sample url -> blob: URL, so each progress image is fetched once
+  eventCursor: null,  // next_cursor of the job's event log read so far
+  hasEvents: true,
   timer: null,
   canDelete: { finetune: true, generation: true, adapter: true },
   hasSamples: true,
@@ -113,6 +115,7 @@ async function discover() {
     state.canDelete.finetune = Boolean(paths["/v1/finetunes/{finetune_id}"]?.delete);
     state.canDelete.generation = Boolean(paths["/v1/generations/{generation_id}"]?.delete);
     state.hasSamples = Boolean(paths["/v1/finetunes/{finetune_id}/samples"]?.get);
+    state.hasEvents = Boolean(paths["/v1/finetunes/{finetune_id}/events"]?.get);
   } catch (_) { /* keep the optimistic defaults; a 404/405 hides the buttons later */ }
   $("delete-job").hidden = !state.canDelete.finetune;
 }
@@ -202,6 +205,7 @@ function watch(id) {
   clearTimeout(state.timer);
   state.job = id;
   state.losses = [];
+  state.eventCursor = null;
   for (const blob of state.sampleBlobs.values()) URL.revokeObjectURL(blob);
   state.sampleBlobs.clear();
   $("samples").replaceChildren();
@@ -222,7 +226,10 @@ async function poll() {
   }
   if (id !== state.job) return;
   const { step, total } = job.progress;
+  await readEvents(id);
+  if (id !== state.job) return;
   if (job.loss !== null && !state.losses.some(([s]) => s === step)) state.losses.push([step, job.loss]);
+  state.losses.sort((a, b) => a[0] - b[0]);
   $("job-title").textContent = `${job.name || job.id} — ${job.instance_prompt}`;
   $("job-status").textContent = job.status;
   $("job-status").className = `badge ${job.status}`;
@@ -243,6 +250,28 @@ async function poll() {
   } else {
     state.timer = setTimeout(poll, POLL_MS);
   }
+}
+
+// The loss history from the job's event log (its progress entries), read on from the last
+// cursor: a job opened after it finished still gets its whole plot.
+async function readEvents(id) {
+  if (!state.hasEvents) return;
+  let page;
+  do {
+    const after = state.eventCursor ? `&cursor=${encodeURIComponent(state.eventCursor)}` : "";
+    try {
+      page = await api("GET", `/v1/finetunes/${id}/events?limit=100${after}`);
+    } catch (error) {
+      if (error.status === 405 || (error.status === 404 && !error.message.includes(id))) state.hasEvents = false;
+      return;
+    }
+    if (id !== state.job) return;
+    for (const event of page.data) {
+      const { step, loss } = event.data;
+      if (event.type === "progress" && !state.losses.some(([s]) => s === step)) state.losses.push([step, loss]);
+    }
+    state.eventCursor = page.next_cursor;
+  } while (page.has_more);
 }
 
 // Images rendered during training, where the service offers them.

@@ -278,6 +278,9 @@ def test_web_page_happy_path_and_bad_upload(service: Service, browser: Any, tmp_
     _until("success", lambda: find("job-status").text == "succeeded", 300, browser)
     points = browser.execute_script("return state.losses")
     assert len(points) >= 1 and all(isinstance(loss, float) for _, loss in points)
+    # From the event log: in step order, up to the last step.
+    steps = [step for step, _ in points]
+    assert steps == sorted(set(steps)) and steps[-1] == STEPS
     assert find("job-progress").get_attribute("value") == str(STEPS)
     # The progress images: one column per sampled step, one decoded image per prompt.
     columns = lambda: browser.execute_script(  # noqa: E731
