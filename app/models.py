@@ -34,6 +34,18 @@ EXPORT_FORMATS = ("lora", "merged")
 EXPORT_STATUSES = ("queued", "running", "succeeded", "failed")
 DELIVERY_STATUSES = ("pending", "delivered", "failed")
 JOB_KINDS = ("finetune", "generation")
+# What a fine-tune's event log records (app/events.py, docs/api.md "Events").
+EVENT_TYPES = (
+    "queued",
+    "running",
+    "released",
+    "progress",
+    "samples",
+    "succeeded",
+    "failed",
+    "canceled",
+    "webhook",
+)
 
 
 def utcnow() -> datetime:
@@ -382,3 +394,43 @@ class WebhookDelivery(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class FinetuneSample(Base):
+    """A progress image: prompt `prompt_index` of the job's validation_prompts at `step`,
+    made by the worker with the adapter as trained so far. One row per (step, prompt), so a
+    resumed job that samples a step again adds nothing."""
+
+    __tablename__ = "finetune_samples"
+    __table_args__ = (
+        UniqueConstraint("job_id", "step", "prompt_index", name="uq_finetune_samples_step"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(
+        ForeignKey("finetune_jobs.id", ondelete="CASCADE"), index=True
+    )
+    step: Mapped[int] = mapped_column(Integer)
+    prompt_index: Mapped[int] = mapped_column(Integer)
+    prompt: Mapped[str] = mapped_column(Text)
+    seed: Mapped[int] = mapped_column(BigInteger)
+    storage_key: Mapped[str] = mapped_column(String(255))
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class FinetuneEvent(Base):
+    """One entry of a fine-tune's event log, written in the transaction of what it records
+    while that transaction holds the job's row lock, so ids grow in commit order per job (the
+    cursor of GET /v1/finetunes/{id}/events never skips one)."""
+
+    __tablename__ = "finetune_events"
+    __table_args__ = (CheckConstraint(_in("type", EVENT_TYPES), name="type"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(
+        ForeignKey("finetune_jobs.id", ondelete="CASCADE"), index=True
+    )
+    type: Mapped[str] = mapped_column(String(16))
+    data: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

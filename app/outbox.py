@@ -1,8 +1,9 @@
 """The webhook outbox: a delivery row written in the same transaction as a job's final state.
 
 Every place that moves a job to succeeded/failed/canceled (the worker's finish paths, the API's
-cancel) calls `record_final` before its commit, so the job's final state and its webhook commit
-together or not at all; worker/webhooks.py sends the rows. Shared by app and worker: no FastAPI.
+cancel) calls `record_final` before its commit, so the job's final state, its webhook and (for
+a fine-tune) its event-log entry commit together or not at all; worker/webhooks.py sends the
+rows. Shared by app and worker: no FastAPI.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.events import record_event
 from app.ids import new_id
 from app.models import Adapter, FinetuneJob, GenerationJob, WebhookDelivery, utcnow
 
@@ -55,6 +57,17 @@ def record_final(session: Session, model: JobModel, job_id: str) -> str | None:
     job: FinetuneJob | GenerationJob | None = session.get(  # type: ignore[assignment]
         model, job_id, populate_existing=True
     )
+    if isinstance(job, FinetuneJob):
+        # The event log's final entry, under the row lock of the caller's UPDATE.
+        data = finetune_data(session, job)
+        record_event(
+            session,
+            job.id,
+            job.status,
+            step=job.progress_step,
+            error=job.error,
+            adapter_id=data["adapter_id"],
+        )
     if job is None or not job.webhook_url:
         return None
     kind = "finetune" if isinstance(job, FinetuneJob) else "generation"

@@ -6,7 +6,7 @@ No FastAPI imports: the worker validates stored params with the same `FinetunePa
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -19,6 +19,12 @@ ExportFormat = Literal["lora", "merged"]
 ExportStatus = Literal["queued", "running", "succeeded", "failed"]
 
 SEED_MAX = 2**32 - 1
+# Progress images: at most this many prompts, and at most this many sampling points per job
+# (every sample_every steps plus the last step), so the sample list stays one short page.
+MAX_VALIDATION_PROMPTS = 4
+MAX_SAMPLE_POINTS = 50
+# Sampling points of a job when sample_every is not given: a quarter of the steps apart.
+DEFAULT_SAMPLE_POINTS = 4
 
 
 class FinetuneParams(BaseModel):
@@ -79,6 +85,37 @@ class FinetuneParams(BaseModel):
     checkpoint_every: int = Field(
         default=100, ge=1, le=5000, description="Steps between checkpoints."
     )
+    validation_prompts: list[str] = Field(
+        default=[],
+        max_length=MAX_VALIDATION_PROMPTS,
+        description="Prompts of the progress images (GET /v1/finetunes/{id}/samples): one "
+        "image each, every sample_every steps and after the last step; none by default.",
+    )
+    sample_every: int | None = Field(
+        default=None,
+        ge=1,
+        le=5000,
+        description="Steps between progress images; default: a quarter of steps (rounded "
+        f"up); at most {MAX_SAMPLE_POINTS} sampling points per job. Only with "
+        "validation_prompts.",
+    )
+
+    @model_validator(mode="after")
+    def _sampling(self) -> FinetuneParams:
+        if not self.validation_prompts:
+            if self.sample_every is not None:
+                raise ValueError("sample_every needs validation_prompts; give at least one")
+            return self
+        if self.sample_every is None:
+            self.sample_every = -(-self.steps // DEFAULT_SAMPLE_POINTS)
+        points = sample_points(self.steps, self.sample_every)
+        if points > MAX_SAMPLE_POINTS:
+            least = -(-self.steps // MAX_SAMPLE_POINTS)
+            raise ValueError(
+                f"sample_every={self.sample_every} makes {points} sets of progress images over "
+                f"{self.steps} steps, above {MAX_SAMPLE_POINTS}; use sample_every >= {least}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _intervals_per_method(self) -> FinetuneParams:
@@ -92,6 +129,11 @@ class FinetuneParams(BaseModel):
         else:
             self.intervals = 1
         return self
+
+
+def sample_points(steps: int, every: int) -> int:
+    """How often a job samples: at every multiple of `every` up to `steps`, and at `steps`."""
+    return -(-steps // every)
 
 
 class Progress(BaseModel):
@@ -199,6 +241,62 @@ def _eta(job: models.FinetuneJob) -> float | None:
     elapsed = (datetime.now(timezone.utc) - job.started_at).total_seconds()
     left = max(job.progress_total - job.progress_step, 0)
     return round(max(elapsed, 0.0) / job.progress_step * left, 1)
+
+
+class SamplePublic(BaseModel):
+    step: int = Field(description="Training step the adapter had reached.")
+    prompt_index: int = Field(description="Index into params.validation_prompts.")
+    prompt: str
+    seed: int = Field(description="The same for a prompt at every step, so images compare.")
+    url: str = Field(description="The PNG (same API key).")
+    created_at: datetime
+
+    @classmethod
+    def from_row(cls, row: models.FinetuneSample) -> SamplePublic:
+        return cls(
+            step=row.step,
+            prompt_index=row.prompt_index,
+            prompt=row.prompt,
+            seed=row.seed,
+            url=f"/v1/finetunes/{row.job_id}/samples/{row.step}/{row.prompt_index}",
+            created_at=row.created_at,
+        )
+
+
+class SamplesPublic(BaseModel):
+    data: list[SamplePublic] = Field(description="By step, then prompt index.")
+    count: int
+
+
+EventType = Literal[
+    "queued",
+    "running",
+    "released",
+    "progress",
+    "samples",
+    "succeeded",
+    "failed",
+    "canceled",
+    "webhook",
+]
+
+
+class EventPublic(BaseModel):
+    type: EventType
+    data: dict[str, Any] = Field(description="Fields by type (docs/api.md, Events).")
+    created_at: datetime
+
+    @classmethod
+    def from_row(cls, row: models.FinetuneEvent) -> EventPublic:
+        return cls(type=row.type, data=row.data, created_at=row.created_at)  # type: ignore[arg-type]
+
+
+class EventsPublic(BaseModel):
+    data: list[EventPublic] = Field(description="Oldest first.")
+    next_cursor: str = Field(
+        description="Pass as cursor to get the events after these (also later, for new ones)."
+    )
+    has_more: bool = Field(description="More events exist after this page now.")
 
 
 class FinetunesPublic(BaseModel):

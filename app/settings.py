@@ -177,6 +177,9 @@ class Settings(BaseSettings):
     # bf16 on CUDA (fp16 without bf16) and fp32 on CPU, where 16-bit math is slower.
     generation_dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     adapter_cache_size: int = Field(default=32, ge=1)
+    # Sampler steps of a fine-tune's progress images (params.validation_prompts): few, since
+    # they show the trend, not a final image; counted in TUNEQDM_MAX_FINETUNE_COST at submit.
+    sample_steps: int = Field(default=20, ge=1, le=150)
     # Webhook delivery (worker/webhooks.py): one attempt, connection to last byte, is cut at
     # webhook_timeout_s, so a slow receiver holds a sender no longer than that; retried with
     # exponential backoff on network errors, timeouts, 429 and 5xx, then marked failed.

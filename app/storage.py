@@ -5,6 +5,7 @@ file names, and every key is checked to resolve inside the root):
 
     tenants/<tenant_id>/finetunes/<finetune_id>/inputs/<nnn>.jpg     uploaded photos, re-encoded
     tenants/<tenant_id>/finetunes/<finetune_id>/checkpoint/          training checkpoints (worker)
+    tenants/<tenant_id>/samples/<finetune_id>/<step>_<i>.png         progress images (worker)
     tenants/<tenant_id>/adapters/<adapter_id>.safetensors            adapter files (worker)
     tenants/<tenant_id>/exports/<export_id>.safetensors              LoRA / merged UNet (worker)
     tenants/<tenant_id>/generations/<generation_id>/<nnn>.png        generated images (worker)
@@ -44,6 +45,16 @@ def finetune_input_key(tenant_id: str, finetune_id: str, index: int) -> str:
 def finetune_prefix(tenant_id: str, finetune_id: str) -> str:
     """Everything stored for one fine-tune: photos and checkpoints (not its adapter)."""
     return check_key(f"tenants/{tenant_id}/finetunes/{finetune_id}")
+
+
+def finetune_samples_prefix(tenant_id: str, finetune_id: str) -> str:
+    """A fine-tune's progress images: outside its own folder, whose photos and checkpoints go
+    when the job ends; these stay until the fine-tune is deleted."""
+    return check_key(f"tenants/{tenant_id}/samples/{finetune_id}")
+
+
+def finetune_sample_key(tenant_id: str, finetune_id: str, step: int, index: int) -> str:
+    return check_key(f"{finetune_samples_prefix(tenant_id, finetune_id)}/{step:05d}_{index}.png")
 
 
 def generation_prefix(tenant_id: str, generation_id: str) -> str:

@@ -15,12 +15,16 @@ from tuneqdm_client.client import ApiError, Client, JobFailed
 from tuneqdm_client.types import (
     Adapter,
     AdapterPage,
+    Event,
+    EventPage,
     Finetune,
     FinetunePage,
     GeneratedImage,
     Generation,
     GenerationPage,
     Progress,
+    Sample,
+    SamplePage,
 )
 
 __all__ = [
@@ -28,6 +32,8 @@ __all__ = [
     "AdapterPage",
     "ApiError",
     "Client",
+    "Event",
+    "EventPage",
     "Finetune",
     "FinetunePage",
     "GeneratedImage",
@@ -35,4 +41,6 @@ __all__ = [
     "GenerationPage",
     "JobFailed",
     "Progress",
+    "Sample",
+    "SamplePage",
 ]

@@ -15,10 +15,12 @@ from tuneqdm_client.progress import ProgressBar
 from tuneqdm_client.types import (
     Adapter,
     AdapterPage,
+    EventPage,
     Finetune,
     FinetunePage,
     Generation,
     GenerationPage,
+    SamplePage,
 )
 
 # What the service accepts (it checks the content, not the name); other files in a folder are
@@ -165,6 +167,29 @@ class Client:
 
     def delete_finetune(self, finetune_id: str) -> None:
         self._request("DELETE", f"/v1/finetunes/{finetune_id}")
+
+    def samples(self, finetune_id: str) -> SamplePage:
+        """The progress images made so far (params.validation_prompts), by step."""
+        return cast(SamplePage, self._json("GET", f"/v1/finetunes/{finetune_id}/samples"))
+
+    def download_samples(self, finetune_id: str, folder: str | Path) -> list[Path]:
+        """Save the progress images as `<folder>/<id>-<step>-<prompt index>.png`."""
+        out = Path(folder)
+        out.mkdir(parents=True, exist_ok=True)
+        return [
+            self._download(s["url"], out / f"{finetune_id}-{s['step']}-{s['prompt_index']}.png")
+            for s in self.samples(finetune_id)["data"]
+        ]
+
+    def events(
+        self, finetune_id: str, *, cursor: str | None = None, limit: int | None = None
+    ) -> EventPage:
+        """One page of the job's event log after `cursor` (the `next_cursor` of a previous
+        page; None: from the first event)."""
+        query = _query(cursor=cursor, limit=limit)
+        return cast(
+            EventPage, self._json("GET", f"/v1/finetunes/{finetune_id}/events", params=query)
+        )
 
     def wait_finetune(
         self,

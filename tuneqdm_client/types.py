@@ -79,6 +79,37 @@ class Generation(TypedDict):
     links: dict[str, str | None]
 
 
+class Sample(TypedDict):
+    """A progress image of a fine-tune: `prompt_index` of params.validation_prompts at `step`."""
+
+    step: int
+    prompt_index: int
+    prompt: str
+    seed: int
+    url: str
+    created_at: str
+
+
+class SamplePage(TypedDict):
+    data: list[Sample]
+    count: int
+
+
+class Event(TypedDict):
+    # queued | running | released | progress | samples | succeeded | failed | canceled | webhook
+    type: str
+    data: dict[str, Any]
+    created_at: str
+
+
+class EventPage(TypedDict):
+    """Events oldest first; pass `next_cursor` to get the ones after them (now or later)."""
+
+    data: list[Event]
+    next_cursor: str
+    has_more: bool
+
+
 # One page of a list endpoint; `count` is the number of matches across all pages. (Three
 # classes rather than one generic TypedDict, which Python 3.10 does not support.)
 class FinetunePage(TypedDict):

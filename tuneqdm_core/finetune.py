@@ -24,11 +24,12 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
+from PIL import Image
 
 from tuneqdm_core.adapter import Adapter, AdapterConfig, param_groups
 from tuneqdm_core.base import BaseModel
 from tuneqdm_core.cancel import Canceled, cancel_checks
-from tuneqdm_core.generate import GenerationRequest, generate
+from tuneqdm_core.generate import GenerationRequest, Precision, generate
 from tuneqdm_core.images import ImageSource, load_subject_images, open_image, to_training_tensor
 from tuneqdm_core.model import quant_state
 from tuneqdm_core.routing import route_adapters, routed
@@ -133,6 +134,30 @@ class Progress:
     loss: float
     elapsed: float
     eta: float
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Images to look at while training: after every ``every`` steps and after the last one,
+    one image per prompt from the adapter as trained so far. Prompt ``i`` always uses seed
+    ``seed + i``, so the images of one prompt differ only by the training between them.
+    Sampling draws no number from the training's generator: the adapter is the same with or
+    without it."""
+
+    prompts: Sequence[str]
+    every: int
+    size: int
+    steps: int = 20
+    seed: int = 0
+    guidance_scale: float = 7.5
+    precision: Precision = "fp32"
+
+    def __post_init__(self) -> None:
+        if not self.prompts or self.every < 1 or self.steps < 1 or self.size < 8:
+            raise ValueError("sampling needs prompts, every >= 1, steps >= 1 and size >= 8")
+
+    def due(self, step: int, total: int) -> bool:
+        return step % self.every == 0 or step == total
 
 
 @dataclass
@@ -517,6 +542,48 @@ def _training(base: BaseModel, unet: Any, config: FinetuneConfig) -> Iterator[No
         unet.eval()
 
 
+@contextmanager
+def _inference(base: BaseModel, unet: Any) -> Iterator[None]:
+    """Inside ``_training``: ``unet`` in eval mode with VAE and text encoder back on the
+    accelerator for a moment, then training mode and offloading again."""
+    unet.eval()
+    if base.device.type != "cpu":
+        base.vae.to(base.device)
+        base.text_encoder.to(base.device)
+    try:
+        yield
+    finally:
+        if base.device.type != "cpu":
+            base.vae.to("cpu")
+            base.text_encoder.to("cpu")
+            torch.cuda.empty_cache()
+        unet.train()
+
+
+def _sample(
+    base: BaseModel,
+    run: _Run,
+    sampling: Sampling,
+    on_step: Callable[[int, int], None] | None,
+) -> list[Image.Image]:
+    """One image per prompt with the current adapter (cancel checks are the training's)."""
+    requests = [
+        GenerationRequest(
+            prompt=prompt,
+            adapter=run.adapter,
+            steps=sampling.steps,
+            guidance_scale=sampling.guidance_scale,
+            seed=sampling.seed + i,
+            width=sampling.size,
+            height=sampling.size,
+        )
+        for i, prompt in enumerate(sampling.prompts)
+    ]
+    with _inference(base, run.unet):
+        made = generate(base, requests, on_step=on_step, precision=sampling.precision)
+    return [images[0].image for images in made]
+
+
 def finetune(
     base: BaseModel,
     subjects: Sequence[Subject],
@@ -528,6 +595,9 @@ def finetune(
     should_cancel: Callable[[], bool] | None = None,
     on_class_images: Callable[[int, int], None] | None = None,
     should_pause: Callable[[], bool] | None = None,
+    sampling: Sampling | None = None,
+    on_sample: Callable[[int, list[Image.Image]], None] | None = None,
+    on_sample_step: Callable[[int, int], None] | None = None,
 ) -> FinetuneResult:
     """Fine-tune on ``subjects`` (several subjects share one adapter, each with its own token).
 
@@ -539,9 +609,17 @@ def finetune(
     a resumed run continues exactly where this one paused (a worker asked to stop).
     ``on_class_images(done, total)`` reports the class images of prior preservation as they are
     made.
+
+    With ``sampling``, ``on_sample(step, images)`` receives one image per prompt at the steps
+    :meth:`Sampling.due` names, before that step's checkpoint (so a run resumed from a
+    checkpoint never skips the samples of its step; it may repeat those of later steps);
+    ``on_sample_step(done, total)`` reports its denoising steps. ``should_cancel`` stops
+    sampling too.
     """
     if not subjects:
         raise ValueError("no subjects given")
+    if sampling is not None and config.method == "full":
+        raise ValueError("sampling needs an adapter; method full trains none")
     config = config.for_device(base.device)
     start_time = time.perf_counter()
     checkpoint = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir else None
@@ -584,6 +662,16 @@ def finetune(
                 rate = elapsed / max(1, run.step - resumed_from)
                 eta = rate * (config.steps - run.step)
                 progress(Progress(run.step, config.steps, run.losses[-1], elapsed, eta))
+            if sampling is not None and sampling.due(run.step, config.steps):
+                try:
+                    images = _sample(base, run, sampling, on_sample_step)
+                except FinetuneCanceled:
+                    raise
+                except Canceled:
+                    # The step itself is done but not checkpointed: resuming repeats it.
+                    raise FinetuneCanceled(run.step) from None
+                if on_sample is not None:
+                    on_sample(run.step, images)
             due = _checkpoint_due(config, run.step)
             if checkpoint is not None and due:
                 _save_checkpoint(run, checkpoint, config, base)

@@ -19,7 +19,14 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app import storage as st
-from app.models import ACTIVE_STATUSES, Adapter, FinetuneJob, GeneratedImage, GenerationJob
+from app.models import (
+    ACTIVE_STATUSES,
+    Adapter,
+    FinetuneJob,
+    FinetuneSample,
+    GeneratedImage,
+    GenerationJob,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +74,7 @@ def collect_orphans(
     """Remove files under the storage `root` that no row owns, older than `older_than_s`:
     adapter files without an adapter row; checkpoints of missing or finished fine-tunes; the
     folder of a fine-tune that does not exist (photos of an upload that never committed);
+    progress images of a missing fine-tune, or of a finished one that no sample row names;
     generated images that no image row names, unless their generation is still active."""
     cutoff = time.time() - older_than_s  # file times are the host's clock, so is this
     removed: list[Path] = []
@@ -103,6 +111,20 @@ def _orphans(session: Session, root: Path, tenant_dir: Path) -> list[Path]:
             found.append(folder)
         elif job.status not in ACTIVE_STATUSES and (folder / "checkpoint").exists():
             found.append(folder / "checkpoint")
+    samples = tenant_dir / "samples"
+    for folder in sorted(samples.iterdir()) if samples.is_dir() else []:
+        job = session.get(FinetuneJob, folder.name)
+        if job is None:
+            found.append(folder)
+            continue
+        if job.status in ACTIVE_STATUSES:
+            continue  # its worker writes the file before the row
+        owned = set(
+            session.scalars(
+                select(FinetuneSample.storage_key).where(FinetuneSample.job_id == job.id)
+            )
+        )
+        found += [p for p in folder.rglob("*") if p.is_file() and key(p) not in owned]
     generations = tenant_dir / "generations"
     for folder in sorted(generations.iterdir()) if generations.is_dir() else []:
         gen = session.get(GenerationJob, folder.name)

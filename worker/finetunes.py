@@ -7,6 +7,7 @@ fairest queued fine-tune, which is the message's own job unless others wait.
 
 from __future__ import annotations
 
+import io
 import logging
 import shutil
 import time
@@ -15,16 +16,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import delete
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app import storage as st
-from app.models import Adapter, FinetuneJob
+from app.events import record_event
+from app.models import Adapter, FinetuneJob, FinetuneSample
 from app.outbox import record_final
 from app.schemas import FinetuneParams
 from app.services.retention import finetune_ended
 from app.settings import Settings
 from worker import metrics
+from worker.bases import loaded_info
 from worker.bounds import Deadline, stop_check
 from worker.failures import transient_reason, user_message
 from worker.files import adapter_attempt_key, checkpoint_key
@@ -38,12 +41,15 @@ from worker.jobs import (
     finish_owned,
     new_owner,
     release_owned,
+    write_owned,
 )
 from worker.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
 TERMINAL = ("succeeded", "failed", "canceled")
+# Progress image i of every sampling point uses seed SAMPLE_SEED + i (docs/api.md).
+SAMPLE_SEED = 0
 BASE_FAILED = (
     "the service could not load its base model; the operator has been told (worker log), "
     "submit the job again later"
@@ -273,6 +279,16 @@ def _train(
         else:
             write(p.step, p.total, p.loss)
 
+    sampling = sampling_for(ctx, params)
+
+    def sample_step(done: int, total: int) -> None:
+        lease.touch()  # each denoising step of the progress images is progress too
+
+    def samples(step: int, images: list[Any]) -> None:
+        lease.touch()
+        if not store_samples(ctx, job, params, lease, step, images):
+            log.info("fine-tune %s lost its lease while storing samples", job.id)
+
     try:
         return finetune(
             ctx.runtime.base,
@@ -285,6 +301,9 @@ def _train(
             on_class_images=class_images,
             # A worker asked to stop saves the step it is at, so the next one loses nothing.
             should_pause=SHUTDOWN.is_set,
+            sampling=sampling,
+            on_sample=samples,
+            on_sample_step=sample_step,
         )
     except FinetuneCanceled as stop:
         if deadline.passed() and not lease.should_stop():
@@ -294,6 +313,80 @@ def _train(
             return "failed"
         log.info("fine-tune %s stopped at step %d", job.id, stop.step)
         return None
+
+
+def sampling_for(ctx: Context, params: FinetuneParams) -> Any:
+    """The core's Sampling for the job's validation prompts (None without any): the base's
+    native size, TUNEQDM_SAMPLE_STEPS, prompt i with seed SAMPLE_SEED + i at every step."""
+    if not params.validation_prompts or params.sample_every is None:
+        return None
+    from tuneqdm_core.finetune import Sampling
+
+    base = ctx.runtime.base
+    return Sampling(
+        prompts=list(params.validation_prompts),
+        every=params.sample_every,
+        size=loaded_info(ctx.settings, base).native_resolution,
+        steps=ctx.settings.sample_steps,
+        seed=SAMPLE_SEED,
+        precision=ctx.settings.generation_dtype,
+    )
+
+
+def store_samples(
+    ctx: Context,
+    job: FinetuneJob,
+    params: FinetuneParams,
+    lease: Lease,
+    step: int,
+    images: list[Any],
+) -> bool:
+    """Write the PNGs of one sampling point, then, only while the lease holds, their rows and
+    a `samples` event in one transaction. A (step, prompt) that has a row already (a resumed
+    job sampling a step again) adds nothing, not even a file. False when the lease is lost."""
+
+    def existing(session: Session) -> set[int]:
+        query = select(FinetuneSample.prompt_index).where(
+            FinetuneSample.job_id == job.id, FinetuneSample.step == step
+        )
+        return set(session.scalars(query))
+
+    with ctx.sessions() as session:
+        have = existing(session)
+    written: dict[int, tuple[str, int]] = {}
+    for index, image in enumerate(images):
+        if index in have:
+            continue
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        key = st.finetune_sample_key(job.tenant_id, job.id, step, index)
+        ctx.storage.put(key, buffer.getvalue())  # the collector removes it if no row follows
+        written[index] = (key, len(buffer.getvalue()))
+    with ctx.sessions() as session:
+        # The lease check first: it locks the job's row, so a canceled job gets no more rows
+        # and this transaction's event is in order.
+        if not write_owned(session, FinetuneJob, job.id, lease.owner, commit=False):
+            session.rollback()
+            lease.lost.set()
+            return False
+        new = sorted(set(written) - existing(session))
+        for index in new:
+            key, size = written[index]
+            session.add(
+                FinetuneSample(
+                    job_id=job.id,
+                    step=step,
+                    prompt_index=index,
+                    prompt=params.validation_prompts[index],
+                    seed=SAMPLE_SEED + index,
+                    storage_key=key,
+                    size_bytes=size,
+                )
+            )
+        if new:
+            record_event(session, job.id, "samples", step=step, prompt_indexes=new)
+        session.commit()
+    return True
 
 
 def publish_adapter(

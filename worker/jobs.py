@@ -37,6 +37,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, and_, func, literal, or_, select, true, update
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
+from app.events import record_event
 from app.models import FinetuneJob, GenerationJob
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,8 @@ def claim(
         .returning(model.attempts)
         .execution_options(synchronize_session=False)
     ).scalar()
+    if attempt is not None and model is FinetuneJob:
+        record_event(session, job_id, "running", attempt=attempt)
     session.commit()
     return attempt
 
@@ -176,8 +179,19 @@ def claim_next(
     return (hint, attempt) if attempt is not None else None
 
 
-def write_owned(session: Session, model: JobModel, job_id: str, owner: str, **values: Any) -> bool:
-    """Update a running job only while `owner` still holds its lease; False if it lost it."""
+def write_owned(
+    session: Session,
+    model: JobModel,
+    job_id: str,
+    owner: str,
+    *,
+    event: tuple[str, dict[str, Any]] | None = None,
+    commit: bool = True,
+    **values: Any,
+) -> bool:
+    """Update a running job only while `owner` still holds its lease; False if it lost it.
+    `event` (type, data) is added to a fine-tune's event log in the same transaction;
+    `commit=False` leaves the transaction (and the job's row lock) to the caller."""
     now = db_now(session)
     result = session.execute(
         update(model)
@@ -185,8 +199,12 @@ def write_owned(session: Session, model: JobModel, job_id: str, owner: str, **va
         .values(heartbeat_at=now, updated_at=now, **values)
         .execution_options(synchronize_session=False)
     )
-    session.commit()
-    return bool(result.rowcount)  # type: ignore[attr-defined]
+    owned = bool(result.rowcount)  # type: ignore[attr-defined]
+    if owned and event is not None and model is FinetuneJob:
+        record_event(session, job_id, event[0], **event[1])
+    if commit:
+        session.commit()
+    return owned
 
 
 def finish_owned(
@@ -227,8 +245,10 @@ def release_owned(
             .values(status="queued", lease_owner=None, heartbeat_at=None, updated_at=now, **values)
             .execution_options(synchronize_session=False)
         )
+        released = bool(result.rowcount)  # type: ignore[attr-defined]
+        if released and model is FinetuneJob:
+            record_event(session, job_id, "released", reason=reason or "worker stopped")
         session.commit()
-    released = bool(result.rowcount)  # type: ignore[attr-defined]
     if released:
         log.warning("job %s released for another attempt: %s", job_id, reason or "worker stopped")
     return released
@@ -296,10 +316,12 @@ class Lease:
         """The job made progress: keep renewing the lease."""
         self.last_progress = time.monotonic()
 
-    def write(self, **values: Any) -> bool:
+    def write(self, event: tuple[str, dict[str, Any]] | None = None, **values: Any) -> bool:
         with self._lock, self.factory() as session:
             try:
-                ok = write_owned(session, self.model, self.job_id, self.owner, **values)
+                ok = write_owned(
+                    session, self.model, self.job_id, self.owner, event=event, **values
+                )
             except Exception:
                 # A database hiccup is not a lost lease; the next heartbeat tries again.
                 log.exception("heartbeat of %s failed", self.job_id)
@@ -353,7 +375,9 @@ class ProgressWriter:
         if step < total and now - self.last < self.every_s and not extra:
             return
         self.last = now
-        self.lease.write(progress_step=step, loss=loss, **extra)
+        # The event log gets one progress entry per write, not one per step.
+        event = ("progress", {"step": step, "total": total, "loss": loss})
+        self.lease.write(event=event, progress_step=step, loss=loss, **extra)
 
 
 def sweep_stale(
@@ -385,6 +409,9 @@ def sweep_stale(
                     .values(status="queued", lease_owner=None, updated_at=db_now(session))
                     .execution_options(synchronize_session=False)
                 )
+                if result.rowcount and model is FinetuneJob:  # type: ignore[attr-defined]
+                    reason = "its worker stopped answering (stale heartbeat)"
+                    record_event(session, job_id, "released", reason=reason)
                 session.commit()
                 if not result.rowcount:  # type: ignore[attr-defined]
                     continue

@@ -34,6 +34,7 @@ from urllib.parse import urlsplit
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.events import lock_job, record_event
 from app.models import Tenant, WebhookDelivery, utcnow
 from app.settings import Settings
 from app.webhooks import check_port, is_forbidden_address, signing_secrets, webhook_headers
@@ -199,8 +200,17 @@ def claim_attempt(session: Session, delivery_id: str, settings: Settings) -> int
     return seen + 1 if result.rowcount else None  # type: ignore[attr-defined]
 
 
-def _record(session: Session, delivery_id: str, attempt: int, **values: object) -> bool:
-    """Write an attempt's outcome only while the claim still stands."""
+def _record(
+    session: Session,
+    delivery_id: str,
+    attempt: int,
+    *,
+    finetune_id: str | None = None,
+    outcome: str = "",
+    **values: object,
+) -> bool:
+    """Write an attempt's outcome only while the claim still stands; a fine-tune's delivery
+    also adds it to the job's event log (when the job still exists)."""
     result = session.execute(
         update(WebhookDelivery)
         .where(
@@ -211,8 +221,20 @@ def _record(session: Session, delivery_id: str, attempt: int, **values: object) 
         .values(updated_at=utcnow(), **values)
         .execution_options(synchronize_session=False)
     )
+    recorded = bool(result.rowcount)  # type: ignore[attr-defined]
+    if recorded and finetune_id is not None and lock_job(session, finetune_id):
+        error = values.get("last_error")
+        record_event(
+            session,
+            finetune_id,
+            "webhook",
+            delivery_id=delivery_id,
+            attempt=attempt,
+            outcome=outcome,
+            error=error,
+        )
     session.commit()
-    return bool(result.rowcount)  # type: ignore[attr-defined]
+    return recorded
 
 
 @dataclass(frozen=True)
@@ -234,6 +256,7 @@ def attempt_delivery(
         if row is None or tenant is None:
             return Attempt("gone")
         url, payload = row.url, row.payload
+        finetune_id = row.job_id if row.job_kind == "finetune" else None
         now = utcnow()
         secrets = signing_secrets(
             settings.resolved_secret_key,
@@ -276,7 +299,10 @@ def attempt_delivery(
         result = Attempt(f"delivered ({status})")
         values = {"status": "delivered", "delivered_at": utcnow(), "last_error": None}
     with sessions() as session:
-        if not _record(session, delivery_id, attempt, **values):
+        outcome = result.outcome.split(" ")[0]  # delivered, retry or failed
+        if not _record(
+            session, delivery_id, attempt, finetune_id=finetune_id, outcome=outcome, **values
+        ):
             return Attempt("outcome not recorded (claim expired)")
     if result.outcome == "failed":
         log.warning("webhook %s failed: %s", delivery_id, values["last_error"])

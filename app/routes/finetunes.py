@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Header, Query, Response, UploadFile, status
+from fastapi import APIRouter, File, Form, Header, Path, Query, Response, UploadFile, status
+from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from app.deps import (
@@ -15,8 +16,19 @@ from app.deps import (
     SettingsDep,
     StorageDep,
 )
-from app.schemas import FinetunePublic, FinetunesPublic, Status
+from app.errors import NotFound
+from app.schemas import (
+    EventPublic,
+    EventsPublic,
+    FinetunePublic,
+    FinetunesPublic,
+    SamplePublic,
+    SamplesPublic,
+    Status,
+)
 from app.services import finetunes as svc
+from app.services import progress
+from app.storage import iter_chunks
 
 router = APIRouter(prefix="/v1/finetunes", tags=["finetunes"])
 
@@ -135,6 +147,70 @@ def get_finetune(session: SessionDep, tenant: CurrentTenant, finetune_id: str) -
     return FinetunePublic.from_row(job)
 
 
+@router.get("/{finetune_id}/samples", response_model=SamplesPublic, responses=ERRORS)
+def list_samples(session: SessionDep, tenant: CurrentTenant, finetune_id: str) -> SamplesPublic:
+    """Progress images made so far (params.validation_prompts), by step then prompt."""
+    rows = progress.list_samples(session=session, tenant=tenant, finetune_id=finetune_id)
+    return SamplesPublic(data=[SamplePublic.from_row(r) for r in rows], count=len(rows))
+
+
+@router.get(
+    "/{finetune_id}/samples/{step}/{prompt_index}",
+    response_class=StreamingResponse,
+    responses={**ERRORS, 200: {"description": "The PNG image.", "content": {"image/png": {}}}},
+)
+def get_sample(
+    session: SessionDep,
+    storage: StorageDep,
+    tenant: CurrentTenant,
+    finetune_id: str,
+    step: Annotated[int, Path(ge=0, le=1_000_000)],
+    prompt_index: Annotated[int, Path(ge=0, le=100)],
+) -> StreamingResponse:
+    row = progress.get_sample(
+        session=session,
+        tenant=tenant,
+        finetune_id=finetune_id,
+        step=step,
+        prompt_index=prompt_index,
+    )
+    try:
+        f = storage.open(row.storage_key)
+    except FileNotFoundError:
+        raise NotFound(f"progress image {step}/{prompt_index} is missing from storage") from None
+    return StreamingResponse(iter_chunks(f), media_type="image/png")
+
+
+@router.get(
+    "/{finetune_id}/events",
+    response_model=EventsPublic,
+    responses={**ERRORS, 422: {"description": "The cursor is not one this API gave out."}},
+)
+def list_events(
+    session: SessionDep,
+    settings: SettingsDep,
+    tenant: CurrentTenant,
+    finetune_id: str,
+    cursor: Annotated[
+        str | None,
+        Query(max_length=200, description="next_cursor of the previous page; omit to start."),
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> EventsPublic:
+    """The job's event log, oldest first: state changes, progress, progress images, webhook
+    attempts. Poll with the last next_cursor to get only what happened since."""
+    rows, next_cursor, more = progress.list_events(
+        session=session,
+        tenant=tenant,
+        finetune_id=finetune_id,
+        cursor=cursor,
+        limit=min(limit, settings.max_page_size),
+    )
+    return EventsPublic(
+        data=[EventPublic.from_row(r) for r in rows], next_cursor=next_cursor, has_more=more
+    )
+
+
 @router.post(
     "/{finetune_id}/cancel",
     response_model=FinetunePublic,
@@ -168,8 +244,8 @@ def delete_finetune(
         Query(description="Also delete the adapter trained by this job (kept by default)."),
     ] = False,
 ) -> Response:
-    """Delete the job, its photos and checkpoints (a queued or running job is canceled
-    first); its adapter only with delete_adapter=true."""
+    """Delete the job, its photos, checkpoints, progress images and events (a queued or
+    running job is canceled first); its adapter only with delete_adapter=true."""
     svc.delete_finetune(
         session=session,
         storage=storage,

@@ -16,6 +16,7 @@ from app import budget, idempotency
 from app import storage as st
 from app.bases import BaseInfo, size_range
 from app.errors import Conflict, InvalidInput, NotFound
+from app.events import record_event
 from app.ids import looks_like_id, new_id
 from app.images import CheckedImage, check_image, read_limited
 from app.models import ACTIVE_STATUSES, FinetuneImage, FinetuneJob, Tenant, utcnow
@@ -90,6 +91,10 @@ def _validate_form(form: FinetuneForm, settings: Settings, base: BaseInfo) -> Fi
             f"params.bits={params.bits} but base {base.name!r} is served at {base.bits} bits; "
             f"send bits={base.bits} (or omit it), or name a base served at {params.bits} bits"
         )
+    params.validation_prompts = [
+        required_text(p, field=f"params.validation_prompts[{i}]", max_chars=limit)
+        for i, p in enumerate(params.validation_prompts)
+    ]
     sizes = size_range(base.native_resolution, settings)
     if params.resolution is None:
         # Stored resolved, so the worker never re-applies a default.
@@ -275,6 +280,8 @@ def create_finetune(
                 )
             )
         session.add(job)
+        session.flush()
+        record_event(session, job.id, "queued")
         session.commit()
     except IntegrityError:
         session.rollback()

@@ -26,6 +26,7 @@ from app.models import (
     Adapter,
     FinetuneImage,
     FinetuneJob,
+    FinetuneSample,
     GeneratedImage,
     GenerationJob,
     Tenant,
@@ -113,7 +114,11 @@ def stored_bytes(session: Session, tenant_id: str) -> int:
             select(GenerationJob.id).where(GenerationJob.tenant_id == tenant_id)
         )
     )
-    return sum(int(session.scalar(stmt) or 0) for stmt in (photos, adapters, images))
+    samples = select(func.coalesce(func.sum(FinetuneSample.size_bytes), 0)).where(
+        FinetuneSample.job_id.in_(select(FinetuneJob.id).where(FinetuneJob.tenant_id == tenant_id))
+    )
+    parts = (photos, adapters, images, samples)
+    return sum(int(session.scalar(stmt) or 0) for stmt in parts)
 
 
 def check_new_job(

@@ -6,6 +6,7 @@
 - `sweep` does both for everything that is due, so a worker that died before its hook ran, or a
   retention period, is handled; every API process runs it on a timer (app/main.py) and
   `tuneqdm-admin sweep` runs it once.
+- Progress images of a fine-tune (and its event log) stay until the fine-tune is deleted.
 - `delete_finetune`, `delete_generation` and `purge_tenant` delete on request.
 
 Import-safe for the worker (no FastAPI). Files go before rows: a row whose files are gone only
@@ -76,8 +77,9 @@ def after_finetune_end(
     job = session.get(FinetuneJob, job_id)
     if job is None:
         # Deleted while it ran: the API removed the files it knew of, the worker may have
-        # written a checkpoint since.
+        # written a checkpoint or progress images since.
         storage.delete_prefix(st.finetune_prefix(tenant_id, job_id))
+        storage.delete_prefix(st.finetune_samples_prefix(tenant_id, job_id))
         return
     if job.status not in FINAL_STATUSES or settings.photo_retention_s > 0:
         return
@@ -114,6 +116,7 @@ def delete_finetune(
     _cancel_active(session, FinetuneJob, FinetuneJob.id == job.id)
     session.commit()  # a running worker stops at its next lease write
     storage.delete_prefix(st.finetune_prefix(job.tenant_id, job.id))
+    storage.delete_prefix(st.finetune_samples_prefix(job.tenant_id, job.id))
     adapter_key = None
     adapter = session.scalar(select(Adapter).where(Adapter.finetune_job_id == job.id))
     if delete_adapter and adapter is not None:
@@ -124,7 +127,7 @@ def delete_finetune(
         for key in [adapter_key] + [e.storage_key for e in exports if e.storage_key]:
             storage.delete(key)
         session.delete(adapter)  # its export rows go with it (ON DELETE CASCADE)
-    session.delete(job)
+    session.delete(job)  # its sample and event rows go with it (ON DELETE CASCADE)
     session.commit()
     audit(
         "finetune.delete",

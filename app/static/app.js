@@ -10,6 +10,9 @@ const state = {
   key: sessionStorage.getItem("tuneqdm.key") || "",
   job: null,          // id of the fine-tune shown in the job card
   losses: [],         // [step, loss] pairs seen while polling that job
+  sampleBlobs: new Map(),  // sample url -> blob: URL, so each progress image is fetched once
+  eventCursor: null,  // next_cursor of the job's event log read so far
+  hasEvents: true,
   timer: null,
   canDelete: { finetune: true, generation: true, adapter: true },
   hasSamples: true,
@@ -112,6 +115,7 @@ async function discover() {
     state.canDelete.finetune = Boolean(paths["/v1/finetunes/{finetune_id}"]?.delete);
     state.canDelete.generation = Boolean(paths["/v1/generations/{generation_id}"]?.delete);
     state.hasSamples = Boolean(paths["/v1/finetunes/{finetune_id}/samples"]?.get);
+    state.hasEvents = Boolean(paths["/v1/finetunes/{finetune_id}/events"]?.get);
   } catch (_) { /* keep the optimistic defaults; a 404/405 hides the buttons later */ }
   $("delete-job").hidden = !state.canDelete.finetune;
 }
@@ -173,6 +177,9 @@ $("finetune-form").addEventListener("submit", async (event) => {
   if ($("bits").value) params.bits = Number($("bits").value);
   if ($("steps").value) params.steps = Number($("steps").value);
   if ($("resolution").value) params.resolution = Number($("resolution").value);
+  const prompts = $("validation-prompts").value.split("\n").map((p) => p.trim()).filter(Boolean);
+  if (prompts.length) params.validation_prompts = prompts;
+  if ($("sample-every").value) params.sample_every = Number($("sample-every").value);
   form.append("params", JSON.stringify(params));
   $("start-finetune").disabled = true;
   try {
@@ -200,7 +207,11 @@ function watch(id) {
   clearTimeout(state.timer);
   state.job = id;
   state.losses = [];
+  state.eventCursor = null;
+  for (const blob of state.sampleBlobs.values()) URL.revokeObjectURL(blob);
+  state.sampleBlobs.clear();
   $("samples").replaceChildren();
+  $("sample-prompts").textContent = "";
   $("samples-block").hidden = true;
   $("job").hidden = false;
   poll();
@@ -217,7 +228,10 @@ async function poll() {
   }
   if (id !== state.job) return;
   const { step, total } = job.progress;
+  await readEvents(id);
+  if (id !== state.job) return;
   if (job.loss !== null && !state.losses.some(([s]) => s === step)) state.losses.push([step, job.loss]);
+  state.losses.sort((a, b) => a[0] - b[0]);
   $("job-title").textContent = `${job.name || job.id} — ${job.instance_prompt}`;
   $("job-status").textContent = job.status;
   $("job-status").className = `badge ${job.status}`;
@@ -240,6 +254,28 @@ async function poll() {
   }
 }
 
+// The loss history from the job's event log (its progress entries), read on from the last
+// cursor: a job opened after it finished still gets its whole plot.
+async function readEvents(id) {
+  if (!state.hasEvents) return;
+  let page;
+  do {
+    const after = state.eventCursor ? `&cursor=${encodeURIComponent(state.eventCursor)}` : "";
+    try {
+      page = await api("GET", `/v1/finetunes/${id}/events?limit=100${after}`);
+    } catch (error) {
+      if (error.status === 405 || (error.status === 404 && !error.message.includes(id))) state.hasEvents = false;
+      return;
+    }
+    if (id !== state.job) return;
+    for (const event of page.data) {
+      const { step, loss } = event.data;
+      if (event.type === "progress" && !state.losses.some(([s]) => s === step)) state.losses.push([step, loss]);
+    }
+    state.eventCursor = page.next_cursor;
+  } while (page.has_more);
+}
+
 // Images rendered during training, where the service offers them.
 async function showSamples(id) {
   if (!state.hasSamples) return;
@@ -250,14 +286,24 @@ async function showSamples(id) {
     if (error.status === 404 || error.status === 405) state.hasSamples = false;
     return;
   }
-  const shown = new Set([...$("samples").querySelectorAll("img")].map((i) => i.dataset.url));
+  // One column per step, one image per validation prompt (top to bottom), same seeds at
+  // every step: what changes from column to column is the training.
+  const byStep = new Map();
+  const prompts = [];
   for (const sample of page.data || []) {
-    if (shown.has(sample.url)) continue;
-    $("samples").append(el("figure", {},
-      el("img", { src: await imageUrl(sample.url), "data-url": sample.url, alt: sample.prompt || "" }),
-      el("figcaption", {}, `step ${sample.step}`)));
+    if (!state.sampleBlobs.has(sample.url)) state.sampleBlobs.set(sample.url, await imageUrl(sample.url));
+    if (!byStep.has(sample.step)) byStep.set(sample.step, []);
+    byStep.get(sample.step).push(sample);
+    prompts[sample.prompt_index] = sample.prompt;
   }
-  $("samples-block").hidden = $("samples").childElementCount === 0;
+  if (id !== state.job) return;
+  $("samples").replaceChildren(...[...byStep].map(([step, samples]) => el("figure", { class: "step", "data-step": step },
+    ...samples.map((s) => el("img", {
+      src: state.sampleBlobs.get(s.url), "data-url": s.url, alt: s.prompt, title: `${s.prompt} (seed ${s.seed})`,
+    })),
+    el("figcaption", {}, `step ${step}`))));
+  $("sample-prompts").textContent = `top to bottom: ${prompts.map((p, i) => `${i + 1}. ${p}`).join(" · ")}`;
+  $("samples-block").hidden = byStep.size === 0;
 }
 
 $("cancel-job").addEventListener("click", async () => {

@@ -53,6 +53,9 @@ def _files(*items: tuple[str, bytes]) -> list[tuple[str, bytes]]:
 
 PEQA_2_INTERVALS = json.dumps({"method": "peqa", "intervals": 2})
 
+FOUR_PROMPTS = {"validation_prompts": ["a photo of sks dog"] * 4}
+EVERY_80 = {"sample_every": 80}
+
 FINETUNE_CASES = [
     Case("no images", 422, "at least 1 photo", files=[]),
     Case("too many images", 422, "limit is 4", files=_files(*[("a.png", PNG)] * 5)),
@@ -95,6 +98,54 @@ FINETUNE_CASES = [
         422,
         "TUNEQDM_MAX_FINETUNE_COST",
         form={"params": '{"steps": 5000, "batch_size": 4}'},
+    ),
+    Case(
+        "costly progress images",
+        422,
+        "progress images",
+        form={"params": json.dumps({"steps": 4000, "batch_size": 2, **FOUR_PROMPTS, **EVERY_80})},
+    ),
+    Case(
+        "too many validation prompts",
+        422,
+        "params.validation_prompts: List should have at most 4 items",
+        form={"params": json.dumps({"validation_prompts": ["sks dog"] * 5})},
+    ),
+    Case(
+        "empty validation prompt",
+        422,
+        "params.validation_prompts[1] is empty",
+        form={"params": json.dumps({"validation_prompts": ["sks dog", " "]})},
+    ),
+    Case(
+        "over-long validation prompt",
+        422,
+        "params.validation_prompts[0] has 201 characters",
+        form={"params": json.dumps({"validation_prompts": ["a" * 201]})},
+    ),
+    Case(
+        "validation prompt not text",
+        422,
+        "params.validation_prompts.0",
+        form={"params": json.dumps({"validation_prompts": [3]})},
+    ),
+    Case(
+        "sample_every 0",
+        422,
+        "params.sample_every",
+        form={"params": json.dumps({"sample_every": 0, **FOUR_PROMPTS})},
+    ),
+    Case(
+        "sample_every without prompts",
+        422,
+        "sample_every needs validation_prompts",
+        form={"params": '{"sample_every": 10}'},
+    ),
+    Case(
+        "sample_every too often",
+        422,
+        "sample_every=1 makes 400 sets of progress images",
+        form={"params": json.dumps({"sample_every": 1, **FOUR_PROMPTS})},
     ),
     Case("bad lr", 422, "params.lr_s_out", form={"params": '{"lr_s_out": -1}'}),
     Case("unknown method", 422, "params.method", form={"params": '{"method": "lora"}'}),

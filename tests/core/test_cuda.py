@@ -15,7 +15,7 @@ from tests.core.helpers import assert_close_all, perturbed_adapter, run_both
 from tests.core.oracle import oracle_mode
 from tuneqdm_core import AdapterConfig, QuantConfig, ScaleBank, quantize_, set_route, use_adapter
 from tuneqdm_core.base import load_base
-from tuneqdm_core.finetune import FinetuneConfig, Progress, Subject, finetune
+from tuneqdm_core.finetune import FinetuneConfig, Progress, Sampling, Subject, finetune
 from tuneqdm_core.generate import GenerationRequest, Precision, generate
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -139,6 +139,39 @@ def test_tiny_model_finetunes_and_generates_on_cuda(tiny_model_dir: Path, tmp_pa
     for a, b in zip(together, alone, strict=True):
         diff = np.abs(np.asarray(a[0].image, np.int16) - np.asarray(b[0].image, np.int16))
         assert int(diff.max()) <= 2
+
+
+def test_progress_images_on_cuda_leave_training_unchanged(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Sampling inside the loop brings VAE and text encoder back for a moment and sends them
+    off again; the adapter is the one a run without samples gives."""
+    base = load_base(tiny_model_dir, cache_dir=tmp_path, device="cuda")
+    config = FinetuneConfig(steps=6, resolution=32, mixed_precision="bf16")
+    subjects = [Subject("a photo of sks dog", subject_photos())]
+    where: list[str] = []
+    made: list[tuple[int, int]] = []
+
+    def watch(progress: Progress) -> None:
+        where.append(next(base.vae.parameters()).device.type)
+
+    sampling = Sampling(["a photo of sks dog"], every=3, size=32, steps=3, precision="auto")
+    sampled = finetune(
+        base,
+        subjects,
+        config,
+        progress=watch,
+        sampling=sampling,
+        on_sample=lambda step, images: made.append((step, len(images))),
+    )
+    plain = finetune(base, subjects, config)
+    assert made == [(3, 1), (6, 1)]
+    assert set(where) == {"cpu"}  # off the GPU again after each sampling
+    assert sampled.adapter is not None and plain.adapter is not None
+    # Within what two CUDA runs may differ by (atomics in backward kernels); bit equality is
+    # checked on the CPU (tests/worker/test_samples.py).
+    for a, b in zip(sampled.adapter.parameters(), plain.adapter.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "auto"])

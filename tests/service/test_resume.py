@@ -1,5 +1,9 @@
 """No lost job: SIGKILL the worker mid-fine-tune; another worker resumes from the checkpoint.
 
+The job also makes progress images every SAMPLE_EVERY steps: the killed worker may have
+sampled steps after its last checkpoint, which the resumed one samples again; each (step,
+prompt) still has one row and one `samples` event.
+
 Real processes: two `celery worker` processes one after the other, Redis broker, PostgreSQL.
 """
 
@@ -13,7 +17,7 @@ import torch
 from sqlalchemy import select
 
 from app.db import make_engine, make_sessionmaker
-from app.models import Adapter, FinetuneJob
+from app.models import Adapter, FinetuneEvent, FinetuneJob, FinetuneSample
 from app.queue import CelerySender
 from app.services import keys
 from app.services.finetunes import FinetuneForm, Upload, create_finetune
@@ -24,6 +28,7 @@ from tests.worker.conftest import photo_png
 from worker.finetunes import checkpoint_key
 
 STEPS, EVERY = 60, 3
+SAMPLE_EVERY = 4
 
 
 def test_sigkilled_fine_tune_resumes_from_its_checkpoint(
@@ -44,6 +49,7 @@ def test_sigkilled_fine_tune_resumes_from_its_checkpoint(
         "stale_after_s": 3,
         "sweep_every_s": 1,
         "torch_threads": 1,
+        "sample_steps": 2,
     }
     settings = Settings(**values)  # type: ignore[arg-type]
     env = service_env(**values)
@@ -62,7 +68,8 @@ def test_sigkilled_fine_tune_resumes_from_its_checkpoint(
             form=FinetuneForm(
                 instance_prompt="a photo of sks dog",
                 params=f'{{"steps": {STEPS}, "checkpoint_every": {EVERY}, "resolution": 32, '
-                '"seed": 5}',
+                f'"seed": 5, "validation_prompts": ["a photo of sks dog"], '
+                f'"sample_every": {SAMPLE_EVERY}}}',
             ),
             uploads=[Upload(f"{i}.png", io.BytesIO(photo_png(i))) for i in range(3)],
         ).id
@@ -113,6 +120,25 @@ def test_sigkilled_fine_tune_resumes_from_its_checkpoint(
             adapter = s.scalars(select(Adapter).where(Adapter.finetune_job_id == job_id)).one()
         assert storage.path(adapter.storage_key).stat().st_size == adapter.size_bytes
         assert not checkpoint.exists()
+        # Progress images: once per sampled step, however often a step was sampled.
+        sampled = list(range(SAMPLE_EVERY, STEPS + 1, SAMPLE_EVERY))
+        with sessions() as s:
+            rows = s.scalars(
+                select(FinetuneSample.step)
+                .where(FinetuneSample.job_id == job_id)
+                .order_by(FinetuneSample.step)
+            ).all()
+            events = s.scalars(
+                select(FinetuneEvent)
+                .where(FinetuneEvent.job_id == job_id)
+                .order_by(FinetuneEvent.id)
+            ).all()
+        assert list(rows) == sampled
+        assert [e.data["step"] for e in events if e.type == "samples"] == sampled
+        # The sweep requeued the job (its log says so above), then the second worker ran it.
+        kinds = [e.type for e in events if e.type not in ("progress", "samples")]
+        assert kinds == ["queued", "running", "released", "running", "succeeded"], kinds
+        assert [e.data["attempt"] for e in events if e.type == "running"] == [1, 2]
     finally:
         for proc in (first, second):
             if proc is not None:

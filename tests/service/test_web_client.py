@@ -33,6 +33,8 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 # Small and quick on a CPU: the built-in model's native 32 px and a few steps.
 STEPS = 30
+PROMPTS = ["a photo of sks bag", "a photo of sks bag on a beach"]
+SAMPLE_EVERY = 10
 
 
 @dataclass
@@ -51,7 +53,8 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
         launcher = subprocess.Popen(
             [sys.executable, "-m", "worker.embedded", "--port", str(port)],
             cwd=workdir,
-            env=service_env(torch_threads=1),
+            # Progress images with few sampler steps: they show, they need not look good.
+            env=service_env(torch_threads=1, sample_steps=3),
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -87,7 +90,13 @@ def test_client_finetune_wait_generate_download_delete(service: Service, tmp_pat
     bar = io.StringIO()
     with Client(service.url, service.key) as client:
         job = client.create_finetune(
-            tmp_path / "photos", "a photo of sks bag", name="bag", steps=STEPS, resolution=32
+            tmp_path / "photos",
+            "a photo of sks bag",
+            name="bag",
+            steps=STEPS,
+            resolution=32,
+            validation_prompts=PROMPTS,
+            sample_every=SAMPLE_EVERY,
         )
         assert (job["status"], job["num_images"], job["params"]["steps"]) == ("queued", 3, STEPS)
         done = client.wait_finetune(job["id"], poll_s=0.5, timeout_s=300, stream=bar)
@@ -96,6 +105,25 @@ def test_client_finetune_wait_generate_download_delete(service: Service, tmp_pat
         lines = bar.getvalue().splitlines()
         assert lines[-1].startswith(f"{job['id']} [{'#' * 30}] {STEPS}/{STEPS}")
         assert lines[-1].endswith("succeeded") and "loss " in lines[-1]
+
+        # Progress images every SAMPLE_EVERY steps, one per prompt, and the event log.
+        samples = client.samples(job["id"])
+        assert [(x["step"], x["prompt"]) for x in samples["data"]] == [
+            (step, prompt) for step in (10, 20, 30) for prompt in PROMPTS
+        ]
+        saved_samples = client.download_samples(job["id"], tmp_path / "samples")
+        assert len(saved_samples) == 6
+        assert {Image.open(f).size for f in saved_samples} == {(32, 32)}
+        page = client.events(job["id"], limit=2)
+        events = page["data"]
+        while page["has_more"]:
+            page = client.events(job["id"], cursor=page["next_cursor"], limit=2)
+            events += page["data"]
+        kinds = [e["type"] for e in events]
+        assert kinds[:2] == ["queued", "running"] and kinds[-1] == "succeeded", kinds
+        assert [e["data"]["step"] for e in events if e["type"] == "samples"] == [10, 20, 30]
+        assert "progress" in kinds
+        assert client.events(job["id"], cursor=page["next_cursor"])["data"] == []
 
         adapter = client.get_adapter(done["adapter_id"])
         assert adapter["finetune_id"] == job["id"] and adapter["tokens"] == ["sks"]
@@ -242,13 +270,27 @@ def test_web_page_happy_path_and_bad_upload(service: Service, browser: Any, tmp_
     find("ft-name").send_keys("bag")
     find("steps").send_keys(str(STEPS))
     find("resolution").send_keys("32")
+    find("validation-prompts").send_keys("\n".join(PROMPTS))
+    find("sample-every").send_keys(str(SAMPLE_EVERY))
     find("start-finetune").click()
     _until("the job card", lambda: visible("job"), 20, browser)
     assert not visible("finetune-error")
     _until("success", lambda: find("job-status").text == "succeeded", 300, browser)
     points = browser.execute_script("return state.losses")
     assert len(points) >= 1 and all(isinstance(loss, float) for _, loss in points)
+    # From the event log: in step order, up to the last step.
+    steps = [step for step, _ in points]
+    assert steps == sorted(set(steps)) and steps[-1] == STEPS
     assert find("job-progress").get_attribute("value") == str(STEPS)
+    # The progress images: one column per sampled step, one decoded image per prompt.
+    columns = lambda: browser.execute_script(  # noqa: E731
+        "return [...document.querySelectorAll('#samples figure.step')].map((f) =>"
+        " [Number(f.dataset.step), [...f.querySelectorAll('img')]"
+        ".filter((i) => i.complete && i.naturalWidth === 32).length])"
+    )
+    expected = [[step, len(PROMPTS)] for step in (10, 20, 30)]
+    _until("the progress images", lambda: columns() == expected, 30, browser)
+    assert visible("samples-block") and PROMPTS[1] in find("sample-prompts").text
     # The job's adapter is listed and chosen for the next generation.
     adapter_id = _until(
         "the new adapter", lambda: find("gen-adapter").get_attribute("value"), 20, browser

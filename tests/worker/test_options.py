@@ -27,7 +27,11 @@ CORE_ONLY = {
     "class_image_steps": "sampling steps of class images; the default serves every base",
 }
 # API fields the core's FinetuneConfig does not have.
-API_ONLY = {"bits": "the base's bit width (QuantConfig); a worker serves one, TUNEQDM_BITS"}
+API_ONLY = {
+    "bits": "the base's bit width (QuantConfig); a worker serves one, TUNEQDM_BITS",
+    "validation_prompts": "progress images: the worker passes them as finetune(sampling=...)",
+    "sample_every": "progress images: the worker passes them as finetune(sampling=...)",
+}
 # Shared fields whose API default differs on purpose: (API default, why).
 API_DEFAULTS = {
     "intervals": (None, "null is resolved per method by the schema (1, the core's default)"),

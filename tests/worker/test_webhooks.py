@@ -20,7 +20,7 @@ from sqlalchemy import select, update
 from standardwebhooks import Webhook, WebhookVerificationError
 
 from app.ids import new_id
-from app.models import GenerationJob, Tenant, WebhookDelivery, utcnow
+from app.models import FinetuneEvent, GenerationJob, Tenant, WebhookDelivery, utcnow
 from app.schemas import FinetunePublic
 from app.services.finetunes import get_finetune
 from app.services.webhook_secrets import current_secret, rotate_secret
@@ -433,3 +433,30 @@ def test_every_finish_path_writes_its_delivery(ctx: Context, tenant: Tenant) -> 
     failed = rows[gens[1]].payload
     assert failed["type"] == "generation.failed" and "deleted" in failed["data"]["error"]
     assert all(r.status == "pending" and r.url == hook for r in rows.values())
+
+
+def test_a_fine_tunes_delivery_attempts_are_in_its_event_log(
+    open_ctx: Context, tenant: Tenant, hook: str
+) -> None:
+    ctx = open_ctx
+    job_id = submit_finetune(ctx, tenant, '{"steps": 2, "bits": 8}', webhook_url=hook)
+    assert run_finetune(job_id, ctx) == "failed"
+    _Hook.status = 503
+    assert deliver_for_job(job_id, settings=ctx.settings, sessions=ctx.sessions) is not None
+    with ctx.sessions() as s:
+        delivery_id = s.scalars(select(WebhookDelivery.id)).one()
+    _make_due(ctx, delivery_id)
+    _Hook.status = 204
+    assert attempt_delivery(delivery_id, settings=ctx.settings, sessions=ctx.sessions).outcome == (
+        "delivered (204)"
+    )
+    with ctx.sessions() as s:
+        events = s.scalars(
+            select(FinetuneEvent).where(FinetuneEvent.job_id == job_id).order_by(FinetuneEvent.id)
+        ).all()
+    assert [e.type for e in events] == ["queued", "running", "failed", "webhook", "webhook"]
+    assert "bits=4" in (events[2].data["error"] or "")
+    attempts = [(e.data["attempt"], e.data["outcome"]) for e in events[3:]]
+    assert attempts == [(1, "retry"), (2, "delivered")]
+    assert "503" in events[3].data["error"] and events[4].data["error"] is None
+    assert {e.data["delivery_id"] for e in events[3:]} == {delivery_id}
