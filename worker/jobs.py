@@ -26,7 +26,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -105,9 +105,12 @@ def claim(
     return attempt
 
 
-def fairest_queued(session: Session, model: JobModel, *, limit: int) -> list[str]:
+def fairest_queued(
+    session: Session, model: JobModel, *, limit: int, where: Sequence[ColumnElement[bool]] = ()
+) -> list[str]:
     """Queued jobs in fair order: the tenant with the fewest running jobs first, then the tenant
-    that started a job least recently (never: first), then the oldest job."""
+    that started a job least recently (never: first), then the oldest job. `where` narrows the
+    jobs considered (not the tenants' running counts)."""
     other = aliased(model)
     running = (
         select(func.count())
@@ -120,7 +123,7 @@ def fairest_queued(session: Session, model: JobModel, *, limit: int) -> list[str
     return list(
         session.scalars(
             select(model.id)
-            .where(model.status == "queued")
+            .where(model.status == "queued", *where)
             .order_by(running, last_start.asc().nulls_first(), model.created_at, model.id)
             .limit(limit)
         ).all()
