@@ -111,6 +111,19 @@ def claim_compatible(
     return won
 
 
+def hold(ctx: Context, job_id: str, owner: str) -> Lease:
+    """The claimed job's lease, its heartbeat running (released by `Lease.__exit__`)."""
+    return Lease(
+        ctx.sessions,
+        FinetuneJob,
+        job_id,
+        owner,
+        heartbeat_s=ctx.settings.heartbeat_s,
+        progress_timeout_s=ctx.settings.progress_timeout_s,
+        on_stall=ctx.on_stall,
+    ).__enter__()
+
+
 @dataclass
 class _Member:
     job: FinetuneJob
@@ -177,23 +190,24 @@ class _Group:
         for job, owner, attempt, image_keys in jobs:
             self.join(job, owner, attempt, image_keys)
 
-    def join(self, job: FinetuneJob, owner: str, attempt: int, image_keys: list[str]) -> None:
-        """Take `job`'s lease and add it to the loop; a job that cannot start (unreadable
-        photos, canceled while its class images were made) ends here alone."""
+    def join(
+        self,
+        job: FinetuneJob,
+        owner: str,
+        attempt: int,
+        image_keys: list[str],
+        lease: Lease | None = None,
+    ) -> None:
+        """Take `job`'s lease (unless given, already held) and add it to the loop; a job that
+        cannot start (unreadable photos, canceled while its class images were made) ends here
+        alone."""
         from tuneqdm_core.cotrain import CoJob
         from tuneqdm_core.finetune import Subject
 
         ctx = self.ctx
         params = FinetuneParams.model_validate(job.params)
-        lease = Lease(
-            ctx.sessions,
-            FinetuneJob,
-            job.id,
-            owner,
-            heartbeat_s=ctx.settings.heartbeat_s,
-            progress_timeout_s=ctx.settings.progress_timeout_s,
-            on_stall=ctx.on_stall,
-        ).__enter__()
+        if lease is None:
+            lease = hold(ctx, job.id, owner)
         deadline = Deadline(job.started_at, job.time_limit_s, "TUNEQDM_FINETUNE_TIME_LIMIT_S")
         member = _Member(job, params, owner, attempt, lease, deadline)
         checkpoint_dir = ctx.storage.path(checkpoint_key(job.tenant_id, job.id))
@@ -350,18 +364,21 @@ def run_group(
 ) -> str:
     """Train `first` (claimed, first attempt) and the compatible jobs this worker claims along
     the way; returns what happened to each (for logs and tests)."""
-    from tuneqdm_core.cotrain import cotraining
-
+    # Held first: importing torch and loading the base may take longer than a lease lasts.
+    lease = hold(ctx, first.id, owner)
     try:
+        from tuneqdm_core.cotrain import cotraining
+
         base = ctx.runtime.base
     except Exception:
         log.exception("the base model could not be loaded")
         _fail(ctx, first, owner, BASE_FAILED)
+        lease.__exit__(None, None, None)
         return "failed"
     with cotraining(base) as trainer:
         group = _Group(ctx, trainer)
         fits = group.fits(FinetuneParams.model_validate(first.params))
-        group.join(first, owner, attempt, image_keys)
+        group.join(first, owner, attempt, image_keys, lease)
         group.fill(fits)
         looked = time.monotonic()
         measured = False  # the first step after a join warms caches: not measured
