@@ -1,7 +1,7 @@
-"""Co-training with real processes (docs/workers.md, "Co-training"): a Celery worker trains
-several queued fine-tunes in one loop, each ending with the adapter it gets alone; a canceled
-member leaves without disturbing the others; the group's places go to tenants in turn; after a
-SIGKILL each member resumes from its own checkpoint.
+"""Co-training with real processes (docs/workers.md, "Co-training"), one scenario so that only
+two workers start: the group's places go to tenants in turn; after a SIGKILL each member resumes
+from its own checkpoint; queued fine-tunes of two tenants train as one group, each ending with
+the adapter it gets alone; a canceled member leaves without disturbing the others.
 
 The adapters are compared with the same jobs trained alone in this process (`finetune()` on the
 stored photos, the worker's settings), tensor by tensor, within the float32 bound of
@@ -80,84 +80,72 @@ def _assert_trained_as_alone(deploy: Deployment, job_ids: list[str]) -> None:
             assert error <= F32_ADAPTER, (job_id, name, error)
 
 
-def test_jobs_of_two_tenants_train_in_one_group_and_a_canceled_member_leaves_alone(
+def test_co_training_groups_fairly_matches_solo_survives_cancel_and_sigkill(
     deploy: Deployment,
 ) -> None:
-    deploy.values["cotrain_max"] = 3
     a, b = deploy.tenant("acme"), deploy.tenant("globex")
-    first = [
-        deploy.finetune(a, steps=6, seed=1),
-        deploy.finetune(a, steps=6, seed=2),
-        deploy.finetune(b, steps=6, seed=3),
-    ]
-    worker = deploy.worker("worker")
-    assert set(deploy.wait_final().values()) == {"succeeded"}, worker.log()[-3000:]
-    assert [deploy.row(FinetuneJob, i).group_size for i in first] == [3, 3, 3]
-    assert "joined a co-training group of 3" in worker.log()
+    jobs = Jobs(deploy)
 
-    # Queued while the worker runs: later ones join the group between steps.
-    second = [
-        deploy.finetune(a, steps=40, seed=4),
-        deploy.finetune(b, steps=40, seed=5),
-        deploy.finetune(b, steps=40, seed=6),
-    ]
-    leaving = second[1]
-
-    def all_three_training() -> bool:
-        rows = [deploy.row(FinetuneJob, i) for i in second]
-        return all(r.group_size == 3 for r in rows) and rows[1].progress_step >= 2
-
-    wait_for("the three to train together", all_three_training, 120, [worker])
-    with deploy.sessions() as s:
-        cancel_finetune(session=s, tenant=s.merge(b), finetune_id=leaving)
-    states = deploy.wait_final()
-    assert [states[i] for i in second] == ["succeeded", "canceled", "succeeded"], states
-    canceled = deploy.row(FinetuneJob, leaving)
-    assert 2 <= canceled.progress_step < 40
-    # The other two trained on as a group of two.
-    assert [deploy.row(FinetuneJob, i).group_size for i in (second[0], second[2])] == [2, 2]
-    deploy.check()
-    _assert_trained_as_alone(deploy, [*first, second[0], second[2]])
-
-
-def test_places_go_to_tenants_in_turn_and_members_resume_from_their_own_checkpoints(
-    deploy: Deployment,
-) -> None:
-    """Tenant acme queues four, globex one, two places: globex's job is in the first group. A
-    SIGKILL of that worker: each member resumes from its own checkpoint on the next one (alone,
-    being a second attempt); every job ends succeeded."""
-    deploy.values.update(cotrain_max=2)
-    a, b = deploy.tenant("acme"), deploy.tenant("globex")
-    long = {"steps": 40, "checkpoint_every": 3}
-    a_first = deploy.finetune(a, seed=1, **long)
-    a_rest = [deploy.finetune(a, seed=s, steps=4) for s in (2, 3, 4)]
-    b_job = deploy.finetune(b, seed=5, **long)
-    group = [a_first, b_job]
-    checkpoints = [
-        deploy.storage.path(checkpoint_key(deploy.row(FinetuneJob, i).tenant_id, i))
-        / "checkpoint.pt"
-        for i in group
-    ]
-    first = deploy.worker("first")
+    # Fair places, two of them: acme queues four, globex two; globex's first job takes the
+    # second place of the first group although three of acme's are older.
+    long = {"steps": 16, "checkpoint_every": 3}
+    a1 = deploy.finetune(a, seed=1, **long)
+    backlog = [deploy.finetune(a, seed=s, steps=4) for s in (2, 3, 4)]
+    b1 = deploy.finetune(b, seed=5, **long)
+    backlog.append(deploy.finetune(b, seed=6, steps=4))
+    group = [a1, b1]
+    checkpoints = [jobs.checkpoint(i) for i in group]
+    first = deploy.worker("first", cotrain_max=2)
 
     def past_a_checkpoint() -> bool:
-        rows = [deploy.row(FinetuneJob, i) for i in group]
+        rows = jobs.rows(group)
         return all(c.is_file() for c in checkpoints) and all(r.progress_step > 3 for r in rows)
 
     wait_for("both members past a checkpoint", past_a_checkpoint, 120, [first])
+    # SIGKILL mid-way: each member must resume from its own checkpoint.
     first.kill()
-    rows = [deploy.row(FinetuneJob, i) for i in group]
-    assert [(r.status, r.group_size) for r in rows] == [("running", 2)] * 2
-    # Nothing of acme's backlog started: globex's job took the second place.
-    assert [deploy.row(FinetuneJob, i).status for i in a_rest] == ["queued"] * 3
+    assert [(r.status, r.group_size) for r in jobs.rows(group)] == [("running", 2)] * 2
+    assert [r.status for r in jobs.rows(backlog)] == ["queued"] * 4
     saved = [int(torch.load(c, weights_only=True)["step"]) for c in checkpoints]
     assert all(s >= 3 and s % 3 == 0 for s in saved), saved
 
-    second = deploy.worker("second")
+    # Three places: the killed members come back alone (second attempts); of the backlog,
+    # three of two tenants train as one group.
+    second = deploy.worker("second", cotrain_max=3)
     states = deploy.wait_final()
     assert set(states.values()) == {"succeeded"}, (states, second.log()[-3000:])
-    for job_id, step in zip(group, saved, strict=True):
-        row = deploy.row(FinetuneJob, job_id)
-        # Its own checkpoint's step, on a second attempt that trained alone.
+    for row, step in zip(jobs.rows(group), saved, strict=True):
         assert (row.resumed_from_step, row.attempts, row.group_size) == (step, 2, None)
+    grouped = [r for r in jobs.rows(backlog) if r.group_size == 3]
+    assert len(grouped) == 3 and {r.tenant_id for r in grouped} == {a.id, b.id}
+    assert "joined a co-training group of 3" in second.log()
+
+    # A member canceled mid-way leaves; the other two train on as a group of two.
+    staying = [deploy.finetune(a, seed=7, steps=16), deploy.finetune(b, seed=8, steps=16)]
+    leaving = deploy.finetune(b, seed=9, steps=16)
+
+    def three_training() -> bool:
+        rows = jobs.rows([*staying, leaving])
+        return all(r.group_size == 3 for r in rows) and rows[-1].progress_step >= 2
+
+    wait_for("the three to train together", three_training, 120, [second])
+    with deploy.sessions() as s:
+        cancel_finetune(session=s, tenant=s.merge(b), finetune_id=leaving)
+    states = deploy.wait_final()
+    assert [states[i] for i in [*staying, leaving]] == ["succeeded"] * 2 + ["canceled"], states
+    assert 2 <= deploy.row(FinetuneJob, leaving).progress_step < 16
+    assert [r.group_size for r in jobs.rows(staying)] == [2, 2]
     deploy.check()
+    _assert_trained_as_alone(deploy, [*backlog, *staying])
+
+
+class Jobs:
+    def __init__(self, deploy: Deployment) -> None:
+        self.deploy = deploy
+
+    def rows(self, ids: list[str]) -> list[FinetuneJob]:
+        return [self.deploy.row(FinetuneJob, i) for i in ids]
+
+    def checkpoint(self, job_id: str) -> Path:
+        tenant = self.deploy.row(FinetuneJob, job_id).tenant_id
+        return self.deploy.storage.path(checkpoint_key(tenant, job_id)) / "checkpoint.pt"
