@@ -72,7 +72,9 @@ def _assert_trained_as_alone(deploy: Deployment, job_ids: list[str]) -> None:
             adapter = s.scalars(select(Adapter).where(Adapter.finetune_job_id == job_id)).one()
         subject = Subject(job.instance_prompt, photos, class_prompt=job.class_prompt)
         config = finetune_config(FinetuneParams.model_validate(job.params), job.id)
-        alone = adapter_tensors(finetune(runtime.base, [subject], config).adapter)
+        trained = finetune(runtime.base, [subject], config).adapter
+        assert trained is not None
+        alone = adapter_tensors(trained)
         grouped = load_file(storage.path(adapter.storage_key))
         assert grouped.keys() == alone.keys()
         for name, want in alone.items():
