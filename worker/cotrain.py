@@ -172,21 +172,27 @@ class _Group:
         room = self.ctx.settings.cotrain_max - len(self.members)
         if room <= 0 or SHUTDOWN.is_set():
             return
-        with self.ctx.sessions() as session:
-            claimed = claim_compatible(
-                session,
-                room=room,
-                taken=[m.job.tenant_id for m in self.members.values()],
-                exclude=list(self.members),
-                fits=fits,
-                stale_after_s=self.ctx.settings.stale_after_s,
-            )
-            jobs = []
-            for job_id, owner, attempt in claimed:
-                job = session.get(FinetuneJob, job_id)
-                assert job is not None
-                session.refresh(job)
-                jobs.append((job, owner, attempt, [img.storage_key for img in job.images]))
+        try:
+            with self.ctx.sessions() as session:
+                claimed = claim_compatible(
+                    session,
+                    room=room,
+                    taken=[m.job.tenant_id for m in self.members.values()],
+                    exclude=list(self.members),
+                    fits=fits,
+                    stale_after_s=self.ctx.settings.stale_after_s,
+                )
+                jobs = []
+                for job_id, owner, attempt in claimed:
+                    job = session.get(FinetuneJob, job_id)
+                    assert job is not None
+                    session.refresh(job)
+                    jobs.append((job, owner, attempt, [img.storage_key for img in job.images]))
+        except Exception:
+            # The members train on; a job claimed before the error has no heartbeat, so the
+            # sweep requeues it once its claim goes stale.
+            log.exception("looking for fine-tunes to join the group failed")
+            return
         for job, owner, attempt, image_keys in jobs:
             self.join(job, owner, attempt, image_keys)
 
@@ -359,6 +365,42 @@ class _Group:
             self.ended[job_id] = "released"
 
 
+def _train(
+    group: _Group,
+    first: FinetuneJob,
+    owner: str,
+    attempt: int,
+    image_keys: list[str],
+    lease: Lease,
+) -> None:
+    trainer = group.trainer
+    group.join(first, owner, attempt, image_keys, lease)
+    fits = group.fits(FinetuneParams.model_validate(first.params))
+    group.fill(fits)
+    looked = time.monotonic()
+    measured = False  # the first step after a join warms caches: not measured
+    while group.members:
+        if SHUTDOWN.is_set():
+            group.pause_all()
+            return
+        started = time.perf_counter()
+        try:
+            left = trainer.step()
+        except Exception as exc:
+            log.exception("the co-training step of %s failed", ", ".join(group.members))
+            group.give_back_all(exc)
+            return
+        if measured:
+            metrics.FINETUNE_STEP_SECONDS.observe(time.perf_counter() - started)
+        measured = True
+        group.leave(left)
+        if group.members and time.monotonic() - looked >= JOIN_POLL_S:
+            before = len(group.members)
+            group.fill(fits)
+            looked = time.monotonic()
+            measured = measured and len(group.members) == before
+
+
 def run_group(
     ctx: Context, first: FinetuneJob, owner: str, attempt: int, image_keys: list[str]
 ) -> str:
@@ -377,31 +419,13 @@ def run_group(
         return "failed"
     with cotraining(base) as trainer:
         group = _Group(ctx, trainer)
-        fits = group.fits(FinetuneParams.model_validate(first.params))
-        group.join(first, owner, attempt, image_keys, lease)
-        group.fill(fits)
-        looked = time.monotonic()
-        measured = False  # the first step after a join warms caches: not measured
-        while group.members:
-            if SHUTDOWN.is_set():
-                group.pause_all()
-                break
-            started = time.perf_counter()
-            try:
-                left = trainer.step()
-            except Exception as exc:
-                log.exception("the co-training step of %s failed", ", ".join(group.members))
-                group.give_back_all(exc)
-                break
-            if measured:
-                metrics.FINETUNE_STEP_SECONDS.observe(time.perf_counter() - started)
-            measured = True
-            group.leave(left)
-            if group.members and time.monotonic() - looked >= JOIN_POLL_S:
-                before = len(group.members)
-                group.fill(fits)
-                looked = time.monotonic()
-                measured = measured and len(group.members) == before
+        try:
+            _train(group, first, owner, attempt, image_keys, lease)
+        except BaseException as exc:
+            # Whatever broke the loop, no member may keep renewing a lease nobody trains for.
+            log.exception("co-training stopped")
+            group.give_back_all(exc)
+            raise
     outcomes = list(group.ended.values())
     if len(outcomes) == 1:
         return outcomes[0]
