@@ -17,6 +17,7 @@ itself (out of memory) gives every member back for another attempt, alone.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import time
@@ -217,7 +218,6 @@ class _Group:
         deadline = Deadline(job.started_at, job.time_limit_s, "TUNEQDM_FINETUNE_TIME_LIMIT_S")
         member = _Member(job, params, owner, attempt, lease, deadline)
         checkpoint_dir = ctx.storage.path(checkpoint_key(job.tenant_id, job.id))
-        checkpoint_dir.mkdir(parents=True, exist_ok=True)
 
         def class_images(done: int, total: int) -> None:
             for other in [member, *self.members.values()]:
@@ -225,6 +225,7 @@ class _Group:
             log.info("fine-tune %s: class images %d/%d", job.id, done, total)
 
         try:
+            checkpoint_dir.mkdir(parents=True, exist_ok=True)
             self.trainer.add(
                 CoJob(
                     key=job.id,
@@ -359,7 +360,8 @@ class _Group:
             reason = f"its co-training group failed ({type(exc).__name__}); it runs alone next"
         for job_id, member in list(self.members.items()):
             del self.members[job_id]
-            self.trainer.remove(job_id)
+            with contextlib.suppress(KeyError):  # it may have left the trainer already
+                self.trainer.remove(job_id)
             self.ctx.release(FinetuneJob, job_id, member.owner, reason)
             member.lease.__exit__(None, None, None)
             self.ended[job_id] = "released"
