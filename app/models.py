@@ -171,6 +171,9 @@ class FinetuneJob(Base):
     # Seconds the job may run counted from started_at (TUNEQDM_FINETUNE_TIME_LIMIT_S at
     # submit), enforced by the worker; null on jobs submitted before the limit existed.
     time_limit_s: Mapped[float | None] = mapped_column(Float)
+    # Jobs its worker trains in one loop with this one, itself included (worker/cotrain.py),
+    # as of its last membership change; null when it ran alone (TUNEQDM_COTRAIN_MAX).
+    group_size: Mapped[int | None] = mapped_column(Integer)
 
     images: Mapped[list[FinetuneImage]] = relationship(
         back_populates="job", order_by="FinetuneImage.index", cascade="all, delete-orphan"

@@ -194,6 +194,11 @@ class FinetunePublic(BaseModel):
     error: str | None
     adapter_id: str | None
     time_limit_s: float | None = Field(description="Seconds the job may run from its start.")
+    group_size: int | None = Field(
+        description="While running: how many fine-tunes its worker trains in one loop, this "
+        "one included (co-training, TUNEQDM_COTRAIN_MAX); null when it runs alone or is not "
+        "running."
+    )
     created_at: datetime
     updated_at: datetime
     started_at: datetime | None
@@ -222,6 +227,7 @@ class FinetunePublic(BaseModel):
             error=job.error,
             adapter_id=adapter_id,
             time_limit_s=job.time_limit_s,
+            group_size=job.group_size if job.status == "running" else None,
             created_at=job.created_at,
             updated_at=job.updated_at,
             started_at=job.started_at,

@@ -173,6 +173,12 @@ class Settings(BaseSettings):
     collect_after_s: float = Field(default=3600.0, ge=0)
     # Generations of different adapters that share steps/size/scheduler run in one loop.
     generation_batch_size: int = Field(default=8, ge=1)
+    # Fine-tunes that share the base, method, resolution and precision train in one loop, each
+    # with its own adapter (worker/cotrain.py); 1 trains each alone. 4: on the CPU benchmark
+    # (docs/benchmarks.md) K = 4 gave 1.8x the fine-tunes per hour for 1.3x the memory, while
+    # each job's own steps took 2.2x as long; more raises throughput further but makes every
+    # member wait longer and lets one shared-step failure touch more jobs.
+    cotrain_max: int = Field(default=4, ge=1)
     # Autocast dtype of sampling: half precision halves activation traffic on a GPU; "auto" is
     # bf16 on CUDA (fp16 without bf16) and fp32 on CPU, where 16-bit math is slower.
     generation_dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"

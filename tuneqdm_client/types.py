@@ -26,6 +26,7 @@ class Finetune(TypedDict):
     progress: Progress
     loss: float | None
     eta_seconds: float | None
+    group_size: int | None  # while running: fine-tunes trained in one loop with it, itself too
     error: str | None
     adapter_id: str | None
     created_at: str

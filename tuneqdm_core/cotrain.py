@@ -186,6 +186,18 @@ class CoTrainer:
         self._drop(member)
         return member.run.step
 
+    def pause(self, key: str) -> int:
+        """Checkpoint job ``key`` at its last completed step and take it out of the group (a
+        worker asked to stop, as ``finetune(should_pause=...)``); returns that step. A later
+        run resumes exactly there."""
+        member = next((m for m in self._members if m.job.key == key), None)
+        if member is None:
+            raise KeyError(f"job {key!r} is not in the group")
+        if member.checkpoint is not None and member.run.step > member.resumed_from:
+            _save_checkpoint(member.run, member.checkpoint, member.config, self.base)
+        self._drop(member)
+        return member.run.step
+
     def step(self) -> list[CoOutcome]:
         """One optimizer step for every member; returns the members that left during it
         (finished, canceled or failed). A failure of the shared forward/backward pass (out of

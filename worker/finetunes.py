@@ -194,6 +194,12 @@ def _run_claimed(
     if refusal is not None:
         _fail(ctx, job, owner, refusal)
         return "failed"
+    if ctx.settings.cotrain_max > 1 and attempt == 1:
+        # A first attempt trains with whatever compatible jobs wait (worker/cotrain.py); a
+        # retry trains alone, so a job that kills its worker harms others at most once.
+        from worker.cotrain import run_group  # it builds on this module
+
+        return run_group(ctx, job, owner, attempt, image_keys)
 
     with Lease(
         ctx.sessions,
@@ -204,6 +210,7 @@ def _run_claimed(
         progress_timeout_s=ctx.settings.progress_timeout_s,
         on_stall=ctx.on_stall,
     ) as lease:
+        lease.write(group_size=None)  # alone now, whatever an earlier attempt trained with
         try:
             _ = ctx.runtime.base
         except Exception:

@@ -30,7 +30,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -132,10 +132,16 @@ def claim(
 
 
 def fairest_queued(
-    session: Session, model: JobModel, *, limit: int, base: str | None = None
+    session: Session,
+    model: JobModel,
+    *,
+    limit: int,
+    base: str | None = None,
+    where: Sequence[ColumnElement[bool]] = (),
 ) -> list[str]:
     """Queued jobs in fair order: the tenant with the fewest running jobs first, then the tenant
-    that started a job least recently (never: first), then the oldest job."""
+    that started a job least recently (never: first), then the oldest job. `where` narrows the
+    jobs considered (not the tenants' running counts)."""
     other = aliased(model)
     running = (
         select(func.count())
@@ -148,7 +154,7 @@ def fairest_queued(
     return list(
         session.scalars(
             select(model.id)
-            .where(model.status == "queued", of_base(model, base))
+            .where(model.status == "queued", of_base(model, base), *where)
             .order_by(running, last_start.asc().nulls_first(), model.created_at, model.id)
             .limit(limit)
         ).all()

@@ -181,6 +181,26 @@ def test_a_job_resumes_alone_from_its_group_checkpoint(base64: BaseModel, tmp_pa
     assert resumed.losses == pytest.approx(straight.losses, rel=F64)
 
 
+def test_a_paused_job_resumes_from_the_step_it_paused_at(base64: BaseModel, tmp_path: Path) -> None:
+    """pause() (a worker asked to stop) saves the step the job is at, between two scheduled
+    checkpoints, so its next run repeats nothing and ends with the same adapter."""
+    config = FinetuneConfig(steps=5, seed=7, checkpoint_every=2, **FAST)
+    straight = finetune(base64, [TOY], config)
+
+    trainer = CoTrainer(base64)
+    trainer.add(CoJob("toy", [TOY], config, checkpoint_dir=tmp_path))
+    trainer.add(CoJob("cat", [CAT], FinetuneConfig(steps=8, seed=8, **FAST)))
+    for _ in range(3):
+        assert trainer.step() == []
+    assert trainer.pause("toy") == 3 and trainer.keys == ["cat"]
+    trainer.close()
+
+    resumed = finetune(base64, [TOY], config, checkpoint_dir=tmp_path)
+    assert resumed.resumed_from == 3
+    assert_same_tensors(params_of(resumed), params_of(straight), F64)
+    assert resumed.losses == pytest.approx(straight.losses, rel=F64)
+
+
 def _grads_of_first(base: BaseModel, jobs: list[CoJob]) -> list[list[torch.Tensor]]:
     """Every member's scale gradients after one shared forward and backward."""
     trainer = CoTrainer(base)
