@@ -24,7 +24,7 @@ from app.logs import audit, configure_logging
 from app.models import Tenant
 from app.services import keys, quotas, retention, webhook_secrets
 from app.settings import Settings, get_settings
-from app.storage import LocalStorage
+from app.storage import storage_from_settings
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -131,9 +131,7 @@ def _tenants(args: argparse.Namespace, session: Session, settings: Settings) -> 
             file=sys.stderr,
         )
         return 2
-    retention.purge_tenant(
-        session=session, storage=LocalStorage(settings.resolved_storage_dir), tenant=tenant
-    )
+    retention.purge_tenant(session=session, storage=storage_from_settings(settings), tenant=tenant)
     print(f"purged tenant {tenant.name} ({tenant.id}): rows and files deleted")
     return 0
 
@@ -145,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     factory = make_sessionmaker(engine_from_settings(settings))
     if args.group == "sweep":
         done = retention.sweep(
-            sessions=factory, storage=LocalStorage(settings.resolved_storage_dir), settings=settings
+            sessions=factory, storage=storage_from_settings(settings), settings=settings
         )
         print(f"photos of {done.photos} fine-tune(s), {done.generations} generation(s) deleted")
         return 0

@@ -105,6 +105,7 @@ class _Sweeper:
 
     def _run(self) -> None:
         from app.queue import CelerySender
+        from app.storage import storage_from_settings
         from worker.files import collect_orphans
         from worker.jobs import reconcile_queued, sweep_stale
 
@@ -134,7 +135,7 @@ class _Sweeper:
                     next_collect = time.monotonic() + settings.collect_every_s
                     collect_orphans(
                         sessions(),
-                        settings.resolved_storage_dir,
+                        storage_from_settings(settings),
                         older_than_s=settings.collect_after_s,
                     )
             except Exception:
