@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 START_TIMEOUT_S = 90.0
 
@@ -26,18 +27,19 @@ class S3Server:
     bucket: str
     region: str
 
-    def settings(self) -> dict[str, str]:
+    def settings(self, bucket: str | None = None) -> dict[str, str]:
         """The TUNEQDM_* values (lower-case, without the prefix) that select this store."""
         return {
             "storage_backend": "s3",
             "s3_endpoint_url": self.endpoint_url,
-            "s3_bucket": self.bucket,
+            "s3_bucket": bucket or self.bucket,
             "s3_access_key_id": self.access_key_id,
             "s3_secret_access_key": self.secret_access_key,
             "s3_region": self.region,
         }
 
-    def client(self) -> object:
+    def client(self) -> Any:
+        """A plain boto3 client of this store (what a test uses to look behind the API)."""
         import boto3
 
         return boto3.client(
@@ -99,7 +101,9 @@ def start_s3_server(workdir: Path, bucket: str = "tuneqdm-test") -> Iterator[S3S
         "-master.telemetry=false",
         f"-volume.port={volume}",
         f"-volume.port.grpc={volume_grpc}",
-        "-volume.max=4",
+        # One bucket is one collection with volumes of its own: room for a few buckets.
+        "-volume.max=16",
+        "-master.volumeSizeLimitMB=64",
         f"-filer.port={filer}",
         f"-filer.port.grpc={filer_grpc}",
         "-s3",
@@ -124,12 +128,9 @@ def start_s3_server(workdir: Path, bucket: str = "tuneqdm-test") -> Iterator[S3S
         _create_bucket(server, proc, workdir / "weed.log")
         yield server
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=20)
+        # Its data is thrown away: no need to wait for a graceful stop (which takes ~10 s).
+        proc.kill()
+        proc.wait(timeout=30)
         log.close()
 
 
@@ -142,9 +143,11 @@ def _create_bucket(server: S3Server, proc: subprocess.Popen[bytes], log: Path) -
     deadline = time.monotonic() + START_TIMEOUT_S
     while True:
         if proc.poll() is not None:
-            raise RuntimeError(f"weed server exited ({proc.returncode}):\n{log.read_text()[-4000:]}")
+            raise RuntimeError(
+                f"weed server exited ({proc.returncode}):\n{log.read_text()[-4000:]}"
+            )
         try:
-            client.create_bucket(Bucket=server.bucket)  # type: ignore[attr-defined]
+            client.create_bucket(Bucket=server.bucket)
             return
         except ClientError as exc:
             if exc.response["Error"]["Code"] in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
