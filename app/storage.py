@@ -133,6 +133,10 @@ class Storage(Protocol):
         """Remove every file under `prefix` (a folder-like key); no error when there is none."""
         ...
 
+    def init(self) -> str:
+        """Create the store's root (folder, bucket) when it is missing; says what it did."""
+        ...
+
     def download_url(
         self, key: str, *, filename: str | None, media_type: str, expires_s: float
     ) -> str | None:
@@ -233,6 +237,10 @@ class LocalStorage:
                 continue  # deleted meanwhile
             key = path.relative_to(self.root).as_posix()
             yield StoredObject(key=key, size=stat.st_size, modified=stat.st_mtime)
+
+    def init(self) -> str:
+        self.root.mkdir(parents=True, exist_ok=True)
+        return f"local storage in {self.root}"
 
     def download_url(
         self, key: str, *, filename: str | None, media_type: str, expires_s: float
@@ -428,6 +436,18 @@ class S3Storage:
             )
             if result.get("Errors"):
                 raise OSError(f"could not remove everything under {prefix}: {result['Errors'][:3]}")
+
+    def init(self) -> str:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+            return f"bucket {self.bucket} exists"
+        except ClientError as exc:
+            if not self._missing(exc) and "NoSuchBucket" not in str(exc):
+                raise
+        self.client.create_bucket(Bucket=self.bucket)
+        return f"bucket {self.bucket} created"
 
     def download_url(
         self, key: str, *, filename: str | None, media_type: str, expires_s: float
