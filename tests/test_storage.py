@@ -147,3 +147,23 @@ def test_settings_choose_the_backend(s3_server: S3Server, tmp_path: Path) -> Non
     assert isinstance(s3, S3Storage) and s3.bucket == s3_server.bucket
     with pytest.raises(ValueError, match="TUNEQDM_S3_BUCKET"):
         Settings(storage_backend="s3")
+
+
+def test_admin_storage_init_creates_the_bucket_once(
+    s3_server: S3Server, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from app.cli import main
+    from app.settings import get_settings
+
+    for name, value in s3_server.settings(bucket="init-test").items():
+        monkeypatch.setenv(f"TUNEQDM_{name.upper()}", value)
+    get_settings.cache_clear()
+    try:
+        assert main(["storage", "init"]) == 0
+        assert main(["storage", "init"]) == 0
+    finally:
+        get_settings.cache_clear()
+    assert capsys.readouterr().out.splitlines() == [
+        "bucket init-test created",
+        "bucket init-test exists",
+    ]
