@@ -1,6 +1,7 @@
 """The worker on S3 storage, in-process: two workers with staging folders of their own (no
 shared filesystem) pass a fine-tune from one to the other through its uploaded checkpoint;
-the adapter is exported; the orphan collector works from the store's listing."""
+the adapter is exported; the orphan collector works from the store's listing; an unreachable
+store is a fault the job is retried after."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app import storage as st
 from app.models import Adapter, FinetuneJob, Tenant
 from tests.s3server import S3Server
+from tests.service.procs import TcpProxy
 from tests.worker.conftest import Notified, submit_finetune, worker_settings
 from tests.worker.test_exports import _ask, _row
 from worker.exports import run_export
@@ -114,3 +116,42 @@ def test_a_fine_tune_moves_between_workers_through_the_store(
     removed = collect_orphans(sessions, s3, older_than_s=0)
     assert set(removed) == {lost_race, f"tenants/{tenant.id}/finetunes/ft_gone"}
     assert s3.exists(adapter.storage_key) and not s3.exists(never_committed)
+
+
+def test_an_unreachable_store_gives_the_job_back_and_it_succeeds_later(
+    tmp_path: Path,
+    sessions: sessionmaker[Session],
+    s3: st.S3Storage,
+    s3_server: S3Server,
+    shared_runtime: Runtime,
+    tiny_model_dir: Path,
+    quant_cache: Path,
+    tenant: Tenant,
+) -> None:
+    """The store cut off (every connection closed, as a partition looks) while a worker
+    fetches a job's photos: the attempt is a service fault, the job goes back to the queue with
+    that cause; once the store is back the next attempt succeeds and leaves no local copy."""
+    port = int(s3_server.endpoint_url.rsplit(":", 1)[1])
+    proxy = TcpProxy(port)
+    try:
+        cut = st.S3Storage(
+            bucket=s3_server.bucket,
+            endpoint_url=f"http://127.0.0.1:{proxy.port}",
+            access_key_id=s3_server.access_key_id,
+            secret_access_key=s3_server.secret_access_key,
+            region=s3_server.region,
+        )
+        ctx = _worker(tmp_path, "w", sessions, cut, shared_runtime, tiny_model_dir, quant_cache)
+        shared_runtime.settings = ctx.settings
+        job_id = submit_finetune(ctx, tenant, '{"steps": 2, "resolution": 32}')
+        proxy.off()
+        assert run_finetune(job_id, ctx) == "released"
+        with sessions() as s:
+            job = s.get(FinetuneJob, job_id)
+            assert job is not None and job.status == "queued"
+            assert job.error == "the worker could not reach the object storage; retrying"
+        proxy.on()
+        assert run_finetune(job_id, ctx) == "succeeded"
+        assert _local_files(ctx) == []
+    finally:
+        proxy.close()
