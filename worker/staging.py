@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,25 @@ class Staging:
             return runtime.adapter(adapter_id, fetch)
         finally:
             self.discard(key)
+
+    def sweep(self, older_than_s: float) -> list[Path]:
+        """Remove local copies older than `older_than_s` (those of a worker process that died
+        before it removed them). A running job never needs an old copy: its photos are read
+        once at its start, its checkpoint at its start or rewritten, its outputs uploaded as
+        soon as they are written."""
+        if self._local is not None or not self.root.is_dir():
+            return []
+        cutoff = time.time() - older_than_s
+        removed = []
+        for path in self.root.rglob("*"):
+            with contextlib.suppress(FileNotFoundError):
+                if path.is_file() and path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed.append(path)
+        for folder in sorted(self.root.rglob("*"), reverse=True):  # deepest first
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only empty ones go
+        return removed
 
     # --- a fine-tune's checkpoint folder ---
 

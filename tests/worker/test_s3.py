@@ -5,6 +5,8 @@ store is a fault the job is retried after."""
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from worker.files import adapter_attempt_key, checkpoint_key, collect_orphans
 from worker.finetunes import Context, run_finetune
 from worker.jobs import SHUTDOWN
 from worker.runtime import Runtime
-from worker.staging import CHECKPOINT_FILE
+from worker.staging import CHECKPOINT_FILE, Staging
 
 
 @pytest.fixture
@@ -155,3 +157,18 @@ def test_an_unreachable_store_gives_the_job_back_and_it_succeeds_later(
         assert _local_files(ctx) == []
     finally:
         proxy.close()
+
+
+def test_the_staging_sweep_removes_only_old_copies(tmp_path: Path, s3: st.S3Storage) -> None:
+    staging = Staging(s3, tmp_path / "staging")
+    old = staging.output("tenants/t_1/finetunes/ft_1/inputs/000.jpg")
+    young = staging.output("tenants/t_1/finetunes/ft_2/inputs/000.jpg")
+    for path in (old, young):
+        path.write_bytes(b"x")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    assert staging.sweep(3600) == [old]
+    assert young.is_file() and not old.parent.parent.exists()  # empty folders go too
+    # The local backend's "copies" are the stored files themselves: never swept.
+    local = st.LocalStorage(tmp_path / "files")
+    local.put("tenants/t_1/adapters/ad_1_a1.safetensors", b"x")
+    assert Staging(local, tmp_path / "unused").sweep(0) == []
