@@ -291,8 +291,10 @@ def _train(
             ctx.files.drop_checkpoint(job.tenant_id, job.id)
             return "failed"
         log.info("fine-tune %s stopped at step %d", job.id, stop.step)
-        # A pausing worker saved the step it stopped at: the next worker resumes from it.
-        ctx.files.save_checkpoint(job.tenant_id, job.id)
+        if not lease.should_stop():
+            # A pausing worker saved the step it stopped at: the next worker resumes from it.
+            # (One that lost its lease uploads nothing over its successor's checkpoint.)
+            ctx.files.save_checkpoint(job.tenant_id, job.id)
         return None
     return result
 
