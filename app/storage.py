@@ -337,7 +337,7 @@ class S3Storage:
             raise
 
     def put(self, key: str, data: bytes) -> None:
-        md5 = base64.b64encode(hashlib.md5(data).digest()).decode()
+        md5 = base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
         self.client.put_object(
             Bucket=self.bucket,
             Key=check_key(key),
@@ -379,7 +379,7 @@ class S3Storage:
         etag = str(response.get("ETag", "")).strip('"')
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
-        sha, md5 = hashlib.sha256(), hashlib.md5()
+        sha, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)  # an ETag is an MD5
         try:
             with os.fdopen(fd, "wb") as out, response["Body"] as body:
                 while chunk := body.read(CHUNK):
