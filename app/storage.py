@@ -1,13 +1,13 @@
-"""File storage for uploads, adapters and generated images.
+"""File storage for uploads, checkpoints, adapters, exports and generated images.
 
-Layout under the storage root (keys are built here from server-side ids only, never from user
-file names, and every key is checked to resolve inside the root):
+Layout under the storage root or in the bucket (keys are built here from server-side ids only,
+never from user file names, and every key is checked to stay inside the root):
 
     tenants/<tenant_id>/finetunes/<finetune_id>/inputs/<nnn>.jpg     uploaded photos, re-encoded
     tenants/<tenant_id>/finetunes/<finetune_id>/checkpoint/          training checkpoints (worker)
-    tenants/<tenant_id>/adapters/<adapter_id>.safetensors            adapter files (worker)
+    tenants/<tenant_id>/adapters/<adapter_id>_a<n>.safetensors       adapter files (worker)
     tenants/<tenant_id>/exports/<export_id>.safetensors              LoRA / merged UNet (worker)
-    tenants/<tenant_id>/generations/<generation_id>/<nnn>.png        generated images (worker)
+    tenants/<tenant_id>/generations/<generation_id>/a<n>/<nnn>.png   generated images (worker)
 
 Two backends implement the `Storage` protocol, chosen by TUNEQDM_STORAGE_BACKEND through
 `storage_from_settings` (the API and the worker both call it): `LocalStorage`, a directory
@@ -281,8 +281,8 @@ class S3Storage:
     """Objects in one bucket of an S3-compatible store; a key is the object's name.
 
     A put is atomic in S3 itself (an object appears whole when its upload completes), so no
-    rename is needed to publish. boto3 is imported here only, so the local backend needs it
-    not."""
+    rename is needed to publish. boto3 is imported here only: the local backend runs without
+    it."""
 
     def __init__(
         self,
