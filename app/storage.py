@@ -299,13 +299,16 @@ class S3Storage:
 
         self.bucket = bucket
         # Path-style addressing: MinIO and SeaweedFS serve buckets under the endpoint's path,
-        # not as sub-domains. Retries cover a store's brief unavailability.
+        # not as sub-domains. Retries cover a store's brief unavailability. A streamed download
+        # holds its connection until the client has read it: room for as many as the API's
+        # request threads.
         config = Config(
             signature_version="s3v4",
             s3={"addressing_style": "path"},
             retries={"max_attempts": 5, "mode": "standard"},
             connect_timeout=10,
             read_timeout=60,
+            max_pool_connections=50,
         )
         self.client: Any = boto3.client(
             "s3",
