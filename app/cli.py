@@ -6,6 +6,7 @@
     tuneqdm-admin tenants purge NAME --yes
     tuneqdm-admin tenants rotate-webhook-secret NAME
     tuneqdm-admin sweep
+    tuneqdm-admin storage init
 
 The plaintext key is printed once at creation; only its SHA-256 hash is stored.
 """
@@ -24,7 +25,7 @@ from app.logs import audit, configure_logging
 from app.models import Tenant
 from app.services import keys, quotas, retention, webhook_secrets
 from app.settings import Settings, get_settings
-from app.storage import LocalStorage
+from app.storage import storage_from_settings
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     purge.add_argument("name")
     purge.add_argument("--yes", action="store_true", help="confirm: this cannot be undone")
     sub.add_parser("sweep", help="run the retention sweep once (photos, expired generations)")
+    storage_p = sub.add_parser("storage", help="the file store (TUNEQDM_STORAGE_BACKEND)")
+    storage_sub = storage_p.add_subparsers(dest="action", required=True)
+    storage_sub.add_parser("init", help="create the bucket or folder if missing (idempotent)")
     rotate = tenants_sub.add_parser(
         "rotate-webhook-secret",
         help="new webhook signing secret; the old one also signs until the overlap "
@@ -131,9 +135,7 @@ def _tenants(args: argparse.Namespace, session: Session, settings: Settings) -> 
             file=sys.stderr,
         )
         return 2
-    retention.purge_tenant(
-        session=session, storage=LocalStorage(settings.resolved_storage_dir), tenant=tenant
-    )
+    retention.purge_tenant(session=session, storage=storage_from_settings(settings), tenant=tenant)
     print(f"purged tenant {tenant.name} ({tenant.id}): rows and files deleted")
     return 0
 
@@ -142,10 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     settings = get_settings()
     configure_logging(json_lines=settings.log_json, level=settings.log_level)
+    if args.group == "storage":
+        print(storage_from_settings(settings).init())
+        return 0
     factory = make_sessionmaker(engine_from_settings(settings))
     if args.group == "sweep":
         done = retention.sweep(
-            sessions=factory, storage=LocalStorage(settings.resolved_storage_dir), settings=settings
+            sessions=factory, storage=storage_from_settings(settings), settings=settings
         )
         print(f"photos of {done.photos} fine-tune(s), {done.generations} generation(s) deleted")
         return 0

@@ -29,7 +29,7 @@ from app.routes import adapters, bases, exports, finetunes, generations, health,
 from app.routes import metrics as metrics_route
 from app.services import retention
 from app.settings import Settings, get_settings
-from app.storage import LocalStorage, Storage
+from app.storage import Storage, storage_from_settings
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def create_app(
     )
     app.state.settings = settings
     app.state.sessionmaker = session_factory or make_sessionmaker(engine_from_settings(settings))
-    app.state.storage = storage or LocalStorage(settings.resolved_storage_dir)
+    app.state.storage = storage or storage_from_settings(settings)
     app.state.sender = sender or CelerySender(
         settings.resolved_broker_url, timeout_s=settings.broker_timeout_s
     )

@@ -29,6 +29,27 @@ class Settings(BaseSettings):
     broker_url: str | None = None  # default: sqla+sqlite:///<abs data_dir>/broker.sqlite
     storage_dir: Path | None = None  # default: <data_dir>/files
 
+    # Where photos, checkpoints, adapters, exports and images are stored (app/storage.py):
+    # "local", the directory above (every API and worker process must see the same one), or
+    # "s3", one bucket of an S3-compatible store (AWS S3, MinIO, SeaweedFS) that processes on
+    # different machines share. Unset credentials and region: boto3's own (AWS_* variables,
+    # an instance role).
+    storage_backend: Literal["local", "s3"] = "local"
+    s3_endpoint_url: str | None = None  # unset: AWS S3
+    s3_bucket: str | None = None
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: str | None = None
+    s3_region: str | None = None
+    # Downloads (adapters, exports, images): false streams them through the API; true answers
+    # 307 to a presigned URL of the store valid for download_redirect_expiry_s (s3 only; the
+    # local backend always streams), so large files do not pass through the API.
+    download_redirect: bool = False
+    download_redirect_expiry_s: float = Field(default=300.0, gt=0, le=7 * 24 * 3600)
+    # Worker-local folder for files on their way from and to the s3 backend (photos of the
+    # running fine-tune, its checkpoint, an adapter being loaded, outputs before upload);
+    # default: <data_dir>/staging. Not a shared folder: each worker machine has its own.
+    staging_dir: Path | None = None
+
     # The base model this deployment serves; adapters trained on another base are refused.
     base_model: str = "tuneqdm/fashion-sd"
 
@@ -231,6 +252,12 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _s3_needs_a_bucket(self) -> Settings:
+        if self.storage_backend == "s3" and not self.s3_bucket:
+            raise ValueError("TUNEQDM_STORAGE_BACKEND=s3 needs TUNEQDM_S3_BUCKET")
+        return self
+
+    @model_validator(mode="after")
     def _refuse_unsafe_production(self) -> Settings:
         if self.env != "production":
             return self
@@ -264,6 +291,10 @@ class Settings(BaseSettings):
     @property
     def resolved_storage_dir(self) -> Path:
         return (self.storage_dir or self.data_dir / "files").resolve()
+
+    @property
+    def resolved_staging_dir(self) -> Path:
+        return (self.staging_dir or self.data_dir / "staging").resolve()
 
     @property
     def resolved_secret_key(self) -> str:

@@ -1,28 +1,38 @@
-"""File storage for uploads, adapters and generated images.
+"""File storage for uploads, checkpoints, adapters, exports and generated images.
 
-Layout under the storage root (keys are built here from server-side ids only, never from user
-file names, and every key is checked to resolve inside the root):
+Layout under the storage root or in the bucket (keys are built here from server-side ids only,
+never from user file names, and every key is checked to stay inside the root):
 
     tenants/<tenant_id>/finetunes/<finetune_id>/inputs/<nnn>.jpg     uploaded photos, re-encoded
     tenants/<tenant_id>/finetunes/<finetune_id>/checkpoint/          training checkpoints (worker)
     tenants/<tenant_id>/samples/<finetune_id>/<step>_<i>.png         progress images (worker)
-    tenants/<tenant_id>/adapters/<adapter_id>.safetensors            adapter files (worker)
+    tenants/<tenant_id>/adapters/<adapter_id>_a<n>.safetensors       adapter files (worker)
     tenants/<tenant_id>/exports/<export_id>.safetensors              LoRA / merged UNet (worker)
-    tenants/<tenant_id>/generations/<generation_id>/<nnn>.png        generated images (worker)
+    tenants/<tenant_id>/generations/<generation_id>/a<n>/<nnn>.png   generated images (worker)
 
-`LocalStorage` is the only backend today; an S3 backend would implement the same `Storage`
-protocol.
+Two backends implement the `Storage` protocol, chosen by TUNEQDM_STORAGE_BACKEND through
+`storage_from_settings` (the API and the worker both call it): `LocalStorage`, a directory
+(the embedded default; every process that uses it must see the same directory), and
+`S3Storage`, an S3-compatible bucket (AWS S3, MinIO, SeaweedFS), which API replicas and
+workers on different machines share without a shared filesystem. A worker copies what it
+reads into a local staging folder and uploads what it writes (worker/staging.py).
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
 import re
 import shutil
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, cast
+
+if TYPE_CHECKING:
+    from app.settings import Settings
 
 # Ids are `<prefix>_<hex>`; a key is slash-separated segments of that alphabet plus a suffix.
 _KEY_RE = re.compile(r"^[a-z0-9_]+(/[a-z0-9_]+)*(\.[a-z]+)?$")
@@ -30,6 +40,21 @@ _KEY_RE = re.compile(r"^[a-z0-9_]+(/[a-z0-9_]+)*(\.[a-z]+)?$")
 
 class InvalidKey(ValueError):
     pass
+
+
+class DamagedObject(OSError):
+    """A download whose size or digest differs from what was stored (a torn transfer, or an
+    object damaged in the store); nothing is left at the destination."""
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    key: str
+    size: int
+    modified: float  # seconds since the epoch
+
+
+CHUNK = 1 << 20  # bytes read at a time when hashing or copying
 
 
 def check_key(key: str) -> str:
@@ -88,17 +113,63 @@ def iter_chunks(f: BinaryIO, chunk_size: int = 1 << 16) -> Iterator[bytes]:
 
 
 class Storage(Protocol):
+    """What the API and the worker do with stored files. Every write is all-or-nothing: a
+    reader sees the whole old object, the whole new one, or none. Missing keys raise
+    FileNotFoundError."""
+
     def put(self, key: str, data: bytes) -> None: ...
+
+    def put_file(self, key: str, path: Path) -> None:
+        """Store the local file `path` under `key` (streamed, not read into memory)."""
+        ...
 
     def open(self, key: str) -> BinaryIO: ...
 
+    def get_file(self, key: str, dest: Path) -> None:
+        """Copy the object to the local file `dest`, checked against the stored size and
+        digest (DamagedObject when they differ)."""
+        ...
+
     def exists(self, key: str) -> bool: ...
+
+    def size(self, key: str) -> int: ...
+
+    def list(self, prefix: str) -> Iterator[StoredObject]:
+        """Every object under `prefix` (a folder-like key), in no particular order."""
+        ...
 
     def delete(self, key: str) -> None: ...
 
     def delete_prefix(self, prefix: str) -> None:
         """Remove every file under `prefix` (a folder-like key); no error when there is none."""
         ...
+
+    def init(self) -> str:
+        """Create the store's root (folder, bucket) when it is missing; says what it did."""
+        ...
+
+    def download_url(
+        self, key: str, *, filename: str | None, media_type: str, expires_s: float
+    ) -> str | None:
+        """A URL a client can fetch the object from directly for `expires_s` seconds, served
+        as an attachment named `filename` (None: inline), or None when this backend has none
+        (the API then streams the file itself)."""
+        ...
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _replace_verified(tmp: Path, dest: Path, *, what: str, size: int, got: int) -> None:
+    if got != size:
+        tmp.unlink(missing_ok=True)
+        raise DamagedObject(f"{what}: got {got} bytes, {size} were stored")
+    os.replace(tmp, dest)
 
 
 class LocalStorage:
@@ -126,11 +197,66 @@ class LocalStorage:
             Path(tmp).unlink(missing_ok=True)
             raise
 
+    def put_file(self, key: str, path: Path) -> None:
+        target = self.path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as out, path.open("rb") as src:
+                shutil.copyfileobj(src, out, CHUNK)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
     def open(self, key: str) -> BinaryIO:
         return self.path(key).open("rb")
 
+    def get_file(self, key: str, dest: Path) -> None:
+        # Nothing travels over a network here; the copy is checked against the file's size
+        # (this backend keeps no digest).
+        source = self.path(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as out, source.open("rb") as src:
+                size = os.fstat(src.fileno()).st_size
+                shutil.copyfileobj(src, out, CHUNK)
+                got = out.tell()
+            _replace_verified(Path(tmp), dest, what=key, size=size, got=got)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
     def exists(self, key: str) -> bool:
         return self.path(key).is_file()
+
+    def size(self, key: str) -> int:
+        return self.path(key).stat().st_size
+
+    def list(self, prefix: str) -> Iterator[StoredObject]:
+        folder = self.path(prefix)
+        if not folder.is_dir():
+            return
+        for path in folder.rglob("*"):
+            # Temporary files of a write in flight are not objects yet.
+            if path.name.startswith(".") or not path.is_file():
+                continue
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                continue  # deleted meanwhile
+            key = path.relative_to(self.root).as_posix()
+            yield StoredObject(key=key, size=stat.st_size, modified=stat.st_mtime)
+
+    def init(self) -> str:
+        self.root.mkdir(parents=True, exist_ok=True)
+        return f"local storage in {self.root}"
+
+    def download_url(
+        self, key: str, *, filename: str | None, media_type: str, expires_s: float
+    ) -> str | None:
+        return None
 
     def delete(self, key: str) -> None:
         path = self.path(key)
@@ -152,3 +278,213 @@ class LocalStorage:
         if path.exists():
             raise OSError(f"could not remove everything under {prefix}")
         self.delete(prefix)  # only prunes the now-empty parents
+
+
+# Objects larger than this are uploaded in parts of this size, several at once: a multi-GB
+# merged export neither sits in memory nor restarts from zero when one part fails.
+MULTIPART_BYTES = 16 * 1024 * 1024
+# Object metadata (x-amz-meta-sha256) that get_file checks a download against; an ETag is an
+# MD5 only for single-part uploads, so it cannot serve for every object.
+DIGEST_META = "sha256"
+
+
+class S3Storage:
+    """Objects in one bucket of an S3-compatible store; a key is the object's name.
+
+    A put is atomic in S3 itself (an object appears whole when its upload completes), so no
+    rename is needed to publish. boto3 is imported here only: the local backend runs without
+    it."""
+
+    def __init__(
+        self,
+        *,
+        bucket: str,
+        endpoint_url: str | None = None,
+        access_key_id: str | None = None,
+        secret_access_key: str | None = None,
+        region: str | None = None,
+    ) -> None:
+        import boto3
+        from boto3.s3.transfer import TransferConfig
+        from botocore.config import Config
+
+        self.bucket = bucket
+        # Path-style addressing: MinIO and SeaweedFS serve buckets under the endpoint's path,
+        # not as sub-domains. Retries cover a store's brief unavailability. A streamed download
+        # holds its connection until the client has read it: room for as many as the API's
+        # request threads.
+        config = Config(
+            signature_version="s3v4",
+            s3={"addressing_style": "path"},
+            retries={"max_attempts": 5, "mode": "standard"},
+            connect_timeout=10,
+            read_timeout=60,
+            max_pool_connections=50,
+        )
+        self.client: Any = boto3.client(
+            "s3",
+            endpoint_url=endpoint_url,
+            aws_access_key_id=access_key_id,
+            aws_secret_access_key=secret_access_key,
+            region_name=region,
+            config=config,
+        )
+        self.transfer = TransferConfig(
+            multipart_threshold=MULTIPART_BYTES, multipart_chunksize=MULTIPART_BYTES
+        )
+
+    @staticmethod
+    def _missing(exc: Exception) -> bool:
+        code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+        return code in ("404", "NoSuchKey", "NotFound")
+
+    def _head(self, key: str) -> dict[str, Any]:
+        from botocore.exceptions import ClientError
+
+        try:
+            return cast(
+                dict[str, Any], self.client.head_object(Bucket=self.bucket, Key=check_key(key))
+            )
+        except ClientError as exc:
+            if self._missing(exc):
+                raise FileNotFoundError(f"no stored object {key}") from None
+            raise
+
+    def put(self, key: str, data: bytes) -> None:
+        md5 = base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
+        self.client.put_object(
+            Bucket=self.bucket,
+            Key=check_key(key),
+            Body=data,
+            ContentMD5=md5,  # the store refuses a body damaged on the way
+            Metadata={DIGEST_META: hashlib.sha256(data).hexdigest()},
+        )
+
+    def put_file(self, key: str, path: Path) -> None:
+        self.client.upload_file(
+            str(path),
+            self.bucket,
+            check_key(key),
+            ExtraArgs={"Metadata": {DIGEST_META: sha256_file(path)}},
+            Config=self.transfer,
+        )
+
+    def open(self, key: str) -> BinaryIO:
+        from botocore.exceptions import ClientError
+
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=check_key(key))
+        except ClientError as exc:
+            if self._missing(exc):
+                raise FileNotFoundError(f"no stored object {key}") from None
+            raise
+        return cast(BinaryIO, response["Body"])
+
+    def get_file(self, key: str, dest: Path) -> None:
+        from botocore.exceptions import ClientError
+
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=check_key(key))
+        except ClientError as exc:
+            if self._missing(exc):
+                raise FileNotFoundError(f"no stored object {key}") from None
+            raise
+        expected = response.get("Metadata", {}).get(DIGEST_META)
+        etag = str(response.get("ETag", "")).strip('"')
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
+        sha, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)  # an ETag is an MD5
+        try:
+            with os.fdopen(fd, "wb") as out, response["Body"] as body:
+                while chunk := body.read(CHUNK):
+                    sha.update(chunk)
+                    md5.update(chunk)
+                    out.write(chunk)
+                got = out.tell()
+            if expected is not None:
+                ok, stored = sha.hexdigest() == expected, f"sha256 {expected}"
+            elif etag and "-" not in etag:  # written by another tool: its single-part MD5
+                ok, stored = md5.hexdigest() == etag, f"MD5 {etag}"
+            else:
+                ok, stored = True, ""
+            if not ok:
+                raise DamagedObject(f"{key}: the download does not match the stored {stored}")
+            _replace_verified(
+                Path(tmp), dest, what=key, size=int(response["ContentLength"]), got=got
+            )
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def exists(self, key: str) -> bool:
+        try:
+            self._head(key)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def size(self, key: str) -> int:
+        return int(self._head(key)["ContentLength"])
+
+    def list(self, prefix: str) -> Iterator[StoredObject]:
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=check_key(prefix) + "/"
+        )
+        for page in pages:
+            for item in page.get("Contents", []):
+                yield StoredObject(
+                    key=item["Key"],
+                    size=int(item["Size"]),
+                    modified=item["LastModified"].timestamp(),
+                )
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=check_key(key))  # no error if absent
+
+    def delete_prefix(self, prefix: str) -> None:
+        keys = [obj.key for obj in self.list(prefix)]
+        for start in range(0, len(keys), 1000):  # the most one DeleteObjects request takes
+            batch = [{"Key": k} for k in keys[start : start + 1000]]
+            result = self.client.delete_objects(
+                Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}
+            )
+            if result.get("Errors"):
+                raise OSError(f"could not remove everything under {prefix}: {result['Errors'][:3]}")
+
+    def init(self) -> str:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+            return f"bucket {self.bucket} exists"
+        except ClientError as exc:
+            if not self._missing(exc) and "NoSuchBucket" not in str(exc):
+                raise
+        self.client.create_bucket(Bucket=self.bucket)
+        return f"bucket {self.bucket} created"
+
+    def download_url(
+        self, key: str, *, filename: str | None, media_type: str, expires_s: float
+    ) -> str | None:
+        # The client gets the same name and type as from a streamed download.
+        params = {"Bucket": self.bucket, "Key": check_key(key), "ResponseContentType": media_type}
+        if filename is not None:
+            params["ResponseContentDisposition"] = f'attachment; filename="{filename}"'
+        url = self.client.generate_presigned_url(
+            "get_object", Params=params, ExpiresIn=max(1, int(expires_s))
+        )
+        return cast(str, url)
+
+
+def storage_from_settings(settings: Settings) -> Storage:
+    """The backend TUNEQDM_STORAGE_BACKEND names; the API and the worker both use this."""
+    if settings.storage_backend == "s3":
+        assert settings.s3_bucket is not None  # Settings refuses s3 without a bucket
+        return S3Storage(
+            bucket=settings.s3_bucket,
+            endpoint_url=settings.s3_endpoint_url,
+            access_key_id=settings.s3_access_key_id,
+            secret_access_key=settings.s3_secret_access_key,
+            region=settings.s3_region,
+        )
+    return LocalStorage(settings.resolved_storage_dir)

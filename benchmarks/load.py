@@ -341,17 +341,9 @@ def create_keys(database: str, tenants: list[str]) -> dict[str, str]:
 
 def s3_settings(workdir: Path, stack: contextlib.ExitStack) -> dict[str, object]:
     """A local S3-compatible server (tests/s3server.py) and the settings that point at it."""
-    try:
-        from tests.s3server import start_s3_server  # type: ignore[import-not-found,unused-ignore]
-    except ImportError as exc:
-        raise SystemExit(
-            f"--s3 needs tests/s3server.py and the S3 storage backend ({exc}); run without --s3"
-        ) from exc
-    server = start_s3_server(workdir / "s3")
-    if hasattr(server, "__exit__"):
-        stack.enter_context(server)
-    else:
-        stack.callback(getattr(server, "stop", None) or server.close)
+    from tests.s3server import start_s3_server
+
+    server = stack.enter_context(start_s3_server(workdir / "s3"))
     return {
         "storage_backend": "s3",
         "s3_endpoint_url": server.endpoint_url,

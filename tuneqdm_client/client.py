@@ -283,7 +283,9 @@ class Client:
     def _download(self, url: str, target: Path) -> Path:
         # Written beside the target, then renamed: an interrupted download leaves no half file.
         partial = target.with_name(target.name + ".part")
-        with self._http.stream("GET", url) as response:
+        # A deployment with TUNEQDM_DOWNLOAD_REDIRECT answers 307 to its object store; httpx
+        # drops the API key on that cross-origin hop (the URL's signature is the permission).
+        with self._http.stream("GET", url, follow_redirects=True) as response:
             if response.is_error:
                 response.read()
                 _raise_for(response)

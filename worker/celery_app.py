@@ -143,8 +143,10 @@ class _Sweeper:
 
     def _run(self) -> None:
         from app.queue import CelerySender
+        from app.storage import storage_from_settings
         from worker.files import collect_orphans
         from worker.jobs import reconcile_queued, sweep_stale
+        from worker.staging import Staging
 
         # Its own broker connection: the task thread's producer is not shared across threads.
         sender = CelerySender(settings.resolved_broker_url, timeout_s=settings.broker_timeout_s)
@@ -177,11 +179,10 @@ class _Sweeper:
                 )
                 if time.monotonic() >= next_collect:
                     next_collect = time.monotonic() + settings.collect_every_s
-                    collect_orphans(
-                        sessions(),
-                        settings.resolved_storage_dir,
-                        older_than_s=settings.collect_after_s,
-                    )
+                    storage = storage_from_settings(settings)
+                    collect_orphans(sessions(), storage, older_than_s=settings.collect_after_s)
+                    # Local copies a dead worker process left in the staging folder.
+                    Staging(storage, settings.resolved_staging_dir).sweep(settings.collect_after_s)
             except Exception:
                 log.exception("job sweep failed; trying again later")
             if self.stop.wait(settings.sweep_every_s):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,13 +27,13 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app import storage as st
 from app.models import FinetuneJob
 from app.schemas import FinetuneParams
 from app.services.retention import finetune_ended
 from worker import metrics
 from worker.bounds import Deadline, stop_check
 from worker.failures import transient_reason, user_message
-from worker.files import checkpoint_key
 from worker.finetunes import (
     BASE_FAILED,
     Context,
@@ -163,8 +162,13 @@ class _Group:
         def fits(raw: dict[str, Any]) -> bool:
             try:
                 params = FinetuneParams.model_validate(raw)
-                # A job this worker refuses is claimed alone and failed there with its message.
-                return _refusal(params, self.ctx.settings) is None and key(params, "") == want
+                # A job this worker refuses is claimed alone and failed there with its message;
+                # one with progress images trains alone (the group loop makes none).
+                return (
+                    _refusal(params, self.ctx.settings) is None
+                    and not params.validation_prompts
+                    and key(params, "") == want
+                )
             except ValueError:
                 return False
 
@@ -220,7 +224,6 @@ class _Group:
             lease = hold(ctx, job.id, owner)
         deadline = Deadline(job.started_at, job.time_limit_s, "TUNEQDM_FINETUNE_TIME_LIMIT_S")
         member = _Member(job, params, owner, attempt, lease, deadline)
-        checkpoint_dir = ctx.storage.path(checkpoint_key(job.tenant_id, job.id))
 
         def class_images(done: int, total: int) -> None:
             for other in [member, *self.members.values()]:
@@ -228,14 +231,14 @@ class _Group:
             log.info("fine-tune %s: class images %d/%d", job.id, done, total)
 
         try:
-            checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            checkpoint_dir = ctx.files.checkpoint_dir(job.tenant_id, job.id)
             self.trainer.add(
                 CoJob(
                     key=job.id,
                     subjects=[
                         Subject(
                             instance_prompt=job.instance_prompt,
-                            images=[ctx.storage.path(key) for key in image_keys],
+                            images=[ctx.files.fetch(key) for key in image_keys],
                             class_prompt=job.class_prompt,
                         )
                     ],
@@ -263,6 +266,8 @@ class _Group:
 
         def progress(p: Any) -> None:
             nonlocal first
+            job = member.job
+            self.ctx.files.save_checkpoint(job.tenant_id, job.id)  # the previous step's save
             if first:
                 # The first step of this run tells where it started: 0, or a checkpoint's step.
                 first = False
@@ -289,16 +294,18 @@ class _Group:
     # -- ending one member ---------------------------------------------------------------
 
     def _end(self, member: _Member, result: Any = None, error: BaseException | None = None) -> None:
+        job = member.job
         try:
-            self.ended[member.job.id] = self._outcome(member, result, error)
+            self.ended[job.id] = self._outcome(member, result, error)
         finally:
             member.lease.__exit__(None, None, None)
+            # Local copies of its photos and checkpoint (none with the local backend).
+            self.ctx.files.discard(st.finetune_prefix(job.tenant_id, job.id))
 
     def _outcome(self, member: _Member, result: Any, error: BaseException | None) -> str:
         from tuneqdm_core.finetune import FinetuneCanceled
 
         ctx, job, lease = self.ctx, member.job, member.lease
-        checkpoint_dir = ctx.storage.path(checkpoint_key(job.tenant_id, job.id))
         try:
             if isinstance(error, FinetuneCanceled):
                 if member.deadline.passed() and not lease.should_stop():
@@ -306,9 +313,11 @@ class _Group:
                     _fail(
                         ctx, job, member.owner, member.deadline.message("fine-tune", "fewer steps")
                     )
-                    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+                    ctx.files.drop_checkpoint(job.tenant_id, job.id)
                     return "failed"
                 log.info("fine-tune %s stopped at step %d", job.id, error.step)
+                if not lease.should_stop():
+                    ctx.files.save_checkpoint(job.tenant_id, job.id)  # its last saved step
                 return _after_stop(ctx, job, lease)
             if error is not None:
                 raise error
@@ -316,7 +325,7 @@ class _Group:
                 return _after_stop(ctx, job, lease)
         except Exception as exc:
             return self._failed(member, exc)
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        ctx.files.drop_checkpoint(job.tenant_id, job.id)
         log.info(
             "fine-tune %s succeeded in %.1f s (resumed from step %d, co-trained)",
             job.id,
@@ -334,7 +343,7 @@ class _Group:
             self.ctx.release(FinetuneJob, member.job.id, member.owner, reason)
             return "released"
         log.error("fine-tune %s raised", member.job.id, exc_info=exc)
-        message = user_message(exc, storage_root=self.ctx.storage.root, what="fine-tune")
+        message = user_message(exc, storage_root=self.ctx.files.root, what="fine-tune")
         _fail(self.ctx, member.job, member.owner, message)
         return "failed"
 
@@ -347,6 +356,7 @@ class _Group:
             del self.members[job_id]
             try:
                 step = self.trainer.pause(job_id)
+                self.ctx.files.save_checkpoint(member.job.tenant_id, job_id)
                 log.info("fine-tune %s paused at step %d (worker stopping)", job_id, step)
                 self.ctx.release(FinetuneJob, job_id, member.owner, None)
                 self.ended[job_id] = "released"

@@ -68,22 +68,22 @@ def run_export(export_id: str, ctx: Context) -> str:
             f"trained on {adapter.base_model!r}; it cannot be exported here",
         )
     key = st.export_key(row.tenant_id, row.id)
-    path = ctx.storage.path(key)
+    path = ctx.files.output(key)
     try:
         summary = _write(ctx, row, adapter, path)
+        size = path.stat().st_size
+        ctx.files.publish(key)
     except Exception as exc:
         log.exception("export %s raised", export_id)
         path.unlink(missing_ok=True)
-        return _fail(
-            ctx, export_id, user_message(exc, storage_root=ctx.storage.root, what="export")
-        )
+        return _fail(ctx, export_id, user_message(exc, storage_root=ctx.files.root, what="export"))
     with ctx.sessions() as session:
         done = _set(
             session,
             export_id,
             "succeeded",
             storage_key=key,
-            size_bytes=path.stat().st_size,
+            size_bytes=size,
             relative_error=summary.get("relative_error"),
             finished_at=utcnow(),
         )
@@ -97,7 +97,7 @@ def _write(ctx: Context, row: AdapterExport, adapter: Adapter, path: Any) -> dic
     from tuneqdm_core.export import ExportOptions, export_adapter, load_float_unet
 
     base = ctx.runtime.base
-    loaded = ctx.runtime.adapter(adapter.id, ctx.storage.path(adapter.storage_key))
+    loaded = ctx.files.adapter(ctx.runtime, adapter.id, adapter.storage_key)
     options = ExportOptions(
         format=row.format,  # type: ignore[arg-type]
         rank=row.rank or 1,  # unused by a merge
@@ -105,7 +105,6 @@ def _write(ctx: Context, row: AdapterExport, adapter: Adapter, path: Any) -> dic
         # A merged UNet is for running, where SD tools use half precision: half the bytes.
         fp16=row.format == "merged",
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
     # The float weights the base was quantized from, read for this export only (CPU).
     float_unet = load_float_unet(base.source)
     extra = {

@@ -56,9 +56,19 @@ def transient_reason(exc: BaseException) -> str | None:
     """
     from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 
+    from app.storage import DamagedObject
+
     for error in _chain(exc):
         if isinstance(error, OperationalError | InterfaceError | DisconnectionError):
             return "the worker lost its connection to the database; retrying"
+        if isinstance(error, DamagedObject):
+            return "a stored file arrived damaged at the worker; retrying"
+        # botocore's connection and timeout errors (not imported: the local backend runs
+        # without boto3), after its own retries gave up.
+        if type(error).__module__.startswith("botocore") and (
+            "Connect" in type(error).__name__ or "Timeout" in type(error).__name__
+        ):
+            return "the worker could not reach the object storage; retrying"
         no_space = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
         # safetensors reports the OS error in its message only.
         if no_space or "No space left on device" in str(error):

@@ -1,19 +1,18 @@
 """Files a job attempt writes, and the collector of files that no row owns.
 
-Every attempt writes under a path of its own (the attempt number is part of the key) and
-publishes a file by renaming it into place, then commits the row that points at it. A worker
-that lost its lease to another one therefore deletes only its own files, never the winner's;
-and a crash between the rename and the commit leaves a file no row owns, which
-`collect_orphans` removes once it is older than TUNEQDM_COLLECT_AFTER_S.
+Every attempt writes under a key of its own (the attempt number is part of the key) and
+publishes a file atomically (a rename into place with the local backend, one upload with
+S3), then commits the row that points at it. A worker that lost its lease to another one
+therefore deletes only its own files, never the winner's; and a crash between the publish and
+the commit leaves a file no row owns, which `collect_orphans` removes once it is older than
+TUNEQDM_COLLECT_AFTER_S. The collector lists the store, so it works on either backend.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import shutil
 import time
-from pathlib import Path
+from collections import defaultdict
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -48,95 +47,96 @@ def generated_image_attempt_key(
     )
 
 
-def _old(path: Path, cutoff: float) -> bool:
-    """True when nothing under `path` was modified after `cutoff` (a publish in flight is
-    younger)."""
-    paths = [path, *path.rglob("*")] if path.is_dir() else [path]
-    try:
-        return all(p.stat().st_mtime < cutoff for p in paths)
-    except FileNotFoundError:
-        return False
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            path.parent.rmdir()  # an attempt's folder of images, now empty
-    log.info("collected orphan file(s) %s", path)
-
-
 def collect_orphans(
-    factory: sessionmaker[Session], root: Path, *, older_than_s: float
-) -> list[Path]:
-    """Remove files under the storage `root` that no row owns, older than `older_than_s`:
-    adapter files without an adapter row; checkpoints of missing or finished fine-tunes; the
-    folder of a fine-tune that does not exist (photos of an upload that never committed);
-    progress images of a missing fine-tune, or of a finished one that no sample row names;
-    generated images that no image row names, unless their generation is still active."""
-    cutoff = time.time() - older_than_s  # file times are the host's clock, so is this
-    removed: list[Path] = []
-    tenants = root / "tenants"
-    if not tenants.is_dir():
-        return removed
+    factory: sessionmaker[Session], storage: st.Storage, *, older_than_s: float
+) -> list[str]:
+    """Remove stored files that no row owns, older than `older_than_s`: adapter files without
+    an adapter row; checkpoints of missing or finished fine-tunes; the folder of a fine-tune
+    that does not exist (photos of an upload that never committed); progress images of a
+    missing fine-tune, or of a finished one that no sample row names; generated images that
+    no image row names, unless their generation is still active. Returns the keys (a file) and
+    prefixes (a folder) removed; a folder goes only when nothing in it is younger."""
+    # Object times are the store's clock (the host's with the local backend); so is this, on
+    # a host whose clock is kept in step (a publish in flight is younger than the cutoff).
+    cutoff = time.time() - older_than_s
+    tenants: dict[str, list[st.StoredObject]] = defaultdict(list)
+    for obj in storage.list("tenants"):
+        parts = obj.key.split("/")
+        if len(parts) >= 4:  # tenants/<tenant>/<kind>/<name>...
+            tenants[parts[1]].append(obj)
+    removed: list[str] = []
     with factory() as session:
-        for tenant_dir in sorted(p for p in tenants.iterdir() if p.is_dir()):
-            candidates = _orphans(session, root, tenant_dir)
-            for path in candidates:
-                if _old(path, cutoff):
-                    _remove(path)
-                    removed.append(path)
+        for tenant_id in sorted(tenants):
+            for unit, objects in sorted(_orphans(session, tenant_id, tenants[tenant_id]).items()):
+                if all(o.modified < cutoff for o in objects):
+                    if unit in {o.key for o in objects}:
+                        storage.delete(unit)
+                    else:
+                        storage.delete_prefix(unit)
+                    log.info("collected orphan file(s) %s", unit)
+                    removed.append(unit)
     return removed
 
 
-def _orphans(session: Session, root: Path, tenant_dir: Path) -> list[Path]:
-    def key(path: Path) -> str:
-        return path.relative_to(root).as_posix()
-
-    found: list[Path] = []
-    adapters = tenant_dir / "adapters"
-    if adapters.is_dir():
-        owned = set(
-            session.scalars(
-                select(Adapter.storage_key).where(Adapter.storage_key.startswith(key(adapters)))
-            )
+def _orphans(
+    session: Session, tenant_id: str, objects: list[st.StoredObject]
+) -> dict[str, list[st.StoredObject]]:
+    """Orphans of one tenant: a key (one file) or a folder-like prefix → the objects in it."""
+    found: dict[str, list[st.StoredObject]] = defaultdict(list)
+    base = f"tenants/{tenant_id}"
+    adapter_keys = set(
+        session.scalars(
+            select(Adapter.storage_key).where(Adapter.storage_key.startswith(f"{base}/adapters/"))
         )
-        found += [p for p in adapters.iterdir() if key(p) not in owned]
-    finetunes = tenant_dir / "finetunes"
-    for folder in sorted(finetunes.iterdir()) if finetunes.is_dir() else []:
-        job = session.get(FinetuneJob, folder.name)
-        if job is None:
-            found.append(folder)
-        elif job.status not in ACTIVE_STATUSES and (folder / "checkpoint").exists():
-            found.append(folder / "checkpoint")
-    samples = tenant_dir / "samples"
-    for folder in sorted(samples.iterdir()) if samples.is_dir() else []:
-        job = session.get(FinetuneJob, folder.name)
-        if job is None:
-            found.append(folder)
-            continue
-        if job.status in ACTIVE_STATUSES:
-            continue  # its worker writes the file before the row
-        owned = set(
-            session.scalars(
-                select(FinetuneSample.storage_key).where(FinetuneSample.job_id == job.id)
-            )
-        )
-        found += [p for p in folder.rglob("*") if p.is_file() and key(p) not in owned]
-    generations = tenant_dir / "generations"
-    for folder in sorted(generations.iterdir()) if generations.is_dir() else []:
-        gen = session.get(GenerationJob, folder.name)
-        if gen is None:
-            found.append(folder)
-            continue
-        if gen.status in ACTIVE_STATUSES:
-            continue
-        owned = set(
-            session.scalars(
-                select(GeneratedImage.storage_key).where(GeneratedImage.generation_id == gen.id)
-            )
-        )
-        found += [p for p in folder.rglob("*") if p.is_file() and key(p) not in owned]
+    )
+    finetunes: dict[str, FinetuneJob | None] = {}
+    generations: dict[str, GenerationJob | None] = {}
+    owned_images: dict[str, set[str]] = {}
+    owned_samples: dict[str, set[str]] = {}
+    for obj in objects:
+        kind, name = obj.key.split("/")[2:4]
+        if kind == "adapters":
+            if obj.key not in adapter_keys:
+                found[obj.key].append(obj)
+        elif kind == "finetunes":
+            if name not in finetunes:
+                finetunes[name] = session.get(FinetuneJob, name)
+            job = finetunes[name]
+            folder = f"{base}/finetunes/{name}"
+            if job is None:
+                found[folder].append(obj)
+            elif job.status not in ACTIVE_STATUSES and obj.key.startswith(f"{folder}/checkpoint/"):
+                found[f"{folder}/checkpoint"].append(obj)
+        elif kind == "samples":
+            if name not in finetunes:
+                finetunes[name] = session.get(FinetuneJob, name)
+            job = finetunes[name]
+            if job is None:
+                found[f"{base}/samples/{name}"].append(obj)
+            elif job.status not in ACTIVE_STATUSES:  # its worker writes the file before the row
+                if name not in owned_samples:
+                    owned_samples[name] = set(
+                        session.scalars(
+                            select(FinetuneSample.storage_key).where(FinetuneSample.job_id == name)
+                        )
+                    )
+                if obj.key not in owned_samples[name]:
+                    found[obj.key].append(obj)
+        elif kind == "generations":
+            if name not in generations:
+                generations[name] = session.get(GenerationJob, name)
+            gen = generations[name]
+            if gen is None:
+                found[f"{base}/generations/{name}"].append(obj)
+            elif gen.status not in ACTIVE_STATUSES:
+                if name not in owned_images:
+                    owned_images[name] = set(
+                        session.scalars(
+                            select(GeneratedImage.storage_key).where(
+                                GeneratedImage.generation_id == gen.id
+                            )
+                        )
+                    )
+                if obj.key not in owned_images[name]:
+                    found[obj.key].append(obj)
     return found

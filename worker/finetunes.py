@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import io
 import logging
-import shutil
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
 
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -30,7 +29,7 @@ from worker import metrics
 from worker.bases import loaded_info
 from worker.bounds import Deadline, stop_check
 from worker.failures import transient_reason, user_message
-from worker.files import adapter_attempt_key, checkpoint_key
+from worker.files import adapter_attempt_key, checkpoint_key  # noqa: F401 (tests import it here)
 from worker.jobs import (
     SHUTDOWN,
     JobModel,
@@ -44,6 +43,7 @@ from worker.jobs import (
     write_owned,
 )
 from worker.runtime import Runtime
+from worker.staging import Staging
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +56,14 @@ BASE_FAILED = (
 )
 
 
+# The storage backend's own type: tests that run on the local backend reach its paths.
+S = TypeVar("S", bound=st.Storage)
+
+
 @dataclass
-class Context:
-    """What a task needs from its process: settings, database, storage, the model runtime,
+class Context(Generic[S]):
+    """What a task needs from its process: settings, database, storage (and `files`, the local
+    copies of stored files the model code reads and writes: worker/staging.py), the model runtime,
     `notify`, a callable taking a job id that asks for its webhook's first attempt now (the
     delivery row itself is written with the job's final state; the sweep is the safety net),
     what sends a message for a job given back to the queue (`requeue`; without it the sweep's
@@ -67,11 +72,15 @@ class Context:
 
     settings: Settings
     sessions: sessionmaker[Session]
-    storage: st.LocalStorage
+    storage: S
     runtime: Runtime
     notify: Callable[[str], None]
     requeue: Callable[[JobModel, str], None] | None = None
     on_stall: Callable[[JobModel, str], None] | None = None
+    files: Staging = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.files = Staging(self.storage, self.settings.resolved_staging_dir)
 
     def release(self, model: JobModel, job_id: str, owner: str, reason: str | None) -> None:
         """Give the job back for another attempt (one that does not count when `reason` is
@@ -181,7 +190,11 @@ def run_finetune(job_id: str, ctx: Context) -> str:
             image_keys = [img.storage_key for img in run.images]
         exhausted = attempts_exhausted(attempt, ctx.settings.max_attempts, run.error)
         if exhausted is None:
-            return _run_claimed(ctx, run, owner, attempt, image_keys)
+            try:
+                return _run_claimed(ctx, run, owner, attempt, image_keys)
+            finally:
+                # Local copies of its photos and checkpoint (none with the local backend).
+                ctx.files.discard(st.finetune_prefix(run.tenant_id, run.id))
         # This token is not spent yet: fail the job and look for the next one.
         _fail(ctx, run, owner, exhausted)
 
@@ -194,9 +207,10 @@ def _run_claimed(
     if refusal is not None:
         _fail(ctx, job, owner, refusal)
         return "failed"
-    if ctx.settings.cotrain_max > 1 and attempt == 1:
+    if ctx.settings.cotrain_max > 1 and attempt == 1 and not params.validation_prompts:
         # A first attempt trains with whatever compatible jobs wait (worker/cotrain.py); a
-        # retry trains alone, so a job that kills its worker harms others at most once.
+        # retry trains alone, so a job that kills its worker harms others at most once; so
+        # does a job with progress images (the group loop makes none).
         from worker.cotrain import run_group  # it builds on this module
 
         return run_group(ctx, job, owner, attempt, image_keys)
@@ -233,11 +247,9 @@ def _run_claimed(
                 ctx.release(FinetuneJob, job.id, owner, reason)
                 return "released"
             log.exception("fine-tune %s raised", job.id)
-            _fail(
-                ctx, job, owner, user_message(exc, storage_root=ctx.storage.root, what="fine-tune")
-            )
+            _fail(ctx, job, owner, user_message(exc, storage_root=ctx.files.root, what="fine-tune"))
             return "failed"
-    shutil.rmtree(ctx.storage.path(checkpoint_key(job.tenant_id, job.id)), ignore_errors=True)
+    ctx.files.drop_checkpoint(job.tenant_id, job.id)
     log.info(
         "fine-tune %s succeeded in %.1f s (resumed from step %d)",
         job.id,
@@ -256,11 +268,10 @@ def _train(
     run stopped early (canceled, lease lost, worker stopping or stalled)."""
     from tuneqdm_core.finetune import FinetuneCanceled, Subject, finetune
 
-    checkpoint_dir = ctx.storage.path(checkpoint_key(job.tenant_id, job.id))
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint_dir = ctx.files.checkpoint_dir(job.tenant_id, job.id)
     subject = Subject(
         instance_prompt=job.instance_prompt,
-        images=[ctx.storage.path(key) for key in image_keys],
+        images=[ctx.files.fetch(key) for key in image_keys],
         class_prompt=job.class_prompt,
     )
     config = finetune_config(params, job.id)
@@ -275,6 +286,7 @@ def _train(
 
     def progress(p: Any) -> None:
         nonlocal first, last
+        ctx.files.save_checkpoint(job.tenant_id, job.id)  # the previous step's save, if any
         now = time.perf_counter()
         if not first:  # the first call's interval includes encoding the photos
             metrics.FINETUNE_STEP_SECONDS.observe(now - last)
@@ -297,7 +309,7 @@ def _train(
             log.info("fine-tune %s lost its lease while storing samples", job.id)
 
     try:
-        return finetune(
+        result = finetune(
             ctx.runtime.base,
             [subject],
             config,
@@ -316,10 +328,15 @@ def _train(
         if deadline.passed() and not lease.should_stop():
             log.warning("fine-tune %s passed its time limit at step %d", job.id, stop.step)
             _fail(ctx, job, lease.owner, deadline.message("fine-tune", "fewer steps"))
-            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+            ctx.files.drop_checkpoint(job.tenant_id, job.id)
             return "failed"
         log.info("fine-tune %s stopped at step %d", job.id, stop.step)
+        if not lease.should_stop():
+            # A pausing worker saved the step it stopped at: the next worker resumes from it.
+            # (One that lost its lease uploads nothing over its successor's checkpoint.)
+            ctx.files.save_checkpoint(job.tenant_id, job.id)
         return None
+    return result
 
 
 def sampling_for(ctx: Context, params: FinetuneParams) -> Any:
@@ -410,14 +427,15 @@ def publish_adapter(
         raise RuntimeError("finetune() returned no adapter")
     adapter_id = adapter_id_for(job.id)
     key = adapter_attempt_key(job.tenant_id, adapter_id, attempt)
-    path = ctx.storage.path(key)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = ctx.files.output(key)
     try:
         save_adapter(
             trained,
             path,
             extra={"tokens": [job.token], "instance_prompt": job.instance_prompt, "job": job.id},
         )
+        size = path.stat().st_size
+        ctx.files.publish(key)
         with ctx.sessions() as session:
             # The row and the status change commit together, so an adapter row always comes
             # with a succeeded job.
@@ -444,7 +462,7 @@ def publish_adapter(
                         bits=trained.bits,
                         intervals=trained.config.intervals,
                         tokens=[job.token],
-                        size_bytes=path.stat().st_size,
+                        size_bytes=size,
                         base_model=job.base_model,  # the worker's (claims filter by it)
                         base_fingerprint=ctx.runtime.base.fingerprint,
                         storage_key=key,
@@ -453,6 +471,7 @@ def publish_adapter(
                 record_final(session, FinetuneJob, job.id)
             session.commit()
     except BaseException:
+        ctx.files.discard(key)
         ctx.storage.delete(key)
         raise
     if not done:
@@ -470,7 +489,7 @@ def _after_stop(ctx: Context, job: FinetuneJob, lease: Lease) -> str:
     with ctx.sessions() as session:
         status = session.get(FinetuneJob, job.id)
         if status is not None and status.status == "canceled":
-            shutil.rmtree(ctx.storage.path(checkpoint_key(job.tenant_id, job.id)), True)
+            ctx.files.drop_checkpoint(job.tenant_id, job.id)
             ctx.notify(job.id)
             finetune_ended(ctx.sessions, ctx.storage, ctx.settings, job.tenant_id, job.id)
             return "stopped"

@@ -191,7 +191,7 @@ def _generate(
                         f"adapter {job.adapter_id} was deleted before the generation ran",
                     )
                     continue
-                adapter = ctx.runtime.adapter(job.adapter_id, ctx.storage.path(found[1]))
+                adapter = ctx.files.adapter(ctx.runtime, job.adapter_id, found[1])
             request = GenerationRequest(
                 prompt=job.prompt,
                 adapter=adapter,
@@ -211,7 +211,7 @@ def _generate(
                 ctx,
                 job.id,
                 owner,
-                user_message(exc, storage_root=ctx.storage.root, what="generation"),
+                user_message(exc, storage_root=ctx.files.root, what="generation"),
             )
     if not runnable:
         return "failed"
@@ -244,7 +244,7 @@ def _generate(
         return "stopped"
     except Exception as exc:
         log.exception("generation batch %s raised", [j.id for j, _ in runnable])
-        message = user_message(exc, storage_root=ctx.storage.root, what="generation")
+        message = user_message(exc, storage_root=ctx.files.root, what="generation")
         for job, _ in runnable:
             _fail(ctx, job.id, owner, message)
         return "failed"
@@ -279,7 +279,7 @@ def publish_images(
             buffer = io.BytesIO()
             generated.image.save(buffer, format="PNG")
             key = generated_image_attempt_key(job.tenant_id, job.id, attempt, index)
-            keys.append((index, generated.seed, key))
+            keys.append((index, generated.seed, key, buffer.getbuffer().nbytes))
             ctx.storage.put(key, buffer.getvalue())
         with ctx.sessions() as session:
             done = finish_owned(session, GenerationJob, job.id, owner, "succeeded", error=None)
@@ -290,19 +290,19 @@ def publish_images(
                         index=i,
                         seed=seed,
                         storage_key=key,
-                        size_bytes=ctx.storage.path(key).stat().st_size,
+                        size_bytes=size,
                     )
-                    for i, seed, key in keys
+                    for i, seed, key, size in keys
                 )
                 record_final(session, GenerationJob, job.id)
             session.commit()
     except BaseException:
-        for _, _, key in keys:
+        for _, _, key, _ in keys:
             ctx.storage.delete(key)
         raise
     if not done:
         # Canceled, deleted or taken over meanwhile: only this attempt's own images go.
-        for _, _, key in keys:
+        for _, _, key, _ in keys:
             ctx.storage.delete(key)
     else:
         ctx.notify(job.id)

@@ -116,8 +116,9 @@ class Runtime:
         )
         return base
 
-    def adapter(self, adapter_id: str, path: Path) -> Adapter:
-        """An adapter checked against the base, from memory when it was used recently."""
+    def adapter(self, adapter_id: str, path: Path | Callable[[], Path]) -> Adapter:
+        """An adapter checked against the base, from memory when it was used recently; `path`
+        may be a callable, called only when the file is needed (it may download it)."""
         from tuneqdm_core.serialization import load_adapter
 
         cached = self._adapters.get(adapter_id)
@@ -125,7 +126,7 @@ class Runtime:
             self._adapters.move_to_end(adapter_id)
             return cached
         base = self.base
-        adapter = load_adapter(path, base.unet, device=base.device)
+        adapter = load_adapter(path() if callable(path) else path, base.unet, device=base.device)
         self._adapters[adapter_id] = adapter
         while len(self._adapters) > self.settings.adapter_cache_size:
             self._adapters.popitem(last=False)

@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 
 from app.queue import EXPORT_TASK, FINETUNE_TASK, GENERATE_TASK
-from app.storage import LocalStorage
+from app.storage import Storage, storage_from_settings
 from worker.celery_app import (
     WEBHOOK_QUEUE,
     WEBHOOK_TASK,
@@ -48,11 +48,17 @@ def requeue(model: Any, job_id: str) -> None:
     app.send_task(task, args=[job_id], queue=queue)
 
 
-def context() -> Context:
+_storage: Storage | None = None
+
+
+def context() -> Context[Storage]:
+    global _storage
+    if _storage is None:  # one client per process (an S3 client holds a connection pool)
+        _storage = storage_from_settings(settings)
     return Context(
         settings=settings,
         sessions=sessions(),
-        storage=LocalStorage(settings.resolved_storage_dir),
+        storage=_storage,
         runtime=get_runtime(settings),
         notify=notify,
         requeue=requeue,

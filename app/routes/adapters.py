@@ -8,10 +8,9 @@ from fastapi import APIRouter, Query, Response, status
 from fastapi.responses import StreamingResponse
 
 from app.deps import CurrentTenant, SessionDep, SettingsDep, StorageDep
-from app.errors import NotFound
+from app.downloads import REDIRECT_DOC, file_response
 from app.schemas import AdapterPublic, AdaptersPublic
 from app.services import adapters as svc
-from app.storage import iter_chunks
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
 
@@ -51,20 +50,24 @@ def get_adapter(session: SessionDep, tenant: CurrentTenant, adapter_id: str) -> 
             "description": "The adapter's safetensors file.",
             "content": {"application/octet-stream": {}},
         },
+        307: REDIRECT_DOC,
     },
 )
 def download_adapter(
-    session: SessionDep, storage: StorageDep, tenant: CurrentTenant, adapter_id: str
-) -> StreamingResponse:
+    session: SessionDep,
+    storage: StorageDep,
+    settings: SettingsDep,
+    tenant: CurrentTenant,
+    adapter_id: str,
+) -> Response:
     adapter = svc.get_adapter(session=session, tenant=tenant, adapter_id=adapter_id)
-    try:
-        f = storage.open(adapter.storage_key)
-    except FileNotFoundError:
-        raise NotFound(f"the file of adapter {adapter_id} is missing from storage") from None
-    return StreamingResponse(
-        iter_chunks(f),
+    return file_response(
+        storage,
+        settings,
+        adapter.storage_key,
         media_type="application/octet-stream",
-        headers={"Content-Disposition": f'attachment; filename="{adapter.id}.safetensors"'},
+        filename=f"{adapter.id}.safetensors",
+        missing=f"the file of adapter {adapter_id} is missing from storage",
     )
 
 

@@ -12,10 +12,9 @@ from fastapi import APIRouter, Query, Response, status
 from fastapi.responses import StreamingResponse
 
 from app.deps import CurrentTenant, SenderDep, SessionDep, SettingsDep, StorageDep
-from app.errors import NotFound
+from app.downloads import REDIRECT_DOC, file_response
 from app.schemas import ExportCreate, ExportPublic, ExportsPublic
 from app.services import exports as svc
-from app.storage import iter_chunks
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
 
@@ -73,26 +72,25 @@ def list_exports(session: SessionDep, tenant: CurrentTenant, adapter_id: str) ->
             "description": "The export's safetensors file.",
             "content": {"application/octet-stream": {}},
         },
+        307: REDIRECT_DOC,
         409: {"description": "The export is still queued or running, or it failed."},
     },
 )
 def download_export(
     session: SessionDep,
     storage: StorageDep,
+    settings: SettingsDep,
     tenant: CurrentTenant,
     adapter_id: str,
     query: Annotated[ExportCreate, Query()],
-) -> StreamingResponse:
+) -> Response:
     row = svc.export_file(session=session, tenant=tenant, adapter_id=adapter_id, data=query)
     assert row.storage_key is not None  # export_file returns finished exports only
-    try:
-        f = storage.open(row.storage_key)
-    except FileNotFoundError:
-        raise NotFound(f"the file of export {row.id} is missing from storage") from None
-    return StreamingResponse(
-        iter_chunks(f),
+    return file_response(
+        storage,
+        settings,
+        row.storage_key,
         media_type="application/octet-stream",
-        headers={
-            "Content-Disposition": f'attachment; filename="{adapter_id}-{row.variant}.safetensors"'
-        },
+        filename=f"{adapter_id}-{row.variant}.safetensors",
+        missing=f"the file of export {row.id} is missing from storage",
     )

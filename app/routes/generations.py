@@ -8,10 +8,9 @@ from fastapi import APIRouter, Header, Path, Query, Response, status
 from fastapi.responses import StreamingResponse
 
 from app.deps import CurrentTenant, SenderDep, SessionDep, SettingsDep, StorageDep
-from app.errors import NotFound
+from app.downloads import REDIRECT_DOC, file_response
 from app.schemas import GenerationCreate, GenerationPublic, GenerationsPublic, Status
 from app.services import generations as svc
-from app.storage import iter_chunks
 
 router = APIRouter(prefix="/v1/generations", tags=["generations"])
 
@@ -105,23 +104,31 @@ def cancel_generation(
 @router.get(
     "/{generation_id}/images/{n}",
     response_class=StreamingResponse,
-    responses={**ERRORS, 200: {"description": "The PNG image.", "content": {"image/png": {}}}},
+    responses={
+        **ERRORS,
+        200: {"description": "The PNG image.", "content": {"image/png": {}}},
+        307: REDIRECT_DOC,
+    },
 )
 def get_generated_image(
     session: SessionDep,
     storage: StorageDep,
+    settings: SettingsDep,
     tenant: CurrentTenant,
     generation_id: str,
     n: Annotated[int, Path(ge=0, le=10_000)],
-) -> StreamingResponse:
+) -> Response:
     img = svc.get_generated_image(
         session=session, tenant=tenant, generation_id=generation_id, index=n
     )
-    try:
-        f = storage.open(img.storage_key)
-    except FileNotFoundError:
-        raise NotFound(f"image {n} of generation {generation_id} is missing from storage") from None
-    return StreamingResponse(iter_chunks(f), media_type="image/png")
+    return file_response(
+        storage,
+        settings,
+        img.storage_key,
+        media_type="image/png",
+        filename=None,
+        missing=f"image {n} of generation {generation_id} is missing from storage",
+    )
 
 
 @router.delete("/{generation_id}", status_code=status.HTTP_204_NO_CONTENT, responses=ERRORS)

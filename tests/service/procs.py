@@ -135,9 +135,9 @@ def start_worker(env: dict[str, str], logs: Path, name: str, prefix: Sequence[st
     )
 
 
-def start_api(env: dict[str, str], logs: Path, port: int) -> Proc:
+def start_api(env: dict[str, str], logs: Path, port: int, name: str = "api") -> Proc:
     return Proc(
-        "api",
+        name,
         [
             sys.executable,
             "-m",

@@ -216,9 +216,11 @@ def test_collector_removes_only_files_no_row_owns(ctx: Context, tenant: Tenant) 
     for path in (lost_race, dead_checkpoint, live_checkpoint, never_committed):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"x")
-    assert collect_orphans(ctx.sessions, storage.root, older_than_s=3600) == []  # all young
-    removed = collect_orphans(ctx.sessions, storage.root, older_than_s=0)
-    assert set(removed) == {lost_race, dead_checkpoint.parent, never_committed.parents[1]}
+    assert collect_orphans(ctx.sessions, storage, older_than_s=3600) == []  # all young
+    removed = collect_orphans(ctx.sessions, storage, older_than_s=0)
+    as_keys = {p.relative_to(storage.root).as_posix() for p in (lost_race, dead_checkpoint.parent)}
+    assert set(removed) == as_keys | {f"tenants/{tenant.id}/finetunes/ft_gone"}
+    assert not never_committed.parents[1].exists()
     assert owned.is_file() and live_checkpoint.is_file()
     with ctx.sessions() as s:
         inputs = [img.storage_key for img in s.get(FinetuneJob, done).images]  # type: ignore[union-attr]
