@@ -66,14 +66,6 @@ class Conditioning:
         pooled = None if self.pooled is None else self.pooled * keep.view(-1, 1)
         return Conditioning(self.states * keep.view(-1, 1, 1), pooled)
 
-    @staticmethod
-    def cat(parts: list[Conditioning]) -> Conditioning:
-        pooled = [p.pooled for p in parts]
-        return Conditioning(
-            torch.cat([p.states for p in parts]),
-            None if any(p is None for p in pooled) else torch.cat(pooled),  # type: ignore[misc]
-        )
-
 
 def time_ids(
     original: tuple[int, int], crop: tuple[int, int], target: tuple[int, int]
@@ -144,7 +136,7 @@ class BaseModel:
         if self.text_encoder_2 is None:
             return Conditioning(self._run_encoder(self.tokenizer, self.text_encoder, prompts)[0])
         states = []
-        pooled = None
+        pooled = torch.empty(0)
         for tokenizer, encoder in (
             (self.tokenizer, self.text_encoder),
             (self.tokenizer_2, self.text_encoder_2),

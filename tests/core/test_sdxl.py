@@ -17,6 +17,7 @@ from tests.conftest import subject_photos
 from tests.core.helpers import assert_close_all, perturbed_adapter, run_both
 from tuneqdm_core.adapter import AdapterConfig
 from tuneqdm_core.base import BaseModel, load_base
+from tuneqdm_core.cli import main
 from tuneqdm_core.cotrain import CoJob, cotrain
 from tuneqdm_core.finetune import (
     FinetuneCanceled,
@@ -217,3 +218,15 @@ def test_cotrained_jobs_end_as_they_would_alone(xl_base64: BaseModel) -> None:
         got: list[torch.Tensor | None] = list(result.adapter.parameters())
         want: list[torch.Tensor | None] = list(alone.adapter.parameters())
         assert_close_all(got, want, rtol=1e-10)
+
+
+def test_cli_builds_and_samples_the_tiny_sdxl_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model, out = str(tmp_path / "tiny-xl"), tmp_path / "out"
+    assert main(["build-tiny", "--xl", model]) == 0
+    assert (tmp_path / "tiny-xl" / "text_encoder_2").is_dir()
+    size = ["--width", "32", "--height", "32", "--steps", "2"]
+    args = ["generate", model, "--prompt", "a photo of a dog", *size, "--out", str(out)]
+    assert main([*args, "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert len(list(out.glob("*.png"))) == 1
