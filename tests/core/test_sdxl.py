@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler, StableDiffusionXLPipeline
+from safetensors.torch import save_file
 
 from tests.conftest import subject_photos
 from tests.core.helpers import assert_close_all, perturbed_adapter, run_both
+from tests.core.sd_checkpoint import xl_pipeline_to_ldm
 from tuneqdm_core.adapter import AdapterConfig
-from tuneqdm_core.base import BaseModel, load_base
+from tuneqdm_core.base import BaseModel, _checkpoint_is_xl, load_base
 from tuneqdm_core.cli import main
 from tuneqdm_core.cotrain import CoJob, cotrain
 from tuneqdm_core.finetune import (
@@ -230,3 +232,21 @@ def test_cli_builds_and_samples_the_tiny_sdxl_model(
     args = ["generate", model, "--prompt", "a photo of a dog", *size, "--out", str(out)]
     assert main([*args, "--cache-dir", str(tmp_path / "cache")]) == 0
     assert len(list(out.glob("*.png"))) == 1
+
+
+def test_single_sdxl_file_loads_like_its_folder(
+    tiny_xl_dir: Path, xl_base: BaseModel, tmp_path: Path
+) -> None:
+    checkpoint = tmp_path / "xl.safetensors"
+    save_file(
+        xl_pipeline_to_ldm(StableDiffusionXLPipeline.from_pretrained(tiny_xl_dir)), checkpoint
+    )
+    # Without a config folder, the file's own keys say SDXL (the configs then come from the hub).
+    assert _checkpoint_is_xl(str(checkpoint))
+    single = load_base(checkpoint, config=tiny_xl_dir)
+    assert single.is_xl and single.zero_empty_negative
+    assert single.fingerprint == xl_base.fingerprint
+    prompts = ["a photo of sks dog", "a red shoe"]
+    a, b = single.encode(prompts), xl_base.encode(prompts)
+    assert a.pooled is not None and b.pooled is not None
+    assert torch.equal(a.states, b.states) and torch.equal(a.pooled, b.pooled)
