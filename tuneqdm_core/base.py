@@ -171,9 +171,11 @@ class BaseModel:
         if self.is_xl:
             if conditioning.pooled is None or time_ids is None:
                 raise ValueError("an SDXL UNet needs pooled text embeddings and time ids")
+            # At least float32: bf16 keeps 8 significant bits and would round sizes like 3023.
+            dtype = torch.promote_types(conditioning.states.dtype, torch.float32)
             inputs["added_cond_kwargs"] = {
                 "text_embeds": conditioning.pooled,
-                "time_ids": time_ids.to(conditioning.states.device, conditioning.states.dtype),
+                "time_ids": time_ids.to(conditioning.states.device, dtype),
             }
         return inputs
 
