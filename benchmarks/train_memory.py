@@ -5,7 +5,10 @@ TuneQDM, each in a fresh process, side by side in one table (ratios, since machi
         [--variants full materialising-w8 tuneqdm-w4-ckpt ...|all] [--device cpu|cuda]
         [--storage-mode packed|resident|both] [--json PATH]
 
-Model: the SD 1.x UNet architecture (public config, random weights), text states 77×768.
+Model: the SD 1.x UNet architecture (public config, random weights), text states 77×768;
+``--arch sdxl`` takes SDXL's UNet (text states 77×2048 plus its added conditioning: a random
+pooled text embedding and the time ids of an uncropped image at the step's size), ``--arch
+tiny-sdxl`` its tiny version (what the tests run: seconds, not minutes).
 One step: random latents and noise, a random timestep per sample, ε-prediction MSE, AdamW.
 Variant names: ``full`` (fp32 DreamBooth, every weight trained), ``materialising-w{8,4}``
 (the paper's formulation, benchmarks/materialising.py), ``peqa-w{8,4}``, ``tuneqdm-w{8,4}``
@@ -56,6 +59,7 @@ from tuneqdm_core import (
     quantize_,
     set_storage_mode,
 )
+from tuneqdm_core.base import time_ids
 from tuneqdm_core.cli.reports import table
 from tuneqdm_core.configs import UNET_CONFIGS, build_unet
 from tuneqdm_core.routing import route_adapters, routed
@@ -190,6 +194,7 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
     generator = torch.Generator(device).manual_seed(0)
     cross_dim = unet.config.cross_attention_dim
     shape = (args.batch, unet.config.in_channels, args.latent, args.latent)
+    added = _added_conditioning(unet.config, args.batch, args.latent * 8, generator, device)
 
     def step() -> float:
         """One optimizer step on a fresh random batch; returns the loss (synchronised)."""
@@ -206,7 +211,7 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
         # The backward stays inside: checkpointing reads the route again there.
         with routed(unet, route) if route is not None else nullcontext():
             with autocast:
-                prediction = unet(noisy, timesteps, text).sample
+                prediction = unet(noisy, timesteps, text, **added).sample
             loss = F.mse_loss(prediction.float(), noise)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -246,6 +251,24 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
         "step_seconds_all": times,
         "loss": loss,
         **profile,
+    }
+
+
+def _added_conditioning(
+    config: Any, batch: int, pixels: int, generator: torch.Generator, device: torch.device
+) -> dict[str, Any]:
+    """SDXL's added conditioning (nothing for SD 1.x/2.x): a random pooled text embedding of
+    the width the UNet's added embedding takes beside the six time ids, and the time ids of
+    an uncropped ``pixels``-square image (tuneqdm_core.base.time_ids)."""
+    if config.get("addition_embed_type") != "text_time":
+        return {}
+    pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+    ids = time_ids((pixels, pixels), (0, 0), (pixels, pixels))
+    return {
+        "added_cond_kwargs": {
+            "text_embeds": torch.randn((batch, pooled), generator=generator, device=device),
+            "time_ids": torch.tensor([ids] * batch, dtype=torch.float32, device=device),
+        }
     }
 
 
@@ -355,9 +378,11 @@ def _parent(args: argparse.Namespace) -> int:
     mat = by_name.get(REFERENCE_MATERIALISING, {})
     memory = "peak RSS" if args.device == "cpu" else "torch.cuda.max_memory_allocated"
     precision = "bf16 autocast" if args.bf16 else "fp32"
+    xl = UNET_CONFIGS[args.arch].get("addition_embed_type") == "text_time"
+    text = f"text {TEXT_TOKENS} tokens" + (" + pooled text and time ids" if xl else "")
     print(
         f"Training step, {args.arch} UNet (random weights), latent {args.latent}x{args.latent} "
-        f"({args.latent * 8} px), batch {args.batch}, text {TEXT_TOKENS} tokens, {precision}, "
+        f"({args.latent * 8} px), batch {args.batch}, {text}, {precision}, "
         f"median of {args.steps} steps after {args.warmup} warm-up; memory = {memory}"
     )
     print(f"machine: {common.machine()}")

@@ -25,6 +25,12 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_xl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny SDXL-layout pipeline (two text encoders, added conditioning), written once."""
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny-sdxl"), arch="tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
 def quant_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("quant-cache")
 

@@ -1,13 +1,20 @@
 """Loading a Stable Diffusion model as a quantized base, with a disk cache of the quantized UNet.
 
 Any folder or hub id that diffusers' ``from_pretrained`` reads (SD 1.x / 2.x layout: ``unet``,
-``vae``, ``text_encoder``, ``tokenizer``, ``scheduler``) works, and so does one checkpoint file
-(``.safetensors`` / ``.ckpt`` in the original layout) through diffusers' ``from_single_file``.
+``vae``, ``text_encoder``, ``tokenizer``, ``scheduler``; SDXL adds ``text_encoder_2`` and
+``tokenizer_2``) works, and so does one checkpoint file (``.safetensors`` / ``.ckpt`` in the
+original layout) through diffusers' ``from_single_file``.
 A single file holds weights only: the tokenizer, the scheduler and the component configs come
 from ``config`` (a diffusers folder or hub id of the same architecture), or, without it, from
 the hub repository diffusers infers from the checkpoint's keys. The UNet is quantized once;
 the result (packed codes, per-channel parameters, the remaining float tensors, the fingerprint)
 is cached so that a restart skips both the float load and the range search.
+
+SDXL conditions its UNet on more than one text encoder's hidden states (docs/library.md
+"SDXL"): the penultimate hidden states of both encoders, concatenated; the pooled, projected
+embedding of the second; and six "time ids" (original size, crop corner, target size).
+:meth:`BaseModel.encode` and :meth:`BaseModel.unet_inputs` hold that difference, so that
+fine-tuning and generation treat both families alike.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from tuneqdm_core.model import (
     QuantConfig,
@@ -39,6 +46,33 @@ CACHE_FORMAT = 1
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 # "org/name" as the Hugging Face hub spells repository ids; anything else must be a folder.
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """Encoded prompts, one row per prompt: the text states the UNet cross-attends to
+    ``[N, 77, D]`` and, for SDXL, the pooled embedding of its second encoder ``[N, P]``."""
+
+    states: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+    def __getitem__(self, index: torch.Tensor | slice) -> Conditioning:
+        pooled = None if self.pooled is None else self.pooled[index]
+        return Conditioning(self.states[index], pooled)
+
+    def zeroed(self, rows: torch.Tensor) -> Conditioning:
+        """A copy with the rows where the bool mask ``rows`` [N] is true set to zero."""
+        keep = (~rows).to(self.states.device)
+        pooled = None if self.pooled is None else self.pooled * keep.view(-1, 1)
+        return Conditioning(self.states * keep.view(-1, 1, 1), pooled)
+
+
+def time_ids(
+    original: tuple[int, int], crop: tuple[int, int], target: tuple[int, int]
+) -> list[int]:
+    """SDXL's micro-conditioning of one image: original (h, w), crop top-left (top, left),
+    target (h, w), in pixels, in the order its UNet was trained with."""
+    return [*original, *crop, *target]
 
 
 @dataclass
@@ -56,6 +90,21 @@ class BaseModel:
     load_seconds: float = 0.0
     from_cache: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    # SDXL only: the second text encoder (CLIPTextModelWithProjection) and its tokenizer.
+    text_encoder_2: Any = None
+    tokenizer_2: Any = None
+    # SDXL: an empty negative prompt is all-zero conditioning, not the encoded "" (the
+    # pipeline's force_zeros_for_empty_prompt, true for SDXL base).
+    zero_empty_negative: bool = False
+
+    @property
+    def is_xl(self) -> bool:
+        """Whether the UNet takes SDXL's added conditioning (pooled text and time ids)."""
+        return self.unet.config.get("addition_embed_type") == "text_time"
+
+    @property
+    def text_encoders(self) -> list[Any]:
+        return [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
 
     @property
     def fingerprint(self) -> str:
@@ -76,16 +125,59 @@ class BaseModel:
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """CLIP hidden states ``[N, 77, D]`` (SD's conditioning)."""
-        tokens = self.tokenizer(
+        """The text states ``[N, 77, D]`` the UNet cross-attends to."""
+        return self.encode(prompts).states
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> Conditioning:
+        """SD: the text encoder's last hidden states. SDXL: both encoders' penultimate hidden
+        states concatenated, and the second encoder's pooled projection (as diffusers'
+        ``StableDiffusionXLPipeline.encode_prompt`` without clip skip)."""
+        if self.text_encoder_2 is None:
+            return Conditioning(self._run_encoder(self.tokenizer, self.text_encoder, prompts)[0])
+        states = []
+        pooled = torch.empty(0)
+        for tokenizer, encoder in (
+            (self.tokenizer, self.text_encoder),
+            (self.tokenizer_2, self.text_encoder_2),
+        ):
+            output = self._run_encoder(tokenizer, encoder, prompts, hidden_states=True)
+            states.append(output.hidden_states[-2])
+            pooled = output[0]  # text_embeds of the projecting second encoder
+        return Conditioning(torch.cat(states, dim=-1).to(self.device), pooled.to(self.device))
+
+    def _run_encoder(
+        self, tokenizer: Any, encoder: Any, prompts: list[str], hidden_states: bool = False
+    ) -> Any:
+        tokens = tokenizer(
             prompts,
             padding="max_length",
-            max_length=self.tokenizer.model_max_length,
+            max_length=tokenizer.model_max_length,
             truncation=True,
             return_tensors="pt",
         )
-        device = next(self.text_encoder.parameters()).device
-        return self.text_encoder(tokens.input_ids.to(device))[0].to(self.device)
+        device = next(encoder.parameters()).device
+        if not hidden_states:  # SD 1.x/2.x: the call as it always was
+            return [encoder(tokens.input_ids.to(device))[0].to(self.device)]
+        return encoder(tokens.input_ids.to(device), output_hidden_states=True)
+
+    def unet_inputs(
+        self, conditioning: Conditioning, time_ids: torch.Tensor | None = None
+    ) -> dict[str, Any]:
+        """The UNet's conditioning keyword arguments for a batch: the text states, plus for
+        SDXL ``added_cond_kwargs`` (pooled text and ``time_ids`` ``[N, 6]``, see
+        :func:`time_ids`)."""
+        inputs: dict[str, Any] = {"encoder_hidden_states": conditioning.states}
+        if self.is_xl:
+            if conditioning.pooled is None or time_ids is None:
+                raise ValueError("an SDXL UNet needs pooled text embeddings and time ids")
+            # At least float32: bf16 keeps 8 significant bits and would round sizes like 3023.
+            dtype = torch.promote_types(conditioning.states.dtype, torch.float32)
+            inputs["added_cond_kwargs"] = {
+                "text_embeds": conditioning.pooled,
+                "time_ids": time_ids.to(conditioning.states.device, dtype),
+            }
+        return inputs
 
     def prompt_token_count(self, prompt: str) -> int:
         return len(self.tokenizer(prompt).input_ids)
@@ -167,21 +259,64 @@ def load_quantized_unet(directory: Path, device: torch.device | str = "cpu") -> 
     return unet.to(device)
 
 
+# A key only SDXL checkpoints have: the second text encoder (OpenCLIP bigG) in the original layout.
+XL_CHECKPOINT_KEY = "conditioner.embedders.1."
+
+
+def _checkpoint_is_xl(source: str) -> bool:
+    """Whether a single checkpoint file holds an SDXL model (by its keys, without its tensors
+    where the format allows)."""
+    if source.lower().endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(source, framework="pt") as f:
+            keys = list(f.keys())
+    else:
+        state = torch.load(source, map_location="cpu", mmap=True, weights_only=True)
+        keys = list(state.get("state_dict", state))
+    return any(k.startswith(XL_CHECKPOINT_KEY) for k in keys)
+
+
+def _pipeline_index(source: str) -> dict[str, Any]:
+    """A diffusers folder's or hub id's ``model_index.json`` (which parts the pipeline has)."""
+    index = Path(source) / "model_index.json"
+    if index.is_file():
+        return dict(json.loads(index.read_text()))
+    if Path(source).is_dir():
+        return {}
+    from diffusers import DiffusionPipeline
+
+    return dict(DiffusionPipeline.load_config(source))
+
+
+def _index_is_xl(index: dict[str, Any]) -> bool:
+    part = index.get("text_encoder_2")
+    return isinstance(part, list) and part[0] is not None
+
+
 def _single_file_pipeline(source: str, config: str | None, device: torch.device) -> Any:
-    """The float pipeline of a single checkpoint file (its configs from ``config``)."""
-    from diffusers import StableDiffusionPipeline
+    """The float pipeline of a single checkpoint file (its configs from ``config``): SDXL when
+    ``config`` is an SDXL folder or hub id, or, without one, when the file holds SDXL keys."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     local = config is not None and Path(config).is_dir()
-    pipeline = StableDiffusionPipeline.from_single_file(
-        source,
-        config=config,
-        local_files_only=local,
-        # Weights as the folder path loads them (fp16 checkpoints would stay fp16 otherwise).
-        torch_dtype=torch.float32,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    xl = _index_is_xl(_pipeline_index(config)) if config else _checkpoint_is_xl(source)
+    # Weights as the folder path loads them (fp16 checkpoints would stay fp16 otherwise).
+    options: dict[str, Any] = {
+        "config": config,
+        "local_files_only": local,
+        "torch_dtype": torch.float32,
+    }
+    if xl:
+        pipeline = StableDiffusionXLPipeline.from_single_file(source, **options)
+    else:
+        pipeline = StableDiffusionPipeline.from_single_file(
+            source,
+            **options,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
     return pipeline.to(device)
 
 
@@ -229,19 +364,33 @@ def load_base(
             save_quantized_unet(unet, entry, source)
     unet.eval()
     set_storage_mode(unet, storage_mode)
+    text_encoder_2 = tokenizer_2 = None
     if pipeline is not None:
         vae, text_encoder, tokenizer = pipeline.vae, pipeline.text_encoder, pipeline.tokenizer
+        text_encoder_2 = getattr(pipeline, "text_encoder_2", None)
+        tokenizer_2 = getattr(pipeline, "tokenizer_2", None)
+        zero_empty_negative = bool(pipeline.config.get("force_zeros_for_empty_prompt", False))
         scheduler_config = dict(pipeline.scheduler.config)
         del pipeline  # a cached UNet leaves the float one to be freed here
     else:
         vae = AutoencoderKL.from_pretrained(source, subfolder="vae").to(device)
         text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder").to(device)
         tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
+        zero_empty_negative = False
+        if unet.config.get("addition_embed_type") == "text_time":  # SDXL
+            text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+                source, subfolder="text_encoder_2"
+            ).to(device)
+            tokenizer_2 = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2")
+            # The SDXL pipeline's default is True; SD 1.x/2.x pipelines have no such option.
+            index = _pipeline_index(source)
+            zero_empty_negative = bool(index.get("force_zeros_for_empty_prompt", True))
         scheduler_config = _scheduler_config(source)
     vae.eval()
-    text_encoder.eval()
-    for module in (vae, text_encoder):
-        module.requires_grad_(False)
+    for module in (vae, text_encoder, text_encoder_2):
+        if module is not None:
+            module.eval()
+            module.requires_grad_(False)
     return BaseModel(
         source=source,
         unet=unet,
@@ -253,6 +402,9 @@ def load_base(
         device=device,
         load_seconds=time.perf_counter() - start,
         from_cache=from_cache,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        zero_empty_negative=zero_empty_negative,
     )
 
 

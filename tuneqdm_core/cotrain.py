@@ -65,6 +65,7 @@ from tuneqdm_core.finetune import (
     _save_checkpoint,
     _start,
     _training,
+    _unet_inputs,
 )
 from tuneqdm_core.routing import route_adapters, routed
 
@@ -97,7 +98,9 @@ class CoOutcome:
 def group_key(config: FinetuneConfig) -> tuple[Any, ...]:
     """What jobs must share to go through the UNet as one batch: the method family (the float
     UNet of ``full`` cannot be shared), the resolution (latents are concatenated), and the
-    forward's precision and checkpointing. Everything else may differ per job."""
+    forward's precision and checkpointing. Everything else may differ per job. The base is
+    the trainer's own, so SD and SDXL jobs never meet; an SDXL group concatenates its
+    members' added conditioning (pooled text, time ids) like their text states."""
     return (config.method, config.resolution, config.mixed_precision, config.gradient_checkpointing)
 
 
@@ -251,13 +254,13 @@ class CoTrainer:
     def _forward_backward(
         self, members: Sequence[_Member], batches: Sequence[_Batch]
     ) -> list[torch.Tensor]:
-        noisy, t, targets, embeds, slots = [], [], [], [], []
+        noisy, t, targets, inputs, slots = [], [], [], [], []
         for slot, (member, batch) in enumerate(zip(members, batches, strict=True)):
             x, ts, target = _noisy_latents(self.base, member.data, batch, self._scheduler)
             noisy.append(x)
             t.append(ts)
             targets.append(target)
-            embeds.append(member.data.embeds[member.data.prompt_of[batch.rows]])
+            inputs.append(_unet_inputs(self.base, member.data, batch.rows))
             slots += [slot] * batch.rows.shape[0]
         adapters = [m.run.adapter for m in members]
         assert all(a is not None for a in adapters)  # "full" never joins
@@ -275,7 +278,7 @@ class CoTrainer:
         ):
             with _autocast(config, self.base.device):
                 prediction = self.base.unet(
-                    torch.cat(noisy), torch.cat(t), encoder_hidden_states=torch.cat(embeds)
+                    torch.cat(noisy), torch.cat(t), **_cat_inputs(inputs)
                 ).sample
             losses = [
                 _loss(part, target, m.config)
@@ -353,6 +356,15 @@ class CoTrainer:
         if self._training is not None:
             stack, self._training = self._training, None
             stack.close()
+
+
+def _cat_inputs(inputs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The members' UNet conditioning (tensors, or dicts of tensors for SDXL) as one batch."""
+    merged: dict[str, Any] = {}
+    for name, first in inputs[0].items():
+        parts = [i[name] for i in inputs]
+        merged[name] = _cat_inputs(parts) if isinstance(first, dict) else torch.cat(parts)
+    return merged
 
 
 def _asked_to_cancel(member: _Member) -> bool:

@@ -27,10 +27,16 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from PIL import Image
 
 from tuneqdm_core.adapter import Adapter, AdapterConfig, param_groups
-from tuneqdm_core.base import BaseModel
+from tuneqdm_core.base import BaseModel, Conditioning, time_ids
 from tuneqdm_core.cancel import Canceled, cancel_checks
 from tuneqdm_core.generate import GenerationRequest, Precision, generate
-from tuneqdm_core.images import ImageSource, load_subject_images, open_image, to_training_tensor
+from tuneqdm_core.images import (
+    ImageSource,
+    load_subject_images,
+    open_image,
+    to_training_tensor,
+    training_crop,
+)
 from tuneqdm_core.model import quant_state
 from tuneqdm_core.routing import route_adapters, routed
 
@@ -190,6 +196,17 @@ class _Data:
     instance: int  # the first `instance` rows are subject images
     subject_of: torch.Tensor  # [instance] subject index of each instance image
     class_rows: list[list[int]]  # per subject, rows of its class images (may be empty)
+    # SDXL only: the pooled text embedding per prompt [P, E] and the time ids per row [N, 6].
+    pooled: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
+
+
+def _unet_inputs(base: BaseModel, data: _Data, rows: torch.Tensor) -> dict[str, Any]:
+    """The UNet's conditioning keyword arguments for data ``rows`` (base.unet_inputs)."""
+    prompts = data.prompt_of[rows]
+    if data.time_ids is None:
+        return {"encoder_hidden_states": data.embeds[prompts]}
+    return base.unet_inputs(Conditioning(data.embeds, data.pooled)[prompts], data.time_ids[rows])
 
 
 @contextmanager
@@ -198,14 +215,14 @@ def _offloaded(base: BaseModel) -> Any:
     if base.device.type == "cpu":
         yield
         return
-    base.vae.to("cpu")
-    base.text_encoder.to("cpu")
+    for module in (base.vae, *base.text_encoders):
+        module.to("cpu")
     torch.cuda.empty_cache()
     try:
         yield
     finally:
-        base.vae.to(base.device)
-        base.text_encoder.to(base.device)
+        for module in (base.vae, *base.text_encoders):
+            module.to(base.device)
 
 
 @torch.no_grad()
@@ -290,11 +307,19 @@ def _prepare(
         return prompts.index(prompt)
 
     pixels, prompt_of, subject_of = [], [], []
+    # SDXL's time ids per row: each photo's original size and where its crop lies.
+    res = config.resolution
+    ids: list[list[int]] = []
     for s, subject in enumerate(subjects):
-        images = load_subject_images(subject.images, config.resolution)
+        images = load_subject_images(subject.images, res)
         pixels.append(images)
         prompt_of += [prompt_index(subject.instance_prompt)] * len(images)
         subject_of += [s] * len(images)
+        if base.is_xl:
+            for source in subject.images:
+                width, height = open_image(source).size
+                _, left, top = training_crop((width, height), res)
+                ids.append(time_ids((height, width), (top, left), (res, res)))
     instance = len(prompt_of)
     class_rows: list[list[int]] = []
     for subject in subjects:
@@ -315,16 +340,21 @@ def _prepare(
             pixels.append(torch.stack(tensors))
             rows = list(range(start, start + len(tensors)))
             prompt_of += [prompt_index(subject.class_prompt)] * len(tensors)
+            # Made by the base at the training size: nothing cropped.
+            ids += [time_ids((res, res), (0, 0), (res, res))] * len(tensors)
         class_rows.append(rows)
     mean, std = _encode_images(base, torch.cat(pixels))
+    conditioning = base.encode(prompts)
     return _Data(
         mean=mean,
         std=std,
-        embeds=base.encode_prompts(prompts),
+        embeds=conditioning.states,
         prompt_of=torch.tensor(prompt_of),
         instance=instance,
         subject_of=torch.tensor(subject_of),
         class_rows=class_rows,
+        pooled=conditioning.pooled,
+        time_ids=torch.tensor(ids, dtype=torch.float32) if base.is_xl else None,
     )
 
 
@@ -519,9 +549,7 @@ def _train_step(
     # The backward stays inside: checkpointing reads the route again there.
     with routed(base.unet, route):
         with _autocast(config, base.device):
-            prediction = run.unet(
-                noisy, t, encoder_hidden_states=data.embeds[data.prompt_of[batch.rows]]
-            ).sample
+            prediction = run.unet(noisy, t, **_unet_inputs(base, data, batch.rows)).sample
         loss = _loss(prediction, target, config)
         _optimizer_step(run, loss, config.max_grad_norm)
     return float(loss.detach())

@@ -4,6 +4,11 @@ Requests that share steps, size and scheduler run as one batch: each image reads
 adapter's slot of a :class:`~tuneqdm_core.routing.ScaleBank` (slot 0 is the plain base) and,
 at every step, the interval of the current timestep. Each image draws its initial noise from
 its own seeded generator, so a batch gives the images its requests give one by one.
+
+SDXL bases get SDXL's conditioning (:meth:`~tuneqdm_core.base.BaseModel.encode`): the pooled
+text embedding and the time ids of an uncropped image at the requested size, for the prompt
+and the negative prompt alike; an empty negative prompt is all-zero conditioning where the
+model asks for it (``force_zeros_for_empty_prompt``), as diffusers' SDXL pipeline does.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteS
 from PIL import Image
 
 from tuneqdm_core.adapter import Adapter
-from tuneqdm_core.base import BaseModel
+from tuneqdm_core.base import BaseModel, time_ids
 from tuneqdm_core.cancel import cancel_checks
 from tuneqdm_core.images import to_pil
 from tuneqdm_core.routing import ScaleBank, routed
@@ -169,14 +174,22 @@ def _run_loop(
     # One CPU generator per image: the same seed gives the same image in any batch.
     noise = [torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
     latents = torch.stack(noise).to(base.device) * scheduler.init_noise_sigma
-    embeds = base.encode_prompts(negatives + prompts)
+    conditioning = base.encode(negatives + prompts)
+    ids = None
+    if base.is_xl:
+        if base.zero_empty_negative:
+            empty = [n == "" for n in negatives] + [False] * len(prompts)
+            conditioning = conditioning.zeroed(torch.tensor(empty))
+        size = (first.height, first.width)
+        ids = torch.tensor([time_ids(size, (0, 0), size)] * (2 * len(prompts)))
+    inputs = base.unet_inputs(conditioning, ids)
     scale = torch.tensor(guidance, device=base.device).view(-1, 1, 1, 1)
     slot_ids = torch.tensor(slots + slots, device=base.device)
     unet = base.unet
     for step, t in enumerate(scheduler.timesteps):
         model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
         with routed(unet, bank.route(t, slot_ids)):
-            uncond, cond = unet(model_input, t, encoder_hidden_states=embeds).sample.chunk(2)
+            uncond, cond = unet(model_input, t, **inputs).sample.chunk(2)
         prediction = uncond + scale * (cond - uncond)
         latents = scheduler.step(prediction, t, latents).prev_sample
         if on_step is not None:

@@ -33,13 +33,19 @@ def open_image(source: ImageSource) -> Image.Image:
     return ImageOps.exif_transpose(image).convert("RGB")
 
 
+def training_crop(size: tuple[int, int], resolution: int) -> tuple[tuple[int, int], int, int]:
+    """For an image of ``size`` (w, h): its size after resizing the short side to
+    ``resolution`` and the (left, top) corner of the centered square crop in it."""
+    width, height = size
+    scale = resolution / min(width, height)
+    resized = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    return resized, (resized[0] - resolution) // 2, (resized[1] - resolution) // 2
+
+
 def to_training_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
     """Resize the short side to ``resolution``, center-crop a square, scale to [-1, 1] CHW."""
-    width, height = image.size
-    scale = resolution / min(width, height)
-    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    size, left, top = training_crop(image.size, resolution)
     image = image.resize(size, Image.Resampling.BICUBIC)
-    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
     image = image.crop((left, top, left + resolution, top + resolution))
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()

@@ -195,6 +195,15 @@ class QuantLinear(QuantLayer):
     def in_channels(self) -> int:
         return self.weight_shape[1]
 
+    # nn.Linear's names: diffusers' SDXL pipeline reads add_embedding.linear_1.in_features.
+    @property
+    def in_features(self) -> int:
+        return self.in_channels
+
+    @property
+    def out_features(self) -> int:
+        return self.out_channels
+
     def product(
         self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:

@@ -58,6 +58,21 @@ def test_train_memory_runs_each_variant_in_its_own_process(tmp_path: Path) -> No
 
 
 @pytest.mark.timeout(300)
+def test_train_memory_runs_the_sdxl_architecture(tmp_path: Path) -> None:
+    """The SDXL UNet's added conditioning (pooled text, time ids) goes into every step; the
+    tiny SDXL shape stands in for the full one (--arch sdxl, docs/benchmarks.md)."""
+    report = _run(
+        "train_memory.py",
+        *("--arch", "tiny-sdxl", "--latent", "8", "--warmup", "0", "--steps", "1"),
+        *("--variants", "tuneqdm-w4-ckpt"),
+        json_path=tmp_path / "train.json",
+    )
+    [row] = report["variants"]
+    assert "error" not in row, row
+    assert row["train_peak_bytes"] > 0 and row["step_seconds"] > 0
+
+
+@pytest.mark.timeout(300)
 def test_serving_reports_swaps_and_every_throughput_mode(tmp_path: Path) -> None:
     report = _run(
         "serving.py",

@@ -1,4 +1,5 @@
-"""Writing a diffusers SD 1.x pipeline as one original-layout (CompVis/LDM) checkpoint file.
+"""Writing a diffusers SD 1.x or SDXL pipeline as one original-layout (CompVis/LDM, Stability's
+SDXL) checkpoint file.
 
 The single-file loader must be tested on a file in the layout real ``.safetensors``/``.ckpt``
 checkpoints have; no such file of a tiny model exists offline, so the test makes one from the
@@ -30,6 +31,8 @@ def _unet_prefixes(config: Any) -> list[tuple[str, str]]:
     pairs: list[tuple[str, str]] = [
         ("time_embedding.linear_1.", "time_embed.0."),
         ("time_embedding.linear_2.", "time_embed.2."),
+        ("add_embedding.linear_1.", "label_emb.0.0."),  # SDXL's pooled text + time ids
+        ("add_embedding.linear_2.", "label_emb.0.2."),
         ("conv_in.", "input_blocks.0.0."),
         ("conv_norm_out.", "out.0."),
         ("conv_out.", "out.2."),
@@ -136,4 +139,62 @@ def pipeline_to_ldm(pipeline: Any) -> dict[str, torch.Tensor]:
         for k, v in pipeline.text_encoder.state_dict().items()
     }
     merged = {**unet_to_ldm(pipeline.unet), **vae_to_ldm(pipeline.vae), **text}
+    return {k: v.detach().contiguous().clone() for k, v in merged.items()}
+
+
+def _text_model_keys(encoder: Any) -> dict[str, torch.Tensor]:
+    """The encoder's state dict with CLIP's ``text_model.`` nesting (see pipeline_to_ldm)."""
+    nested = "" if hasattr(encoder, "text_model") else "text_model."
+    return {
+        (k if k.startswith("text_projection") else nested + k): v
+        for k, v in encoder.state_dict().items()
+    }
+
+
+def open_clip_from_hf(encoder: Any) -> dict[str, torch.Tensor]:
+    """A CLIPTextModelWithProjection in OpenCLIP's layout, as SDXL's second text encoder is
+    stored (the inverse of diffusers' ``convert_open_clip_checkpoint``)."""
+    state = _text_model_keys(encoder)
+    renames = (
+        ("text_model.encoder.layers.", "transformer.resblocks."),
+        ("layer_norm1", "ln_1"),
+        ("layer_norm2", "ln_2"),
+        (".fc1.", ".c_fc."),
+        (".fc2.", ".c_proj."),
+        (".self_attn.", ".attn."),
+    )
+    out = {
+        "token_embedding.weight": state["text_model.embeddings.token_embedding.weight"],
+        "positional_embedding": state["text_model.embeddings.position_embedding.weight"],
+        "ln_final.weight": state["text_model.final_layer_norm.weight"],
+        "ln_final.bias": state["text_model.final_layer_norm.bias"],
+        "text_projection": state["text_projection.weight"].T,
+    }
+    for key, value in state.items():
+        if not key.startswith("text_model.encoder.layers."):
+            continue
+        name = key
+        for a, b in renames:
+            name = name.replace(a, b)
+        if ".q_proj." in key:  # OpenCLIP keeps q, k and v as one in_proj
+            kind = key.rpartition(".")[2]
+            parts = [state[key.replace(".q_proj.", f".{x}_proj.")] for x in "qkv"]
+            out[name.replace(f".q_proj.{kind}", f".in_proj_{kind}")] = torch.cat(parts)
+        elif ".k_proj." not in key and ".v_proj." not in key:
+            out[name] = value
+    return out
+
+
+def xl_pipeline_to_ldm(pipeline: Any) -> dict[str, torch.Tensor]:
+    """One SDXL-layout state dict: UNet, VAE, CLIP ViT-L under ``conditioner.embedders.0``
+    and the OpenCLIP-layout second encoder under ``conditioner.embedders.1``."""
+    first = {
+        f"conditioner.embedders.0.transformer.{k}": v
+        for k, v in _text_model_keys(pipeline.text_encoder).items()
+    }
+    second = {
+        f"conditioner.embedders.1.model.{k}": v
+        for k, v in open_clip_from_hf(pipeline.text_encoder_2).items()
+    }
+    merged = {**unet_to_ldm(pipeline.unet), **vae_to_ldm(pipeline.vae), **first, **second}
     return {k: v.detach().contiguous().clone() for k, v in merged.items()}

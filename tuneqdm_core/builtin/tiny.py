@@ -4,7 +4,9 @@ No pretrained weights can be downloaded here, so tests and the embedded service 
 complete SD 1.x-shaped pipeline built from config: UNet, VAE, CLIP text encoder, a CLIP BPE
 tokenizer whose vocab/merges are written locally, and a DDIM scheduler with SD's betas. It is
 saved with ``save_pretrained`` and loads back through :func:`tuneqdm_core.base.load_base`
-exactly like a real model folder.
+exactly like a real model folder. ``arch="tiny-sdxl"`` builds the SDXL layout instead: two text
+encoders (the second with a projection), two tokenizers and a UNet with SDXL's added
+conditioning.
 """
 
 from __future__ import annotations
@@ -18,10 +20,17 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
+    EulerDiscreteScheduler,
     StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+)
 
 from tuneqdm_core.configs import UNET_CONFIGS
 
@@ -39,7 +48,8 @@ WORDS = tuple(
 )
 
 SPECIAL = ("<|startoftext|>", "<|endoftext|>")
-TINY_ARCHS = ("tiny-sd1", "tiny-sd2", "sd1", "sd2")
+TINY_ARCHS = ("tiny-sd1", "tiny-sd2", "sd1", "sd2", "tiny-sdxl")
+XL_ARCHS = ("tiny-sdxl",)
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -82,6 +92,37 @@ def tokenizer_files(
     return vocab, merges
 
 
+def _text_config(vocab: dict[str, int], width: int, layers: int, **extra: Any) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=len(vocab),
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=vocab[SPECIAL[0]],
+        eos_token_id=vocab[SPECIAL[1]],
+        pad_token_id=vocab[SPECIAL[1]],
+        **extra,
+    )
+
+
+def _vae(
+    vae_channels: tuple[int, ...], latent_channels: int, resolution: int, **extra: Any
+) -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=vae_channels,
+        down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
+        latent_channels=latent_channels,
+        norm_num_groups=32,
+        sample_size=resolution,
+        **extra,
+    )
+
+
 def build_pipeline(
     unet_config: dict[str, Any],
     *,
@@ -98,30 +139,10 @@ def build_pipeline(
     torch.manual_seed(seed)
     vocab, merges = tokenizer_files(words)
     tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
-    width = unet_config["cross_attention_dim"]
     text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(vocab),
-            hidden_size=width,
-            intermediate_size=2 * width,
-            num_hidden_layers=text_layers,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=vocab[SPECIAL[0]],
-            eos_token_id=vocab[SPECIAL[1]],
-            pad_token_id=vocab[SPECIAL[1]],
-        )
+        _text_config(vocab, unet_config["cross_attention_dim"], text_layers)
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=vae_channels,
-        down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
-        up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
-        latent_channels=unet_config["in_channels"],
-        norm_num_groups=32,
-        sample_size=resolution,
-    )
+    vae = _vae(vae_channels, unet_config["in_channels"], resolution)
     factor = 2 ** (len(vae_channels) - 1)
     unet = UNet2DConditionModel(**{**unet_config, "sample_size": resolution // factor})
     scheduler = DDIMScheduler(
@@ -145,15 +166,73 @@ def build_pipeline(
     )
 
 
+def build_xl_pipeline(
+    unet_config: dict[str, Any],
+    *,
+    seed: int = 0,
+    resolution: int = 32,
+    words: Sequence[str] = WORDS,
+    text_layers: int = 2,
+    vae_channels: tuple[int, ...] = (32, 64),
+) -> StableDiffusionXLPipeline:
+    """A randomly initialised SDXL-layout pipeline around ``unet_config`` (addition_embed_type
+    "text_time"): two CLIP text encoders whose widths add up to the UNet's cross-attention
+    (3:5, SDXL's 768 + 1280 of 2048), the second projecting its pooled output to what the
+    UNet's added embedding takes beside the six time ids; both tokenizers local, the second
+    padding with "!" as SDXL's does; the VAE with SDXL's latent scaling; Euler with SDXL's
+    betas and configuration."""
+    torch.manual_seed(seed)
+    vocab, merges = tokenizer_files(words)
+    cross = unet_config["cross_attention_dim"]
+    pooled = (
+        unet_config["projection_class_embeddings_input_dim"]
+        - 6 * unet_config["addition_time_embed_dim"]
+    )
+    first = cross * 3 // 8
+    text_encoder = CLIPTextModel(_text_config(vocab, first, text_layers))
+    text_encoder_2 = CLIPTextModelWithProjection(
+        _text_config(vocab, cross - first, text_layers, projection_dim=pooled)
+    )
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    tokenizer_2 = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77, pad_token="!")
+    vae = _vae(vae_channels, unet_config["in_channels"], resolution, scaling_factor=0.13025)
+    factor = 2 ** (len(vae_channels) - 1)
+    unet = UNet2DConditionModel(**{**unet_config, "sample_size": resolution // factor})
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type="epsilon",
+    )
+    # SDXL's scheduler_config.json carries these too; other schedulers made from it read them.
+    scheduler.register_to_config(clip_sample=False, set_alpha_to_one=False)
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+
+
 def build_tiny_pipeline(
     seed: int = 0, resolution: int = 32, arch: str = "tiny-sd1"
-) -> StableDiffusionPipeline:
-    """A complete, randomly initialised pipeline of SD 1.x shape (≈2 M parameters), or of SD 2.x
-    shape with ``arch="tiny-sd2"`` (linear attention projections, v-prediction). ``arch="sd1"``
-    or ``"sd2"`` puts the real-size UNet architecture (random weights) beside the tiny VAE and
-    text encoder, for measurements at full UNet scale."""
+) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+    """A complete, randomly initialised pipeline of SD 1.x shape (≈2 M parameters), of SD 2.x
+    shape with ``arch="tiny-sd2"`` (linear attention projections, v-prediction), or of SDXL
+    layout with ``arch="tiny-sdxl"``. ``arch="sd1"`` or ``"sd2"`` puts the real-size UNet
+    architecture (random weights) beside the tiny VAE and text encoder, for measurements at full
+    UNet scale."""
     if arch not in TINY_ARCHS:
         raise ValueError(f"arch must be one of {TINY_ARCHS}, got {arch!r}")
+    if arch in XL_ARCHS:
+        return build_xl_pipeline(UNET_CONFIGS[arch], seed=seed, resolution=resolution)
     return build_pipeline(
         UNET_CONFIGS[arch],
         seed=seed,
@@ -163,17 +242,21 @@ def build_tiny_pipeline(
 
 
 def save_pipeline(
-    pipeline: StableDiffusionPipeline, directory: str | Path, words: Sequence[str] = WORDS
+    pipeline: StableDiffusionPipeline | StableDiffusionXLPipeline,
+    directory: str | Path,
+    words: Sequence[str] = WORDS,
 ) -> Path:
     """Write ``pipeline`` (built with ``words``) as a diffusers model folder."""
     directory = Path(directory)
     pipeline.save_pretrained(directory)
     # Keep the plain vocab/merges beside tokenizer.json: they are what CLIP folders ship.
     vocab, merges = tokenizer_files(words)
-    (directory / "tokenizer" / "vocab.json").write_text(json.dumps(vocab))
-    (directory / "tokenizer" / "merges.txt").write_text(
-        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)
-    )
+    for folder in ("tokenizer", "tokenizer_2"):
+        if (directory / folder).is_dir():
+            (directory / folder / "vocab.json").write_text(json.dumps(vocab))
+            (directory / folder / "merges.txt").write_text(
+                "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)
+            )
     return directory
 
 

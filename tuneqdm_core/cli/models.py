@@ -173,7 +173,11 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--arch",
         default="tiny-sd1",
         choices=TINY_ARCHS,
-        help="UNet shape; sd1/sd2 = the real UNet architecture, random weights",
+        help="UNet shape; sd1/sd2 = the real UNet architecture, random weights; tiny-sdxl = "
+        "the SDXL layout (two text encoders, added conditioning)",
+    )
+    p.add_argument(
+        "--xl", dest="arch", action="store_const", const="tiny-sdxl", help="= --arch tiny-sdxl"
     )
     p.set_defaults(run=cmd_build_tiny)
 
