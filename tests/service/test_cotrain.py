@@ -122,20 +122,24 @@ def test_co_training_groups_fairly_matches_solo_survives_cancel_and_sigkill(
     assert len(grouped) == 3 and {r.tenant_id for r in grouped} == {a.id, b.id}
     assert "joined a co-training group of 3" in second.log()
 
-    # A member canceled mid-way leaves; the other two train on as a group of two.
-    staying = [deploy.finetune(a, seed=7, steps=16), deploy.finetune(b, seed=8, steps=16)]
-    leaving = deploy.finetune(b, seed=9, steps=16)
+    # A member canceled mid-way leaves; the other two train on as a group of two. They are
+    # queued while no worker runs, so the next one claims all three at once (an idle worker
+    # would start the first alone, and a short job can end before its first look for others).
+    second.stop()
+    staying = [deploy.finetune(a, seed=7, steps=40), deploy.finetune(b, seed=8, steps=40)]
+    leaving = deploy.finetune(b, seed=9, steps=40)
+    third = deploy.worker("third", cotrain_max=3)
 
     def three_training() -> bool:
         rows = jobs.rows([*staying, leaving])
         return all(r.group_size == 3 for r in rows) and rows[-1].progress_step >= 2
 
-    wait_for("the three to train together", three_training, 120, [second])
+    wait_for("the three to train together", three_training, 120, [third])
     with deploy.sessions() as s:
         cancel_finetune(session=s, tenant=s.merge(b), finetune_id=leaving)
     states = deploy.wait_final()
     assert [states[i] for i in [*staying, leaving]] == ["succeeded"] * 2 + ["canceled"], states
-    assert 2 <= deploy.row(FinetuneJob, leaving).progress_step < 16
+    assert 2 <= deploy.row(FinetuneJob, leaving).progress_step < 40
     assert [r.group_size for r in jobs.rows(staying)] == [2, 2]
     deploy.check()
     _assert_trained_as_alone(deploy, [*backlog, *staying])
