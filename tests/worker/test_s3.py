@@ -55,6 +55,9 @@ def _worker(
         tiny_model_dir,
         quant_cache,
         database_url=f"sqlite:///{tmp_path / 'registry.sqlite'}",
+        # The solo path, which trains the step it is at before it pauses (a co-training group
+        # asked to stop before its first step pauses with nothing to save).
+        cotrain_max=1,
     )
     return Context(
         settings=settings, sessions=sessions, storage=storage, runtime=runtime, notify=Notified()
