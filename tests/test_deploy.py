@@ -90,7 +90,7 @@ def test_api_migrates_before_serving() -> None:
 def test_files_live_in_the_s3_service_and_no_volume_is_shared() -> None:
     settings = {k: _substitute(str(v)) for k, v in SERVICES["api"]["environment"].items()}
     assert settings["TUNEQDM_STORAGE_BACKEND"] == "s3"
-    for name in ("worker", "webhooks"):
+    for name in (*GPU_WORKERS, "worker-2", "webhooks"):
         env = {k: _substitute(str(v)) for k, v in SERVICES[name]["environment"].items()}
         assert {k: env[k] for k in settings if k.startswith("TUNEQDM_S3_")} == {
             k: v for k, v in settings.items() if k.startswith("TUNEQDM_S3_")
@@ -111,17 +111,20 @@ def test_files_live_in_the_s3_service_and_no_volume_is_shared() -> None:
         "secretKey": settings["TUNEQDM_S3_SECRET_ACCESS_KEY"],
     }
     assert len(settings["TUNEQDM_S3_BUCKET"]) >= 3  # S3's shortest bucket name
-    # No named volume is mounted by two services: workers need no shared filesystem.
+    # No named volume but the workers' model cache (base models and their quantized form, no
+    # job's files) is mounted by two services: workers need no shared filesystem.
     mounts: dict[str, list[str]] = {}
     for name, service in SERVICES.items():
         for volume in service.get("volumes", []):
             source = _substitute(volume).split(":")[0]
             if source in (COMPOSE.get("volumes") or {}):
                 mounts.setdefault(source, []).append(name)
-    assert all(len(users) == 1 for users in mounts.values()), mounts
-    staging = SERVICES["worker"]["environment"]["TUNEQDM_STAGING_DIR"]
-    worker_mounts = [_substitute(v).split(":")[1] for v in SERVICES["worker"]["volumes"]]
-    assert not any(staging.startswith(m) for m in worker_mounts)  # inside the container
+    shared = {source for source, users in mounts.items() if len(users) > 1}
+    assert shared == {"model-cache"}, mounts
+    for name in (*GPU_WORKERS, "worker-2"):
+        staging = SERVICES[name]["environment"]["TUNEQDM_STAGING_DIR"]
+        worker_mounts = [_substitute(v).split(":")[1] for v in SERVICES[name]["volumes"]]
+        assert not any(staging.startswith(m) for m in worker_mounts)  # inside the container
 
 
 def _device_ids(worker: dict[str, Any]) -> list[str]:
@@ -236,7 +239,7 @@ def test_a_second_base_is_a_second_worker_service() -> None:
     # Its own base: name, model, bits; the same registry, broker and files as the first.
     assert _substitute(env2["TUNEQDM_BASE_MODEL"]) != _substitute(env1["TUNEQDM_BASE_MODEL"])
     assert {"TUNEQDM_MODEL", "TUNEQDM_BITS"} <= set(env2)
-    for name in ("TUNEQDM_DATABASE_URL", "TUNEQDM_BROKER_URL", "TUNEQDM_STORAGE_DIR"):
+    for name in ("TUNEQDM_DATABASE_URL", "TUNEQDM_BROKER_URL", "TUNEQDM_S3_BUCKET"):
         assert env2[name] == env1[name], name
     assert second["volumes"] == first["volumes"]
     # The same command: `-Q finetune,generate` means its own base's queues (worker/celery_app.py).
