@@ -74,13 +74,16 @@ class _MarkRead(torch.autograd.Function):
 class Route:
     """Per-layer scale tables and the row each sample reads.
 
-    ``rows`` is ``None`` when the whole batch reads row 0, else a ``[B]`` (or ``[1]``) long
-    tensor on the tables' device. ``live_graphs`` counts autograd graphs that read the route
-    on a model with gradient checkpointing and still need it for their backward."""
+    ``rows`` is ``None`` when the whole batch reads one row, ``row`` (a *uniform* route: the
+    layers then fold the scales into the weight, tuneqdm_core/layers.py), else a ``[B]`` (or
+    ``[1]``) long tensor on the tables' device. ``live_graphs`` counts autograd graphs that
+    read the route on a model with gradient checkpointing and still need it for their
+    backward."""
 
     out_parts: Sequence[torch.Tensor]
     in_parts: Sequence[torch.Tensor] | None
     rows: torch.Tensor | None
+    row: int = 0
     live_graphs: int = field(default=0, init=False, repr=False)
 
     def lookup(
@@ -97,7 +100,8 @@ class Route:
         s_out = self.out_parts[index]
         s_in = None if self.in_parts is None else self.in_parts[index]
         if self.rows is None:
-            return s_out[:1], None if s_in is None else s_in[:1]
+            row = slice(self.row, self.row + 1)
+            return s_out[row], None if s_in is None else s_in[row]
         if self.rows.shape[0] not in (1, batch):
             raise ValueError(
                 f"the route names {self.rows.shape[0]} samples but a layer got a batch of "
@@ -274,7 +278,16 @@ class ScaleBank(nn.Module):
         k = torch.floor(t.float() * n / self.num_train_timesteps).long()
         k = torch.minimum(k.clamp_(min=0), n - 1)
         outs, ins = self._split()
-        return Route(out_parts=outs, in_parts=ins, rows=s * self.max_intervals + k)
+        rows = s * self.max_intervals + k
+        # Usually every sample reads one row (one adapter, one timestep: a generation and its
+        # classifier-free guidance half). Saying so lets each layer scale its weight once
+        # instead of gathering per sample; it costs one host synchronisation per call on an
+        # accelerator (one extremum pair), never one per layer.
+        low, high = torch.aminmax(rows)
+        low_row, high_row = (int(v) for v in torch.stack((low, high)).tolist())
+        if low_row == high_row:
+            return Route(out_parts=outs, in_parts=ins, rows=None, row=low_row)
+        return Route(out_parts=outs, in_parts=ins, rows=rows)
 
 
 def _still_needed(state: QuantState) -> bool:
