@@ -355,9 +355,15 @@ class QuantConv2d(QuantLayer):
 
     def output_numel(self, x: torch.Tensor) -> int:
         size = x.shape[0] * self.out_channels
-        for side, kernel, stride, pad, dilation in zip(
-            x.shape[2:], self.weight_shape[2:], self.stride, self.padding, self.dilation, strict=True
-        ):
+        sides = zip(
+            x.shape[2:],
+            self.weight_shape[2:],
+            self.stride,
+            self.padding,
+            self.dilation,
+            strict=True,
+        )
+        for side, kernel, stride, pad, dilation in sides:
             size *= (side + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1
         return size
 
