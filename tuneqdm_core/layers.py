@@ -275,7 +275,10 @@ class QuantLayer(nn.Module):
         elif not full:
             return None
         else:
-            ratio = s_out / self.s0
+            route = None if self.state is None else self.state.route
+            ratio = None if route is None else route.ratio(self.index)
+            if ratio is None:
+                ratio = s_out / self.s0
             out_on_weight = weight_numel < self.output_numel(x)
             w = resident
             if out_on_weight or in_on_weight:

@@ -78,13 +78,19 @@ class Route:
     layers then fold the scales into the weight, tuneqdm_core/layers.py), else a ``[B]`` (or
     ``[1]``) long tensor on the tables' device. ``live_graphs`` counts autograd graphs that
     read the route on a model with gradient checkpointing and still need it for their
-    backward."""
+    backward. ``ratio_parts`` (uniform routes of a :class:`ScaleBank`): each layer's
+    ``s_out / s0`` for that row, computed for all layers in one operation per call."""
 
     out_parts: Sequence[torch.Tensor]
     in_parts: Sequence[torch.Tensor] | None
     rows: torch.Tensor | None
     row: int = 0
+    ratio_parts: Sequence[torch.Tensor] | None = None
     live_graphs: int = field(default=0, init=False, repr=False)
+
+    def ratio(self, index: int) -> torch.Tensor | None:
+        """Layer ``index``'s precomputed ``s_out / s0`` (``[O]``), where the route has them."""
+        return None if self.ratio_parts is None else self.ratio_parts[index]
 
     def lookup(
         self, index: int, batch: int, *, track: bool = False
@@ -286,7 +292,14 @@ class ScaleBank(nn.Module):
         low, high = torch.aminmax(rows)
         low_row, high_row = (int(v) for v in torch.stack((low, high)).tolist())
         if low_row == high_row:
-            return Route(out_parts=outs, in_parts=ins, rows=None, row=low_row)
+            ratio = self.s_out.view(-1, self.layout.total_out)[low_row] / self.base_s_out
+            return Route(
+                out_parts=outs,
+                in_parts=ins,
+                rows=None,
+                row=low_row,
+                ratio_parts=torch.split(ratio, self.layout.out_sizes),
+            )
         return Route(out_parts=outs, in_parts=ins, rows=rows)
 
 
