@@ -12,8 +12,9 @@
    group a smaller batch after a swap into the slot ("grouped"), and the bare quantized UNet
    without any adapter ("bare"), on a tiny and a mid-size UNet. With one adapter every sample
    reads one scale row and the layers take their uniform fast path; "per-sample" is the same
-   batch with that path off (``QuantState.uniform_fast_path = False``: the per-sample scale
-   passes, what every routed call ran before the fast path), so one run shows both.
+   batch with that path off and a row index per sample (``QuantState.uniform_fast_path =
+   False``: the gather and scale passes every routed call ran before the fast path), so one
+   run shows both.
    ``--batch`` sets the batch (1: the SD 1.x target's setting; grouped modes need batch ≥ 2).
    ``--storage-mode`` picks how the quantized base holds its weights (docs/method.md "Storage
    modes"); ``both`` measures packed and resident on the same model (resident: bare,
@@ -207,13 +208,23 @@ def throughput(args: argparse.Namespace, name: str, device: torch.device) -> lis
 
     state = quant_state(unet)
 
+    def per_sample(route: Route) -> Route:
+        """The route as ScaleBank.route built it before uniform routes: a row per sample."""
+        if route.rows is not None:
+            return route
+        rows = torch.full((batch,), route.row, device=device)
+        return Route(out_parts=route.out_parts, in_parts=route.in_parts, rows=rows)
+
     def mixed(distinct: int, fast: bool = True) -> Callable[[], None]:
         slots = torch.arange(batch, device=device) % distinct
+
+        def route(t: torch.Tensor) -> Route:
+            return bank.route(t, slots) if fast else per_sample(bank.route(t, slots))
 
         def run() -> None:
             state.uniform_fast_path = fast
             try:
-                _sample(unet, scheduler, latents, text, lambda t: bank.route(t, slots))
+                _sample(unet, scheduler, latents, text, route)
             finally:
                 state.uniform_fast_path = True
 
