@@ -214,6 +214,10 @@ class ScaleBank(nn.Module):
             persistent=False,
         )
         self._parts: tuple[int, Sequence[torch.Tensor], Sequence[torch.Tensor]] | None = None
+        # Host copies of what routing reads: ``intervals`` per slot, and per row the layers'
+        # s_out / s0 (keyed by the buffer they were computed from).
+        self._host_intervals = [1] * slots
+        self._ratio_cache: dict[int, tuple[int, Sequence[torch.Tensor]]] = {}
 
     @property
     def slots(self) -> int:
@@ -253,6 +257,8 @@ class ScaleBank(nn.Module):
                 else:
                     self.s_in[slot, k].fill_(1.0)
             self.intervals[slot] = n
+        self._host_intervals[slot] = n
+        self._ratio_cache.clear()
 
     def reset(self, slot: int) -> None:
         """Make ``slot`` serve the plain quantized base again."""
@@ -261,6 +267,8 @@ class ScaleBank(nn.Module):
             self.s_out[slot].copy_(self.base_s_out.expand_as(self.s_out[slot]))
             self.s_in[slot].fill_(1.0)
             self.intervals[slot] = 1
+        self._host_intervals[slot] = 1
+        self._ratio_cache.clear()
 
     def _split(self) -> tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]:
         # Per-layer views into the buffers; rebuilt only when .to() replaced the buffers.
@@ -273,7 +281,13 @@ class ScaleBank(nn.Module):
         return self._parts[1], self._parts[2]
 
     def route(self, timesteps: Timesteps, slots: Slots) -> Route:
-        """A route where sample b reads slot ``slots[b]`` at its own timestep's interval."""
+        """A route where sample b reads slot ``slots[b]`` at its own timestep's interval.
+
+        Timesteps and slots on the host (numbers, lists, CPU tensors): the rows are worked
+        out there and a batch that reads one row gets a uniform route (the fast path). On an
+        accelerator they stay there and nothing synchronises: always a per-sample route."""
+        if all(not torch.is_tensor(v) or v.device.type == "cpu" for v in (timesteps, slots)):
+            return self._host_route(timesteps, slots)
         device = self.s_out.device
         t = _as_batch(timesteps, torch.float32).to(device, non_blocking=True)
         s = _as_batch(slots, torch.long).to(device, non_blocking=True)
@@ -284,23 +298,38 @@ class ScaleBank(nn.Module):
         k = torch.floor(t.float() * n / self.num_train_timesteps).long()
         k = torch.minimum(k.clamp_(min=0), n - 1)
         outs, ins = self._split()
-        rows = s * self.max_intervals + k
-        # Usually every sample reads one row (one adapter, one timestep: a generation and its
-        # classifier-free guidance half). Saying so lets each layer scale its weight once
-        # instead of gathering per sample; it costs one host synchronisation per call on an
-        # accelerator (one extremum pair), never one per layer.
-        low, high = torch.aminmax(rows)
-        low_row, high_row = (int(v) for v in torch.stack((low, high)).tolist())
-        if low_row == high_row:
-            ratio = self.s_out.view(-1, self.layout.total_out)[low_row] / self.base_s_out
-            return Route(
-                out_parts=outs,
-                in_parts=ins,
-                rows=None,
-                row=low_row,
-                ratio_parts=torch.split(ratio, self.layout.out_sizes),
-            )
-        return Route(out_parts=outs, in_parts=ins, rows=rows)
+        return Route(out_parts=outs, in_parts=ins, rows=s * self.max_intervals + k)
+
+    def _host_route(self, timesteps: Timesteps, slots: Slots) -> Route:
+        """:meth:`route` for timesteps and slots given on the host: the same rows, worked out
+        there. When every sample reads one row (one adapter at one timestep: a generation
+        and its classifier-free guidance half) the route is uniform and the layers scale
+        their weights once instead of gathering per sample (tuneqdm_core/layers.py)."""
+        t, s = _pair(_as_batch(timesteps, torch.float32), _as_batch(slots, torch.long))
+        if s.numel() and not 0 <= int(s.min()) <= int(s.max()) < self.slots:
+            raise ValueError(f"slots must lie in [0, {self.slots}), got {s.tolist()}")
+        n = torch.tensor(self._host_intervals).index_select(0, s)
+        k = torch.floor(t.float() * n / self.num_train_timesteps).long()
+        rows = s * self.max_intervals + torch.minimum(k.clamp_(min=0), n - 1)
+        outs, ins = self._split()
+        first = int(rows[0])
+        if not bool((rows == first).all()):
+            device = self.s_out.device
+            return Route(out_parts=outs, in_parts=ins, rows=rows.to(device, non_blocking=True))
+        return Route(
+            out_parts=outs, in_parts=ins, rows=None, row=first, ratio_parts=self._ratios(first)
+        )
+
+    def _ratios(self, row: int) -> Sequence[torch.Tensor]:
+        """Every layer's ``s_out / s0`` for ``row``: one division over all layers, kept until
+        :meth:`load` or :meth:`reset` writes the bank (or ``.to()`` replaces its buffers)."""
+        key = self.s_out.data_ptr()
+        cached = self._ratio_cache.get(row)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                ratio = self.s_out.view(-1, self.layout.total_out)[row] / self.base_s_out
+            cached = self._ratio_cache[row] = (key, torch.split(ratio, self.layout.out_sizes))
+        return cached[1]
 
 
 def _still_needed(state: QuantState) -> bool:
