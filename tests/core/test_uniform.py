@@ -185,3 +185,37 @@ def test_uniform_route_under_bf16_autocast_stays_near_per_sample_path(storage: s
         with torch.autocast("cpu", dtype=torch.bfloat16):
             fast, gather = _paths(model, x, route_adapters([adapter], [0] * x.shape[0]))
         assert_close_all([fast.float()], [gather.float()], 3e-2)
+
+
+def test_bank_rows_on_the_host_match_the_device_formula_and_follow_loads() -> None:
+    """Host-side routing gives the rows the device formula gives, and a slot loaded again
+    (or reset) is served with its new scales (the cached s_out / s0 is dropped)."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(12, 10), nn.SiLU(), nn.Linear(10, 6))
+    quantize_(model, QuantConfig(bits=8))
+    model = model.double()
+    set_storage_mode(model, "resident", torch.float64)
+    first, second = (perturbed_adapter(model, AdapterConfig(intervals=2)) for _ in range(2))
+    bank = ScaleBank(model, slots=2, max_intervals=2).double()
+    bank.load(1, first)
+    timesteps, slots = [0, 499, 500, 999, 250], [1, 1, 1, 0, 0]
+    host = bank.route(timesteps, slots)
+    # What ScaleBank.route computes on the device: slot × max_intervals + ⌊t·n/T⌋.
+    assert host.rows is not None and host.rows.tolist() == [2, 2, 3, 0, 0]
+    assert bank.route(torch.tensor(600), [1, 1]).row == 3
+
+    x = torch.randn(2, 12, dtype=torch.float64)
+    for adapter in (first, second):
+        bank.load(1, adapter)
+        with torch.no_grad(), routed(model, bank.route(600, [1, 1])):
+            got = model(x)
+        with torch.no_grad(), routed(model, route_adapters([adapter], [600, 600])):
+            want = model(x)
+        assert_close_all([got], [want], 1e-12)
+    bank.reset(1)
+    with torch.no_grad():
+        bare = model(x)
+        with routed(model, bank.route(600, [1, 1])):
+            assert_close_all([model(x)], [bare], 1e-12)
+    with pytest.raises(ValueError, match="slots must lie"):
+        bank.route(0, [2])
