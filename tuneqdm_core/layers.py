@@ -299,7 +299,12 @@ class QuantLayer(nn.Module):
             x = x * self._broadcast(s_in[None], x.ndim)
         if ratio is None:  # bias fused into the product
             bias = None if self.bias is None else self.bias.to(dtype)
-            return self.product(x.to(dtype), w, bias)
+            y = self.product(x.to(dtype), w, bias)
+            if torch.is_autocast_enabled(x.device.type):
+                return y  # the next product casts anyway; the bare layer returns this dtype too
+            # The per-sample path's output dtype: the scales' where they are wider (a float64
+            # base fed float32 latents returns float64, as the next layer's parameters expect).
+            return y.to(torch.promote_types(y.dtype, s_out.dtype))
         y = self.product(x.to(dtype), w)
         ratio = self._broadcast(ratio[None], y.ndim)
         if self.bias is None:

@@ -219,3 +219,16 @@ def test_bank_rows_on_the_host_match_the_device_formula_and_follow_loads() -> No
             assert_close_all([model(x)], [bare], 1e-12)
     with pytest.raises(ValueError, match="slots must lie"):
         bank.route(0, [2])
+
+
+@pytest.mark.parametrize("storage", ["packed", "resident"])
+def test_uniform_route_returns_the_per_sample_dtype(storage: str) -> None:
+    """A float64 base fed float32 input: both paths return float64 (what the next float64
+    layer's parameters expect) and agree to float32 precision."""
+    model, _ = _layer_model("conv-stride-pad", 4, torch.float64)
+    set_storage_mode(model, storage, torch.float32)  # type: ignore[arg-type]
+    adapter = perturbed_adapter(model, AdapterConfig(intervals=1))
+    x = _input("conv-stride-pad", "large", torch.float32)
+    fast, gather = _paths(model, x, route_adapters([adapter], [0] * x.shape[0]))
+    assert fast.dtype == gather.dtype == torch.float64
+    assert_close_all([fast], [gather], 2e-5)
