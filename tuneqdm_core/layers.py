@@ -132,8 +132,8 @@ class QuantLayer(nn.Module):
         weight-sized buffer per layer and pass, which dominated CPU step time.
 
         ``s_out[O]`` (and ``s_in[I]``) given: ``Ŵ = s_out ⊙ (q − z) ⊙ s_in`` instead, built
-        the same way at the same cost (plus one pass for ``s_in``) and rounded to ``dtype``
-        once (the uniform fast path).
+        the same way in as many passes (both scales in the one multiplication, through their
+        outer product) and rounded to ``dtype`` once (the uniform fast path).
         """
         work = torch.promote_types(self.s0.dtype, torch.float32)
         rows = self.out_channels
