@@ -10,9 +10,15 @@
    DDIM timestep sequence; no VAE or text encoder): 1, 2, 4 or 8 distinct adapters served in
    one batch through the ScaleBank ("mixed"), the same requests run adapter by adapter, each
    group a smaller batch after a swap into the slot ("grouped"), and the bare quantized UNet
-   without any adapter ("bare"), on a tiny and a mid-size UNet. ``--storage-mode`` picks how
-   the quantized base holds its weights (docs/method.md "Storage modes"); ``both`` measures
-   packed and resident on the same model (resident: bare, mixed 1 and 8). A "float" row is the
+   without any adapter ("bare"), on a tiny and a mid-size UNet. With one adapter every sample
+   reads one scale row and the layers take their uniform fast path; "per-sample" is the same
+   batch with that path off and a row index per sample (``QuantState.uniform_fast_path =
+   False``: the gather and scale passes every routed call ran before the fast path), so one
+   run shows both.
+   ``--batch`` sets the batch (1: the SD 1.x target's setting; grouped modes need batch ≥ 2).
+   ``--storage-mode`` picks how the quantized base holds its weights (docs/method.md "Storage
+   modes"); ``both`` measures packed and resident on the same model (resident: bare,
+   per-sample 1, mixed 1 and the most distinct adapters). A "float" row is the
    same UNet unquantized, in the sampling dtype (fp16 weights on cuda, as diffusers'
    ``StableDiffusionPipeline(torch_dtype=float16)`` runs it; fp32 on cpu): what a user would run
    instead.
@@ -46,6 +52,7 @@ from tuneqdm_core import (
     Route,
     ScaleBank,
     load_adapter,
+    quant_state,
     quantize_,
     routed,
     save_adapter,
@@ -54,7 +61,7 @@ from tuneqdm_core import (
 from tuneqdm_core.cli.reports import table
 from tuneqdm_core.configs import UNET_CONFIGS, build_unet
 
-BATCH = 8
+BATCH = 8  # default --batch
 TEXT_TOKENS = 77
 DISTINCT = (1, 2, 4, 8)
 # A mid-size UNet: SD 1.x's block structure at a fifth of its width.
@@ -105,7 +112,7 @@ def _latencies(fn: Callable[[], object], reps: int, device: torch.device) -> lis
 def swap_latency(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
     unet = _model(args.swap_arch, 8, device)
     adapter = _trained_adapter(unet, seed=1)
-    bank = ScaleBank(unet, slots=BATCH, max_intervals=2)
+    bank = ScaleBank(unet, slots=8, max_intervals=2)
     rows = []
     with tempfile.TemporaryDirectory() as directory:
         path = save_adapter(adapter, Path(directory) / "adapter.safetensors")
@@ -162,6 +169,7 @@ def _timed(
     reps: int,
     device: torch.device,
     autocast: Any,
+    batch: int,
 ) -> dict[tuple[str, int], float]:
     """images/s of each mode, the median of ``reps`` rounds after one warm-up round."""
     times: dict[tuple[str, int], list[float]] = {}
@@ -174,38 +182,57 @@ def _timed(
                 common.sync(device)
                 if round_:
                     times.setdefault((mode, distinct), []).append(time.perf_counter() - start)
-    return {key: BATCH / common.median(value) for key, value in times.items()}
+    return {key: batch / common.median(value) for key, value in times.items()}
 
 
 def throughput(args: argparse.Namespace, name: str, device: torch.device) -> list[dict[str, Any]]:
     unet = _model(name, args.bits, device)
-    adapters = [_trained_adapter(unet, seed=i) for i in range(BATCH)]
-    bank = ScaleBank(unet, slots=BATCH, max_intervals=2)
+    batch = args.batch
+    distinct_counts = [d for d in DISTINCT if d <= batch and batch % d == 0]
+    most = distinct_counts[-1]
+    adapters = [_trained_adapter(unet, seed=i) for i in range(most)]
+    bank = ScaleBank(unet, slots=most, max_intervals=2)
     for slot, adapter in enumerate(adapters):
         bank.load(slot, adapter)
     scheduler = DDIMScheduler(num_train_timesteps=1000)
     scheduler.set_timesteps(args.steps)
     generator = torch.Generator(device).manual_seed(0)
-    shape = (BATCH, unet.config.in_channels, args.latent, args.latent)
+    shape = (batch, unet.config.in_channels, args.latent, args.latent)
     latents = torch.randn(shape, generator=generator, device=device)
     text = torch.randn(
-        (BATCH, TEXT_TOKENS, unet.config.cross_attention_dim), generator=generator, device=device
+        (batch, TEXT_TOKENS, unet.config.cross_attention_dim), generator=generator, device=device
     )
 
     def bare() -> None:
         _sample(unet, scheduler, latents, text, lambda t: None)
 
-    def mixed(distinct: int) -> Callable[[], None]:
-        slots = torch.arange(BATCH, device=device) % distinct
+    state = quant_state(unet)
+
+    def per_sample(route: Route) -> Route:
+        """The route as ScaleBank.route built it before uniform routes: a row per sample."""
+        if route.rows is not None:
+            return route
+        rows = torch.full((batch,), route.row, device=device)
+        return Route(out_parts=route.out_parts, in_parts=route.in_parts, rows=rows)
+
+    def mixed(distinct: int, fast: bool = True) -> Callable[[], None]:
+        slots = torch.arange(batch) % distinct  # on the host, as generate() gives them
+
+        def route(t: torch.Tensor) -> Route:
+            return bank.route(t, slots) if fast else per_sample(bank.route(t, slots))
 
         def run() -> None:
-            _sample(unet, scheduler, latents, text, lambda t: bank.route(t, slots))
+            state.uniform_fast_path = fast
+            try:
+                _sample(unet, scheduler, latents, text, route)
+            finally:
+                state.uniform_fast_path = True
 
         return run
 
     def grouped(distinct: int) -> Callable[[], None]:
-        size = BATCH // distinct
-        slot = torch.zeros(1, dtype=torch.long, device=device)
+        size = batch // distinct
+        slot = torch.zeros(1, dtype=torch.long)
 
         def run() -> None:
             for group in range(distinct):
@@ -227,13 +254,17 @@ def throughput(args: argparse.Namespace, name: str, device: torch.device) -> lis
     for storage in storages:
         # The resident copy in the sampling dtype, so that no UNet call dequantizes.
         set_storage_mode(unet, storage, torch.bfloat16 if args.bf16 else torch.float32)  # type: ignore[arg-type]
-        modes: list[tuple[str, int, Callable[[], None]]] = [("bare", 0, bare)]
+        modes: list[tuple[str, int, Callable[[], None]]] = [
+            ("bare", 0, bare),
+            ("per-sample", 1, mixed(1, fast=False)),
+        ]
         if storage == "packed" or len(storages) == 1:
-            modes += [("mixed", d, mixed(d)) for d in DISTINCT]
-            modes += [("grouped", d, grouped(d)) for d in DISTINCT if d > 1]
+            modes += [("mixed", d, mixed(d)) for d in distinct_counts]
+            modes += [("grouped", d, grouped(d)) for d in distinct_counts if d > 1]
         else:  # the second storage mode: what its comparison needs
-            modes += [("mixed", 1, mixed(1)), ("mixed", BATCH, mixed(BATCH))]
-        for (mode, distinct), value in _timed(modes, args.reps, device, autocast).items():
+            modes += [("mixed", d, mixed(d)) for d in sorted({1, most})]
+        timed = _timed(modes, args.reps, device, autocast, batch)
+        for (mode, distinct), value in timed.items():
             speed[(storage, mode, distinct)] = value
     set_storage_mode(unet, "packed")
     if args.float_baseline:
@@ -245,7 +276,7 @@ def throughput(args: argparse.Namespace, name: str, device: torch.device) -> lis
         def float_unet() -> None:
             _sample(plain, scheduler, half_latents, half_text, None)
 
-        timed = _timed([("float", 0, float_unet)], args.reps, device, nullcontext())
+        timed = _timed([("float", 0, float_unet)], args.reps, device, nullcontext(), batch)
         speed[("float", "float", 0)] = timed[("float", 0)]
         del plain
 
@@ -267,7 +298,7 @@ def throughput(args: argparse.Namespace, name: str, device: torch.device) -> lis
     codes = "packed codes" if args.bits == 4 else "codes"
     print(
         f"\nSampling throughput: {name} UNet ({params / 1e6:.1f} M bytes of {codes}, W{args.bits}),"
-        f" batch {BATCH}, latent {args.latent}x{args.latent}, {args.steps} UNet calls per image, "
+        f" batch {batch}, latent {args.latent}x{args.latent}, {args.steps} UNet calls per image, "
         f"median of {args.reps} rounds"
     )
     print(
@@ -278,7 +309,7 @@ def throughput(args: argparse.Namespace, name: str, device: torch.device) -> lis
                     r["storage"],
                     r["mode"],
                     r["distinct"] or "-",
-                    f"{r['images_per_s']:.2f}",
+                    f"{r['images_per_s']:.3g}",
                     f"{r['vs_mixed_1']:.3f}",
                     f"{r['vs_bare']:.3f}",
                 ]
@@ -288,10 +319,12 @@ def throughput(args: argparse.Namespace, name: str, device: torch.device) -> lis
     )
     for storage in storages:
         one, plain = speed[(storage, "mixed", 1)], speed[(storage, "bare", 0)]
+        before = speed[(storage, "per-sample", 1)]
         line = (
-            f"{storage}: 8 distinct / 1 distinct = {speed[(storage, 'mixed', 8)] / one:.3f} "
-            f"(target >= 0.9); adapter overhead vs bare = {(plain / one - 1) * 100:+.1f} % "
-            "(target <= 5 %)"
+            f"{storage}: {most} distinct / 1 distinct = {speed[(storage, 'mixed', most)] / one:.3f}"
+            f" (target >= 0.9); adapter overhead vs bare = {(plain / one - 1) * 100:+.1f} % "
+            f"(target <= 5 %; per-sample path {(plain / before - 1) * 100:+.1f} %); "
+            f"with an adapter / bare = {one / plain:.3f} (target >= 0.95)"
         )
         if ("float", "float", 0) in speed:
             ratio = one / speed[("float", "float", 0)]
@@ -315,6 +348,7 @@ def main() -> int:
         "--models", nargs="*", default=["tiny-sd1", "mid"], help="tiny-sd1, mid, or any arch"
     )
     parser.add_argument("--bits", type=int, default=4, choices=[4, 8])
+    parser.add_argument("--batch", type=int, default=BATCH, help="requests in one batch")
     parser.add_argument("--latent", type=int, default=16)
     parser.add_argument("--steps", type=int, default=10, help="UNet calls per image")
     parser.add_argument("--reps", type=int, default=3, help="timed rounds of every mode")
@@ -349,6 +383,7 @@ def main() -> int:
                     "device",
                     "swap_arch",
                     "bits",
+                    "batch",
                     "latent",
                     "steps",
                     "reps",

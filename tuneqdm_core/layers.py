@@ -9,6 +9,12 @@ which equals ``x ↦ Ŵ x + bias`` with ``Ŵ = s_out ⊙ (q − z) ⊙ s_in`` (t
 weight) without ever building ``Ŵ``. ``base`` is :class:`_FrozenProduct`: it dequantizes
 ``W0`` in forward and again in backward, so autograd keeps nothing weight-sized; the scale
 multiplications around it keep only activation-sized tensors.
+
+Uniform fast path: when every sample of the batch reads the same scale row (one adapter at one
+timestep: nearly every generation) and nothing needs a gradient, a layer applies each scale on
+whichever side is smaller — the weight (a scratch buffer, never kept) or the activation. In the
+packed mode ``s_out`` replaces ``s0`` in the dequantization, so the output scale is free there.
+Training and mixed batches take the per-sample path above.
 """
 
 from __future__ import annotations
@@ -65,6 +71,7 @@ class QuantLayer(nn.Module):
 
     # Dimension of the channel axis in activations: 1 for NCHW convs, -1 for Linear.
     channel_dim: int
+    groups = 1  # QuantConv2d: its conv's groups
     codes: torch.Tensor
     s0: torch.Tensor
     zero: torch.Tensor
@@ -109,7 +116,12 @@ class QuantLayer(nn.Module):
         return quant.unpack_int4(self.codes, k) if self.bits == 4 else self.codes
 
     def dequantize(
-        self, dtype: torch.dtype = torch.float32, *, scratch: bool = False
+        self,
+        dtype: torch.dtype = torch.float32,
+        *,
+        scratch: bool = False,
+        s_out: torch.Tensor | None = None,
+        s_in: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``W0 = s0 · (q − z)`` in the layer's weight shape.
 
@@ -118,6 +130,10 @@ class QuantLayer(nn.Module):
         workspace, valid only until the next dequantization on this thread: the frozen
         product uses it so that a step does not allocate (and page-fault in) a fresh
         weight-sized buffer per layer and pass, which dominated CPU step time.
+
+        ``s_out[O]`` (and ``s_in[I]``) given: ``Ŵ = s_out ⊙ (q − z) ⊙ s_in`` instead, built
+        the same way in as many passes (both scales in the one multiplication, through their
+        outer product) and rounded to ``dtype`` once (the uniform fast path).
         """
         work = torch.promote_types(self.s0.dtype, torch.float32)
         rows = self.out_channels
@@ -132,9 +148,16 @@ class QuantLayer(nn.Module):
             w[:, 1::2] = self.codes >> 4
         else:
             w.copy_(self.codes)
-        w.sub_(self.zero[:, None]).mul_(self.s0[:, None])
+        scale = self.s0 if s_out is None else s_out.to(work)
         if width != k:  # odd K at 4 bits: drop the padding code
-            w = w[:, :k].contiguous()
+            w = w[:, :k]
+        w.sub_(self.zero[:, None])
+        if s_in is None:
+            w.mul_(scale[:, None])
+        else:  # one pass for both scales: their outer product is ≤ 1/kh·kw of the weight
+            self._grouped(w).mul_(self._outer(scale, s_in.to(work)))
+        if not w.is_contiguous():
+            w = w.contiguous()
         if dtype != work:
             if scratch and self.state is not None:
                 cast = self.state.scratch("cast", rows * k, dtype, self.s0.device)
@@ -143,14 +166,36 @@ class QuantLayer(nn.Module):
                 w = w.to(dtype)
         return w.view(self.weight_shape)
 
+    def resident_weight(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """The resident copy of ``W0`` if there is one in ``dtype`` on the codes' device."""
+        resident = self.resident
+        if resident is not None and resident.dtype == dtype and resident.device == self.s0.device:
+            return resident
+        return None
+
     def frozen_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """``W0`` in ``dtype`` for one pass: the resident copy when there is one in that dtype,
         else dequantized from the codes (exact in any dtype: a pass at another precision than
         the resident copy's never sees a rounded W0; nor does a model moved to another device)."""
-        resident = self.resident
-        if resident is not None and resident.dtype == dtype and resident.device == self.s0.device:
+        resident = self.resident_weight(dtype)
+        if resident is not None:
             return resident
         return self.dequantize(dtype, scratch=True)
+
+    def _grouped(self, w: torch.Tensor) -> torch.Tensor:
+        """``w[O, K]`` (or the weight) viewed as ``[g, O/g, I/g, K·g/I]``."""
+        g = self.groups
+        return w.view(g, self.out_channels // g, self.in_channels // g, -1)
+
+    def _outer(self, s_out: torch.Tensor, s_in: torch.Tensor) -> torch.Tensor:
+        """``s_out[o] · s_in[i]`` for each weight row and input channel that row sees, shaped
+        to multiply :meth:`_grouped` (a grouped conv's row ``o`` sees its group's inputs)."""
+        g = self.groups
+        return s_out.view(g, -1, 1, 1) * s_in.view(g, 1, -1, 1)
+
+    def output_numel(self, x: torch.Tensor) -> int:
+        """Number of elements of this layer's output for input ``x``."""
+        raise NotImplementedError
 
     def product(
         self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
@@ -169,10 +214,27 @@ class QuantLayer(nn.Module):
         return s.view(s.shape[0], s.shape[1], *([1] * (ndim - 2)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scales = None if self.state is None else self.state.lookup(self.index, x.shape[0])
+        state = self.state
+        scales = None if state is None else state.lookup(self.index, x.shape[0])
         if scales is None:  # the plain quantized base: bias fused into the product
             return _FrozenProduct.apply(x, self, True)
         s_out, s_in = scales
+        if (
+            s_out.shape[0] == 1
+            and state is not None
+            and state.uniform_fast_path
+            and not (
+                torch.is_grad_enabled()
+                and (
+                    x.requires_grad
+                    or s_out.requires_grad
+                    or (s_in is not None and s_in.requires_grad)
+                )
+            )
+        ):
+            y = self._uniform(x, s_out[0], None if s_in is None else s_in[0])
+            if y is not None:
+                return y
         # The scale arithmetic runs at the scales' precision (float32), never at a 16-bit
         # activation dtype: cast to bf16, a scale near 1 moves in steps of ~8e-3, and a 1e-3
         # training step of s_out or s_in would change nothing (docs/method.md, "Precision").
@@ -185,6 +247,68 @@ class QuantLayer(nn.Module):
         if self.bias is None:
             return y * ratio
         # One pass for the output scale and the bias.
+        return torch.addcmul(self._broadcast(self.bias[None], y.ndim), y, ratio)
+
+    def _uniform(
+        self, x: torch.Tensor, s_out: torch.Tensor, s_in: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """The routed layer when the whole batch reads one row ``s_out[O]``, ``s_in[I]`` and
+        nothing needs a gradient; ``None`` where the per-sample path must run instead.
+
+        At full precision (the products run in the scales' dtype) each scale goes on the
+        weight or on the activation, whichever has fewer elements. With 16-bit products a
+        scale must meet a value before that value is rounded to 16 bits, else a scale within
+        half a bf16 step of 1 (≈ 2e-3) changes nothing (see :meth:`forward`): packed, both
+        scales go into the float32 dequantization, rounded once with the weight; resident
+        (a weight already rounded to 16 bits) keeps the per-sample path's float32 passes.
+        """
+        dtype = compute_dtype(x)
+        full = dtype == torch.promote_types(dtype, s_out.dtype)
+        weight_numel = int(torch.Size(self.weight_shape).numel())
+        in_on_weight = s_in is not None and (not full or weight_numel < x.numel())
+        resident = self.resident_weight(dtype)
+        ratio = None
+        if resident is None:  # packed: s_out replaces s0 in the dequantization, for free
+            w = self.dequantize(
+                dtype, scratch=True, s_out=s_out, s_in=s_in if in_on_weight else None
+            )
+        elif not full:
+            return None
+        else:
+            route = None if self.state is None else self.state.route
+            ratio = None if route is None else route.ratio(self.index)
+            if ratio is None:
+                ratio = s_out / self.s0
+            out_on_weight = weight_numel < self.output_numel(x)
+            w = resident
+            if out_on_weight or in_on_weight:
+                assert self.state is not None
+                w = self.state.scratch("scaled", weight_numel, dtype, resident.device)
+                w = w.view(self.weight_shape)
+                g = self.groups
+                if not in_on_weight:
+                    scale = ratio.view(g, -1, 1, 1)
+                elif not out_on_weight:
+                    scale = s_in.view(g, 1, -1, 1)  # type: ignore[union-attr]
+                else:  # one pass for both
+                    scale = self._outer(ratio, s_in)  # type: ignore[arg-type]
+                torch.mul(self._grouped(resident), scale, out=self._grouped(w))
+                if out_on_weight:
+                    ratio = None
+        if s_in is not None and not in_on_weight:
+            x = x * self._broadcast(s_in[None], x.ndim)
+        if ratio is None:  # bias fused into the product
+            bias = None if self.bias is None else self.bias.to(dtype)
+            y = self.product(x.to(dtype), w, bias)
+            if torch.is_autocast_enabled(x.device.type):
+                return y  # the next product casts anyway; the bare layer returns this dtype too
+            # The per-sample path's output dtype: the scales' where they are wider (a float64
+            # base fed float32 latents returns float64, as the next layer's parameters expect).
+            return y.to(torch.promote_types(y.dtype, s_out.dtype))
+        y = self.product(x.to(dtype), w)
+        ratio = self._broadcast(ratio[None], y.ndim)
+        if self.bias is None:
+            return y * ratio
         return torch.addcmul(self._broadcast(self.bias[None], y.ndim), y, ratio)
 
 
@@ -214,6 +338,9 @@ class QuantLinear(QuantLayer):
     ) -> torch.Tensor:
         return grad_y @ w
 
+    def output_numel(self, x: torch.Tensor) -> int:
+        return x.numel() // self.in_channels * self.out_channels
+
     def extra_repr(self) -> str:
         return f"in={self.in_channels}, out={self.out_channels}, bits={self.bits}"
 
@@ -242,6 +369,20 @@ class QuantConv2d(QuantLayer):
     @property
     def in_channels(self) -> int:
         return self.weight_shape[1] * self.groups
+
+    def output_numel(self, x: torch.Tensor) -> int:
+        size = x.shape[0] * self.out_channels
+        sides = zip(
+            x.shape[2:],
+            self.weight_shape[2:],
+            self.stride,
+            self.padding,
+            self.dilation,
+            strict=True,
+        )
+        for side, kernel, stride, pad, dilation in sides:
+            size *= (side + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1
+        return size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.padding_mode != "zeros":

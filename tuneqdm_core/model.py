@@ -131,6 +131,10 @@ class QuantState:
         self.retired: list[Route] = []
         self._fingerprint: str | None = None
         self.storage_mode: StorageMode = "packed"  # set_storage_mode()
+        # Uniform routes (every sample reads one scale row) fold the scales into the weight
+        # where that is cheaper (tuneqdm_core/layers.py); False forces the per-sample path
+        # (benchmarks compare the two).
+        self.uniform_fast_path = True
         self._scratch: dict[tuple[int, str, torch.dtype, torch.device], torch.Tensor] = {}
 
     def lookup(self, index: int, batch: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:

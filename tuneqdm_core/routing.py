@@ -74,14 +74,23 @@ class _MarkRead(torch.autograd.Function):
 class Route:
     """Per-layer scale tables and the row each sample reads.
 
-    ``rows`` is ``None`` when the whole batch reads row 0, else a ``[B]`` (or ``[1]``) long
-    tensor on the tables' device. ``live_graphs`` counts autograd graphs that read the route
-    on a model with gradient checkpointing and still need it for their backward."""
+    ``rows`` is ``None`` when the whole batch reads one row, ``row`` (a *uniform* route: the
+    layers then fold the scales into the weight, tuneqdm_core/layers.py), else a ``[B]`` (or
+    ``[1]``) long tensor on the tables' device. ``live_graphs`` counts autograd graphs that
+    read the route on a model with gradient checkpointing and still need it for their
+    backward. ``ratio_parts`` (uniform routes of a :class:`ScaleBank`): each layer's
+    ``s_out / s0`` for that row, computed for all layers in one operation per call."""
 
     out_parts: Sequence[torch.Tensor]
     in_parts: Sequence[torch.Tensor] | None
     rows: torch.Tensor | None
+    row: int = 0
+    ratio_parts: Sequence[torch.Tensor] | None = None
     live_graphs: int = field(default=0, init=False, repr=False)
+
+    def ratio(self, index: int) -> torch.Tensor | None:
+        """Layer ``index``'s precomputed ``s_out / s0`` (``[O]``), where the route has them."""
+        return None if self.ratio_parts is None else self.ratio_parts[index]
 
     def lookup(
         self, index: int, batch: int, *, track: bool = False
@@ -97,7 +106,8 @@ class Route:
         s_out = self.out_parts[index]
         s_in = None if self.in_parts is None else self.in_parts[index]
         if self.rows is None:
-            return s_out[:1], None if s_in is None else s_in[:1]
+            row = slice(self.row, self.row + 1)
+            return s_out[row], None if s_in is None else s_in[row]
         if self.rows.shape[0] not in (1, batch):
             raise ValueError(
                 f"the route names {self.rows.shape[0]} samples but a layer got a batch of "
@@ -204,6 +214,10 @@ class ScaleBank(nn.Module):
             persistent=False,
         )
         self._parts: tuple[int, Sequence[torch.Tensor], Sequence[torch.Tensor]] | None = None
+        # Host copies of what routing reads: ``intervals`` per slot, and per row the layers'
+        # s_out / s0 (keyed by the buffer they were computed from).
+        self._host_intervals = [1] * slots
+        self._ratio_cache: dict[int, tuple[int, Sequence[torch.Tensor]]] = {}
 
     @property
     def slots(self) -> int:
@@ -243,6 +257,8 @@ class ScaleBank(nn.Module):
                 else:
                     self.s_in[slot, k].fill_(1.0)
             self.intervals[slot] = n
+        self._host_intervals[slot] = n
+        self._ratio_cache.clear()
 
     def reset(self, slot: int) -> None:
         """Make ``slot`` serve the plain quantized base again."""
@@ -251,6 +267,8 @@ class ScaleBank(nn.Module):
             self.s_out[slot].copy_(self.base_s_out.expand_as(self.s_out[slot]))
             self.s_in[slot].fill_(1.0)
             self.intervals[slot] = 1
+        self._host_intervals[slot] = 1
+        self._ratio_cache.clear()
 
     def _split(self) -> tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]:
         # Per-layer views into the buffers; rebuilt only when .to() replaced the buffers.
@@ -263,7 +281,13 @@ class ScaleBank(nn.Module):
         return self._parts[1], self._parts[2]
 
     def route(self, timesteps: Timesteps, slots: Slots) -> Route:
-        """A route where sample b reads slot ``slots[b]`` at its own timestep's interval."""
+        """A route where sample b reads slot ``slots[b]`` at its own timestep's interval.
+
+        Timesteps and slots on the host (numbers, lists, CPU tensors): the rows are worked
+        out there and a batch that reads one row gets a uniform route (the fast path). On an
+        accelerator they stay there and nothing synchronises: always a per-sample route."""
+        if all(not torch.is_tensor(v) or v.device.type == "cpu" for v in (timesteps, slots)):
+            return self._host_route(timesteps, slots)
         device = self.s_out.device
         t = _as_batch(timesteps, torch.float32).to(device, non_blocking=True)
         s = _as_batch(slots, torch.long).to(device, non_blocking=True)
@@ -275,6 +299,37 @@ class ScaleBank(nn.Module):
         k = torch.minimum(k.clamp_(min=0), n - 1)
         outs, ins = self._split()
         return Route(out_parts=outs, in_parts=ins, rows=s * self.max_intervals + k)
+
+    def _host_route(self, timesteps: Timesteps, slots: Slots) -> Route:
+        """:meth:`route` for timesteps and slots given on the host: the same rows, worked out
+        there. When every sample reads one row (one adapter at one timestep: a generation
+        and its classifier-free guidance half) the route is uniform and the layers scale
+        their weights once instead of gathering per sample (tuneqdm_core/layers.py)."""
+        t, s = _pair(_as_batch(timesteps, torch.float32), _as_batch(slots, torch.long))
+        if s.numel() and not 0 <= int(s.min()) <= int(s.max()) < self.slots:
+            raise ValueError(f"slots must lie in [0, {self.slots}), got {s.tolist()}")
+        n = torch.tensor(self._host_intervals).index_select(0, s)
+        k = torch.floor(t.float() * n / self.num_train_timesteps).long()
+        rows = s * self.max_intervals + torch.minimum(k.clamp_(min=0), n - 1)
+        outs, ins = self._split()
+        first = int(rows[0])
+        if not bool((rows == first).all()):
+            device = self.s_out.device
+            return Route(out_parts=outs, in_parts=ins, rows=rows.to(device, non_blocking=True))
+        return Route(
+            out_parts=outs, in_parts=ins, rows=None, row=first, ratio_parts=self._ratios(first)
+        )
+
+    def _ratios(self, row: int) -> Sequence[torch.Tensor]:
+        """Every layer's ``s_out / s0`` for ``row``: one division over all layers, kept until
+        :meth:`load` or :meth:`reset` writes the bank (or ``.to()`` replaces its buffers)."""
+        key = self.s_out.data_ptr()
+        cached = self._ratio_cache.get(row)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                ratio = self.s_out.view(-1, self.layout.total_out)[row] / self.base_s_out
+            cached = self._ratio_cache[row] = (key, torch.split(ratio, self.layout.out_sizes))
+        return cached[1]
 
 
 def _still_needed(state: QuantState) -> bool:

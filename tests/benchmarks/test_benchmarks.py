@@ -84,9 +84,9 @@ def test_serving_reports_swaps_and_every_throughput_mode(tmp_path: Path) -> None
     assert all(r["p99_ms"] >= r["p50_ms"] > 0 for r in report["swap"])
     modes = {(r["mode"], r["distinct"]) for r in report["throughput"]}
     # The float row: the unquantized UNet a user would run instead.
-    assert modes == {("bare", 0), ("float", 0)} | {("mixed", d) for d in (1, 2, 4, 8)} | {
-        ("grouped", d) for d in (2, 4, 8)
-    }
+    assert modes == {("bare", 0), ("float", 0), ("per-sample", 1)} | {
+        ("mixed", d) for d in (1, 2, 4, 8)
+    } | {("grouped", d) for d in (2, 4, 8)}
     assert all(r["images_per_s"] > 0 for r in report["throughput"])
 
 
@@ -110,6 +110,7 @@ def test_benchmarks_compare_the_storage_modes(tmp_path: Path) -> None:
     )
     seen = {(r["storage"], r["mode"], r["distinct"]) for r in serving["throughput"]}
     assert {("resident", "bare", 0), ("resident", "mixed", 1), ("resident", "mixed", 8)} <= seen
+    assert {("resident", "per-sample", 1), ("packed", "per-sample", 1)} <= seen
     assert {("packed", "mixed", 1), ("float", "float", 0)} <= seen
 
 

@@ -17,6 +17,7 @@ from tuneqdm_core import AdapterConfig, QuantConfig, ScaleBank, quantize_, set_r
 from tuneqdm_core.base import load_base
 from tuneqdm_core.finetune import FinetuneConfig, Progress, Sampling, Subject, finetune
 from tuneqdm_core.generate import GenerationRequest, Precision, generate
+from tuneqdm_core.model import set_storage_mode
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -70,6 +71,38 @@ def test_bank_routing_never_synchronises() -> None:
     finally:
         torch.cuda.set_sync_debug_mode("default")
         set_route(model, None)
+
+
+@pytest.mark.parametrize("storage", ["packed", "resident"])
+def test_uniform_fast_path_on_cuda(storage: str) -> None:
+    """A bank route from host timesteps and slots, one row for the whole batch: the fast path
+    matches the per-sample path in fp32 and stays near it under bf16 autocast."""
+    model = _stack()
+    bank = ScaleBank(model, slots=2, max_intervals=2)
+    bank.load(1, perturbed_adapter(model, AdapterConfig(intervals=2)))
+    state = set_storage_mode(model, storage, torch.float32)  # type: ignore[arg-type]
+    for batch in (1, 6):
+        x = torch.randn(batch, 8, 8, 8, device="cuda")
+        route = bank.route(700, [1] * x.shape[0])
+        assert route.rows is None
+        outputs = []
+        for fast in (True, False):
+            state.uniform_fast_path = fast
+            with torch.no_grad():
+                set_route(model, route)
+                outputs.append(model(x))
+                set_route(model, None)
+        state.uniform_fast_path = True
+        assert_close_all([outputs[0]], [outputs[1]], 1e-5)
+    set_storage_mode(model, "packed")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        set_route(model, bank.route(700, [1, 1]))
+        fast = model(x[:2])
+        state.uniform_fast_path = False
+        slow = model(x[:2])
+        state.uniform_fast_path = True
+        set_route(model, None)
+    assert_close_all([fast.float()], [slow.float()], 3e-2)
 
 
 def test_activation_side_training_keeps_no_weight_sized_tensors() -> None:
