@@ -82,6 +82,19 @@ class Context(Generic[S]):
     def __post_init__(self) -> None:
         self.files = Staging(self.storage, self.settings.resolved_staging_dir)
 
+    def lease(self, model: JobModel, job_id: str, owner: str) -> Lease:
+        """The lease of a job this process claimed, with its heartbeat, stall timeout and
+        watchdog (entering it starts the heartbeat)."""
+        return Lease(
+            self.sessions,
+            model,
+            job_id,
+            owner,
+            heartbeat_s=self.settings.heartbeat_s,
+            progress_timeout_s=self.settings.progress_timeout_s,
+            on_stall=self.on_stall,
+        )
+
     def release(self, model: JobModel, job_id: str, owner: str, reason: str | None) -> None:
         """Give the job back for another attempt (one that does not count when `reason` is
         None: the worker is stopping) and send its message at once."""
@@ -215,15 +228,7 @@ def _run_claimed(
 
         return run_group(ctx, job, owner, attempt, image_keys)
 
-    with Lease(
-        ctx.sessions,
-        FinetuneJob,
-        job.id,
-        owner,
-        heartbeat_s=ctx.settings.heartbeat_s,
-        progress_timeout_s=ctx.settings.progress_timeout_s,
-        on_stall=ctx.on_stall,
-    ) as lease:
+    with ctx.lease(FinetuneJob, job.id, owner) as lease:
         lease.write(group_size=None)  # alone now, whatever an earlier attempt trained with
         try:
             _ = ctx.runtime.base
@@ -241,24 +246,37 @@ def _run_claimed(
             if not publish_adapter(ctx, job, params, result, owner, attempt):
                 return _after_stop(ctx, job, lease)
         except Exception as exc:
-            reason = transient_reason(exc)
-            if reason is not None:
-                log.warning("fine-tune %s hit a transient fault", job.id, exc_info=True)
-                ctx.release(FinetuneJob, job.id, owner, reason)
-                return "released"
-            log.exception("fine-tune %s raised", job.id)
-            _fail(ctx, job, owner, user_message(exc, storage_root=ctx.files.root, what="fine-tune"))
-            return "failed"
+            return _raised(ctx, job, owner, exc)
+    return _succeeded(ctx, job, result)
+
+
+def _succeeded(ctx: Context, job: FinetuneJob, result: Any, how: str = "") -> str:
+    """The end of a job whose adapter is published (alone or co-trained): its checkpoint goes,
+    the client is told and retention hears of it."""
     ctx.files.drop_checkpoint(job.tenant_id, job.id)
     log.info(
-        "fine-tune %s succeeded in %.1f s (resumed from step %d)",
+        "fine-tune %s succeeded in %.1f s (resumed from step %d%s)",
         job.id,
         result.seconds,
         result.resumed_from,
+        how,
     )
     ctx.notify(job.id)
     finetune_ended(ctx.sessions, ctx.storage, ctx.settings, job.tenant_id, job.id)
     return "succeeded"
+
+
+def _raised(ctx: Context, job: FinetuneJob, owner: str, exc: Exception) -> str:
+    """A job that raised ``exc``: given back on a transient fault, else failed with a message
+    the user can act on."""
+    reason = transient_reason(exc)
+    if reason is not None:
+        log.warning("fine-tune %s hit a transient fault", job.id, exc_info=exc)
+        ctx.release(FinetuneJob, job.id, owner, reason)
+        return "released"
+    log.error("fine-tune %s raised", job.id, exc_info=exc)
+    _fail(ctx, job, owner, user_message(exc, storage_root=ctx.files.root, what="fine-tune"))
+    return "failed"
 
 
 def _train(

@@ -116,17 +116,7 @@ def run_generation(generation_id: str, ctx: Context) -> str:
         attempts = dict(batch)
         with ExitStack() as stack:
             leases = {
-                job_id: stack.enter_context(
-                    Lease(
-                        ctx.sessions,
-                        GenerationJob,
-                        job_id,
-                        owner,
-                        heartbeat_s=ctx.settings.heartbeat_s,
-                        progress_timeout_s=ctx.settings.progress_timeout_s,
-                        on_stall=ctx.on_stall,
-                    )
-                )
+                job_id: stack.enter_context(ctx.lease(GenerationJob, job_id, owner))
                 for job_id in attempts
             }
             return _generate(ctx, jobs, adapters, owner, leases, attempts)
