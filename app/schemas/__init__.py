@@ -4,6 +4,8 @@ One module per resource; every name is importable from here. No FastAPI imports:
 validates stored params with the same `FinetuneParams`.
 """
 
+# The literal types of stored values are the registry's (one list each), named here too.
+from app.models import EventType, ExportFormat, ExportStatus, Method, Status
 from app.schemas.adapters import AdapterLinks, AdapterPublic, AdaptersPublic
 from app.schemas.bases import (
     BasePublic,
@@ -12,14 +14,12 @@ from app.schemas.bases import (
     QueuedPublic,
     SizeRangePublic,
 )
-from app.schemas.common import SEED_MAX, HealthPublic, Method, Scheduler, Status, WebhookPublic
+from app.schemas.common import SEED_MAX, HealthPublic, Scheduler, WebhookPublic
 from app.schemas.exports import (
     ExportCreate,
-    ExportFormat,
     ExportLinks,
     ExportPublic,
     ExportsPublic,
-    ExportStatus,
 )
 from app.schemas.finetunes import (
     DEFAULT_SAMPLE_POINTS,
@@ -39,7 +39,7 @@ from app.schemas.generations import (
     GenerationPublic,
     GenerationsPublic,
 )
-from app.schemas.progress import EventPublic, EventsPublic, EventType, SamplePublic, SamplesPublic
+from app.schemas.progress import EventPublic, EventsPublic, SamplePublic, SamplesPublic
 
 __all__ = [
     "DEFAULT_SAMPLE_POINTS",

@@ -7,7 +7,7 @@ from datetime import datetime
 from pydantic import BaseModel
 
 from app import models
-from app.schemas.common import Method
+from app.models import Method
 
 
 class AdapterLinks(BaseModel):

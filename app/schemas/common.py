@@ -1,4 +1,6 @@
-"""Shared by several resources: literal types, the seed range, webhook state, health."""
+"""Shared by several resources: the scheduler names, the seed range, webhook state, health.
+
+The literal types of stored values (Status, Method, ...) are app.models'."""
 
 from __future__ import annotations
 
@@ -9,15 +11,7 @@ from pydantic import BaseModel, Field
 
 from app import models
 
-Method = Literal["tuneqdm", "peqa", "full"]
-
-
-Status = Literal["queued", "running", "succeeded", "failed", "canceled"]
-
-
 Scheduler = Literal["ddim", "dpmsolver++", "euler"]
-
-
 SEED_MAX = 2**32 - 1
 
 
@@ -26,7 +20,7 @@ class WebhookPublic(BaseModel):
 
     id: str = Field(description="The `webhook-id` header of every attempt.")
     event: str
-    status: Literal["pending", "delivered", "failed"]
+    status: models.DeliveryStatus
     attempts: int
     last_error: str | None
     next_attempt_at: datetime | None = Field(description="While pending: the next attempt.")

@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app import models
-
-ExportFormat = Literal["lora", "merged"]
-
-
-ExportStatus = Literal["queued", "running", "succeeded", "failed"]
+from app.models import ExportFormat, ExportStatus
 
 
 class ExportCreate(BaseModel):

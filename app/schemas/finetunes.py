@@ -8,16 +8,13 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app import models
-from app.schemas.common import SEED_MAX, Method, Status, WebhookPublic
+from app.models import Method, Status
+from app.schemas.common import SEED_MAX, WebhookPublic
 
 # Progress images: at most this many prompts, and at most this many sampling points per job
 # (every sample_every steps plus the last step), so the sample list stays one short page.
 MAX_VALIDATION_PROMPTS = 4
-
-
 MAX_SAMPLE_POINTS = 50
-
-
 # Sampling points of a job when sample_every is not given: a quarter of the steps apart.
 DEFAULT_SAMPLE_POINTS = 4
 

@@ -7,7 +7,8 @@ from datetime import datetime
 from pydantic import BaseModel, ConfigDict, Field
 
 from app import models
-from app.schemas.common import SEED_MAX, Scheduler, Status, WebhookPublic
+from app.models import Status
+from app.schemas.common import SEED_MAX, Scheduler, WebhookPublic
 
 
 class GenerationCreate(BaseModel):

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, Field
 
 from app import models
+from app.models import EventType
 
 
 class SamplePublic(BaseModel):
@@ -33,19 +34,6 @@ class SamplePublic(BaseModel):
 class SamplesPublic(BaseModel):
     data: list[SamplePublic] = Field(description="By step, then prompt index.")
     count: int
-
-
-EventType = Literal[
-    "queued",
-    "running",
-    "released",
-    "progress",
-    "samples",
-    "succeeded",
-    "failed",
-    "canceled",
-    "webhook",
-]
 
 
 class EventPublic(BaseModel):
