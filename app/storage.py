@@ -330,11 +330,20 @@ class S3Storage:
         return code in ("404", "NoSuchKey", "NotFound")
 
     def _head(self, key: str) -> dict[str, Any]:
+        return self._call("head_object", key)
+
+    def _get(self, key: str) -> dict[str, Any]:
+        return self._call("get_object", key)
+
+    def _call(self, operation: str, key: str) -> dict[str, Any]:
+        """The client's `operation` (head_object, get_object) on `key`; FileNotFoundError when
+        there is no such object."""
         from botocore.exceptions import ClientError
 
         try:
             return cast(
-                dict[str, Any], self.client.head_object(Bucket=self.bucket, Key=check_key(key))
+                dict[str, Any],
+                getattr(self.client, operation)(Bucket=self.bucket, Key=check_key(key)),
             )
         except ClientError as exc:
             if self._missing(exc):
@@ -361,25 +370,11 @@ class S3Storage:
         )
 
     def open(self, key: str) -> BinaryIO:
-        from botocore.exceptions import ClientError
-
-        try:
-            response = self.client.get_object(Bucket=self.bucket, Key=check_key(key))
-        except ClientError as exc:
-            if self._missing(exc):
-                raise FileNotFoundError(f"no stored object {key}") from None
-            raise
+        response = self._get(key)
         return cast(BinaryIO, response["Body"])
 
     def get_file(self, key: str, dest: Path) -> None:
-        from botocore.exceptions import ClientError
-
-        try:
-            response = self.client.get_object(Bucket=self.bucket, Key=check_key(key))
-        except ClientError as exc:
-            if self._missing(exc):
-                raise FileNotFoundError(f"no stored object {key}") from None
-            raise
+        response = self._get(key)
         expected = response.get("Metadata", {}).get(DIGEST_META)
         etag = str(response.get("ETag", "")).strip('"')
         sha, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)  # an ETag is an MD5

@@ -11,8 +11,6 @@ from tuneqdm_core.adapter import AdapterConfig
 from tuneqdm_core.model import quant_state
 
 FinetuneMethod = Literal["tuneqdm", "peqa", "full"]
-
-
 # "auto": bf16 on CUDA (fp16 where the GPU has no bf16), none elsewhere (FinetuneConfig.for_device).
 MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
 
