@@ -86,7 +86,7 @@ def test_samples_at_the_expected_steps_events_in_order_and_the_same_adapter(
     # Photos are gone with the job's end; progress images stay, and are owned.
     with ctx.sessions() as s:
         assert s.get(FinetuneJob, sampled).photos_deleted_at is not None  # type: ignore[union-attr]
-    assert collect_orphans(ctx.sessions, ctx.storage.root, older_than_s=0) == []
+    assert collect_orphans(ctx.sessions, ctx.storage, older_than_s=0) == []
     assert all(ctx.storage.exists(r.storage_key) for r in rows)
 
     # Deleting the fine-tune deletes its progress images (files, rows) and its events.
@@ -144,13 +144,11 @@ def test_the_collector_removes_progress_images_no_row_owns(ctx: Context, tenant:
     gone_job = finetune_sample_key(tenant.id, "ft_0123456789abcdef", 2, 0)
     ctx.storage.put(gone_job, b"png")
     # While the job runs, its worker may be between a file and its row: nothing is taken.
-    assert collect_orphans(ctx.sessions, ctx.storage.root, older_than_s=0) == [
-        ctx.storage.path(finetune_samples_prefix(tenant.id, "ft_0123456789abcdef"))
+    assert collect_orphans(ctx.sessions, ctx.storage, older_than_s=0) == [
+        finetune_samples_prefix(tenant.id, "ft_0123456789abcdef")
     ]
     with ctx.sessions() as s:
         s.execute(update(FinetuneJob).where(FinetuneJob.id == job_id).values(status="failed"))
         s.commit()
-    assert collect_orphans(ctx.sessions, ctx.storage.root, older_than_s=0) == [
-        ctx.storage.path(stray)
-    ]
+    assert collect_orphans(ctx.sessions, ctx.storage, older_than_s=0) == [stray]
     assert owned.is_file()
