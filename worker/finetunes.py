@@ -13,14 +13,14 @@ import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app import storage as st
 from app.events import record_event
-from app.models import Adapter, FinetuneJob, FinetuneSample
+from app.models import Adapter, FinetuneJob, FinetuneSample, GenerationJob
 from app.outbox import record_final
 from app.schemas import FinetuneParams
 from app.services.retention import finetune_ended
@@ -82,6 +82,19 @@ class Context(Generic[S]):
     def __post_init__(self) -> None:
         self.files = Staging(self.storage, self.settings.resolved_staging_dir)
 
+    def claim_next(
+        self, session: Session, model: JobModel, owner: str, hint: str
+    ) -> tuple[str, int] | None:
+        """`jobs.claim_next` for this worker: its base only, its stale time."""
+        return claim_next(
+            session,
+            model,
+            owner,
+            stale_after_s=self.settings.stale_after_s,
+            hint=hint,
+            base=self.settings.base_model,
+        )
+
     def lease(self, model: JobModel, job_id: str, owner: str) -> Lease:
         """The lease of a job this process claimed, with its heartbeat, stall timeout and
         watchdog (entering it starts the heartbeat)."""
@@ -111,6 +124,16 @@ class Context(Generic[S]):
                 self.requeue(model, job_id)
             except Exception:
                 log.exception("could not send %s again; the reconciler will", job_id)
+
+
+def unclaimed(session: Session, model: JobModel, job_id: str) -> str:
+    """What a task whose message named `job_id` did when it claimed nothing."""
+    job = cast("FinetuneJob | GenerationJob | None", session.get(model, job_id))
+    if job is None:
+        return "missing"  # e.g. the API removed a fine-tune after a failed publish
+    if job.status in TERMINAL:
+        return f"skipped ({job.status})"
+    return "skipped (held by another worker)"
 
 
 def adapter_id_for(job_id: str) -> str:
@@ -174,22 +197,9 @@ def run_finetune(job_id: str, ctx: Context) -> str:
     while True:
         with ctx.sessions() as session:
             owner = new_owner()
-            stale = ctx.settings.stale_after_s
-            claimed = claim_next(
-                session,
-                FinetuneJob,
-                owner,
-                stale_after_s=stale,
-                hint=job_id,
-                base=ctx.settings.base_model,  # this worker's base only
-            )
+            claimed = ctx.claim_next(session, FinetuneJob, owner, hint=job_id)
             if claimed is None:
-                job = session.get(FinetuneJob, job_id)
-                if job is None:
-                    return "missing"  # the API removed it after a failed publish
-                if job.status in TERMINAL:
-                    return f"skipped ({job.status})"
-                return "skipped (held by another worker)"
+                return unclaimed(session, FinetuneJob, job_id)
             claimed_id, attempt = claimed
             log.info(
                 "fine-tune %s claimed (attempt %d, base %s)",
