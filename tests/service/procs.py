@@ -176,6 +176,18 @@ def answers_ready(client: httpx.Client) -> bool:
         return False
 
 
+def wait_final(client: httpx.Client, url: str, timeout: float, procs: list[Proc]) -> dict[str, Any]:
+    """The job at `url` (GET) once it is succeeded, failed or canceled."""
+    state: dict[str, Any] = {}
+
+    def final() -> bool:
+        state.update(client.get(url).raise_for_status().json())
+        return state["status"] in ("succeeded", "failed", "canceled")
+
+    wait_for(url, final, timeout, procs)
+    return state
+
+
 def post_finetune(
     client: httpx.Client, params: dict[str, Any], *, photos: int = 3, **form: str
 ) -> httpx.Response:

@@ -27,6 +27,7 @@ from tests.service.procs import (
     service_env,
     start_api,
     start_worker,
+    wait_final,
     wait_for,
 )
 
@@ -89,14 +90,7 @@ def test_each_base_runs_on_its_own_worker(
             return str(r.json()["id"])
 
         def finished(url: str) -> dict[str, Any]:
-            state: dict[str, Any] = {}
-
-            def done() -> bool:
-                state.update(client.get(url).raise_for_status().json())
-                return state["status"] in ("succeeded", "failed", "canceled")
-
-            wait_for(url, done, 240, procs)
-            return state
+            return wait_final(client, url, 240, procs)
 
         ft_b = finetune(B)  # first: a claim blind to bases would take the oldest job, this one
         ft_a = finetune(None)

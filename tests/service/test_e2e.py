@@ -33,6 +33,7 @@ from tests.service.procs import (
     service_env,
     start_api,
     start_worker,
+    wait_final,
     wait_for,
 )
 
@@ -48,17 +49,6 @@ class _Receiver(BaseHTTPRequestHandler):
 
     def log_message(self, *args: Any) -> None:
         pass
-
-
-def _poll(client: httpx.Client, url: str, timeout: float, procs: list[Any]) -> dict[str, Any]:
-    state: dict[str, Any] = {}
-
-    def finished() -> bool:
-        state.update(client.get(url).raise_for_status().json())
-        return state["status"] in ("succeeded", "failed", "canceled")
-
-    wait_for(url, finished, timeout, procs)
-    return state
 
 
 def test_http_flow_with_real_processes(
@@ -110,7 +100,7 @@ def test_http_flow_with_real_processes(
         start = time.perf_counter()
         r = post_finetune(client, {"steps": 4, "resolution": 32, "seed": 1}, webhook_url=hook_url)
         assert r.status_code == 202, r.text
-        job = _poll(client, f"/v1/finetunes/{r.json()['id']}", 240, procs)
+        job = wait_final(client, f"/v1/finetunes/{r.json()['id']}", 240, procs)
         assert job["status"] == "succeeded", job
         adapter_id = job["adapter_id"]
         assert job["progress"] == {"step": 4, "total": 4}
@@ -131,7 +121,7 @@ def test_http_flow_with_real_processes(
             },
         )
         assert r.status_code == 202, r.text
-        gen = _poll(client, f"/v1/generations/{r.json()['id']}", 120, procs)
+        gen = wait_final(client, f"/v1/generations/{r.json()['id']}", 120, procs)
         assert gen["status"] == "succeeded", gen
         png = client.get(gen["images"][0]["url"])
         assert png.status_code == 200 and png.headers["content-type"] == "image/png"

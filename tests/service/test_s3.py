@@ -22,6 +22,7 @@ from tests.service.procs import (
     service_env,
     start_api,
     start_worker,
+    wait_final,
     wait_for,
 )
 
@@ -84,15 +85,8 @@ def test_finetune_generate_download_delete_on_s3_without_a_shared_filesystem(
         assert len(photos) == 3 and all("/inputs/" in k for k in photos), photos
         tenant_id = photos[0].split("/")[1]
 
-        def finished(url: str, c: httpx.Client = client) -> dict[str, Any]:
-            state: dict[str, Any] = {}
-
-            def done() -> bool:
-                state.update(c.get(url).raise_for_status().json())
-                return state["status"] in ("succeeded", "failed", "canceled")
-
-            wait_for(url, done, 240, procs)
-            return state
+        def finished(url: str) -> dict[str, Any]:
+            return wait_final(client, url, 240, procs)
 
         job = finished(f"/v1/finetunes/{job_id}")
         assert job["status"] == "succeeded", (job, worker.log()[-3000:])
