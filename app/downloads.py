@@ -44,6 +44,19 @@ def file_response(
         )
         if url is not None:
             return RedirectResponse(url, status_code=307)
+    return stream_response(storage, key, media_type=media_type, filename=filename, missing=missing)
+
+
+def stream_response(
+    storage: Storage,
+    key: str,
+    *,
+    media_type: str,
+    filename: str | None = None,
+    missing: str,
+) -> StreamingResponse:
+    """The stored file `key` streamed through the API in chunks (attachment `filename`, or
+    inline when None); 404 `missing` when it is not in the store."""
     try:
         f = storage.open(key)
     except FileNotFoundError:

@@ -7,7 +7,7 @@ revisions in migrations/; a test checks that the revisions and these models agre
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Literal, get_args
 
 from sqlalchemy import (
     JSON,
@@ -26,16 +26,15 @@ from sqlalchemy import (
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-FINETUNE_STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
-GENERATION_STATUSES = FINETUNE_STATUSES
-ACTIVE_STATUSES = ("queued", "running")
-METHODS = ("tuneqdm", "peqa", "full")
-EXPORT_FORMATS = ("lora", "merged")
-EXPORT_STATUSES = ("queued", "running", "succeeded", "failed")
-DELIVERY_STATUSES = ("pending", "delivered", "failed")
-JOB_KINDS = ("finetune", "generation")
+# Each literal type is the one list of its values: the API's schemas (app/schemas/) use the
+# type, the CHECK constraints below the tuple of its values.
+Status = Literal["queued", "running", "succeeded", "failed", "canceled"]
+Method = Literal["tuneqdm", "peqa", "full"]
+ExportFormat = Literal["lora", "merged"]
+ExportStatus = Literal["queued", "running", "succeeded", "failed"]
+DeliveryStatus = Literal["pending", "delivered", "failed"]
 # What a fine-tune's event log records (app/events.py, docs/api.md "Events").
-EVENT_TYPES = (
+EventType = Literal[
     "queued",
     "running",
     "released",
@@ -45,7 +44,17 @@ EVENT_TYPES = (
     "failed",
     "canceled",
     "webhook",
-)
+]
+
+FINETUNE_STATUSES: tuple[Status, ...] = get_args(Status)
+GENERATION_STATUSES = FINETUNE_STATUSES
+ACTIVE_STATUSES = ("queued", "running")
+METHODS: tuple[Method, ...] = get_args(Method)
+EXPORT_FORMATS: tuple[ExportFormat, ...] = get_args(ExportFormat)
+EXPORT_STATUSES: tuple[ExportStatus, ...] = get_args(ExportStatus)
+DELIVERY_STATUSES: tuple[DeliveryStatus, ...] = get_args(DeliveryStatus)
+JOB_KINDS = ("finetune", "generation")
+EVENT_TYPES: tuple[EventType, ...] = get_args(EventType)
 
 
 def utcnow() -> datetime:

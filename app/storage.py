@@ -27,6 +27,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, cast
@@ -165,11 +166,25 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _replace_verified(tmp: Path, dest: Path, *, what: str, size: int, got: int) -> None:
+@contextmanager
+def _replacing(dest: Path) -> Iterator[BinaryIO]:
+    """A file open for writing that replaces `dest` when the block ends: written beside it
+    under a temporary name and renamed, so `dest` is never half written; when the block raises,
+    the temporary file goes and `dest` stays as it was."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            yield out
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _check_size(*, what: str, size: int, got: int) -> None:
     if got != size:
-        tmp.unlink(missing_ok=True)
         raise DamagedObject(f"{what}: got {got} bytes, {size} were stored")
-    os.replace(tmp, dest)
 
 
 class LocalStorage:
@@ -186,28 +201,12 @@ class LocalStorage:
         return path
 
     def put(self, key: str, data: bytes) -> None:
-        path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with _replacing(self.path(key)) as f:
+            f.write(data)
 
     def put_file(self, key: str, path: Path) -> None:
-        target = self.path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as out, path.open("rb") as src:
-                shutil.copyfileobj(src, out, CHUNK)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with _replacing(self.path(key)) as out, path.open("rb") as src:
+            shutil.copyfileobj(src, out, CHUNK)
 
     def open(self, key: str) -> BinaryIO:
         return self.path(key).open("rb")
@@ -215,18 +214,10 @@ class LocalStorage:
     def get_file(self, key: str, dest: Path) -> None:
         # Nothing travels over a network here; the copy is checked against the file's size
         # (this backend keeps no digest).
-        source = self.path(key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as out, source.open("rb") as src:
-                size = os.fstat(src.fileno()).st_size
-                shutil.copyfileobj(src, out, CHUNK)
-                got = out.tell()
-            _replace_verified(Path(tmp), dest, what=key, size=size, got=got)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with _replacing(dest) as out, self.path(key).open("rb") as src:
+            size = os.fstat(src.fileno()).st_size
+            shutil.copyfileobj(src, out, CHUNK)
+            _check_size(what=key, size=size, got=out.tell())
 
     def exists(self, key: str) -> bool:
         return self.path(key).is_file()
@@ -339,11 +330,20 @@ class S3Storage:
         return code in ("404", "NoSuchKey", "NotFound")
 
     def _head(self, key: str) -> dict[str, Any]:
+        return self._call("head_object", key)
+
+    def _get(self, key: str) -> dict[str, Any]:
+        return self._call("get_object", key)
+
+    def _call(self, operation: str, key: str) -> dict[str, Any]:
+        """The client's `operation` (head_object, get_object) on `key`; FileNotFoundError when
+        there is no such object."""
         from botocore.exceptions import ClientError
 
         try:
             return cast(
-                dict[str, Any], self.client.head_object(Bucket=self.bucket, Key=check_key(key))
+                dict[str, Any],
+                getattr(self.client, operation)(Bucket=self.bucket, Key=check_key(key)),
             )
         except ClientError as exc:
             if self._missing(exc):
@@ -370,37 +370,21 @@ class S3Storage:
         )
 
     def open(self, key: str) -> BinaryIO:
-        from botocore.exceptions import ClientError
-
-        try:
-            response = self.client.get_object(Bucket=self.bucket, Key=check_key(key))
-        except ClientError as exc:
-            if self._missing(exc):
-                raise FileNotFoundError(f"no stored object {key}") from None
-            raise
+        response = self._get(key)
         return cast(BinaryIO, response["Body"])
 
     def get_file(self, key: str, dest: Path) -> None:
-        from botocore.exceptions import ClientError
-
-        try:
-            response = self.client.get_object(Bucket=self.bucket, Key=check_key(key))
-        except ClientError as exc:
-            if self._missing(exc):
-                raise FileNotFoundError(f"no stored object {key}") from None
-            raise
+        response = self._get(key)
         expected = response.get("Metadata", {}).get(DIGEST_META)
         etag = str(response.get("ETag", "")).strip('"')
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
         sha, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)  # an ETag is an MD5
-        try:
-            with os.fdopen(fd, "wb") as out, response["Body"] as body:
+        with _replacing(dest) as out:
+            with response["Body"] as body:
                 while chunk := body.read(CHUNK):
                     sha.update(chunk)
                     md5.update(chunk)
                     out.write(chunk)
-                got = out.tell()
+            got = out.tell()
             if expected is not None:
                 ok, stored = sha.hexdigest() == expected, f"sha256 {expected}"
             elif etag and "-" not in etag:  # written by another tool: its single-part MD5
@@ -409,12 +393,7 @@ class S3Storage:
                 ok, stored = True, ""
             if not ok:
                 raise DamagedObject(f"{key}: the download does not match the stored {stored}")
-            _replace_verified(
-                Path(tmp), dest, what=key, size=int(response["ContentLength"]), got=got
-            )
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+            _check_size(what=key, size=int(response["ContentLength"]), got=got)
 
     def exists(self, key: str) -> bool:
         try:

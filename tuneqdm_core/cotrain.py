@@ -45,29 +45,26 @@ from diffusers import DDPMScheduler
 
 from tuneqdm_core.base import BaseModel
 from tuneqdm_core.cancel import Canceled, cancel_checks
-from tuneqdm_core.finetune import (
+from tuneqdm_core.checkpoints import (
     CHECKPOINT_NAME,
-    FinetuneCanceled,
-    FinetuneConfig,
-    FinetuneResult,
-    Progress,
-    Subject,
+    _checkpoint_due,
+    _restore_checkpoint,
+    _save_checkpoint,
+)
+from tuneqdm_core.finetune import FinetuneCanceled, FinetuneResult, Progress
+from tuneqdm_core.finetune_config import FinetuneConfig
+from tuneqdm_core.routing import route_adapters, routed
+from tuneqdm_core.training_data import Subject, _Data, _prepare, _unet_inputs
+from tuneqdm_core.training_step import (
     _autocast,
     _Batch,
-    _checkpoint_due,
-    _Data,
     _draw_batch,
     _loss,
     _noisy_latents,
-    _prepare,
-    _restore_checkpoint,
     _Run,
-    _save_checkpoint,
     _start,
     _training,
-    _unet_inputs,
 )
-from tuneqdm_core.routing import route_adapters, routed
 
 
 @dataclass(frozen=True)
@@ -292,7 +289,7 @@ class CoTrainer:
         return losses
 
     def _finish_step(self, member: _Member, loss: torch.Tensor) -> None:
-        """The rest of :func:`~tuneqdm_core.finetune._optimizer_step` and of the solo loop,
+        """The rest of :func:`~tuneqdm_core.training_step._optimizer_step` and of the solo loop,
         for one member whose gradient is in place."""
         run, config = member.run, member.config
         if config.max_grad_norm > 0:

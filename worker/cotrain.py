@@ -30,16 +30,17 @@ from sqlalchemy.orm import Session
 from app import storage as st
 from app.models import FinetuneJob
 from app.schemas import FinetuneParams
-from app.services.retention import finetune_ended
 from worker import metrics
 from worker.bounds import Deadline, stop_check
-from worker.failures import transient_reason, user_message
+from worker.failures import transient_reason
 from worker.finetunes import (
     BASE_FAILED,
     Context,
     _after_stop,
     _fail,
+    _raised,
     _refusal,
+    _succeeded,
     finetune_config,
     publish_adapter,
 )
@@ -115,15 +116,7 @@ def claim_compatible(
 
 def hold(ctx: Context, job_id: str, owner: str) -> Lease:
     """The claimed job's lease, its heartbeat running (released by `Lease.__exit__`)."""
-    return Lease(
-        ctx.sessions,
-        FinetuneJob,
-        job_id,
-        owner,
-        heartbeat_s=ctx.settings.heartbeat_s,
-        progress_timeout_s=ctx.settings.progress_timeout_s,
-        on_stall=ctx.on_stall,
-    ).__enter__()
+    return ctx.lease(FinetuneJob, job_id, owner).__enter__()
 
 
 @dataclass
@@ -324,28 +317,8 @@ class _Group:
             if not publish_adapter(ctx, job, member.params, result, member.owner, member.attempt):
                 return _after_stop(ctx, job, lease)
         except Exception as exc:
-            return self._failed(member, exc)
-        ctx.files.drop_checkpoint(job.tenant_id, job.id)
-        log.info(
-            "fine-tune %s succeeded in %.1f s (resumed from step %d, co-trained)",
-            job.id,
-            result.seconds,
-            result.resumed_from,
-        )
-        ctx.notify(job.id)
-        finetune_ended(ctx.sessions, ctx.storage, ctx.settings, job.tenant_id, job.id)
-        return "succeeded"
-
-    def _failed(self, member: _Member, exc: Exception) -> str:
-        reason = transient_reason(exc)
-        if reason is not None:
-            log.warning("fine-tune %s hit a transient fault", member.job.id, exc_info=exc)
-            self.ctx.release(FinetuneJob, member.job.id, member.owner, reason)
-            return "released"
-        log.error("fine-tune %s raised", member.job.id, exc_info=exc)
-        message = user_message(exc, storage_root=self.ctx.files.root, what="fine-tune")
-        _fail(self.ctx, member.job, member.owner, message)
-        return "failed"
+            return _raised(ctx, job, member.owner, exc)
+        return _succeeded(ctx, job, result, ", co-trained")
 
     # -- the whole group -----------------------------------------------------------------
 
@@ -361,7 +334,7 @@ class _Group:
                 self.ctx.release(FinetuneJob, job_id, member.owner, None)
                 self.ended[job_id] = "released"
             except Exception as exc:
-                self.ended[job_id] = self._failed(member, exc)
+                self.ended[job_id] = _raised(self.ctx, member.job, member.owner, exc)
             finally:
                 member.lease.__exit__(None, None, None)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
+from typing import Any, cast
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -26,6 +27,7 @@ from app.models import (
     GeneratedImage,
     GenerationJob,
 )
+from worker.jobs import JobModel
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,13 @@ def generated_image_attempt_key(
     return st.check_key(
         f"tenants/{tenant_id}/generations/{generation_id}/a{attempt}/{index:03d}.png"
     )
+
+
+# Folders of files that rows name one by one: the job's model, the rows' key and job columns.
+_NAMED_FILES: dict[str, tuple[JobModel, Any, Any]] = {
+    "samples": (FinetuneJob, FinetuneSample.storage_key, FinetuneSample.job_id),
+    "generations": (GenerationJob, GeneratedImage.storage_key, GeneratedImage.generation_id),
+}
 
 
 def collect_orphans(
@@ -89,54 +98,36 @@ def _orphans(
             select(Adapter.storage_key).where(Adapter.storage_key.startswith(f"{base}/adapters/"))
         )
     )
-    finetunes: dict[str, FinetuneJob | None] = {}
-    generations: dict[str, GenerationJob | None] = {}
-    owned_images: dict[str, set[str]] = {}
-    owned_samples: dict[str, set[str]] = {}
+    jobs: dict[tuple[JobModel, str], FinetuneJob | GenerationJob | None] = {}
+    owned: dict[tuple[str, str], set[str]] = {}
+
+    def job_of(model: JobModel, name: str) -> FinetuneJob | GenerationJob | None:
+        if (model, name) not in jobs:
+            jobs[model, name] = cast("FinetuneJob | GenerationJob | None", session.get(model, name))
+        return jobs[model, name]
+
     for obj in objects:
         kind, name = obj.key.split("/")[2:4]
         if kind == "adapters":
             if obj.key not in adapter_keys:
                 found[obj.key].append(obj)
         elif kind == "finetunes":
-            if name not in finetunes:
-                finetunes[name] = session.get(FinetuneJob, name)
-            job = finetunes[name]
+            job = job_of(FinetuneJob, name)
             folder = f"{base}/finetunes/{name}"
             if job is None:
                 found[folder].append(obj)
             elif job.status not in ACTIVE_STATUSES and obj.key.startswith(f"{folder}/checkpoint/"):
                 found[f"{folder}/checkpoint"].append(obj)
-        elif kind == "samples":
-            if name not in finetunes:
-                finetunes[name] = session.get(FinetuneJob, name)
-            job = finetunes[name]
+        elif kind in _NAMED_FILES:
+            model, key_column, job_column = _NAMED_FILES[kind]
+            job = job_of(model, name)
             if job is None:
-                found[f"{base}/samples/{name}"].append(obj)
+                found[f"{base}/{kind}/{name}"].append(obj)
             elif job.status not in ACTIVE_STATUSES:  # its worker writes the file before the row
-                if name not in owned_samples:
-                    owned_samples[name] = set(
-                        session.scalars(
-                            select(FinetuneSample.storage_key).where(FinetuneSample.job_id == name)
-                        )
+                if (kind, name) not in owned:
+                    owned[kind, name] = set(
+                        session.scalars(select(key_column).where(job_column == name))
                     )
-                if obj.key not in owned_samples[name]:
-                    found[obj.key].append(obj)
-        elif kind == "generations":
-            if name not in generations:
-                generations[name] = session.get(GenerationJob, name)
-            gen = generations[name]
-            if gen is None:
-                found[f"{base}/generations/{name}"].append(obj)
-            elif gen.status not in ACTIVE_STATUSES:
-                if name not in owned_images:
-                    owned_images[name] = set(
-                        session.scalars(
-                            select(GeneratedImage.storage_key).where(
-                                GeneratedImage.generation_id == gen.id
-                            )
-                        )
-                    )
-                if obj.key not in owned_images[name]:
+                if obj.key not in owned[kind, name]:
                     found[obj.key].append(obj)
     return found

@@ -13,14 +13,14 @@ import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app import storage as st
 from app.events import record_event
-from app.models import Adapter, FinetuneJob, FinetuneSample
+from app.models import Adapter, FinetuneJob, FinetuneSample, GenerationJob
 from app.outbox import record_final
 from app.schemas import FinetuneParams
 from app.services.retention import finetune_ended
@@ -82,6 +82,32 @@ class Context(Generic[S]):
     def __post_init__(self) -> None:
         self.files = Staging(self.storage, self.settings.resolved_staging_dir)
 
+    def claim_next(
+        self, session: Session, model: JobModel, owner: str, hint: str
+    ) -> tuple[str, int] | None:
+        """`jobs.claim_next` for this worker: its base only, its stale time."""
+        return claim_next(
+            session,
+            model,
+            owner,
+            stale_after_s=self.settings.stale_after_s,
+            hint=hint,
+            base=self.settings.base_model,
+        )
+
+    def lease(self, model: JobModel, job_id: str, owner: str) -> Lease:
+        """The lease of a job this process claimed, with its heartbeat, stall timeout and
+        watchdog (entering it starts the heartbeat)."""
+        return Lease(
+            self.sessions,
+            model,
+            job_id,
+            owner,
+            heartbeat_s=self.settings.heartbeat_s,
+            progress_timeout_s=self.settings.progress_timeout_s,
+            on_stall=self.on_stall,
+        )
+
     def release(self, model: JobModel, job_id: str, owner: str, reason: str | None) -> None:
         """Give the job back for another attempt (one that does not count when `reason` is
         None: the worker is stopping) and send its message at once."""
@@ -98,6 +124,16 @@ class Context(Generic[S]):
                 self.requeue(model, job_id)
             except Exception:
                 log.exception("could not send %s again; the reconciler will", job_id)
+
+
+def unclaimed(session: Session, model: JobModel, job_id: str) -> str:
+    """What a task whose message named `job_id` did when it claimed nothing."""
+    job = cast("FinetuneJob | GenerationJob | None", session.get(model, job_id))
+    if job is None:
+        return "missing"  # e.g. the API removed a fine-tune after a failed publish
+    if job.status in TERMINAL:
+        return f"skipped ({job.status})"
+    return "skipped (held by another worker)"
 
 
 def adapter_id_for(job_id: str) -> str:
@@ -161,22 +197,9 @@ def run_finetune(job_id: str, ctx: Context) -> str:
     while True:
         with ctx.sessions() as session:
             owner = new_owner()
-            stale = ctx.settings.stale_after_s
-            claimed = claim_next(
-                session,
-                FinetuneJob,
-                owner,
-                stale_after_s=stale,
-                hint=job_id,
-                base=ctx.settings.base_model,  # this worker's base only
-            )
+            claimed = ctx.claim_next(session, FinetuneJob, owner, hint=job_id)
             if claimed is None:
-                job = session.get(FinetuneJob, job_id)
-                if job is None:
-                    return "missing"  # the API removed it after a failed publish
-                if job.status in TERMINAL:
-                    return f"skipped ({job.status})"
-                return "skipped (held by another worker)"
+                return unclaimed(session, FinetuneJob, job_id)
             claimed_id, attempt = claimed
             log.info(
                 "fine-tune %s claimed (attempt %d, base %s)",
@@ -215,15 +238,7 @@ def _run_claimed(
 
         return run_group(ctx, job, owner, attempt, image_keys)
 
-    with Lease(
-        ctx.sessions,
-        FinetuneJob,
-        job.id,
-        owner,
-        heartbeat_s=ctx.settings.heartbeat_s,
-        progress_timeout_s=ctx.settings.progress_timeout_s,
-        on_stall=ctx.on_stall,
-    ) as lease:
+    with ctx.lease(FinetuneJob, job.id, owner) as lease:
         lease.write(group_size=None)  # alone now, whatever an earlier attempt trained with
         try:
             _ = ctx.runtime.base
@@ -241,24 +256,37 @@ def _run_claimed(
             if not publish_adapter(ctx, job, params, result, owner, attempt):
                 return _after_stop(ctx, job, lease)
         except Exception as exc:
-            reason = transient_reason(exc)
-            if reason is not None:
-                log.warning("fine-tune %s hit a transient fault", job.id, exc_info=True)
-                ctx.release(FinetuneJob, job.id, owner, reason)
-                return "released"
-            log.exception("fine-tune %s raised", job.id)
-            _fail(ctx, job, owner, user_message(exc, storage_root=ctx.files.root, what="fine-tune"))
-            return "failed"
+            return _raised(ctx, job, owner, exc)
+    return _succeeded(ctx, job, result)
+
+
+def _succeeded(ctx: Context, job: FinetuneJob, result: Any, how: str = "") -> str:
+    """The end of a job whose adapter is published (alone or co-trained): its checkpoint goes,
+    the client is told and retention hears of it."""
     ctx.files.drop_checkpoint(job.tenant_id, job.id)
     log.info(
-        "fine-tune %s succeeded in %.1f s (resumed from step %d)",
+        "fine-tune %s succeeded in %.1f s (resumed from step %d%s)",
         job.id,
         result.seconds,
         result.resumed_from,
+        how,
     )
     ctx.notify(job.id)
     finetune_ended(ctx.sessions, ctx.storage, ctx.settings, job.tenant_id, job.id)
     return "succeeded"
+
+
+def _raised(ctx: Context, job: FinetuneJob, owner: str, exc: Exception) -> str:
+    """A job that raised ``exc``: given back on a transient fault, else failed with a message
+    the user can act on."""
+    reason = transient_reason(exc)
+    if reason is not None:
+        log.warning("fine-tune %s hit a transient fault", job.id, exc_info=exc)
+        ctx.release(FinetuneJob, job.id, owner, reason)
+        return "released"
+    log.error("fine-tune %s raised", job.id, exc_info=exc)
+    _fail(ctx, job, owner, user_message(exc, storage_root=ctx.files.root, what="fine-tune"))
+    return "failed"
 
 
 def _train(

@@ -22,8 +22,8 @@ from worker import metrics
 from worker.bounds import Deadline, stop_check
 from worker.failures import transient_reason, user_message
 from worker.files import generated_image_attempt_key
-from worker.finetunes import TERMINAL, Context
-from worker.jobs import Lease, attempts_exhausted, claim, claim_next, finish_owned, new_owner
+from worker.finetunes import Context, unclaimed
+from worker.jobs import Lease, attempts_exhausted, claim, finish_owned, new_owner
 
 log = logging.getLogger(__name__)
 
@@ -69,22 +69,9 @@ def run_generation(generation_id: str, ctx: Context) -> str:
     while True:
         with ctx.sessions() as session:
             owner = new_owner()
-            stale = ctx.settings.stale_after_s
-            claimed = claim_next(
-                session,
-                GenerationJob,
-                owner,
-                stale_after_s=stale,
-                hint=generation_id,
-                base=ctx.settings.base_model,  # this worker's base only
-            )
+            claimed = ctx.claim_next(session, GenerationJob, owner, hint=generation_id)
             if claimed is None:
-                gen = session.get(GenerationJob, generation_id)
-                if gen is None:
-                    return "missing"
-                if gen.status in TERMINAL:
-                    return f"skipped ({gen.status})"
-                return "skipped (held by another worker)"
+                return unclaimed(session, GenerationJob, generation_id)
             first = session.get(GenerationJob, claimed[0])
             assert first is not None
             session.refresh(first)
@@ -116,17 +103,7 @@ def run_generation(generation_id: str, ctx: Context) -> str:
         attempts = dict(batch)
         with ExitStack() as stack:
             leases = {
-                job_id: stack.enter_context(
-                    Lease(
-                        ctx.sessions,
-                        GenerationJob,
-                        job_id,
-                        owner,
-                        heartbeat_s=ctx.settings.heartbeat_s,
-                        progress_timeout_s=ctx.settings.progress_timeout_s,
-                        on_stall=ctx.on_stall,
-                    )
-                )
+                job_id: stack.enter_context(ctx.lease(GenerationJob, job_id, owner))
                 for job_id in attempts
             }
             return _generate(ctx, jobs, adapters, owner, leases, attempts)

@@ -16,7 +16,7 @@ from app.deps import (
     SettingsDep,
     StorageDep,
 )
-from app.errors import NotFound
+from app.downloads import stream_response
 from app.schemas import (
     EventPublic,
     EventsPublic,
@@ -28,7 +28,6 @@ from app.schemas import (
 )
 from app.services import finetunes as svc
 from app.services import progress
-from app.storage import iter_chunks
 
 router = APIRouter(prefix="/v1/finetunes", tags=["finetunes"])
 
@@ -174,11 +173,12 @@ def get_sample(
         step=step,
         prompt_index=prompt_index,
     )
-    try:
-        f = storage.open(row.storage_key)
-    except FileNotFoundError:
-        raise NotFound(f"progress image {step}/{prompt_index} is missing from storage") from None
-    return StreamingResponse(iter_chunks(f), media_type="image/png")
+    return stream_response(
+        storage,
+        row.storage_key,
+        media_type="image/png",
+        missing=f"progress image {step}/{prompt_index} is missing from storage",
+    )
 
 
 @router.get(

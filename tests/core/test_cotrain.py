@@ -26,10 +26,10 @@ from tuneqdm_core.finetune import (
     FinetuneConfig,
     Progress,
     Subject,
-    _draw_batch,
     finetune,
 )
 from tuneqdm_core.model import quant_state
+from tuneqdm_core.training_step import _draw_batch
 
 # As in test_finetune.py: rates for a random tiny model whose quantization steps are ~1e-2.
 FAST: dict[str, Any] = {"resolution": 32, "lr_s_out": 1e-3, "lr_s_in": 3e-2}

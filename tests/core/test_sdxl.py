@@ -25,15 +25,13 @@ from tuneqdm_core.finetune import (
     FinetuneCanceled,
     FinetuneConfig,
     Subject,
-    _draw_batch,
-    _noisy_latents,
-    _prepare,
-    _unet_inputs,
     finetune,
     loss_trend,
 )
 from tuneqdm_core.generate import GenerationRequest, generate
 from tuneqdm_core.model import quant_state
+from tuneqdm_core.training_data import _prepare, _unet_inputs
+from tuneqdm_core.training_step import _draw_batch, _noisy_latents
 
 # As in test_finetune.py: rates for a random tiny model whose quantization steps are ~1e-2.
 FAST: dict[str, Any] = {"resolution": 32, "lr_s_out": 1e-3, "lr_s_in": 3e-2}

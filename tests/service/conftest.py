@@ -36,3 +36,18 @@ def logs(tmp_path: Path) -> Path:
     path = tmp_path / "logs"
     path.mkdir()
     return path
+
+
+@pytest.fixture
+def tiny_settings(
+    pg_url: str, redis_url: str, tmp_path: Path, tiny_model_dir: Path, quant_cache: Path
+) -> dict[str, object]:
+    """The settings a service test starts from (for `service_env` or `Settings`): its own
+    database, broker and data folder, and the tiny base with its shared quantized cache."""
+    return {
+        "database_url": pg_url,
+        "broker_url": redis_url,
+        "data_dir": tmp_path,
+        "model": str(tiny_model_dir),
+        "quant_cache_dir": quant_cache,
+    }

@@ -4,6 +4,7 @@ Celery workers, redis-server, the admin CLI. pytest is imported only where a tes
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -167,6 +168,40 @@ def wait_for(what: str, check: Callable[[], bool], timeout: float, procs: list[P
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{logs}")
 
 
+def answers_ready(client: httpx.Client) -> bool:
+    """Whether the API behind `client` answers GET /readyz with 200 (False while it starts)."""
+    try:
+        return client.get("/readyz").status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def wait_final(client: httpx.Client, url: str, timeout: float, procs: list[Proc]) -> dict[str, Any]:
+    """The job at `url` (GET) once it is succeeded, failed or canceled."""
+    state: dict[str, Any] = {}
+
+    def final() -> bool:
+        state.update(client.get(url).raise_for_status().json())
+        return state["status"] in ("succeeded", "failed", "canceled")
+
+    wait_for(url, final, timeout, procs)
+    return state
+
+
+def post_finetune(
+    client: httpx.Client, params: dict[str, Any], *, photos: int = 3, **form: str
+) -> httpx.Response:
+    """POST /v1/finetunes: `photos` generated subject photos of "a photo of sks dog", `params`
+    and any other form fields (base, webhook_url)."""
+    from tests.worker.conftest import photo_png  # test code only (it imports pytest)
+
+    return client.post(
+        "/v1/finetunes",
+        files=[("images", (f"{i}.png", photo_png(i), "image/png")) for i in range(photos)],
+        data={"instance_prompt": "a photo of sks dog", "params": json.dumps(params), **form},
+    )
+
+
 def admin(env: dict[str, str], *args: str) -> str:
     """Run the admin CLI (`tuneqdm-admin`) against the service's settings; its stdout."""
     return subprocess.run(
@@ -210,18 +245,12 @@ class Service:
         i.e. each worker listens on the queues and a batch submitted now reaches all of them."""
         with self.client(key, timeout=5) as client:
 
-            def ready() -> bool:
-                try:
-                    return client.get("/readyz").status_code == 200
-                except httpx.TransportError:
-                    return False
-
             def registered() -> bool:
                 bases = client.get("/v1/bases").raise_for_status().json()["data"]
                 names = {w["worker"] for b in bases for w in b["workers"]}
                 return len(names) >= len(self.workers)
 
-            wait_for("the API", ready, timeout, self.procs)
+            wait_for("the API", lambda: answers_ready(client), timeout, self.procs)
             wait_for(f"{len(self.workers)} worker(s) registered", registered, timeout, self.procs)
 
     def stop(self) -> None:

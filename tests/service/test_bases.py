@@ -10,9 +10,6 @@ claimed; the adapters carry their base's fingerprint).
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +20,16 @@ from app.bases import describe_folder, register
 from app.db import make_engine, make_sessionmaker
 from app.models import Adapter, FinetuneJob, ServedBase
 from tests.service.procs import (
-    ROOT,
     Proc,
+    create_key,
     free_port,
+    post_finetune,
     service_env,
     start_api,
     start_worker,
+    wait_final,
     wait_for,
 )
-from tests.worker.conftest import photo_png
 
 A, B = "tiny-a", "tiny-b"
 
@@ -44,35 +42,17 @@ def _claimed(proc: Proc, kind: str, job_id: str) -> bool:
 
 
 def test_each_base_runs_on_its_own_worker(
-    pg_url: str,
-    redis_url: str,
-    logs: Path,
-    tmp_path: Path,
-    tiny_model_dir: Path,
-    quant_cache: Path,
+    pg_url: str, logs: Path, tiny_model_dir: Path, tiny_settings: dict[str, object]
 ) -> None:
     common: dict[str, Any] = {
-        "database_url": pg_url,
-        "broker_url": redis_url,
-        "data_dir": tmp_path,
-        "model": tiny_model_dir,
-        "quant_cache_dir": quant_cache,
+        **tiny_settings,
         "torch_threads": 1,
         "heartbeat_s": 1,
         "sweep_every_s": 2,
     }
     env_a = service_env(**common, base_model=A, bits=4)  # the API's default base too
     env_b = service_env(**common, base_model=B, bits=8)
-    created = subprocess.run(
-        [sys.executable, "-m", "app.cli", "keys", "create", "--tenant", "bases"],
-        cwd=ROOT,
-        env=env_a,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    ).stdout
-    key = dict(line.split(": ", 1) for line in created.splitlines() if ": " in line)["api key"]
+    key = create_key(env_a, "bases")["api key"]
     # B is known before its worker starts, as `python -m worker.embedded` registers its base.
     engine = make_engine(pg_url)
     sessions = make_sessionmaker(engine)
@@ -103,28 +83,14 @@ def test_each_base_runs_on_its_own_worker(
         wait_for("the API and worker A", api_and_a_up, 120, procs)
 
         def finetune(base: str | None) -> str:
-            r = client.post(
-                "/v1/finetunes",
-                files=[("images", (f"{i}.png", photo_png(i), "image/png")) for i in range(2)],
-                data={
-                    "instance_prompt": "a photo of sks dog",
-                    "params": json.dumps({"steps": 2, "resolution": 32, "seed": 1}),
-                    **({"base": base} if base else {}),
-                },
-            )
+            params = {"steps": 2, "resolution": 32, "seed": 1}
+            r = post_finetune(client, params, photos=2, **({"base": base} if base else {}))
             assert r.status_code == 202, r.text
             assert r.json()["base_model"] == (base or A)
             return str(r.json()["id"])
 
         def finished(url: str) -> dict[str, Any]:
-            state: dict[str, Any] = {}
-
-            def done() -> bool:
-                state.update(client.get(url).raise_for_status().json())
-                return state["status"] in ("succeeded", "failed", "canceled")
-
-            wait_for(url, done, 240, procs)
-            return state
+            return wait_final(client, url, 240, procs)
 
         ft_b = finetune(B)  # first: a claim blind to bases would take the oldest job, this one
         ft_a = finetune(None)

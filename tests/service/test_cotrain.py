@@ -18,43 +18,21 @@ import torch
 from safetensors.torch import load_file
 from sqlalchemy import select
 
-from app.db import make_engine, make_sessionmaker
 from app.models import Adapter, FinetuneJob
 from app.schemas import FinetuneParams
 from app.services.finetunes import cancel_finetune
 from tests.core.test_cotrain import F32_ADAPTER, relative_error
 from tests.service.procs import wait_for
-from tests.service.test_faults import FAST, Deployment
+from tests.service.test_faults import FAST, Deployment, deployed
 from worker.files import checkpoint_key
 from worker.finetunes import finetune_config
 from worker.runtime import Runtime
 
 
 @pytest.fixture
-def deploy(
-    pg_url: str,
-    redis_url: str,
-    logs: Path,
-    tmp_path: Path,
-    tiny_model_dir: Path,
-    quant_cache: Path,
-) -> Iterator[Deployment]:
-    engine = make_engine(pg_url)
-    values: dict[str, object] = {
-        "database_url": pg_url,
-        "broker_url": redis_url,
-        "data_dir": tmp_path,
-        "model": str(tiny_model_dir),
-        "quant_cache_dir": quant_cache,
-        "photo_retention_s": 3600,
-        **FAST,
-    }
-    deployment = Deployment(values=values, logs=logs, sessions=make_sessionmaker(engine))
-    try:
+def deploy(logs: Path, tiny_settings: dict[str, object]) -> Iterator[Deployment]:
+    with deployed({**tiny_settings, "photo_retention_s": 3600, **FAST}, logs) as deployment:
         yield deployment
-    finally:
-        deployment.stop()
-        engine.dispose()
 
 
 def _assert_trained_as_alone(deploy: Deployment, job_ids: list[str]) -> None:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -27,8 +25,17 @@ from standardwebhooks import Webhook
 from app.db import make_engine, make_sessionmaker
 from app.ids import new_id
 from app.models import Tenant, WebhookDelivery, utcnow
-from tests.service.procs import ROOT, free_port, service_env, start_api, start_worker, wait_for
-from tests.worker.conftest import photo_png
+from tests.service.procs import (
+    answers_ready,
+    create_key,
+    free_port,
+    post_finetune,
+    service_env,
+    start_api,
+    start_worker,
+    wait_final,
+    wait_for,
+)
 
 
 class _Receiver(BaseHTTPRequestHandler):
@@ -44,47 +51,18 @@ class _Receiver(BaseHTTPRequestHandler):
         pass
 
 
-def _poll(client: httpx.Client, url: str, timeout: float, procs: list[Any]) -> dict[str, Any]:
-    state: dict[str, Any] = {}
-
-    def finished() -> bool:
-        state.update(client.get(url).raise_for_status().json())
-        return state["status"] in ("succeeded", "failed", "canceled")
-
-    wait_for(url, finished, timeout, procs)
-    return state
-
-
 def test_http_flow_with_real_processes(
-    pg_url: str,
-    redis_url: str,
-    logs: Path,
-    tmp_path: Path,
-    tiny_model_dir: Path,
-    quant_cache: Path,
+    pg_url: str, logs: Path, tmp_path: Path, tiny_settings: dict[str, object]
 ) -> None:
     env = service_env(
-        database_url=pg_url,
-        broker_url=redis_url,
-        data_dir=tmp_path,
-        model=tiny_model_dir,
-        quant_cache_dir=quant_cache,
+        **tiny_settings,
         torch_threads=1,
         allow_private_webhooks="true",
         webhook_ports="[]",  # the test receiver listens on a random port
         heartbeat_s=1,
         sweep_every_s=2,
     )
-    created = subprocess.run(
-        [sys.executable, "-m", "app.cli", "keys", "create", "--tenant", "e2e"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    ).stdout
-    fields = dict(line.split(": ", 1) for line in created.splitlines() if ": " in line)
+    fields = create_key(env, "e2e")
     key, secret = fields["api key"], fields["webhook signing secret"]
 
     _Receiver.received = []
@@ -118,26 +96,11 @@ def test_http_flow_with_real_processes(
     base = f"http://127.0.0.1:{port}"
     try:
         client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"})
-
-        def ready() -> bool:
-            try:
-                return client.get("/readyz").status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_for("the API", ready, 60, procs)
+        wait_for("the API", lambda: answers_ready(client), 60, procs)
         start = time.perf_counter()
-        r = client.post(
-            "/v1/finetunes",
-            files=[("images", (f"{i}.png", photo_png(i), "image/png")) for i in range(3)],
-            data={
-                "instance_prompt": "a photo of sks dog",
-                "params": json.dumps({"steps": 4, "resolution": 32, "seed": 1}),
-                "webhook_url": hook_url,
-            },
-        )
+        r = post_finetune(client, {"steps": 4, "resolution": 32, "seed": 1}, webhook_url=hook_url)
         assert r.status_code == 202, r.text
-        job = _poll(client, f"/v1/finetunes/{r.json()['id']}", 240, procs)
+        job = wait_final(client, f"/v1/finetunes/{r.json()['id']}", 240, procs)
         assert job["status"] == "succeeded", job
         adapter_id = job["adapter_id"]
         assert job["progress"] == {"step": 4, "total": 4}
@@ -158,7 +121,7 @@ def test_http_flow_with_real_processes(
             },
         )
         assert r.status_code == 202, r.text
-        gen = _poll(client, f"/v1/generations/{r.json()['id']}", 120, procs)
+        gen = wait_final(client, f"/v1/generations/{r.json()['id']}", 120, procs)
         assert gen["status"] == "succeeded", gen
         png = client.get(gen["images"][0]["url"])
         assert png.status_code == 200 and png.headers["content-type"] == "image/png"

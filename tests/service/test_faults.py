@@ -187,30 +187,22 @@ def _json(params: dict[str, Any]) -> str:
     return json.dumps(params)
 
 
-@pytest.fixture
-def deploy(
-    pg_url: str,
-    redis_url: str,
-    logs: Path,
-    tmp_path: Path,
-    tiny_model_dir: Path,
-    quant_cache: Path,
-) -> Iterator[Deployment]:
-    engine = make_engine(pg_url)
-    values: dict[str, object] = {
-        "database_url": pg_url,
-        "broker_url": redis_url,
-        "data_dir": tmp_path,
-        "model": str(tiny_model_dir),
-        "quant_cache_dir": quant_cache,
-        **FAST,
-    }
+@contextlib.contextmanager
+def deployed(values: dict[str, object], logs: Path) -> Iterator[Deployment]:
+    """A Deployment of `values` (tiny_settings and more), its processes stopped at the end."""
+    engine = make_engine(str(values["database_url"]))
     deployment = Deployment(values=values, logs=logs, sessions=make_sessionmaker(engine))
     try:
         yield deployment
     finally:
         deployment.stop()
         engine.dispose()
+
+
+@pytest.fixture
+def deploy(logs: Path, tiny_settings: dict[str, object]) -> Iterator[Deployment]:
+    with deployed({**tiny_settings, **FAST}, logs) as deployment:
+        yield deployment
 
 
 def _ready(proc: Proc) -> bool:

@@ -32,19 +32,10 @@ SAMPLE_EVERY = 4
 
 
 def test_sigkilled_fine_tune_resumes_from_its_checkpoint(
-    pg_url: str,
-    redis_url: str,
-    logs: Path,
-    tmp_path: Path,
-    tiny_model_dir: Path,
-    quant_cache: Path,
+    pg_url: str, redis_url: str, logs: Path, tiny_settings: dict[str, object]
 ) -> None:
     values: dict[str, object] = {
-        "database_url": pg_url,
-        "broker_url": redis_url,
-        "data_dir": tmp_path,
-        "model": str(tiny_model_dir),
-        "quant_cache_dir": quant_cache,
+        **tiny_settings,
         "heartbeat_s": 0.5,
         "stale_after_s": 3,
         "sweep_every_s": 1,

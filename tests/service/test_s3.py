@@ -5,9 +5,7 @@ own empty data directory, PostgreSQL, Redis and a real S3-compatible store (Seaw
 from __future__ import annotations
 
 import io
-import json
-import subprocess
-import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +14,17 @@ from PIL import Image
 
 from app import storage as st
 from tests.s3server import S3Server
-from tests.service.procs import ROOT, free_port, service_env, start_api, start_worker, wait_for
-from tests.worker.conftest import photo_png
+from tests.service.procs import (
+    answers_ready,
+    create_key,
+    free_port,
+    post_finetune,
+    service_env,
+    start_api,
+    start_worker,
+    wait_final,
+    wait_for,
+)
 
 
 def _keys(server: S3Server, prefix: str) -> list[str]:
@@ -58,16 +65,7 @@ def test_finetune_generate_download_delete_on_s3_without_a_shared_filesystem(
         torch_threads=1,
         **common,
     )
-    created = subprocess.run(
-        [sys.executable, "-m", "app.cli", "keys", "create", "--tenant", "s3"],
-        cwd=ROOT,
-        env=api_env,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    ).stdout
-    key = dict(line.split(": ", 1) for line in created.splitlines() if ": " in line)["api key"]
+    key = create_key(api_env, "s3")["api key"]
     port, redirect_port = free_port(), free_port()
     api = start_api(api_env, logs, port)
     redirecting = start_api(redirect_env, logs, redirect_port, name="api-redirect")
@@ -78,40 +76,17 @@ def test_finetune_generate_download_delete_on_s3_without_a_shared_filesystem(
         client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=auth)
         redirect = httpx.Client(base_url=f"http://127.0.0.1:{redirect_port}", headers=auth)
         for c in (client, redirect):
+            wait_for("the API", partial(answers_ready, c), 60, procs)
 
-            def ready(c: httpx.Client = c) -> bool:
-                try:
-                    return c.get("/readyz").status_code == 200
-                except httpx.TransportError:
-                    return False
-
-            wait_for("the API", ready, 60, procs)
-
-        r = client.post(
-            "/v1/finetunes",
-            files=[("images", (f"{i}.png", photo_png(i), "image/png")) for i in range(3)],
-            data={
-                "instance_prompt": "a photo of sks dog",
-                "params": json.dumps(
-                    {"steps": 4, "resolution": 32, "seed": 1, "checkpoint_every": 2}
-                ),
-            },
-        )
+        r = post_finetune(client, {"steps": 4, "resolution": 32, "seed": 1, "checkpoint_every": 2})
         assert r.status_code == 202, r.text
         job_id = r.json()["id"]
         photos = _keys(s3_server, "tenants/")
         assert len(photos) == 3 and all("/inputs/" in k for k in photos), photos
         tenant_id = photos[0].split("/")[1]
 
-        def finished(url: str, c: httpx.Client = client) -> dict[str, Any]:
-            state: dict[str, Any] = {}
-
-            def done() -> bool:
-                state.update(c.get(url).raise_for_status().json())
-                return state["status"] in ("succeeded", "failed", "canceled")
-
-            wait_for(url, done, 240, procs)
-            return state
+        def finished(url: str) -> dict[str, Any]:
+            return wait_final(client, url, 240, procs)
 
         job = finished(f"/v1/finetunes/{job_id}")
         assert job["status"] == "succeeded", (job, worker.log()[-3000:])

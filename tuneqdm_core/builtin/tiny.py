@@ -107,20 +107,25 @@ def _text_config(vocab: dict[str, int], width: int, layers: int, **extra: Any) -
     )
 
 
-def _vae(
-    vae_channels: tuple[int, ...], latent_channels: int, resolution: int, **extra: Any
-) -> AutoencoderKL:
-    return AutoencoderKL(
+def _vae_and_unet(
+    unet_config: dict[str, Any], vae_channels: tuple[int, ...], resolution: int, **vae_extra: Any
+) -> tuple[AutoencoderKL, UNet2DConditionModel]:
+    """The VAE (one 2× downsampling per block after the first) and the UNet at its latent size,
+    made in this order (the random initialisation depends on it)."""
+    vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
         block_out_channels=vae_channels,
         down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
         up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
-        latent_channels=latent_channels,
+        latent_channels=unet_config["in_channels"],
         norm_num_groups=32,
         sample_size=resolution,
-        **extra,
+        **vae_extra,
     )
+    factor = 2 ** (len(vae_channels) - 1)
+    unet = UNet2DConditionModel(**{**unet_config, "sample_size": resolution // factor})
+    return vae, unet
 
 
 def build_pipeline(
@@ -142,9 +147,7 @@ def build_pipeline(
     text_encoder = CLIPTextModel(
         _text_config(vocab, unet_config["cross_attention_dim"], text_layers)
     )
-    vae = _vae(vae_channels, unet_config["in_channels"], resolution)
-    factor = 2 ** (len(vae_channels) - 1)
-    unet = UNet2DConditionModel(**{**unet_config, "sample_size": resolution // factor})
+    vae, unet = _vae_and_unet(unet_config, vae_channels, resolution)
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -195,9 +198,7 @@ def build_xl_pipeline(
     )
     tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
     tokenizer_2 = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77, pad_token="!")
-    vae = _vae(vae_channels, unet_config["in_channels"], resolution, scaling_factor=0.13025)
-    factor = 2 ** (len(vae_channels) - 1)
-    unet = UNet2DConditionModel(**{**unet_config, "sample_size": resolution // factor})
+    vae, unet = _vae_and_unet(unet_config, vae_channels, resolution, scaling_factor=0.13025)
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085,
         beta_end=0.012,

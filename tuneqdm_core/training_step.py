@@ -1,0 +1,192 @@
+"""One fine-tuning step and what it works on: the trained parameters with their optimizer and
+random generator (:class:`_Run`), one step's random draws (:class:`_Batch`), the noised latents
+and their target, the loss, and the UNet's training mode with VAE and text encoders offloaded."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers import UNet2DConditionModel
+
+from tuneqdm_core.adapter import Adapter, param_groups
+from tuneqdm_core.base import BaseModel
+from tuneqdm_core.finetune_config import FinetuneConfig, s_out_learning_rate
+from tuneqdm_core.routing import route_adapters, routed
+from tuneqdm_core.training_data import _Data, _unet_inputs
+
+
+@dataclass
+class _Run:
+    """What one fine-tune trains and the state a checkpoint saves."""
+
+    unet: Any  # the quantized base UNet, or a float copy for method "full"
+    adapter: Adapter | None
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    generator: torch.Generator
+    losses: list[float] = field(default_factory=list)
+    step: int = 0
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """One step's draws: data rows (instance rows, then their paired class rows), noise."""
+
+    rows: torch.Tensor
+    noise: torch.Tensor
+    latent_noise: torch.Tensor
+    timesteps: torch.Tensor
+
+
+def _start(base: BaseModel, config: FinetuneConfig) -> _Run:
+    """The trained parameters (a fresh adapter, or the float UNet), optimizer and generator."""
+    device = base.device
+    adapter: Adapter | None = None
+    unet = base.unet
+    if config.method == "full":
+        unet = UNet2DConditionModel.from_pretrained(base.source, subfolder="unet").to(device)
+        unet.requires_grad_(True)
+        params = list(unet.parameters())
+        groups: list[dict[str, Any]] = [{"params": params, "lr": config.lr, "weight_decay": 1e-2}]
+    else:
+        adapter = Adapter.create(
+            unet, config.adapter_config(), torch.Generator().manual_seed(config.seed)
+        )
+        params = list(adapter.parameters())
+        lr_s_out = s_out_learning_rate(unet, config)
+        groups = param_groups(adapter, lr_s_out, config.lr_s_in, config.weight_decay)
+    # fp16 gradients of small scale vectors underflow without loss scaling; bf16 needs none.
+    scaler = torch.amp.GradScaler(
+        device.type, enabled=config.mixed_precision == "fp16" and device.type == "cuda"
+    )
+    return _Run(
+        unet=unet,
+        adapter=adapter,
+        params=params,
+        optimizer=torch.optim.AdamW(groups),
+        scaler=scaler,
+        generator=torch.Generator().manual_seed(config.seed),
+    )
+
+
+def _draw_batch(
+    data: _Data, config: FinetuneConfig, generator: torch.Generator, total_t: int
+) -> _Batch:
+    """Rows, noises and timesteps of one step, all from ``generator`` in a fixed order (what
+    makes a resumed run end with the same adapter)."""
+    rows = torch.randint(0, data.instance, (config.batch_size,), generator=generator)
+    if any(data.class_rows):
+        # Each instance sample is paired with a class image of its own subject.
+        picks = []
+        for r in rows.tolist():
+            own = data.class_rows[int(data.subject_of[r])] or [r]
+            picks.append(own[int(torch.randint(0, len(own), (1,), generator=generator))])
+        rows = torch.cat([rows, torch.tensor(picks)])
+    noise = torch.randn(data.mean[rows].shape, generator=generator)
+    latent_noise = torch.randn(data.mean[rows].shape, generator=generator)
+    timesteps = torch.randint(0, total_t, (rows.shape[0],), generator=generator)
+    return _Batch(rows, noise, latent_noise, timesteps)
+
+
+def _noisy_latents(
+    base: BaseModel, data: _Data, batch: _Batch, noise_scheduler: Any
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(noisy latents, timesteps, target) on the device: a latent sampled from each image's
+    VAE posterior, noised at its timestep; the target is ε or v by the scheduler's type."""
+    device = base.device
+    latents = data.mean[batch.rows] + data.std[batch.rows] * batch.latent_noise.to(device)
+    latents = latents * base.vae.config.scaling_factor
+    noise = batch.noise.to(device)
+    t = batch.timesteps.to(device)
+    noisy = noise_scheduler.add_noise(latents, noise, t)
+    if noise_scheduler.config.prediction_type == "epsilon":
+        return noisy, t, noise
+    return noisy, t, noise_scheduler.get_velocity(latents, noise, t)
+
+
+def _autocast(config: FinetuneConfig, device: torch.device) -> Any:
+    if config.mixed_precision == "no" or device.type != "cuda":
+        return nullcontext()
+    dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _loss(prediction: torch.Tensor, target: torch.Tensor, config: FinetuneConfig) -> torch.Tensor:
+    """Instance MSE, plus ``prior_loss_weight`` × the class images' MSE when the batch carries
+    them (its second half)."""
+    # At least float32 (mixed precision); a float64 model keeps float64 (exactness tests).
+    dtype = torch.promote_types(prediction.dtype, torch.float32)
+    errors = F.mse_loss(prediction.to(dtype), target.to(dtype), reduction="none").mean(
+        dim=(1, 2, 3)
+    )
+    loss = errors[: config.batch_size].mean()
+    if errors.shape[0] > config.batch_size:
+        loss = loss + config.prior_loss_weight * errors[config.batch_size :].mean()
+    return loss
+
+
+def _optimizer_step(run: _Run, loss: torch.Tensor, max_grad_norm: float) -> None:
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    if max_grad_norm > 0:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_([p for p in run.params if p.grad is not None], max_grad_norm)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+
+
+def _train_step(
+    base: BaseModel,
+    run: _Run,
+    data: _Data,
+    batch: _Batch,
+    noise_scheduler: Any,
+    config: FinetuneConfig,
+) -> float:
+    """One optimizer step on ``batch``; returns its loss."""
+    noisy, t, target = _noisy_latents(base, data, batch, noise_scheduler)
+    route = None if run.adapter is None else route_adapters([run.adapter], batch.timesteps)
+    # The backward stays inside: checkpointing reads the route again there.
+    with routed(base.unet, route):
+        with _autocast(config, base.device):
+            prediction = run.unet(noisy, t, **_unet_inputs(base, data, batch.rows)).sample
+        loss = _loss(prediction, target, config)
+        _optimizer_step(run, loss, config.max_grad_norm)
+    return float(loss.detach())
+
+
+@contextmanager
+def _offloaded(base: BaseModel) -> Any:
+    """Move VAE and text encoder off the accelerator while the UNet trains."""
+    if base.device.type == "cpu":
+        yield
+        return
+    for module in (base.vae, *base.text_encoders):
+        module.to("cpu")
+    torch.cuda.empty_cache()
+    try:
+        yield
+    finally:
+        for module in (base.vae, *base.text_encoders):
+            module.to(base.device)
+
+
+@contextmanager
+def _training(base: BaseModel, unet: Any, config: FinetuneConfig) -> Iterator[None]:
+    """``unet`` in train mode (checkpointing on if asked), VAE and text encoder offloaded."""
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    try:
+        with _offloaded(base):
+            yield
+    finally:
+        if config.gradient_checkpointing:
+            unet.disable_gradient_checkpointing()
+        unet.eval()
