@@ -157,7 +157,8 @@ def test_client_finetune_wait_generate_download_delete(service: Service, tmp_pat
     # The operator's view of the same run: /metrics over the embedded SQLite broker and registry.
     metrics = httpx.get(service.url + "/metrics").text
     assert "tuneqdm_broker_up 1.0" in metrics and "tuneqdm_registry_up 1.0" in metrics
-    assert re.search(r'^tuneqdm_queue_messages\{queue="finetune"\} 0\.0$', metrics, re.M)
+    # One queue per kind and base, e.g. finetune.tuneqdm-fashion-sd-836ac38a (docs/workers.md).
+    assert re.search(r'^tuneqdm_queue_messages\{queue="finetune\.[^"]+"\} 0\.0$', metrics, re.M)
     assert re.search(r'^tuneqdm_jobs\{kind="finetune",status="succeeded"\} [1-9]', metrics, re.M)
     assert re.search(r'^tuneqdm_finetune_step_seconds\{quantile="0.5"\} \d', metrics, re.M)
     assert re.search(r'^tuneqdm_generation_seconds\{quantile="0.9"\} \d', metrics, re.M)
