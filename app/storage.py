@@ -135,6 +135,12 @@ class Storage(Protocol):
 
     def size(self, key: str) -> int: ...
 
+    def collect_unfinished(self, older_than: float) -> list[str]:
+        """Remove what writes that never finished left behind (a process killed mid-write)
+        and was begun before the timestamp `older_than`; what it removed. `list` never shows
+        such leftovers, so the orphan collector cannot find them as objects."""
+        ...
+
     def list(self, prefix: str) -> Iterator[StoredObject]:
         """Every object under `prefix` (a folder-like key), in no particular order."""
         ...
@@ -224,6 +230,19 @@ class LocalStorage:
 
     def size(self, key: str) -> int:
         return self.path(key).stat().st_size
+
+    def collect_unfinished(self, older_than: float) -> list[str]:
+        # Keys never begin with "." (check_key), so a dot-file is a temporary one (`_replacing`
+        # here, a checkpoint's in tuneqdm_core) whose writer died before its rename.
+        removed = []
+        for path in self.root.rglob(".*"):
+            try:
+                if path.is_file() and path.stat().st_mtime < older_than:
+                    path.unlink()
+                    removed.append(path.relative_to(self.root).as_posix())
+            except FileNotFoundError:
+                continue  # renamed or removed meanwhile
+        return removed
 
     def list(self, prefix: str) -> Iterator[StoredObject]:
         folder = self.path(prefix)
@@ -404,6 +423,20 @@ class S3Storage:
 
     def size(self, key: str) -> int:
         return int(self._head(key)["ContentLength"])
+
+    def collect_unfinished(self, older_than: float) -> list[str]:
+        # A multipart upload whose process died is invisible to listings but keeps its parts
+        # (and their cost) in the bucket until it is aborted.
+        removed = []
+        pages = self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket)
+        for page in pages:
+            for upload in page.get("Uploads", []):
+                if upload["Initiated"].timestamp() < older_than:
+                    self.client.abort_multipart_upload(
+                        Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                    )
+                    removed.append(upload["Key"])
+        return removed
 
     def list(self, prefix: str) -> Iterator[StoredObject]:
         pages = self.client.get_paginator("list_objects_v2").paginate(

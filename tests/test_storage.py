@@ -82,6 +82,43 @@ def test_list_and_delete_prefix(storage: Storage) -> None:
     storage.delete_prefix("tenants/t_1/finetunes/ft_1")  # nothing left: no error
 
 
+def _begin_unfinished_write(storage: Storage, key: str) -> None:
+    """What a process killed mid-write leaves: a temporary file beside the key (local), or a
+    multipart upload with a part but never completed (s3)."""
+    if isinstance(storage, LocalStorage):
+        path = storage.path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        (path.parent / f".tmp-{path.name}").write_bytes(b"half")
+        return
+    assert isinstance(storage, S3Storage)
+    upload = storage.client.create_multipart_upload(Bucket=storage.bucket, Key=key)
+    storage.client.upload_part(
+        Bucket=storage.bucket, Key=key, UploadId=upload["UploadId"], PartNumber=1, Body=b"half"
+    )
+
+
+def _unfinished(storage: Storage) -> int:
+    if isinstance(storage, LocalStorage):
+        return sum(1 for p in storage.root.rglob(".*") if p.is_file())
+    assert isinstance(storage, S3Storage)
+    return len(storage.client.list_multipart_uploads(Bucket=storage.bucket).get("Uploads", []))
+
+
+def test_unfinished_writes_are_invisible_and_collected_once_old(storage: Storage) -> None:
+    key = "tenants/t_1/adapters/ad_1_a1.safetensors"
+    storage.put("tenants/t_1/adapters/ad_2_a1.safetensors", b"whole")
+    _begin_unfinished_write(storage, key)
+    assert [o.key for o in storage.list("tenants")] == ["tenants/t_1/adapters/ad_2_a1.safetensors"]
+    assert not storage.exists(key)
+    # Begun after the cutoff: a write that may still be in flight is left alone.
+    assert storage.collect_unfinished(time.time() - 3600) == []
+    assert _unfinished(storage) == 1
+    removed = storage.collect_unfinished(time.time() + 5)
+    assert len(removed) == 1 and removed[0].startswith("tenants/t_1/adapters/")
+    assert _unfinished(storage) == 0
+    assert storage.exists("tenants/t_1/adapters/ad_2_a1.safetensors")  # whole objects stay
+
+
 def test_large_file_round_trip_is_verified(storage: Storage, tmp_path: Path) -> None:
     """Above MULTIPART_BYTES an S3 upload goes in parts (its ETag is then no MD5): the
     download is checked against the sha256 stored with the object."""

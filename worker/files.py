@@ -63,8 +63,9 @@ def collect_orphans(
     an adapter row; checkpoints of missing or finished fine-tunes; the folder of a fine-tune
     that does not exist (photos of an upload that never committed); progress images of a
     missing fine-tune, or of a finished one that no sample row names; generated images that
-    no image row names, unless their generation is still active. Returns the keys (a file) and
-    prefixes (a folder) removed; a folder goes only when nothing in it is younger."""
+    no image row names, unless their generation is still active; and what writes that never
+    finished left (temporary files, incomplete multipart uploads). Returns the keys (a file)
+    and prefixes (a folder) removed; a folder goes only when nothing in it is younger."""
     # Object times are the store's clock (the host's with the local backend); so is this, on
     # a host whose clock is kept in step (a publish in flight is younger than the cutoff).
     cutoff = time.time() - older_than_s
@@ -84,6 +85,9 @@ def collect_orphans(
                         storage.delete_prefix(unit)
                     log.info("collected orphan file(s) %s", unit)
                     removed.append(unit)
+    for partial in storage.collect_unfinished(cutoff):
+        log.info("collected an unfinished write %s", partial)
+        removed.append(partial)
     return removed
 
 

@@ -213,12 +213,16 @@ def test_collector_removes_only_files_no_row_owns(ctx: Context, tenant: Tenant) 
     dead_checkpoint = storage.path(checkpoint_key(tenant.id, done)) / "checkpoint.pt"
     live_checkpoint = storage.path(checkpoint_key(tenant.id, queued)) / "checkpoint.pt"
     never_committed = storage.path(f"tenants/{tenant.id}/finetunes/ft_gone/inputs/000.png")
-    for path in (lost_race, dead_checkpoint, live_checkpoint, never_committed):
+    interrupted = owned.parent / ".tmp-killed-mid-write"  # a write whose process died
+    for path in (lost_race, dead_checkpoint, live_checkpoint, never_committed, interrupted):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"x")
     assert collect_orphans(ctx.sessions, storage, older_than_s=3600) == []  # all young
     removed = collect_orphans(ctx.sessions, storage, older_than_s=0)
-    as_keys = {p.relative_to(storage.root).as_posix() for p in (lost_race, dead_checkpoint.parent)}
+    as_keys = {
+        p.relative_to(storage.root).as_posix()
+        for p in (lost_race, dead_checkpoint.parent, interrupted)
+    }
     assert set(removed) == as_keys | {f"tenants/{tenant.id}/finetunes/ft_gone"}
     assert not never_committed.parents[1].exists()
     assert owned.is_file() and live_checkpoint.is_file()
