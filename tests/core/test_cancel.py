@@ -13,6 +13,7 @@ from tuneqdm_core.base import BaseModel
 from tuneqdm_core.cancel import Canceled, _blocks
 from tuneqdm_core.finetune import FinetuneCanceled, FinetuneConfig, Subject, class_images, finetune
 from tuneqdm_core.generate import GenerationRequest, generate
+from tuneqdm_core.sampling import Sampling
 
 
 class CancelAfter:
@@ -89,3 +90,35 @@ def test_class_images_come_in_chunks_with_progress_and_cancel(
     cached = list((tmp_path / "cache").glob("class-*/*.png"))
     assert len(cached) == 8
     assert not list((tmp_path / "cache").glob("class-*/.*"))
+
+
+def test_a_cancel_while_progress_images_are_made_stops_within_one_unet_call(
+    tiny_base: BaseModel,
+) -> None:
+    subject = Subject("a photo of sks dog", subject_photos(2))
+    config = FinetuneConfig(steps=5, resolution=32, checkpoint_every=0)
+    sampling = Sampling(["a photo of sks dog"], every=1, size=32, steps=50, precision="auto")
+    denoised: list[int] = []
+    made: list[int] = []
+
+    def sample_step(done: int, total: int) -> None:
+        denoised.append(done)  # the first denoising step of step 1's images is done
+
+    def canceled() -> bool:
+        return bool(denoised)
+
+    with pytest.raises(FinetuneCanceled) as raised:
+        finetune(
+            tiny_base,
+            [subject],
+            config,
+            should_cancel=canceled,
+            sampling=sampling,
+            on_sample=lambda step, images: made.append(step),
+            on_sample_step=sample_step,
+        )
+    # Step 1 trained, its images stopped inside the UNet call after their first step: no
+    # images handed over, 49 denoising steps never ran, no hook left behind.
+    assert raised.value.step == 1
+    assert denoised == [1] and made == []
+    assert _hooks(tiny_base) == 0

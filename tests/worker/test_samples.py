@@ -43,6 +43,10 @@ def test_samples_at_the_expected_steps_events_in_order_and_the_same_adapter(
     )
     plain = submit_finetune(ctx, tenant, _params(), name="plain")
     assert run_finetune(sampled, ctx) == "succeeded"
+    # A job with progress images trains alone: the compatible queued one was not co-trained.
+    assert ctx.settings.cotrain_max > 1
+    with ctx.sessions() as s:
+        assert s.get(FinetuneJob, plain).status == "queued"  # type: ignore[union-attr]
     assert run_finetune(plain, ctx) == "succeeded"
 
     with ctx.sessions() as s:
