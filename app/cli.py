@@ -7,6 +7,8 @@
     tuneqdm-admin tenants rotate-webhook-secret NAME
     tuneqdm-admin sweep
     tuneqdm-admin storage init
+    tuneqdm-admin bases list
+    tuneqdm-admin bases retire NAME
 
 The plaintext key is printed once at creation; only its SHA-256 hash is stored.
 """
@@ -20,10 +22,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.db import engine_from_settings, make_sessionmaker, session_scope
-from app.errors import NotFound
+from app.errors import DomainError, NotFound
 from app.logs import audit, configure_logging
 from app.models import Tenant
-from app.services import keys, quotas, retention, webhook_secrets
+from app.services import bases, keys, quotas, retention, webhook_secrets
 from app.settings import Settings, get_settings
 from app.storage import storage_from_settings
 
@@ -59,6 +61,13 @@ def _parser() -> argparse.ArgumentParser:
     storage_p = sub.add_parser("storage", help="the file store (TUNEQDM_STORAGE_BACKEND)")
     storage_sub = storage_p.add_subparsers(dest="action", required=True)
     storage_sub.add_parser("init", help="create the bucket or folder if missing (idempotent)")
+    bases_p = sub.add_parser("bases", help="the bases workers have registered")
+    bases_sub = bases_p.add_subparsers(dest="action", required=True)
+    bases_sub.add_parser("list", help="bases with their workers and queued jobs")
+    retire = bases_sub.add_parser(
+        "retire", help="take a base whose workers are stopped and whose jobs ended off the list"
+    )
+    retire.add_argument("name")
     rotate = tenants_sub.add_parser(
         "rotate-webhook-secret",
         help="new webhook signing secret; the old one also signs until the overlap "
@@ -140,6 +149,30 @@ def _tenants(args: argparse.Namespace, session: Session, settings: Settings) -> 
     return 0
 
 
+def _bases(args: argparse.Namespace, session: Session, settings: Settings) -> int:
+    if args.action == "retire":
+        try:
+            row = bases.retire_base(session=session, settings=settings, name=args.name)
+        except DomainError as exc:
+            print(f"error: {exc.detail}", file=sys.stderr)
+            return 1
+        audit("base.retired", base=row.name)
+        print(f"retired base {row.name}: requests naming it are refused; its adapters stay")
+        return 0
+    queued = bases.queued_jobs(session=session)
+    since = bases.up_since(settings)
+    for row in bases.list_bases(session=session):
+        up = sum(w.last_seen_at >= since for w in row.workers)
+        waiting = queued.get(row.name, {"finetune": 0, "generation": 0})
+        default = "  (default)" if row.name == settings.base_model else ""
+        print(
+            f"{row.name}  {row.bits}-bit  {row.native_resolution} px  workers up {up} of "
+            f"{len(row.workers)}  queued {waiting['finetune']} fine-tune(s), "
+            f"{waiting['generation']} generation(s){default}"
+        )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     settings = get_settings()
@@ -169,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"Webhooks are signed with the old and the new secret for {hours:g} h.")
         elif args.group == "tenants":
             return _tenants(args, session, settings)
+        elif args.group == "bases":
+            return _bases(args, session, settings)
         elif args.action == "create":
             name = args.tenant.strip()
             if not name or len(name) > 100:

@@ -8,7 +8,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, selectinload
 
 from app.bases import BaseInfo, SizeRange, describe_folder, info_of, size_range
-from app.errors import InvalidInput, NotFound, ServiceUnavailable
+from app.errors import Conflict, InvalidInput, NotFound, ServiceUnavailable
 from app.models import FinetuneJob, GenerationJob, ServedBase, utcnow
 from app.settings import Settings
 
@@ -86,3 +86,30 @@ def up_since(settings: Settings) -> datetime:
     """Workers seen after this are up: a live one refreshes every TUNEQDM_BASE_SEEN_EVERY_S,
     so three missed refreshes mean it is gone (or cannot reach the database)."""
     return utcnow() - timedelta(seconds=3 * settings.base_seen_every_s)
+
+
+def retire_base(*, session: Session, settings: Settings, name: str) -> ServedBase:
+    """Take base `name` off the registry, so requests naming it get 422 and generations with
+    its adapters 409 (the adapters stay; their files can still be downloaded and exported).
+    Refused for the default base (accepted even without a row), while any of its workers is up
+    (it would register the base again) and while it has queued or running jobs."""
+    row = get_base(session=session, name=name)
+    if name == settings.base_model:
+        raise Conflict(f"{name!r} is the default base (TUNEQDM_BASE_MODEL); change that first")
+    up = [w.worker for w in row.workers if w.last_seen_at >= up_since(settings)]
+    if up:
+        raise Conflict(f"workers still serve {name!r} ({', '.join(up)}); stop them first")
+    for kind, model in (("fine-tunes", FinetuneJob), ("generations", GenerationJob)):
+        active = session.scalar(
+            select(func.count()).where(
+                model.base_model == name, model.status.in_(("queued", "running"))
+            )
+        )
+        if active:
+            raise Conflict(
+                f"{active} {kind} of {name!r} are queued or running; cancel them or let them "
+                "finish first"
+            )
+    session.delete(row)
+    session.flush()
+    return row

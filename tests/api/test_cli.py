@@ -1,4 +1,5 @@
-"""`tuneqdm-admin keys create|list|revoke` against the test database, checked through the API."""
+"""`tuneqdm-admin keys create|list|revoke`, `bases list|retire` against the test database,
+checked through the API or the registry."""
 
 from __future__ import annotations
 
@@ -7,18 +8,22 @@ import re
 import subprocess
 import sys
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app import cli
-from app.models import Tenant
+from app.bases import BaseInfo, register
+from app.models import BaseWorker, FinetuneJob, ServedBase, Tenant, utcnow
 from app.settings import get_settings
+from tests.api.factories import make_finetune, make_tenant
 
 ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_BASE = "tuneqdm/fashion-sd"  # TUNEQDM_BASE_MODEL's default
 
 
 @pytest.fixture
@@ -86,3 +91,46 @@ def test_rotate_webhook_secret(
     assert f"webhook signing secret: {new}" in capsys.readouterr().out
     assert cli.main(["tenants", "rotate-webhook-secret", "nobody"]) == 1
     assert "no tenant named 'nobody'" in capsys.readouterr().err
+
+
+def test_bases_list_and_retire(
+    cli_env: None, session: Session, capsys: pytest.CaptureFixture[str]
+) -> None:
+    other = "sd21-8bit"
+    register(
+        session,
+        BaseInfo(other, "/models/sd21", 64, "epsilon", 8),
+        worker="gpu-2:7",
+        storage_mode="packed",
+    )
+    register(session, BaseInfo(DEFAULT_BASE, "/m", 32, "epsilon", 4), worker="gpu-1:5")
+    session.commit()
+    t = make_tenant(session)
+    job = make_finetune(session, t.tenant, status="queued", base_model=other)
+
+    assert cli.main(["bases", "list"]) == 0
+    out = capsys.readouterr().out
+    assert f"{other}  8-bit  64 px  workers up 1 of 1  queued 1 fine-tune(s)" in out
+    assert f"{DEFAULT_BASE}  4-bit" in out and "(default)" in out
+
+    def refused(name: str, reason: str) -> None:
+        assert cli.main(["bases", "retire", name]) == 1
+        assert reason in capsys.readouterr().err
+        session.expire_all()
+        assert session.get(ServedBase, name) is not None or name == "nope"
+
+    refused(other, "workers still serve 'sd21-8bit' (gpu-2:7); stop them first")
+    long_ago = utcnow() - timedelta(hours=1)
+    session.execute(update(BaseWorker).values(last_seen_at=long_ago))
+    session.commit()
+    refused(other, "1 fine-tunes of 'sd21-8bit' are queued or running")
+    job.status = "canceled"
+    session.commit()
+    refused(DEFAULT_BASE, "is the default base")
+    refused("nope", "no base named 'nope'")
+
+    assert cli.main(["bases", "retire", other]) == 0
+    assert "retired base sd21-8bit" in capsys.readouterr().out
+    session.expire_all()
+    assert session.get(ServedBase, other) is None
+    assert session.get(FinetuneJob, job.id) is not None  # jobs and adapters stay
