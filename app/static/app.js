@@ -136,7 +136,21 @@ async function useKey(key) {
   $("key-status").textContent = "Connected.";
   $("key-status").className = "ok";
   $("app").hidden = false;
-  await Promise.all([refreshFinetunes(), refreshAdapters(), refreshGenerations()]);
+  await Promise.all([refreshBases(), refreshFinetunes(), refreshAdapters(), refreshGenerations()]);
+}
+
+// The bases this deployment serves, the default first (a fine-tune that names none uses it).
+async function refreshBases() {
+  let page;
+  try {
+    page = await api("GET", "/v1/bases");
+  } catch (_) {
+    return; // the default base only
+  }
+  const bases = [...page.data].sort((a, b) => Number(b.default) - Number(a.default));
+  $("base").replaceChildren(...bases.map((b) => el("option", { value: b.default ? "" : b.name },
+    `${b.name}${b.default ? " (default)" : ""}, ${b.bits}-bit, ${b.native_resolution} px`)));
+  if (!bases.length) $("base").replaceChildren(el("option", { value: "" }, "default"));
 }
 
 $("key-form").addEventListener("submit", (event) => {
@@ -172,6 +186,7 @@ $("finetune-form").addEventListener("submit", async (event) => {
   for (const file of $("photos").files) form.append("images", file);
   form.append("instance_prompt", $("instance-prompt").value);
   if ($("ft-name").value) form.append("name", $("ft-name").value);
+  if ($("base").value) form.append("base", $("base").value);
   const params = { method: $("method").value };
   // Unset: the base's own bit width (another one is refused).
   if ($("bits").value) params.bits = Number($("bits").value);
@@ -238,6 +253,7 @@ async function poll() {
   const bits = [`step ${step}/${total}`];
   if (job.loss !== null) bits.push(`loss ${job.loss.toFixed(4)}`);
   if (job.eta_seconds !== null) bits.push(`about ${Math.round(job.eta_seconds)} s left`);
+  if (job.group_size) bits.push(`training with ${job.group_size - 1} other fine-tune(s)`);
   if (job.error) bits.push(job.error);
   if (job.adapter_id) bits.push(`adapter ${job.adapter_id}`);
   $("job-detail").textContent = bits.join(" · ");

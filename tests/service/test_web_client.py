@@ -263,6 +263,12 @@ def test_web_page_happy_path_and_bad_upload(service: Service, browser: Any, tmp_
     assert find("finetune-error").text == api_answer.json()["detail"]
     _screenshot(browser, tmp_path, "web-bad-upload")
 
+    # The bases this service serves, from GET /v1/bases: here the default one only.
+    bases = browser.execute_script(
+        "return [...document.querySelectorAll('#base option')].map((o) => [o.value, o.text])"
+    )
+    assert bases == [["", "tuneqdm/fashion-sd (default), 4-bit, 32 px"]], bases
+
     # The happy path: photos with previews, a few steps at 32 px, watched to success.
     find("photos").clear()
     find("photos").send_keys("\n".join(str(p) for p in photos))
