@@ -15,6 +15,8 @@ from tuneqdm_client.client import ApiError, Client, JobFailed
 from tuneqdm_client.types import (
     Adapter,
     AdapterPage,
+    Base,
+    BasePage,
     Event,
     EventPage,
     Finetune,
@@ -31,6 +33,8 @@ __all__ = [
     "Adapter",
     "AdapterPage",
     "ApiError",
+    "Base",
+    "BasePage",
     "Client",
     "Event",
     "EventPage",

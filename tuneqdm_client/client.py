@@ -15,6 +15,7 @@ from tuneqdm_client.progress import ProgressBar
 from tuneqdm_client.types import (
     Adapter,
     AdapterPage,
+    BasePage,
     EventPage,
     Finetune,
     FinetunePage,
@@ -120,6 +121,7 @@ class Client:
         class_prompt: str | None = None,
         name: str | None = None,
         token: str = "sks",
+        base: str | None = None,
         webhook_url: str | None = None,
         idempotency_key: str | None = None,
         **params: Any,
@@ -127,10 +129,11 @@ class Client:
         """Upload the photos (a folder, one file, or a list of files) and start a fine-tune.
 
         Keyword arguments beyond the named ones are training params (steps=200, resolution=512,
-        method="peqa", ...; docs/api.md lists them).
+        method="peqa", ...; docs/api.md lists them). `base` names the base it trains on (one of
+        `bases()`; None: the service's default).
         """
         form: dict[str, str] = {"instance_prompt": instance_prompt, "token": token}
-        for key, value in (("class_prompt", class_prompt), ("name", name)):
+        for key, value in (("class_prompt", class_prompt), ("name", name), ("base", base)):
             if value is not None:
                 form[key] = value
         if webhook_url is not None:
@@ -211,6 +214,10 @@ class Client:
         return job
 
     # --- adapters ---------------------------------------------------------------------------
+
+    def bases(self) -> BasePage:
+        """The bases this service serves, with their sizes, workers and queued jobs."""
+        return cast(BasePage, self._json("GET", "/v1/bases"))
 
     def list_adapters(self, *, limit: int = 20, offset: int = 0) -> AdapterPage:
         query = _query(limit=limit, offset=offset)

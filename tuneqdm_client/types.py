@@ -17,6 +17,7 @@ class Finetune(TypedDict):
     id: str
     name: str | None
     status: str  # queued | running | succeeded | failed | canceled
+    base_model: str  # the base it trains on
     instance_prompt: str
     class_prompt: str | None
     token: str
@@ -109,6 +110,47 @@ class EventPage(TypedDict):
     data: list[Event]
     next_cursor: str
     has_more: bool
+
+
+class SizeRange(TypedDict):
+    default: int  # the native resolution
+    min: int
+    max: int
+
+
+class BaseWorker(TypedDict):
+    worker: str
+    device: str | None
+    last_seen_at: str
+    up: bool
+
+
+class QueuedJobs(TypedDict):
+    finetune: int
+    generation: int
+
+
+class Base(TypedDict):
+    name: str
+    source: str
+    native_resolution: int
+    sizes: SizeRange
+    bits: int
+    prediction_type: str
+    fingerprint: str | None
+    device: str | None
+    storage_mode: str | None
+    default: bool  # the base of requests that name none
+    workers_up: int
+    queued: QueuedJobs
+    workers: list[BaseWorker]
+    created_at: str
+    updated_at: str
+
+
+class BasePage(TypedDict):
+    data: list[Base]
+    count: int
 
 
 # One page of a list endpoint; `count` is the number of matches across all pages. (Three

@@ -89,16 +89,20 @@ def test_client_finetune_wait_generate_download_delete(service: Service, tmp_pat
     _photos(tmp_path / "photos")
     bar = io.StringIO()
     with Client(service.url, service.key) as client:
+        (base,) = client.bases()["data"]
+        assert base["default"] and base["workers_up"] == 1 and base["sizes"]["default"] == 32
         job = client.create_finetune(
             tmp_path / "photos",
             "a photo of sks bag",
             name="bag",
+            base=base["name"],
             steps=STEPS,
             resolution=32,
             validation_prompts=PROMPTS,
             sample_every=SAMPLE_EVERY,
         )
         assert (job["status"], job["num_images"], job["params"]["steps"]) == ("queued", 3, STEPS)
+        assert job["base_model"] == base["name"]
         done = client.wait_finetune(job["id"], poll_s=0.5, timeout_s=300, stream=bar)
         assert done["status"] == "succeeded" and done["adapter_id"]
         # Not a terminal, so one line per change, the last one at 100 %.
