@@ -134,6 +134,13 @@ def _stopped(ctx: Context, job_id: str, owner: str, lease: Lease, deadline: Dead
         log.info("generation %s stopped (canceled or taken over); its images are dropped", job_id)
 
 
+def _touch(leases: dict[str, Lease]) -> None:
+    """Each denoising step is progress: a long loop keeps its leases (the watchdog gives up
+    only a loop that stopped moving)."""
+    for lease in leases.values():
+        lease.touch()
+
+
 def _generate(
     ctx: Context,
     jobs: list[GenerationJob],
@@ -213,6 +220,7 @@ def _generate(
                 bank=bank,
                 precision=ctx.settings.generation_dtype,
                 should_cancel=lambda: all(stop() for stop in stops.values()),
+                on_step=lambda done, total: _touch(leases),
             )
     except Canceled:
         for job, _ in runnable:

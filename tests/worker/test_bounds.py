@@ -72,6 +72,20 @@ def _gen(ctx: Context, gen_id: str) -> GenerationJob:
         return gen
 
 
+def test_a_generation_longer_than_the_progress_timeout_keeps_its_lease(
+    ctx: Context, tenant: Tenant, tmp_path: Path
+) -> None:
+    # The watchdog gives up a job whose lease saw no progress for PROGRESS_TIMEOUT_S; every
+    # denoising step is progress, so one generate() call longer than that is not given up.
+    stalls: list[str] = []
+    _limit(ctx, tmp_path, progress_timeout_s=0.3, heartbeat_s=0.05)
+    ctx.on_stall = lambda model, job_id: stalls.append(job_id)
+    # 60 UNet calls at 32 px: several times 0.3 s, one call far shorter.
+    gen_id = _generation(ctx, tenant, steps=60, width=32, height=32)
+    assert run_generation(gen_id, ctx) == "succeeded (batch of 1)"
+    assert stalls == [] and _gen(ctx, gen_id).status == "succeeded"
+
+
 def test_a_generation_past_its_time_limit_fails(
     ctx: Context, tenant: Tenant, tmp_path: Path
 ) -> None:
