@@ -12,12 +12,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from app.s3_storage import MULTIPART_BYTES, S3Storage
 from app.storage import (
-    MULTIPART_BYTES,
     DamagedObject,
     InvalidKey,
     LocalStorage,
-    S3Storage,
     Storage,
     storage_from_settings,
 )

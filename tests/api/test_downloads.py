@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app import storage as st
 from app.deps import get_sender
 from app.main import create_app
+from app.s3_storage import S3Storage
 from tests.api.conftest import make_settings
 from tests.api.factories import RecordingSender, make_adapter, make_generation, make_tenant
 from tests.s3server import S3Server
@@ -26,7 +27,7 @@ def files(request: pytest.FixtureRequest, workdir: Path) -> Iterator[st.Storage]
         yield st.LocalStorage(workdir / "files")
         return
     server: S3Server = request.getfixturevalue("s3_server")
-    s3 = st.S3Storage(
+    s3 = S3Storage(
         bucket=server.bucket,
         endpoint_url=server.endpoint_url,
         access_key_id=server.access_key_id,
@@ -54,7 +55,7 @@ def test_downloads_stream_or_redirect(
     gen = make_generation(session, files, t.tenant, images=1)
     with files.open(gen.images[0].storage_key) as f:
         png = f.read()
-    redirects = redirect and isinstance(files, st.S3Storage)  # local files always stream
+    redirects = redirect and isinstance(files, S3Storage)  # local files always stream
     with TestClient(app, follow_redirects=False) as client:
         for url, body, media in (
             (f"/v1/adapters/{adapter.id}/file", b"adapter bytes", "application/octet-stream"),

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app import storage as st
 from app.models import Adapter, FinetuneJob, Tenant
+from app.s3_storage import S3Storage
 from tests.s3server import S3Server
 from tests.service.procs import TcpProxy
 from tests.worker.conftest import Notified, submit_finetune, worker_settings
@@ -29,8 +30,8 @@ from worker.staging import CHECKPOINT_FILE, Staging
 
 
 @pytest.fixture
-def s3(s3_server: S3Server) -> Iterator[st.S3Storage]:
-    storage = st.S3Storage(
+def s3(s3_server: S3Server) -> Iterator[S3Storage]:
+    storage = S3Storage(
         bucket=s3_server.bucket,
         endpoint_url=s3_server.endpoint_url,
         access_key_id=s3_server.access_key_id,
@@ -45,11 +46,11 @@ def _worker(
     tmp_path: Path,
     name: str,
     sessions: sessionmaker[Session],
-    storage: st.S3Storage,
+    storage: S3Storage,
     runtime: Runtime,
     tiny_model_dir: Path,
     quant_cache: Path,
-) -> Context[st.S3Storage]:
+) -> Context[S3Storage]:
     settings = worker_settings(
         tmp_path / name,
         tiny_model_dir,
@@ -64,14 +65,14 @@ def _worker(
     )
 
 
-def _local_files(ctx: Context[st.S3Storage]) -> list[Path]:
+def _local_files(ctx: Context[S3Storage]) -> list[Path]:
     return [p for p in ctx.files.root.rglob("*") if p.is_file()]
 
 
 def test_a_fine_tune_moves_between_workers_through_the_store(
     tmp_path: Path,
     sessions: sessionmaker[Session],
-    s3: st.S3Storage,
+    s3: S3Storage,
     shared_runtime: Runtime,
     tiny_model_dir: Path,
     quant_cache: Path,
@@ -126,7 +127,7 @@ def test_a_fine_tune_moves_between_workers_through_the_store(
 def test_an_unreachable_store_gives_the_job_back_and_it_succeeds_later(
     tmp_path: Path,
     sessions: sessionmaker[Session],
-    s3: st.S3Storage,
+    s3: S3Storage,
     s3_server: S3Server,
     shared_runtime: Runtime,
     tiny_model_dir: Path,
@@ -139,7 +140,7 @@ def test_an_unreachable_store_gives_the_job_back_and_it_succeeds_later(
     port = int(s3_server.endpoint_url.rsplit(":", 1)[1])
     proxy = TcpProxy(port)
     try:
-        cut = st.S3Storage(
+        cut = S3Storage(
             bucket=s3_server.bucket,
             endpoint_url=f"http://127.0.0.1:{proxy.port}",
             access_key_id=s3_server.access_key_id,
@@ -162,7 +163,7 @@ def test_an_unreachable_store_gives_the_job_back_and_it_succeeds_later(
         proxy.close()
 
 
-def test_the_staging_sweep_removes_only_old_copies(tmp_path: Path, s3: st.S3Storage) -> None:
+def test_the_staging_sweep_removes_only_old_copies(tmp_path: Path, s3: S3Storage) -> None:
     staging = Staging(s3, tmp_path / "staging")
     old = staging.output("tenants/t_1/finetunes/ft_1/inputs/000.jpg")
     young = staging.output("tenants/t_1/finetunes/ft_2/inputs/000.jpg")
