@@ -31,7 +31,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 Status = Literal["queued", "running", "succeeded", "failed", "canceled"]
 Method = Literal["tuneqdm", "peqa", "full"]
 ExportFormat = Literal["lora", "merged"]
-ExportStatus = Literal["queued", "running", "succeeded", "failed"]
+ExportStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
 DeliveryStatus = Literal["pending", "delivered", "failed"]
 # What a fine-tune's event log records (app/events.py, docs/api.md "Events").
 EventType = Literal[
@@ -366,8 +366,15 @@ class AdapterExport(Base):
     # A timestep interval index as text, or "mean".
     interval: Mapped[str] = mapped_column(String(8))
     status: Mapped[str] = mapped_column(String(16), default="queued")
+    # The adapter's base: a worker of that base makes the export (its queue, its claims).
+    base_model: Mapped[str] = mapped_column(String(255))
     storage_key: Mapped[str | None] = mapped_column(String(255))
     size_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    # The job lease, as on the other job tables (worker/jobs.py).
+    lease_owner: Mapped[str | None] = mapped_column(String(100))
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # LoRA only: ‖D − B·A‖ / ‖D‖ over all layers (docs/library.md, "Exports").
     relative_error: Mapped[float | None] = mapped_column(Float)
     error: Mapped[str | None] = mapped_column(Text)

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from celery.signals import worker_ready, worker_shutdown
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.bases import BaseInfo, describe_folder, register
@@ -104,28 +103,3 @@ class Registrar:
             self.beat()
             if self.stop.wait(self.settings.base_seen_every_s):
                 return
-
-
-_registrar: Registrar | None = None
-
-
-@worker_ready.connect
-def _start(sender: Any = None, **_: Any) -> None:
-    global _registrar
-    from worker.celery_app import own_queues, settings
-    from worker.runtime import get_runtime
-    from worker.tasks import sessions
-
-    if sender is not None and not set(own_queues().values()) & set(
-        sender.app.amqp.queues.consume_from
-    ):
-        return  # a webhooks-only worker serves no base
-    _registrar = Registrar(settings, sessions())
-    get_runtime(settings).on_load = _registrar.on_load
-    threading.Thread(target=_registrar.run, name="base-registrar", daemon=True).start()
-
-
-@worker_shutdown.connect
-def _stop(sender: Any = None, **_: Any) -> None:
-    if _registrar is not None:
-        _registrar.stop.set()

@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 import worker.logs  # noqa: F401  (JSON log lines, docs/deployment.md "Logs")
 from app.db import engine_from_settings, make_sessionmaker
 from app.queue import (
+    EXPORT_TASK,
     FINETUNE_QUEUE,
     FINETUNE_TASK,
     GENERATE_QUEUE,
@@ -53,12 +54,13 @@ def create_celery(settings: Settings) -> Celery:
         from kombu.transport.sqlalchemy import Transport
 
         Transport.polling_interval = settings.broker_poll_s
-    celery = Celery("tuneqdm-worker", broker=broker, include=["worker.tasks", "worker.bases"])
+    celery = Celery("tuneqdm-worker", broker=broker, include=["worker.tasks"])
     base = settings.base_model
     celery.conf.update(
         task_routes={
             FINETUNE_TASK: {"queue": base_queue(FINETUNE_QUEUE, base)},
             GENERATE_TASK: {"queue": base_queue(GENERATE_QUEUE, base)},
+            EXPORT_TASK: {"queue": base_queue(GENERATE_QUEUE, base)},
             WEBHOOK_TASK: {"queue": WEBHOOK_QUEUE},
         },
         task_default_queue=base_queue(FINETUNE_QUEUE, base),
@@ -99,9 +101,10 @@ def own_queues() -> dict[str, str]:
 def job_route(model: Any) -> tuple[str, str]:
     """(task name, queue) of a job table's messages, for a job of this worker's base (the only
     jobs a worker requeues or re-sends)."""
-    if model.__tablename__ == "finetune_jobs":
-        return FINETUNE_TASK, own_queues()[FINETUNE_QUEUE]
-    return GENERATE_TASK, own_queues()[GENERATE_QUEUE]
+    from worker.kinds import kind_of
+
+    kind = kind_of(model)
+    return kind.task, own_queues()[kind.queue]
 
 
 @celeryd_after_setup.connect
@@ -144,9 +147,12 @@ class _Sweeper:
     def _run(self) -> None:
         from app.queue import CelerySender
         from app.storage import storage_from_settings
-        from worker.files import collect_orphans
+        from worker.files import collect_orphans, still_needed
         from worker.jobs import reconcile_queued, sweep_stale
         from worker.staging import Staging
+
+        storage = storage_from_settings(settings)
+        staging = Staging(storage, settings.resolved_staging_dir)
 
         # Its own broker connection: the task thread's producer is not shared across threads.
         sender = CelerySender(settings.resolved_broker_url, timeout_s=settings.broker_timeout_s)
@@ -176,13 +182,14 @@ class _Sweeper:
                     backlog=backlog,
                     enqueue=enqueue,
                     base=settings.base_model,
+                    queue_of=lambda model: job_route(model)[1],
                 )
+                # Local copies of ended or deleted jobs (a worker process that died before it
+                # removed them) go at once; any other copy once it is old.
+                staging.sweep(settings.collect_after_s, needed=still_needed(sessions()))
                 if time.monotonic() >= next_collect:
                     next_collect = time.monotonic() + settings.collect_every_s
-                    storage = storage_from_settings(settings)
                     collect_orphans(sessions(), storage, older_than_s=settings.collect_after_s)
-                    # Local copies a dead worker process left in the staging folder.
-                    Staging(storage, settings.resolved_staging_dir).sweep(settings.collect_after_s)
             except Exception:
                 log.exception("job sweep failed; trying again later")
             if self.stop.wait(settings.sweep_every_s):
@@ -191,6 +198,7 @@ class _Sweeper:
 
 _sweeper = _Sweeper()
 _delivery_sweeper: Any = None
+_registrar: Any = None
 
 
 @worker_ready.connect
@@ -204,6 +212,22 @@ def _start_sweeper(sender: Any = None, **_: Any) -> None:
 
         _delivery_sweeper = DeliverySweeper(settings, sessions)
         _delivery_sweeper.start()
+
+
+@worker_ready.connect
+def _register_base(sender: Any = None, **_: Any) -> None:
+    """Tell the registry which base this worker serves (worker/bases.py)."""
+    global _registrar
+    from worker.bases import Registrar
+    from worker.runtime import get_runtime
+
+    if sender is not None and not set(own_queues().values()) & set(
+        sender.app.amqp.queues.consume_from
+    ):
+        return  # a webhooks-only worker serves no base
+    _registrar = Registrar(settings, sessions())
+    get_runtime(settings).on_load = _registrar.on_load
+    threading.Thread(target=_registrar.run, name="base-registrar", daemon=True).start()
 
 
 @worker_shutting_down.connect
@@ -220,6 +244,8 @@ def _stop_sweeper(sender: Any = None, **_: Any) -> None:
     _sweeper.stop.set()
     if _delivery_sweeper is not None:
         _delivery_sweeper.stop.set()
+    if _registrar is not None:
+        _registrar.stop.set()
 
 
 @worker_ready.connect

@@ -5,7 +5,7 @@ that can share its UNet calls (`tuneqdm_core.cotrain.group_key`: method, resolut
 and checkpointing on this worker's base) and trains them all with one `CoTrainer`; between
 steps it claims more while there is room. Claims follow the tenants' fair pick, one place per
 tenant in turn (`claim_compatible`). Everything else stays per job, as in the solo path
-(worker/finetunes.py): lease and heartbeat, progress writes, checkpoint folder, cancel flag,
+(worker/training.py): lease and heartbeat, progress writes, checkpoint folder, cancel flag,
 time limit, attempts, publishing. A job that finishes, fails or is canceled leaves after its
 step and is published or ended at once; the others go on. The claimed jobs' own messages
 later find them taken (claim_next's skip).
@@ -32,19 +32,20 @@ from app.models import FinetuneJob
 from app.schemas import FinetuneParams
 from worker import metrics
 from worker.bounds import Deadline, stop_check
+from worker.context import Context
 from worker.failures import transient_reason
-from worker.finetunes import (
+from worker.jobs import SHUTDOWN, Lease, ProgressWriter, claim, fairest_queued, new_owner
+from worker.training import (
     BASE_FAILED,
-    Context,
-    _after_stop,
-    _fail,
-    _raised,
-    _refusal,
-    _succeeded,
+    after_stop,
+    fail,
     finetune_config,
     publish_adapter,
+    raised,
+    refusal,
+    save_checkpoint,
+    succeeded,
 )
-from worker.jobs import SHUTDOWN, Lease, ProgressWriter, claim, fairest_queued, new_owner
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +159,7 @@ class _Group:
                 # A job this worker refuses is claimed alone and failed there with its message;
                 # one with progress images trains alone (the group loop makes none).
                 return (
-                    _refusal(params, self.ctx.settings) is None
+                    refusal(params, self.ctx.settings) is None
                     and not params.validation_prompts
                     and key(params, "") == want
                 )
@@ -260,7 +261,8 @@ class _Group:
         def progress(p: Any) -> None:
             nonlocal first
             job = member.job
-            self.ctx.files.save_checkpoint(job.tenant_id, job.id)  # the previous step's save
+            if not save_checkpoint(self.ctx, job, member.lease):  # the previous step's save
+                return
             if first:
                 # The first step of this run tells where it started: 0, or a checkpoint's step.
                 first = False
@@ -303,22 +305,22 @@ class _Group:
             if isinstance(error, FinetuneCanceled):
                 if member.deadline.passed() and not lease.should_stop():
                     log.warning("fine-tune %s passed its time limit at step %d", job.id, error.step)
-                    _fail(
+                    fail(
                         ctx, job, member.owner, member.deadline.message("fine-tune", "fewer steps")
                     )
                     ctx.files.drop_checkpoint(job.tenant_id, job.id)
                     return "failed"
                 log.info("fine-tune %s stopped at step %d", job.id, error.step)
                 if not lease.should_stop():
-                    ctx.files.save_checkpoint(job.tenant_id, job.id)  # its last saved step
-                return _after_stop(ctx, job, lease)
+                    save_checkpoint(ctx, job, lease)  # its last saved step
+                return after_stop(ctx, job, lease)
             if error is not None:
                 raise error
             if not publish_adapter(ctx, job, member.params, result, member.owner, member.attempt):
-                return _after_stop(ctx, job, lease)
+                return after_stop(ctx, job, lease)
         except Exception as exc:
-            return _raised(ctx, job, member.owner, exc)
-        return _succeeded(ctx, job, result, ", co-trained")
+            return raised(ctx, job, member.owner, exc)
+        return succeeded(ctx, job, result, ", co-trained")
 
     # -- the whole group -----------------------------------------------------------------
 
@@ -329,12 +331,12 @@ class _Group:
             del self.members[job_id]
             try:
                 step = self.trainer.pause(job_id)
-                self.ctx.files.save_checkpoint(member.job.tenant_id, job_id)
+                save_checkpoint(self.ctx, member.job, member.lease)
                 log.info("fine-tune %s paused at step %d (worker stopping)", job_id, step)
                 self.ctx.release(FinetuneJob, job_id, member.owner, None)
                 self.ended[job_id] = "released"
             except Exception as exc:
-                self.ended[job_id] = _raised(self.ctx, member.job, member.owner, exc)
+                self.ended[job_id] = raised(self.ctx, member.job, member.owner, exc)
             finally:
                 member.lease.__exit__(None, None, None)
 
@@ -402,7 +404,7 @@ def run_group(
         base = ctx.runtime.base
     except Exception:
         log.exception("the base model could not be loaded")
-        _fail(ctx, first, owner, BASE_FAILED)
+        fail(ctx, first, owner, BASE_FAILED)
         lease.__exit__(None, None, None)
         return "failed"
     with cotraining(base) as trainer:

@@ -1,10 +1,11 @@
 """Export rows → `tuneqdm_core.export` → a LoRA file or a merged UNet in storage.
 
-An export is short and idempotent (same adapter, same variant, same bytes), so it keeps no
-lease: it is claimed with one conditional UPDATE (queued → running) and finished with another
-(running → succeeded/failed). A worker that dies mid-export leaves the row running; asking for
-the same export again re-queues it once TUNEQDM_STALE_AFTER_S passed (app/services/exports.py),
-and two runs of one export would write the same file by rename.
+An export is a job like the others (worker/context.py, worker/jobs.py): its message is a token
+that claims the fairest queued export of this worker's base, under a lease with a heartbeat;
+attempts are counted and capped; a worker that dies mid-export leaves a stale lease that the
+sweep gives back, and the reconciler re-sends a message that was lost. The file is stored
+under the row's lock while the lease holds (`while_owned`), so an export canceled or deleted
+meanwhile gets no file; one canceled while it runs stops at that point.
 """
 
 from __future__ import annotations
@@ -12,91 +13,109 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from sqlalchemy import update
-from sqlalchemy.orm import Session
-
 from app import storage as st
-from app.models import Adapter, AdapterExport, utcnow
-from worker.failures import user_message
-from worker.finetunes import Context
+from app.models import Adapter, AdapterExport
+from worker.context import Context, end, unclaimed, while_owned
+from worker.failures import transient_reason, user_message
+from worker.jobs import Lease, attempts_exhausted, finish_owned, new_owner
 
 log = logging.getLogger(__name__)
 
 
-def _set(session: Session, export_id: str, status: str, **values: Any) -> bool:
-    """Move a running export to ``status``; False when the row is gone or not running."""
-    now = utcnow()
-    result = session.execute(
-        update(AdapterExport)
-        .where(AdapterExport.id == export_id, AdapterExport.status == "running")
-        .values(status=status, updated_at=now, **values)
-        .execution_options(synchronize_session=False)
-    )
-    session.commit()
-    return bool(result.rowcount)  # type: ignore[attr-defined]
-
-
-def _fail(ctx: Context, export_id: str, message: str) -> str:
-    with ctx.sessions() as session:
-        _set(session, export_id, "failed", error=message, finished_at=utcnow())
-    log.warning("export %s failed: %s", export_id, message)
+def _fail(ctx: Context, export_id: str, owner: str, message: str) -> str:
+    if end(ctx, AdapterExport, export_id, owner, "failed", error=message):
+        log.warning("export %s failed: %s", export_id, message)
     return "failed"
 
 
 def run_export(export_id: str, ctx: Context) -> str:
-    """Make one export; returns what happened."""
-    with ctx.sessions() as session:
-        claimed = session.execute(
-            update(AdapterExport)
-            .where(AdapterExport.id == export_id, AdapterExport.status == "queued")
-            .values(status="running", updated_at=utcnow())
-            .execution_options(synchronize_session=False)
-        )
-        session.commit()
-        if not claimed.rowcount:  # type: ignore[attr-defined]
-            return "skipped (not queued)"
-        row = session.get(AdapterExport, export_id)
-        adapter = session.get(Adapter, row.adapter_id) if row is not None else None
-        if row is None or adapter is None:
-            return "skipped (adapter deleted)"
-        session.expunge_all()
+    """Make the fairest queued export (`export_id` is the message's); returns what happened."""
+    while True:
+        with ctx.sessions() as session:
+            owner = new_owner()
+            claimed = ctx.claim_next(session, AdapterExport, owner, hint=export_id)
+            if claimed is None:
+                return unclaimed(session, AdapterExport, export_id)
+            claimed_id, attempt = claimed
+            row = session.get(AdapterExport, claimed_id)
+            assert row is not None
+            session.refresh(row)
+            adapter = session.get(Adapter, row.adapter_id)
+            session.expunge_all()
+        log.info("export %s claimed (attempt %d)", claimed_id, attempt)
+        exhausted = attempts_exhausted(attempt, ctx.settings.max_attempts, row.error)
+        if exhausted is None:
+            return _run_claimed(ctx, row, adapter, owner)
+        # This token is not spent yet: fail the export and look for the next one.
+        _fail(ctx, row.id, owner, exhausted)
+
+
+def _run_claimed(ctx: Context, row: AdapterExport, adapter: Adapter | None, owner: str) -> str:
+    if adapter is None:  # deleted with its exports meanwhile: nothing to end
+        return "missing"
     if adapter.base_model != ctx.settings.base_model:
         return _fail(
             ctx,
-            export_id,
+            row.id,
+            owner,
             f"this service now runs base model {ctx.settings.base_model!r}, the adapter was "
             f"trained on {adapter.base_model!r}; it cannot be exported here",
         )
     key = st.export_key(row.tenant_id, row.id)
-    path = ctx.files.output(key)
-    try:
-        summary = _write(ctx, row, adapter, path)
-        size = path.stat().st_size
-        ctx.files.publish(key)
-    except Exception as exc:
-        log.exception("export %s raised", export_id)
-        path.unlink(missing_ok=True)
-        return _fail(ctx, export_id, user_message(exc, storage_root=ctx.files.root, what="export"))
-    with ctx.sessions() as session:
-        done = _set(
-            session,
-            export_id,
-            "succeeded",
-            storage_key=key,
-            size_bytes=size,
-            relative_error=summary.get("relative_error"),
-            finished_at=utcnow(),
-        )
-    if not done:  # deleted with its adapter meanwhile: the file has no owner
-        ctx.storage.delete(key)
-        return "discarded (row gone)"
+    with ctx.lease(AdapterExport, row.id, owner) as lease:
+        path = ctx.files.output(key)
+        try:
+            summary = _write(ctx, row, adapter, path, lease)
+            if not _publish(ctx, row, key, path.stat().st_size, summary, lease):
+                return "stopped (canceled, deleted or taken over)"
+        except Exception as exc:
+            ctx.files.discard(key)
+            path.unlink(missing_ok=True)
+            reason = transient_reason(exc)
+            if reason is not None:
+                log.warning("export %s hit a transient fault", row.id, exc_info=exc)
+                ctx.release(AdapterExport, row.id, owner, reason)
+                return "released"
+            log.exception("export %s raised", row.id)
+            return _fail(
+                ctx, row.id, owner, user_message(exc, storage_root=ctx.files.root, what="export")
+            )
     return "succeeded"
 
 
-def _write(ctx: Context, row: AdapterExport, adapter: Adapter, path: Any) -> dict[str, Any]:
+def _publish(
+    ctx: Context, row: AdapterExport, key: str, size: int, summary: dict[str, Any], lease: Lease
+) -> bool:
+    """Store the file and mark the export succeeded in one transaction under the row's lock,
+    only while the lease holds; otherwise the written file goes."""
+    with while_owned(ctx, lease) as session:
+        if session is not None:
+            ctx.files.publish(key)
+            finish_owned(
+                session,
+                AdapterExport,
+                row.id,
+                lease.owner,
+                "succeeded",
+                error=None,
+                storage_key=key,
+                size_bytes=size,
+                relative_error=summary.get("relative_error"),
+            )
+            return True
+    ctx.files.discard(key)
+    if isinstance(ctx.files.storage, st.LocalStorage):
+        ctx.files.path(key).unlink(missing_ok=True)  # written in place
+    return False
+
+
+def _write(
+    ctx: Context, row: AdapterExport, adapter: Adapter, path: Any, lease: Lease
+) -> dict[str, Any]:
     from tuneqdm_core.export import ExportOptions, export_adapter, load_float_unet
 
     base = ctx.runtime.base
+    lease.touch()  # loading the base may take long; each stage is progress
     loaded = ctx.files.adapter(ctx.runtime, adapter.id, adapter.storage_key)
     options = ExportOptions(
         format=row.format,  # type: ignore[arg-type]
@@ -107,9 +126,12 @@ def _write(ctx: Context, row: AdapterExport, adapter: Adapter, path: Any) -> dic
     )
     # The float weights the base was quantized from, read for this export only (CPU).
     float_unet = load_float_unet(base.source)
+    lease.touch()
     extra = {
         "adapter": adapter.id,
         "tokens": list(adapter.tokens),
         "base_model": adapter.base_model,
     }
-    return export_adapter(base.unet, float_unet, loaded, path, options, extra=extra)
+    summary = export_adapter(base.unet, float_unet, loaded, path, options, extra=extra)
+    lease.touch()
+    return summary

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 from sqlalchemy import select
@@ -22,6 +23,7 @@ from app import storage as st
 from app.models import (
     ACTIVE_STATUSES,
     Adapter,
+    AdapterExport,
     FinetuneJob,
     FinetuneSample,
     GeneratedImage,
@@ -135,3 +137,38 @@ def _orphans(
                 if obj.key not in owned[kind, name]:
                     found[obj.key].append(obj)
     return found
+
+
+def still_needed(factory: sessionmaker[Session]) -> Callable[[Iterable[str]], set[str]]:
+    """For the staging sweep (worker/staging.py): which of these keys' local copies a job may
+    still need. A fine-tune's photos and checkpoint, an export's file: only while the job is
+    queued or running (a deleted or ended job's copies go at once, whatever their age). Any
+    other copy (an adapter being published or cached) is left to the age rule."""
+
+    def needed(keys: Iterable[str]) -> set[str]:
+        keys = list(keys)
+        owners: dict[tuple[JobModel, str], list[str]] = defaultdict(list)
+        kept = set()
+        for key in keys:
+            parts = key.split("/")
+            if len(parts) >= 4 and parts[0] == "tenants" and parts[2] == "finetunes":
+                owners[FinetuneJob, parts[3]].append(key)
+            elif len(parts) >= 4 and parts[0] == "tenants" and parts[2] == "exports":
+                owners[AdapterExport, parts[3].removesuffix(".safetensors")].append(key)
+            else:
+                kept.add(key)
+        with factory() as session:
+            for model in (FinetuneJob, AdapterExport):
+                ids = [job_id for m, job_id in owners if m is model]
+                if not ids:
+                    continue
+                active = set(
+                    session.scalars(
+                        select(model.id).where(model.id.in_(ids), model.status.in_(ACTIVE_STATUSES))
+                    )
+                )
+                for job_id in active:
+                    kept.update(owners[model, job_id])
+        return kept
+
+    return needed

@@ -20,9 +20,9 @@ from app.models import Adapter, GeneratedImage, GenerationJob
 from app.outbox import record_final
 from worker import metrics
 from worker.bounds import Deadline, stop_check
+from worker.context import Context, end, unclaimed
 from worker.failures import transient_reason, user_message
 from worker.files import generated_image_attempt_key
-from worker.finetunes import Context, unclaimed
 from worker.jobs import Lease, attempts_exhausted, claim, finish_owned, new_owner
 
 log = logging.getLogger(__name__)
@@ -110,14 +110,8 @@ def run_generation(generation_id: str, ctx: Context) -> str:
 
 
 def _fail(ctx: Context, job_id: str, owner: str, message: str) -> None:
-    with ctx.sessions() as session:
-        done = finish_owned(session, GenerationJob, job_id, owner, "failed", error=message)
-        if done:
-            record_final(session, GenerationJob, job_id)
-        session.commit()
-    log.warning("generation %s failed: %s", job_id, message)
-    if done:
-        ctx.notify(job_id)
+    if end(ctx, GenerationJob, job_id, owner, "failed", error=message):
+        log.warning("generation %s failed: %s", job_id, message)
 
 
 def _stopped(ctx: Context, job_id: str, owner: str, lease: Lease, deadline: Deadline) -> None:

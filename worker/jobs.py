@@ -38,12 +38,21 @@ from sqlalchemy import ColumnElement, and_, func, literal, or_, select, true, up
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from app.events import record_event
-from app.models import FinetuneJob, GenerationJob
+from app.models import AdapterExport, FinetuneJob, GenerationJob
 
 log = logging.getLogger(__name__)
 
-JobModel = type[FinetuneJob] | type[GenerationJob]
-JOB_MODELS: tuple[JobModel, ...] = (FinetuneJob, GenerationJob)
+# The tables of jobs: each has the lease columns (status, lease_owner, heartbeat_at, attempts,
+# started_at, error, base_model); the kinds of work that run them are in worker/kinds.py.
+JobModel = type[FinetuneJob] | type[GenerationJob] | type[AdapterExport]
+JOB_MODELS: tuple[JobModel, ...] = (FinetuneJob, GenerationJob, AdapterExport)
+
+
+def _leaves_group(model: JobModel) -> dict[str, Any]:
+    """What a job that stops running (finished, released, swept) clears: a fine-tune is no
+    longer in a co-training group."""
+    return {"group_size": None} if model is FinetuneJob else {}
+
 
 # Set when the worker process is asked to stop (SIGTERM): running jobs checkpoint, give their
 # lease back and stop between two steps, so the next worker resumes them at once.
@@ -222,7 +231,9 @@ def finish_owned(
     result = session.execute(
         update(model)
         .where(model.id == job_id, model.lease_owner == owner, model.status == "running")
-        .values(status=status, finished_at=now, updated_at=now, **values)
+        .values(
+            status=status, finished_at=now, updated_at=now, **{**_leaves_group(model), **values}
+        )
         .execution_options(synchronize_session=False)
     )
     return bool(result.rowcount)  # type: ignore[attr-defined]
@@ -240,7 +251,10 @@ def release_owned(
     """Give an owned running job back to `queued` for another attempt. `reason` is shown to the
     user meanwhile (and in the final message if the attempts run out); an attempt that ended
     through no fault of the job (the worker was stopped) does not count (`counts=False`)."""
-    values: dict[str, Any] = {"attempts": model.attempts - (0 if counts else 1)}
+    values: dict[str, Any] = {
+        "attempts": model.attempts - (0 if counts else 1),
+        **_leaves_group(model),
+    }
     if reason is not None:
         values["error"] = reason
     with factory() as session:
@@ -412,7 +426,12 @@ def sweep_stale(
                 result = session.execute(
                     update(model)
                     .where(model.id == job_id, model.status == "running", stale)
-                    .values(status="queued", lease_owner=None, updated_at=db_now(session))
+                    .values(
+                        status="queued",
+                        lease_owner=None,
+                        updated_at=db_now(session),
+                        **_leaves_group(model),
+                    )
                     .execution_options(synchronize_session=False)
                 )
                 if result.rowcount and model is FinetuneJob:  # type: ignore[attr-defined]
@@ -437,16 +456,21 @@ def reconcile_queued(
     backlog: Callable[[JobModel], int],
     enqueue: Callable[[JobModel, str], None],
     base: str | None = None,
+    queue_of: Callable[[JobModel], str] | None = None,
+    models: Sequence[JobModel] = JOB_MODELS,
 ) -> list[str]:
     """Send a message for queued jobs (of `base`, whose queue `backlog` counts) that may have
-    none: when the broker's queue holds fewer
-    messages (`backlog`) than there are jobs queued for longer than `older_than_s`, the
-    difference is sent, naming the oldest of them. A message too many is harmless: its task
-    finds nothing to claim. Returns the ids messages were sent for."""
-    sent = []
-    for model in JOB_MODELS:
+    none: when the broker's queue holds fewer messages (`backlog`) than there are jobs queued
+    for longer than `older_than_s`, the difference is sent, naming the oldest of them. Kinds
+    that share a queue (`queue_of`: exports travel with generations) are counted together,
+    and each of them gets up to that difference: a message cannot say which kind lost one,
+    and a message too many is harmless (its task finds nothing to claim). Returns the ids
+    messages were sent for."""
+    queue_of = queue_of or (lambda model: model.__tablename__)
+    owed: dict[JobModel, Sequence[str]] = {}
+    for model in models:
         with factory() as session:
-            owed = session.scalars(
+            owed[model] = session.scalars(
                 select(model.id)
                 .where(
                     model.status == "queued",
@@ -455,12 +479,18 @@ def reconcile_queued(
                 )
                 .order_by(model.created_at)
             ).all()
-        if not owed:
+    sent = []
+    for queue in dict.fromkeys(queue_of(model) for model in models):
+        sharing = [model for model in models if queue_of(model) == queue]
+        total = sum(len(owed[model]) for model in sharing)
+        if not total:
             continue
-        missing = len(owed) - backlog(model)
-        for job_id in owed[: max(0, missing)]:
-            enqueue(model, job_id)
-            sent.append(job_id)
-        if missing > 0:
-            log.warning("%d queued %s had no message; sent again", missing, model.__tablename__)
+        missing = total - backlog(sharing[0])
+        if missing <= 0:
+            continue
+        for model in sharing:
+            for job_id in owed[model][:missing]:
+                enqueue(model, job_id)
+                sent.append(job_id)
+        log.warning("%d queued job(s) in %s had no message; sent again", missing, queue)
     return sent

@@ -15,7 +15,8 @@ import contextlib
 import logging
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -85,18 +86,25 @@ class Staging:
         finally:
             self.discard(key)
 
-    def sweep(self, older_than_s: float) -> list[Path]:
-        """Remove local copies older than `older_than_s` (those of a worker process that died
-        before it removed them). A running job never needs an old copy: its photos are read
-        once at its start, its checkpoint at its start or rewritten, its outputs uploaded as
-        soon as they are written."""
+    def sweep(
+        self, older_than_s: float, needed: Callable[[Iterable[str]], set[str]] | None = None
+    ) -> list[Path]:
+        """Remove local copies that no job needs (those of a worker process that died before
+        it removed them): at once when `needed` (given the keys of all copies) leaves them out,
+        a deleted or ended job's; any other once it is older than `older_than_s`. A running
+        job never needs an old copy: its photos are read once at its start, its checkpoint at
+        its start or rewritten, its outputs uploaded as soon as they are written."""
         if self._local is not None or not self.root.is_dir():
             return []
         cutoff = time.time() - older_than_s
+        files = {
+            p.relative_to(self.root).as_posix(): p for p in self.root.rglob("*") if p.is_file()
+        }
+        keep = needed(files) if needed is not None else set(files)
         removed = []
-        for path in self.root.rglob("*"):
+        for key, path in files.items():
             with contextlib.suppress(FileNotFoundError):
-                if path.is_file() and path.stat().st_mtime < cutoff:
+                if key not in keep or path.stat().st_mtime < cutoff:
                     path.unlink()
                     removed.append(path)
         for folder in sorted(self.root.rglob("*"), reverse=True):  # deepest first
@@ -127,18 +135,27 @@ class Staging:
         except FileNotFoundError:
             return 0
 
-    def save_checkpoint(self, tenant_id: str, job_id: str) -> None:
+    def save_checkpoint(
+        self, tenant_id: str, job_id: str, owned: Callable[[], AbstractContextManager[Any]]
+    ) -> bool:
         """Upload the checkpoint when training saved a new one since the last upload (called
         after every step: training saves after its progress report, so a save is uploaded at
-        the next step's report, or when the run stops)."""
+        the next step's report, or when the run stops). The upload happens inside `owned()`
+        (worker/context.py `while_owned`: the job's row locked while its lease is this
+        worker's), never for a job canceled, deleted or taken over: a DELETE that removed the
+        job's files cannot be followed by this worker's upload. False when the lease is lost."""
         if self._local is not None:
-            return
+            return True
         key = checkpoint_key(tenant_id, job_id)
         path = self.path(key) / CHECKPOINT_FILE
         mtime = self._mtime(path)
         if mtime and mtime != self._uploaded.get(key):
-            self.storage.put_file(f"{key}/{CHECKPOINT_FILE}", path)
+            with owned() as held:
+                if held is None:
+                    return False
+                self.storage.put_file(f"{key}/{CHECKPOINT_FILE}", path)
             self._uploaded[key] = mtime
+        return True
 
     def drop_checkpoint(self, tenant_id: str, job_id: str) -> None:
         """The job is over: its checkpoint goes, stored and local."""

@@ -1,7 +1,9 @@
-"""Thin Celery tasks: take an id, hand it to worker.finetunes / generations / exports / webhooks.
+"""Thin Celery tasks: one per job kind (worker/kinds.py), each taking an id and handing it to
+its kind's `run`, plus the webhook task.
 
 A task that cannot reach the database does not acknowledge its message away: it is retried
 with a doubling delay (TUNEQDM_DB_RETRY_S, at most a minute apart) for as long as it takes.
+Every kind gets this the same way.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from typing import Any
 
 from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 
-from app.queue import EXPORT_TASK, FINETUNE_TASK, GENERATE_TASK
 from app.storage import Storage, storage_from_settings
 from worker.celery_app import (
     WEBHOOK_QUEUE,
@@ -22,9 +23,8 @@ from worker.celery_app import (
     sessions,
     settings,
 )
-from worker.exports import run_export
-from worker.finetunes import Context, run_finetune
-from worker.generations import run_generation
+from worker.context import Context
+from worker.kinds import KINDS, JobKind
 from worker.runtime import get_runtime
 from worker.webhooks import deliver_for_job
 
@@ -72,31 +72,20 @@ def _retry_later(task: Any, exc: Exception, object_id: str) -> Exception:
     return task.retry(exc=exc, countdown=delay)
 
 
-@app.task(name=FINETUNE_TASK, bind=True, max_retries=None)
-def finetune(self: Any, finetune_id: str) -> str:
-    try:
-        outcome = run_finetune(finetune_id, context())
-    except DB_UNREACHABLE as exc:
-        raise _retry_later(self, exc, finetune_id) from exc
-    log.info("fine-tune %s: %s", finetune_id, outcome)
-    return outcome
+def _task_of(kind: JobKind) -> Any:
+    def run(self: Any, job_id: str) -> str:
+        try:
+            outcome = kind.run(job_id, context())
+        except DB_UNREACHABLE as exc:
+            raise _retry_later(self, exc, job_id) from exc
+        log.info("%s %s: %s", kind.name, job_id, outcome)
+        return outcome
+
+    run.__name__ = run.__qualname__ = kind.name.replace("-", "")
+    return app.task(name=kind.task, bind=True, max_retries=None)(run)
 
 
-@app.task(name=GENERATE_TASK, bind=True, max_retries=None)
-def generate(self: Any, generation_id: str) -> str:
-    try:
-        outcome = run_generation(generation_id, context())
-    except DB_UNREACHABLE as exc:
-        raise _retry_later(self, exc, generation_id) from exc
-    log.info("generation %s: %s", generation_id, outcome)
-    return outcome
-
-
-@app.task(name=EXPORT_TASK)
-def export(export_id: str) -> str:
-    outcome = run_export(export_id, context())
-    log.info("export %s: %s", export_id, outcome)
-    return outcome
+TASKS = {kind.task: _task_of(kind) for kind in KINDS}
 
 
 @app.task(name=WEBHOOK_TASK)

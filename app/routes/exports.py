@@ -1,7 +1,8 @@
 """/v1/adapters/{id}/exports and /export: an adapter as a LoRA file or a merged UNet.
 
-A worker makes the file (the API has no torch): POST asks for it, the list shows its status,
-GET /export downloads it once it succeeded (docs/api.md, "Exports").
+A worker makes the file (the API has no torch): POST asks for it, the list shows its status and
+attempts, /cancel cancels it, GET /export downloads it once it succeeded (docs/api.md,
+"Exports").
 """
 
 from __future__ import annotations
@@ -61,6 +62,20 @@ def create_export(
 def list_exports(session: SessionDep, tenant: CurrentTenant, adapter_id: str) -> ExportsPublic:
     rows = svc.list_exports(session=session, tenant=tenant, adapter_id=adapter_id)
     return ExportsPublic(data=[ExportPublic.from_row(r) for r in rows], count=len(rows))
+
+
+@router.post(
+    "/{adapter_id}/exports/{export_id}/cancel",
+    response_model=ExportPublic,
+    responses={**ERRORS, 409: {"description": "The export has already ended."}},
+)
+def cancel_export(
+    session: SessionDep, tenant: CurrentTenant, adapter_id: str, export_id: str
+) -> ExportPublic:
+    row = svc.cancel_export(
+        session=session, tenant=tenant, adapter_id=adapter_id, export_id=export_id
+    )
+    return ExportPublic.from_row(row)
 
 
 @router.get(

@@ -62,6 +62,10 @@ class ExportPublic(BaseModel):
         description="LoRA only: ‖D − B·A‖ / ‖D‖ over all layers (0 at full rank)."
     )
     error: str | None
+    attempts: int = Field(
+        description="Runs started so far (at most TUNEQDM_MAX_ATTEMPTS); `error` says how the "
+        "last one ended while it is queued again."
+    )
     created_at: datetime
     finished_at: datetime | None
     links: ExportLinks
@@ -81,6 +85,7 @@ class ExportPublic(BaseModel):
             size_bytes=row.size_bytes,
             relative_error=row.relative_error,
             error=row.error,
+            attempts=row.attempts,
             created_at=row.created_at,
             finished_at=row.finished_at,
             links=ExportLinks(file=f"/v1/adapters/{row.adapter_id}/export?{query}"),

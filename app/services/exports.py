@@ -1,21 +1,21 @@
 """Adapter exports: ask a worker for a LoRA file or a merged UNet, then download it.
 
 The API cannot build either (no torch here), so `create_export` stores a row and enqueues the
-worker task; asking again for the same variant returns the same row (re-queued when it failed,
-or when its worker went quiet for TUNEQDM_STALE_AFTER_S). `export_file` serves a finished one.
+worker task; asking again for the same variant returns the same row (re-queued when it failed
+or was canceled). An export is a job like a fine-tune or a generation (lease, attempts, stale
+sweep, reconciler: docs/workers.md). `export_file` serves a finished one.
 """
 
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app.errors import Conflict, InvalidInput, NotFound
 from app.ids import new_id
-from app.models import AdapterExport, Tenant, utcnow
+from app.models import ACTIVE_STATUSES, AdapterExport, Tenant, utcnow
 from app.queue import EXPORT_TASK, GENERATE_QUEUE, TaskSender, base_queue
 from app.schemas import ExportCreate
 from app.services.adapters import get_adapter
@@ -46,7 +46,11 @@ def create_export(
     adapter_id: str,
     data: ExportCreate,
 ) -> tuple[AdapterExport, bool]:
-    """The export row of this variant and whether it was (re)queued by this call."""
+    """The export row of this variant and whether this call (re)queued it. A queued export
+    gets one more message (its own may have been lost: a broker restarted without its data;
+    a message too many finds nothing to claim); a running one is its worker's (a dead
+    worker's is given back by the workers' stale sweep); a failed or canceled one is queued
+    again as a new request, with its attempts from zero."""
     adapter = get_adapter(session=session, tenant=tenant, adapter_id=adapter_id)
     _check(data, adapter.intervals, settings)
     row = session.scalar(
@@ -54,11 +58,15 @@ def create_export(
             AdapterExport.adapter_id == adapter.id, AdapterExport.variant == data.variant
         )
     )
-    stale = utcnow() - timedelta(seconds=settings.stale_after_s)
-    if row is not None and (
-        row.status in ("queued", "succeeded")
-        or (row.status == "running" and row.updated_at > stale)
-    ):
+    queue = base_queue(GENERATE_QUEUE, adapter.base_model)  # a worker of the adapter's base
+    if row is not None and row.status in ("running", "succeeded"):
+        return row, False
+    if row is not None and row.status == "queued":
+        try:
+            sender.send(EXPORT_TASK, row.id, queue=queue)
+        except Exception:
+            # Still queued: the workers' reconciler sends its message once the broker is back.
+            log.exception("could not send export %s again", row.id)
         return row, False
     created = row is None
     if row is None:
@@ -66,17 +74,18 @@ def create_export(
             id=new_id("exp"),
             tenant_id=tenant.id,
             adapter_id=adapter.id,
+            base_model=adapter.base_model,
             variant=data.variant,
             format=data.format,
             rank=data.rank,
             interval=data.interval,
         )
         session.add(row)
-    row.status, row.error, row.finished_at = "queued", None, None
+    row.status, row.error, row.finished_at, row.attempts = "queued", None, None, 0
+    row.lease_owner = row.heartbeat_at = None
     session.commit()
     try:
-        # Made by a worker of the adapter's base.
-        sender.send(EXPORT_TASK, row.id, queue=base_queue(GENERATE_QUEUE, adapter.base_model))
+        sender.send(EXPORT_TASK, row.id, queue=queue)
     except Exception:
         log.exception("enqueue of export %s failed", row.id)
         if created:  # nothing stays behind, as the 503 says
@@ -86,6 +95,37 @@ def create_export(
         session.commit()
         raise
     return row, True
+
+
+def cancel_export(
+    *, session: Session, tenant: Tenant, adapter_id: str, export_id: str
+) -> AdapterExport:
+    """Cancel a queued or running export (a running one stops before its file is stored);
+    Conflict when it has already ended."""
+    adapter = get_adapter(session=session, tenant=tenant, adapter_id=adapter_id)
+    row = session.scalar(
+        select(AdapterExport).where(
+            AdapterExport.id == export_id, AdapterExport.adapter_id == adapter.id
+        )
+    )
+    if row is None:
+        raise NotFound(f"adapter {adapter_id} has no export {export_id}")
+    now = utcnow()
+    # Conditional, so a worker finishing it at the same moment is not overwritten.
+    result = session.execute(
+        update(AdapterExport)
+        .where(AdapterExport.id == row.id, AdapterExport.status.in_(ACTIVE_STATUSES))
+        .values(status="canceled", finished_at=now, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
+    session.refresh(row)
+    if not result.rowcount:  # type: ignore[attr-defined]
+        raise Conflict(
+            f"export {row.id} is already {row.status}; only queued or running exports can be "
+            "canceled"
+        )
+    return row
 
 
 def list_exports(*, session: Session, tenant: Tenant, adapter_id: str) -> list[AdapterExport]:

@@ -374,7 +374,8 @@ def cancel_finetune(
     result = session.execute(
         update(FinetuneJob)
         .where(FinetuneJob.id == job.id, FinetuneJob.status.in_(ACTIVE_STATUSES))
-        .values(status="canceled", finished_at=now, updated_at=now)
+        # A canceled member leaves its co-training group.
+        .values(status="canceled", finished_at=now, updated_at=now, group_size=None)
         .execution_options(synchronize_session=False)
     )
     if result.rowcount:  # type: ignore[attr-defined]

@@ -99,10 +99,13 @@ def _cancel_active(
     session: Session, model: type[FinetuneJob] | type[GenerationJob], *where: object
 ) -> int:
     now = utcnow()
+    values = {"status": "canceled", "finished_at": now, "updated_at": now}
+    if model is FinetuneJob:
+        values["group_size"] = None  # it leaves its co-training group
     result = session.execute(
         update(model)
         .where(model.status.in_(ACTIVE_STATUSES), *where)  # type: ignore[arg-type]
-        .values(status="canceled", finished_at=now, updated_at=now)
+        .values(**values)
         .execution_options(synchronize_session=False)
     )
     return int(result.rowcount)  # type: ignore[attr-defined]

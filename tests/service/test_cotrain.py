@@ -25,8 +25,8 @@ from tests.core.test_cotrain import F32_ADAPTER, relative_error
 from tests.service.procs import wait_for
 from tests.service.test_faults import FAST, Deployment, deployed
 from worker.files import checkpoint_key
-from worker.finetunes import finetune_config
 from worker.runtime import Runtime
+from worker.training import finetune_config
 
 
 @pytest.fixture

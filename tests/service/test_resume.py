@@ -25,7 +25,7 @@ from app.settings import Settings
 from app.storage import LocalStorage
 from tests.service.procs import service_env, start_worker, wait_for
 from tests.worker.conftest import photo_png
-from worker.finetunes import checkpoint_key
+from worker.files import checkpoint_key
 
 STEPS, EVERY = 60, 3
 SAMPLE_EVERY = 4

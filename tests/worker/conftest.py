@@ -27,7 +27,7 @@ from app.settings import Settings
 from app.storage import LocalStorage
 from tests.api.conftest import alembic_config
 from tests.api.factories import RecordingSender
-from worker.finetunes import Context
+from worker.context import Context
 from worker.runtime import Runtime
 
 

@@ -14,7 +14,8 @@ from app.bases import BaseInfo, register
 from app.models import FinetuneJob, Tenant, utcnow
 from app.queue import queue_safe
 from tests.worker.conftest import submit_finetune
-from worker.finetunes import Context, run_finetune
+from worker.context import Context
+from worker.finetunes import run_finetune
 from worker.jobs import JobModel, claim, claim_next, reconcile_queued, sweep_stale
 
 OTHER = "sd21-8bit"

@@ -16,7 +16,9 @@ from app.services import keys
 from app.services.generations import cancel_generation, create_generation
 from tests.api.factories import RecordingSender
 from tests.worker.conftest import submit_finetune, worker_settings
-from worker.finetunes import Context, checkpoint_key, run_finetune
+from worker.context import Context
+from worker.files import checkpoint_key
+from worker.finetunes import run_finetune
 from worker.generations import run_generation
 
 

@@ -12,8 +12,10 @@ import torch
 from app.models import FinetuneJob, Tenant
 from app.services import keys
 from tests.worker.conftest import submit_finetune
+from worker.context import Context
 from worker.cotrain import claim_compatible
-from worker.finetunes import Context, checkpoint_key, run_finetune
+from worker.files import checkpoint_key
+from worker.finetunes import run_finetune
 from worker.jobs import SHUTDOWN, claim, new_owner
 
 TINY = '{{"steps": {steps}, "resolution": 32, "seed": {seed}, "checkpoint_every": 1000}}'
@@ -96,8 +98,59 @@ def test_a_stopping_worker_gives_every_member_back_at_its_own_step(
     assert outcome == ["2 released (co-trained, group of 2)"]
     for job_id in ids:
         row = _row(ctx, job_id)
-        # Given back without counting an attempt, its step saved.
+        # Given back without counting an attempt, its step saved, out of its group.
         assert (row.status, row.lease_owner, row.attempts) == ("queued", None, 0)
+        assert row.group_size is None
         folder = ctx.storage.path(checkpoint_key(row.tenant_id, job_id))
         saved = int(torch.load(folder / "checkpoint.pt", weights_only=True)["step"])
         assert 2 <= saved < 400 and row.progress_step <= saved
+
+
+def test_a_member_that_leaves_its_group_no_longer_shows_a_group_size(
+    ctx: Context, tenant: Tenant
+) -> None:
+    from app.services.finetunes import cancel_finetune
+
+    others = [_tenant(ctx, "globex"), _tenant(ctx, "initech")]
+    ids = [
+        submit_finetune(ctx, t, TINY.format(steps=400, seed=seed))
+        for seed, t in enumerate([tenant, *others], start=1)
+    ]
+    outcome: list[str] = []
+    thread = threading.Thread(target=lambda: outcome.append(run_finetune(ids[0], ctx)))
+    thread.start()
+
+    def wait(what: str, check: object) -> None:
+        deadline = time.monotonic() + 120
+        while not check():  # type: ignore[operator]
+            assert time.monotonic() < deadline, what
+            time.sleep(0.05)
+
+    def cancel(job_id: str) -> None:
+        with ctx.sessions() as session:
+            job = session.get(FinetuneJob, job_id)
+            assert job is not None
+            owner = session.get(Tenant, job.tenant_id)
+            assert owner is not None
+            cancel_finetune(session=session, tenant=owner, finetune_id=job_id)
+
+    try:
+        wait("a group of 3", lambda: all(_row(ctx, i).group_size == 3 for i in ids))
+        cancel(ids[2])
+        # The canceled member's row says it trains with nobody; the others' say 2.
+        assert _row(ctx, ids[2]).group_size is None
+        wait("a group of 2", lambda: all(_row(ctx, i).group_size == 2 for i in ids[:2]))
+        cancel(ids[1])
+        assert _row(ctx, ids[1]).group_size is None
+        wait("training alone", lambda: _row(ctx, ids[0]).group_size is None)
+        cancel(ids[0])
+        thread.join(timeout=120)
+    finally:
+        for job_id in ids:
+            if _row(ctx, job_id).status in ("queued", "running"):
+                cancel(job_id)
+        thread.join(timeout=120)
+    assert outcome == ["3 stopped (co-trained, group of 3)"]
+    assert [(r.status, r.group_size) for r in map(lambda i: _row(ctx, i), ids)] == [
+        ("canceled", None)
+    ] * 3

@@ -19,8 +19,8 @@ from tests.api.factories import RecordingSender, make_adapter
 from tests.core.helpers import perturbed_adapter
 from tuneqdm_core import AdapterConfig, save_adapter, set_route, use_adapter
 from tuneqdm_core.export import METADATA_KEY
+from worker.context import Context
 from worker.exports import run_export
-from worker.finetunes import Context
 
 
 def _adapter_row(
@@ -106,7 +106,7 @@ def test_lora_and_merged_exports_load_into_a_float_pipeline(
     got = _outputs(pipe.unet, None, 100)
     assert float((got - want).norm() / want.norm()) < 1e-5  # full rank: exact
     # A second delivery of the message does nothing.
-    assert run_export(lora_id, ctx) == "skipped (not queued)"
+    assert run_export(lora_id, ctx) == "skipped (succeeded)"
 
     merged_id = _ask(ctx, tenant, adapter_id, format="merged", interval="0")
     assert run_export(merged_id, ctx) == "succeeded"
@@ -130,15 +130,14 @@ def test_lora_and_merged_exports_load_into_a_float_pipeline(
     assert not path.exists() and not merged_path.exists()
 
 
-def test_an_export_that_cannot_run_fails_with_a_message(
+def test_an_export_of_another_bases_adapter_is_left_to_that_bases_workers(
     ctx: Context, tenant: Tenant, tmp_path: Path
 ) -> None:
     adapter_id = _adapter_row(ctx, tenant, tmp_path, base_model="someone/else")
     export_id = _ask(ctx, tenant, adapter_id, format="lora", rank=4)
-    assert run_export(export_id, ctx) == "failed"
+    assert run_export(export_id, ctx) == "skipped (held by another worker)"
     row = _row(ctx, export_id)
-    assert row.status == "failed" and row.finished_at is not None
-    assert row.error is not None and "'someone/else'" in row.error
+    assert (row.status, row.attempts, row.base_model) == ("queued", 0, "someone/else")
     assert not ctx.storage.path(st.export_key(tenant.id, export_id)).exists()
 
 
@@ -154,5 +153,5 @@ def test_an_export_of_a_deleted_adapter_is_skipped(
             tenant=session.merge(tenant),
             adapter_id=adapter_id,
         )
-    assert run_export(export_id, ctx) == "skipped (not queued)"
+    assert run_export(export_id, ctx) == "missing"
     assert not (ctx.storage.root / "tenants" / tenant.id / "exports").exists()

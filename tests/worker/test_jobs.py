@@ -12,8 +12,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.models import Adapter, FinetuneJob, Tenant, utcnow
 from app.services import keys
 from tests.worker.conftest import submit_finetune
+from worker.context import Context
 from worker.files import adapter_attempt_key, checkpoint_key, collect_orphans
-from worker.finetunes import Context, run_finetune
+from worker.finetunes import run_finetune
 from worker.jobs import (
     JobModel,
     Lease,

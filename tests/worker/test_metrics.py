@@ -12,7 +12,8 @@ from tests.service.procs import free_port
 from tests.worker.conftest import submit_finetune
 from tests.worker.test_tasks import _generation
 from worker import metrics
-from worker.finetunes import Context, run_finetune
+from worker.context import Context
+from worker.finetunes import run_finetune
 from worker.generations import run_generation
 
 

@@ -14,7 +14,7 @@ import pytest
 from app.schemas import FinetuneParams
 from tuneqdm_core.cli import build_parser
 from tuneqdm_core.finetune import FinetuneConfig
-from worker.finetunes import finetune_config
+from worker.training import finetune_config
 
 CORE = {f.name: f for f in fields(FinetuneConfig)}
 API = FinetuneParams.model_fields

@@ -21,9 +21,10 @@ from tests.s3server import S3Server
 from tests.service.procs import TcpProxy
 from tests.worker.conftest import Notified, submit_finetune, worker_settings
 from tests.worker.test_exports import _ask, _row
+from worker.context import Context
 from worker.exports import run_export
 from worker.files import adapter_attempt_key, checkpoint_key, collect_orphans
-from worker.finetunes import Context, run_finetune
+from worker.finetunes import run_finetune
 from worker.jobs import SHUTDOWN
 from worker.runtime import Runtime
 from worker.staging import CHECKPOINT_FILE, Staging

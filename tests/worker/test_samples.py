@@ -17,8 +17,9 @@ from app.schemas import FinetuneParams
 from app.services import retention
 from app.storage import finetune_sample_key, finetune_samples_prefix
 from tests.worker.conftest import submit_finetune
+from worker.context import Context
 from worker.files import collect_orphans
-from worker.finetunes import Context, run_finetune, store_samples
+from worker.finetunes import run_finetune, store_samples
 from worker.jobs import Lease, claim
 
 PROMPTS = ["a photo of sks dog", "sks dog on a beach"]

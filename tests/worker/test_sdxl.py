@@ -21,7 +21,8 @@ from app.storage import LocalStorage
 from tests.api.factories import RecordingSender
 from tests.worker.conftest import Notified, submit_finetune, worker_settings
 from worker.bases import loaded_info
-from worker.finetunes import Context, run_finetune
+from worker.context import Context
+from worker.finetunes import run_finetune
 from worker.generations import run_generation
 from worker.runtime import Runtime
 

@@ -19,7 +19,9 @@ from app.services.generations import create_generation
 from app.storage import finetune_prefix
 from tests.api.factories import RecordingSender
 from tests.worker.conftest import submit_finetune
-from worker.finetunes import Context, checkpoint_key, run_finetune
+from worker.context import Context
+from worker.files import checkpoint_key
+from worker.finetunes import run_finetune
 from worker.generations import run_generation
 from worker.jobs import worker_name
 

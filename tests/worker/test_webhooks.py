@@ -26,7 +26,8 @@ from app.services.finetunes import get_finetune
 from app.services.webhook_secrets import current_secret, rotate_secret
 from app.webhooks import tenant_webhook_secret, verify_webhook
 from tests.worker.conftest import submit_finetune
-from worker.finetunes import Context, run_finetune
+from worker.context import Context
+from worker.finetunes import run_finetune
 from worker.generations import run_generation
 from worker.webhooks import (
     WebhookRefused,
