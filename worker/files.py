@@ -140,10 +140,11 @@ def _orphans(
 
 
 def still_needed(factory: sessionmaker[Session]) -> Callable[[Iterable[str]], set[str]]:
-    """For the staging sweep (worker/staging.py): which of these keys' local copies a job may
-    still need. A fine-tune's photos and checkpoint, an export's file: only while the job is
-    queued or running (a deleted or ended job's copies go at once, whatever their age). Any
-    other copy (an adapter being published or cached) is left to the age rule."""
+    """For the staging sweep (worker/staging.py): which of these keys (files or folders) a job
+    may still need. A fine-tune's photos and checkpoint, an export's file: only while the job
+    is queued or running (a deleted or ended job's copies go at once, whatever their age). Any
+    other key (an adapter being published or cached, a folder above a job's) is left to the
+    age rule."""
 
     def needed(keys: Iterable[str]) -> set[str]:
         keys = list(keys)

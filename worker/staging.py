@@ -107,9 +107,16 @@ class Staging:
                 if key not in keep or path.stat().st_mtime < cutoff:
                     path.unlink()
                     removed.append(path)
-        for folder in sorted(self.root.rglob("*"), reverse=True):  # deepest first
-            with contextlib.suppress(OSError):
-                folder.rmdir()  # only empty ones go
+        folders = {
+            p.relative_to(self.root).as_posix(): p for p in self.root.rglob("*") if p.is_dir()
+        }
+        # Empty folders go too, but not those of a job that still runs (its checkpoint folder
+        # is empty until its first save).
+        busy = needed(folders) if needed is not None else set()
+        for key in sorted(folders, reverse=True):  # deepest first
+            if key not in busy:
+                with contextlib.suppress(OSError):
+                    folders[key].rmdir()  # only empty ones go
         return removed
 
     # --- a fine-tune's checkpoint folder ---

@@ -1,15 +1,17 @@
 """Deletion wins every race with a training worker, on both storage backends (docs/workers.md,
 "Deletion"): real uvicorn, a real Celery worker, PostgreSQL, Redis and, for S3, SeaweedFS.
 
-Per backend, one fine-tune each is deleted mid-training (no kill), deleted and its worker then
-SIGKILLed, its worker SIGKILLed and then deleted, and purged with its tenant mid-training. Once
-the DELETE or purge returned and the worker took one more step (or a new worker started after
-a kill), no stored object of the job and no local copy in the worker's staging folder remain.
+Per backend, four fine-tunes train in one worker's co-training group: one is deleted
+mid-training (no kill), one purged with its tenant mid-training, one deleted and its worker then
+SIGKILLed, one deleted after that SIGKILL. Once the DELETE or purge returned and the worker took
+one more step (or a new worker started after the kill), no stored object of the job and no
+local copy in the worker's staging folder remain.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,7 @@ from app.settings import Settings
 from app.storage import Storage, storage_from_settings
 from tests.service.procs import (
     Proc,
+    RedisServer,
     admin,
     answers_ready,
     create_key,
@@ -58,25 +61,38 @@ class Stack:
         self.worker.kill()
         self.worker.stop()
 
-    def training(self, key: str, tenant_id: str, seed: int) -> str:
-        """A fine-tune of the key's tenant that has trained a few steps (and, with S3, stored
-        a checkpoint)."""
+    def submit(self, key: str, seed: int) -> str:
         client = httpx.Client(
             base_url=str(self.client.base_url), headers={"Authorization": f"Bearer {key}"}
         )
         r = post_finetune(client, {**TRAINING, "seed": seed})
         assert r.status_code == 202, r.text
-        job_id = r.json()["id"]
-        url = f"/v1/finetunes/{job_id}"
+        return str(r.json()["id"])
+
+    def step(self, key: str, job_id: str) -> int:
+        """The job's progress step (-1 once it is no longer running)."""
+        auth = {"Authorization": f"Bearer {key}"}
+        job = self.client.get(f"/v1/finetunes/{job_id}", headers=auth).raise_for_status().json()
+        return int(job["progress"]["step"]) if job["status"] == "running" else -1
+
+    def training(self, jobs: dict[str, tuple[str, str]]) -> None:
+        """Until every job (id → (key, tenant id)) has trained a few steps in the worker's
+        co-training group and, with S3, stored a checkpoint."""
 
         def trained() -> bool:
-            job = client.get(url).raise_for_status().json()
-            return job["status"] == "running" and job["progress"]["step"] >= 3
+            return all(
+                self.step(key, job_id) >= 2
+                and (self.staging is None or bool(self.checkpoints(tenant_id, job_id)))
+                for job_id, (key, tenant_id) in jobs.items()
+            )
 
-        wait_for(f"{job_id} to train", trained, 240, [self.api, self.worker])
-        if self.staging is not None:
-            wait_for("its checkpoint", lambda: bool(self.checkpoints(tenant_id, job_id)), 60, [])
-        return job_id
+        wait_for(f"{sorted(jobs)} to train", trained, 240, [self.api, self.worker])
+
+    def one_step_later(self, key: str, job_id: str) -> None:
+        """Until `job_id`, in the same group as a deleted job, has trained two more steps: the
+        worker has then taken the step after the deletion, and ended the deleted member."""
+        now = self.step(key, job_id)
+        wait_for("the next steps", lambda: self.step(key, job_id) >= now + 2, 120, [self.worker])
 
     def checkpoints(self, tenant_id: str, job_id: str) -> list[str]:
         prefix = f"tenants/{tenant_id}/finetunes/{job_id}/checkpoint"
@@ -92,29 +108,21 @@ class Stack:
             staged = [str(p) for p in self.staging.rglob("*") if p.is_file() and name in str(p)]
         return stored + staged
 
-    def stepped_after(self, job_id: str) -> None:
-        """Until the worker's task for the job returned (it noticed and took its last step)."""
-        wait_for(
-            f"the worker to stop {job_id}",
-            lambda: f"fine-tune {job_id}: " in self.worker.log(),
-            120,
-            [self.worker],
-        )
-
 
 @pytest.fixture(params=["local", "s3"])
 def stack(
     request: pytest.FixtureRequest,
     pg_url: str,
-    redis_url: str,
     logs: Path,
     tmp_path: Path,
     tiny_model_dir: Path,
     quant_cache: Path,
 ) -> Iterator[Stack]:
+    # A private broker: no other test run's worker takes these messages.
+    redis = RedisServer(logs)
     common: dict[str, Any] = {
         "database_url": pg_url,
-        "broker_url": redis_url,
+        "broker_url": redis.url,
         # Photos stay while the job lives, so only the deletion removes them.
         "photo_retention_s": 3600,
         "heartbeat_s": 0.5,
@@ -164,6 +172,7 @@ def stack(
             proc.terminate()
         for proc in (api, stack.worker):
             proc.stop()
+        redis.stop()
 
 
 @pytest.mark.faults
@@ -173,49 +182,52 @@ def _tenant(stack: Stack, name: str) -> tuple[str, str]:
     return made["api key"], made["tenant"].split("(")[-1].rstrip(")")
 
 
+@pytest.mark.faults
 def test_deleted_and_purged_fine_tunes_leave_no_file(stack: Stack) -> None:
-    key, tenant_id = _tenant(stack, "acme")
+    """Four fine-tunes train in one worker's co-training group (the default path); each ends
+    by one of the four ways, and none leaves a file."""
+    began = time.monotonic()
+    key, tenant = _tenant(stack, "acme")
+    other, purged_tenant = _tenant(stack, "globex")
+    deleted, purged, then_killed, killed_first = (
+        stack.submit(key, 1),
+        stack.submit(other, 2),
+        stack.submit(key, 3),
+        stack.submit(key, 4),
+    )
+    jobs = {deleted: (key, tenant), purged: (other, purged_tenant)}
+    jobs |= {then_killed: (key, tenant), killed_first: (key, tenant)}
+    stack.training(jobs)
     auth = {"Authorization": f"Bearer {key}"}
     seen: dict[str, list[str]] = {}
 
-    # DELETE mid-training: the worker goes on to its next step and finds its lease gone.
-    job_id = stack.training(key, tenant_id, seed=1)
-    assert stack.client.delete(f"/v1/finetunes/{job_id}", headers=auth).status_code == 204
-    stack.stepped_after(job_id)
-    seen["DELETE mid-training"] = stack.left(tenant_id, job_id)
+    # DELETE mid-training: the worker goes on to its next step and finds the lease gone.
+    assert stack.client.delete(f"/v1/finetunes/{deleted}", headers=auth).status_code == 204
+    stack.one_step_later(key, then_killed)
+    seen["DELETE mid-training"] = stack.left(tenant, deleted)
 
     # Purge mid-training: the tenant and everything of it goes.
-    other, purged_tenant = _tenant(stack, "globex")
-    purged = stack.training(other, purged_tenant, seed=2)
     admin(stack.api_env, "tenants", "purge", "globex", "--yes")
-    stack.stepped_after(purged)
+    stack.one_step_later(key, then_killed)
     seen["purge mid-training"] = stack.left(purged_tenant, purged)
 
-    # DELETE, then SIGKILL before the worker can clean up: the next worker's first sweep does.
-    job_id = stack.training(key, tenant_id, seed=3)
-    assert stack.client.delete(f"/v1/finetunes/{job_id}", headers=auth).status_code == 204
+    # DELETE, then SIGKILL before the worker could clean up; SIGKILL, then DELETE. The next
+    # worker's first sweep (at its start) removes the dead one's local copies.
+    assert stack.client.delete(f"/v1/finetunes/{then_killed}", headers=auth).status_code == 204
     stack.kill_worker()
+    assert stack.client.delete(f"/v1/finetunes/{killed_first}", headers=auth).status_code == 204
     stack.start_worker()
     wait_for("the new worker", lambda: " ready." in stack.worker.log(), 120, [stack.worker])
-    seen["DELETE then SIGKILL"] = _eventually(lambda: stack.left(tenant_id, job_id))
+    seen["DELETE then SIGKILL"] = _eventually(lambda: stack.left(tenant, then_killed))
+    seen["SIGKILL then DELETE"] = _eventually(lambda: stack.left(tenant, killed_first))
 
-    # SIGKILL, then DELETE: the dead worker's copies go at the next worker's start.
-    job_id = stack.training(key, tenant_id, seed=4)
-    stack.kill_worker()
-    assert stack.client.delete(f"/v1/finetunes/{job_id}", headers=auth).status_code == 204
-    stack.start_worker()
-    wait_for("the new worker", lambda: " ready." in stack.worker.log(), 120, [stack.worker])
-    seen["SIGKILL then DELETE"] = _eventually(lambda: stack.left(tenant_id, job_id))
-
-    print(json.dumps(seen, indent=1))
+    print(json.dumps(seen, indent=1), f"{time.monotonic() - began:.0f} s")
     assert seen == {case: [] for case in seen}, seen
 
 
 def _eventually(left: Any, timeout: float = 10) -> list[str]:
     """What is left once the new worker's first sweeps ran (at its start, then every
     TUNEQDM_SWEEP_EVERY_S): empty at once when they remove it, else what stays."""
-    import time
-
     deadline = time.monotonic() + timeout
     found: list[str] = left()
     while found and time.monotonic() < deadline:
