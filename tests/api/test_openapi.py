@@ -19,6 +19,7 @@ ENDPOINTS = {
     ("delete", "/v1/adapters/{adapter_id}"),
     ("post", "/v1/adapters/{adapter_id}/exports"),
     ("get", "/v1/adapters/{adapter_id}/exports"),
+    ("post", "/v1/adapters/{adapter_id}/exports/{export_id}/cancel"),
     ("get", "/v1/adapters/{adapter_id}/export"),
     ("post", "/v1/generations"),
     ("get", "/v1/generations"),
