@@ -125,8 +125,10 @@ def stack(
         "broker_url": redis.url,
         # Photos stay while the job lives, so only the deletion removes them.
         "photo_retention_s": 3600,
-        "heartbeat_s": 0.5,
-        "stale_after_s": 3,
+        # No lease runs out here (every job ends by a DELETE or a purge), even on a machine
+        # so loaded that a heartbeat is late by seconds.
+        "heartbeat_s": 1,
+        "stale_after_s": 60,
         "sweep_every_s": 0.5,
         "requeue_after_s": 2,
         "min_image_side": 32,

@@ -21,7 +21,9 @@ from tests.service.test_faults import FAST, Deployment, _ready, deployed
 
 @pytest.fixture
 def deploy(logs: Path, tiny_settings: dict[str, object]) -> Iterator[Deployment]:
-    with deployed({**tiny_settings, **FAST}, logs) as deployment:
+    # No lease runs out in these tests: a heartbeat late by seconds on a loaded machine must
+    # not give an export a second attempt.
+    with deployed({**tiny_settings, **FAST, "stale_after_s": 60}, logs) as deployment:
         yield deployment
 
 

@@ -163,3 +163,39 @@ def test_a_canceled_export_is_not_made_and_a_running_one_stores_nothing(
     assert (row.status, row.storage_key, row.attempts) == ("canceled", None, 1)
     exports = ctx.storage.root / "tenants" / tenant.id / "exports"
     assert not exports.exists() or list(exports.iterdir()) == []
+
+
+def test_the_staging_sweep_removes_a_deleted_or_ended_jobs_copies_whatever_their_age(
+    ctx: Context, tenant: Tenant, tmp_path: Path
+) -> None:
+    from app.services.finetunes import cancel_finetune
+    from tests.worker.conftest import submit_finetune
+    from worker.files import still_needed
+    from worker.staging import Staging
+
+    live = submit_finetune(ctx, tenant, '{"steps": 2}')
+    ended = submit_finetune(ctx, tenant, '{"steps": 2}')
+    with ctx.sessions() as s:
+        cancel_finetune(session=s, tenant=s.merge(tenant), finetune_id=ended)
+    # Staging of a store other than the local folder (the local backend has no copies).
+    staging = Staging(_NotLocal(), tmp_path / "staging")  # type: ignore[arg-type]
+    base = f"tenants/{tenant.id}"
+    copies = {
+        job: staging.output(f"{base}/finetunes/{job}/inputs/000.png")
+        for job in (live, ended, "ft_deleted")
+    }
+    for path in copies.values():
+        path.write_bytes(b"photo")
+    empty_checkpoint = staging.output(f"{base}/finetunes/{live}/checkpoint/x").parent
+    cached = staging.output(f"{base}/adapters/ad_1_a1.safetensors")
+    cached.write_bytes(b"adapter")
+
+    removed = staging.sweep(3600, needed=still_needed(ctx.sessions))
+    assert sorted(removed) == sorted([copies[ended], copies["ft_deleted"]])
+    assert copies[live].is_file() and cached.is_file()
+    assert empty_checkpoint.is_dir()  # a running job's folder, empty until its first save
+    assert not copies["ft_deleted"].parent.exists()
+
+
+class _NotLocal:
+    """Only what Staging reads of a store that is not the local folder (none is called)."""
