@@ -151,6 +151,7 @@ class _Sweeper:
         from worker.jobs import reconcile_queued, sweep_stale
         from worker.staging import Staging
 
+        # One store client for the sweep's lifetime (an S3 client holds a connection pool).
         storage = storage_from_settings(settings)
         staging = Staging(storage, settings.resolved_staging_dir)
 
