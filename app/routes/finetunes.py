@@ -17,6 +17,7 @@ from app.deps import (
     StorageDep,
 )
 from app.downloads import stream_response
+from app.forms import StrictFormRoute
 from app.schemas import (
     EventPublic,
     EventsPublic,
@@ -29,7 +30,7 @@ from app.schemas import (
 from app.services import finetunes as svc
 from app.services import progress
 
-router = APIRouter(prefix="/v1/finetunes", tags=["finetunes"])
+router = APIRouter(prefix="/v1/finetunes", tags=["finetunes"], route_class=StrictFormRoute)
 
 ERRORS: dict[int | str, dict[str, str]] = {
     401: {"description": "Missing or invalid API key."},
