@@ -170,3 +170,26 @@ def test_a_30000_by_30000_png_is_refused_naming_the_pixel_limit(
     detail = r.json()["detail"]
     assert "900000000 pixels" in detail and "above the limit of 1000000 pixels" in detail, detail
     assert snapshot(session, storage) == before
+
+
+def test_the_web_page_has_a_content_security_policy_and_every_response_nosniff(
+    client: TestClient, session: Session
+) -> None:
+    """The page held the API key with no CSP: an injected script could have sent it anywhere."""
+    page = client.get("/")
+    assert page.status_code == 200
+    csp = dict(
+        part.strip().split(" ", 1) for part in page.headers["Content-Security-Policy"].split(";")
+    )
+    assert csp["default-src"] == "'none'" and csp["script-src"] == "'self'"
+    assert csp["connect-src"] == "'self'" and csp["frame-ancestors"] == "'none'"
+    t = make_tenant(session)
+    for r in (
+        page,
+        client.get("/static/app.js"),
+        client.get("/v1/bases", headers=t.headers),
+        client.get("/v1/bases"),  # 401
+        client.get("/v1/finetunes/ft_missing", headers=t.headers),  # 404
+        client.post("/v1/generations", json={"steps": True}, headers=t.headers),  # 422
+    ):
+        assert r.headers["X-Content-Type-Options"] == "nosniff", (r.request.url, r.status_code)
