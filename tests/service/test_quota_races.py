@@ -1,8 +1,8 @@
 """Per-tenant limits under concurrency, with real HTTP: ten requests of one tenant at once to
-an API of two uvicorn processes, against an active-jobs limit of 3 and an export-variant
-limit of 3, on PostgreSQL and on SQLite. Exactly three are admitted (the tenant's row lock,
-app/services/quotas.py); without it, each request counted the others' rows before any was
-inserted and most were admitted."""
+an API of two uvicorn processes, against an active-jobs limit of 3 (generations, then another
+tenant's fine-tunes) and an export-variant limit of 3, on PostgreSQL and on SQLite. Exactly
+three are admitted (the tenant's row lock, app/services/quotas.py); without it, each request
+counted the others' rows before any was inserted and most were admitted."""
 
 from __future__ import annotations
 
@@ -19,13 +19,14 @@ from sqlalchemy import func, select
 
 from app.db import make_engine, make_sessionmaker
 from app.ids import new_id
-from app.models import Adapter, AdapterExport, GenerationJob, Tenant
+from app.models import Adapter, AdapterExport, FinetuneJob, GenerationJob, Tenant
 from tests.api.conftest import alembic_config
 from tests.service.procs import (
     Proc,
     answers_ready,
     create_key,
     free_port,
+    post_finetune,
     service_env,
     wait_for,
 )
@@ -80,8 +81,10 @@ def test_ten_concurrent_requests_against_a_limit_of_three_admit_three(
         tenant_rpm=0,
         requests_per_key=0,
         retention_sweep_every_s=0,
+        min_image_side=32,
     )
     key = create_key(env, "acme")["api key"]
+    other = create_key(env, "globex")["api key"]
     port = free_port()
     api = _api(env, logs, port)
     headers = {"Authorization": f"Bearer {key}"}
@@ -95,7 +98,7 @@ def test_ten_concurrent_requests_against_a_limit_of_three_admit_three(
             )
 
             with sessions() as session:
-                tenant = session.scalars(select(Tenant)).one()
+                tenant = session.scalars(select(Tenant).where(Tenant.name == "acme")).one()
                 adapter = Adapter(
                     id=new_id("ad"),
                     tenant_id=tenant.id,
@@ -122,14 +125,22 @@ def test_ten_concurrent_requests_against_a_limit_of_three_admit_three(
                 return c.post(f"/v1/adapters/{adapter_id}/exports", json=body)
 
             exports = _at_once(export, c)
+            c.headers["Authorization"] = f"Bearer {other}"
+            finetunes = _at_once(lambda c: post_finetune(c, {"steps": 2}), c)
         with sessions() as session:
             rows = session.scalar(select(func.count()).select_from(GenerationJob))
             variants = session.scalar(select(func.count()).select_from(AdapterExport))
+            jobs = session.scalar(select(func.count()).select_from(FinetuneJob))
     finally:
         api.stop()
         engine.dispose()
-    print(f"generations: {dict(generations)} ({rows} rows); exports: {dict(exports)}")
+    print(
+        f"generations: {dict(generations)} ({rows} rows); exports: {dict(exports)} "
+        f"({variants} rows); fine-tunes: {dict(finetunes)} ({jobs} rows)"
+    )
     assert generations == Counter({202: LIMIT, 429: CONCURRENT - LIMIT}), api.log()[-3000:]
     assert rows == LIMIT
     assert exports == Counter({202: LIMIT, 429: CONCURRENT - LIMIT}), api.log()[-3000:]
     assert variants == LIMIT
+    assert finetunes == Counter({202: LIMIT, 429: CONCURRENT - LIMIT}), api.log()[-3000:]
+    assert jobs == LIMIT
