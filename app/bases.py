@@ -18,7 +18,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.models import BaseWorker, ServedBase, utcnow
+from app.db import database_now
+from app.models import BaseWorker, ServedBase
 from app.settings import Settings
 
 
@@ -110,9 +111,10 @@ def register(
     """Insert or update the base's row (and the worker's), in the caller's transaction.
 
     Fields given as None keep their stored value: a worker that has not loaded its model yet
-    does not erase the fingerprint an earlier load wrote.
+    does not erase the fingerprint an earlier load wrote. Times are the database's clock, so
+    the API judges a worker's liveness without either host's skew (app.services.bases.up_since).
     """
-    now = utcnow()
+    now = database_now(session)
     row = session.get(ServedBase, info.name)
     if row is None:
         row = ServedBase(name=info.name, created_at=now)

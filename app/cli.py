@@ -160,7 +160,7 @@ def _bases(args: argparse.Namespace, session: Session, settings: Settings) -> in
         print(f"retired base {row.name}: requests naming it are refused; its adapters stay")
         return 0
     queued = bases.queued_jobs(session=session)
-    since = bases.up_since(settings)
+    since = bases.up_since(session, settings)
     for row in bases.list_bases(session=session):
         up = sum(w.last_seen_at >= since for w in row.workers)
         waiting = queued.get(row.name, {"finetune": 0, "generation": 0})

@@ -4,12 +4,23 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import (
+    ColumnElement,
+    Engine,
+    create_engine,
+    event,
+    func,
+    literal,
+    select,
+    type_coerce,
+)
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.models import UTCDateTime
 from app.settings import Settings
 
 
@@ -65,3 +76,32 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
         except BaseException:
             session.rollback()
             raise
+
+
+def sql_now(session: Session, offset_s: float = 0.0) -> ColumnElement[datetime]:
+    """The database's current time plus `offset_s` seconds, as an SQL expression.
+
+    Times that several processes compare (leases, due times, liveness) are written and compared
+    with the database's clock, never a host's: a process whose clock is minutes off would
+    otherwise take over a live lease, or hold back what is due, by its skew. PostgreSQL's
+    `now()` is the start of the transaction. SQLite runs inside each process, so its `now` is
+    that host's clock; every process of a SQLite deployment is on one host, with one clock.
+    """
+    expr: ColumnElement[Any]
+    if session.get_bind().dialect.name == "sqlite":
+        # In the format SQLAlchemy stores datetimes in on SQLite (microseconds), so the strings
+        # compare in time order with the stored ones.
+        modifier = f"{offset_s:+.6f} seconds"
+        expr = func.strftime("%Y-%m-%d %H:%M:%f", "now", modifier).concat("000")
+    elif offset_s:
+        expr = func.now() + literal(timedelta(seconds=offset_s))
+    else:
+        expr = func.now()
+    return type_coerce(expr, UTCDateTime())
+
+
+def database_now(session: Session, offset_s: float = 0.0) -> datetime:
+    """`sql_now` read into Python: the database's clock as an aware UTC datetime."""
+    now = session.scalar(select(sql_now(session, offset_s)))
+    assert now is not None
+    return now

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import re
 import warnings
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -88,7 +89,15 @@ def check_image(
                 rgb = rgb.resize(target, Image.Resampling.LANCZOS)
     except InvalidInput:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # PIL refuses to even open an image far above its own limit, before our check above
+        # sees the size; the message it raises carries the pixel count.
+        count = re.search(r"\((\d+) pixels\)", str(exc))
+        pixels = f"{count.group(1)} pixels" if count else "more pixels than PIL opens"
+        raise InvalidInput(
+            f"{what} has {pixels}, above the limit of {max_pixels} pixels; downscale it first"
+        ) from None
+    except UnidentifiedImageError:
         raise InvalidInput(
             f"{what} is not a readable PNG, JPEG or WebP image (whatever its file name says)"
         ) from None

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from sqlalchemy.exc import OperationalError
@@ -58,6 +61,24 @@ async def _domain_error(_request: Request, exc: Exception) -> JSONResponse:
     elif status == 503:
         headers = {"Retry-After": str(RETRY_AFTER_UNAVAILABLE_S)}
     return JSONResponse({"detail": exc.detail}, status_code=status, headers=headers)
+
+
+def _finite(value: object) -> object:
+    """`value` with every NaN or infinity replaced by its text: a 422 quotes what was sent, and
+    JSON has no such numbers (rendering one raised, so the 422 became a 500)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+async def _invalid_request(_request: Request, exc: Exception) -> JSONResponse:
+    # FastAPI's own rendering, made safe for non-finite numbers.
+    assert isinstance(exc, RequestValidationError)
+    return JSONResponse({"detail": _finite(jsonable_encoder(exc.errors()))}, status_code=422)
 
 
 async def _database_unavailable(_request: Request, exc: Exception) -> JSONResponse:
@@ -157,6 +178,7 @@ def create_app(
         workers=settings.image_workers, per_tenant=settings.image_workers_per_tenant
     )
     app.add_exception_handler(errors.DomainError, _domain_error)
+    app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(OperationalError, _database_unavailable)
     app.add_exception_handler(PoolTimeout, _pool_exhausted)
     app.add_exception_handler(Exception, _unexpected)

@@ -1,5 +1,5 @@
-"""ASGI middleware: a request id and one access log line per request (RequestContext), and a
-fair share of the request threads per API key (KeyConcurrency).
+"""ASGI middleware: a request id, `X-Content-Type-Options: nosniff` and one access log line per
+request (RequestContext), and a fair share of the request threads per API key (KeyConcurrency).
 
 The id comes from the client's X-Request-ID when it is sane (app.logs.new_request_id), else it
 is generated; it is returned in the X-Request-ID response header and is in every log line
@@ -19,6 +19,8 @@ from app.logs import new_request_id, request_id
 
 log = logging.getLogger("tuneqdm.access")
 HEADER = b"x-request-id"
+NOSNIFF = b"x-content-type-options"
+_OWN = (HEADER, NOSNIFF)
 
 
 class RequestContext:
@@ -39,8 +41,11 @@ class RequestContext:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != HEADER]
-                message = {**message, "headers": [*headers, (HEADER, rid.encode())]}
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() not in _OWN]
+                # nosniff: a browser takes each response as its Content-Type says (an uploaded
+                # or generated file is never run as a script or a page).
+                own = [(HEADER, rid.encode()), (NOSNIFF, b"nosniff")]
+                message = {**message, "headers": [*headers, *own]}
             await send(message)
 
         try:

@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.db import database_now
 from app.events import record_event
 from app.ids import new_id
 from app.models import Adapter, FinetuneJob, GenerationJob, WebhookDelivery, utcnow
@@ -83,7 +84,8 @@ def record_final(session: Session, model: JobModel, job_id: str) -> str | None:
         payload={"type": f"{kind}.{job.status}", "timestamp": utcnow().isoformat(), "data": data},
         status="pending",
         attempts=0,
-        next_attempt_at=utcnow(),
+        # Due now by the database's clock, which the senders compare with (worker/webhooks.py).
+        next_attempt_at=database_now(session),
     )
     session.add(delivery)
     return delivery.id

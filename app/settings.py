@@ -122,8 +122,12 @@ class Settings(BaseSettings):
     tenant_rpm: int = Field(default=600, ge=0)
     # Queued + running fine-tunes and generations together.
     tenant_active_jobs: int = Field(default=100, ge=0)
-    # Photos, adapters and generated images together.
+    # Photos, adapters, exports, progress samples and generated images together.
     tenant_stored_bytes: int = Field(default=5 * 1024 * MiB, ge=0)
+    # Export variants (format, rank, interval) stored per tenant, over all its adapters: a
+    # merged export of an SD 1.x adapter is a whole float UNet, so this bounds their number
+    # (their bytes count in tenant_stored_bytes too).
+    tenant_exports: int = Field(default=20, ge=0)
 
     # Retention of people's data (docs/api.md, "What is kept"). Subject photos are deleted this
     # many seconds after their fine-tune ends (0: as soon as it ends); generations (rows,

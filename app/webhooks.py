@@ -26,9 +26,11 @@ _LOCAL_SUFFIXES = (".localhost", ".local", ".internal", ".localdomain")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-# IPv6 forms that carry an IPv4 address a router or relay may forward to (RFC 6052 NAT64,
-# RFC 3056 6to4, RFC 4380 Teredo, RFC 4291 IPv4-compatible); checked by their IPv4 part.
+# IPv6 forms that carry an IPv4 address a router or relay may forward to (RFC 4291 mapped
+# and compatible, RFC 2765 SIIT "IPv4-translated" ::ffff:0:a.b.c.d, RFC 6052 NAT64, RFC 3056
+# 6to4, RFC 4380 Teredo); each is checked by its IPv4 part.
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_SIIT = ipaddress.IPv6Network("::ffff:0:0:0/96")
 # RFC 8215 local-use NAT64: translates into whatever IPv4 network the operator chose.
 _NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")
 _IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
@@ -37,12 +39,12 @@ _IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
 def _embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
     if ip.ipv4_mapped is not None:
         return [ip.ipv4_mapped]
-    if ip in _NAT64 or ip in _IPV4_COMPATIBLE:
+    if ip in _NAT64 or ip in _IPV4_COMPATIBLE or ip in _SIIT:
         return [ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)]
     if ip.sixtofour is not None:
         return [ip.sixtofour]
     if ip.teredo is not None:
-        return list(ip.teredo)  # (server, client)
+        return list(ip.teredo)  # (server, client); Python undoes the client's XOR
     return []
 
 

@@ -5,7 +5,8 @@ counter is what the sender read) that counts the attempt and leases the row unti
 deadline has surely passed; only the claimer sends, and it records the outcome only while its
 claim still stands. A sender that dies leaves the row due again when the lease ends, and the
 next sweep sends it: a webhook is delivered at least once (receivers drop repeats by
-`webhook-id`), never lost, and its exhausted retries mark the row failed.
+`webhook-id`), never lost, and its exhausted retries mark the row failed. Due times and leases
+are the database's clock (app.db.sql_now), so senders whose clocks disagree still agree on them.
 
 The API checked the URL's literal host only; here the host is resolved at send time, every
 address it resolves to must be public (`app.webhooks.is_forbidden_address`, unless
@@ -28,14 +29,14 @@ from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from datetime import timedelta
 from urllib.parse import urlsplit
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.db import database_now, sql_now
 from app.events import lock_job, record_event
-from app.models import Tenant, WebhookDelivery, utcnow
+from app.models import Tenant, WebhookDelivery
 from app.settings import Settings
 from app.webhooks import check_port, is_forbidden_address, signing_secrets, webhook_headers
 
@@ -180,19 +181,21 @@ def claim_attempt(session: Session, delivery_id: str, settings: Settings) -> int
     seen = session.scalar(select(WebhookDelivery.attempts).where(WebhookDelivery.id == delivery_id))
     if seen is None:
         return None
-    now = utcnow()
+    # The database's clock for the due time and the lease: a sender whose clock runs fast would
+    # otherwise take a delivery whose attempt is still in flight elsewhere, a slow one hold back
+    # due ones by its skew.
     result = session.execute(
         update(WebhookDelivery)
         .where(
             WebhookDelivery.id == delivery_id,
             WebhookDelivery.status == "pending",
-            WebhookDelivery.next_attempt_at <= now,
+            WebhookDelivery.next_attempt_at <= sql_now(session),
             WebhookDelivery.attempts == seen,
         )
         .values(
             attempts=seen + 1,
-            next_attempt_at=now + timedelta(seconds=lease_s(settings)),
-            updated_at=now,
+            next_attempt_at=sql_now(session, lease_s(settings)),
+            updated_at=sql_now(session),
         )
         .execution_options(synchronize_session=False)
     )
@@ -207,10 +210,16 @@ def _record(
     *,
     finetune_id: str | None = None,
     outcome: str = "",
+    retry_in_s: float | None = None,
     **values: object,
 ) -> bool:
     """Write an attempt's outcome only while the claim still stands; a fine-tune's delivery
-    also adds it to the job's event log (when the job still exists)."""
+    also adds it to the job's event log (when the job still exists). A retry is due again
+    `retry_in_s` from now, by the database's clock."""
+    if retry_in_s is not None:
+        values["next_attempt_at"] = sql_now(session, retry_in_s)
+    if values.get("status") == "delivered":
+        values["delivered_at"] = sql_now(session)
     result = session.execute(
         update(WebhookDelivery)
         .where(
@@ -218,7 +227,7 @@ def _record(
             WebhookDelivery.status == "pending",
             WebhookDelivery.attempts == attempt,
         )
-        .values(updated_at=utcnow(), **values)
+        .values(updated_at=sql_now(session), **values)
         .execution_options(synchronize_session=False)
     )
     recorded = bool(result.rowcount)  # type: ignore[attr-defined]
@@ -257,7 +266,8 @@ def attempt_delivery(
             return Attempt("gone")
         url, payload = row.url, row.payload
         finetune_id = row.job_id if row.job_kind == "finetune" else None
-        now = utcnow()
+        # The signed timestamp too: receivers check it against their (correct) clocks.
+        now = database_now(session)
         secrets = signing_secrets(
             settings.resolved_secret_key,
             tenant.id,
@@ -291,17 +301,20 @@ def attempt_delivery(
         else:
             delay = backoff_s(settings, attempt)
             result = Attempt("retry", retry_in_s=delay)
-            values = {
-                "last_error": str(exc),
-                "next_attempt_at": utcnow() + timedelta(seconds=delay),
-            }
+            values = {"last_error": str(exc)}
     else:
         result = Attempt(f"delivered ({status})")
-        values = {"status": "delivered", "delivered_at": utcnow(), "last_error": None}
+        values = {"status": "delivered", "last_error": None}
     with sessions() as session:
         outcome = result.outcome.split(" ")[0]  # delivered, retry or failed
         if not _record(
-            session, delivery_id, attempt, finetune_id=finetune_id, outcome=outcome, **values
+            session,
+            delivery_id,
+            attempt,
+            finetune_id=finetune_id,
+            outcome=outcome,
+            retry_in_s=result.retry_in_s,
+            **values,
         ):
             return Attempt("outcome not recorded (claim expired)")
     if result.outcome == "failed":
@@ -328,7 +341,10 @@ def due_deliveries(session: Session, *, limit: int = 100) -> list[str]:
     return list(
         session.scalars(
             select(WebhookDelivery.id)
-            .where(WebhookDelivery.status == "pending", WebhookDelivery.next_attempt_at <= utcnow())
+            .where(
+                WebhookDelivery.status == "pending",
+                WebhookDelivery.next_attempt_at <= sql_now(session),
+            )
             .order_by(WebhookDelivery.next_attempt_at)
             .limit(limit)
         )

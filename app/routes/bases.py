@@ -3,6 +3,8 @@ workers (up or not) and the jobs queued for them."""
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from fastapi import APIRouter
 
 from app.deps import CurrentTenant, SessionDep, SettingsDep
@@ -19,7 +21,12 @@ ERRORS: dict[int | str, dict[str, str]] = {
 }
 
 
-def _public(row: ServedBase, settings: Settings, queued: dict[str, dict[str, int]]) -> BasePublic:
+def _public(
+    row: ServedBase,
+    settings: Settings,
+    queued: dict[str, dict[str, int]],
+    up_since: datetime,
+) -> BasePublic:
     sizes = svc.sizes_of(row.native_resolution, settings)
     counts = queued.get(row.name, {})
     return BasePublic.from_row(
@@ -29,7 +36,7 @@ def _public(row: ServedBase, settings: Settings, queued: dict[str, dict[str, int
         queued=QueuedPublic(
             finetune=counts.get("finetune", 0), generation=counts.get("generation", 0)
         ),
-        up_since=svc.up_since(settings),
+        up_since=up_since,
     )
 
 
@@ -37,7 +44,8 @@ def _public(row: ServedBase, settings: Settings, queued: dict[str, dict[str, int
 def list_bases(session: SessionDep, settings: SettingsDep, _tenant: CurrentTenant) -> BasesPublic:
     rows = svc.list_bases(session=session)
     queued = svc.queued_jobs(session=session)
-    return BasesPublic(data=[_public(r, settings, queued) for r in rows], count=len(rows))
+    since = svc.up_since(session, settings)
+    return BasesPublic(data=[_public(r, settings, queued, since) for r in rows], count=len(rows))
 
 
 @router.get("/{name:path}", response_model=BasePublic, responses=ERRORS)
@@ -45,4 +53,5 @@ def get_base(
     session: SessionDep, settings: SettingsDep, _tenant: CurrentTenant, name: str
 ) -> BasePublic:
     row = svc.get_base(session=session, name=name)
-    return _public(row, settings, svc.queued_jobs(session=session))
+    queued = svc.queued_jobs(session=session)
+    return _public(row, settings, queued, svc.up_since(session, settings))

@@ -14,7 +14,7 @@ from fastapi.responses import StreamingResponse
 
 from app.deps import CurrentTenant, SenderDep, SessionDep, SettingsDep, StorageDep
 from app.downloads import REDIRECT_DOC, file_response
-from app.schemas import ExportCreate, ExportPublic, ExportsPublic
+from app.schemas import ExportCreate, ExportPublic, ExportQuery, ExportsPublic
 from app.services import exports as svc
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
@@ -97,7 +97,7 @@ def download_export(
     settings: SettingsDep,
     tenant: CurrentTenant,
     adapter_id: str,
-    query: Annotated[ExportCreate, Query()],
+    query: Annotated[ExportQuery, Query()],
 ) -> Response:
     row = svc.export_file(session=session, tenant=tenant, adapter_id=adapter_id, data=query)
     assert row.storage_key is not None  # export_file returns finished exports only

@@ -17,6 +17,7 @@ from app.deps import (
     StorageDep,
 )
 from app.downloads import stream_response
+from app.forms import StrictFormRoute
 from app.schemas import (
     EventPublic,
     EventsPublic,
@@ -29,7 +30,7 @@ from app.schemas import (
 from app.services import finetunes as svc
 from app.services import progress
 
-router = APIRouter(prefix="/v1/finetunes", tags=["finetunes"])
+router = APIRouter(prefix="/v1/finetunes", tags=["finetunes"], route_class=StrictFormRoute)
 
 ERRORS: dict[int | str, dict[str, str]] = {
     401: {"description": "Missing or invalid API key."},
@@ -184,7 +185,10 @@ def get_sample(
 @router.get(
     "/{finetune_id}/events",
     response_model=EventsPublic,
-    responses={**ERRORS, 422: {"description": "The cursor is not one this API gave out."}},
+    responses={
+        **ERRORS,
+        422: {"description": "The cursor is not one this API gave out for this fine-tune."},
+    },
 )
 def list_events(
     session: SessionDep,
@@ -205,6 +209,7 @@ def list_events(
         finetune_id=finetune_id,
         cursor=cursor,
         limit=min(limit, settings.max_page_size),
+        secret_key=settings.resolved_secret_key,
     )
     return EventsPublic(
         data=[EventPublic.from_row(r) for r in rows], next_cursor=next_cursor, has_more=more

@@ -19,6 +19,7 @@ from app.schemas.exports import (
     ExportCreate,
     ExportLinks,
     ExportPublic,
+    ExportQuery,
     ExportsPublic,
 )
 from app.schemas.finetunes import (
@@ -59,6 +60,7 @@ __all__ = [
     "ExportFormat",
     "ExportLinks",
     "ExportPublic",
+    "ExportQuery",
     "ExportStatus",
     "ExportsPublic",
     "FinetuneLinks",

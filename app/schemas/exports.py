@@ -14,7 +14,9 @@ class ExportCreate(BaseModel):
     """What to export (docs/api.md, "Exports"); the adapter's own bounds (its intervals, the
     service's largest rank) are checked by the service."""
 
-    model_config = ConfigDict(extra="forbid")
+    # Strict types in the JSON body (a boolean or a string is not a rank); ExportQuery, the
+    # same fields in a query string, where every value is text, converts them.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     format: ExportFormat = Field(
         description="lora: a LoRA file for diffusers' load_lora_weights; merged: the float "
@@ -95,3 +97,9 @@ class ExportPublic(BaseModel):
 class ExportsPublic(BaseModel):
     data: list[ExportPublic]
     count: int
+
+
+class ExportQuery(ExportCreate):
+    """ExportCreate read from a query string (GET .../export?format=lora&rank=16)."""
+
+    model_config = ConfigDict(extra="forbid", strict=False)

@@ -20,9 +20,11 @@ DEFAULT_SAMPLE_POINTS = 4
 
 
 class FinetuneParams(BaseModel):
-    """Training parameters; unknown keys are refused so a typo never silently becomes a default."""
+    """Training parameters; unknown keys are refused so a typo never silently becomes a default,
+    and values are strict: `true` or `"3"` is not a number (lax coercion trained 1 step for
+    `steps: true`)."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
     method: Method = "tuneqdm"
     bits: Literal[4, 8] | None = Field(

@@ -12,9 +12,10 @@ from app.schemas.common import SEED_MAX, Scheduler, WebhookPublic
 
 
 class GenerationCreate(BaseModel):
-    """Static bounds here; the tighter, configurable limits are checked by the service."""
+    """Static bounds here; the tighter, configurable limits are checked by the service.
+    Strict types: a boolean or a string is not a number."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
     adapter_id: str | None = Field(
         default=None, max_length=64, description="Adapter to apply; null uses the plain base model."

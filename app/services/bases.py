@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, selectinload
 
 from app.bases import BaseInfo, SizeRange, describe_folder, info_of, size_range
+from app.db import database_now
 from app.errors import Conflict, InvalidInput, NotFound, ServiceUnavailable
-from app.models import FinetuneJob, GenerationJob, ServedBase, utcnow
+from app.models import FinetuneJob, GenerationJob, ServedBase
 from app.settings import Settings
 
 
@@ -82,10 +83,11 @@ def queued_jobs(*, session: Session) -> dict[str, dict[str, int]]:
     return counts
 
 
-def up_since(settings: Settings) -> datetime:
+def up_since(session: Session, settings: Settings) -> datetime:
     """Workers seen after this are up: a live one refreshes every TUNEQDM_BASE_SEEN_EVERY_S,
-    so three missed refreshes mean it is gone (or cannot reach the database)."""
-    return utcnow() - timedelta(seconds=3 * settings.base_seen_every_s)
+    so three missed refreshes mean it is gone (or cannot reach the database). By the database's
+    clock, which also stamped last_seen_at (app.bases.register): no host's skew counts."""
+    return database_now(session, -3 * settings.base_seen_every_s)
 
 
 def retire_base(*, session: Session, settings: Settings, name: str) -> ServedBase:
@@ -96,7 +98,7 @@ def retire_base(*, session: Session, settings: Settings, name: str) -> ServedBas
     row = get_base(session=session, name=name)
     if name == settings.base_model:
         raise Conflict(f"{name!r} is the default base (TUNEQDM_BASE_MODEL); change that first")
-    up = [w.worker for w in row.workers if w.last_seen_at >= up_since(settings)]
+    up = [w.worker for w in row.workers if w.last_seen_at >= up_since(session, settings)]
     if up:
         raise Conflict(f"workers still serve {name!r} ({', '.join(up)}); stop them first")
     for kind, model in (("fine-tunes", FinetuneJob), ("generations", GenerationJob)):

@@ -18,6 +18,7 @@ from app.ids import new_id
 from app.models import ACTIVE_STATUSES, AdapterExport, Tenant, utcnow
 from app.queue import EXPORT_TASK, GENERATE_QUEUE, TaskSender, base_queue
 from app.schemas import ExportCreate
+from app.services import quotas
 from app.services.adapters import get_adapter
 from app.settings import Settings
 
@@ -70,6 +71,7 @@ def create_export(
         return row, False
     created = row is None
     if row is None:
+        quotas.check_new_export(session=session, tenant=tenant, settings=settings)
         row = AdapterExport(
             id=new_id("exp"),
             tenant_id=tenant.id,

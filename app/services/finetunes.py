@@ -254,12 +254,6 @@ def create_finetune(
 
     job = _validate_form(form, settings, base)
     job.idempotency_fingerprint = fingerprint if form.idempotency_key is not None else None
-    quotas.check_new_job(
-        session=session,
-        tenant=tenant,
-        settings=settings,
-        adding_bytes=sum(len(img.data) for img in checked),
-    )
 
     job.id = new_id("ft")
     job.tenant_id = tenant.id
@@ -279,6 +273,14 @@ def create_finetune(
                     size_bytes=len(img.data),
                 )
             )
+        # After the photos are stored, so the tenant's row lock is held only for the checks and
+        # the insert; a refused job's photos are removed below.
+        quotas.check_new_job(
+            session=session,
+            tenant=tenant,
+            settings=settings,
+            adding_bytes=sum(len(img.data) for img in checked),
+        )
         session.add(job)
         session.flush()
         record_event(session, job.id, "queued")

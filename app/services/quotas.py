@@ -7,9 +7,12 @@ TooManyRequests (429 with Retry-After) whose message names the limit.
 Requests are counted in the database, not in the process, so every API replica shares one
 count and the embedded mode (no Redis) behaves like a deployment: one conditional UPDATE of the
 tenant's row per request, a fixed one-minute window from the epoch (the replicas' clocks must
-agree to a second or so, which NTP gives). The job and byte limits are checked against the
-rows when a job is created; two replicas admitting at the same instant can overshoot a limit
-by one request each, which is acceptable for a quota.
+agree to a second or so, which NTP gives).
+
+The job, byte and export limits are checked against the rows when a job or an export is
+created, under the tenant's row lock (`lock_tenant`) that the caller holds until it has
+inserted the row and committed: concurrent requests of one tenant, in any number of API
+processes, are admitted one after the other, so a limit is never overshot.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from app.errors import TooManyRequests
 from app.models import (
     ACTIVE_STATUSES,
     Adapter,
+    AdapterExport,
     FinetuneImage,
     FinetuneJob,
     FinetuneSample,
@@ -44,6 +48,7 @@ class Limits:
     rpm: int
     active_jobs: int
     stored_bytes: int
+    exports: int
 
 
 def limits_of(tenant: Tenant, settings: Settings) -> Limits:
@@ -54,6 +59,7 @@ def limits_of(tenant: Tenant, settings: Settings) -> Limits:
         rpm=pick(tenant.rpm_limit, settings.tenant_rpm),
         active_jobs=pick(tenant.active_jobs_limit, settings.tenant_active_jobs),
         stored_bytes=pick(tenant.stored_bytes_limit, settings.tenant_stored_bytes),
+        exports=settings.tenant_exports,
     )
 
 
@@ -117,15 +123,43 @@ def stored_bytes(session: Session, tenant_id: str) -> int:
     samples = select(func.coalesce(func.sum(FinetuneSample.size_bytes), 0)).where(
         FinetuneSample.job_id.in_(select(FinetuneJob.id).where(FinetuneJob.tenant_id == tenant_id))
     )
-    parts = (photos, adapters, images, samples)
+    exports = select(func.coalesce(func.sum(AdapterExport.size_bytes), 0)).where(
+        AdapterExport.tenant_id == tenant_id
+    )
+    parts = (photos, adapters, images, samples, exports)
     return sum(int(session.scalar(stmt) or 0) for stmt in parts)
+
+
+def lock_tenant(session: Session, tenant_id: str) -> None:
+    """Take the tenant's row lock, held until the caller commits or rolls back: what is counted
+    after it, and the row inserted before the commit, are one step for every other request of
+    this tenant in every API process."""
+    if session.get_bind().dialect.name == "sqlite":
+        # SQLite has one lock for the whole database, and a transaction that has read cannot
+        # become a writer while another one writes (SQLITE_BUSY at once, without waiting). So
+        # the transaction starts afresh with a write: it takes the write lock at once (waiting
+        # its turn, up to the busy timeout), like BEGIN IMMEDIATE, and keeps it to the commit.
+        session.commit()
+        session.execute(
+            update(Tenant)
+            .where(Tenant.id == tenant_id)
+            .values(id=Tenant.id)
+            .execution_options(synchronize_session=False)
+        )
+    else:
+        session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update())
 
 
 def check_new_job(
     *, session: Session, tenant: Tenant, settings: Settings, adding_bytes: int = 0
 ) -> None:
-    """Raise when one more job (storing `adding_bytes` now) would pass a limit."""
+    """Raise when one more job (storing `adding_bytes` now) would pass a limit.
+
+    Takes the tenant's row lock first (`lock_tenant`): the caller inserts the job and commits
+    in this transaction, or rolls back when this raises."""
     limits = limits_of(tenant, settings)
+    if limits.active_jobs or limits.stored_bytes:
+        lock_tenant(session, tenant.id)
     if limits.active_jobs:
         active = active_jobs(session, tenant.id)
         if active >= limits.active_jobs:
@@ -134,12 +168,46 @@ def check_new_job(
                 f"the limit is {limits.active_jobs}; wait for some to finish or cancel them",
                 retry_after_s=RETRY_AFTER_QUOTA_S,
             )
-    if limits.stored_bytes:
-        used = stored_bytes(session, tenant.id)
-        if used + adding_bytes > limits.stored_bytes:
+    _check_bytes(session, tenant, limits, adding_bytes)
+
+
+def _check_bytes(session: Session, tenant: Tenant, limits: Limits, adding_bytes: int) -> None:
+    if not limits.stored_bytes:
+        return
+    used = stored_bytes(session, tenant.id)
+    # An export's size is known only once a worker made it: one is refused when the tenant is
+    # already at its limit (`adding_bytes` 0 then, so `>=`).
+    if used + adding_bytes > limits.stored_bytes or used >= limits.stored_bytes:
+        raise TooManyRequests(
+            f"stored bytes limit reached: this tenant stores {used} bytes, this request "
+            f"adds {adding_bytes or 'more'}, the limit is {limits.stored_bytes}; delete "
+            "fine-tunes, adapters, exports or generations first",
+            retry_after_s=RETRY_AFTER_QUOTA_S,
+        )
+
+
+def check_new_export(*, session: Session, tenant: Tenant, settings: Settings) -> None:
+    """Raise when one more export variant would pass the export or the stored bytes limit.
+
+    Like `check_new_job`, takes the tenant's row lock; the caller inserts and commits."""
+    limits = limits_of(tenant, settings)
+    if not (limits.exports or limits.stored_bytes):
+        return
+    lock_tenant(session, tenant.id)
+    if limits.exports:
+        count = int(
+            session.scalar(
+                select(func.count())
+                .select_from(AdapterExport)
+                .where(AdapterExport.tenant_id == tenant.id)
+            )
+            or 0
+        )
+        if count >= limits.exports:
             raise TooManyRequests(
-                f"stored bytes limit reached: this tenant stores {used} bytes, this request "
-                f"adds {adding_bytes}, the limit is {limits.stored_bytes}; delete fine-tunes, "
-                "adapters or generations first",
+                f"exports limit reached: this tenant stores {count} export variants, the "
+                f"limit is {limits.exports} (TUNEQDM_TENANT_EXPORTS); delete an adapter's "
+                "exports (DELETE /v1/adapters/{id}) first",
                 retry_after_s=RETRY_AFTER_QUOTA_S,
             )
+    _check_bytes(session, tenant, limits, 0)

@@ -3,6 +3,7 @@ through the tenant's own job; the event cursor neither repeats nor skips an even
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 from typing import Any
@@ -16,7 +17,7 @@ from app.models import EVENT_TYPES, FinetuneEvent, FinetuneSample
 from app.schemas import EventType
 from app.settings import Settings
 from app.storage import LocalStorage, finetune_sample_key
-from tests.api.factories import image_bytes, make_finetune, make_tenant
+from tests.api.factories import TenantKey, image_bytes, make_finetune, make_tenant
 from tests.api.test_finetunes import post_finetune
 
 
@@ -145,3 +146,50 @@ def test_samples_list_and_png_are_tenant_scoped(
     assert session.query(FinetuneSample).filter_by(job_id=job_id).count() == 0
     assert session.query(FinetuneEvent).filter_by(job_id=job_id).count() == 0
     assert not (storage.root / "tenants" / t.tenant.id / "samples").exists()
+
+
+def test_an_event_cursor_is_bound_to_its_tenant_and_job_and_reveals_no_global_id(
+    client: TestClient, session: Session, settings: Settings
+) -> None:
+    """A cursor held the service-wide event id (base64 of "ev1:<id>"), told how busy the whole
+    service was, and was accepted on any job; now it is signed for its (tenant, job)."""
+    t, other = make_tenant(session), make_tenant(session)
+    a = make_finetune(session, t.tenant, status="running")
+    b = make_finetune(session, t.tenant, status="running")
+    foreign = make_finetune(session, other.tenant, status="running")
+    for job in (foreign, b, a):
+        for step in range(1, 4):
+            record_event(session, job.id, "progress", step=step, total=9, loss=0.1)
+        session.commit()
+
+    def page(job_id: str, key: TenantKey, cursor: str | None = None) -> Any:
+        query = {"limit": 2} | ({"cursor": cursor} if cursor else {})
+        return client.get(f"/v1/finetunes/{job_id}/events", headers=key.headers, params=query)
+
+    first = page(a.id, t).json()
+    cursor = first["next_cursor"]
+    ids = [e.id for e in session.query(FinetuneEvent).order_by(FinetuneEvent.id)]
+    decoded = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+    assert f"ev1:{ids[-2]}".encode() not in decoded
+    # Whatever else happens in the service, the cursor after a's first two events is the same.
+    for step in range(50):
+        record_event(session, b.id, "progress", step=step, total=99, loss=0.1)
+    session.commit()
+    assert page(a.id, t).json()["next_cursor"] == cursor
+    assert [e["data"]["step"] for e in page(a.id, t, cursor).json()["data"]] == [3]
+    # Job B of the same tenant, and another tenant's job with that tenant's own key.
+    for job_id, key in ((b.id, t), (foreign.id, other)):
+        r = page(job_id, key, cursor)
+        assert r.status_code == 422, r.text
+        assert "not valid for this fine-tune" in r.json()["detail"]
+    # A cursor of the other tenant's job, on this tenant's job.
+    theirs = page(foreign.id, other).json()["next_cursor"]
+    assert page(a.id, t, theirs).status_code == 422
+    # Tampered: the count changed, the signature kept.
+    raw = bytearray(decoded)
+    raw[7] ^= 1
+    forged = base64.urlsafe_b64encode(bytes(raw)).decode().rstrip("=")
+    assert page(a.id, t, forged).status_code == 422
+    # The old format, pointing at a global id.
+    old = base64.urlsafe_b64encode(f"ev1:{ids[0]}".encode()).decode().rstrip("=")
+    assert page(a.id, t, old).status_code == 422

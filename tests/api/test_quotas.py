@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine
+from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app import cli
@@ -264,3 +264,46 @@ def test_a_repeated_request_gets_its_job_even_at_the_limit(
         assert first.status_code == again.status_code == 202
         assert first.json()["id"] == again.json()["id"]
         assert _upload(client, t.headers) == 429  # a new job is over the limit
+
+
+def test_exports_count_in_stored_bytes_and_their_variants_are_capped(
+    database_url: str,
+    workdir: Path,
+    session_factory: sessionmaker[Session],
+    session: Session,
+    storage: LocalStorage,
+) -> None:
+    """A finished export's file counts in the tenant's stored bytes (a merged SD 1.x export is
+    a whole UNet); a tenant at its export limit is refused a new variant with 429 naming the
+    limit, and one at its byte limit is refused any export."""
+    from app.models import AdapterExport
+
+    t = make_tenant(session)
+    adapter = make_adapter(session, storage, t.tenant, content=b"a" * 1000)
+    before = stored_bytes(session, t.tenant.id)
+    app = _app(database_url, workdir, session_factory, storage, tenant_exports=2)
+    url = f"/v1/adapters/{adapter.id}/exports"
+    with TestClient(app) as client:
+        for rank in (1, 2):
+            r = client.post(url, headers=t.headers, json={"format": "lora", "rank": rank})
+            assert r.status_code == 202, r.text
+        r = client.post(url, headers=t.headers, json={"format": "lora", "rank": 3})
+        assert r.status_code == 429, r.text
+        assert "exports limit reached" in r.json()["detail"]
+        assert "TUNEQDM_TENANT_EXPORTS" in r.json()["detail"]
+        assert int(r.headers["Retry-After"]) > 0
+        # Asking again for a variant it has is not a new one.
+        again = client.post(url, headers=t.headers, json={"format": "lora", "rank": 1})
+        assert again.status_code == 200
+    first = session.scalars(select(AdapterExport).where(AdapterExport.rank == 1)).one()
+    first.status, first.storage_key, first.size_bytes = "succeeded", "exports/x", 15_000_000
+    session.commit()
+    assert stored_bytes(session, t.tenant.id) == before + 15_000_000
+
+    full = _app(
+        database_url, workdir, session_factory, storage, tenant_stored_bytes=before + 15_000_000
+    )
+    with TestClient(full) as client:
+        r = client.post(url, headers=t.headers, json={"format": "merged"})
+        assert r.status_code == 429 and "stored bytes limit" in r.json()["detail"]
+    assert session.scalar(select(func.count()).select_from(AdapterExport)) == 2

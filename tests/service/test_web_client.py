@@ -191,6 +191,8 @@ def _browser() -> Any:
         "--window-size=1100,1500",
     ):
         options.add_argument(flag)
+    # Every console message, so the test sees any Content-Security-Policy violation.
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     return webdriver.Chrome(service=DriverService(CHROMEDRIVER), options=options)
 
 
@@ -328,6 +330,10 @@ def test_web_page_happy_path_and_bad_upload(service: Service, browser: Any, tmp_
     assert find("generate-status").text.endswith("succeeded")
     browser.execute_script("document.getElementById('adapters').scrollIntoView()")
     _screenshot(browser, tmp_path, "web-generate")
+    # All of it under the page's Content-Security-Policy, without one violation.
+    assert "default-src 'none'" in httpx.get(service.url + "/").headers["content-security-policy"]
+    console = [entry["message"] for entry in browser.get_log("browser")]
+    assert not [m for m in console if "Content Security Policy" in m], console
 
     # Delete the adapter from its row (the page asks first).
     browser.find_element(By.CSS_SELECTOR, f'button[data-delete="{adapter_id}"]').click()
