@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -38,6 +37,7 @@ from torch import nn
 
 from tuneqdm_core import quant
 from tuneqdm_core.adapter import Adapter
+from tuneqdm_core.files import write_atomic
 from tuneqdm_core.layers import QuantConv2d, QuantLayer
 from tuneqdm_core.model import quant_state
 
@@ -243,15 +243,7 @@ def export_lora(
 
 
 def _write_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def save_lora(export: LoraExport, path: str | os.PathLike[str]) -> Path:

@@ -134,3 +134,13 @@ def test_bases_list_and_retire(
     session.expire_all()
     assert session.get(ServedBase, other) is None
     assert session.get(FinetuneJob, job.id) is not None  # jobs and adapters stay
+
+
+def test_help_keeps_its_examples_one_per_line() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "app.cli", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0
+    lines = result.stdout.splitlines()
+    assert "    tuneqdm-admin keys create|revoke|list" in lines
+    assert "    tuneqdm-admin bases retire NAME" in lines

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tuneqdm_core.cli.models import _base, add_base_arguments
 from tuneqdm_core.export import FORMATS, ExportOptions, Interval, export_adapter, load_float_unet
-from tuneqdm_core.serialization import load_adapter
+from tuneqdm_core.serialization import load_adapter, read_metadata
 
 
 def _interval(value: str) -> Interval:
@@ -23,6 +23,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         include_quantization_error=not args.without_quantization_error,
         fp16=args.fp16,
     )
+    read_metadata(args.adapter)  # a bad adapter file fails before the base loads
     base = _base(args)
     adapter = load_adapter(args.adapter, base.unet)
     out = Path(args.out)
