@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from app import storage as st
 from app.models import Adapter, AdapterExport, utcnow
+from app.schemas.exports import variant_max_relative_error
 from worker.failures import user_message
 from worker.finetunes import Context
 
@@ -94,22 +95,32 @@ def run_export(export_id: str, ctx: Context) -> str:
 
 
 def _write(ctx: Context, row: AdapterExport, adapter: Adapter, path: Any) -> dict[str, Any]:
-    from tuneqdm_core.export import ExportOptions, export_adapter, load_float_unet
+    from tuneqdm_core.export import (
+        ExportOptions,
+        export_adapter,
+        load_float_pipeline,
+        load_float_unet,
+    )
 
     base = ctx.runtime.base
     loaded = ctx.files.adapter(ctx.runtime, adapter.id, adapter.storage_key)
     options = ExportOptions(
         format=row.format,  # type: ignore[arg-type]
-        rank=row.rank or 1,  # unused by a merge
+        rank=row.rank,
         interval="mean" if row.interval == "mean" else int(row.interval),
-        # A merged UNet is for running, where SD tools use half precision: half the bytes.
-        fp16=row.format == "merged",
+        # A merged model is for running, where SD tools use half precision: half the bytes.
+        fp16=row.format in ("merged", "merged-checkpoint"),
+        max_relative_error=variant_max_relative_error(row.variant),
     )
-    # The float weights the base was quantized from, read for this export only (CPU).
-    float_unet = load_float_unet(base.source)
+    # The float weights the base was quantized from, read for this export only (CPU); the
+    # whole pipeline for a merged checkpoint.
+    pipeline = load_float_pipeline(base.source) if row.format == "merged-checkpoint" else None
+    float_unet = pipeline.unet if pipeline is not None else load_float_unet(base.source)
     extra = {
         "adapter": adapter.id,
         "tokens": list(adapter.tokens),
         "base_model": adapter.base_model,
     }
-    return export_adapter(base.unet, float_unet, loaded, path, options, extra=extra)
+    return export_adapter(
+        base.unet, float_unet, loaded, path, options, extra=extra, pipeline=pipeline
+    )
