@@ -17,10 +17,11 @@ wrong output without any error, so the base's fingerprint must match), and the t
 (the model's forward reads the timesteps it is called with and refuses a call at other
 timesteps than the route's: a route picks each sample's interval from them). That check
 reads the call's timesteps on the host: free on a CPU or when the model is called with the
-very tensor the route was built from, one synchronisation per call otherwise. A model called
-with timesteps on another scale than the training timesteps sets
-``quant_state(model).call_timesteps`` to a function of the call's ``(args, kwargs)`` that
-returns them in training-timestep units.
+very tensor the route was built from, one synchronisation per call otherwise. diffusers' UNets
+are called with the training timesteps and are checked as they are; any other model (one
+called with timesteps on another scale, like FLUX's transformer with t/1000) is checked once
+``quant_state(model).call_timesteps`` is set to a function of the call's ``(args, kwargs)``
+that returns them in training-timestep units.
 
 Set a route with ``with routed(model, route):`` and run the backward inside the block:
 gradient checkpointing recomputes layers during backward and reads the route again, so on a
@@ -461,7 +462,11 @@ def _check_base(route: Route, state: QuantState) -> None:
 
 def _timestep_reader(model: nn.Module) -> Any:
     """A function of a forward call's ``(args, kwargs)`` giving its ``timestep`` argument (by
-    name, or by position in ``model.forward``'s signature); ``None`` where it has none."""
+    name, or by position in ``model.forward``'s signature); ``None`` where it has none, and
+    for models other than diffusers' UNets, which may take timesteps on another scale (FLUX's
+    transformer gets t/1000): those are checked once they set ``call_timesteps``."""
+    if not type(model).__name__.startswith("UNet"):
+        return lambda args, kwargs: None
     names = list(inspect.signature(model.forward).parameters)
     position = names.index("timestep") if "timestep" in names else None
 

@@ -9,7 +9,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from tests.core.helpers import perturbed_adapter
-from tuneqdm_core import AdapterConfig, QuantConfig, quantize_, routed
+from tuneqdm_core import AdapterConfig, QuantConfig, quant_state, quantize_, routed
 from tuneqdm_core.configs import build_unet, example_inputs
 from tuneqdm_core.routing import ScaleBank, route_adapters
 
@@ -83,3 +83,28 @@ def test_a_call_at_other_timesteps_than_the_route_is_refused(kind: str) -> None:
         # values in another dtype) run.
         for t in (built_for, torch.tensor(900), torch.tensor([900.0, 900.0])):
             unet(**{**example_inputs(unet, 2, built_for), "timestep": t})
+
+
+def test_a_model_called_on_another_timestep_scale_is_checked_through_call_timesteps() -> None:
+    """A model that is not one of diffusers' UNets may take timesteps on another scale (FLUX's
+    transformer gets t/1000): it is checked once it says how to read them."""
+
+    class Scaled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = torch.nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+            return self.inner(x)
+
+    model = Scaled()
+    quantize_(model, QuantConfig(bits=8))
+    adapter = perturbed_adapter(model, AdapterConfig(intervals=2))
+    route = route_adapters([adapter], torch.tensor([900.0, 900.0]))
+    x = torch.randn(2, 4)
+    with torch.no_grad(), routed(model, route):
+        model(x, torch.tensor([0.9, 0.9]))  # not read: its scale is unknown
+        quant_state(model).call_timesteps = lambda args, kwargs: args[1] * 1000
+        model(x, torch.tensor([0.9, 0.9]))
+        with pytest.raises(ValueError, match="called at"):
+            model(x, torch.tensor([0.1, 0.1]))
