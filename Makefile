@@ -18,8 +18,9 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # The embedded service: API + one worker, SQLite, local files, the built-in tiny model, CPU.
+# ARGS: the launcher's options, e.g. make run ARGS=--new-key
 run: install
-	$(BIN)/python -m worker.embedded
+	$(BIN)/python -m worker.embedded $(ARGS)
 
 lint: install
 	$(BIN)/ruff check .

@@ -31,7 +31,12 @@ from app.storage import storage_from_settings
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tuneqdm-admin", description=__doc__)
+    # Raw: the docstring's examples stay one per line.
+    parser = argparse.ArgumentParser(
+        prog="tuneqdm-admin",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="group", required=True)
     keys_p = sub.add_parser("keys", help="manage API keys")
     keys_sub = keys_p.add_subparsers(dest="action", required=True)

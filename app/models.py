@@ -30,7 +30,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 # type, the CHECK constraints below the tuple of its values.
 Status = Literal["queued", "running", "succeeded", "failed", "canceled"]
 Method = Literal["tuneqdm", "peqa", "full"]
-ExportFormat = Literal["lora", "merged"]
+# lora-kohya and merged-checkpoint need the widened ck_adapter_exports_format constraint.
+ExportFormat = Literal["lora", "lora-kohya", "merged", "merged-checkpoint"]
 ExportStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
 DeliveryStatus = Literal["pending", "delivered", "failed"]
 # What a fine-tune's event log records (app/events.py, docs/api.md "Events").

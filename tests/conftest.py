@@ -18,6 +18,13 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _cli_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ``tuneqdm`` CLI's default cache folder in the test session's temp folder, never
+    the user's ~/.cache."""
+    monkeypatch.setenv("TUNEQDM_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cli-cache"))
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The built-in tiny SD pipeline, written once per test session like a real model folder."""

@@ -111,6 +111,12 @@ class BaseModel:
         return quant_state(self.unet).fingerprint
 
     @property
+    def num_train_timesteps(self) -> int:
+        """How many timesteps the model was trained over (its scheduler's count): what an
+        adapter's timestep intervals split."""
+        return int(self.scheduler_config.get("num_train_timesteps", 1000))
+
+    @property
     def storage_mode(self) -> StorageMode:
         """How the UNet holds its frozen weights (tuneqdm_core.model.set_storage_mode)."""
         return quant_state(self.unet).storage_mode

@@ -38,6 +38,8 @@ def _fingerprint_config(config: FinetuneConfig) -> dict[str, Any]:
 
 
 def _save_checkpoint(run: _Run, path: Path, config: FinetuneConfig, base: BaseModel) -> None:
+    # A checkpoint directory named before it exists is made at the first save.
+    path.parent.mkdir(parents=True, exist_ok=True)
     _atomic_save(
         {
             "step": run.step,

@@ -79,10 +79,18 @@ class FinetuneConfig:
             checkpointing = cuda
         return replace(self, mixed_precision=precision, gradient_checkpointing=checkpointing)
 
-    def adapter_config(self) -> AdapterConfig:
+    def adapter_config(self, num_train_timesteps: int = 1000) -> AdapterConfig:
+        """The adapter this recipe trains, its intervals splitting the scheduler's
+        ``num_train_timesteps``."""
         if self.method == "peqa":
-            return AdapterConfig(method="peqa", intervals=1)
-        return AdapterConfig(intervals=self.intervals, init_sigma=self.init_sigma)
+            return AdapterConfig(
+                method="peqa", intervals=1, num_train_timesteps=num_train_timesteps
+            )
+        return AdapterConfig(
+            intervals=self.intervals,
+            init_sigma=self.init_sigma,
+            num_train_timesteps=num_train_timesteps,
+        )
 
 
 def s_out_learning_rate(unet: Any, config: FinetuneConfig) -> float:

@@ -136,7 +136,12 @@ def _slots_for(
             adapters.append(request.adapter)
     if bank is None or bank.slots < len(adapters) + 1:
         intervals = max([a.config.intervals for a in adapters] + [1])
-        bank = ScaleBank(base.unet, slots=len(adapters) + 1, max_intervals=intervals)
+        bank = ScaleBank(
+            base.unet,
+            slots=len(adapters) + 1,
+            max_intervals=intervals,
+            num_train_timesteps=base.num_train_timesteps,
+        )
     bank.reset(0)
     for slot, adapter in enumerate(adapters, start=1):
         bank.load(slot, adapter)

@@ -7,7 +7,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
@@ -129,6 +129,11 @@ class QuantState:
         self.recomputes = False
         # Routes cleared while a graph that read them still awaited its backward.
         self.retired: list[Route] = []
+        # The forward pre-hook that checks a route's timesteps against the call's, and, for
+        # a model called with timesteps on another scale, the function of the call's
+        # (args, kwargs) that gives them in training-timestep units (tuneqdm_core/routing.py).
+        self.timestep_hook: Any = None
+        self.call_timesteps: Callable[[tuple[Any, ...], dict[str, Any]], Any] | None = None
         self._fingerprint: str | None = None
         self.storage_mode: StorageMode = "packed"  # set_storage_mode()
         # Uniform routes (every sample reads one scale row) fold the scales into the weight

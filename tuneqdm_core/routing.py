@@ -11,6 +11,18 @@ per layer. Two sources of rows:
 - a :class:`ScaleBank` (serving): fixed slots in one contiguous buffer, filled by copying an
   adapter in; routing is all on the device.
 
+A route is tied to what it was built for, and :func:`set_route` checks both against the model:
+the quantized base (an adapter made for another base of the same layer layout would give
+wrong output without any error, so the base's fingerprint must match), and the timesteps
+(the model's forward reads the timesteps it is called with and refuses a call at other
+timesteps than the route's: a route picks each sample's interval from them). That check
+reads the call's timesteps on the host: free on a CPU or when the model is called with the
+very tensor the route was built from, one synchronisation per call otherwise. diffusers' UNets
+are called with the training timesteps and are checked as they are; any other model (one
+called with timesteps on another scale, like FLUX's transformer with t/1000) is checked once
+``quant_state(model).call_timesteps`` is set to a function of the call's ``(args, kwargs)``
+that returns them in training-timestep units.
+
 Set a route with ``with routed(model, route):`` and run the backward inside the block:
 gradient checkpointing recomputes layers during backward and reads the route again, so on a
 model with checkpointing on, :func:`routed` (and :func:`set_route`) refuse to replace a route
@@ -22,6 +34,7 @@ gradients. Prior-preservation batches should therefore go through the model as o
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -31,7 +44,7 @@ import torch
 from torch import nn
 
 from tuneqdm_core.adapter import Adapter
-from tuneqdm_core.model import QuantState, quant_state
+from tuneqdm_core.model import Layout, QuantState, quant_state
 
 Timesteps = torch.Tensor | int | float | Sequence[int] | Sequence[float]
 Slots = torch.Tensor | int | Sequence[int]
@@ -79,13 +92,20 @@ class Route:
     ``[1]``) long tensor on the tables' device. ``live_graphs`` counts autograd graphs that
     read the route on a model with gradient checkpointing and still need it for their
     backward. ``ratio_parts`` (uniform routes of a :class:`ScaleBank`): each layer's
-    ``s_out / s0`` for that row, computed for all layers in one operation per call."""
+    ``s_out / s0`` for that row, computed for all layers in one operation per call.
+    ``base_fingerprint``/``layout``/``bits``: the quantized base the scales were made for,
+    and ``timesteps`` (``[B]`` or ``[1]``) the timesteps the rows were chosen for; both are
+    checked against the model (module docstring), ``None`` skips a check."""
 
     out_parts: Sequence[torch.Tensor]
     in_parts: Sequence[torch.Tensor] | None
     rows: torch.Tensor | None
     row: int = 0
     ratio_parts: Sequence[torch.Tensor] | None = None
+    base_fingerprint: str | None = None
+    layout: Layout | None = None
+    bits: int | None = None
+    timesteps: torch.Tensor | None = None
     live_graphs: int = field(default=0, init=False, repr=False)
 
     def ratio(self, index: int) -> torch.Tensor | None:
@@ -140,10 +160,19 @@ def route_adapters(
     """A route over ``adapters`` (``slots[b]`` indexes the list; default all 0)."""
     if not adapters:
         raise ValueError("route_adapters needs at least one adapter")
-    layout = adapters[0].layout
-    for adapter in adapters[1:]:
-        if adapter.layout != layout:
-            raise ValueError("adapters in one route must be made for the same quantized base")
+    first = adapters[0]
+    layout = first.layout
+    for slot, adapter in enumerate(adapters[1:], start=1):
+        if adapter.layout != layout or adapter.base_fingerprint != first.base_fingerprint:
+            raise ValueError(
+                "adapters in one route must be made for the same quantized base: "
+                + _base_difference(
+                    (adapter.base_fingerprint, adapter.layout, adapter.bits),
+                    (first.base_fingerprint, layout, first.bits),
+                    f"adapter {slot}",
+                    "adapter 0",
+                )
+            )
     # Row assignment is host work on a few numbers: one transfer per call, never per layer.
     t_host = _as_batch(timesteps, torch.float64).detach().cpu()
     s_host = _as_batch(0 if slots is None else slots, torch.long).detach().cpu()
@@ -171,6 +200,10 @@ def route_adapters(
         out_parts=torch.split(out_table, layout.out_sizes, dim=1),
         in_parts=None if in_table is None else torch.split(in_table, layout.in_sizes, dim=1),
         rows=rows,
+        base_fingerprint=first.base_fingerprint,
+        layout=layout,
+        bits=first.bits,
+        timesteps=t_host,
     )
 
 
@@ -198,6 +231,7 @@ class ScaleBank(nn.Module):
         state = quant_state(model)
         self.layout = state.layout
         self.base_fingerprint = state.fingerprint
+        self.bits = state.config.bits
         self.num_train_timesteps = num_train_timesteps
         self.register_buffer("base_s_out", state.base_scales().clone(), persistent=False)
         self.register_buffer(
@@ -298,7 +332,18 @@ class ScaleBank(nn.Module):
         k = torch.floor(t.float() * n / self.num_train_timesteps).long()
         k = torch.minimum(k.clamp_(min=0), n - 1)
         outs, ins = self._split()
-        return Route(out_parts=outs, in_parts=ins, rows=s * self.max_intervals + k)
+        return Route(
+            out_parts=outs, in_parts=ins, rows=s * self.max_intervals + k, **self._made_for(t)
+        )
+
+    def _made_for(self, timesteps: torch.Tensor) -> dict[str, Any]:
+        """What a route of this bank is checked against (the Route fields)."""
+        return {
+            "base_fingerprint": self.base_fingerprint,
+            "layout": self.layout,
+            "bits": self.bits,
+            "timesteps": timesteps,
+        }
 
     def _host_route(self, timesteps: Timesteps, slots: Slots) -> Route:
         """:meth:`route` for timesteps and slots given on the host: the same rows, worked out
@@ -315,9 +360,19 @@ class ScaleBank(nn.Module):
         first = int(rows[0])
         if not bool((rows == first).all()):
             device = self.s_out.device
-            return Route(out_parts=outs, in_parts=ins, rows=rows.to(device, non_blocking=True))
+            return Route(
+                out_parts=outs,
+                in_parts=ins,
+                rows=rows.to(device, non_blocking=True),
+                **self._made_for(t),
+            )
         return Route(
-            out_parts=outs, in_parts=ins, rows=None, row=first, ratio_parts=self._ratios(first)
+            out_parts=outs,
+            in_parts=ins,
+            rows=None,
+            row=first,
+            ratio_parts=self._ratios(first),
+            **self._made_for(t),
         )
 
     def _ratios(self, row: int) -> Sequence[torch.Tensor]:
@@ -346,6 +401,9 @@ def set_route(model: nn.Module, route: Route | None) -> None:
     the current route has not been backpropagated yet: its backward would recompute the
     layers with the new route."""
     state = quant_state(model)
+    if route is not None:
+        _check_base(route, state)
+        _watch_timesteps(model, state)
     if route is not state.route and _still_needed(state):
         raise RuntimeError(
             "cannot change the route while a backward pass still needs the current one: "
@@ -356,6 +414,113 @@ def set_route(model: nn.Module, route: Route | None) -> None:
     state.route = route
     # diffusers' models say whether they checkpoint; anything else is not tracked.
     state.recomputes = bool(getattr(model, "is_gradient_checkpointing", False))
+
+
+def _base_difference(
+    made_for: tuple[str, Layout, int | None],
+    model: tuple[str, Layout, int | None],
+    what: str,
+    other: str,
+) -> str:
+    """What differs between two quantized bases, each ``(fingerprint, layout, bits)``."""
+    (fingerprint, layout, bits), (model_fp, model_layout, model_bits) = made_for, model
+    parts = [f"{what} was made for base {fingerprint[:12]}…, {other} is {model_fp[:12]}…"]
+    if bits is not None and model_bits is not None and bits != model_bits:
+        parts.append(f"{bits}-bit against {model_bits}-bit")
+    if layout != model_layout:
+        names = [spec.name for spec in layout.layers]
+        model_names = [spec.name for spec in model_layout.layers]
+        if names != model_names:
+            parts.append(f"{len(names)} quantized layers against {len(model_names)}")
+        else:
+            parts.append("the same layers with other channel counts")
+    elif fingerprint != model_fp:
+        parts.append("the same layer layout, but other quantized weights")
+    return "; ".join(parts)
+
+
+def _check_base(route: Route, state: QuantState) -> None:
+    """Refuse a route whose scales were made for another quantized base than ``state``'s."""
+    if route.base_fingerprint is None:
+        return
+    layout = route.layout if route.layout is not None else state.layout
+    if route.base_fingerprint == state.fingerprint and (
+        layout is state.layout or layout == state.layout
+    ):
+        return
+    raise ValueError(
+        "the route's scales do not fit this model: "
+        + _base_difference(
+            (route.base_fingerprint, layout, route.bits),
+            (state.fingerprint, state.layout, state.config.bits),
+            "the adapter",
+            "this model",
+        )
+        + "; load the adapter with the base it was trained on"
+    )
+
+
+def _timestep_reader(model: nn.Module) -> Any:
+    """A function of a forward call's ``(args, kwargs)`` giving its ``timestep`` argument (by
+    name, or by position in ``model.forward``'s signature); ``None`` where it has none, and
+    for models other than diffusers' UNets, which may take timesteps on another scale (FLUX's
+    transformer gets t/1000): those are checked once they set ``call_timesteps``."""
+    if not type(model).__name__.startswith("UNet"):
+        return lambda args, kwargs: None
+    names = list(inspect.signature(model.forward).parameters)
+    position = names.index("timestep") if "timestep" in names else None
+
+    def read(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if "timestep" in kwargs:
+            return kwargs["timestep"]
+        if position is not None and position < len(args):
+            return args[position]
+        return None
+
+    return read
+
+
+def _check_timesteps(route: Route, called: Any) -> None:
+    """Refuse a model call at other timesteps than ``route.timesteps``."""
+    expected = route.timesteps
+    if expected is None or called is None or called is expected:
+        return
+    got = torch.as_tensor(called).detach().reshape(-1).to("cpu", torch.float64)
+    want = expected.detach().reshape(-1).to("cpu", torch.float64)
+    if got.shape[0] not in (1, want.shape[0]) and want.shape[0] != 1:
+        raise ValueError(
+            f"the route was built for {want.shape[0]} timesteps but the model is called with "
+            f"{got.shape[0]}; build the route from the timesteps of the call"
+        )
+    # A tolerance for models called with rescaled timesteps (call_timesteps scales back).
+    if not bool(torch.isclose(got, want, rtol=0.0, atol=1e-3).all()):
+        raise ValueError(
+            f"the route was built for timesteps {_shown(want)} but the model is called at "
+            f"{_shown(got)}: each sample's interval comes from its timestep, so build the "
+            "route from the timesteps of the call"
+        )
+
+
+def _shown(t: torch.Tensor) -> str:
+    values = [f"{v:g}" for v in t[:8].tolist()]
+    return "[" + ", ".join(values) + (", …]" if t.shape[0] > 8 else "]")
+
+
+def _watch_timesteps(model: nn.Module, state: QuantState) -> None:
+    """Install (once per model) the forward pre-hook that checks the active route's
+    timesteps against each call's."""
+    if state.timestep_hook is not None:
+        return
+    default = _timestep_reader(model)
+
+    def check(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        route = state.route
+        if route is None or route.timesteps is None:
+            return
+        read = state.call_timesteps or default
+        _check_timesteps(route, read(args, kwargs))
+
+    state.timestep_hook = model.register_forward_pre_hook(check, with_kwargs=True)
 
 
 def _clear_route(state: QuantState) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from tuneqdm_core.adapter import Adapter, AdapterConfig
+from tuneqdm_core.files import write_atomic
 from tuneqdm_core.model import LayerSpec, Layout, quant_state
 
 FORMAT_VERSION = 1
@@ -67,15 +67,8 @@ def save_adapter(
     never leaves a half-written adapter. ``extra`` is free JSON (tokens, prompts, job id)."""
     path = Path(path)
     metadata = {METADATA_KEY: json.dumps(adapter_metadata(adapter, extra))}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(adapter_tensors(adapter), tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    tensors = adapter_tensors(adapter)
+    return write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -56,7 +56,9 @@ def _start(base: BaseModel, config: FinetuneConfig) -> _Run:
         groups: list[dict[str, Any]] = [{"params": params, "lr": config.lr, "weight_decay": 1e-2}]
     else:
         adapter = Adapter.create(
-            unet, config.adapter_config(), torch.Generator().manual_seed(config.seed)
+            unet,
+            config.adapter_config(base.num_train_timesteps),
+            torch.Generator().manual_seed(config.seed),
         )
         params = list(adapter.parameters())
         lr_s_out = s_out_learning_rate(unet, config)

@@ -3,30 +3,36 @@
 Everything comes from app.settings' embedded defaults: the SQLite registry, Celery over kombu's
 SQLAlchemy transport on SQLite, files under ./var, the built-in model (models/fashion-sd), the
 CPU. This process migrates the registry (and builds a random tiny model on first start where
-the built-in one is missing), creates an API key,
-starts uvicorn and a `--pool=solo` Celery worker, prints the URL and the key, and stops both
-on Ctrl-C or SIGTERM (or when either of them exits).
+the built-in one is missing), creates an API key on first start (kept in
+<data_dir>/embedded-key, mode 0600, and printed again on every later start while it is valid
+and of the same tenant; `--new-key` mints another), starts uvicorn and a `--pool=solo` Celery
+worker, prints the URL and the key, and stops both on Ctrl-C or SIGTERM (or when either of
+them exits).
 
-    python -m worker.embedded [--host 127.0.0.1] [--port 8000] [--tenant local]
+    python -m worker.embedded [--host 127.0.0.1] [--port 8000] [--tenant local] [--new-key]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
 
 from app.bases import register
 from app.db import engine_from_settings, make_sessionmaker, session_scope
+from app.errors import Unauthorized
 from app.services import keys
 from app.services.webhook_secrets import current_secret
 from app.settings import Settings, get_settings
@@ -49,15 +55,45 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--tenant", default="local", help="tenant of the printed API key")
+    parser.add_argument(
+        "--new-key",
+        action="store_true",
+        help="mint a new API key instead of reusing the stored one (the old one stays valid "
+        "until revoked: tuneqdm-admin keys revoke)",
+    )
     return parser
+
+
+KEY_FILE = "embedded-key"
+
+
+def _stored_key(session: Any, path: Path, tenant_name: str) -> str | None:
+    """The key kept at ``path`` when it still authenticates as ``tenant_name``."""
+    if not path.is_file():
+        return None
+    key = path.read_text().strip()
+    try:
+        tenant = keys.authenticate(session=session, key=key)
+    except Unauthorized:
+        return None  # revoked, or the registry was deleted
+    return key if tenant.name == tenant_name else None
+
+
+def _store_key(path: Path, key: str) -> None:
+    # A secret: readable by its owner only (0600), written whole or not at all.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    os.replace(tmp, path)
 
 
 def _say(text: str) -> None:
     print(text, flush=True)
 
 
-def prepare(settings: Settings, tenant_name: str) -> tuple[str, str]:
-    """Migrate, build the model if needed, create a key; returns (api key, webhook secret)."""
+def prepare(settings: Settings, tenant_name: str, new_key: bool = False) -> tuple[str, str]:
+    """Migrate, build the model if needed, reuse the stored key or create one; returns (api
+    key, webhook secret)."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     cfg = Config(str(ROOT / "alembic.ini"))
     cfg.attributes["database_url"] = settings.resolved_database_url
@@ -76,7 +112,14 @@ def prepare(settings: Settings, tenant_name: str) -> tuple[str, str]:
             if info is not None:
                 register(session, info)
             tenant = keys.get_or_create_tenant(session=session, name=tenant_name)
-            _, key = keys.create_key(session=session, tenant=tenant)
+            key_path = settings.data_dir / KEY_FILE
+            stored = None if new_key else _stored_key(session, key_path, tenant_name)
+            if stored is None:
+                _, key = keys.create_key(session=session, tenant=tenant)
+                session.flush()
+                _store_key(key_path, key)
+            else:
+                key = stored
             secret = current_secret(settings, tenant)
     finally:
         engine.dispose()
@@ -112,7 +155,7 @@ def _stop(children: list[subprocess.Popen[bytes]], timeout: float = 15) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     settings = get_settings()
-    key, secret = prepare(settings, args.tenant)
+    key, secret = prepare(settings, args.tenant, new_key=args.new_key)
     url = f"http://{args.host}:{args.port}"
     # Own sessions: Ctrl-C reaches only this process, which then stops the children in order.
     api = subprocess.Popen(

@@ -15,6 +15,7 @@ from typing import Any
 
 from app import storage as st
 from app.models import Adapter, AdapterExport
+from app.schemas.exports import variant_max_relative_error
 from worker.context import Context, end, unclaimed, while_owned
 from worker.failures import transient_reason, user_message
 from worker.jobs import Lease, attempts_exhausted, finish_owned, new_owner
@@ -112,26 +113,36 @@ def _publish(
 def _write(
     ctx: Context, row: AdapterExport, adapter: Adapter, path: Any, lease: Lease
 ) -> dict[str, Any]:
-    from tuneqdm_core.export import ExportOptions, export_adapter, load_float_unet
+    from tuneqdm_core.export import (
+        ExportOptions,
+        export_adapter,
+        load_float_pipeline,
+        load_float_unet,
+    )
 
     base = ctx.runtime.base
     lease.touch()  # loading the base may take long; each stage is progress
     loaded = ctx.files.adapter(ctx.runtime, adapter.id, adapter.storage_key)
     options = ExportOptions(
         format=row.format,  # type: ignore[arg-type]
-        rank=row.rank or 1,  # unused by a merge
+        rank=row.rank,
         interval="mean" if row.interval == "mean" else int(row.interval),
-        # A merged UNet is for running, where SD tools use half precision: half the bytes.
-        fp16=row.format == "merged",
+        # A merged model is for running, where SD tools use half precision: half the bytes.
+        fp16=row.format in ("merged", "merged-checkpoint"),
+        max_relative_error=variant_max_relative_error(row.variant),
     )
-    # The float weights the base was quantized from, read for this export only (CPU).
-    float_unet = load_float_unet(base.source)
+    # The float weights the base was quantized from, read for this export only (CPU); the
+    # whole pipeline for a merged checkpoint.
+    pipeline = load_float_pipeline(base.source) if row.format == "merged-checkpoint" else None
+    float_unet = pipeline.unet if pipeline is not None else load_float_unet(base.source)
     lease.touch()
     extra = {
         "adapter": adapter.id,
         "tokens": list(adapter.tokens),
         "base_model": adapter.base_model,
     }
-    summary = export_adapter(base.unet, float_unet, loaded, path, options, extra=extra)
+    summary = export_adapter(
+        base.unet, float_unet, loaded, path, options, extra=extra, pipeline=pipeline
+    )
     lease.touch()
     return summary

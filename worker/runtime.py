@@ -143,7 +143,12 @@ class Runtime:
         if bank is None or bank.slots < adapters + 1 or bank.max_intervals < intervals:
             slots = max(adapters, self.settings.generation_batch_size) + 1
             max_intervals = max(intervals, 2, bank.max_intervals if bank is not None else 1)
-            bank = self._bank = ScaleBank(self.base.unet, slots=slots, max_intervals=max_intervals)
+            bank = self._bank = ScaleBank(
+                self.base.unet,
+                slots=slots,
+                max_intervals=max_intervals,
+                num_train_timesteps=self.base.num_train_timesteps,
+            )
         return bank
 
 

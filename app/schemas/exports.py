@@ -1,4 +1,4 @@
-"""Exports of an adapter (LoRA or merged checkpoint)."""
+"""Exports of an adapter (LoRA in PEFT or kohya keys, merged UNet, merged checkpoint)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app import models
 from app.models import ExportFormat, ExportStatus
+
+LORA_FORMATS = ("lora", "lora-kohya")
+# A fixed-rank LoRA whose relative error is above this is flagged in `warnings` (the library's
+# tuneqdm_core.export.WARN_RELATIVE_ERROR; tests check the two agree).
+WARN_RELATIVE_ERROR = 0.1
 
 
 class ExportCreate(BaseModel):
@@ -19,11 +24,23 @@ class ExportCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     format: ExportFormat = Field(
-        description="lora: a LoRA file for diffusers' load_lora_weights; merged: the float "
-        "UNet with the adapter written in (one fp16 .safetensors file)."
+        description="lora: a LoRA file for diffusers' load_lora_weights (PEFT keys); "
+        "lora-kohya: the same LoRA in kohya/A1111 keys (lora_unet_…lora_down/lora_up/alpha); "
+        "merged: the float UNet with the adapter written in (one fp16 .safetensors file); "
+        "merged-checkpoint: the whole merged model (UNet, VAE, text encoders) as one fp16 "
+        "original-layout checkpoint, the file A1111, ComfyUI and from_single_file read."
     )
     rank: int | None = Field(
-        default=None, ge=1, description="LoRA rank (required for lora, e.g. 16; unused for merged)."
+        default=None,
+        ge=1,
+        description="LoRA rank of every layer (a LoRA needs rank or max_relative_error).",
+    )
+    max_relative_error: float | None = Field(
+        default=None,
+        gt=0,
+        lt=1,
+        description="Instead of rank: per layer the smallest rank whose relative error "
+        "‖D − B·A‖ / ‖D‖ stays within this (e.g. 0.05); the file's size follows.",
     )
     # "mean" is also the library's default (tuneqdm_core.export); see docs/library.md.
     interval: str = Field(
@@ -34,10 +51,17 @@ class ExportCreate(BaseModel):
 
     @model_validator(mode="after")
     def _rank_for_lora(self) -> ExportCreate:
-        if self.format == "lora" and self.rank is None:
-            raise ValueError("rank is required for format=lora (e.g. 16)")
-        if self.format == "merged" and self.rank is not None:
-            raise ValueError("rank applies to format=lora only; leave it out for merged")
+        chosen = (self.rank is not None) + (self.max_relative_error is not None)
+        if self.format in LORA_FORMATS and chosen != 1:
+            raise ValueError(
+                f"format={self.format} needs either rank (e.g. 16) or max_relative_error "
+                "(e.g. 0.05), not both"
+            )
+        if self.format not in LORA_FORMATS and chosen:
+            raise ValueError(
+                f"rank and max_relative_error apply to LoRA formats only; leave them out for "
+                f"{self.format}"
+            )
         if self.interval != "mean" and not self.interval.isdigit():
             raise ValueError(f"interval must be 'mean' or an index, got {self.interval!r}")
         return self
@@ -45,7 +69,17 @@ class ExportCreate(BaseModel):
     @property
     def variant(self) -> str:
         rank = f"-r{self.rank}" if self.rank is not None else ""
+        if self.max_relative_error is not None:
+            rank = f"-e{self.max_relative_error:g}"
         return f"{self.format}{rank}-{self.interval}"
+
+
+def variant_max_relative_error(variant: str) -> float | None:
+    """The max_relative_error a variant (:attr:`ExportCreate.variant`) was asked with."""
+    for part in variant.split("-"):
+        if part.startswith("e") and part[1:2].isdigit():
+            return float(part[1:])
+    return None
 
 
 class ExportLinks(BaseModel):
@@ -61,7 +95,14 @@ class ExportPublic(BaseModel):
     status: ExportStatus
     size_bytes: int | None
     relative_error: float | None = Field(
-        description="LoRA only: ‖D − B·A‖ / ‖D‖ over all layers (0 at full rank)."
+        description="The file's error against the adapter's weights: a LoRA's ‖D − B·A‖ / ‖D‖ "
+        "over all layers (0 at full rank), a merge's rounding to fp16."
+    )
+    max_relative_error: float | None = None
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="E.g. a fixed-rank LoRA whose relative_error is above 0.1: its images will "
+        "differ from the adapter's.",
     )
     error: str | None
     attempts: int = Field(
@@ -77,6 +118,18 @@ class ExportPublic(BaseModel):
         query = f"format={row.format}&interval={row.interval}"
         if row.rank is not None:
             query += f"&rank={row.rank}"
+        bound = variant_max_relative_error(row.variant)
+        if bound is not None:
+            query += f"&max_relative_error={bound:g}"
+        warnings = []
+        error = row.relative_error
+        if row.rank is not None and error is not None and error > WARN_RELATIVE_ERROR:
+            warnings.append(
+                f"rank {row.rank} keeps the adapter's weights only to a relative error of "
+                f"{error:.3f} (above {WARN_RELATIVE_ERROR}): its images will differ from the "
+                "adapter's; ask for max_relative_error (e.g. 0.05) or a higher rank, or a "
+                "merged format"
+            )
         return cls(
             id=row.id,
             adapter_id=row.adapter_id,
@@ -86,6 +139,8 @@ class ExportPublic(BaseModel):
             status=row.status,  # type: ignore[arg-type]
             size_bytes=row.size_bytes,
             relative_error=row.relative_error,
+            max_relative_error=bound,
+            warnings=warnings,
             error=row.error,
             attempts=row.attempts,
             created_at=row.created_at,

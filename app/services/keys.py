@@ -52,7 +52,10 @@ def authenticate(*, session: Session, key: str) -> Tenant:
         select(ApiKey).where(ApiKey.key_hash == hash_api_key(key), ApiKey.revoked_at.is_(None))
     )
     if row is None:
+        # No command to run here: the caller may have no shell on the server, and there the
+        # admin command lives in the project's .venv/bin (README, "Commands").
         raise Unauthorized(
-            "unknown or revoked API key; create one with `tuneqdm-admin keys create`"
+            "unknown or revoked API key; use the key `make run` printed, or ask the operator "
+            "for one (docs/api.md, Authentication)"
         )
     return row.tenant

@@ -55,7 +55,12 @@ def test_create_list_revoke(
 
     assert cli.main(["keys", "revoke", key_id]) == 0
     assert "revoked" in capsys.readouterr().out
-    assert client.get("/v1/adapters", headers=headers).status_code == 401
+    revoked = client.get("/v1/adapters", headers=headers)
+    assert revoked.status_code == 401
+    # It names no command to run: the caller may have no shell there, and `make` puts the
+    # admin command in .venv/bin, not on PATH.
+    assert "tuneqdm-admin" not in revoked.json()["detail"]
+    assert "make run" in revoked.json()["detail"]
     assert cli.main(["keys", "revoke", "key_nope"]) == 1
     assert "no API key" in capsys.readouterr().err
 
@@ -134,3 +139,13 @@ def test_bases_list_and_retire(
     session.expire_all()
     assert session.get(ServedBase, other) is None
     assert session.get(FinetuneJob, job.id) is not None  # jobs and adapters stay
+
+
+def test_help_keeps_its_examples_one_per_line() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "app.cli", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0
+    lines = result.stdout.splitlines()
+    assert "    tuneqdm-admin keys create|revoke|list" in lines
+    assert "    tuneqdm-admin bases retire NAME" in lines

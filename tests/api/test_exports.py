@@ -144,8 +144,11 @@ def test_bad_requests_say_what_to_fix_and_store_nothing(
     adapter = make_adapter(session, storage, t.tenant)  # 2 intervals
     url = f"/v1/adapters/{adapter.id}/exports"
     cases = [
-        ({"format": "lora"}, "rank is required for format=lora"),
-        ({"format": "merged", "rank": 4}, "rank applies to format=lora only"),
+        ({"format": "lora"}, "format=lora needs either rank (e.g. 16) or max_relative_error"),
+        ({"format": "lora-kohya", "rank": 4, "max_relative_error": 0.05}, "not both"),
+        ({"format": "merged", "rank": 4}, "apply to LoRA formats only"),
+        ({"format": "merged-checkpoint", "max_relative_error": 0.1}, "LoRA formats only"),
+        ({"format": "lora", "max_relative_error": 1.5}, "max_relative_error"),
         ({"format": "lora", "rank": 129}, "above this service's largest export rank (128"),
         ({"format": "lora", "rank": 4, "interval": "2"}, "this adapter has 2 interval(s)"),
         ({"format": "lora", "rank": 4, "interval": "last"}, "interval must be 'mean' or an"),
@@ -159,7 +162,7 @@ def test_bad_requests_say_what_to_fix_and_store_nothing(
     r = client.post(url, json={"format": "merged"}, headers=other.headers)
     assert r.status_code == 404
     r = client.get(f"/v1/adapters/{adapter.id}/export?format=lora", headers=t.headers)
-    assert r.status_code == 422 and "rank is required" in str(r.json()["detail"])
+    assert r.status_code == 422 and "needs either rank" in str(r.json()["detail"])
 
     sender.fail = True
     r = client.post(url, json={"format": "merged"}, headers=t.headers)
@@ -184,3 +187,37 @@ def test_deleting_the_adapter_deletes_its_exports(
     session.expire_all()
     assert session.scalar(select(func.count()).select_from(AdapterExport)) == 0
     assert client.get(f"{url}/exports", headers=t.headers).status_code == 404
+
+
+def test_a_lora_by_max_relative_error_and_the_warning_of_a_lossy_rank(
+    client: TestClient, session: Session, storage: LocalStorage, sender: RecordingSender
+) -> None:
+    t = make_tenant(session)
+    adapter = make_adapter(session, storage, t.tenant)
+    url = f"/v1/adapters/{adapter.id}"
+    r = client.post(
+        f"{url}/exports", json={"format": "lora", "max_relative_error": 0.05}, headers=t.headers
+    )
+    assert r.status_code == 202, r.text
+    body = r.json()
+    assert (body["rank"], body["max_relative_error"], body["warnings"]) == (None, 0.05, [])
+    assert (
+        body["links"]["file"] == f"{url}/export?format=lora&interval=mean&max_relative_error=0.05"
+    )
+    # Another bound is another export; the same bound the same one.
+    other = client.post(
+        f"{url}/exports", json={"format": "lora", "max_relative_error": 0.1}, headers=t.headers
+    )
+    assert other.status_code == 202 and other.json()["id"] != body["id"]
+
+    lossy = client.post(f"{url}/exports", json={"format": "lora", "rank": 16}, headers=t.headers)
+    session.execute(
+        update(AdapterExport)
+        .where(AdapterExport.id == lossy.json()["id"])
+        .values(status="succeeded", relative_error=0.81)
+    )
+    session.commit()
+    listed = {e["id"]: e for e in client.get(f"{url}/exports", headers=t.headers).json()["data"]}
+    warning = listed[lossy.json()["id"]]["warnings"]
+    assert len(warning) == 1 and "relative error of 0.810" in warning[0]
+    assert listed[body["id"]]["warnings"] == []

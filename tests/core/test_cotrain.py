@@ -1,9 +1,12 @@
-"""Co-batched fine-tuning: a job trained in a group ends where the same job trained alone ends.
+"""Co-batched fine-tuning: each step of a job trained in a group is the step of the same job
+trained alone, up to the summation order of batched kernels.
 
-Error measure: ‖grouped − solo‖ / ‖solo‖ per tensor. float64 ≤ 1e-10 (the two runs differ only in
-the summation order of batched kernels). float32: one step's gradients and every step's loss
-≤ 2e-5, the bound of the batched-kernel tests (test_layers.py); the adapter after a few steps
-only ≤ 5e-3, because Adam divides each gradient element by its own magnitude, so float32
+Error measure: ‖grouped − solo‖ / ‖solo‖ per tensor. float64 ≤ 1e-10 over these short runs (3–5
+steps); over many steps Adam amplifies the rounding (2.98e-7 after 20 steps at high learning
+rates, 1.9e-13 at the defaults), so no longer run is held to that bound. float32: one step's
+gradients ≤ 2e-5, the bound of the batched-kernel tests (test_layers.py); losses after a few
+steps differ by up to 8.7e-5 in general (these seeds stay within 2e-5); the adapter after a few
+steps only ≤ 5e-3, because Adam divides each gradient element by its own magnitude, so float32
 rounding of elements near zero becomes a step of up to lr (measured 8.5e-4 on s_out after 4
 steps at lr_s_out 1e-3, about a tenth of s_out).
 """
@@ -85,7 +88,8 @@ def cancel_after(step: int) -> tuple[Any, Any]:
 
 def test_three_jobs_in_a_group_end_as_they_would_alone(base64: BaseModel, tmp_path: Path) -> None:
     """Different step counts, prior preservation, a job canceled inside a UNet call half-way,
-    and a job joining after two steps: every one ends where its solo run ends."""
+    and a job joining after two steps: after these few steps every one ends where its solo run
+    ends, within the float64 per-step bound."""
     cache = tmp_path / "cache"
     dog = FinetuneConfig(
         steps=5, batch_size=2, num_class_images=3, class_image_steps=2, seed=1, **FAST
@@ -250,7 +254,8 @@ def test_a_jobs_gradient_does_not_depend_on_the_other_jobs_samples(
 def test_float32_group_matches_solo_within_the_batched_kernel_bound(
     tiny_base: BaseModel,
 ) -> None:
-    """Every step's loss within the kernel bound; the adapter within F32_ADAPTER."""
+    """Every step's loss within the kernel bound for these seeds (float32 losses can differ by
+    up to 8.7e-5 after 3 steps in general); the adapter within F32_ADAPTER."""
     a = FinetuneConfig(steps=4, batch_size=2, seed=1, **FAST)
     b = FinetuneConfig(steps=3, intervals=2, seed=2, **FAST)
     solo = [finetune(tiny_base, [TOY], a), finetune(tiny_base, [CAT], b)]

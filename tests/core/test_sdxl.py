@@ -16,7 +16,6 @@ from safetensors.torch import save_file
 
 from tests.conftest import subject_photos
 from tests.core.helpers import assert_close_all, perturbed_adapter, run_both
-from tests.core.sd_checkpoint import xl_pipeline_to_ldm
 from tuneqdm_core.adapter import AdapterConfig
 from tuneqdm_core.base import BaseModel, _checkpoint_is_xl, load_base
 from tuneqdm_core.cli import main
@@ -29,6 +28,7 @@ from tuneqdm_core.finetune import (
     loss_trend,
 )
 from tuneqdm_core.generate import GenerationRequest, generate
+from tuneqdm_core.ldm_layout import xl_pipeline_to_ldm
 from tuneqdm_core.model import quant_state
 from tuneqdm_core.training_data import _prepare, _unet_inputs
 from tuneqdm_core.training_step import _draw_batch, _noisy_latents

@@ -10,9 +10,9 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import save_file
 
-from tests.core.sd_checkpoint import pipeline_to_ldm
 from tuneqdm_core.base import BaseModel, load_base
 from tuneqdm_core.configs import example_inputs
+from tuneqdm_core.ldm_layout import pipeline_to_ldm
 
 
 def _same_model(a: BaseModel, b: BaseModel) -> None:

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.models import ServedBase
 from app.settings import Settings
-from tests.core.sd_checkpoint import pipeline_to_ldm
+from tuneqdm_core.ldm_layout import pipeline_to_ldm
 from tuneqdm_core.model import quant_state
 from worker.bases import Registrar
 from worker.runtime import Runtime

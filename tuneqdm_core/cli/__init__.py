@@ -4,8 +4,14 @@ evaluate, inspect."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
+
+# Set before transformers is first imported (by the commands below): its notices about optional
+# backends (torchvision's image processors, which nothing here uses) are not the user's concern.
+# Errors still show; TRANSFORMERS_VERBOSITY set by the user wins.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from tuneqdm_core.cli import evaluate, exporting, models, pretraining, reports
 from tuneqdm_core.configs import UNET_CONFIGS
@@ -14,7 +20,9 @@ from tuneqdm_core.serialization import AdapterFileError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tuneqdm", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="tuneqdm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     models.add_commands(commands)
     pretraining.add_commands(commands)

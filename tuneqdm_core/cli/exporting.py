@@ -1,14 +1,24 @@
-"""``tuneqdm export``: an adapter as a LoRA file or a merged float UNet (docs/library.md)."""
+"""``tuneqdm export``: an adapter as a LoRA file (PEFT or kohya keys), a merged float UNet, or a
+merged original-layout checkpoint (docs/library.md)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from tuneqdm_core.cli.models import _base, add_base_arguments
-from tuneqdm_core.export import FORMATS, ExportOptions, Interval, export_adapter, load_float_unet
-from tuneqdm_core.serialization import load_adapter
+from tuneqdm_core.export import (
+    DEFAULT_RANK,
+    FORMATS,
+    ExportOptions,
+    Interval,
+    export_adapter,
+    load_float_pipeline,
+    load_float_unet,
+)
+from tuneqdm_core.serialization import load_adapter, read_metadata
 
 
 def _interval(value: str) -> Interval:
@@ -22,26 +32,52 @@ def cmd_export(args: argparse.Namespace) -> int:
         interval=args.interval,
         include_quantization_error=not args.without_quantization_error,
         fp16=args.fp16,
+        max_relative_error=args.max_relative_error,
     )
+    read_metadata(args.adapter)  # a bad adapter file fails before the base loads
     base = _base(args)
     adapter = load_adapter(args.adapter, base.unet)
     out = Path(args.out)
-    summary = export_adapter(base.unet, load_float_unet(args.model), adapter, out, options)
-    shown = {k: v for k, v in summary.items() if k != "layer_relative_errors"}
+    pipeline = None
+    if options.format == "merged-checkpoint":
+        pipeline = load_float_pipeline(args.model)
+        float_unet = pipeline.unet
+    else:
+        float_unet = load_float_unet(args.model)
+    summary = export_adapter(base.unet, float_unet, adapter, out, options, pipeline=pipeline)
+    hidden = ("layer_relative_errors", "layer_ranks", "warnings")
+    shown = {k: v for k, v in summary.items() if k not in hidden}
     print(f"{options.format} written to {out}: {json.dumps(shown)}")
+    for warning in summary["warnings"]:
+        print(f"tuneqdm export: warning: {warning}", file=sys.stderr)
     return 0
 
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = commands.add_parser(
-        "export", help="an adapter as a LoRA for diffusers, or merged into the float UNet"
+        "export",
+        help="an adapter as a LoRA (diffusers/PEFT or kohya/A1111 keys), merged into the float "
+        "UNet, or merged into a whole original-layout checkpoint",
     )
     add_base_arguments(p)
     defaults = ExportOptions()
     p.add_argument("--adapter", required=True, help="adapter file (.safetensors)")
     p.add_argument("--out", required=True, help="file (.safetensors) or folder (merged) to write")
-    p.add_argument("--format", default=defaults.format, choices=FORMATS)
-    p.add_argument("--rank", type=int, default=defaults.rank, help="LoRA rank (per layer)")
+    p.add_argument(
+        "--format",
+        default=defaults.format,
+        choices=FORMATS,
+        help="lora: PEFT keys (diffusers); lora-kohya: kohya/A1111 keys; merged: the UNet; "
+        "merged-checkpoint: UNet, VAE and text encoders in one original-layout file",
+    )
+    rank = p.add_mutually_exclusive_group()
+    rank.add_argument("--rank", type=int, help=f"LoRA rank of every layer (default {DEFAULT_RANK})")
+    rank.add_argument(
+        "--max-relative-error",
+        type=float,
+        help="instead of --rank: per layer the smallest rank whose relative error stays within "
+        "this (e.g. 0.05)",
+    )
     p.add_argument(
         "--interval",
         type=_interval,

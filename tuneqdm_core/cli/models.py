@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import fields
 from pathlib import Path
 from typing import Literal, get_args, get_origin, get_type_hints
@@ -13,10 +14,24 @@ from tuneqdm_core.base import BaseModel, load_base
 from tuneqdm_core.builtin.tiny import TINY_ARCHS, save_tiny_pipeline
 from tuneqdm_core.finetune import FinetuneConfig, Progress, Subject, finetune
 from tuneqdm_core.generate import SCHEDULERS, GenerationRequest, Precision, generate
+from tuneqdm_core.images import open_image
 from tuneqdm_core.model import QuantConfig
-from tuneqdm_core.serialization import load_adapter, save_adapter
+from tuneqdm_core.serialization import load_adapter, read_metadata, save_adapter
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+CACHE_ENV = "TUNEQDM_CACHE_DIR"
+
+
+def default_cache_dir() -> Path:
+    """Where the CLI keeps quantized bases (and class images) unless told otherwise:
+    ``$TUNEQDM_CACHE_DIR``, else ``$XDG_CACHE_HOME/tuneqdm``, else ``~/.cache/tuneqdm``, so
+    no command quantizes the same base twice."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "tuneqdm"
 
 
 def add_base_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,15 +46,29 @@ def add_base_arguments(parser: argparse.ArgumentParser) -> None:
         "(configs, tokenizer, scheduler); default: inferred from the checkpoint by diffusers",
     )
     parser.add_argument("--bits", type=int, default=4, choices=[4, 8])
-    parser.add_argument("--cache-dir", help="keep the quantized UNet here for the next start")
+    parser.add_argument(
+        "--cache-dir",
+        help=f"keep the quantized UNet here for the next start (default: ${CACHE_ENV}, else "
+        "$XDG_CACHE_HOME/tuneqdm, else ~/.cache/tuneqdm)",
+    )
+    parser.add_argument(
+        "--no-cache", action="store_true", help="quantize afresh and keep nothing on disk"
+    )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+
+
+def cache_dir(args: argparse.Namespace) -> Path | None:
+    """The cache folder a command uses (None with ``--no-cache``)."""
+    if args.no_cache:
+        return None
+    return Path(args.cache_dir) if args.cache_dir else default_cache_dir()
 
 
 def _base(args: argparse.Namespace) -> BaseModel:
     base = load_base(
         args.model,
         quant=QuantConfig(bits=args.bits),
-        cache_dir=args.cache_dir,
+        cache_dir=cache_dir(args),
         device=args.device,
         config=args.config,
     )
@@ -108,6 +137,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if not subjects:
         raise ValueError("give --images with --prompt, or --subject PROMPT FOLDER")
     config = FinetuneConfig(**{f.name: getattr(args, f.name) for f in fields(FinetuneConfig)})
+    # Every photo is read before the base is loaded (which can take a minute to quantize):
+    # a bad photo fails at once.
+    for subject in subjects:
+        for photo in subject.images:
+            open_image(photo)
     base = _base(args)
     with tqdm(total=config.steps, desc="fine-tune", unit="step") as bar:
 
@@ -121,7 +155,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             subjects,
             config,
             checkpoint_dir=args.checkpoint_dir,
-            cache_dir=args.cache_dir,
+            cache_dir=cache_dir(args),
             progress=show,
         )
     out = Path(args.out)
@@ -137,6 +171,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    if args.adapter:
+        read_metadata(args.adapter)  # a bad adapter file fails before the base loads
     base = _base(args)
     adapter = load_adapter(args.adapter, base.unet, device=base.device) if args.adapter else None
     request = GenerationRequest(

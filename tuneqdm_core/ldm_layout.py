@@ -1,11 +1,11 @@
-"""Writing a diffusers SD 1.x or SDXL pipeline as one original-layout (CompVis/LDM, Stability's
-SDXL) checkpoint file.
+"""A diffusers SD 1.x or SDXL pipeline in the original layout (CompVis/LDM, Stability's SDXL):
+the key names of single-file checkpoints that A1111, ComfyUI and diffusers' ``from_single_file``
+read, and the module names kohya-style SDXL LoRAs use.
 
-The single-file loader must be tested on a file in the layout real ``.safetensors``/``.ckpt``
-checkpoints have; no such file of a tiny model exists offline, so the test makes one from the
-tiny pipeline by renaming its diffusers keys to the LDM names (the inverse of what diffusers'
-``from_single_file`` converts). Written for the block structure in the pipeline's own config
-(any number of blocks and layers per block), not for SD 1.5's fixed shape only.
+The inverse of what diffusers' ``from_single_file`` converts, written for the block structure in
+the pipeline's own config (any number of blocks and layers per block), not for SD 1.5's fixed
+shape only. The merged-checkpoint export writes these keys; tests write the tiny pipelines'
+single-file checkpoints with them.
 """
 
 from __future__ import annotations
@@ -74,6 +74,11 @@ def _rename(key: str, prefixes: list[tuple[str, str]], resnet: bool) -> str:
                         rest = b + rest[len(a) :]
             return ldm + rest
     return key
+
+
+def ldm_module_name(name: str, config: Any) -> str:
+    """The original-layout name of the UNet module ``name`` (diffusers' name)."""
+    return _rename(name + ".", _unet_prefixes(config), True)[:-1]
 
 
 def unet_to_ldm(unet: Any) -> dict[str, torch.Tensor]:
