@@ -34,6 +34,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from tuneqdm_core.families import family_of_index
 from tuneqdm_core.model import (
     QuantConfig,
     StorageMode,
@@ -96,6 +97,13 @@ class BaseModel:
     # SDXL: an empty negative prompt is all-zero conditioning, not the encoded "" (the
     # pipeline's force_zeros_for_empty_prompt, true for SDXL base).
     zero_empty_negative: bool = False
+    # SD3 only: the third text encoder (T5) and its tokenizer.
+    text_encoder_3: Any = None
+    tokenizer_3: Any = None
+    # The family module of a transformer base (tuneqdm_core.families); None for the UNet
+    # families, whose code is this module's. For a transformer base, ``unet`` holds the
+    # quantized transformer (the denoiser every family-blind part works on).
+    family: Any = None
 
     @property
     def is_xl(self) -> bool:
@@ -104,7 +112,8 @@ class BaseModel:
 
     @property
     def text_encoders(self) -> list[Any]:
-        return [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
+        encoders = (self.text_encoder, self.text_encoder_2, self.text_encoder_3)
+        return [e for e in encoders if e is not None]
 
     @property
     def fingerprint(self) -> str:
@@ -132,7 +141,10 @@ class BaseModel:
     def encode(self, prompts: list[str]) -> Conditioning:
         """SD: the text encoder's last hidden states. SDXL: both encoders' penultimate hidden
         states concatenated, and the second encoder's pooled projection (as diffusers'
-        ``StableDiffusionXLPipeline.encode_prompt`` without clip skip)."""
+        ``StableDiffusionXLPipeline.encode_prompt`` without clip skip). Transformer families:
+        their own (tuneqdm_core.families)."""
+        if self.family is not None:
+            return self.family.encode(self, prompts)  # type: ignore[no-any-return]
         if self.text_encoder_2 is None:
             return Conditioning(self._run_encoder(self.tokenizer, self.text_encoder, prompts)[0])
         states = []
@@ -348,6 +360,10 @@ def load_base(
             f"model {source!r} is neither a local model folder nor a hub id like 'org/name' "
             "nor a .safetensors/.ckpt checkpoint file"
         )
+    family = None if single else family_of_index(_pipeline_index(source))
+    if family is not None:
+        # Transformer families load through their own module (no quantized cache yet).
+        return family.load(source, quant, device, storage_mode)
     pipeline = _single_file_pipeline(source, model_config, device) if single else None
     key = _cache_key(source, quant, model_config if single else None)
     entry = Path(cache_dir) / f"unet-{key}" if cache_dir else None

@@ -184,9 +184,7 @@ def build_tiny_sd3(seed: int = 0, resolution: int = 32) -> StableDiffusion3Pipel
     )
 
 
-def save_tiny_dit(
-    directory: str | Path, arch: str, seed: int = 0, resolution: int = 32
-) -> Path:
+def save_tiny_dit(directory: str | Path, arch: str, seed: int = 0, resolution: int = 32) -> Path:
     """Build ``arch`` (``tiny-flux`` or ``tiny-sd3``) and write it as a diffusers folder."""
     builders: dict[str, Any] = {"tiny-flux": build_tiny_flux, "tiny-sd3": build_tiny_sd3}
     if arch not in builders:
