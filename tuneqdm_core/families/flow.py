@@ -29,7 +29,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
+from diffusers import (
+    DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FlowMatchHeunDiscreteScheduler,
+)
 
 from tuneqdm_core.cancel import cancel_checks
 from tuneqdm_core.model import QuantConfig, StorageMode, quantize_, set_storage_mode
@@ -47,6 +51,14 @@ SIGMA_TOLERANCE = 1e-6
 SCHEDULERS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "euler": lambda config: FlowMatchEulerDiscreteScheduler.from_config(config),
     "heun": lambda config: FlowMatchHeunDiscreteScheduler.from_config(config),
+    # DPM-Solver++ on the flow sigmas, shifted as the family's own scheduler shifts them.
+    "dpmsolver++": lambda config: DPMSolverMultistepScheduler.from_config(
+        config,
+        algorithm_type="dpmsolver++",
+        use_flow_sigmas=True,
+        flow_shift=config.get("shift", 1.0),
+        prediction_type="flow_prediction",
+    ),
 }
 # GenerationRequest's default name ("ddim", a UNet scheduler) means the family's default.
 DEFAULT_SCHEDULER = "euler"
@@ -81,6 +93,9 @@ class FlowFamily:
     density = Density()
     # Components of the diffusers pipeline besides the transformer.
     text_parts: tuple[str, ...] = ()
+    # The schedulers of SCHEDULERS the family's pipeline runs (FLUX's sets custom sigmas
+    # and a shift per call, which only the flow-matching Euler scheduler takes).
+    schedulers: tuple[str, ...] = tuple(SCHEDULERS)
 
     def pipeline_class(self) -> Any:
         raise NotImplementedError
@@ -201,10 +216,10 @@ class FlowFamily:
 
     def check_request(self, base: BaseModel, request: GenerationRequest) -> None:
         factor = base.vae_scale_factor * self.size_multiple
-        if request.scheduler not in (*SCHEDULERS, UNET_DEFAULT):
+        if request.scheduler not in (*self.schedulers, UNET_DEFAULT):
             raise ValueError(
                 f"scheduler {request.scheduler!r} unknown for {self.name}; choose from "
-                f"{sorted(SCHEDULERS)}"
+                f"{sorted(self.schedulers)}"
             )
         if (
             request.width % factor

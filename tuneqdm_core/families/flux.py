@@ -55,6 +55,7 @@ class Flux(FlowFamily):
     density = Density("none")
     text_parts = ("text_encoder", "text_encoder_2")
     size_multiple = 2
+    schedulers = ("euler",)
 
     def pipeline_class(self) -> Any:
         from diffusers import FluxPipeline
