@@ -24,7 +24,6 @@ from tuneqdm_core.finetune import (
     FinetuneConfig,
     Subject,
     finetune,
-    loss_trend,
 )
 from tuneqdm_core.generate import GenerationRequest, generate
 from tuneqdm_core.model import quant_state
@@ -152,6 +151,35 @@ def test_mixed_adapter_batch_equals_requests_one_by_one(base: BaseModel) -> None
     assert int(np.abs(batched[0] - _pixels(generate(base, [plain]))[0]).max()) > 10
 
 
+def _intervals_read(base: BaseModel, adapter: Adapter, scheduler: str) -> list[tuple[float, int]]:
+    """(sigma, interval) of every transformer call of a 7-step generation with ``adapter``:
+    the sigma of its timestep argument and the interval of the route its layers read."""
+    n = adapter.config.intervals
+    sigmas: list[float] = []
+    seen: list[tuple[float, int]] = []
+    state = quant_state(base.unet)
+
+    def called(_m: Any, _args: Any, kwargs: dict[str, Any]) -> None:
+        sigmas.append(float(base.family.sigma_of(kwargs["timestep"].reshape(-1)[:1])))
+
+    def read(_m: Any, _args: Any) -> None:  # inside the call: the route it runs with
+        route = state.route
+        assert route is not None and route.rows is None  # one adapter: a uniform route
+        seen.append((sigmas[-1], route.row % n))  # the bank's row: slot · intervals + k
+
+    handles = [
+        base.unet.register_forward_pre_hook(called, with_kwargs=True),
+        base.unet.transformer_blocks[0].register_forward_pre_hook(read),
+    ]
+    try:
+        request = GenerationRequest("a dog", adapter, steps=7, scheduler=scheduler, **SIZE)
+        generate(base, [request])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
 @pytest.mark.parametrize("scheduler", sorted(SCHEDULERS))
 def test_every_step_reads_the_interval_training_assigns_its_sigma(
     base: BaseModel, scheduler: str
@@ -165,38 +193,16 @@ def test_every_step_reads_the_interval_training_assigns_its_sigma(
         return
     for n in (2, 3, 4):
         adapter = Adapter.create(base.unet, AdapterConfig(intervals=n))
-        sigmas_called: list[float] = []
-        seen: list[tuple[float, int]] = []
-        state = quant_state(base.unet)
-
-        def called(_m: Any, _args: Any, kwargs: dict[str, Any]) -> None:
-            sigmas_called.append(float(base.family.sigma_of(kwargs["timestep"].reshape(-1)[:1])))
-
-        def read(_m: Any, _args: Any) -> None:  # inside the call: the route it runs with
-            route = state.route
-            assert route is not None and route.rows is None  # one adapter: a uniform route
-            seen.append((sigmas_called[-1], route.row % n))  # the row: slot · intervals + k
-
-        handles = [
-            base.unet.register_forward_pre_hook(called, with_kwargs=True),
-            base.unet.transformer_blocks[0].register_forward_pre_hook(read),
-        ]
-        try:
-            generate(
-                base, [GenerationRequest("a dog", adapter, steps=7, scheduler=scheduler, **SIZE)]
-            )
-        finally:
-            for handle in handles:
-                handle.remove()
-        assert len(seen) >= 7
+        seen = _intervals_read(base, adapter, scheduler)
+        assert len(seen) >= 7 and len({k for _, k in seen}) > 1
         sigmas = torch.tensor([s for s, _ in seen], dtype=torch.float64)
         trained = route_adapters([adapter], base.family.tas_timesteps(sigmas))
+        assert trained.rows is not None
         for i, (sigma, k) in enumerate(seen):
             assert k == min(int(sigma * n + 1e-6), n - 1), (sigma, k)
-            row = 0 if trained.rows is None else int(trained.rows[i])
-            assert torch.equal(
-                trained.out_parts[0][row], adapter.s_out[k][: trained.out_parts[0].shape[1]]
-            )
+            # The training route's row i holds interval k's scales.
+            row = trained.out_parts[0][int(trained.rows[i])]
+            assert torch.equal(row, adapter.s_out[k][: row.shape[0]])
 
 
 def test_finetune_lowers_the_loss(base: BaseModel) -> None:
