@@ -144,7 +144,7 @@ class BaseModel:
         ``StableDiffusionXLPipeline.encode_prompt`` without clip skip). Transformer families:
         their own (tuneqdm_core.families)."""
         if self.family is not None:
-            return self.family.encode(self, prompts)  # type: ignore[no-any-return]
+            return self.family.encode(self, prompts)
         if self.text_encoder_2 is None:
             return Conditioning(self._run_encoder(self.tokenizer, self.text_encoder, prompts)[0])
         states = []

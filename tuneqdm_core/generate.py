@@ -114,7 +114,7 @@ def generate(
     returns true, :class:`~tuneqdm_core.cancel.Canceled` is raised within one UNet call."""
     dtype = autocast_dtype(precision, base.device)
     if base.family is not None:  # a transformer family: through its diffusers pipeline
-        return base.family.generate(  # type: ignore[no-any-return]
+        return base.family.generate(
             base,
             requests,
             bank=bank,

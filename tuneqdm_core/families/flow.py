@@ -158,6 +158,13 @@ class FlowFamily:
             return_tensors="pt",
         ).input_ids
 
+    @staticmethod
+    def pooled(conditioning: Conditioning) -> torch.Tensor:
+        """The pooled embedding every transformer family conditions on."""
+        if conditioning.pooled is None:
+            raise ValueError("a transformer family's conditioning needs pooled embeddings")
+        return conditioning.pooled
+
     # --- noise axis and intervals --------------------------------------------------------
 
     def sigma_of(self, model_timestep: torch.Tensor) -> torch.Tensor:
@@ -332,6 +339,8 @@ class RowRouter:
 
     def before(self, model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         hidden = kwargs.get("hidden_states", args[0] if args else None)
+        if hidden is None:
+            raise ValueError("the transformer was called without hidden_states")
         batch = int(hidden.shape[0])
         if batch % len(self.slots):
             raise ValueError(f"a batch of {batch} rows for {len(self.slots)} images")

@@ -95,7 +95,7 @@ class Flux(FlowFamily):
             hidden_states=pack(noisy),
             timestep=self.model_timestep(sigmas).to(device, dtype),
             guidance=guidance,
-            pooled_projections=conditioning.pooled.to(dtype),
+            pooled_projections=self.pooled(conditioning).to(dtype),
             encoder_hidden_states=conditioning.states.to(dtype),
             txt_ids=torch.zeros(conditioning.states.shape[1], 3, device=device, dtype=dtype),
             img_ids=image_ids(height // 2, width // 2, device, dtype),
@@ -116,7 +116,7 @@ class Flux(FlowFamily):
         which = torch.tensor([prompts.index(r.prompt) for r in rows])
         return {
             "prompt_embeds": conditioning.states[which],
-            "pooled_prompt_embeds": conditioning.pooled[which],
+            "pooled_prompt_embeds": self.pooled(conditioning)[which],
             "max_sequence_length": MAX_SEQUENCE_LENGTH,
         }
 

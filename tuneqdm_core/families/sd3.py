@@ -83,7 +83,7 @@ class SD3(FlowFamily):
             hidden_states=noisy,
             timestep=self.model_timestep(sigmas).to(noisy.device, dtype),
             encoder_hidden_states=conditioning.states.to(dtype),
-            pooled_projections=conditioning.pooled.to(dtype),
+            pooled_projections=self.pooled(conditioning).to(dtype),
             return_dict=False,
         )[0]
 
@@ -101,9 +101,9 @@ class SD3(FlowFamily):
         negative = torch.tensor([texts.index(r.negative_prompt) for r in rows])
         return {
             "prompt_embeds": conditioning.states[positive],
-            "pooled_prompt_embeds": conditioning.pooled[positive],
+            "pooled_prompt_embeds": self.pooled(conditioning)[positive],
             "negative_prompt_embeds": conditioning.states[negative],
-            "negative_pooled_prompt_embeds": conditioning.pooled[negative],
+            "negative_pooled_prompt_embeds": self.pooled(conditioning)[negative],
             "max_sequence_length": MAX_SEQUENCE_LENGTH,
         }
 
