@@ -28,6 +28,7 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -74,10 +75,18 @@ class LoraExport:
         }
 
 
-def interval_weights(adapter: Adapter, interval: Interval) -> list[float]:
+def interval_weights(
+    adapter: Adapter, interval: Interval, shares: Sequence[float] | None = None
+) -> list[float]:
     """Weight of each of the adapter's intervals in the exported weight: one-hot for an
-    index, the share of the ``num_train_timesteps`` each interval covers for ``"mean"``."""
+    index, the share of the ``num_train_timesteps`` each interval covers for ``"mean"`` (or
+    ``shares``: each interval's share of the training draws where they are not uniform, as
+    a transformer family's density makes them; tuneqdm_core.families)."""
     n = adapter.config.intervals
+    if interval == "mean" and shares is not None:
+        if len(shares) != n:
+            raise ValueError(f"{len(shares)} interval shares for a {n}-interval adapter")
+        return [float(w) for w in shares]
     if interval == "mean":
         total = adapter.config.num_train_timesteps
         return [(end - start) / total for start, end in adapter.config.boundaries()]
@@ -193,15 +202,18 @@ def export_lora(
     interval: Interval = "mean",
     include_quantization_error: bool = True,
     dtype: torch.dtype = torch.float32,
+    prefix: str = "unet",
+    shares: Sequence[float] | None = None,
 ) -> LoraExport:
     """The adapter as a rank-``rank`` LoRA of ``float_unet`` (module docstring).
 
     Conv2d layers follow PEFT: ``lora_A`` is a conv with the layer's kernel, stride and padding
     (weight ``[r, I, kh, kw]``) and ``lora_B`` a 1×1 conv (weight ``[O, r, 1, 1]``).
+    Keys start with ``prefix``: the pipeline component (``transformer`` for FLUX and SD3).
     """
     if rank < 1:
         raise ValueError(f"rank must be at least 1, got {rank}")
-    weights = interval_weights(adapter, interval)
+    weights = interval_weights(adapter, interval, shares)
     tensors: dict[str, torch.Tensor] = {}
     layer_errors: dict[str, float] = {}
     residual = norm = 0.0
@@ -230,8 +242,8 @@ def export_lora(
         if len(shape) == 4:  # PEFT's conv LoRA: A keeps the kernel, B is 1×1
             a = a.reshape(rank, *shape[1:])
             b = b.reshape(shape[0], rank, 1, 1)
-        tensors[f"unet.{name}.lora_A.weight"] = a.to(dtype).contiguous()
-        tensors[f"unet.{name}.lora_B.weight"] = b.to(dtype).contiguous()
+        tensors[f"{prefix}.{name}.lora_A.weight"] = a.to(dtype).contiguous()
+        tensors[f"{prefix}.{name}.lora_B.weight"] = b.to(dtype).contiguous()
     return LoraExport(
         tensors=tensors,
         rank=rank,
@@ -268,11 +280,12 @@ def merge_adapter(
     adapter: Adapter,
     *,
     interval: Interval = "mean",
+    shares: Sequence[float] | None = None,
 ) -> nn.Module:
     """Write the adapter's weights into ``float_unet`` in place and return it: every quantized
     layer's float weight becomes ``Ŵ`` (for ``interval``, see :func:`interval_weights`), in
     the float weight's dtype; biases and unquantized parameters are the float model's."""
-    weights = interval_weights(adapter, interval)
+    weights = interval_weights(adapter, interval, shares)
     for index, name, layer, module in _layers(quantized_unet, float_unet, adapter):
         weight = module.weight
         assert isinstance(weight, torch.Tensor)
@@ -336,6 +349,9 @@ def export_adapter(
     out: str | os.PathLike[str],
     options: ExportOptions,
     extra: dict[str, Any] | None = None,
+    *,
+    prefix: str = "unet",
+    shares: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """Write ``adapter`` to ``out`` as ``options`` say; returns the export's metadata (for a
     LoRA, with its overall relative error). ``float_unet`` is changed in place by a merge."""
@@ -349,10 +365,14 @@ def export_adapter(
             interval=options.interval,
             include_quantization_error=options.include_quantization_error,
             dtype=torch.float16 if options.fp16 else torch.float32,
+            prefix=prefix,
+            shares=shares,
         )
         export.extra = dict(extra or {})
         save_lora(export, out)
         return export.metadata()
-    merged = merge_adapter(quantized_unet, float_unet, adapter, interval=options.interval)
+    merged = merge_adapter(
+        quantized_unet, float_unet, adapter, interval=options.interval, shares=shares
+    )
     save_merged_unet(merged, out, fp16=options.fp16)
     return {**summary, "fp16": options.fp16, **(extra or {})}

@@ -18,6 +18,7 @@ from tests.core.helpers import assert_close_all, perturbed_adapter, run_both
 from tuneqdm_core.adapter import Adapter, AdapterConfig
 from tuneqdm_core.base import BaseModel, load_base
 from tuneqdm_core.cli import main
+from tuneqdm_core.export import export_lora, merge_adapter, save_lora, save_merged_unet
 from tuneqdm_core.families.flow import SCHEDULERS
 from tuneqdm_core.finetune import (
     FinetuneCanceled,
@@ -293,3 +294,84 @@ def test_cancel_stops_inside_a_transformer_call(base: BaseModel) -> None:
             FinetuneConfig(steps=3, num_class_images=0, **FAST),
             should_cancel=should_cancel,
         )
+
+
+def _lora_layers(model: torch.nn.Module) -> set[str]:
+    return {name for name, m in model.named_modules() if hasattr(m, "lora_A")}
+
+
+def test_lora_and_merged_exports_draw_what_the_adapter_draws(
+    folder: Path, base: BaseModel, tmp_path: Path
+) -> None:
+    """A full-rank LoRA loaded by the family's own ``load_lora_weights`` into the float
+    pipeline (every key lands on a layer), and the merged transformer in its place, give
+    the adapter's image on the quantized base."""
+    family = base.family
+    adapter = perturbed_adapter(base.unet, AdapterConfig(intervals=1), spread=0.3)
+    export = export_lora(
+        base.unet, family.load_float(str(folder)), adapter, rank=64, prefix=family.lora_prefix
+    )
+    assert export.error < 1e-6
+    request = GenerationRequest("a photo of sks dog", adapter, steps=3, seed=2, **SIZE)
+    ours = _pixels(generate(base, [request]))[0]
+    with_lora = _float_pipeline(folder)
+    with_lora.load_lora_weights(save_lora(export, tmp_path / "lora.safetensors"))
+    names = {spec.name for spec in quant_state(base.unet).layout.layers}
+    assert _lora_layers(with_lora.transformer) == names
+    merged = merge_adapter(base.unet, family.load_float(str(folder)), adapter)
+    save_merged_unet(merged, tmp_path / "merged")
+    plain = _float_pipeline(folder)
+    with_merged = type(plain)(
+        **{**plain.components, "transformer": type(merged).from_pretrained(tmp_path / "merged")}
+    )
+    options: dict[str, Any] = {"negative_prompt": ""} if family.name == "sd3" else {}
+    for pipeline in (with_lora, with_merged):
+        image = pipeline(
+            request.prompt,
+            num_inference_steps=3,
+            guidance_scale=request.guidance_scale,
+            generator=[torch.Generator().manual_seed(2)],
+            **SIZE,
+            **options,
+        ).images[0]
+        assert int(np.abs(ours - np.asarray(image, dtype=np.int16)).max()) <= 1
+
+
+def test_mean_interval_weights_are_the_training_draws_shares(base: BaseModel) -> None:
+    """FLUX draws sigmas uniformly (equal shares); SD3's logit-normal draws over sigmas
+    shifted by 3.0 put most draws at high noise. Checked against a million draws."""
+    family, scheduler = _schedule(base)[2]
+    sigmas = family.draw_sigmas(1 << 20, torch.Generator().manual_seed(0), scheduler)
+    for n in (2, 3):
+        shares = family.interval_shares(base, n)
+        counted = torch.bincount((sigmas * n).long().clamp(max=n - 1), minlength=n) / sigmas.numel()
+        assert max(abs(a - float(b)) for a, b in zip(shares, counted, strict=True)) < 3e-3
+    if family.name == "flux":
+        assert abs(family.interval_shares(base, 2)[0] - 0.5) < 2e-3
+    else:
+        assert family.interval_shares(base, 2)[1] > 0.8
+
+
+def test_cli_finetunes_generates_and_exports_a_lora_diffusers_loads(
+    folder: Path, tmp_path: Path
+) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, photo in enumerate(subject_photos(2)):
+        photo.save(photos / f"{i}.png")
+    adapter, lora, out = tmp_path / "a.safetensors", tmp_path / "lora.safetensors", tmp_path / "o"
+    model = str(folder)
+    steps = ["--steps", "2", "--resolution", "32", "--num-class-images", "0"]
+    assert main(["finetune", model, "--images", str(photos), "--prompt", "a photo of sks dog",
+                 "--out", str(adapter), *steps]) == 0  # fmt: skip
+    size = ["--width", "32", "--height", "32", "--steps", "2"]
+    assert main(["generate", model, "--adapter", str(adapter), "--prompt", "a photo of sks dog",
+                 "--scheduler", "euler", *size, "--out", str(out)]) == 0  # fmt: skip
+    assert len(list(out.glob("*.png"))) == 1
+    assert main(["export", model, "--adapter", str(adapter), "--format", "lora", "--rank", "4",
+                 "--out", str(lora)]) == 0  # fmt: skip
+    pipeline = _float_pipeline(folder)
+    pipeline.load_lora_weights(lora)
+    assert len(_lora_layers(pipeline.transformer)) == len(
+        quant_state(load_base(folder).unet).layout.layers
+    )

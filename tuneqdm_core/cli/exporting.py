@@ -26,7 +26,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     base = _base(args)
     adapter = load_adapter(args.adapter, base.unet)
     out = Path(args.out)
-    summary = export_adapter(base.unet, load_float_unet(args.model), adapter, out, options)
+    if base.family is None:
+        summary = export_adapter(base.unet, load_float_unet(args.model), adapter, out, options)
+    else:  # a transformer family: its float transformer, its LoRA prefix and interval shares
+        family = base.family
+        summary = export_adapter(
+            base.unet,
+            family.load_float(args.model),
+            adapter,
+            out,
+            options,
+            prefix=family.lora_prefix,
+            shares=family.interval_shares(base, adapter.config.intervals),
+        )
     shown = {k: v for k, v in summary.items() if k != "layer_relative_errors"}
     print(f"{options.format} written to {out}: {json.dumps(shown)}")
     return 0

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from tuneqdm_core.base import BaseModel, load_base
 from tuneqdm_core.builtin.tiny import TINY_ARCHS, save_tiny_pipeline
 from tuneqdm_core.builtin.tiny_dit import DIT_ARCHS, save_tiny_dit
+from tuneqdm_core.families.flow import SCHEDULERS as FLOW_SCHEDULERS
 from tuneqdm_core.finetune import FinetuneConfig, Progress, Subject, finetune
 from tuneqdm_core.generate import SCHEDULERS, GenerationRequest, Precision, generate
 from tuneqdm_core.model import QuantConfig
@@ -220,7 +221,13 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--height", type=int, default=512)
-    p.add_argument("--scheduler", default="ddim", choices=sorted(SCHEDULERS))
+    p.add_argument(
+        "--scheduler",
+        default="ddim",
+        choices=sorted(set(SCHEDULERS) | set(FLOW_SCHEDULERS)),
+        help="UNet models: ddim, dpmsolver++, euler; FLUX: euler; SD3: euler, heun, "
+        "dpmsolver++ (default ddim = a transformer family's euler)",
+    )
     p.add_argument(
         "--precision",
         default="auto",

@@ -75,6 +75,17 @@ class Density:
     logit_std: float = 1.0
     mode_scale: float = 1.29
 
+    def cdf(self, u: torch.Tensor) -> torch.Tensor:
+        """P(draw < u) for ``u`` in [0, 1] (float64)."""
+        u = u.double()
+        if self.scheme == "logit_normal":
+            z = (torch.logit(u) - self.logit_mean) / self.logit_std
+            return 0.5 * (1 + torch.erf(z / math.sqrt(2)))
+        if self.scheme == "mode":  # no closed form: a fixed sample of a million draws
+            draws = self.draw(1 << 20, torch.Generator().manual_seed(0)).double()
+            return torch.searchsorted(draws.sort().values, u).double() / draws.numel()
+        return u
+
     def draw(self, count: int, generator: torch.Generator) -> torch.Tensor:
         if self.scheme == "logit_normal":
             u = torch.normal(self.logit_mean, self.logit_std, (count,), generator=generator)
@@ -98,6 +109,9 @@ class FlowFamily:
     schedulers: tuple[str, ...] = tuple(SCHEDULERS)
 
     def pipeline_class(self) -> Any:
+        raise NotImplementedError
+
+    def transformer_class(self) -> Any:
         raise NotImplementedError
 
     # --- loading -------------------------------------------------------------------------
@@ -195,6 +209,31 @@ class FlowFamily:
         total = int(scheduler.config.num_train_timesteps)
         indices = (u * total).long().clamp(0, total - 1)
         return scheduler.sigmas[indices].to(torch.float64)
+
+    def interval_shares(self, base: BaseModel, intervals: int) -> list[float]:
+        """The share of training draws in each of ``intervals`` intervals (exact, from the
+        density's CDF over the training scheduler's sigmas): the weights of an export's
+        ``"mean"`` interval, as uniform timesteps give the UNet families theirs."""
+        scheduler = self.training_scheduler(base)
+        total = int(scheduler.config.num_train_timesteps)
+        edges = self.density.cdf(torch.arange(total + 1, dtype=torch.float64) / total)
+        mass = edges[1:] - edges[:-1]  # P(index = i)
+        sigmas = scheduler.sigmas[:total].double()
+        tas = torch.tensor(self.tas_timesteps(sigmas, total), dtype=torch.float64)
+        k = torch.floor(tas * intervals / total).long().clamp(0, intervals - 1)
+        shares = torch.zeros(intervals, dtype=torch.float64).index_add_(0, k, mass)
+        return [float(x) for x in shares / shares.sum()]
+
+    # --- exports -------------------------------------------------------------------------
+
+    lora_prefix = "transformer"  # the pipeline component load_lora_weights puts it in
+
+    def load_float(self, source: str) -> Any:
+        """The float transformer of a model folder or hub id (what exports start from)."""
+        model = self.transformer_class().from_pretrained(
+            source, subfolder="transformer", dtype=torch.float32
+        )
+        return model.eval()
 
     def latents(self, base: BaseModel, sample: torch.Tensor) -> torch.Tensor:
         config = base.vae.config

@@ -62,6 +62,11 @@ class Flux(FlowFamily):
 
         return FluxPipeline
 
+    def transformer_class(self) -> Any:
+        from diffusers import FluxTransformer2DModel
+
+        return FluxTransformer2DModel
+
     def encode(self, base: BaseModel, prompts: list[str]) -> Conditioning:
         from tuneqdm_core.base import Conditioning
 

@@ -40,6 +40,11 @@ class SD3(FlowFamily):
 
         return StableDiffusion3Pipeline
 
+    def transformer_class(self) -> Any:
+        from diffusers import SD3Transformer2DModel
+
+        return SD3Transformer2DModel
+
     def encode(self, base: BaseModel, prompts: list[str]) -> Conditioning:
         from tuneqdm_core.base import Conditioning
 
