@@ -18,6 +18,7 @@ from tests.core.helpers import assert_close_all, perturbed_adapter, run_both
 from tuneqdm_core.adapter import Adapter, AdapterConfig
 from tuneqdm_core.base import BaseModel, load_base
 from tuneqdm_core.cli import main
+from tuneqdm_core.cotrain import CoJob, cotrain
 from tuneqdm_core.export import export_lora, merge_adapter, save_lora, save_merged_unet
 from tuneqdm_core.families.flow import SCHEDULERS
 from tuneqdm_core.finetune import (
@@ -322,7 +323,10 @@ def test_lora_and_merged_exports_draw_what_the_adapter_draws(
     save_merged_unet(merged, tmp_path / "merged")
     plain = _float_pipeline(folder)
     with_merged = type(plain)(
-        **{**plain.components, "transformer": type(merged).from_pretrained(tmp_path / "merged")}
+        **{
+            **plain.components,
+            "transformer": family.transformer_class().from_pretrained(tmp_path / "merged"),
+        }
     )
     options: dict[str, Any] = {"negative_prompt": ""} if family.name == "sd3" else {}
     for pipeline in (with_lora, with_merged):
@@ -375,3 +379,18 @@ def test_cli_finetunes_generates_and_exports_a_lora_diffusers_loads(
     assert len(_lora_layers(pipeline.transformer)) == len(
         quant_state(load_base(folder).unet).layout.layers
     )
+
+
+def test_cotrained_jobs_end_as_they_would_alone(base64: BaseModel) -> None:
+    """Two jobs in one batch (one with prior preservation and 2 intervals) end with the
+    adapters they get alone, in float64 within 1e-10 relative."""
+    dog = FinetuneConfig(steps=2, seed=1, num_class_images=0, **FAST)
+    cat = FinetuneConfig(steps=3, intervals=3, seed=2, **FAST)
+    solo = {"dog": finetune(base64, [DOG], dog), "cat": finetune(base64, [CAT], cat)}
+    grouped = cotrain(base64, [CoJob("dog", [DOG], dog), CoJob("cat", [CAT], cat)])
+    for key, alone in solo.items():
+        result = grouped[key].result
+        assert result is not None and result.adapter is not None and alone.adapter is not None
+        got: list[torch.Tensor | None] = list(result.adapter.parameters())
+        want: list[torch.Tensor | None] = list(alone.adapter.parameters())
+        assert_close_all(got, want, rtol=1e-10)
