@@ -201,12 +201,14 @@ def is_single_file(source: str | os.PathLike[str]) -> bool:
     return path.suffix.lower() in SINGLE_FILE_SUFFIXES and path.is_file()
 
 
-def _cache_key(source: str, config: QuantConfig, model_config: str | None = None) -> str:
+def _cache_key(
+    source: str, config: QuantConfig, model_config: str | None = None, subfolder: str = "unet"
+) -> str:
     """Identifies a float UNet and a quantization recipe without hashing gigabytes: a local
     folder by its resolved path and its weight files' sizes and mtimes, a single file by its
     resolved path, size and mtime (and the configs it is read with), a hub id by name."""
     parts: list[Any] = [source, asdict(config), CACHE_FORMAT]
-    unet_dir = Path(source) / "unet"
+    unet_dir = Path(source) / subfolder
     if is_single_file(source):
         stat = Path(source).stat()
         parts[0] = str(Path(source).resolve())
@@ -244,6 +246,8 @@ def save_quantized_unet(unet: Any, directory: Path, source: str) -> None:
         "quant": asdict(state.config),
         "fingerprint": state.fingerprint,
     }
+    if not isinstance(unet, UNet2DConditionModel):  # a transformer family's denoiser
+        meta["class"] = type(unet).__name__
     _write_atomic(directory / "unet.safetensors", lambda tmp: save_file(tensors, tmp))
     # meta.json last: its presence marks a complete entry.
     _write_atomic(directory / "meta.json", lambda tmp: Path(tmp).write_text(json.dumps(meta)))
@@ -257,8 +261,11 @@ def load_quantized_unet(directory: Path, device: torch.device | str = "cpu") -> 
         raise ValueError(f"{directory}: cache format {meta.get('format')}, expected {CACHE_FORMAT}")
     config = QuantConfig(**meta["quant"])
     unet_config = {k: v for k, v in meta["unet_config"].items() if not k.startswith("_")}
+    import diffusers
+
+    model_class = getattr(diffusers, meta.get("class", "UNet2DConditionModel"))
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(unet_config)
+        unet = model_class.from_config(unet_config)
         # Shapes only: min-max on meta tensors builds the layer structure for free.
         quantize_(unet, QuantConfig(bits=config.bits, range="minmax"))
     unet.load_state_dict(load_file(directory / "unet.safetensors", device=str(device)), assign=True)
@@ -362,8 +369,10 @@ def load_base(
         )
     family = None if single else family_of_index(_pipeline_index(source))
     if family is not None:
-        # Transformer families load through their own module (no quantized cache yet).
-        return family.load(source, quant, device, storage_mode)
+        # Transformer families load through their own module, with the same cache.
+        key = _cache_key(source, quant, subfolder="transformer")
+        entry = Path(cache_dir) / f"transformer-{key}" if cache_dir else None
+        return family.load(source, quant, device, storage_mode, entry)
     pipeline = _single_file_pipeline(source, model_config, device) if single else None
     key = _cache_key(source, quant, model_config if single else None)
     entry = Path(cache_dir) / f"unet-{key}" if cache_dir else None

@@ -394,3 +394,17 @@ def test_cotrained_jobs_end_as_they_would_alone(base64: BaseModel) -> None:
         got: list[torch.Tensor | None] = list(result.adapter.parameters())
         want: list[torch.Tensor | None] = list(alone.adapter.parameters())
         assert_close_all(got, want, rtol=1e-10)
+
+
+def test_the_quantized_transformer_is_cached(folder: Path, base: BaseModel, tmp_path: Path) -> None:
+    """A second start reads the quantized transformer from the cache: same fingerprint and
+    the same image, without quantizing again."""
+    first = load_base(folder, cache_dir=tmp_path)
+    again = load_base(folder, cache_dir=tmp_path)
+    assert not first.from_cache and again.from_cache
+    assert again.fingerprint == first.fingerprint == base.fingerprint
+    assert quant_state(again.unet).compute_fingerprint() == base.fingerprint
+    request = GenerationRequest("a photo of sks dog", steps=2, **SIZE)
+    assert np.array_equal(
+        _pixels(generate(again, [request]))[0], _pixels(generate(base, [request]))[0]
+    )

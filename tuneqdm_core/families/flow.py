@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -122,16 +123,26 @@ class FlowFamily:
         quant: QuantConfig,
         device: torch.device,
         storage_mode: StorageMode,
+        cache: Path | None = None,
     ) -> BaseModel:
         """The float pipeline from a folder or hub id, its transformer quantized (every
-        ``nn.Linear``; the patch embedding's conv too), the VAE and text encoders frozen."""
-        from tuneqdm_core.base import BaseModel
+        ``nn.Linear``; the patch embedding's conv too), the VAE and text encoders frozen.
+        ``cache``: the quantized transformer's cache entry (read when complete, else written;
+        a cached transformer is never loaded in float)."""
+        from tuneqdm_core.base import BaseModel, load_quantized_unet, save_quantized_unet
 
         start = time.perf_counter()
-        pipeline = self.pipeline_class().from_pretrained(source, dtype=torch.float32)
+        from_cache = cache is not None and (cache / "meta.json").is_file()
+        options: dict[str, Any] = {"dtype": torch.float32}
+        if cache is not None and from_cache:
+            options["transformer"] = load_quantized_unet(cache, device)
+        pipeline = self.pipeline_class().from_pretrained(source, **options)
         pipeline.to(device)
         transformer = pipeline.transformer
-        quantize_(transformer, quant)
+        if not from_cache:
+            quantize_(transformer, quant)
+            if cache is not None:
+                save_quantized_unet(transformer, cache, source)
         transformer.eval()
         set_storage_mode(transformer, storage_mode)
         for part in ("vae", *self.text_parts):
@@ -149,6 +160,7 @@ class FlowFamily:
             quant=quant,
             device=device,
             load_seconds=time.perf_counter() - start,
+            from_cache=from_cache,
             extra={"pipeline": pipeline},
             text_encoder_2=pipeline.text_encoder_2,
             tokenizer_2=pipeline.tokenizer_2,
