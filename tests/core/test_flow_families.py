@@ -5,6 +5,7 @@ diffusers' ``load_lora_weights`` for exports."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from tuneqdm_core.families.flow import SCHEDULERS
 from tuneqdm_core.finetune import (
     FinetuneCanceled,
     FinetuneConfig,
+    Sampling,
     Subject,
     finetune,
 )
@@ -408,3 +410,25 @@ def test_the_quantized_transformer_is_cached(folder: Path, base: BaseModel, tmp_
     assert np.array_equal(
         _pixels(generate(again, [request]))[0], _pixels(generate(base, [request]))[0]
     )
+
+
+def test_gradient_checkpointing_and_progress_images_change_nothing(base64: BaseModel) -> None:
+    """Recomputing the transformer's blocks in backward (routes read again there) gives the
+    adapter trained without it; sampling progress images draws nothing from training."""
+    config = FinetuneConfig(steps=2, batch_size=2, num_class_images=0, intervals=2, **FAST)
+    plain = finetune(base64, [DOG], config)
+    images: list[int] = []
+    sampling = Sampling(prompts=["a photo of sks dog"], every=1, size=32, steps=2)
+    checkpointed = finetune(
+        base64,
+        [DOG],
+        replace(config, gradient_checkpointing=True),
+        sampling=sampling,
+        on_sample=lambda step, made: images.append(len(made)),
+    )
+    assert images == [1, 1]
+    assert plain.adapter is not None and checkpointed.adapter is not None
+    got: list[torch.Tensor | None] = list(checkpointed.adapter.parameters())
+    want: list[torch.Tensor | None] = list(plain.adapter.parameters())
+    assert_close_all(got, want, rtol=1e-10)
+    assert not base64.unet.is_gradient_checkpointing
