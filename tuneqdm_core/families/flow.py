@@ -386,7 +386,6 @@ class RowRouter:
 
     def __init__(self, base: BaseModel, bank: ScaleBank, slots: Sequence[int]) -> None:
         self.base, self.bank, self.slots = base, bank, list(slots)
-        self.intervals_seen: list[list[float]] = []
 
     def before(self, model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         hidden = kwargs.get("hidden_states", args[0] if args else None)
@@ -399,7 +398,6 @@ class RowRouter:
         family = self.base.family
         sigma = family.sigma_of(torch.as_tensor(kwargs["timestep"]).reshape(-1))
         tas = family.tas_timesteps(sigma.expand(batch), self.bank.num_train_timesteps)
-        self.intervals_seen.append(tas)
         set_route(model, self.bank.route(tas, slots))
 
     def after(self, model: Any, _args: Any, _kwargs: Any, _output: Any) -> None:
