@@ -34,6 +34,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from tuneqdm_core.families import family_of_index
 from tuneqdm_core.model import (
     QuantConfig,
     StorageMode,
@@ -96,6 +97,13 @@ class BaseModel:
     # SDXL: an empty negative prompt is all-zero conditioning, not the encoded "" (the
     # pipeline's force_zeros_for_empty_prompt, true for SDXL base).
     zero_empty_negative: bool = False
+    # SD3 only: the third text encoder (T5) and its tokenizer.
+    text_encoder_3: Any = None
+    tokenizer_3: Any = None
+    # The family module of a transformer base (tuneqdm_core.families); None for the UNet
+    # families, whose code is this module's. For a transformer base, ``unet`` holds the
+    # quantized transformer (the denoiser every family-blind part works on).
+    family: Any = None
 
     @property
     def is_xl(self) -> bool:
@@ -104,7 +112,8 @@ class BaseModel:
 
     @property
     def text_encoders(self) -> list[Any]:
-        return [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
+        encoders = (self.text_encoder, self.text_encoder_2, self.text_encoder_3)
+        return [e for e in encoders if e is not None]
 
     @property
     def fingerprint(self) -> str:
@@ -138,7 +147,10 @@ class BaseModel:
     def encode(self, prompts: list[str]) -> Conditioning:
         """SD: the text encoder's last hidden states. SDXL: both encoders' penultimate hidden
         states concatenated, and the second encoder's pooled projection (as diffusers'
-        ``StableDiffusionXLPipeline.encode_prompt`` without clip skip)."""
+        ``StableDiffusionXLPipeline.encode_prompt`` without clip skip). Transformer families:
+        their own (tuneqdm_core.families)."""
+        if self.family is not None:
+            return self.family.encode(self, prompts)
         if self.text_encoder_2 is None:
             return Conditioning(self._run_encoder(self.tokenizer, self.text_encoder, prompts)[0])
         states = []
@@ -195,12 +207,14 @@ def is_single_file(source: str | os.PathLike[str]) -> bool:
     return path.suffix.lower() in SINGLE_FILE_SUFFIXES and path.is_file()
 
 
-def _cache_key(source: str, config: QuantConfig, model_config: str | None = None) -> str:
+def _cache_key(
+    source: str, config: QuantConfig, model_config: str | None = None, subfolder: str = "unet"
+) -> str:
     """Identifies a float UNet and a quantization recipe without hashing gigabytes: a local
     folder by its resolved path and its weight files' sizes and mtimes, a single file by its
     resolved path, size and mtime (and the configs it is read with), a hub id by name."""
     parts: list[Any] = [source, asdict(config), CACHE_FORMAT]
-    unet_dir = Path(source) / "unet"
+    unet_dir = Path(source) / subfolder
     if is_single_file(source):
         stat = Path(source).stat()
         parts[0] = str(Path(source).resolve())
@@ -238,6 +252,8 @@ def save_quantized_unet(unet: Any, directory: Path, source: str) -> None:
         "quant": asdict(state.config),
         "fingerprint": state.fingerprint,
     }
+    if not isinstance(unet, UNet2DConditionModel):  # a transformer family's denoiser
+        meta["class"] = type(unet).__name__
     _write_atomic(directory / "unet.safetensors", lambda tmp: save_file(tensors, tmp))
     # meta.json last: its presence marks a complete entry.
     _write_atomic(directory / "meta.json", lambda tmp: Path(tmp).write_text(json.dumps(meta)))
@@ -251,8 +267,11 @@ def load_quantized_unet(directory: Path, device: torch.device | str = "cpu") -> 
         raise ValueError(f"{directory}: cache format {meta.get('format')}, expected {CACHE_FORMAT}")
     config = QuantConfig(**meta["quant"])
     unet_config = {k: v for k, v in meta["unet_config"].items() if not k.startswith("_")}
+    import diffusers
+
+    model_class = getattr(diffusers, meta.get("class", "UNet2DConditionModel"))
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(unet_config)
+        unet = model_class.from_config(unet_config)
         # Shapes only: min-max on meta tensors builds the layer structure for free.
         quantize_(unet, QuantConfig(bits=config.bits, range="minmax"))
     unet.load_state_dict(load_file(directory / "unet.safetensors", device=str(device)), assign=True)
@@ -354,6 +373,12 @@ def load_base(
             f"model {source!r} is neither a local model folder nor a hub id like 'org/name' "
             "nor a .safetensors/.ckpt checkpoint file"
         )
+    family = None if single else family_of_index(_pipeline_index(source))
+    if family is not None:
+        # Transformer families load through their own module, with the same cache.
+        key = _cache_key(source, quant, subfolder="transformer")
+        entry = Path(cache_dir) / f"transformer-{key}" if cache_dir else None
+        return family.load(source, quant, device, storage_mode, entry)
     pipeline = _single_file_pipeline(source, model_config, device) if single else None
     key = _cache_key(source, quant, model_config if single else None)
     entry = Path(cache_dir) / f"unet-{key}" if cache_dir else None

@@ -23,6 +23,11 @@ class Canceled(Exception):
 
 def _blocks(unet: Any) -> list[Any]:
     blocks = [*getattr(unet, "down_blocks", []), *getattr(unet, "up_blocks", [])]
+    # Transformers (FLUX, SD3): every double- and single-stream block.
+    blocks += [
+        *getattr(unet, "transformer_blocks", []),
+        *getattr(unet, "single_transformer_blocks", []),
+    ]
     mid = getattr(unet, "mid_block", None)
     if mid is not None:
         blocks.append(mid)

@@ -44,9 +44,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DDPMScheduler
 
-from tuneqdm_core.base import BaseModel
+from tuneqdm_core.base import BaseModel, Conditioning
 from tuneqdm_core.cancel import Canceled, cancel_checks
 from tuneqdm_core.checkpoints import (
     CHECKPOINT_NAME,
@@ -62,9 +61,11 @@ from tuneqdm_core.training_step import (
     _autocast,
     _Batch,
     _draw_batch,
+    _flow_inputs,
     _loss,
     _noisy_latents,
     _Run,
+    _schedule,
     _start,
     _training,
 )
@@ -123,8 +124,8 @@ class CoTrainer:
         self.base = base
         self._members: list[_Member] = []
         self._key: tuple[Any, ...] | None = None
-        self._scheduler = DDPMScheduler.from_config(base.scheduler_config)
-        self._total_t = int(self._scheduler.config.num_train_timesteps)
+        # A transformer family's schedule draws its sigmas (training_step._schedule).
+        self._scheduler, self._total_t, self._schedule = _schedule(base)
         self._training: ExitStack | None = None
 
     def __len__(self) -> int:
@@ -214,7 +215,8 @@ class CoTrainer:
         states = [m.run.generator.get_state() for m in members]
         try:
             batches = [
-                _draw_batch(m.data, m.config, m.run.generator, self._total_t) for m in members
+                _draw_batch(m.data, m.config, m.run.generator, self._total_t, self._schedule)
+                for m in members
             ]
             losses = self._forward_backward(members, batches)
         except Canceled:
@@ -254,6 +256,8 @@ class CoTrainer:
     def _forward_backward(
         self, members: Sequence[_Member], batches: Sequence[_Batch]
     ) -> list[torch.Tensor]:
+        if self.base.family is not None:
+            return self._flow_forward_backward(members, batches)
         noisy, t, targets, inputs, slots = [], [], [], [], []
         for slot, (member, batch) in enumerate(zip(members, batches, strict=True)):
             x, ts, target = _noisy_latents(self.base, member.data, batch, self._scheduler)
@@ -287,6 +291,47 @@ class CoTrainer:
                 )
             ]
             # Each job's loss scaled by its own scaler: a job's scales only see its own term.
+            scaled = [m.run.scaler.scale(loss) for m, loss in zip(members, losses, strict=True)]
+            torch.stack(scaled).sum().backward()
+        return losses
+
+    def _flow_forward_backward(
+        self, members: Sequence[_Member], batches: Sequence[_Batch]
+    ) -> list[torch.Tensor]:
+        """:meth:`_forward_backward` for a transformer family (flow matching, routed by
+        sigma; ``batch.timesteps`` are sigmas)."""
+        family = self.base.family
+        noisy, targets, states, pooled, slots = [], [], [], [], []
+        for slot, (member, batch) in enumerate(zip(members, batches, strict=True)):
+            x, target, conditioning = _flow_inputs(self.base, member.data, batch)
+            noisy.append(x)
+            targets.append(target)
+            states.append(conditioning.states)
+            pooled.append(family.pooled(conditioning))
+            slots += [slot] * batch.rows.shape[0]
+        adapters = [m.run.adapter for m in members if m.run.adapter is not None]
+        sigmas = torch.cat([b.timesteps for b in batches])
+        total = adapters[0].config.num_train_timesteps
+        route = route_adapters(adapters, family.tas_timesteps(sigmas, total), torch.tensor(slots))
+        for member in members:
+            member.run.optimizer.zero_grad(set_to_none=True)
+        config = members[0].config
+        # Text states of equal length for every family member (one tokenizer length each).
+        joined = Conditioning(torch.cat(states), torch.cat(pooled))
+        with (
+            cancel_checks(self.base.unet, self._any_canceled(members)),
+            routed(self.base.unet, route),
+        ):
+            with _autocast(config, self.base.device):
+                prediction = family.predict(
+                    self.base, self.base.unet, torch.cat(noisy), sigmas, joined
+                )
+            losses = [
+                _loss(part, target, m.config)
+                for part, target, m in zip(
+                    prediction.split([x.shape[0] for x in noisy]), targets, members, strict=True
+                )
+            ]
             scaled = [m.run.scaler.scale(loss) for m, loss in zip(members, losses, strict=True)]
             torch.stack(scaled).sum().backward()
         return losses

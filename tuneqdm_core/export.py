@@ -40,6 +40,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -102,10 +103,18 @@ class LoraExport:
         }
 
 
-def interval_weights(adapter: Adapter, interval: Interval) -> list[float]:
+def interval_weights(
+    adapter: Adapter, interval: Interval, shares: Sequence[float] | None = None
+) -> list[float]:
     """Weight of each of the adapter's intervals in the exported weight: one-hot for an
-    index, the share of the ``num_train_timesteps`` each interval covers for ``"mean"``."""
+    index, the share of the ``num_train_timesteps`` each interval covers for ``"mean"`` (or
+    ``shares``: each interval's share of the training draws where they are not uniform, as
+    a transformer family's density makes them; tuneqdm_core.families)."""
     n = adapter.config.intervals
+    if interval == "mean" and shares is not None:
+        if len(shares) != n:
+            raise ValueError(f"{len(shares)} interval shares for a {n}-interval adapter")
+        return [float(w) for w in shares]
     if interval == "mean":
         total = adapter.config.num_train_timesteps
         return [(end - start) / total for start, end in adapter.config.boundaries()]
@@ -241,16 +250,19 @@ def export_lora(
     include_quantization_error: bool = True,
     dtype: torch.dtype = torch.float32,
     max_relative_error: float | None = None,
+    prefix: str = "unet",
+    shares: Sequence[float] | None = None,
 ) -> LoraExport:
     """The adapter as a LoRA of ``float_unet`` (module docstring): rank ``rank`` in every
     layer, or per layer the smallest rank within ``max_relative_error`` (give one of them).
 
     Conv2d layers follow PEFT: ``lora_A`` is a conv with the layer's kernel, stride and padding
     (weight ``[r, I, kh, kw]``) and ``lora_B`` a 1×1 conv (weight ``[O, r, 1, 1]``).
+    Keys start with ``prefix``: the pipeline component (``transformer`` for FLUX and SD3).
     """
     _check_rank_choice(rank, max_relative_error)
     layer_ranks: dict[str, int] = {}
-    weights = interval_weights(adapter, interval)
+    weights = interval_weights(adapter, interval, shares)
     tensors: dict[str, torch.Tensor] = {}
     layer_errors: dict[str, float] = {}
     residual = norm = 0.0
@@ -280,8 +292,8 @@ def export_lora(
         if len(shape) == 4:  # PEFT's conv LoRA: A keeps the kernel, B is 1×1
             a = a.reshape(layer_rank, *shape[1:])
             b = b.reshape(shape[0], layer_rank, 1, 1)
-        tensors[f"unet.{name}.lora_A.weight"] = a.to(dtype).contiguous()
-        tensors[f"unet.{name}.lora_B.weight"] = b.to(dtype).contiguous()
+        tensors[f"{prefix}.{name}.lora_A.weight"] = a.to(dtype).contiguous()
+        tensors[f"{prefix}.{name}.lora_B.weight"] = b.to(dtype).contiguous()
     return LoraExport(
         tensors=tensors,
         rank=max(layer_ranks.values()),
@@ -321,11 +333,12 @@ def merge_adapter(
     adapter: Adapter,
     *,
     interval: Interval = "mean",
+    shares: Sequence[float] | None = None,
 ) -> nn.Module:
     """Write the adapter's weights into ``float_unet`` in place and return it: every quantized
     layer's float weight becomes ``Ŵ`` (for ``interval``, see :func:`interval_weights`), in
     the float weight's dtype; biases and unquantized parameters are the float model's."""
-    _merge(quantized_unet, float_unet, adapter, interval, None)
+    _merge(quantized_unet, float_unet, adapter, interval, None, shares)
     return float_unet
 
 
@@ -336,10 +349,11 @@ def _merge(
     adapter: Adapter,
     interval: Interval,
     stored: torch.dtype | None,
+    shares: Sequence[float] | None = None,
 ) -> float:
     """:func:`merge_adapter`; returns ``‖Ŵ − saved‖ / ‖Ŵ‖`` over all layers, ``saved`` the
     weights as they will be stored in ``stored`` (None: the float model's dtype)."""
-    weights = interval_weights(adapter, interval)
+    weights = interval_weights(adapter, interval, shares)
     residual = norm = 0.0
     for index, name, layer, module in _layers(quantized_unet, float_unet, adapter):
         weight = module.weight
@@ -476,6 +490,8 @@ def export_adapter(
     extra: dict[str, Any] | None = None,
     *,
     pipeline: Any = None,
+    prefix: str = "unet",
+    shares: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """Write ``adapter`` to ``out`` as ``options`` say; returns the export's summary: its
     format, ``relative_error`` against the adapter's weights (a LoRA's truncation error, or a
@@ -495,6 +511,8 @@ def export_adapter(
             include_quantization_error=options.include_quantization_error,
             dtype=dtype,
             max_relative_error=options.max_relative_error,
+            prefix=prefix,
+            shares=shares,
         )
         export.extra = dict(extra or {})
         metadata = export.metadata()
@@ -517,7 +535,7 @@ def export_adapter(
             raise ValueError("a merged checkpoint needs the float pipeline whose UNet is merged")
         if out.suffix != ".safetensors":
             raise ValueError(f"a merged checkpoint is one .safetensors file, got {out}")
-    error = _merge(quantized_unet, float_unet, adapter, options.interval, dtype)
+    error = _merge(quantized_unet, float_unet, adapter, options.interval, dtype, shares)
     if options.format == "merged-checkpoint":
         save_merged_checkpoint(pipeline, out, fp16=options.fp16)
     else:

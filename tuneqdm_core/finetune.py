@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from diffusers import DDPMScheduler
 from PIL import Image
 
 from tuneqdm_core.adapter import Adapter
@@ -44,7 +43,7 @@ from tuneqdm_core.finetune_config import (
 )
 from tuneqdm_core.sampling import Sampling, _sample
 from tuneqdm_core.training_data import CLASS_IMAGE_CHUNK, Subject, _prepare, class_images
-from tuneqdm_core.training_step import _draw_batch, _start, _train_step, _training
+from tuneqdm_core.training_step import _draw_batch, _schedule, _start, _train_step, _training
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -149,13 +148,12 @@ def finetune(
     if checkpoint is not None and checkpoint.is_file():
         _restore_checkpoint(run, checkpoint, config, base)
     resumed_from = run.step
-    noise_scheduler = DDPMScheduler.from_config(base.scheduler_config)
-    total_t = noise_scheduler.config.num_train_timesteps
+    noise_scheduler, total_t, schedule = _schedule(base)
     with _training(base, run.unet, config), cancel_checks(run.unet, should_cancel):
         while run.step < config.steps:
             if should_cancel is not None and should_cancel():
                 raise FinetuneCanceled(run.step)
-            batch = _draw_batch(data, config, run.generator, total_t)
+            batch = _draw_batch(data, config, run.generator, total_t, schedule)
             try:
                 loss = _train_step(base, run, data, batch, noise_scheduler, config)
             except FinetuneCanceled:

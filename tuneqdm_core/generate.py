@@ -79,6 +79,9 @@ class GeneratedImage:
 
 
 def check_request(base: BaseModel, request: GenerationRequest) -> None:
+    if base.family is not None:
+        base.family.check_request(base, request)
+        return
     factor = base.vae_scale_factor
     if request.scheduler not in SCHEDULERS:
         raise ValueError(
@@ -110,6 +113,15 @@ def generate(
     ``should_cancel`` is asked before every UNet block (:mod:`tuneqdm_core.cancel`); when it
     returns true, :class:`~tuneqdm_core.cancel.Canceled` is raised within one UNet call."""
     dtype = autocast_dtype(precision, base.device)
+    if base.family is not None:  # a transformer family: through its diffusers pipeline
+        return base.family.generate(
+            base,
+            requests,
+            bank=bank,
+            on_step=on_step,
+            dtype=dtype,
+            should_cancel=should_cancel,
+        )
     for request in requests:
         check_request(base, request)
     results: list[list[GeneratedImage]] = [[] for _ in requests]

@@ -11,10 +11,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers import UNet2DConditionModel
+from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from tuneqdm_core.adapter import Adapter, param_groups
-from tuneqdm_core.base import BaseModel
+from tuneqdm_core.base import BaseModel, Conditioning
 from tuneqdm_core.finetune_config import FinetuneConfig, s_out_learning_rate
 from tuneqdm_core.routing import route_adapters, routed
 from tuneqdm_core.training_data import _Data, _unet_inputs
@@ -49,6 +49,8 @@ def _start(base: BaseModel, config: FinetuneConfig) -> _Run:
     device = base.device
     adapter: Adapter | None = None
     unet = base.unet
+    if config.method == "full" and base.family is not None:
+        raise ValueError(f"method 'full' fine-tunes a UNet; {base.family.name} has a transformer")
     if config.method == "full":
         unet = UNet2DConditionModel.from_pretrained(base.source, subfolder="unet").to(device)
         unet.requires_grad_(True)
@@ -78,10 +80,15 @@ def _start(base: BaseModel, config: FinetuneConfig) -> _Run:
 
 
 def _draw_batch(
-    data: _Data, config: FinetuneConfig, generator: torch.Generator, total_t: int
+    data: _Data,
+    config: FinetuneConfig,
+    generator: torch.Generator,
+    total_t: int,
+    schedule: Any = None,
 ) -> _Batch:
     """Rows, noises and timesteps of one step, all from ``generator`` in a fixed order (what
-    makes a resumed run end with the same adapter)."""
+    makes a resumed run end with the same adapter). ``schedule`` (a transformer family's, see
+    :func:`_schedule`): the timesteps are that family's training sigmas instead."""
     rows = torch.randint(0, data.instance, (config.batch_size,), generator=generator)
     if any(data.class_rows):
         # Each instance sample is paired with a class image of its own subject.
@@ -92,6 +99,11 @@ def _draw_batch(
         rows = torch.cat([rows, torch.tensor(picks)])
     noise = torch.randn(data.mean[rows].shape, generator=generator)
     latent_noise = torch.randn(data.mean[rows].shape, generator=generator)
+    if schedule is not None:
+        family, scheduler = schedule
+        return _Batch(
+            rows, noise, latent_noise, family.draw_sigmas(rows.shape[0], generator, scheduler)
+        )
     timesteps = torch.randint(0, total_t, (rows.shape[0],), generator=generator)
     return _Batch(rows, noise, latent_noise, timesteps)
 
@@ -143,6 +155,45 @@ def _optimizer_step(run: _Run, loss: torch.Tensor, max_grad_norm: float) -> None
     run.scaler.update()
 
 
+def _schedule(base: BaseModel) -> tuple[Any, int, Any]:
+    """(noise scheduler, its training timesteps, the family schedule :func:`_draw_batch`
+    takes: None for a UNet base)."""
+    if base.family is None:
+        scheduler = DDPMScheduler.from_config(base.scheduler_config)
+        return scheduler, int(scheduler.config.num_train_timesteps), None
+    scheduler = base.family.training_scheduler(base)
+    return scheduler, int(scheduler.config.num_train_timesteps), (base.family, scheduler)
+
+
+def _flow_inputs(
+    base: BaseModel, data: _Data, batch: _Batch
+) -> tuple[torch.Tensor, torch.Tensor, Conditioning]:
+    """A transformer family's (noisy latents, target, conditioning) of a batch drawn with its
+    schedule (``batch.timesteps`` are sigmas)."""
+    device = base.device
+    sample = data.mean[batch.rows] + data.std[batch.rows] * batch.latent_noise.to(device)
+    latents = base.family.latents(base, sample)
+    noisy, target = base.family.noised(latents, batch.noise.to(device), batch.timesteps)
+    conditioning = Conditioning(data.embeds, data.pooled)[data.prompt_of[batch.rows]]
+    return noisy, target, conditioning
+
+
+def _flow_step(
+    base: BaseModel, run: _Run, data: _Data, batch: _Batch, config: FinetuneConfig
+) -> float:
+    """:func:`_train_step` for a transformer family: flow matching, routed by sigma."""
+    noisy, target, conditioning = _flow_inputs(base, data, batch)
+    assert run.adapter is not None
+    total = run.adapter.config.num_train_timesteps
+    route = route_adapters([run.adapter], base.family.tas_timesteps(batch.timesteps, total))
+    with routed(base.unet, route):
+        with _autocast(config, base.device):
+            prediction = base.family.predict(base, run.unet, noisy, batch.timesteps, conditioning)
+        loss = _loss(prediction, target, config)
+        _optimizer_step(run, loss, config.max_grad_norm)
+    return float(loss.detach())
+
+
 def _train_step(
     base: BaseModel,
     run: _Run,
@@ -152,6 +203,8 @@ def _train_step(
     config: FinetuneConfig,
 ) -> float:
     """One optimizer step on ``batch``; returns its loss."""
+    if base.family is not None:
+        return _flow_step(base, run, data, batch, config)
     noisy, t, target = _noisy_latents(base, data, batch, noise_scheduler)
     route = None if run.adapter is None else route_adapters([run.adapter], batch.timesteps)
     # The backward stays inside: checkpointing reads the route again there.

@@ -38,13 +38,32 @@ def cmd_export(args: argparse.Namespace) -> int:
     base = _base(args)
     adapter = load_adapter(args.adapter, base.unet)
     out = Path(args.out)
-    pipeline = None
-    if options.format == "merged-checkpoint":
-        pipeline = load_float_pipeline(args.model)
-        float_unet = pipeline.unet
-    else:
-        float_unet = load_float_unet(args.model)
-    summary = export_adapter(base.unet, float_unet, adapter, out, options, pipeline=pipeline)
+    if base.family is None:
+        pipeline = None
+        if options.format == "merged-checkpoint":
+            pipeline = load_float_pipeline(args.model)
+            float_unet = pipeline.unet
+        else:
+            float_unet = load_float_unet(args.model)
+        summary = export_adapter(base.unet, float_unet, adapter, out, options, pipeline=pipeline)
+    else:  # a transformer family: its float transformer, its LoRA prefix and interval shares
+        family = base.family
+        if options.format not in ("lora", "merged"):
+            print(
+                f"tuneqdm export: {options.format} is for SD 1.x/SDXL UNets; a "
+                f"{family.name} base exports as lora or merged",
+                file=sys.stderr,
+            )
+            return 2
+        summary = export_adapter(
+            base.unet,
+            family.load_float(args.model),
+            adapter,
+            out,
+            options,
+            prefix=family.lora_prefix,
+            shares=family.interval_shares(base, adapter.config.intervals),
+        )
     hidden = ("layer_relative_errors", "layer_ranks", "warnings")
     shown = {k: v for k, v in summary.items() if k not in hidden}
     print(f"{options.format} written to {out}: {json.dumps(shown)}")

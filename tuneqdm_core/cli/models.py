@@ -12,6 +12,8 @@ from tqdm.auto import tqdm
 
 from tuneqdm_core.base import BaseModel, load_base
 from tuneqdm_core.builtin.tiny import TINY_ARCHS, save_tiny_pipeline
+from tuneqdm_core.builtin.tiny_dit import DIT_ARCHS, save_tiny_dit
+from tuneqdm_core.families.flow import SCHEDULERS as FLOW_SCHEDULERS
 from tuneqdm_core.finetune import FinetuneConfig, Progress, Subject, finetune
 from tuneqdm_core.generate import SCHEDULERS, GenerationRequest, Precision, generate
 from tuneqdm_core.images import open_image
@@ -78,6 +80,10 @@ def _base(args: argparse.Namespace) -> BaseModel:
 
 
 def cmd_build_tiny(args: argparse.Namespace) -> int:
+    if args.arch in DIT_ARCHS:
+        path = save_tiny_dit(args.out, args.arch, seed=args.seed, resolution=args.resolution)
+        print(f"tiny {args.arch} pipeline written to {path}")
+        return 0
     path = save_tiny_pipeline(args.out, seed=args.seed, resolution=args.resolution, arch=args.arch)
     print(f"tiny Stable Diffusion pipeline written to {path}")
     return 0
@@ -208,9 +214,10 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument(
         "--arch",
         default="tiny-sd1",
-        choices=TINY_ARCHS,
+        choices=TINY_ARCHS + DIT_ARCHS,
         help="UNet shape; sd1/sd2 = the real UNet architecture, random weights; tiny-sdxl = "
-        "the SDXL layout (two text encoders, added conditioning)",
+        "the SDXL layout (two text encoders, added conditioning); tiny-flux / tiny-sd3 = "
+        "FLUX.1 / SD3.5 layouts (flow-matching transformers, T5 and CLIP encoders)",
     )
     p.add_argument(
         "--xl", dest="arch", action="store_const", const="tiny-sdxl", help="= --arch tiny-sdxl"
@@ -250,7 +257,13 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--height", type=int, default=512)
-    p.add_argument("--scheduler", default="ddim", choices=sorted(SCHEDULERS))
+    p.add_argument(
+        "--scheduler",
+        default="ddim",
+        choices=sorted(set(SCHEDULERS) | set(FLOW_SCHEDULERS)),
+        help="UNet models: ddim, dpmsolver++, euler; FLUX: euler; SD3: euler, heun, "
+        "dpmsolver++ (default ddim = a transformer family's euler)",
+    )
     p.add_argument(
         "--precision",
         default="auto",

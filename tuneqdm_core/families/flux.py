@@ -1,0 +1,129 @@
+"""FLUX.1 ([dev]/[schnell]): a flow-matching transformer of double- and single-stream blocks.
+
+What differs from other families: conditioning is T5's last hidden states (the sequence the
+transformer attends to, padded to ``max_sequence_length``) and CLIP's pooled output (as
+``FluxPipeline.encode_prompt``); latents are 2×2 patches packed into tokens, with (0, row,
+column) position ids for the image and zeros for the text; the schedulers shift sigmas by an
+amount that grows with the token count (``use_dynamic_shifting``), while training draws
+unshifted sigmas uniformly (diffusers' ``train_dreambooth_flux.py`` defaults, weighting
+``none``); a guidance-distilled model ([dev]) takes the guidance scale as an embedding, trained
+at ``TRAIN_GUIDANCE``; it has no negative prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from tuneqdm_core.families.flow import Density, FlowFamily
+
+if TYPE_CHECKING:
+    from tuneqdm_core.base import BaseModel, Conditioning
+    from tuneqdm_core.generate import GenerationRequest
+
+MAX_SEQUENCE_LENGTH = 512  # FluxPipeline's default
+TRAIN_GUIDANCE = 1.0
+
+
+def pack(latents: torch.Tensor) -> torch.Tensor:
+    """``[B, C, h, w]`` → ``[B, h/2 · w/2, 4C]`` (FluxPipeline._pack_latents)."""
+    b, c, h, w = latents.shape
+    packed = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return packed.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Inverse of :func:`pack` for latents of ``height`` × ``width``."""
+    b, _, channels = tokens.shape
+    grid = tokens.view(b, height // 2, width // 2, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return grid.reshape(b, channels // 4, height, width)
+
+
+def image_ids(height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Position ids ``[h·w, 3]`` of the packed tokens of a ``height`` × ``width`` token grid."""
+    ids = torch.zeros(height, width, 3)
+    ids[..., 1] += torch.arange(height)[:, None]
+    ids[..., 2] += torch.arange(width)[None, :]
+    return ids.reshape(height * width, 3).to(device, dtype)
+
+
+class Flux(FlowFamily):
+    name = "flux"
+    pipeline_names = ("FluxPipeline",)
+    density = Density("none")
+    text_parts = ("text_encoder", "text_encoder_2")
+    size_multiple = 2
+    schedulers = ("euler",)
+
+    def pipeline_class(self) -> Any:
+        from diffusers import FluxPipeline
+
+        return FluxPipeline
+
+    def transformer_class(self) -> Any:
+        from diffusers import FluxTransformer2DModel
+
+        return FluxTransformer2DModel
+
+    def encode(self, base: BaseModel, prompts: list[str]) -> Conditioning:
+        from tuneqdm_core.base import Conditioning
+
+        clip, t5 = base.text_encoder, base.text_encoder_2
+        tokens = self._tokens(base.tokenizer, prompts, base.tokenizer.model_max_length)
+        pooled = clip(tokens.to(clip.device), output_hidden_states=False).pooler_output
+        tokens = self._tokens(base.tokenizer_2, prompts, MAX_SEQUENCE_LENGTH)
+        states = t5(tokens.to(t5.device), output_hidden_states=False)[0]
+        return Conditioning(states.to(base.device), pooled.to(base.device))
+
+    def sigma_of(self, model_timestep: torch.Tensor) -> torch.Tensor:
+        return model_timestep  # FluxPipeline passes t / 1000 = σ
+
+    def model_timestep(self, sigmas: torch.Tensor) -> torch.Tensor:
+        return sigmas
+
+    def predict(
+        self,
+        base: BaseModel,
+        model: Any,
+        noisy: torch.Tensor,
+        sigmas: torch.Tensor,
+        conditioning: Conditioning,
+    ) -> torch.Tensor:
+        batch, _, height, width = noisy.shape
+        dtype, device = noisy.dtype, noisy.device
+        guidance = None
+        if model.config.guidance_embeds:
+            guidance = torch.full((batch,), TRAIN_GUIDANCE, device=device, dtype=dtype)
+        out = model(
+            hidden_states=pack(noisy),
+            timestep=self.model_timestep(sigmas).to(device, dtype),
+            guidance=guidance,
+            pooled_projections=self.pooled(conditioning).to(dtype),
+            encoder_hidden_states=conditioning.states.to(dtype),
+            txt_ids=torch.zeros(conditioning.states.shape[1], 3, device=device, dtype=dtype),
+            img_ids=image_ids(height // 2, width // 2, device, dtype),
+            return_dict=False,
+        )[0]
+        return unpack(out, height, width)
+
+    def pipeline_call(
+        self,
+        base: BaseModel,
+        requests: Sequence[GenerationRequest],
+        rows: list[GenerationRequest],
+    ) -> dict[str, Any]:
+        if any(r.negative_prompt for r in requests):
+            raise ValueError("FLUX takes no negative prompt (its guidance is an embedding)")
+        prompts = [r.prompt for r in requests]
+        conditioning = self.encode(base, prompts)
+        which = torch.tensor([prompts.index(r.prompt) for r in rows])
+        return {
+            "prompt_embeds": conditioning.states[which],
+            "pooled_prompt_embeds": self.pooled(conditioning)[which],
+            "max_sequence_length": MAX_SEQUENCE_LENGTH,
+        }
+
+
+FLUX = Flux()
