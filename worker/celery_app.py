@@ -24,7 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery
-from celery.signals import celeryd_after_setup, worker_ready, worker_shutdown, worker_shutting_down
+from celery.signals import (
+    celeryd_after_setup,
+    worker_init,
+    worker_process_shutdown,
+    worker_ready,
+    worker_shutdown,
+    worker_shutting_down,
+)
 from sqlalchemy.orm import Session, sessionmaker
 
 import worker.logs  # noqa: F401  (JSON log lines, docs/deployment.md "Logs")
@@ -222,11 +229,29 @@ def _stop_sweeper(sender: Any = None, **_: Any) -> None:
         _delivery_sweeper.stop.set()
 
 
-@worker_ready.connect
-def _serve_metrics(sender: Any = None, **_: Any) -> None:
-    # In the main process: with --pool=solo the tasks run here too (worker/metrics.py).
+@worker_init.connect
+def _reset_metrics(sender: Any = None, **_: Any) -> None:
+    # Before a prefork pool's children start writing their values (worker/metrics.py).
     from worker import metrics
 
+    metrics.reset_multiprocess_dir()
+
+
+@worker_process_shutdown.connect
+def _child_metrics_gone(pid: int | None = None, **_: Any) -> None:
+    from worker import metrics
+
+    if pid is not None:
+        metrics.child_exited(pid)
+
+
+@worker_ready.connect
+def _serve_metrics(sender: Any = None, **_: Any) -> None:
+    # In the main process: with --pool=solo the tasks run here too; a prefork pool's children
+    # write to PROMETHEUS_MULTIPROC_DIR, which this process serves (worker/metrics.py).
+    from worker import metrics
+
+    metrics.declare(settings.base_model)
     metrics.serve(settings.worker_metrics_port)
 
 

@@ -10,6 +10,7 @@ and two runs of one export would write the same file by rename.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from sqlalchemy import update
@@ -17,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from app import storage as st
 from app.models import Adapter, AdapterExport, utcnow
+from worker import metrics
 from worker.failures import user_message
 from worker.finetunes import Context
 
@@ -60,6 +62,19 @@ def run_export(export_id: str, ctx: Context) -> str:
         if row is None or adapter is None:
             return "skipped (adapter deleted)"
         session.expunge_all()
+    base = ctx.settings.base_model
+    metrics.job_started("export", base, 1, row.created_at, utcnow())
+    begun = time.perf_counter()
+    outcome = _make(ctx, row, adapter)
+    status = "succeeded" if outcome == "succeeded" else "failed"
+    if outcome != "discarded (row gone)":
+        metrics.job_finished("export", base, status)
+        metrics.export_done(base, row.format, status, time.perf_counter() - begun)
+    return outcome
+
+
+def _make(ctx: Context, row: AdapterExport, adapter: Adapter) -> str:
+    export_id = row.id
     if adapter.base_model != ctx.settings.base_model:
         return _fail(
             ctx,
