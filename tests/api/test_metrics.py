@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 from app import metrics
 from app.models import BaseWorker, ServedBase, utcnow
 from app.queue import FINETUNE_QUEUE, GENERATE_QUEUE, base_queue
+from app.settings import Settings
 from app.storage import LocalStorage
 from tests.api.factories import (
     RecordingSender,
@@ -33,7 +34,11 @@ def _samples(client: TestClient) -> dict[tuple[str, tuple[tuple[str, str], ...]]
 
 
 def test_jobs_queues_workers_storage_and_http(
-    client: TestClient, session: Session, storage: LocalStorage, sender: RecordingSender
+    client: TestClient,
+    session: Session,
+    storage: LocalStorage,
+    sender: RecordingSender,
+    settings: Settings,
 ) -> None:
     t = make_tenant(session)
     now = utcnow()
@@ -84,10 +89,8 @@ def test_jobs_queues_workers_storage_and_http(
     # The stored photo (the generation factory's image counts too) and the default limit.
     tenant = (("tenant", t.tenant.name),)
     assert m[("tuneqdm_tenant_stored_bytes", tenant)] >= len(photo)
-    assert (
-        m[("tuneqdm_tenant_stored_bytes_limit", tenant)]
-        == client.app.state.settings.tenant_stored_bytes
-    )  # type: ignore[attr-defined]
+    limit = settings.tenant_stored_bytes
+    assert m[("tuneqdm_tenant_stored_bytes_limit", tenant)] == limit
     assert 0 < m[("tuneqdm_storage_free_bytes", ())] <= m[("tuneqdm_storage_size_bytes", ())]
     assert m[("tuneqdm_build_info", (("version", metrics.version()),))] == 1
     # The instrumentator counts requests by handler template, not by concrete path.
