@@ -18,8 +18,12 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # The embedded service: API + one worker, SQLite, local files, the built-in tiny model, CPU.
+# It listens on this machine only; `make run HOST=0.0.0.0` listens on every interface, so that
+# other machines reach it at http://<this machine's address>:$(PORT) (docs/deployment.md).
+HOST ?= 127.0.0.1
+PORT ?= 8000
 run: install
-	$(BIN)/python -m worker.embedded
+	$(BIN)/python -m worker.embedded --host $(HOST) --port $(PORT)
 
 lint: install
 	$(BIN)/ruff check .

@@ -223,6 +223,9 @@ class Settings(BaseSettings):
     # Port on which each worker process serves its own Prometheus metrics (worker/metrics.py:
     # job outcomes, attempts, queue wait, timings, base load, GPU memory); unset: not served.
     worker_metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    # Where set, a worker loads its base as soon as it starts (not at its first job) and creates
+    # this file once the base is loaded and registered; a container health check tests it.
+    worker_ready_file: Path | None = None
     # Polling interval of kombu's SQLAlchemy transport (the embedded broker).
     broker_poll_s: float = Field(default=0.5, gt=0)
 

@@ -251,7 +251,8 @@ def _serve_metrics(sender: Any = None, **_: Any) -> None:
     # write to PROMETHEUS_MULTIPROC_DIR, which this process serves (worker/metrics.py).
     from worker import metrics
 
-    metrics.declare(settings.base_model)
+    if sender is None or set(own_queues().values()) & set(sender.app.amqp.queues.consume_from):
+        metrics.declare(settings.base_model)  # not in a webhooks-only worker: it runs no jobs
     metrics.serve(settings.worker_metrics_port)
 
 
