@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= core,api,dev
 
-.PHONY: install run test lint typecheck clean
+.PHONY: install run test lint typecheck clean compose-test
 
 install: $(VENV)/.installed
 
@@ -36,6 +36,12 @@ typecheck: install
 # spinning OpenMP threads on 2 cores slowed them tenfold or more.
 test: lint typecheck
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/pytest
+
+# docker-compose.yml started for real with podman on this machine (CPU, no registry): stand-in
+# base images, the project's images, a fine-tune, a generation, a worker stopped mid-job
+# (deploy/compose-test/run.sh; needs root, podman, runc and debootstrap).
+compose-test: install
+	PYTHON=$(abspath $(BIN))/python deploy/compose-test/run.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -357,3 +357,33 @@ def test_alerts_and_dashboard_read_only_documented_series() -> None:
         "tuneqdm_gpu_memory_allocated_bytes",
     ):
         assert series in used, series
+
+
+def test_the_compose_test_runs_the_compose_file_on_the_cpu(tmp_path: Path) -> None:
+    """deploy/compose-test/cpu_compose.py changes only what a CPU-only machine needs."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "cpu_compose", ROOT / "deploy" / "compose-test" / "cpu_compose.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "compose.yml"
+    cpu = module.cpu_compose(ROOT, out, "api:t", "worker:t")
+    services = cpu["services"]
+    assert {"postgres", "redis", "s3", "api", "webhooks", "worker-gpu0", "worker-gpu1"} == set(
+        services
+    )
+    for name in ("worker-gpu0", "worker-gpu1"):
+        worker, original = services[name], SERVICES[name]
+        assert "deploy" not in worker and worker["image"] == "worker:t"
+        assert worker["environment"]["TUNEQDM_DEVICE"] == "cpu"
+        # The compose file's own command, health check, grace period and dependencies.
+        for key in ("command", "healthcheck", "stop_grace_period", "depends_on", "restart"):
+            assert worker[key] == original[key], (name, key)
+    assert services["api"]["image"] == services["webhooks"]["image"] == "api:t"
+    assert services["api"]["command"] == SERVICES["api"]["command"]
+    identities = json.loads((tmp_path / "s3-identities.json").read_text())
+    assert identities["identities"][0]["credentials"][0]["accessKey"]
+    assert yaml.safe_load(out.read_text()) == cpu
