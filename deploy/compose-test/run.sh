@@ -45,25 +45,39 @@ if ! podman image exists localhost/tuneqdm-standin-rootfs; then
   fi
   podman import "$work/rootfs.tar" localhost/tuneqdm-standin-rootfs
 fi
-weed="$(dirname "$(command -v "$python")")/weed"
+# Their build context: the Containerfile, the postgres entrypoint and SeaweedFS's `weed` (the
+# static binary the tests use, beside the interpreter or on PATH).
+context="$work/standins"
+rm -rf "$context" && mkdir -p "$context"
+cp "$here/standins.Containerfile" "$here/postgres-entrypoint.sh" "$context/"
+weed="$(dirname "$python")/weed"
 [ -x "$weed" ] || weed="$(command -v weed)"
-cp "$weed" "$here/weed"
-trap 'rm -f "$here/weed"' EXIT
+cp "$weed" "$context/weed"
 for target in python:docker.io/library/python:3.11-slim postgres:docker.io/library/postgres:17 \
   redis:docker.io/library/redis:7 seaweedfs:docker.io/chrislusf/seaweedfs:4.48; do
-  podman build -q --target "${target%%:*}" -t "${target#*:}" -f "$here/standins.Containerfile" "$here" >/dev/null
+  podman build -q --target "${target%%:*}" -t "${target#*:}" -f "$context/standins.Containerfile" "$context" >/dev/null
 done
 
 step "the project's images (Dockerfile)"
-# pip inside the build reads the wheels this machine has (no registry): mounted read-only.
+# pip inside the build uses this machine's pip configuration (its index, local wheel folders,
+# constraints) and CA bundle (which may hold a TLS-inspecting proxy's CA): an /etc/pip.conf and
+# the bundle, mounted read-only into the build's RUN steps, with the folders they name.
 pip_opts=()
-for d in /opt/wheels /opt/pypi /opt/pypi-more; do
-  [ -d "$d" ] && pip_opts+=(--volume "$d:$d:ro")
+pip_env="$("$python" -m pip config list 2>/dev/null || true)"
+: >"$work/pip.conf"
+if [ -n "$pip_env" ]; then
+  printf '[global]\n' >"$work/pip.conf"
+  printf '%s\n' "$pip_env" | sed -n "s/^[^.]*\.\([a-z-]*\)='\(.*\)'$/\1 = \2/p" | sort -u >>"$work/pip.conf"
+  pip_opts+=(--volume "$work/pip.conf:/etc/pip.conf:ro")
+fi
+for path in /opt/wheels /opt/pypi /opt/pypi-more /etc/xdg/pip; do
+  [ -e "$path" ] && pip_opts+=(--volume "$path:$path:ro")
 done
-[ -d /opt/wheels ] && pip_opts+=(--env PIP_FIND_LINKS=/opt/wheels)
-[ -d /opt/pypi ] && pip_opts+=(--env "PIP_EXTRA_INDEX_URL=file:///opt/pypi/simple file:///opt/pypi-more/simple")
+pip_opts+=(--volume /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt:ro)
 podman build -q "${pip_opts[@]}" --target api -t localhost/tuneqdm-api:compose-test "$root" >/dev/null
-podman build -q "${pip_opts[@]}" --target worker -t localhost/tuneqdm-worker:compose-test "$root" >/dev/null
+# The CPU build of the Dockerfile's torch pin (its plain PyPI wheel is the multi-GB CUDA one).
+podman build -q "${pip_opts[@]}" --build-arg "TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0+cpu}" \
+  --target worker -t localhost/tuneqdm-worker:compose-test "$root" >/dev/null
 
 step "compose file for the CPU"
 "$work/venv/bin/python" "$here/cpu_compose.py" "$root" "$work/compose.yml" \
