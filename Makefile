@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= core,api,dev
 
-.PHONY: install run test lint typecheck clean
+.PHONY: install run test lint typecheck clean compose-test
 
 install: $(VENV)/.installed
 
@@ -18,9 +18,13 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # The embedded service: API + one worker, SQLite, local files, the built-in tiny model, CPU.
-# ARGS: the launcher's options, e.g. make run ARGS=--new-key
+# It listens on this machine only; `make run HOST=0.0.0.0` listens on every interface, so that
+# other machines reach it at http://<this machine's address>:$(PORT) (docs/deployment.md).
+# ARGS: the launcher's other options, e.g. make run ARGS=--new-key
+HOST ?= 127.0.0.1
+PORT ?= 8000
 run: install
-	$(BIN)/python -m worker.embedded $(ARGS)
+	$(BIN)/python -m worker.embedded --host $(HOST) --port $(PORT) $(ARGS)
 
 lint: install
 	$(BIN)/ruff check .
@@ -33,6 +37,12 @@ typecheck: install
 # spinning OpenMP threads on 2 cores slowed them tenfold or more.
 test: lint typecheck
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/pytest
+
+# docker-compose.yml started for real with podman on this machine (CPU, no registry): stand-in
+# base images, the project's images, a fine-tune, a generation, a worker stopped mid-job
+# (deploy/compose-test/run.sh; needs root, podman, runc and debootstrap).
+compose-test: install
+	PYTHON=$(abspath $(BIN))/python deploy/compose-test/run.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -224,9 +224,12 @@ class Settings(BaseSettings):
     # After `tuneqdm-admin tenants rotate-webhook-secret`, webhooks carry signatures with the old
     # and the new secret for this long, so receivers can switch without losing a webhook.
     webhook_secret_overlap_s: float = Field(default=24 * 3600.0, ge=0)
-    # Port on which each worker process serves its own Prometheus metrics (base load time,
-    # step and generation histograms); unset: not served. The API's /metrics needs no port.
+    # Port on which each worker process serves its own Prometheus metrics (worker/metrics.py:
+    # job outcomes, attempts, queue wait, timings, base load, GPU memory); unset: not served.
     worker_metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    # Where set, a worker loads its base as soon as it starts (not at its first job) and creates
+    # this file once the base is loaded and registered; a container health check tests it.
+    worker_ready_file: Path | None = None
     # Polling interval of kombu's SQLAlchemy transport (the embedded broker).
     broker_poll_s: float = Field(default=0.5, gt=0)
 

@@ -65,8 +65,8 @@ def _check_command(argv: list[str]) -> None:
 
 def test_services_ports_and_health_checks() -> None:
     assert {"postgres", "redis", "api", "worker-gpu0", "worker-gpu1"} <= set(SERVICES)
-    for name in ("postgres", "redis", "api"):
-        assert SERVICES[name]["healthcheck"]["test"], name
+    for name, service in SERVICES.items():
+        assert service["healthcheck"]["test"], name
     assert "pg_isready" in " ".join(SERVICES["postgres"]["healthcheck"]["test"])
     assert "ping" in SERVICES["redis"]["healthcheck"]["test"]
     assert SERVICES["api"]["ports"] == ["8000:8000"]
@@ -79,12 +79,93 @@ def test_services_ports_and_health_checks() -> None:
         assert worker["depends_on"]["api"] == {"condition": "service_healthy"}
 
 
-def test_api_migrates_before_serving() -> None:
-    command = SERVICES["api"]["command"]
-    assert command[:2] == ["sh", "-c"]
-    assert command[2].index("alembic upgrade head") < command[2].index("uvicorn")
-    # The bucket exists before the API (or a worker, which waits for the API) uses it.
-    assert command[2].index("tuneqdm-admin storage init") < command[2].index("uvicorn")
+def test_the_image_migrates_and_inits_storage_before_its_command() -> None:
+    """The image's own entrypoint, so `docker run` of the api image without compose does it too."""
+    entrypoint = (ROOT / "deploy" / "docker-entrypoint.sh").read_text()
+    assert os.access(ROOT / "deploy" / "docker-entrypoint.sh", os.X_OK)
+    assert "COPY deploy/docker-entrypoint.sh /usr/local/bin/tuneqdm-entrypoint" in DOCKERFILE
+    assert 'ENTRYPOINT ["tuneqdm-entrypoint"]' in DOCKERFILE
+    steps = [line.strip() for line in entrypoint.splitlines() if line.strip()]
+    upgrade = steps.index("alembic upgrade head")
+    # The bucket exists before the API (or a worker, which waits for the API) uses it; then
+    # the container's command replaces the shell.
+    assert steps[upgrade + 1] == "tuneqdm-admin storage init"
+    assert steps[-1] == 'exec "$@"'
+    for part in ("alembic upgrade head", "tuneqdm-admin storage init"):
+        _check_command(shlex.split(part))
+    stages = _stages()
+    assert (
+        "ENV MIGRATE_ON_START=1" in stages["api"] and "ENV MIGRATE_ON_START=0" in stages["worker"]
+    )
+    assert SERVICES["api"]["build"]["target"] == "api"
+    assert "MIGRATE_ON_START" not in (SERVICES["api"].get("environment") or {})
+    assert SERVICES["api"]["command"][0] == "uvicorn"
+
+
+def test_workers_are_healthy_once_their_base_is_loaded_and_metrics_are_scraped() -> None:
+    prometheus = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    scraped: dict[str, int] = {}
+    for job in prometheus["scrape_configs"]:
+        for sd in job.get("dns_sd_configs", []):
+            scraped.update({name: sd["port"] for name in sd["names"]})
+        for static in job.get("static_configs", []):
+            for target in static["targets"]:
+                host, port = target.split(":")
+                scraped[host] = int(port)
+    assert scraped["api"] == 8000
+    for name in (*GPU_WORKERS, "worker-2"):
+        env = SERVICES[name]["environment"]
+        # The health check tests the file the worker writes once loaded and registered.
+        ready = env["TUNEQDM_WORKER_READY_FILE"]
+        assert SERVICES[name]["healthcheck"]["test"] == ["CMD", "test", "-f", ready]
+        assert "start_period" in SERVICES[name]["healthcheck"]
+        # Hub token passed through for gated models.
+        assert env["HF_TOKEN"] == "${HF_TOKEN:-}"
+        port = int(env["TUNEQDM_WORKER_METRICS_PORT"])
+        assert scraped[name] == port and str(port) in SERVICES[name]["expose"]
+        assert any(p.endswith(f":{port}") for p in SERVICES[name]["ports"]), name
+    sender = SERVICES["webhooks"]
+    port = int(sender["environment"]["TUNEQDM_WORKER_METRICS_PORT"])
+    assert scraped["webhooks"] == port
+    assert f"http://127.0.0.1:{port}/metrics" in " ".join(sender["healthcheck"]["test"])
+    # A prefork pool: its children's metrics are summed through a folder (worker/metrics.py).
+    assert (
+        "--pool=prefork" in sender["command"] and sender["environment"]["PROMETHEUS_MULTIPROC_DIR"]
+    )
+    # Every service that runs a worker is scraped.
+    workers = {n for n, svc in SERVICES.items() if "celery" in (svc.get("command") or [])}
+    assert workers - {"flower"} <= set(scraped)
+
+
+def test_monitoring_profile_mounts_what_ships_in_deploy() -> None:
+    prometheus, grafana = SERVICES["prometheus"], SERVICES["grafana"]
+    assert prometheus["profiles"] == grafana["profiles"] == ["monitoring"]
+    for service in (prometheus, grafana):
+        for volume in service["volumes"]:
+            source = volume.split(":")[0]
+            if source.startswith("./"):
+                assert (ROOT / source).is_dir(), source
+    assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"]
+    assert "./deploy/prometheus:/etc/prometheus:ro" in prometheus["volumes"]
+    datasource = yaml.safe_load(
+        (ROOT / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text()
+    )
+    [source] = datasource["datasources"]
+    assert source["url"] == "http://prometheus:9090"
+    dashboard = json.loads((ROOT / "deploy/grafana/dashboards/tuneqdm.json").read_text())
+    uids = {t["datasource"]["uid"] for p in dashboard["panels"] for t in p.get("targets", [])}
+    assert uids == {source["uid"]}
+
+
+def test_prerequisites_and_embedded_host_are_documented() -> None:
+    header = (ROOT / "docker-compose.yml").read_text().split("\nname:")[0]
+    deployment = " ".join((ROOT / "docs" / "deployment.md").read_text().split())
+    for text in (" ".join(header.replace("#", "").split()), deployment):
+        assert "NVIDIA Container Toolkit" in text and "2.23.1" in text
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^HOST \?= 127\.0\.0\.1$", makefile, re.M)
+    assert "--host $(HOST)" in makefile
+    assert "make run HOST=0.0.0.0" in deployment
 
 
 def test_files_live_in_the_s3_service_and_no_volume_is_shared() -> None:
@@ -182,7 +263,8 @@ def test_flower_is_an_optional_profile_on_the_same_broker() -> None:
     # Every other service but the extra GPUs' workers and the second base's worker runs on a
     # plain `docker compose up`.
     optional = {n for n, s in SERVICES.items() if "profiles" in s}
-    assert optional == {"flower", "worker-2"} | (set(GPU_WORKERS) - {"worker-gpu0"})
+    monitoring = {"flower", "prometheus", "grafana"}
+    assert optional == monitoring | {"worker-2"} | (set(GPU_WORKERS) - {"worker-gpu0"})
     broker = SERVICES["api"]["environment"]["TUNEQDM_BROKER_URL"]
     assert flower["environment"]["CELERY_BROKER_URL"] == broker
     assert flower["depends_on"] == {"redis": {"condition": "service_healthy"}}
@@ -247,3 +329,61 @@ def test_a_second_base_is_a_second_worker_service() -> None:
     assert second["stop_grace_period"] == first["stop_grace_period"]
     (device,) = second["deploy"]["resources"]["reservations"]["devices"]
     assert device["capabilities"] == ["gpu"] and device["device_ids"]
+
+
+def _series(expr: str) -> set[str]:
+    """tuneqdm_* series an expression reads, without the _bucket/_sum/_count of a histogram."""
+    names = set(re.findall(r"\btuneqdm_[a-z0-9_]+", expr))
+    return {re.sub(r"_(bucket|sum|count)$", "", n) for n in names}
+
+
+def test_alerts_and_dashboard_read_only_documented_series() -> None:
+    documented = _series((ROOT / "docs" / "api.md").read_text())
+    rules = yaml.safe_load((ROOT / "deploy" / "prometheus" / "alerts.yml").read_text())
+    exprs = [r["expr"] for g in rules["groups"] for r in g["rules"]]
+    dashboard = json.loads(
+        (ROOT / "deploy" / "grafana" / "dashboards" / "tuneqdm.json").read_text()
+    )
+    exprs += [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    used = set().union(*(_series(e) for e in exprs))
+    assert used and used <= documented, used - documented
+    # The dashboard covers jobs, queues, latencies and GPU memory.
+    for series in (
+        "tuneqdm_jobs_finished_total",
+        "tuneqdm_queue_oldest_age_seconds",
+        "tuneqdm_queue_wait_seconds",
+        "tuneqdm_finetune_step_seconds",
+        "tuneqdm_generation_seconds",
+        "tuneqdm_gpu_memory_allocated_bytes",
+    ):
+        assert series in used, series
+
+
+def test_the_compose_test_runs_the_compose_file_on_the_cpu(tmp_path: Path) -> None:
+    """deploy/compose-test/cpu_compose.py changes only what a CPU-only machine needs."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "cpu_compose", ROOT / "deploy" / "compose-test" / "cpu_compose.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "compose.yml"
+    cpu = module.cpu_compose(ROOT, out, "api:t", "worker:t")
+    services = cpu["services"]
+    assert {"postgres", "redis", "s3", "api", "webhooks", "worker-gpu0", "worker-gpu1"} == set(
+        services
+    )
+    for name in ("worker-gpu0", "worker-gpu1"):
+        worker, original = services[name], SERVICES[name]
+        assert "deploy" not in worker and worker["image"] == "worker:t"
+        assert worker["environment"]["TUNEQDM_DEVICE"] == "cpu"
+        # The compose file's own command, health check, grace period and dependencies.
+        for key in ("command", "healthcheck", "stop_grace_period", "depends_on", "restart"):
+            assert worker[key] == original[key], (name, key)
+    assert services["api"]["image"] == services["webhooks"]["image"] == "api:t"
+    assert services["api"]["command"] == SERVICES["api"]["command"]
+    identities = json.loads((tmp_path / "s3-identities.json").read_text())
+    assert identities["identities"][0]["credentials"][0]["accessKey"]
+    assert yaml.safe_load(out.read_text()) == cpu

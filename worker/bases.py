@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -82,24 +83,48 @@ class Registrar:
         self.stop = threading.Event()
         self._lock = threading.Lock()
 
-    def beat(self) -> None:
+    def beat(self) -> bool:
+        """Register (or refresh) this worker; whether the registry has it now."""
         with self._lock:
             info = self.info or folder_info(self.settings)
             if info is None:
-                return
+                return False
             self.info = info
             try:
                 register_worker(self.sessions, info, device=self.settings.device, **self.loaded)
             except Exception:
                 log.exception("could not register base %s; retrying later", info.name)
+                return False
+            return True
+
+    def run(self) -> None:
+        ready = self.settings.worker_ready_file
+        if ready is not None:
+            self._preload(ready)
+        while True:
+            self.beat()
+            if self.stop.wait(self.settings.base_seen_every_s):
+                return
+
+    def _preload(self, ready: Path) -> None:
+        """Load the base now and say so in the ready file once it is registered with what the
+        loaded model knows (docker-compose's health check: a worker still downloading a
+        checkpoint is not healthy)."""
+        from worker.runtime import get_runtime
+
+        try:
+            _ = get_runtime(self.settings).base  # calls on_load, which registers
+        except Exception:
+            log.exception("the base model could not be loaded; this worker is not ready")
+            return
+        while not self.loaded or not self.beat():
+            if self.stop.wait(min(5.0, self.settings.base_seen_every_s)):
+                return
+        ready.parent.mkdir(parents=True, exist_ok=True)
+        ready.write_text(f"{self.settings.base_model}\n")
+        log.info("base %s loaded and registered; ready (%s)", self.settings.base_model, ready)
 
     def on_load(self, base: BaseModel) -> None:
         self.info = loaded_info(self.settings, base)
         self.loaded = {"fingerprint": base.fingerprint, "storage_mode": base.storage_mode}
         self.beat()
-
-    def run(self) -> None:
-        while True:
-            self.beat()
-            if self.stop.wait(self.settings.base_seen_every_s):
-                return

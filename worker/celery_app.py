@@ -24,7 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery
-from celery.signals import celeryd_after_setup, worker_ready, worker_shutdown, worker_shutting_down
+from celery.signals import (
+    celeryd_after_setup,
+    worker_init,
+    worker_process_shutdown,
+    worker_ready,
+    worker_shutdown,
+    worker_shutting_down,
+)
 from sqlalchemy.orm import Session, sessionmaker
 
 import worker.logs  # noqa: F401  (JSON log lines, docs/deployment.md "Logs")
@@ -226,6 +233,9 @@ def _register_base(sender: Any = None, **_: Any) -> None:
         sender.app.amqp.queues.consume_from
     ):
         return  # a webhooks-only worker serves no base
+    if settings.worker_ready_file is not None:
+        # A container restarted in place keeps its files: not ready until loaded again.
+        settings.worker_ready_file.unlink(missing_ok=True)
     _registrar = Registrar(settings, sessions())
     get_runtime(settings).on_load = _registrar.on_load
     threading.Thread(target=_registrar.run, name="base-registrar", daemon=True).start()
@@ -247,13 +257,34 @@ def _stop_sweeper(sender: Any = None, **_: Any) -> None:
         _delivery_sweeper.stop.set()
     if _registrar is not None:
         _registrar.stop.set()
+        if settings.worker_ready_file is not None:
+            settings.worker_ready_file.unlink(missing_ok=True)
+
+
+@worker_init.connect
+def _reset_metrics(sender: Any = None, **_: Any) -> None:
+    # Before a prefork pool's children start writing their values (worker/metrics.py).
+    from worker import metrics
+
+    metrics.reset_multiprocess_dir()
+
+
+@worker_process_shutdown.connect
+def _child_metrics_gone(pid: int | None = None, **_: Any) -> None:
+    from worker import metrics
+
+    if pid is not None:
+        metrics.child_exited(pid)
 
 
 @worker_ready.connect
 def _serve_metrics(sender: Any = None, **_: Any) -> None:
-    # In the main process: with --pool=solo the tasks run here too (worker/metrics.py).
+    # In the main process: with --pool=solo the tasks run here too; a prefork pool's children
+    # write to PROMETHEUS_MULTIPROC_DIR, which this process serves (worker/metrics.py).
     from worker import metrics
 
+    if sender is None or set(own_queues().values()) & set(sender.app.amqp.queues.consume_from):
+        metrics.declare(settings.base_model)  # not in a webhooks-only worker: it runs no jobs
     metrics.serve(settings.worker_metrics_port)
 
 

@@ -364,6 +364,7 @@ def _train(
     lease: Lease,
 ) -> None:
     trainer = group.trainer
+    begun = time.perf_counter()
     group.join(first, owner, attempt, image_keys, lease)
     fits = group.fits(FinetuneParams.model_validate(first.params))
     group.fill(fits)
@@ -380,8 +381,12 @@ def _train(
             log.exception("the co-training step of %s failed", ", ".join(group.members))
             group.give_back_all(exc)
             return
+        base = group.ctx.settings.base_model
         if measured:
-            metrics.FINETUNE_STEP_SECONDS.observe(time.perf_counter() - started)
+            metrics.finetune_step(base, time.perf_counter() - started)
+        elif begun:  # the group's first step: photos encoded, first step taken
+            metrics.first_step(base, time.perf_counter() - begun)
+            begun = 0.0
         measured = True
         group.leave(left)
         if group.members and time.monotonic() - looked >= JOIN_POLL_S:

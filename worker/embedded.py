@@ -10,6 +10,8 @@ worker, prints the URL and the key, and stops both on Ctrl-C or SIGTERM (or when
 them exits).
 
     python -m worker.embedded [--host 127.0.0.1] [--port 8000] [--tenant local] [--new-key]
+
+`--host 0.0.0.0` (`make run HOST=0.0.0.0`) listens on every interface, for other machines.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -52,7 +55,11 @@ WORKER_COMMAND = [
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m worker.embedded", description=__doc__)
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (0.0.0.0: every interface, reachable from other machines)",
+    )
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--tenant", default="local", help="tenant of the printed API key")
     parser.add_argument(
@@ -157,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = get_settings()
     key, secret = prepare(settings, args.tenant, new_key=args.new_key)
     url = f"http://{args.host}:{args.port}"
+    # Every interface: others reach it by this machine's name (or address), not 0.0.0.0.
+    shown = f"http://{socket.getfqdn()}:{args.port}" if args.host in ("0.0.0.0", "::") else url
     # Own sessions: Ctrl-C reaches only this process, which then stops the children in order.
     api = subprocess.Popen(
         [*API_COMMAND, "--host", args.host, "--port", str(args.port)], start_new_session=True
@@ -179,10 +188,10 @@ def main(argv: list[str] | None = None) -> int:
             [
                 "",
                 "tuneqdm is running (embedded mode: SQLite, local files, built-in model, CPU)",
-                f"URL: {url}",
+                f"URL: {shown}",
                 f"API key: {key}",
                 f"Webhook signing secret: {secret}",
-                f"Docs: {url}/docs",
+                f"Docs: {shown}/docs",
                 "Ctrl-C stops the API and the worker.",
                 "",
             ]

@@ -11,6 +11,7 @@ meanwhile gets no file; one canceled while it runs stops at that point.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from app import storage as st
@@ -19,6 +20,7 @@ from app.schemas.exports import variant_max_relative_error
 from worker.context import Context, end, unclaimed, while_owned
 from worker.failures import transient_reason, user_message
 from worker.jobs import Lease, attempts_exhausted, finish_owned, new_owner
+from worker import metrics
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,16 @@ def _run_claimed(ctx: Context, row: AdapterExport, adapter: Adapter | None, owne
             f"trained on {adapter.base_model!r}; it cannot be exported here",
         )
     key = st.export_key(row.tenant_id, row.id)
+    begun = time.perf_counter()
+    outcome = _make(ctx, row, adapter, owner, key)
+    if outcome in ("succeeded", "failed"):
+        metrics.export_done(
+            ctx.settings.base_model, row.format, outcome, time.perf_counter() - begun
+        )
+    return outcome
+
+
+def _make(ctx: Context, row: AdapterExport, adapter: Adapter, owner: str, key: str) -> str:
     with ctx.lease(AdapterExport, row.id, owner) as lease:
         path = ctx.files.output(key)
         try:

@@ -144,8 +144,10 @@ def _train(
         if not save_checkpoint(ctx, job, lease):
             return
         now = time.perf_counter()
-        if not first:  # the first call's interval includes encoding the photos
-            metrics.FINETUNE_STEP_SECONDS.observe(now - last)
+        if first:  # the first call's interval includes encoding the photos
+            metrics.first_step(ctx.settings.base_model, now - last)
+        else:
+            metrics.finetune_step(ctx.settings.base_model, now - last)
         last = now
         if first:
             # The first step of this run tells where it started: 0, or a checkpoint's step.

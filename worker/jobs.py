@@ -39,6 +39,7 @@ from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from app.events import record_event
 from app.models import AdapterExport, FinetuneJob, GenerationJob
+from worker import metrics
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ def claim(
     `error` still says how the previous attempt ended (`attempts_exhausted` reads it); the
     first heartbeat of the new attempt clears it (`Lease`)."""
     now = db_now(session)
-    attempt = session.execute(
+    row = session.execute(
         update(model)
         .where(model.id == job_id, of_base(model, base), _claimable(session, model, stale_after_s))
         .values(
@@ -131,12 +132,16 @@ def claim(
             # started_at keeps the first start, so the ETA covers the whole job.
             started_at=func.coalesce(model.started_at, now),
         )
-        .returning(model.attempts)
+        .returning(model.attempts, model.base_model, model.created_at, model.started_at)
         .execution_options(synchronize_session=False)
-    ).scalar()
+    ).first()
+    attempt = None if row is None else int(row.attempts)
     if attempt is not None and model is FinetuneJob:
         record_event(session, job_id, "running", attempt=attempt)
     session.commit()
+    if row is not None:
+        kind = metrics.kind_of(model.__tablename__)
+        metrics.job_started(kind, row.base_model, int(row.attempts), row.created_at, row.started_at)
     return attempt
 
 
@@ -228,15 +233,19 @@ def finish_owned(
     """Move an owned running job to a terminal status (in the caller's transaction). The lease
     owner stays on the row: it names the worker that ran the job's last attempt."""
     now = db_now(session)
-    result = session.execute(
+    base = session.execute(
         update(model)
         .where(model.id == job_id, model.lease_owner == owner, model.status == "running")
         .values(
             status=status, finished_at=now, updated_at=now, **{**_leaves_group(model), **values}
         )
+        .returning(model.base_model)
         .execution_options(synchronize_session=False)
-    )
-    return bool(result.rowcount)  # type: ignore[attr-defined]
+    ).scalar()
+    if base is None:
+        return False
+    metrics.job_finished(metrics.kind_of(model.__tablename__), base, status, values.get("error"))
+    return True
 
 
 def release_owned(
@@ -364,6 +373,7 @@ class Lease:
         )
         self.stalled.set()
         self.lost.set()
+        metrics.watchdog_gave_up(metrics.kind_of(self.model.__tablename__))
         try:
             release_owned(self.factory, self.model, self.job_id, self.owner, reason=reason)
         except Exception:

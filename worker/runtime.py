@@ -104,7 +104,7 @@ class Runtime:
             storage_mode=self.settings.storage_mode,
         )
         seconds = time.perf_counter() - start
-        metrics.BASE_LOAD_SECONDS.set(seconds)
+        metrics.base_loaded(self.settings.base_model, seconds)
         log.info(
             "base %s (%d-bit, %s, %s) loaded in %.2f s (%s)",
             source,

@@ -39,6 +39,7 @@ from app.events import lock_job, record_event
 from app.models import Tenant, WebhookDelivery
 from app.settings import Settings
 from app.webhooks import check_port, is_forbidden_address, signing_secrets, webhook_headers
+from worker import metrics
 
 log = logging.getLogger(__name__)
 
@@ -282,6 +283,7 @@ def attempt_delivery(
         "User-Agent": "tuneqdm-webhooks/2",
         **webhook_headers(secrets, delivery_id, int(now.timestamp()), body),
     }
+    posting = time.perf_counter()
     try:
         status = post_json(
             url,
@@ -305,8 +307,9 @@ def attempt_delivery(
     else:
         result = Attempt(f"delivered ({status})")
         values = {"status": "delivered", "last_error": None}
+    outcome = result.outcome.split(" ")[0]  # delivered, retry or failed
+    metrics.webhook_attempt(outcome, time.perf_counter() - posting)
     with sessions() as session:
-        outcome = result.outcome.split(" ")[0]  # delivered, retry or failed
         if not _record(
             session,
             delivery_id,

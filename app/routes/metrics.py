@@ -17,7 +17,5 @@ router = APIRouter(tags=["operations"])
 def get_metrics(
     request: Request, session: SessionDep, sender: SenderDep, settings: SettingsDep
 ) -> Response:
-    body = metrics.render(
-        request.app, session=session, sender=sender, default_base=settings.base_model
-    )
+    body = metrics.render(request.app, session=session, sender=sender, settings=settings)
     return Response(body, media_type=CONTENT_TYPE_LATEST)

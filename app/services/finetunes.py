@@ -12,7 +12,7 @@ from sqlalchemy import Select, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
-from app import budget, idempotency
+from app import budget, idempotency, metrics
 from app import storage as st
 from app.bases import BaseInfo, size_range
 from app.errors import Conflict, InvalidInput, NotFound
@@ -384,6 +384,8 @@ def cancel_finetune(
         record_final(session, FinetuneJob, job.id)  # commits with the canceled state
     session.commit()
     session.refresh(job)
+    if result.rowcount:  # type: ignore[attr-defined]
+        metrics.job_canceled("finetune", job.base_model)
     if result.rowcount == 0:  # type: ignore[attr-defined]
         raise Conflict(
             f"fine-tune job {job.id} is already {job.status}; only queued or running jobs "

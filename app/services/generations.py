@@ -9,7 +9,7 @@ from sqlalchemy import Select, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
-from app import budget, idempotency
+from app import budget, idempotency, metrics
 from app.bases import BaseInfo, size_range
 from app.errors import Conflict, InvalidInput, NotFound
 from app.ids import looks_like_id, new_id
@@ -252,6 +252,8 @@ def cancel_generation(*, session: Session, tenant: Tenant, generation_id: str) -
         record_final(session, GenerationJob, gen.id)  # commits with the canceled state
     session.commit()
     session.refresh(gen)
+    if result.rowcount:  # type: ignore[attr-defined]
+        metrics.job_canceled("generation", gen.base_model)
     if result.rowcount == 0:  # type: ignore[attr-defined]
         raise Conflict(
             f"generation {gen.id} is already {gen.status}; only queued or running generations "

@@ -1,4 +1,5 @@
-"""GET /metrics: Prometheus text with HTTP metrics and the gauges read from the registry."""
+"""GET /metrics: HTTP metrics, the API's own events and the gauges read from the registry and
+the broker."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.orm import Session
 
-from app.models import utcnow
+from app import metrics
+from app.models import BaseWorker, ServedBase, utcnow
 from app.queue import FINETUNE_QUEUE, GENERATE_QUEUE, base_queue
+from app.settings import Settings
 from app.storage import LocalStorage
 from tests.api.factories import (
     RecordingSender,
@@ -30,55 +33,89 @@ def _samples(client: TestClient) -> dict[tuple[str, tuple[tuple[str, str], ...]]
     }
 
 
-def test_jobs_queues_latencies_and_http(
-    client: TestClient, session: Session, storage: LocalStorage, sender: RecordingSender
+def test_jobs_queues_workers_storage_and_http(
+    client: TestClient,
+    session: Session,
+    storage: LocalStorage,
+    sender: RecordingSender,
+    settings: Settings,
 ) -> None:
     t = make_tenant(session)
     now = utcnow()
-    for seconds in (2.0, 4.0):
-        make_finetune(
-            session,
-            t.tenant,
-            started_at=now - timedelta(seconds=seconds * 400),
-            finished_at=now,
-        )
+    base = "tuneqdm/fashion-sd"
+    make_finetune(session, t.tenant, started_at=now - timedelta(hours=1), finished_at=now)
     make_finetune(session, t.tenant, status="running")
-    # Finished before the window: counted by status, left out of the latencies.
-    old = now - timedelta(hours=2)
-    make_finetune(session, t.tenant, started_at=old - timedelta(hours=1), finished_at=old)
-    gen = make_generation(session, storage, t.tenant, images=1)
-    gen.started_at, gen.finished_at = now - timedelta(seconds=3), now
-    gen.created_at = now - timedelta(seconds=4)
+    # Queued for 100 s: the oldest queued fine-tune of its base.
+    make_finetune(session, t.tenant, status="queued", created_at=now - timedelta(seconds=100))
+    make_generation(session, storage, t.tenant, images=1)
+    # One worker seen now, one gone for an hour: one is up.
+    session.add(
+        ServedBase(name=base, source="x", native_resolution=64, prediction_type="epsilon", bits=4)
+    )
+    session.add(BaseWorker(base_name=base, worker="a:1", last_seen_at=now))
+    session.add(BaseWorker(base_name=base, worker="b:2", last_seen_at=now - timedelta(hours=1)))
     session.commit()
+    photo = image_bytes()
     r = client.post(
         "/v1/finetunes",
         headers=t.headers,
-        files=[("images", ("a.png", image_bytes(), "image/png"))],
+        files=[("images", ("a.png", photo, "image/png"))],
         data={"instance_prompt": "a photo of sks dog"},
     )
     assert r.status_code == 202, r.text
 
     m = _samples(client)
-    assert m[("tuneqdm_jobs", (("kind", "finetune"), ("status", "succeeded")))] == 3
-    assert m[("tuneqdm_jobs", (("kind", "finetune"), ("status", "queued")))] == 1
-    assert m[("tuneqdm_jobs", (("kind", "finetune"), ("status", "running")))] == 1
-    assert m[("tuneqdm_jobs", (("kind", "generation"), ("status", "succeeded")))] == 1
-    assert m[("tuneqdm_jobs", (("kind", "generation"), ("status", "failed")))] == 0
+    active = (("base", base), ("kind", "finetune"), ("status", "queued"))
+    assert m[("tuneqdm_jobs_active", active)] == 2
+    assert (
+        m[("tuneqdm_jobs_active", (("base", base), ("kind", "finetune"), ("status", "running")))]
+        == 1
+    )
+    gen_queued = (("base", base), ("kind", "generation"), ("status", "queued"))
+    assert m[("tuneqdm_jobs_active", gen_queued)] == 0
+    # Finished jobs are not a gauge here: the workers count them (tuneqdm_jobs_finished_total).
+    assert not any(name == "tuneqdm_jobs" for name, _ in m)
+    age = m[("tuneqdm_queue_oldest_age_seconds", (("base", base), ("kind", "finetune")))]
+    assert 100 <= age < 160
+    assert m[("tuneqdm_queue_oldest_age_seconds", (("base", base), ("kind", "generation")))] == 0
+    assert m[("tuneqdm_workers_up", (("base", base),))] == 1
     # The default base's queues (app.queue.base_queue).
-    finetune = base_queue(FINETUNE_QUEUE, "tuneqdm/fashion-sd")
+    finetune = base_queue(FINETUNE_QUEUE, base)
     assert finetune.startswith("finetune.tuneqdm-fashion-sd-")
     assert m[("tuneqdm_queue_messages", (("queue", finetune),))] == 1
-    generate = base_queue(GENERATE_QUEUE, "tuneqdm/fashion-sd")
+    generate = base_queue(GENERATE_QUEUE, base)
     assert m[("tuneqdm_queue_messages", (("queue", generate),))] == 0
     assert m[("tuneqdm_broker_up", ())] == 1 and m[("tuneqdm_registry_up", ())] == 1
-    # 400 steps each (the default): 2 and 4 seconds per step.
-    assert m[("tuneqdm_finetune_step_seconds", (("quantile", "0.5"),))] == 3.0
-    assert 3.0 < m[("tuneqdm_finetune_step_seconds", (("quantile", "0.9"),))] <= 4.0
-    assert m[("tuneqdm_generation_seconds", (("quantile", "0.5"),))] == 3.0
-    assert m[("tuneqdm_generation_queue_wait_seconds", (("quantile", "0.99"),))] == 1.0
+    # The stored photo (the generation factory's image counts too) and the default limit.
+    tenant = (("tenant", t.tenant.name),)
+    assert m[("tuneqdm_tenant_stored_bytes", tenant)] >= len(photo)
+    limit = settings.tenant_stored_bytes
+    assert m[("tuneqdm_tenant_stored_bytes_limit", tenant)] == limit
+    assert 0 < m[("tuneqdm_storage_free_bytes", ())] <= m[("tuneqdm_storage_size_bytes", ())]
+    assert m[("tuneqdm_build_info", (("version", metrics.version()),))] == 1
     # The instrumentator counts requests by handler template, not by concrete path.
     posts = ("method", "POST"), ("handler", "/v1/finetunes"), ("status", "2xx")
     assert m[("http_requests_total", tuple(sorted(posts)))] == 1
+
+
+def test_cancels_are_counted_by_the_api(
+    client: TestClient, session: Session, sender: RecordingSender
+) -> None:
+    t = make_tenant(session)
+    job = make_finetune(session, t.tenant, status="queued")
+    labels = (
+        ("base", job.base_model),
+        ("cause", "request"),
+        ("kind", "finetune"),
+        ("status", "canceled"),
+    )
+    before = _samples(client).get(("tuneqdm_jobs_finished_total", labels), 0.0)
+    r = client.post(f"/v1/finetunes/{job.id}/cancel", headers=t.headers)
+    assert r.status_code == 200, r.text
+    assert _samples(client)[("tuneqdm_jobs_finished_total", labels)] == before + 1
+    # A second cancel changes nothing and counts nothing.
+    assert client.post(f"/v1/finetunes/{job.id}/cancel", headers=t.headers).status_code == 409
+    assert _samples(client)[("tuneqdm_jobs_finished_total", labels)] == before + 1
 
 
 def test_broker_down_still_answers(

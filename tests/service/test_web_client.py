@@ -163,9 +163,10 @@ def test_client_finetune_wait_generate_download_delete(service: Service, tmp_pat
     assert "tuneqdm_broker_up 1.0" in metrics and "tuneqdm_registry_up 1.0" in metrics
     # One queue per kind and base, e.g. finetune.tuneqdm-fashion-sd-836ac38a (docs/workers.md).
     assert re.search(r'^tuneqdm_queue_messages\{queue="finetune\.[^"]+"\} 0\.0$', metrics, re.M)
-    assert re.search(r'^tuneqdm_jobs\{kind="finetune",status="succeeded"\} [1-9]', metrics, re.M)
-    assert re.search(r'^tuneqdm_finetune_step_seconds\{quantile="0.5"\} \d', metrics, re.M)
-    assert re.search(r'^tuneqdm_generation_seconds\{quantile="0.9"\} \d', metrics, re.M)
+    # Nothing left queued or running, and the embedded worker is up for its base; what the
+    # jobs took is counted by the worker itself (its own port, docs/api.md "Metrics").
+    assert re.search(r'^tuneqdm_jobs_active\{[^}]*status="queued"\} 0\.0$', metrics, re.M)
+    assert re.search(r'^tuneqdm_workers_up\{base="[^"]+"\} 1\.0$', metrics, re.M)
 
 
 # --- the web page ---------------------------------------------------------------------------
