@@ -17,10 +17,10 @@ from typing import Any
 from app import storage as st
 from app.models import Adapter, AdapterExport
 from app.schemas.exports import variant_max_relative_error
+from worker import metrics
 from worker.context import Context, end, unclaimed, while_owned
 from worker.failures import transient_reason, user_message
 from worker.jobs import Lease, attempts_exhausted, finish_owned, new_owner
-from worker import metrics
 
 log = logging.getLogger(__name__)
 
