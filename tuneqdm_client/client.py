@@ -17,10 +17,12 @@ from tuneqdm_client.types import (
     AdapterPage,
     BasePage,
     EventPage,
+    FieldError,
     Finetune,
     FinetunePage,
     Generation,
     GenerationPage,
+    Problem,
     SamplePage,
 )
 
@@ -31,12 +33,30 @@ FINAL = ("succeeded", "failed", "canceled")
 
 
 class ApiError(Exception):
-    """The API answered with an error; `detail` is its explanation of what to fix."""
+    """The API answered with an error (an RFC 9457 problem): `detail` says what to fix,
+    `errors` names each field at fault for invalid input, `type` tells kinds apart
+    (urn:tuneqdm:problem:conflict, ...), `retry_after_s` comes with 429 and 503."""
 
-    def __init__(self, status_code: int, detail: Any) -> None:
+    def __init__(
+        self,
+        status_code: int,
+        detail: str,
+        *,
+        problem: Problem | None = None,
+        retry_after_s: int | None = None,
+    ) -> None:
         self.status_code = status_code
         self.detail = detail
-        super().__init__(f"{status_code}: {_describe(detail)}")
+        self.problem: Problem = problem or {
+            "type": "about:blank",
+            "title": "",
+            "status": status_code,
+            "detail": detail,
+        }
+        self.type = self.problem["type"]
+        self.errors: list[FieldError] = list(self.problem.get("errors") or [])
+        self.retry_after_s = retry_after_s
+        super().__init__(f"{status_code}: {detail}")
 
 
 class JobFailed(Exception):
@@ -45,18 +65,6 @@ class JobFailed(Exception):
     def __init__(self, job: Finetune | Generation) -> None:
         self.job = job
         super().__init__(f"{job['id']} {job['status']}: {job.get('error') or 'no message'}")
-
-
-def _describe(detail: Any) -> str:
-    # FastAPI's validation errors are a list of {loc, msg}; the service's own are one sentence.
-    if isinstance(detail, list):
-        return "; ".join(
-            f"{'.'.join(str(p) for p in d.get('loc', [])[1:])}: {d.get('msg')}"
-            if isinstance(d, dict)
-            else str(d)
-            for d in detail
-        )
-    return str(detail)
 
 
 def image_files(images: str | Path | Iterable[str | Path]) -> list[Path]:
@@ -304,12 +312,20 @@ class Client:
 
 
 def _raise_for(response: httpx.Response) -> None:
-    if response.is_error:
-        try:
-            detail = response.json().get("detail", response.text)
-        except (ValueError, AttributeError):
-            detail = response.text or response.reason_phrase
-        raise ApiError(response.status_code, detail)
+    if not response.is_error:
+        return
+    retry = response.headers.get("Retry-After", "")
+    retry_after_s = int(retry) if retry.isdigit() else None
+    problem: Problem | None = None
+    try:
+        body = response.json()
+        if isinstance(body, dict) and isinstance(body.get("detail"), str):
+            problem = cast(Problem, body)
+    except ValueError:
+        pass
+    # Not a problem: a proxy or load balancer in front of the service answered.
+    detail = problem["detail"] if problem else (response.text or response.reason_phrase)
+    raise ApiError(response.status_code, detail, problem=problem, retry_after_s=retry_after_s)
 
 
 def _query(**values: Any) -> dict[str, Any]:

@@ -168,3 +168,21 @@ class AdapterPage(TypedDict):
 class GenerationPage(TypedDict):
     data: list[Generation]
     count: int
+
+
+class FieldError(TypedDict):
+    field: str  # e.g. "width" or "params.steps"
+    message: str  # the rule it breaks
+
+
+class _ProblemBase(TypedDict):
+    type: str  # urn:tuneqdm:problem:not-found, ...
+    title: str
+    status: int
+    detail: str
+
+
+class Problem(_ProblemBase, total=False):
+    """Every error body (RFC 9457, application/problem+json)."""
+
+    errors: list[FieldError]  # for invalid input: one per field at fault
