@@ -17,6 +17,8 @@ from tuneqdm_client.types import (
     AdapterPage,
     BasePage,
     EventPage,
+    Export,
+    ExportPage,
     FieldError,
     Finetune,
     FinetunePage,
@@ -123,9 +125,10 @@ class Client:
 
     def create_finetune(
         self,
-        images: str | Path | Iterable[str | Path],
+        images: str | Path | Iterable[str | Path] | None,
         instance_prompt: str,
         *,
+        images_zip: str | Path | None = None,
         class_prompt: str | None = None,
         name: str | None = None,
         token: str = "sks",
@@ -134,7 +137,8 @@ class Client:
         idempotency_key: str | None = None,
         **params: Any,
     ) -> Finetune:
-        """Upload the photos (a folder, one file, or a list of files) and start a fine-tune.
+        """Upload the photos (a folder, one file, or a list of files; or None) and/or a .zip
+        of photos (`images_zip`), and start a fine-tune.
 
         Keyword arguments beyond the named ones are training params (steps=200, resolution=512,
         method="peqa", ...; docs/api.md lists them). `base` names the base it trains on (one of
@@ -152,10 +156,14 @@ class Client:
         handles: list[IO[bytes]] = []
         try:
             files = []
-            for path in image_files(images):
+            for path in image_files(images) if images is not None else []:
                 handle = path.open("rb")
                 handles.append(handle)
                 files.append(("images", (path.name, handle, "application/octet-stream")))
+            if images_zip is not None:
+                handle = Path(images_zip).open("rb")  # noqa: SIM115 - closed below
+                handles.append(handle)
+                files.append(("images_zip", (Path(images_zip).name, handle, "application/zip")))
             return cast(
                 Finetune,
                 self._json("POST", "/v1/finetunes", data=form, files=files, headers=headers),
@@ -243,6 +251,31 @@ class Client:
         if target.is_dir():
             target = target / f"{adapter_id}.safetensors"
         return self._download(f"/v1/adapters/{adapter_id}/file", target)
+
+    # --- exports ----------------------------------------------------------------------------
+
+    def create_export(
+        self,
+        adapter_id: str,
+        format: str = "lora",
+        *,
+        rank: int | None = None,
+        interval: str = "mean",
+    ) -> Export:
+        """Ask a worker for the adapter as a LoRA file (`rank` needed) or a merged UNet; the same
+        request again returns the same export."""
+        body = _query(format=format, rank=rank, interval=interval)
+        return cast(Export, self._json("POST", f"/v1/adapters/{adapter_id}/exports", json=body))
+
+    def list_exports(self, adapter_id: str) -> ExportPage:
+        return cast(ExportPage, self._json("GET", f"/v1/adapters/{adapter_id}/exports"))
+
+    def download_export(self, export: Export, path: str | Path) -> Path:
+        """Save a succeeded export's file at `path` (a folder gets `<adapter>-<variant>` name)."""
+        target = Path(path)
+        if target.is_dir():
+            target = target / f"{export['adapter_id']}-{export['id']}.safetensors"
+        return self._download(export["links"]["file"], target)
 
     # --- generations ------------------------------------------------------------------------
 

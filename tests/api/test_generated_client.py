@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -237,3 +238,31 @@ def test_the_generator_is_pinned() -> None:
         pytest.skip("openapi-python-client is not installed")
     out = subprocess.run([str(GENERATOR), "--version"], capture_output=True, text=True)
     assert "0.29.1" in out.stdout
+
+
+def test_our_client_sends_a_zip_and_exports(service: Embedded, tmp_path: Path) -> None:
+    """tuneqdm_client against the same service: photos as a .zip, the LoRA export, problems."""
+    from tuneqdm_client import ApiError, Client
+
+    archive = tmp_path / "photos.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for i in range(3):
+            zf.writestr(f"bag/{i}.png", photo_png(i))
+    with Client(service.url, service.key) as client:
+        job = client.create_finetune(None, "a photo of sks bag", images_zip=archive, steps=4)
+        assert job["num_images"] == 3
+        job = client.wait_finetune(job["id"], progress=False, timeout_s=240)
+        assert job["status"] == "succeeded", (job["error"], service.log()[-3000:])
+        export = client.create_export(job["adapter_id"], "lora", rank=4)
+        deadline = time.monotonic() + 120
+        while export["status"] in ("queued", "running"):
+            assert time.monotonic() < deadline, service.log()[-3000:]
+            time.sleep(0.5)
+            (export,) = client.list_exports(job["adapter_id"])["data"]
+        assert export["status"] == "succeeded", export["error"]
+        path = client.download_export(export, tmp_path)
+        assert path.read_bytes()[8:9] == b"{"  # a safetensors header follows its length
+        with pytest.raises(ApiError) as bad:
+            client.create_export(job["adapter_id"], "lora")
+        assert bad.value.status_code == 422 and bad.value.errors[0]["field"] == "body"
+        assert bad.value.type == "urn:tuneqdm:problem:invalid-input"
