@@ -253,16 +253,18 @@ def test_our_client_sends_a_zip_and_exports(service: Embedded, tmp_path: Path) -
         assert job["num_images"] == 3
         job = client.wait_finetune(job["id"], progress=False, timeout_s=240)
         assert job["status"] == "succeeded", (job["error"], service.log()[-3000:])
-        export = client.create_export(job["adapter_id"], "lora", rank=4)
+        adapter_id = job["adapter_id"]
+        assert adapter_id is not None
+        export = client.create_export(adapter_id, "lora", rank=4)
         deadline = time.monotonic() + 120
         while export["status"] in ("queued", "running"):
             assert time.monotonic() < deadline, service.log()[-3000:]
             time.sleep(0.5)
-            (export,) = client.list_exports(job["adapter_id"])["data"]
+            (export,) = client.list_exports(adapter_id)["data"]
         assert export["status"] == "succeeded", export["error"]
         path = client.download_export(export, tmp_path)
         assert path.read_bytes()[8:9] == b"{"  # a safetensors header follows its length
         with pytest.raises(ApiError) as bad:
-            client.create_export(job["adapter_id"], "lora")
+            client.create_export(adapter_id, "lora")
         assert bad.value.status_code == 422 and bad.value.errors[0]["field"] == "body"
         assert bad.value.type == "urn:tuneqdm:problem:invalid-input"
