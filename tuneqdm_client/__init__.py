@@ -11,6 +11,7 @@
 docs/client.md describes every method.
 """
 
+from tuneqdm_client.aio import AsyncClient
 from tuneqdm_client.client import ApiError, Client, JobFailed
 from tuneqdm_client.types import (
     Adapter,
@@ -37,6 +38,7 @@ __all__ = [
     "Adapter",
     "AdapterPage",
     "ApiError",
+    "AsyncClient",
     "Base",
     "BasePage",
     "Client",

@@ -11,6 +11,7 @@ type-checked by `tsc --strict`, run by Node); skipped without node and `npm ci` 
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import io
 import json
@@ -268,3 +269,20 @@ def test_our_client_sends_a_zip_and_exports(service: Embedded, tmp_path: Path) -
             client.create_export(adapter_id, "lora")
         assert bad.value.status_code == 422 and bad.value.errors[0]["field"] == "body"
         assert bad.value.type == "urn:tuneqdm:problem:invalid-input"
+
+
+def test_our_async_client_runs_calls_at_once(service: Embedded) -> None:
+    from tuneqdm_client import ApiError, AsyncClient
+
+    async def main() -> None:
+        async with AsyncClient(service.url, service.key) as client:
+            bases, missing = await asyncio.gather(
+                client.bases(),
+                client.get_finetune("ft_" + "0" * 32),
+                return_exceptions=True,
+            )
+            assert not isinstance(bases, BaseException) and bases["count"] >= 1
+            assert isinstance(missing, ApiError) and missing.status_code == 404
+            assert missing.type == "urn:tuneqdm:problem:not-found"
+
+    asyncio.run(main())

@@ -66,3 +66,11 @@ def test_a_folder_gives_its_photos_sorted(tmp_path: Any) -> None:
         (tmp_path / name).write_bytes(b"x")
     assert [p.name for p in image_files(tmp_path)] == ["a.png", "b.JPG", "c.webp"]
     assert image_files(tmp_path / "a.png") == [tmp_path / "a.png"]
+
+
+def test_async_client_has_every_method_of_client() -> None:
+    from tuneqdm_client import AsyncClient, Client
+
+    public = {n for n in vars(Client) if not n.startswith("_") and callable(getattr(Client, n))}
+    asynced = {n for n in vars(AsyncClient) if not n.startswith("_")}
+    assert public - {"close"} <= asynced
