@@ -5,9 +5,13 @@ Messages are shown to API users as-is, so they say what was wrong and how to fix
 
 
 class DomainError(Exception):
-    def __init__(self, detail: str) -> None:
+    """`detail` says what to fix; `field`, when one field is at fault, names it (e.g. `width`)
+    and becomes the problem's `errors` entry."""
+
+    def __init__(self, detail: str, *, field: str | None = None) -> None:
         super().__init__(detail)
         self.detail = detail
+        self.field = field
 
 
 class NotFound(DomainError):

@@ -6,11 +6,12 @@ alone would still let a client fill the disk; this stops reading at the cap inst
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app import problems
 
 
 class _TooLarge(HTTPException):
@@ -64,9 +65,9 @@ class BodySizeLimit:
                 await self._reject(send)
 
     async def _reject(self, send: Send) -> None:
-        body = json.dumps({"detail": _message(self.max_bytes)}).encode()
+        body = problems.body(413, _message(self.max_bytes))
         headers: list[Any] = [
-            (b"content-type", b"application/json"),
+            (b"content-type", problems.MEDIA_TYPE.encode()),
             (b"content-length", str(len(body)).encode()),
         ]
         await send({"type": "http.response.start", "status": 413, "headers": headers})

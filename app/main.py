@@ -8,20 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
-from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
 
-from app import errors, metrics
+from app import errors, metrics, openapi, problems
 from app.db import engine_from_settings, make_sessionmaker
 from app.image_pool import ImagePool
 from app.limits import BodySizeLimit
@@ -30,6 +29,7 @@ from app.middleware import KeyConcurrency, RequestContext
 from app.queue import CelerySender, TaskSender
 from app.routes import adapters, bases, exports, finetunes, generations, health, web
 from app.routes import metrics as metrics_route
+from app.schemas import FinetuneParams
 from app.services import retention
 from app.settings import Settings, get_settings
 from app.storage import Storage, storage_from_settings
@@ -50,7 +50,7 @@ STATUS_OF: dict[type[errors.DomainError], int] = {
 RETRY_AFTER_UNAVAILABLE_S = 5
 
 
-async def _domain_error(_request: Request, exc: Exception) -> JSONResponse:
+async def _domain_error(_request: Request, exc: Exception) -> Response:
     assert isinstance(exc, errors.DomainError)
     status = STATUS_OF.get(type(exc), 400)
     headers = None
@@ -60,57 +60,57 @@ async def _domain_error(_request: Request, exc: Exception) -> JSONResponse:
         headers = {"Retry-After": str(exc.retry_after_s)}
     elif status == 503:
         headers = {"Retry-After": str(RETRY_AFTER_UNAVAILABLE_S)}
-    return JSONResponse({"detail": exc.detail}, status_code=status, headers=headers)
+    found = [problems.FieldError(field=exc.field, message=exc.detail)] if exc.field else None
+    return problems.response(status, exc.detail, errors=found, headers=headers)
 
 
-def _finite(value: object) -> object:
-    """`value` with every NaN or infinity replaced by its text: a 422 quotes what was sent, and
-    JSON has no such numbers (rendering one raised, so the 422 became a 500)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
-
-
-async def _invalid_request(_request: Request, exc: Exception) -> JSONResponse:
-    # FastAPI's own rendering, made safe for non-finite numbers.
+async def _invalid_request(_request: Request, exc: Exception) -> Response:
+    # FastAPI's own handler echoes each value in `input`: a photo's bytes, a key. Only the
+    # field and the rule are returned (app.problems).
     assert isinstance(exc, RequestValidationError)
-    return JSONResponse({"detail": _finite(jsonable_encoder(exc.errors()))}, status_code=422)
+    found = problems.validation_errors(exc.errors())
+    return problems.response(422, problems.summary(found) or "invalid request", errors=found)
 
 
-async def _database_unavailable(_request: Request, exc: Exception) -> JSONResponse:
+async def _http_error(_request: Request, exc: Exception) -> Response:
+    # Starlette's 404 (no such route), 405 (method), and 413 raised while reading the body.
+    assert isinstance(exc, StarletteHTTPException)
+    detail = exc.detail if isinstance(exc.detail, str) else problems.title_of(exc.status_code)
+    if exc.status_code == 404 and detail == "Not Found":
+        detail = "no such endpoint; the OpenAPI document at /openapi.json lists them"
+    elif exc.status_code == 405 and detail == "Method Not Allowed":
+        detail = "this endpoint does not answer this method; see the Allow header"
+    return problems.response(exc.status_code, detail, headers=exc.headers)
+
+
+async def _database_unavailable(_request: Request, exc: Exception) -> Response:
     # Connection refused, server restarting, SQLite locked: the client can retry. Only the
     # error's class is logged: its text can quote the statement's parameters.
     log.error("database error: %s", type(getattr(exc, "orig", exc)).__name__)
-    return JSONResponse(
-        {"detail": "the database is not reachable right now; retry the request later"},
-        status_code=503,
+    return problems.response(
+        503,
+        "the database is not reachable right now; retry the request later",
         headers={"Retry-After": str(RETRY_AFTER_UNAVAILABLE_S)},
     )
 
 
-async def _pool_exhausted(_request: Request, _exc: Exception) -> JSONResponse:
+async def _pool_exhausted(_request: Request, _exc: Exception) -> Response:
     # Every connection of this process is busy for longer than TUNEQDM_DB_POOL_TIMEOUT_S: the
     # service is overloaded, not broken, so the client is told to come back.
     log.warning("database pool exhausted; answering 503")
-    return JSONResponse(
-        {"detail": "the service is busy; retry the request in a few seconds"},
-        status_code=503,
+    return problems.response(
+        503,
+        "the service is busy; retry the request in a few seconds",
         headers={"Retry-After": str(RETRY_AFTER_UNAVAILABLE_S)},
     )
 
 
-async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
-    # Keep the {"detail": ...} shape even for bugs; the traceback goes to the log only.
+async def _unexpected(_request: Request, exc: Exception) -> Response:
+    # The problem shape even for bugs; the traceback goes to the log only.
     log.exception("unhandled error", exc_info=exc)
     rid = request_id.get()
     headers = {"X-Request-ID": rid} if rid != "-" else None
-    return JSONResponse(
-        {"detail": "internal error; it has been logged"}, status_code=500, headers=headers
-    )
+    return problems.response(500, "internal error; it has been logged", headers=headers)
 
 
 async def _retention_sweeps(app: FastAPI) -> None:
@@ -179,6 +179,7 @@ def create_app(
     )
     app.add_exception_handler(errors.DomainError, _domain_error)
     app.add_exception_handler(RequestValidationError, _invalid_request)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(OperationalError, _database_unavailable)
     app.add_exception_handler(PoolTimeout, _pool_exhausted)
     app.add_exception_handler(Exception, _unexpected)
@@ -190,4 +191,5 @@ def create_app(
     for module in (health, metrics_route, finetunes, adapters, exports, generations, bases):
         app.include_router(module.router)
     web.mount(app)
+    openapi.install(app, [FinetuneParams])
     return app

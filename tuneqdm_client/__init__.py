@@ -11,6 +11,7 @@
 docs/client.md describes every method.
 """
 
+from tuneqdm_client.aio import AsyncClient
 from tuneqdm_client.client import ApiError, Client, JobFailed
 from tuneqdm_client.types import (
     Adapter,
@@ -19,11 +20,15 @@ from tuneqdm_client.types import (
     BasePage,
     Event,
     EventPage,
+    Export,
+    ExportPage,
+    FieldError,
     Finetune,
     FinetunePage,
     GeneratedImage,
     Generation,
     GenerationPage,
+    Problem,
     Progress,
     Sample,
     SamplePage,
@@ -33,17 +38,22 @@ __all__ = [
     "Adapter",
     "AdapterPage",
     "ApiError",
+    "AsyncClient",
     "Base",
     "BasePage",
     "Client",
     "Event",
     "EventPage",
+    "Export",
+    "ExportPage",
+    "FieldError",
     "Finetune",
     "FinetunePage",
     "GeneratedImage",
     "Generation",
     "GenerationPage",
     "JobFailed",
+    "Problem",
     "Progress",
     "Sample",
     "SamplePage",

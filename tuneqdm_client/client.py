@@ -17,10 +17,14 @@ from tuneqdm_client.types import (
     AdapterPage,
     BasePage,
     EventPage,
+    Export,
+    ExportPage,
+    FieldError,
     Finetune,
     FinetunePage,
     Generation,
     GenerationPage,
+    Problem,
     SamplePage,
 )
 
@@ -31,12 +35,30 @@ FINAL = ("succeeded", "failed", "canceled")
 
 
 class ApiError(Exception):
-    """The API answered with an error; `detail` is its explanation of what to fix."""
+    """The API answered with an error (an RFC 9457 problem): `detail` says what to fix,
+    `errors` names each field at fault for invalid input, `type` tells kinds apart
+    (urn:tuneqdm:problem:conflict, ...), `retry_after_s` comes with 429 and 503."""
 
-    def __init__(self, status_code: int, detail: Any) -> None:
+    def __init__(
+        self,
+        status_code: int,
+        detail: str,
+        *,
+        problem: Problem | None = None,
+        retry_after_s: int | None = None,
+    ) -> None:
         self.status_code = status_code
         self.detail = detail
-        super().__init__(f"{status_code}: {_describe(detail)}")
+        self.problem: Problem = problem or {
+            "type": "about:blank",
+            "title": "",
+            "status": status_code,
+            "detail": detail,
+        }
+        self.type = self.problem["type"]
+        self.errors: list[FieldError] = list(self.problem.get("errors") or [])
+        self.retry_after_s = retry_after_s
+        super().__init__(f"{status_code}: {detail}")
 
 
 class JobFailed(Exception):
@@ -45,18 +67,6 @@ class JobFailed(Exception):
     def __init__(self, job: Finetune | Generation) -> None:
         self.job = job
         super().__init__(f"{job['id']} {job['status']}: {job.get('error') or 'no message'}")
-
-
-def _describe(detail: Any) -> str:
-    # FastAPI's validation errors are a list of {loc, msg}; the service's own are one sentence.
-    if isinstance(detail, list):
-        return "; ".join(
-            f"{'.'.join(str(p) for p in d.get('loc', [])[1:])}: {d.get('msg')}"
-            if isinstance(d, dict)
-            else str(d)
-            for d in detail
-        )
-    return str(detail)
 
 
 def image_files(images: str | Path | Iterable[str | Path]) -> list[Path]:
@@ -115,9 +125,10 @@ class Client:
 
     def create_finetune(
         self,
-        images: str | Path | Iterable[str | Path],
+        images: str | Path | Iterable[str | Path] | None,
         instance_prompt: str,
         *,
+        images_zip: str | Path | None = None,
         class_prompt: str | None = None,
         name: str | None = None,
         token: str = "sks",
@@ -126,7 +137,8 @@ class Client:
         idempotency_key: str | None = None,
         **params: Any,
     ) -> Finetune:
-        """Upload the photos (a folder, one file, or a list of files) and start a fine-tune.
+        """Upload the photos (a folder, one file, or a list of files; or None) and/or a .zip
+        of photos (`images_zip`), and start a fine-tune.
 
         Keyword arguments beyond the named ones are training params (steps=200, resolution=512,
         method="peqa", ...; docs/api.md lists them). `base` names the base it trains on (one of
@@ -144,10 +156,14 @@ class Client:
         handles: list[IO[bytes]] = []
         try:
             files = []
-            for path in image_files(images):
+            for path in image_files(images) if images is not None else []:
                 handle = path.open("rb")
                 handles.append(handle)
                 files.append(("images", (path.name, handle, "application/octet-stream")))
+            if images_zip is not None:
+                handle = Path(images_zip).open("rb")  # noqa: SIM115 - closed below
+                handles.append(handle)
+                files.append(("images_zip", (Path(images_zip).name, handle, "application/zip")))
             return cast(
                 Finetune,
                 self._json("POST", "/v1/finetunes", data=form, files=files, headers=headers),
@@ -236,6 +252,31 @@ class Client:
             target = target / f"{adapter_id}.safetensors"
         return self._download(f"/v1/adapters/{adapter_id}/file", target)
 
+    # --- exports ----------------------------------------------------------------------------
+
+    def create_export(
+        self,
+        adapter_id: str,
+        format: str = "lora",
+        *,
+        rank: int | None = None,
+        interval: str = "mean",
+    ) -> Export:
+        """Ask a worker for the adapter as a LoRA file (`rank` needed) or a merged UNet; the same
+        request again returns the same export."""
+        body = _query(format=format, rank=rank, interval=interval)
+        return cast(Export, self._json("POST", f"/v1/adapters/{adapter_id}/exports", json=body))
+
+    def list_exports(self, adapter_id: str) -> ExportPage:
+        return cast(ExportPage, self._json("GET", f"/v1/adapters/{adapter_id}/exports"))
+
+    def download_export(self, export: Export, path: str | Path) -> Path:
+        """Save a succeeded export's file at `path` (a folder gets `<adapter>-<variant>` name)."""
+        target = Path(path)
+        if target.is_dir():
+            target = target / f"{export['adapter_id']}-{export['id']}.safetensors"
+        return self._download(export["links"]["file"], target)
+
     # --- generations ------------------------------------------------------------------------
 
     def generate(
@@ -304,12 +345,20 @@ class Client:
 
 
 def _raise_for(response: httpx.Response) -> None:
-    if response.is_error:
-        try:
-            detail = response.json().get("detail", response.text)
-        except (ValueError, AttributeError):
-            detail = response.text or response.reason_phrase
-        raise ApiError(response.status_code, detail)
+    if not response.is_error:
+        return
+    retry = response.headers.get("Retry-After", "")
+    retry_after_s = int(retry) if retry.isdigit() else None
+    problem: Problem | None = None
+    try:
+        body = response.json()
+        if isinstance(body, dict) and isinstance(body.get("detail"), str):
+            problem = cast(Problem, body)
+    except ValueError:
+        pass
+    # Not a problem: a proxy or load balancer in front of the service answered.
+    detail = problem["detail"] if problem else (response.text or response.reason_phrase)
+    raise ApiError(response.status_code, detail, problem=problem, retry_after_s=retry_after_s)
 
 
 def _query(**values: Any) -> dict[str, Any]:

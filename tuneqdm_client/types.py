@@ -23,13 +23,16 @@ class Finetune(TypedDict):
     token: str
     params: dict[str, Any]
     webhook_url: str | None
+    webhook: dict[str, Any] | None  # delivery state of the final webhook
     num_images: int
+    photos_deleted_at: str | None
     progress: Progress
     loss: float | None
     eta_seconds: float | None
     group_size: int | None  # while running: fine-tunes trained in one loop with it, itself too
     error: str | None
     adapter_id: str | None
+    time_limit_s: float | None
     created_at: str
     updated_at: str
     started_at: str | None
@@ -72,6 +75,9 @@ class Generation(TypedDict):
     width: int
     height: int
     scheduler: str
+    webhook_url: str | None
+    webhook: dict[str, Any] | None
+    time_limit_s: float | None
     error: str | None
     images: list[GeneratedImage]
     created_at: str
@@ -167,4 +173,48 @@ class AdapterPage(TypedDict):
 
 class GenerationPage(TypedDict):
     data: list[Generation]
+    count: int
+
+
+class FieldError(TypedDict):
+    field: str  # e.g. "width" or "params.steps"
+    message: str  # the rule it breaks
+
+
+class _ProblemBase(TypedDict):
+    type: str  # urn:tuneqdm:problem:not-found, ...
+    title: str
+    status: int
+    detail: str
+
+
+class Problem(_ProblemBase, total=False):
+    """Every error body (RFC 9457, application/problem+json)."""
+
+    errors: list[FieldError]  # for invalid input: one per field at fault
+
+
+class ExportLinks(TypedDict):
+    file: str
+
+
+class Export(TypedDict):
+    """A file made from an adapter by a worker (POST /v1/adapters/{id}/exports)."""
+
+    id: str
+    adapter_id: str
+    format: str  # lora | merged
+    rank: int | None
+    interval: str  # "all" or one interval's index
+    status: str  # queued | running | succeeded | failed
+    size_bytes: int | None
+    relative_error: float | None
+    error: str | None
+    created_at: str
+    finished_at: str | None
+    links: dict[str, str]
+
+
+class ExportPage(TypedDict):
+    data: list[Export]
     count: int

@@ -31,7 +31,10 @@ ERRORS: dict[int | str, dict[str, str]] = {
     response_model=ExportPublic,
     responses={
         **ERRORS,
-        200: {"description": "This export exists already (finished or on its way)."},
+        200: {
+            "description": "This export exists already (finished or on its way).",
+            "model": ExportPublic,
+        },
         422: {"description": "Invalid request; the detail says which field."},
         503: {"description": "The task queue is unreachable; nothing was stored."},
     },

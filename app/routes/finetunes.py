@@ -8,6 +8,7 @@ from fastapi import APIRouter, File, Form, Header, Path, Query, Response, Upload
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from app import archives, openapi
 from app.deps import (
     CurrentTenant,
     ImagePoolDep,
@@ -21,6 +22,7 @@ from app.forms import StrictFormRoute
 from app.schemas import (
     EventPublic,
     EventsPublic,
+    FinetuneParams,
     FinetunePublic,
     FinetunesPublic,
     SamplePublic,
@@ -62,14 +64,27 @@ async def create_finetune(
         str, Form(description="Describes the subject with its token, e.g. 'a photo of sks dog'.")
     ],
     images: Annotated[
-        list[UploadFile] | None, File(description="Photos of the subject (PNG, JPEG or WebP).")
+        list[UploadFile],
+        File(description="Photos of the subject (PNG, JPEG or WebP), one part each."),
+    ] = [],  # noqa: B006 - FastAPI copies defaults per request
+    images_zip: Annotated[
+        UploadFile | None,
+        File(
+            description="Photos of the subject as one .zip archive (besides or instead of "
+            "`images`); every entry must be a .png, .jpg, .jpeg or .webp photo."
+        ),
     ] = None,
     class_prompt: Annotated[
         str | None, Form(description="Enables prior preservation, e.g. 'a photo of a dog'.")
     ] = None,
     name: Annotated[str | None, Form()] = None,
     params: Annotated[
-        str | None, Form(description="JSON object of training parameters (see FinetuneParams).")
+        str | None,
+        Form(
+            description="Training parameters: a JSON object (FinetuneParams), sent as a part "
+            "of type application/json.",
+            json_schema_extra=openapi.json_part(FinetuneParams),
+        ),
     ] = None,
     webhook_url: Annotated[str | None, Form()] = None,
     token: Annotated[str, Form(description="Identifier token of the subject.")] = "sks",
@@ -99,7 +114,19 @@ async def create_finetune(
         idempotency_key=idempotency_key,
         base=base,
     )
-    uploads = [svc.Upload(filename=f.filename, stream=f.file) for f in images or []]
+    uploads = [svc.Upload(filename=f.filename, stream=f.file) for f in images]
+    if images_zip is not None:
+        entries = await run_in_threadpool(
+            archives.unpack,
+            images_zip.file,
+            max_images=settings.max_images,
+            max_image_bytes=settings.max_image_bytes,
+            already=len(uploads),
+        )
+        uploads += [
+            svc.Upload(filename=None, stream=e.stream, label=f"images_zip entry {e.name}")
+            for e in entries
+        ]
     max_side = await run_in_threadpool(
         svc.precheck, session=session, settings=settings, tenant=tenant, form=form, uploads=uploads
     )

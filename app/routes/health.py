@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse
 from sqlalchemy import text
+from starlette.responses import Response
 
+from app import problems
 from app.deps import SenderDep, SessionDep
 from app.schemas import HealthPublic
 
@@ -24,7 +25,7 @@ def healthz() -> HealthPublic:
     response_model=HealthPublic,
     responses={503: {"description": "The database or the broker is not reachable."}},
 )
-async def readyz(session: SessionDep, sender: SenderDep) -> HealthPublic | JSONResponse:
+async def readyz(session: SessionDep, sender: SenderDep) -> HealthPublic | Response:
     checks: dict[str, str] = {}
     try:
         await asyncio.to_thread(session.execute, text("SELECT 1"))
@@ -38,4 +39,8 @@ async def readyz(session: SessionDep, sender: SenderDep) -> HealthPublic | JSONR
         checks["broker"] = f"unreachable: {type(exc).__name__}"
     if all(v == "ok" for v in checks.values()):
         return HealthPublic(status="ok", checks=checks)
-    return JSONResponse({"detail": "not ready", "checks": checks}, status_code=503)
+    return problems.response(
+        503,
+        "not ready: " + ", ".join(f"{k} {v}" for k, v in checks.items() if v != "ok"),
+        extra={"checks": checks},
+    )

@@ -137,7 +137,9 @@ class Progress(BaseModel):
 
 class FinetuneLinks(BaseModel):
     self: str
-    cancel: str
+    cancel: str | None = Field(
+        default=None, description="POST here to cancel; only while queued or running."
+    )
     adapter: str | None = None
 
 
@@ -202,7 +204,9 @@ class FinetunePublic(BaseModel):
             finished_at=job.finished_at,
             links=FinetuneLinks(
                 self=f"/v1/finetunes/{job.id}",
-                cancel=f"/v1/finetunes/{job.id}/cancel",
+                cancel=f"/v1/finetunes/{job.id}/cancel"
+                if job.status in models.ACTIVE_STATUSES
+                else None,
                 adapter=f"/v1/adapters/{adapter_id}" if adapter_id else None,
             ),
         )

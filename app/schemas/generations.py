@@ -60,7 +60,9 @@ class GeneratedImagePublic(BaseModel):
 
 class GenerationLinks(BaseModel):
     self: str
-    cancel: str
+    cancel: str | None = Field(
+        default=None, description="POST here to cancel; only while queued or running."
+    )
     adapter: str | None = None
 
 
@@ -123,7 +125,9 @@ class GenerationPublic(BaseModel):
             finished_at=gen.finished_at,
             links=GenerationLinks(
                 self=f"/v1/generations/{gen.id}",
-                cancel=f"/v1/generations/{gen.id}/cancel",
+                cancel=f"/v1/generations/{gen.id}/cancel"
+                if gen.status in models.ACTIVE_STATUSES
+                else None,
                 adapter=f"/v1/adapters/{gen.adapter_id}" if gen.adapter_id else None,
             ),
         )

@@ -38,6 +38,7 @@ TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 class Upload:
     filename: str | None
     stream: BinaryIO
+    label: str | None = None  # how messages name it; default images[i]
 
 
 @dataclass
@@ -168,7 +169,8 @@ def stored_side(native: int, settings: Settings) -> int:
 def check_count(uploads: list[Upload], settings: Settings) -> None:
     if len(uploads) < settings.min_images:
         raise InvalidInput(
-            f"send at least {settings.min_images} photo(s) of the subject in the 'images' field"
+            f"send at least {settings.min_images} photo(s) of the subject in the 'images' field "
+            "(or in a .zip archive in 'images_zip')"
         )
     if len(uploads) > settings.max_images:
         raise InvalidInput(
@@ -179,7 +181,7 @@ def check_count(uploads: list[Upload], settings: Settings) -> None:
 def check_upload(upload: Upload, index: int, settings: Settings, max_side: int) -> CheckedImage:
     """Read, check, downscale and re-encode one photo (CPU work: app.image_pool runs it)."""
     # Name files by position, not by their (untrusted) name, in messages too.
-    what = f"images[{index}]"
+    what = upload.label or f"images[{index}]"
     data = read_limited(upload.stream, settings.max_image_bytes, what)
     return check_image(
         data,

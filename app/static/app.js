@@ -20,19 +20,14 @@ const state = {
 
 // --- the API --------------------------------------------------------------------------------
 
+// Every error of the API is an RFC 9457 problem: `detail` says what to fix, `errors` lists
+// the fields at fault ({field, message}) when the input was invalid.
 class ApiError extends Error {
-  constructor(status, detail) {
-    super(describe(detail));
+  constructor(status, problem) {
+    super(problem.detail);
     this.status = status;
+    this.errors = problem.errors || [];
   }
-}
-
-// FastAPI's validation errors are a list of {loc, msg}; the service's own are one sentence.
-function describe(detail) {
-  if (Array.isArray(detail)) {
-    return detail.map((d) => `${(d.loc || []).slice(1).join(".")}: ${d.msg}`).join("; ");
-  }
-  return typeof detail === "string" ? detail : JSON.stringify(detail);
 }
 
 async function api(method, path, body) {
@@ -45,9 +40,12 @@ async function api(method, path, body) {
   }
   const response = await fetch(path, init);
   if (!response.ok) {
-    let detail = response.statusText;
-    try { detail = (await response.json()).detail; } catch (_) { /* not JSON */ }
-    throw new ApiError(response.status, detail);
+    let problem = { detail: response.statusText };
+    try {
+      const body = await response.json();
+      if (typeof body.detail === "string") problem = body;
+    } catch (_) { /* not JSON: a proxy answered */ }
+    throw new ApiError(response.status, problem);
   }
   if (response.status === 204) return null;
   const type = response.headers.get("Content-Type") || "";

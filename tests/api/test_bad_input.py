@@ -24,6 +24,17 @@ from tests.api.http import Response
 PNG = image_bytes(64, 64)
 
 
+def assert_problem(r: Response, status: int) -> None:
+    """An RFC 9457 problem of `status`; a validation problem names each field at fault."""
+    assert r.headers["content-type"] == "application/problem+json", r.headers
+    body = r.json()
+    assert body["status"] == status and body["type"].startswith("urn:tuneqdm:problem:")
+    assert isinstance(body["detail"], str) and body["detail"] and body["title"]
+    assert set(body) <= {"type", "title", "status", "detail", "errors"}, body
+    for e in body.get("errors", []):
+        assert set(e) == {"field", "message"} and e["field"] and e["message"], e
+
+
 def _bomb() -> bytes:
     # 2000x2000 = 4 M pixels (limit in tests: 1 M) in a few kB: a decompression bomb in miniature.
     buf = io.BytesIO()
@@ -235,8 +246,9 @@ def test_walk_the_whole_catalogue(
 
     def check(name: str, r: Response, status: int, expect: str) -> None:
         assert r.status_code == status, (name, r.status_code, r.text)
+        assert_problem(r, status)
         detail = r.json()["detail"]
-        assert expect in json.dumps(detail), (name, detail)
+        assert expect in detail, (name, detail)
         assert snapshot(session, storage) == before, f"{name}: something was stored"
 
     for case in FINETUNE_CASES:
@@ -262,7 +274,8 @@ def test_each_finetune_case(
     before = snapshot(session, storage)
     r = _post_finetune(client, t, case)
     assert r.status_code == case.status, r.text
-    assert case.expect in json.dumps(r.json()["detail"])
+    assert_problem(r, case.status)
+    assert case.expect in r.json()["detail"]
     assert snapshot(session, storage) == before
 
 

@@ -54,6 +54,12 @@ def test_operation_ids_are_the_handler_names(client: TestClient) -> None:
     assert len(set(ids.values())) == len(ids)
 
 
-def test_unknown_route_answers_json(client: TestClient) -> None:
+def test_unknown_route_answers_a_problem(client: TestClient) -> None:
     r = client.get("/v1/nope")
-    assert r.status_code == 404 and r.json() == {"detail": "Not Found"}
+    assert r.status_code == 404 and r.headers["content-type"] == "application/problem+json"
+    assert r.json() == {
+        "type": "urn:tuneqdm:problem:not-found",
+        "title": "Not Found",
+        "status": 404,
+        "detail": "no such endpoint; the OpenAPI document at /openapi.json lists them",
+    }

@@ -38,7 +38,7 @@ def test_foreign_id_is_404_like_unknown_id(
     unknown_ids = {k: f"{k}_{'0' * 32}" for k in ids}
     unknown = client.request(method, template.format(**unknown_ids), headers=intruder.headers)
     assert foreign.status_code == unknown.status_code == 404
-    assert set(foreign.json()) == {"detail"}
+    assert set(foreign.json()) == {"type", "title", "status", "detail"}
     # Still there and unchanged for the owner (the DELETE and cancel did nothing).
     r = client.request("GET", template.format(**ids).removesuffix("/cancel"), headers=owner.headers)
     assert r.status_code == 200

@@ -210,7 +210,7 @@ def test_database_down_is_503_json(tmp_path: Path) -> None:
     assert client.get("/healthz").status_code == 200
 
 
-def test_unexpected_errors_keep_the_json_shape(tmp_path: Path) -> None:
+def test_unexpected_errors_keep_the_problem_shape(tmp_path: Path) -> None:
     from app.main import create_app
 
     app = create_app(Settings(data_dir=tmp_path, broker_url="memory://"))
@@ -220,4 +220,9 @@ def test_unexpected_errors_keep_the_json_shape(tmp_path: Path) -> None:
         raise RuntimeError("bug")
 
     r = TestClient(app, raise_server_exceptions=False).get("/boom")
-    assert r.status_code == 500 and r.json() == {"detail": "internal error; it has been logged"}
+    assert r.status_code == 500 and r.json() == {
+        "type": "urn:tuneqdm:problem:internal",
+        "title": "Internal Server Error",
+        "status": 500,
+        "detail": "internal error; it has been logged",
+    }

@@ -7,7 +7,7 @@ from __future__ import annotations
 import io
 from typing import Any
 
-from tuneqdm_client import ApiError
+from tuneqdm_client import ApiError, Problem
 from tuneqdm_client.client import image_files
 from tuneqdm_client.progress import ProgressBar, render
 
@@ -48,9 +48,17 @@ def test_api_error_reads_like_the_api() -> None:
     assert (
         str(ApiError(409, "job ft_1 has already finished")) == "409: job ft_1 has already finished"
     )
-    fastapi_list = [{"loc": ["body", "width"], "msg": "Input should be ≤ 8192", "type": "x"}]
-    err = ApiError(422, fastapi_list)
-    assert str(err) == "422: width: Input should be ≤ 8192" and err.detail == fastapi_list
+    problem: Problem = {
+        "type": "urn:tuneqdm:problem:invalid-input",
+        "title": "Unprocessable Content",
+        "status": 422,
+        "detail": "width: Input should be ≤ 8192",
+        "errors": [{"field": "width", "message": "Input should be ≤ 8192"}],
+    }
+    err = ApiError(422, problem["detail"], problem=problem)
+    assert str(err) == "422: width: Input should be ≤ 8192"
+    assert err.errors == [{"field": "width", "message": "Input should be ≤ 8192"}]
+    assert err.type == "urn:tuneqdm:problem:invalid-input"
 
 
 def test_a_folder_gives_its_photos_sorted(tmp_path: Any) -> None:
@@ -58,3 +66,11 @@ def test_a_folder_gives_its_photos_sorted(tmp_path: Any) -> None:
         (tmp_path / name).write_bytes(b"x")
     assert [p.name for p in image_files(tmp_path)] == ["a.png", "b.JPG", "c.webp"]
     assert image_files(tmp_path / "a.png") == [tmp_path / "a.png"]
+
+
+def test_async_client_has_every_method_of_client() -> None:
+    from tuneqdm_client import AsyncClient, Client
+
+    public = {n for n in vars(Client) if not n.startswith("_") and callable(getattr(Client, n))}
+    asynced = {n for n in vars(AsyncClient) if not n.startswith("_")}
+    assert public - {"close"} <= asynced

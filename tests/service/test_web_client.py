@@ -148,6 +148,7 @@ def test_client_finetune_wait_generate_download_delete(service: Service, tmp_pat
         with pytest.raises(ApiError) as bad:
             client.generate(adapter["id"], "a photo of sks bag", width=12_000)
         assert bad.value.status_code == 422 and "width" in str(bad.value)
+        assert bad.value.type == "urn:tuneqdm:problem:invalid-input"
         with pytest.raises(ApiError) as bad:
             client.create_finetune([tmp_path / "photos" / "notes.txt"], "a photo of sks bag")
         assert bad.value.status_code == 422
