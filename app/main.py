@@ -75,6 +75,9 @@ async def _invalid_request(_request: Request, exc: Exception) -> Response:
 async def _http_error(_request: Request, exc: Exception) -> Response:
     # Starlette's 404 (no such route), 405 (method), and 413 raised while reading the body.
     assert isinstance(exc, StarletteHTTPException)
+    if isinstance(exc.detail, list):  # field errors in FastAPI's shape (app/forms.py)
+        found = problems.validation_errors(exc.detail)
+        return problems.response(exc.status_code, problems.summary(found), errors=found)
     detail = exc.detail if isinstance(exc.detail, str) else problems.title_of(exc.status_code)
     if exc.status_code == 404 and detail == "Not Found":
         detail = "no such endpoint; the OpenAPI document at /openapi.json lists them"

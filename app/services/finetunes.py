@@ -59,11 +59,12 @@ def parse_params(raw: str | None) -> FinetuneParams:
     try:
         return FinetuneParams.model_validate_json(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"params.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" if e["loc"] else e["msg"]
-            for e in exc.errors()
-        )
-        raise InvalidInput(f"params is not valid: {problems}") from None
+        errors = exc.errors()
+        fields = [
+            "params." + ".".join(str(p) for p in e["loc"]) if e["loc"] else "params" for e in errors
+        ]
+        problems = "; ".join(f"{f}: {e['msg']}" for f, e in zip(fields, errors, strict=True))
+        raise InvalidInput(f"params is not valid: {problems}", field=fields[0]) from None
 
 
 def _validate_form(form: FinetuneForm, settings: Settings, base: BaseInfo) -> FinetuneJob:

@@ -41,7 +41,7 @@ def test_a_non_finite_number_is_a_422_naming_the_field(
         headers={**t.headers, "Content-Type": "application/json"},
     )
     assert r.status_code == 422, r.text
-    assert [e["loc"] for e in r.json()["detail"]] == [["body", field]]
+    assert [e["field"] for e in r.json()["errors"]] == [field]
     assert snapshot(session, storage) == before
 
 
@@ -56,7 +56,7 @@ def test_a_boolean_or_a_string_is_not_a_number_in_a_json_body(
     before = snapshot(session, storage)
     r = client.post("/v1/generations", json={**GENERATION, field: value}, headers=t.headers)
     assert r.status_code == 422, r.text
-    assert [e["loc"] for e in r.json()["detail"]] == [["body", field]]
+    assert [e["field"] for e in r.json()["errors"]] == [field]
     assert snapshot(session, storage) == before
 
 
@@ -67,7 +67,7 @@ def test_a_string_rank_is_refused_in_the_export_body_but_read_from_a_query(
     adapter = make_adapter(session, storage, t.tenant)
     url = f"/v1/adapters/{adapter.id}"
     r = client.post(f"{url}/exports", json={"format": "lora", "rank": "16"}, headers=t.headers)
-    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "rank"], r.text
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "rank", r.text
     r = client.post(f"{url}/exports", json={"format": "lora", "rank": True}, headers=t.headers)
     assert r.status_code == 422, r.text
     # In a query string every value is text: there "16" is the number.
@@ -104,8 +104,8 @@ def test_finetune_params_have_strict_types(
     """`steps: true` trained 1 step and `"3"` trained 3."""
     t = make_tenant(session)
     before = snapshot(session, storage)
-    detail = str(_finetune(client, t.headers, params=json.dumps(params))["detail"])
-    assert field in detail, detail
+    problem = _finetune(client, t.headers, params=json.dumps(params))
+    assert field in str(problem["errors"]), problem
     assert snapshot(session, storage) == before
 
 
@@ -118,9 +118,9 @@ def test_invalid_utf8_in_a_form_field_is_a_422_naming_it(
     t = make_tenant(session)
     before = snapshot(session, storage)
     value = b"a photo of sks caf\xe9 \xff\xfe dog"
-    detail = _finetune(client, t.headers, **{field: value})["detail"]
-    assert isinstance(detail, list) and [e["loc"] for e in detail] == [["body", field]], detail
-    assert "not valid utf-8 text" in detail[0]["msg"]
+    errors = _finetune(client, t.headers, **{field: value})["errors"]
+    assert isinstance(errors, list) and [e["field"] for e in errors] == [field], errors
+    assert "not valid utf-8 text" in errors[0]["message"]
     assert snapshot(session, storage) == before
 
 
