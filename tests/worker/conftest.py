@@ -1,6 +1,6 @@
 """In-process worker fixtures: a migrated SQLite registry, local storage, the tiny model.
 
-The worker's job functions take everything as arguments (worker.finetunes.Context), so these
+The worker's job functions take everything as arguments (worker.context.Context), so these
 tests run them without a broker; tests/service/ runs the real processes.
 """
 
