@@ -30,7 +30,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 # type, the CHECK constraints below the tuple of its values.
 Status = Literal["queued", "running", "succeeded", "failed", "canceled"]
 Method = Literal["tuneqdm", "peqa", "full"]
-# lora-kohya and merged-checkpoint need the widened ck_adapter_exports_format constraint.
+# Migration 0016 widened ck_adapter_exports_format (and the column) for lora-kohya and
+# merged-checkpoint.
 ExportFormat = Literal["lora", "lora-kohya", "merged", "merged-checkpoint"]
 ExportStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
 DeliveryStatus = Literal["pending", "delivered", "failed"]
@@ -362,7 +363,7 @@ class AdapterExport(Base):
     # "lora-r16-mean", "merged-1": the unique name of what was asked for (a NULL rank would
     # not make a unique constraint hold).
     variant: Mapped[str] = mapped_column(String(40))
-    format: Mapped[str] = mapped_column(String(16))
+    format: Mapped[str] = mapped_column(String(24))
     rank: Mapped[int | None] = mapped_column(Integer)
     # A timestep interval index as text, or "mean".
     interval: Mapped[str] = mapped_column(String(8))

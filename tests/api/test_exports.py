@@ -221,3 +221,28 @@ def test_a_lora_by_max_relative_error_and_the_warning_of_a_lossy_rank(
     warning = listed[lossy.json()["id"]]["warnings"]
     assert len(warning) == 1 and "relative error of 0.810" in warning[0]
     assert listed[body["id"]]["warnings"] == []
+
+
+def test_every_format_is_stored(
+    client: TestClient, session: Session, storage: LocalStorage, sender: RecordingSender
+) -> None:
+    """The format column and its CHECK constraint take every format the API accepts (the
+    kohya and merged-checkpoint formats were refused by the database at insert)."""
+    t = make_tenant(session)
+    adapter = make_adapter(session, storage, t.tenant)
+    url = f"/v1/adapters/{adapter.id}"
+    asked = [
+        {"format": "lora", "rank": 4},
+        {"format": "lora-kohya", "rank": 4},
+        {"format": "lora-kohya", "max_relative_error": 0.05},
+        {"format": "merged"},
+        {"format": "merged-checkpoint"},
+    ]
+    for body in asked:
+        r = client.post(f"{url}/exports", json=body, headers=t.headers)
+        assert r.status_code == 202, (body, r.text)
+        assert r.json()["format"] == body["format"]
+    stored = session.scalars(
+        select(AdapterExport.format).where(AdapterExport.adapter_id == adapter.id)
+    ).all()
+    assert sorted(stored) == sorted(b["format"] for b in asked)
