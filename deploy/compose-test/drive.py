@@ -213,7 +213,7 @@ def main() -> int:
         )
         say(
             f"fine-tune {long_id}: {job['status']} on {owner_after} (attempts {attempts}, "
-            f"resumed from step {resumed}); events: {events.split()}"
+            f"resumed from step {resumed}); events: {events.splitlines()}"
         )
         assert job["status"] == "succeeded", job
         assert owner_after.split(":")[0] != host
