@@ -386,4 +386,8 @@ def test_the_compose_test_runs_the_compose_file_on_the_cpu(tmp_path: Path) -> No
     assert services["api"]["command"] == SERVICES["api"]["command"]
     identities = json.loads((tmp_path / "s3-identities.json").read_text())
     assert identities["identities"][0]["credentials"][0]["accessKey"]
+    # Mounted where the compose file's config puts it.
+    [config] = SERVICES["s3"]["configs"]
+    mount = f"{tmp_path / 's3-identities.json'}:{config['target']}:ro"
+    assert mount in services["s3"]["volumes"] and "configs" not in cpu
     assert yaml.safe_load(out.read_text()) == cpu

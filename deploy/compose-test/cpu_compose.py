@@ -5,7 +5,7 @@ the workers reserve no GPU and run the built-in model (models/fashion-sd) on the
 worker services run (two workers to hand a job over); the API is published on a free port of
 127.0.0.1 (written to ports.json) and nothing else is published; the services use the images
 run.sh built from the project's Dockerfile instead of `build:`; the object store's identity is
-a file (podman-compose may not write inline `configs: content:`). Everything else (commands,
+a bind-mounted file (podman-compose 1.6.0 mounts no `configs:`). Everything else (commands,
 health checks, dependencies, volumes, settings) is the compose file's own.
 
     python cpu_compose.py <repo root> <out.yml> <api image> <worker image>
@@ -57,7 +57,8 @@ def cpu_compose(root: Path, out: Path, api_image: str, worker_image: str) -> dic
                 v if not v.endswith(":/models:ro") else f"{root / 'models'}:/models:ro"
                 for v in service["volumes"]
             ]
-    for name, config in (compose.get("configs") or {}).items():
+    configs: dict[str, Any] = compose.pop("configs", None) or {}
+    for name, config in configs.items():
         if "content" in config:
             path = out.parent / f"{name}.json"
             # Compose interpolates ${VAR:-default} in inline content; a file is read as is.
@@ -68,6 +69,12 @@ def cpu_compose(root: Path, out: Path, api_image: str, worker_image: str) -> dic
             )
             path.write_text(content)
             config["file"] = str(path)
+    # podman-compose 1.6.0 does not mount `configs:` into containers: the same file, bind-mounted
+    # read-only where the service reads it.
+    for service in services.values():
+        for use in service.pop("configs", []):
+            source = configs[use["source"]]["file"]
+            service.setdefault("volumes", []).append(f"{source}:{use['target']}:ro")
     out.write_text(yaml.safe_dump(compose, sort_keys=False))
     return compose
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -106,11 +107,16 @@ def finetune(client: httpx.Client, params: dict[str, Any]) -> str:
 
 
 def psql(query: str) -> str:
+    password = os.environ.get("POSTGRES_PASSWORD", "tuneqdm")  # the compose file's default
     return sh(
         "podman",
         "exec",
+        "-e",
+        f"PGPASSWORD={password}",
         f"{PROJECT}_postgres_1",
         "psql",
+        "-h",
+        "127.0.0.1",
         "-U",
         "tuneqdm",
         "-d",
@@ -181,7 +187,8 @@ def main() -> int:
         size = Image.open(io.BytesIO(png.content)).size
         say(f"image: {png.headers['content-type']} {size}")
 
-        long_id = finetune(client, {"steps": 300, "seed": 3, "checkpoint_every": 10})
+        # Long enough to be stopped in the middle (a few seconds per step here on a CPU).
+        long_id = finetune(client, {"steps": 60, "seed": 3, "checkpoint_every": 5})
         wait(
             "the long fine-tune at step 15",
             lambda: (
@@ -198,6 +205,7 @@ def main() -> int:
         job = final(client, f"/v1/finetunes/{long_id}", 900)
         owner_after = psql(f"select lease_owner from finetune_jobs where id = '{long_id}'")
         attempts = psql(f"select attempts from finetune_jobs where id = '{long_id}'")
+        resumed = psql(f"select resumed_from_step from finetune_jobs where id = '{long_id}'")
         events = psql(
             f"select type || ':' || coalesce(data->>'reason', data->>'step', '') "
             f"from finetune_events where job_id = '{long_id}' and type in "
@@ -205,7 +213,7 @@ def main() -> int:
         )
         say(
             f"fine-tune {long_id}: {job['status']} on {owner_after} (attempts {attempts}, "
-            f"resumed from step {job.get('resumed_from_step')}); events: {events.split()}"
+            f"resumed from step {resumed}); events: {events.splitlines()}"
         )
         assert job["status"] == "succeeded", job
         assert owner_after.split(":")[0] != host

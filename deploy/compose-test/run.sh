@@ -82,6 +82,8 @@ podman build -q "${pip_opts[@]}" --build-arg "TORCH_SPEC=${TORCH_SPEC:-torch==2.
 step "compose file for the CPU"
 "$work/venv/bin/python" "$here/cpu_compose.py" "$root" "$work/compose.yml" \
   localhost/tuneqdm-api:compose-test localhost/tuneqdm-worker:compose-test
+# The built-in model, named as such (the compose file's defaults name SD 1.5).
+export TUNEQDM_BASE_MODEL=tuneqdm/fashion-sd
 export TUNEQDM_SECRET_KEY="${TUNEQDM_SECRET_KEY:-$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')}"
 compose=("$work/venv/bin/podman-compose" --podman-run-args="${podman_run_opts[*]}" -f "$work/compose.yml")
 
