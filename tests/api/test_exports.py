@@ -231,7 +231,7 @@ def test_every_format_is_stored(
     t = make_tenant(session)
     adapter = make_adapter(session, storage, t.tenant)
     url = f"/v1/adapters/{adapter.id}"
-    asked = [
+    asked: list[dict[str, object]] = [
         {"format": "lora", "rank": 4},
         {"format": "lora-kohya", "rank": 4},
         {"format": "lora-kohya", "max_relative_error": 0.05},
@@ -245,4 +245,4 @@ def test_every_format_is_stored(
     stored = session.scalars(
         select(AdapterExport.format).where(AdapterExport.adapter_id == adapter.id)
     ).all()
-    assert sorted(stored) == sorted(b["format"] for b in asked)
+    assert sorted(stored) == sorted(str(b["format"]) for b in asked)
