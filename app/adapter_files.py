@@ -40,6 +40,12 @@ class AdapterHeader:
     tokens: list[str]
 
 
+def _show(value: object) -> str:
+    """A value read from the file, cut short: a hostile header must not fill the error."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _bad(detail: str) -> InvalidInput:
     return InvalidInput(f"file: {detail}", field="file")
 
@@ -81,7 +87,9 @@ def _check_tensors(header: dict[str, Any], data_bytes: int) -> None:
         except (KeyError, TypeError, ValueError):
             ok = False
         if not ok:
-            raise _bad(f"tensor {name!r} has a malformed entry; adapters hold float scales only")
+            raise _bad(
+                f"tensor {_show(name)} has a malformed entry; adapters hold float scales only"
+            )
         spans.append((start, stop))
         end = max(end, stop)
     spans.sort()
@@ -108,13 +116,13 @@ def read_header(f: BinaryIO, size: int) -> AdapterHeader:
     except (json.JSONDecodeError, KeyError, TypeError):
         raise _bad(f"malformed {METADATA_KEY!r} metadata") from None
     if version != FORMAT_VERSION:
-        raise _bad(f"adapter format version {version!r}; this service reads {FORMAT_VERSION}")
+        raise _bad(f"adapter format version {_show(version)}; this service reads {FORMAT_VERSION}")
     if method not in METHODS or method == "full":
-        raise _bad(f"method {method!r}; an adapter file holds tuneqdm or peqa scales")
+        raise _bad(f"method {_show(method)}; an adapter file holds tuneqdm or peqa scales")
     if bits not in (4, 8):
-        raise _bad(f"bits {bits!r}; send an adapter of a 4- or 8-bit base")
+        raise _bad(f"bits {_show(bits)}; send an adapter of a 4- or 8-bit base")
     if not isinstance(intervals, int) or not 1 <= intervals <= 8:
-        raise _bad(f"intervals {intervals!r}; 1 to 8 are served")
+        raise _bad(f"intervals {_show(intervals)}; 1 to 8 are served")
     if method != "tuneqdm" and intervals != 1:
         raise _bad(f"method {method} trains one scale set, but the file says {intervals} intervals")
     if not isinstance(fingerprint, str) or not fingerprint:
@@ -146,8 +154,8 @@ def _check_layers(header: dict[str, Any], layers: Any, intervals: int) -> None:
     allowed = expected_out | {f"{n}.s_in.{k}" for n in layer_names for k in range(intervals)}
     extra = sorted(names - allowed)
     if missing or extra:
-        shown = (missing + extra)[:3]
+        shown = ", ".join(_show(n) for n in (missing + extra)[:3])
         raise _bad(
             f"tensors do not match {intervals} interval(s) of the listed layers "
-            f"({len(missing)} missing, {len(extra)} unexpected, e.g. {', '.join(shown)})"
+            f"({len(missing)} missing, {len(extra)} unexpected, e.g. {shown})"
         )
