@@ -61,6 +61,10 @@ class Settings(BaseSettings):
     # Whole request body cap; a multipart upload of max_images files plus form fields fits in it.
     max_request_bytes: int = Field(default=220 * MiB, ge=1)
 
+    # Largest adapter file POST /v1/adapters accepts. An adapter holds only scales (a few
+    # MiB for SD 1.x at 8 intervals), so this bounds a hostile upload, not a real one.
+    max_adapter_bytes: int = Field(default=64 * MiB, ge=1)
+
     max_prompt_chars: int = Field(default=500, ge=1)
     require_identifier_token: bool = True
 

@@ -67,6 +67,7 @@ class AsyncClient:
     list_adapters = _threaded(Client.list_adapters)
     get_adapter = _threaded(Client.get_adapter)
     delete_adapter = _threaded(Client.delete_adapter)
+    upload_adapter = _threaded(Client.upload_adapter)
     download_adapter = _threaded(Client.download_adapter)
     create_export = _threaded(Client.create_export)
     list_exports = _threaded(Client.list_exports)

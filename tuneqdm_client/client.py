@@ -245,6 +245,16 @@ class Client:
     def delete_adapter(self, adapter_id: str) -> None:
         self._request("DELETE", f"/v1/adapters/{adapter_id}")
 
+    def upload_adapter(
+        self, path: str | Path, *, name: str | None = None, base: str | None = None
+    ) -> Adapter:
+        """Upload an adapter file written by `tuneqdm finetune` into the registry. The service
+        checks it was made for one of its bases (`base`, or the one its fingerprint names)."""
+        form = {key: value for key, value in (("name", name), ("base", base)) if value is not None}
+        with Path(path).open("rb") as handle:
+            files = {"file": (Path(path).name, handle, "application/octet-stream")}
+            return cast(Adapter, self._json("POST", "/v1/adapters", data=form, files=files))
+
     def download_adapter(self, adapter_id: str, path: str | Path) -> Path:
         """Save the adapter's safetensors file at `path` (a folder gets `<id>.safetensors`)."""
         target = Path(path)

@@ -198,21 +198,27 @@ class ExportLinks(TypedDict):
     file: str
 
 
-class Export(TypedDict):
-    """A file made from an adapter by a worker (POST /v1/adapters/{id}/exports)."""
-
+class _ExportBase(TypedDict):
     id: str
     adapter_id: str
     format: str  # lora | merged
     rank: int | None
     interval: str  # "all" or one interval's index
-    status: str  # queued | running | succeeded | failed
+    status: str  # queued | running | succeeded | failed | canceled
     size_bytes: int | None
     relative_error: float | None
+    attempts: int
     error: str | None
     created_at: str
     finished_at: str | None
     links: dict[str, str]
+
+
+class Export(_ExportBase, total=False):
+    """A file made from an adapter by a worker (POST /v1/adapters/{id}/exports)."""
+
+    max_relative_error: float | None  # the LoRA's error bound, when asked by error
+    warnings: list[str]  # e.g. a fixed-rank LoRA far from the adapter
 
 
 class ExportPage(TypedDict):

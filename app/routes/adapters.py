@@ -1,18 +1,19 @@
-"""/v1/adapters: list, inspect, download and delete trained adapters."""
+"""/v1/adapters: list, inspect, download, delete and upload adapters."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response, status
+from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
 from fastapi.responses import StreamingResponse
 
 from app.deps import CurrentTenant, SessionDep, SettingsDep, StorageDep
 from app.downloads import REDIRECT_DOC, file_response
+from app.forms import StrictFormRoute
 from app.schemas import AdapterPublic, AdaptersPublic
 from app.services import adapters as svc
 
-router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
+router = APIRouter(prefix="/v1/adapters", tags=["adapters"], route_class=StrictFormRoute)
 
 ERRORS: dict[int | str, dict[str, str]] = {
     401: {"description": "Missing or invalid API key."},
@@ -77,3 +78,45 @@ def delete_adapter(
 ) -> Response:
     svc.delete_adapter(session=session, storage=storage, tenant=tenant, adapter_id=adapter_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=AdapterPublic,
+    responses={
+        401: ERRORS[401],
+        413: {"description": "The file is above TUNEQDM_MAX_ADAPTER_BYTES."},
+        422: {"description": "Not an adapter file, or made for a base not served here."},
+        429: {"description": "A per-tenant limit (stored bytes) is reached."},
+    },
+)
+def upload_adapter(
+    session: SessionDep,
+    storage: StorageDep,
+    settings: SettingsDep,
+    tenant: CurrentTenant,
+    file: Annotated[
+        UploadFile,
+        File(description="An adapter file written by `tuneqdm finetune` (.safetensors)."),
+    ],
+    name: Annotated[str | None, Form(max_length=100)] = None,
+    base: Annotated[
+        str | None,
+        Form(
+            max_length=255,
+            description="The registered base it was made for; default: the base whose "
+            "fingerprint the file names.",
+        ),
+    ] = None,
+) -> AdapterPublic:
+    adapter = svc.upload_adapter(
+        session=session,
+        storage=storage,
+        settings=settings,
+        tenant=tenant,
+        file=file.file,
+        name=name,
+        base=base,
+    )
+    return AdapterPublic.from_row(adapter)

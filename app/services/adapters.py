@@ -1,17 +1,25 @@
-"""Adapters: read, download and delete (the worker creates them)."""
+"""Adapters: read, download, delete, and upload (the worker creates the trained ones)."""
 
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import BinaryIO
 
 from sqlalchemy import Select, delete, select
 from sqlalchemy.orm import Session
 
-from app.errors import NotFound
-from app.ids import looks_like_id
+from app import storage as st
+from app.adapter_files import AdapterHeader, read_header
+from app.errors import InvalidInput, NotFound, PayloadTooLarge
+from app.ids import looks_like_id, new_id
 from app.logs import audit
-from app.models import Adapter, AdapterExport, Tenant
+from app.models import Adapter, AdapterExport, ServedBase, Tenant
 from app.services.common import page
+from app.services.quotas import check_new_bytes
+from app.settings import Settings
 from app.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -53,3 +61,107 @@ def delete_adapter(*, session: Session, storage: Storage, tenant: Tenant, adapte
                 "adapter %s deleted but its file %s could not be removed", adapter_id, key
             )
     audit("adapter.delete", tenant_id=tenant.id, adapter_id=adapter_id)
+
+
+def _short(fingerprint: str | None) -> str:
+    return f"{fingerprint[:19]}…" if fingerprint else "not yet known (no worker loaded it)"
+
+
+def match_base(*, session: Session, header: AdapterHeader, base: str | None) -> ServedBase:
+    """The registered base the adapter was made for: `base` when named, else the one with
+    the file's fingerprint. InvalidInput names every fact that differs."""
+    if base is not None:
+        row = session.get(ServedBase, base)
+        if row is None:
+            known = ", ".join(repr(n) for n in session.scalars(select(ServedBase.name))) or "none"
+            raise InvalidInput(
+                f"base {base!r} is not registered; registered bases: {known}", field="base"
+            )
+        candidates = [row]
+    else:
+        candidates = list(session.scalars(select(ServedBase).order_by(ServedBase.name)))
+        exact = [r for r in candidates if r.fingerprint == header.base_fingerprint]
+        candidates = exact or candidates
+    if not candidates:
+        raise InvalidInput("no base is registered yet; start a worker first", field="file")
+    for row in candidates:
+        if row.fingerprint == header.base_fingerprint and row.bits == header.bits:
+            return row
+    differences = []
+    for row in candidates:
+        facts = []
+        if row.fingerprint != header.base_fingerprint:
+            facts.append(
+                f"base fingerprint {_short(header.base_fingerprint)} in the file, "
+                f"{_short(row.fingerprint)} registered"
+            )
+        if row.bits != header.bits:
+            facts.append(f"bits {header.bits} in the file, {row.bits} registered")
+        differences.append(f"base {row.name!r}: " + "; ".join(facts))
+    raise InvalidInput(
+        "the adapter was made for another base (" + " | ".join(differences) + "); fine-tune "
+        "it on a base this service serves (GET /v1/bases)",
+        field="file",
+    )
+
+
+def _size_of(f: BinaryIO) -> int:
+    f.seek(0, 2)
+    size = f.tell()
+    f.seek(0)
+    return size
+
+
+def upload_adapter(
+    *,
+    session: Session,
+    storage: Storage,
+    settings: Settings,
+    tenant: Tenant,
+    file: BinaryIO,
+    name: str | None,
+    base: str | None,
+) -> Adapter:
+    """Check an adapter file made by `tuneqdm finetune` against the registered bases and
+    store it as a registry adapter. Nothing is stored when a check fails."""
+    size = _size_of(file)
+    if size > settings.max_adapter_bytes:
+        raise PayloadTooLarge(
+            f"file: {size} bytes, above the adapter limit of {settings.max_adapter_bytes} "
+            "bytes (TUNEQDM_MAX_ADAPTER_BYTES)",
+            field="file",
+        )
+    header = read_header(file, size)
+    row = match_base(session=session, header=header, base=base)
+    adapter_id = new_id("ad")
+    key = st.adapter_key(tenant.id, adapter_id)
+    with tempfile.TemporaryDirectory(prefix="tuneqdm-adapter-") as folder:
+        path = Path(folder) / "adapter.safetensors"
+        file.seek(0)
+        with path.open("wb") as out:
+            shutil.copyfileobj(file, out)
+        check_new_bytes(session=session, tenant=tenant, settings=settings, adding_bytes=size)
+        storage.put_file(key, path)
+    try:
+        adapter = Adapter(
+            id=adapter_id,
+            tenant_id=tenant.id,
+            finetune_job_id=None,
+            name=name,
+            method=header.method,
+            bits=header.bits,
+            intervals=header.intervals,
+            tokens=header.tokens,
+            size_bytes=size,
+            base_model=row.name,
+            base_fingerprint=header.base_fingerprint,
+            storage_key=key,
+        )
+        session.add(adapter)
+        session.commit()
+    except BaseException:
+        session.rollback()
+        storage.delete(key)
+        raise
+    audit("adapter.upload", tenant_id=tenant.id, adapter_id=adapter_id)
+    return adapter

@@ -186,6 +186,18 @@ def _check_bytes(session: Session, tenant: Tenant, limits: Limits, adding_bytes:
         )
 
 
+def check_new_bytes(
+    *, session: Session, tenant: Tenant, settings: Settings, adding_bytes: int
+) -> None:
+    """Raise when storing `adding_bytes` more (an uploaded adapter) would pass the stored
+    bytes limit. Takes the tenant's row lock like `check_new_job`; the caller inserts the row
+    and commits in this transaction."""
+    limits = limits_of(tenant, settings)
+    if limits.stored_bytes:
+        lock_tenant(session, tenant.id)
+    _check_bytes(session, tenant, limits, adding_bytes)
+
+
 def check_new_export(*, session: Session, tenant: Tenant, settings: Settings) -> None:
     """Raise when one more export variant would pass the export or the stored bytes limit.
 

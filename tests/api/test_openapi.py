@@ -14,6 +14,7 @@ ENDPOINTS = {
     ("get", "/v1/finetunes/{finetune_id}/events"),
     ("delete", "/v1/finetunes/{finetune_id}"),
     ("get", "/v1/adapters"),
+    ("post", "/v1/adapters"),
     ("get", "/v1/adapters/{adapter_id}"),
     ("get", "/v1/adapters/{adapter_id}/file"),
     ("delete", "/v1/adapters/{adapter_id}"),

@@ -103,6 +103,7 @@ def test_every_response_schema_has_a_client_type(schemas: dict[str, Any]) -> Non
     # Request bodies and their parts are the client's keyword arguments, not types.
     requests = {
         "Body_create_finetune",
+        "Body_upload_adapter",
         "FinetuneParams",
         "FinetuneParamsInput",
         "GenerationCreate",
