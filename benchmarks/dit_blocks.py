@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
+from tuneqdm_core import QuantConfig, quantize_
+
 FLUX = {
     "patch_size": 1,
     "in_channels": 64,
@@ -129,6 +131,27 @@ def build_subset(arch: str) -> torch.nn.Module:
     return model
 
 
+def build_quantized(
+    arch: str, full_depth: bool, device: torch.device, dtype: torch.dtype, bits: int = 4
+) -> torch.nn.Module:
+    """The subset (or with ``full_depth`` the whole transformer) with random weights, quantized
+    to ``bits``. The full depth is built on ``device`` in ``dtype`` (FLUX.1 in bf16: 24 GB, so
+    a GPU's memory) and quantized there; ``quantize_`` frees each float weight as it replaces
+    its layer, so the float model exists whole once, at load, and never during training. The
+    layers left in float (norms, biases-free embeddings) are cast to fp32, as a loaded base's."""
+    cls = _model_class(arch)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model: torch.nn.Module = cls(**_config(arch, full=full_depth))
+    finally:
+        torch.set_default_dtype(previous)
+    # min-max ranges: the range search changes no byte or FLOP, only the load time.
+    quantize_(model, QuantConfig(bits=bits, range="minmax"))  # type: ignore[arg-type]
+    return model.float()
+
+
 def blocks(model: Any) -> dict[str, list[torch.nn.Module]]:
     """The repeated blocks by kind."""
     if hasattr(model, "single_transformer_blocks"):
@@ -159,15 +182,20 @@ def parameter_counts(arch: str) -> dict[str, Any]:
 
 
 def flow_inputs(
-    model: Any, batch: int, side: int, generator: torch.Generator, device: torch.device
+    model: Any,
+    batch: int,
+    side: int,
+    generator: torch.Generator,
+    device: torch.device,
+    text_tokens: int = TEXT_TOKENS,
 ) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
     """One random flow-matching step's (transformer kwargs, target, sigmas) for a ``side`` ×
-    ``side`` grid of latent tokens and ``TEXT_TOKENS`` text tokens: the noisy input
+    ``side`` grid of latent tokens and ``text_tokens`` text tokens: the noisy input
     ``(1 − σ)·x + σ·n`` and the velocity target ``n − x`` (tuneqdm_core.families.flow)."""
     config = model.config
     sigmas = torch.rand((batch,), generator=generator, device=device)
     text = torch.randn(
-        (batch, TEXT_TOKENS, config.joint_attention_dim), generator=generator, device=device
+        (batch, text_tokens, config.joint_attention_dim), generator=generator, device=device
     )
     pooled = torch.randn((batch, config.pooled_projection_dim), generator=generator, device=device)
     if "guidance_embeds" in config:  # FLUX: packed tokens, timestep = σ, guidance embedding
@@ -191,7 +219,7 @@ def flow_inputs(
             "timestep": sigmas,
             "guidance": torch.full((batch,), 3.5, device=device),
             "img_ids": ids.to(device, torch.float32),
-            "txt_ids": torch.zeros((TEXT_TOKENS, 3), device=device),
+            "txt_ids": torch.zeros((text_tokens, 3), device=device),
         }
     else:
         kwargs["timestep"] = sigmas * 1000

@@ -157,8 +157,16 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
     process_base = common.rss_bytes()
     start = time.perf_counter()
     dit = args.arch in dit_blocks.CONFIGS
-    unet: Any = dit_blocks.build_subset(args.arch) if dit else build_unet(args.arch)
-    if variant.method != "full":
+    if dit and variant.method == "full":
+        raise ValueError("--arch flux/sd3: the variants train scales or a LoRA, not full")
+    unet: Any
+    if dit and args.full_depth:
+        dtype = torch.bfloat16 if args.bf16 else torch.float32
+        assert variant.bits is not None
+        unet = dit_blocks.build_quantized(args.arch, True, device, dtype, variant.bits)
+    else:
+        unet = dit_blocks.build_subset(args.arch) if dit else build_unet(args.arch)
+    if variant.method != "full" and not hasattr(unet, "tuneqdm_state"):
         assert variant.bits is not None
         # min-max ranges: the range search changes no byte or FLOP, only the load time.
         quantize_(unet, QuantConfig(bits=variant.bits, range="minmax"))  # type: ignore[arg-type]
@@ -215,7 +223,7 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
     def flow_step() -> float:
         """One optimizer step of flow matching on a fresh random batch (the transformers)."""
         kwargs, target, sigmas = dit_blocks.flow_inputs(
-            unet, args.batch, args.latent, generator, device
+            unet, args.batch, args.latent, generator, device, args.text_tokens
         )
         tas = torch.tensor(FlowFamily.tas_timesteps(sigmas), device=device)
         route = None
@@ -380,7 +388,7 @@ def _profile(
 
 
 def _row(result: dict[str, Any], references: list[dict[str, Any]]) -> list[object]:
-    width = 5 + 2 * len(references)
+    width = 6 + 2 * len(references)
     if "error" in result:
         return [result["variant"], "failed: " + result["error"], *[""] * (width - 2)]
     peak = result["train_peak_bytes"]
@@ -478,7 +486,8 @@ def _parent(args: argparse.Namespace) -> int:
         *("--warmup", str(args.warmup), "--steps", str(args.steps), "--device", args.device),
         "--bf16" if args.bf16 else "--fp32",
         *(["--profile"] if args.profile else []),
-        *("--lora-rank", str(args.lora_rank)),
+        *("--lora-rank", str(args.lora_rank), "--text-tokens", str(args.text_tokens)),
+        *(["--full-depth"] if args.full_depth else []),
     ]
     results = []
     start = time.perf_counter()
@@ -509,10 +518,11 @@ def _parent(args: argparse.Namespace) -> int:
     precision = "bf16 autocast" if args.bf16 else "fp32"
     if dit:
         side = args.latent
+        depth = "full depth" if args.full_depth else "real width, a subset of its blocks"
         print(
-            f"Training step, {args.arch} transformer (real width, a subset of its blocks, random "
+            f"Training step, {args.arch} transformer ({depth}, random "
             f"weights), {side}x{side} latent tokens, batch {args.batch}, text "
-            f"{dit_blocks.TEXT_TOKENS} tokens + pooled, flow matching, {precision}, LoRA rank "
+            f"{args.text_tokens} tokens + pooled, flow matching, {precision}, LoRA rank "
             f"{args.lora_rank}, median of {args.steps} steps after {args.warmup} warm-up; "
             f"memory = {memory}"
         )
@@ -527,7 +537,7 @@ def _parent(args: argparse.Namespace) -> int:
     print(f"machine: {common.machine()}")
     print(table(_header(labels), [_row(r, references) for r in results]))
     print("ratios: " + ", ".join(f"/{a} = vs {b}" for a, b in zip(labels, names, strict=True)))
-    if dit and args.device == "cpu":
+    if dit and not args.full_depth:
         print("\n".join(_extrapolation(results, args.arch)))
     if any(not r.get("train_peak_excludes_load", True) for r in results):
         print("warning: could not reset the peak RSS here; train peak includes the load peak")
@@ -552,6 +562,8 @@ def _parent(args: argparse.Namespace) -> int:
                     "bf16",
                     "storage_mode",
                     "lora_rank",
+                    "text_tokens",
+                    "full_depth",
                 )
             },
             "machine": common.machine(),
@@ -586,6 +598,15 @@ def main() -> int:
         help=f"or: all; default {' '.join(DEFAULT_VARIANTS)} (flux/sd3: {' '.join(DIT_VARIANTS)})",
     )
     parser.add_argument("--lora-rank", type=int, default=16, help="rank of the lora variants")
+    parser.add_argument(
+        "--text-tokens", type=int, default=dit_blocks.TEXT_TOKENS, help="flux/sd3 text length"
+    )
+    parser.add_argument(
+        "--full-depth",
+        action="store_true",
+        help="flux/sd3: the whole transformer, built on --device in the step's dtype (a GPU's "
+        "memory: FLUX.1 is 24 GB in bf16) and quantized there; default a subset of blocks",
+    )
     parser.add_argument(
         "--storage-mode",
         default="packed",

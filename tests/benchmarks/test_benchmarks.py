@@ -130,7 +130,15 @@ def test_train_memory_rejects_an_unknown_variant() -> None:
     assert Variant.parse("full") == Variant("full", "full", None, False)
     assert Variant.parse("peqa-w8-resident").storage_mode == "resident"
     assert Variant.parse("materialising-w8").storage_mode is None
-    for bad in ("full-w8", "tuneqdm", "lora-w4", "tuneqdm-w3", "materialising-w8-resident"):
+    assert Variant.parse("lora-w4-ckpt") == Variant("lora-w4-ckpt", "lora", 4, True)
+    for bad in (
+        "full-w8",
+        "tuneqdm",
+        "lora",
+        "lora-w4-resident",
+        "tuneqdm-w3",
+        "materialising-w8-resident",
+    ):
         with pytest.raises(ValueError, match="unknown variant"):
             Variant.parse(bad)
 
@@ -223,3 +231,29 @@ def test_train_memory_runs_the_flow_transformers(
     assert rows["lora-w4"]["trainable_values"] == expected
     counts = dit_blocks.parameter_counts(arch)
     assert counts["full"] > counts["subset"] == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.timeout(300)
+def test_flux_parts_of_the_gpu_script_run_at_toy_width(tmp_path: Path) -> None:
+    """gpu.sh's FLUX parts on the CPU at toy width: the whole transformer (all 19 + 38 blocks)
+    built and quantized in one go, TuneQDM against a checkpointed LoRA, and one transformer
+    call with and without a routed adapter."""
+    report = _run(
+        "train_memory.py",
+        *("--arch", "tiny-flux", "--full-depth", "--latent", "4", "--text-tokens", "8"),
+        *("--warmup", "0", "--steps", "1", "--variants", "tuneqdm-w4-ckpt", "lora-w4-ckpt"),
+        json_path=tmp_path / "train.json",
+    )
+    assert report["settings"]["full_depth"] is True
+    rows = {r["variant"]: r for r in report["variants"]}
+    assert list(rows) == ["tuneqdm-w4-ckpt", "lora-w4-ckpt"]
+    assert all("error" not in r and "extrapolated" not in r for r in rows.values()), rows
+    assert rows["lora-w4-ckpt"]["checkpointing"] is True
+    overhead = _run(
+        "dit_overhead.py",
+        *("--arch", "tiny-flux", "--full-depth", "--latent", "4", "--text-tokens", "8"),
+        *("--reps", "1"),
+        json_path=tmp_path / "overhead.json",
+    )
+    assert set(overhead["seconds"]) == {"bare", "adapter"}
+    assert all(t[0] > 0 for t in overhead["seconds"].values())
