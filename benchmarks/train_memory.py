@@ -26,6 +26,8 @@ CLIP vector. One step: flow matching (velocity target, σ uniform). Variants for
 ``peqa``/``tuneqdm``/``materialising`` ones and ``lora-w{4,8}``: a peft LoRA (rank
 ``--lora-rank``, diffusers' DreamBooth LoRA target layers) on the same frozen quantized base;
 ratios are against ``lora-w4``. ``tiny-flux``/``tiny-sd3``: the same at toy width (tests).
+``--full-depth`` builds the whole transformer instead, on ``--device`` in the step's dtype,
+quantized there (a GPU's memory: FLUX.1 is 24 GB in bf16; benchmarks/gpu.sh).
 
 Memory. CPU: ``load peak`` is the process's peak RSS while building the fp32 UNet and
 quantizing it (the fp32 model exists once, whole); ``train peak`` is the peak RSS during the
