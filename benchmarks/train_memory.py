@@ -18,6 +18,17 @@ modes"): one dequantized copy of every weight, in the step's compute dtype, made
 ``--storage-mode resident`` runs the peqa/tuneqdm variants resident, ``both`` runs each of them
 packed and resident, side by side with the baselines.
 
+``--arch flux`` / ``--arch sd3``: FLUX.1's and SD3.5-large's transformers at their real width,
+a measured subset of their blocks (benchmarks/dit_blocks.py) with the full depth extrapolated
+pro rata by parameters and printed as such; ``--latent`` is then the side of the grid of latent
+tokens (16: 256 image tokens, a 256 px image), text 32 tokens of T5's width plus the pooled
+CLIP vector. One step: flow matching (velocity target, σ uniform). Variants for these: the
+``peqa``/``tuneqdm``/``materialising`` ones and ``lora-w{4,8}``: a peft LoRA (rank
+``--lora-rank``, diffusers' DreamBooth LoRA target layers) on the same frozen quantized base;
+ratios are against ``lora-w4``. ``tiny-flux``/``tiny-sd3``: the same at toy width (tests).
+``--full-depth`` builds the whole transformer instead, on ``--device`` in the step's dtype,
+quantized there (a GPU's memory: FLUX.1 is 24 GB in bf16; benchmarks/gpu.sh).
+
 Memory. CPU: ``load peak`` is the process's peak RSS while building the fp32 UNet and
 quantizing it (the fp32 model exists once, whole); ``train peak`` is the peak RSS during the
 training steps only (the high-water mark is reset after loading), i.e. everything resident while
@@ -49,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
-from benchmarks import common
+from benchmarks import common, dit_blocks
 from benchmarks.materialising import materialise_
 from tuneqdm_core import (
     Adapter,
@@ -62,9 +73,10 @@ from tuneqdm_core import (
 from tuneqdm_core.base import time_ids
 from tuneqdm_core.cli.reports import table
 from tuneqdm_core.configs import UNET_CONFIGS, build_unet
+from tuneqdm_core.families.flow import FlowFamily
 from tuneqdm_core.routing import route_adapters, routed
 
-METHODS = ("full", "materialising", "peqa", "tuneqdm")
+METHODS = ("full", "materialising", "peqa", "tuneqdm", "lora")
 ALL_VARIANTS = [
     f"{name}{ckpt}"
     for name in (
@@ -82,6 +94,9 @@ DEFAULT_VARIANTS = ["full", "materialising-w8", "peqa-w8", "tuneqdm-w8", "tuneqd
 TEXT_TOKENS = 77
 REFERENCE_FULL = "full"
 REFERENCE_MATERIALISING = "materialising-w8"
+# The transformers: the variants side by side, and the row the ratios are against.
+DIT_VARIANTS = ["tuneqdm-w4-ckpt", "peqa-w4", "lora-w4", "materialising-w4"]
+REFERENCE_LORA = "lora-w4"
 
 
 @dataclass(frozen=True)
@@ -95,7 +110,7 @@ class Variant:
     @classmethod
     def parse(cls, name: str) -> Variant:
         match = re.fullmatch(
-            r"(full|materialising|peqa|tuneqdm)(?:-w([48]))?(-ckpt)?(-resident)?", name
+            r"(full|materialising|peqa|tuneqdm|lora)(?:-w([48]))?(-ckpt)?(-resident)?", name
         )
         if (
             match is None
@@ -103,8 +118,9 @@ class Variant:
             or (match[4] and match[1] not in ("peqa", "tuneqdm"))
         ):
             raise ValueError(
-                f"unknown variant {name!r}: expected full[-ckpt], materialising-w{{4,8}}[-ckpt] "
-                "or {peqa,tuneqdm}-w{4,8}[-ckpt][-resident], e.g. tuneqdm-w4-ckpt-resident"
+                f"unknown variant {name!r}: expected full[-ckpt], "
+                "{materialising,lora}-w{4,8}[-ckpt] or {peqa,tuneqdm}-w{4,8}[-ckpt][-resident], "
+                "e.g. tuneqdm-w4-ckpt-resident"
             )
         bits = None if match[2] is None else int(match[2])
         return cls(name, match[1], bits, bool(match[3]), bool(match[4]))
@@ -139,9 +155,20 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     torch.manual_seed(0)
 
+    # Resident before the model exists (torch, diffusers): what no depth changes.
+    process_base = common.rss_bytes()
     start = time.perf_counter()
-    unet = build_unet(args.arch)
-    if variant.method != "full":
+    dit = args.arch in dit_blocks.CONFIGS
+    if dit and variant.method == "full":
+        raise ValueError("--arch flux/sd3: the variants train scales or a LoRA, not full")
+    unet: Any
+    if dit and args.full_depth:
+        dtype = torch.bfloat16 if args.bf16 else torch.float32
+        assert variant.bits is not None
+        unet = dit_blocks.build_quantized(args.arch, True, device, dtype, variant.bits)
+    else:
+        unet = dit_blocks.build_subset(args.arch) if dit else build_unet(args.arch)
+    if variant.method != "full" and not hasattr(unet, "tuneqdm_state"):
         assert variant.bits is not None
         # min-max ranges: the range search changes no byte or FLOP, only the load time.
         quantize_(unet, QuantConfig(bits=variant.bits, range="minmax"))  # type: ignore[arg-type]
@@ -162,6 +189,8 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
     if variant.method == "full":
         unet.requires_grad_(True)
         params = [{"params": list(unet.parameters()), "lr": 5e-6, "weight_decay": 1e-2}]
+    elif variant.method == "lora":
+        params = [{"params": _add_lora(unet, args), "lr": 1e-4}]
     else:
         config = (
             AdapterConfig(method="peqa", intervals=1)
@@ -192,9 +221,31 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
     )
 
     generator = torch.Generator(device).manual_seed(0)
-    cross_dim = unet.config.cross_attention_dim
-    shape = (args.batch, unet.config.in_channels, args.latent, args.latent)
-    added = _added_conditioning(unet.config, args.batch, args.latent * 8, generator, device)
+
+    def flow_step() -> float:
+        """One optimizer step of flow matching on a fresh random batch (the transformers)."""
+        kwargs, target, sigmas = dit_blocks.flow_inputs(
+            unet, args.batch, args.latent, generator, device, args.text_tokens
+        )
+        tas = torch.tensor(FlowFamily.tas_timesteps(sigmas), device=device)
+        route = None
+        if adapter is not None and scales is None:
+            route = route_adapters([adapter], tas)
+        if scales is not None:
+            scales.set_timesteps(tas)
+        with routed(unet, route) if route is not None else nullcontext():
+            with autocast:
+                prediction = unet(**kwargs)[0]
+            loss = F.mse_loss(prediction.float(), target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        optimizer.step()
+        return float(loss)
+
+    if not dit:
+        cross_dim = unet.config.cross_attention_dim
+        shape = (args.batch, unet.config.in_channels, args.latent, args.latent)
+        added = _added_conditioning(unet.config, args.batch, args.latent * 8, generator, device)
 
     def step() -> float:
         """One optimizer step on a fresh random batch; returns the loss (synchronised)."""
@@ -218,10 +269,11 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
         optimizer.step()
         return float(loss)  # synchronises on cuda
 
+    run = flow_step if dit else step
     times = []
     for _ in range(args.warmup + args.steps):
         step_start = time.perf_counter()
-        loss = step()
+        loss = run()
         times.append(time.perf_counter() - step_start)
 
     if device.type == "cuda":
@@ -231,7 +283,7 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
     profile = {}
     if args.profile:
         # The materialising wrappers never call QuantLayer.dequantize: no pass to time.
-        profile = _profile(unet, step, device, autocast, variant.method in ("peqa", "tuneqdm"))
+        profile = _profile(unet, run, device, autocast, variant.method in ("peqa", "tuneqdm"))
     timed = times[args.warmup :]
     return {
         "variant": variant.name,
@@ -241,6 +293,7 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
         "storage_mode": variant.storage_mode,
         "trainable_values": trainable,
         "load_peak_bytes": load_peak,
+        "process_base_bytes": process_base,
         "before_steps_bytes": before_steps,
         "train_peak_bytes": train_peak,
         # False: the kernel refused to reset the high-water mark, train peak includes loading.
@@ -252,6 +305,34 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
         "loss": loss,
         **profile,
     }
+
+
+def _add_lora(model: torch.nn.Module, args: argparse.Namespace) -> list[torch.nn.Parameter]:
+    """A peft LoRA of rank ``args.lora_rank`` on the frozen quantized ``model`` (diffusers'
+    DreamBooth LoRA target layers); returns the trainable LoRA parameters."""
+    # peft is the baseline's library, not the core's: imported only where that row runs.
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    from tuneqdm_core import QuantLinear, quant_state
+
+    if args.arch not in dit_blocks.CONFIGS:
+        raise ValueError("the lora variants are for --arch flux|sd3|tiny-flux|tiny-sd3")
+    model.requires_grad_(False)
+    for _, layer in quant_state(model).layers:
+        # peft places a new LoRA layer on the device of its base layer's ``qweight`` (the name
+        # quantized layers of other libraries use); a QuantLayer keeps its codes as a buffer.
+        layer.qweight = layer.codes
+    config = LoraConfig(
+        r=args.lora_rank,
+        lora_alpha=args.lora_rank,
+        init_lora_weights="gaussian",
+        target_modules=dit_blocks.LORA_TARGETS[dit_blocks.family(args.arch)],
+    )
+    # peft's own Linear LoRA runs any base layer's forward and adds B·A·x beside it.
+    config._register_custom_module({QuantLinear: LoraLinear})
+    inject_adapter_in_model(config, model)
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def _added_conditioning(
@@ -308,9 +389,10 @@ def _profile(
     return result
 
 
-def _row(result: dict[str, Any], full: dict[str, Any], mat: dict[str, Any]) -> list[object]:
+def _row(result: dict[str, Any], references: list[dict[str, Any]]) -> list[object]:
+    width = 6 + 2 * len(references)
     if "error" in result:
-        return [result["variant"], "failed: " + result["error"], *[""] * (len(HEADER) - 2)]
+        return [result["variant"], "failed: " + result["error"], *[""] * (width - 2)]
     peak = result["train_peak_bytes"]
     step = result["step_seconds"]
     return [
@@ -318,31 +400,84 @@ def _row(result: dict[str, Any], full: dict[str, Any], mat: dict[str, Any]) -> l
         f"{result['trainable_values'] / 1e6:.2f}",
         f"{result['load_peak_bytes'] / common.GIB:.2f}",
         f"{peak / common.GIB:.2f}",
-        common.ratio(peak, full.get("train_peak_bytes")),
-        common.ratio(peak, mat.get("train_peak_bytes")),
+        *[common.ratio(peak, ref.get("train_peak_bytes")) for ref in references],
         f"{step:.2f}",
         f"{result['step_seconds_min']:.2f}",
-        common.ratio(step, full.get("step_seconds")),
-        common.ratio(step, mat.get("step_seconds")),
+        *[common.ratio(step, ref.get("step_seconds")) for ref in references],
     ]
 
 
-HEADER = [
-    "variant",
-    "trained M",
-    "load peak GiB",
-    "train peak GiB",
-    "mem/full",
-    "mem/mat",
-    "step s",
-    "min s",
-    "time/full",
-    "time/mat",
-]
+def _header(labels: list[str]) -> list[str]:
+    return [
+        "variant",
+        "trained M",
+        "load peak GiB",
+        "train peak GiB",
+        *[f"mem/{label}" for label in labels],
+        "step s",
+        "min s",
+        *[f"time/{label}" for label in labels],
+    ]
+
+
+def _extrapolation(results: list[dict[str, Any]], arch: str) -> list[str]:
+    """The measured subset's figures per block and at the full depth, pro rata by parameters
+    (attention over more tokens is not in it). Memory as a range: at least the resident model
+    (RSS before the steps less RSS before loading) grows with the depth, at most everything
+    above the RSS before loading (activations kept per block, which checkpointing avoids).
+    Step time grows with the parameters (the linear layers are almost all of it)."""
+    counts = dit_blocks.parameter_counts(arch)
+    factor = counts["full"] / counts["subset"]
+    subset = " + ".join(f"{n} {kind}" for kind, n in counts["blocks_subset"].items())
+    full = " + ".join(f"{n} {kind}" for kind, n in counts["blocks_full"].items())
+    per_block = ", ".join(f"{kind} {n / 1e6:.0f} M" for kind, n in counts["per_block"].items())
+    lines = [
+        f"measured subset: {subset} blocks, {counts['subset'] / 1e9:.2f} B float parameters; "
+        f"full depth: {full} blocks, {counts['full'] / 1e9:.2f} B ({per_block} per block)",
+        f"EXTRAPOLATED to the full depth (x{factor:.1f} by parameters; not measured): resident "
+        "model GiB and step s per block; full-depth train peak from 'resident grows' to "
+        "'everything grows'",
+    ]
+    rows = []
+    for r in results:
+        if "error" in r:
+            continue
+        base, before, peak = r["process_base_bytes"], r["before_steps_bytes"], r["train_peak_bytes"]
+        resident = max(before - base, 0) / counts["subset"]
+        step = r["step_seconds"] / counts["subset"]
+        low = peak + resident * (counts["full"] - counts["subset"])
+        high = base + (peak - base) * factor
+        r["extrapolated"] = {
+            "train_peak_bytes_low": low,
+            "train_peak_bytes_high": high,
+            "step_seconds": step * counts["full"],
+            "per_block": {
+                kind: {"resident_bytes": resident * n, "step_seconds": step * n}
+                for kind, n in counts["per_block"].items()
+            },
+        }
+        blocks = r["extrapolated"]["per_block"].values()
+        rows.append(
+            [
+                r["variant"],
+                *[
+                    f"{b['resident_bytes'] / common.GIB:.2f} / {b['step_seconds']:.2f}"
+                    for b in blocks
+                ],
+                f"{low / common.GIB:.1f} - {high / common.GIB:.1f}",
+                f"{step * counts['full']:.0f}",
+            ]
+        )
+    kinds = [f"{kind} block GiB / s" for kind in counts["per_block"]]
+    lines.append(table(["variant", *kinds, "full train peak GiB", "full step s"], rows))
+    return lines
 
 
 def _parent(args: argparse.Namespace) -> int:
-    variants = ALL_VARIANTS if args.variants == ["all"] else args.variants
+    dit = args.arch in dit_blocks.CONFIGS
+    default = DIT_VARIANTS if dit else DEFAULT_VARIANTS
+    variants = args.variants or default
+    variants = ALL_VARIANTS if variants == ["all"] else variants
     try:
         variants = with_storage_modes(variants, args.storage_mode)
     except ValueError as error:
@@ -353,6 +488,8 @@ def _parent(args: argparse.Namespace) -> int:
         *("--warmup", str(args.warmup), "--steps", str(args.steps), "--device", args.device),
         "--bf16" if args.bf16 else "--fp32",
         *(["--profile"] if args.profile else []),
+        *("--lora-rank", str(args.lora_rank), "--text-tokens", str(args.text_tokens)),
+        *(["--full-depth"] if args.full_depth else []),
     ]
     results = []
     start = time.perf_counter()
@@ -374,20 +511,36 @@ def _parent(args: argparse.Namespace) -> int:
         # Baselines measured by an earlier run with the same settings.
         earlier = json.loads(Path(args.reference).read_text())["variants"]
         by_name = {r["variant"]: r for r in earlier if "error" not in r} | by_name
-    full = by_name.get(REFERENCE_FULL, {})
-    mat = by_name.get(REFERENCE_MATERIALISING, {})
+    if dit:
+        labels, names = ["lora"], [REFERENCE_LORA]
+    else:
+        labels, names = ["full", "mat"], [REFERENCE_FULL, REFERENCE_MATERIALISING]
+    references = [by_name.get(name, {}) for name in names]
     memory = "peak RSS" if args.device == "cpu" else "torch.cuda.max_memory_allocated"
     precision = "bf16 autocast" if args.bf16 else "fp32"
-    xl = UNET_CONFIGS[args.arch].get("addition_embed_type") == "text_time"
-    text = f"text {TEXT_TOKENS} tokens" + (" + pooled text and time ids" if xl else "")
-    print(
-        f"Training step, {args.arch} UNet (random weights), latent {args.latent}x{args.latent} "
-        f"({args.latent * 8} px), batch {args.batch}, {text}, {precision}, "
-        f"median of {args.steps} steps after {args.warmup} warm-up; memory = {memory}"
-    )
+    if dit:
+        side = args.latent
+        depth = "full depth" if args.full_depth else "real width, a subset of its blocks"
+        print(
+            f"Training step, {args.arch} transformer ({depth}, random "
+            f"weights), {side}x{side} latent tokens, batch {args.batch}, text "
+            f"{args.text_tokens} tokens + pooled, flow matching, {precision}, LoRA rank "
+            f"{args.lora_rank}, median of {args.steps} steps after {args.warmup} warm-up; "
+            f"memory = {memory}"
+        )
+    else:
+        xl = UNET_CONFIGS[args.arch].get("addition_embed_type") == "text_time"
+        text = f"text {TEXT_TOKENS} tokens" + (" + pooled text and time ids" if xl else "")
+        print(
+            f"Training step, {args.arch} UNet (random weights), latent {args.latent}x"
+            f"{args.latent} ({args.latent * 8} px), batch {args.batch}, {text}, {precision}, "
+            f"median of {args.steps} steps after {args.warmup} warm-up; memory = {memory}"
+        )
     print(f"machine: {common.machine()}")
-    print(table(HEADER, [_row(r, full, mat) for r in results]))
-    print(f"ratios: /full = vs {REFERENCE_FULL}, /mat = vs {REFERENCE_MATERIALISING}")
+    print(table(_header(labels), [_row(r, references) for r in results]))
+    print("ratios: " + ", ".join(f"/{a} = vs {b}" for a, b in zip(labels, names, strict=True)))
+    if dit and not args.full_depth:
+        print("\n".join(_extrapolation(results, args.arch)))
     if any(not r.get("train_peak_excludes_load", True) for r in results):
         print("warning: could not reset the peak RSS here; train peak includes the load peak")
     for r in results:
@@ -410,6 +563,9 @@ def _parent(args: argparse.Namespace) -> int:
                     "device",
                     "bf16",
                     "storage_mode",
+                    "lora_rank",
+                    "text_tokens",
+                    "full_depth",
                 )
             },
             "machine": common.machine(),
@@ -424,8 +580,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--arch", default="sd1", choices=sorted(UNET_CONFIGS))
-    parser.add_argument("--latent", type=int, default=32, help="latent side (px / 8)")
+    parser.add_argument(
+        "--arch", default="sd1", choices=sorted([*UNET_CONFIGS, *dit_blocks.CONFIGS])
+    )
+    parser.add_argument(
+        "--latent", type=int, default=32, help="latent side (px / 8); flux/sd3: token grid side"
+    )
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
@@ -434,7 +594,21 @@ def main() -> int:
         "--bf16", action="store_true", help="bf16 autocast (default on cuda; scales stay fp32)"
     )
     parser.add_argument("--fp32", action="store_true", help="no autocast, also on cuda")
-    parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, help="or: all")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        help=f"or: all; default {' '.join(DEFAULT_VARIANTS)} (flux/sd3: {' '.join(DIT_VARIANTS)})",
+    )
+    parser.add_argument("--lora-rank", type=int, default=16, help="rank of the lora variants")
+    parser.add_argument(
+        "--text-tokens", type=int, default=dit_blocks.TEXT_TOKENS, help="flux/sd3 text length"
+    )
+    parser.add_argument(
+        "--full-depth",
+        action="store_true",
+        help="flux/sd3: the whole transformer, built on --device in the step's dtype (a GPU's "
+        "memory: FLUX.1 is 24 GB in bf16) and quantized there; default a subset of blocks",
+    )
     parser.add_argument(
         "--storage-mode",
         default="packed",

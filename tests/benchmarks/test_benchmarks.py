@@ -115,10 +115,12 @@ def test_benchmarks_compare_the_storage_modes(tmp_path: Path) -> None:
 
 
 def test_train_memory_table_rows_fit_the_header_also_for_failed_variants() -> None:
-    from benchmarks.train_memory import HEADER, _row
+    from benchmarks.train_memory import _header, _row
 
-    failed = _row({"variant": "full", "error": "exit code 1"}, {}, {})
-    assert len(failed) == len(HEADER)
+    failed = _row({"variant": "full", "error": "exit code 1"}, [{}, {}])
+    assert len(failed) == len(_header(["full", "mat"]))
+    failed = _row({"variant": "lora-w4", "error": "exit code 1"}, [{}])
+    assert len(failed) == len(_header(["lora"]))
 
 
 def test_train_memory_rejects_an_unknown_variant() -> None:
@@ -128,7 +130,15 @@ def test_train_memory_rejects_an_unknown_variant() -> None:
     assert Variant.parse("full") == Variant("full", "full", None, False)
     assert Variant.parse("peqa-w8-resident").storage_mode == "resident"
     assert Variant.parse("materialising-w8").storage_mode is None
-    for bad in ("full-w8", "tuneqdm", "lora-w4", "tuneqdm-w3", "materialising-w8-resident"):
+    assert Variant.parse("lora-w4-ckpt") == Variant("lora-w4-ckpt", "lora", 4, True)
+    for bad in (
+        "full-w8",
+        "tuneqdm",
+        "lora",
+        "lora-w4-resident",
+        "tuneqdm-w3",
+        "materialising-w8-resident",
+    ):
         with pytest.raises(ValueError, match="unknown variant"):
             Variant.parse(bad)
 
@@ -181,3 +191,69 @@ def test_upload_images_compares_the_stored_photo_pipelines(tmp_path: Path) -> No
     # 2304 > 2 × the default largest training resolution (1024): downscaled to 2048.
     assert before["size"] == [2304, 2304] and after["size"] == [2048, 2048]
     assert 0 < after["bytes"] < before["bytes"]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(
+    ("arch", "variants"),
+    [("tiny-flux", ["tuneqdm-w4-ckpt", "lora-w4"]), ("tiny-sd3", ["lora-w4", "materialising-w4"])],
+)
+def test_train_memory_runs_the_flow_transformers(
+    tmp_path: Path, arch: str, variants: list[str]
+) -> None:
+    """--arch flux/sd3 at toy width: a subset of blocks, a flow-matching step per variant, the
+    peft LoRA rank 16 training only its own matrices on the frozen quantized base, and the
+    full-depth extrapolation written beside the measured rows."""
+    from benchmarks import dit_blocks
+
+    report = _run(
+        "train_memory.py",
+        *("--arch", arch, "--latent", "4", "--warmup", "0", "--steps", "1"),
+        *("--variants", *variants),
+        json_path=tmp_path / "train.json",
+    )
+    rows = {r["variant"]: r for r in report["variants"]}
+    assert list(rows) == variants
+    for row in rows.values():
+        assert "error" not in row, row
+        assert row["train_peak_bytes"] > 0 and row["step_seconds"] > 0
+        assert torch.isfinite(torch.tensor(row["loss"]))
+        extra = row["extrapolated"]
+        assert extra["train_peak_bytes_high"] >= extra["train_peak_bytes_low"] > 0
+    # LoRA: r·(in + out) values for each of diffusers' DreamBooth target layers, nothing else.
+    model = dit_blocks.build_subset(arch)
+    targets = dit_blocks.LORA_TARGETS[dit_blocks.family(arch)]
+    expected = sum(
+        16 * (module.in_features + module.out_features)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and any(name.endswith(t) for t in targets)
+    )
+    assert rows["lora-w4"]["trainable_values"] == expected
+    counts = dit_blocks.parameter_counts(arch)
+    assert counts["full"] > counts["subset"] == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.timeout(300)
+def test_flux_parts_of_the_gpu_script_run_at_toy_width(tmp_path: Path) -> None:
+    """gpu.sh's FLUX parts on the CPU at toy width: the whole transformer (all 19 + 38 blocks)
+    built and quantized in one go, TuneQDM against a checkpointed LoRA, and one transformer
+    call with and without a routed adapter."""
+    report = _run(
+        "train_memory.py",
+        *("--arch", "tiny-flux", "--full-depth", "--latent", "4", "--text-tokens", "8"),
+        *("--warmup", "0", "--steps", "1", "--variants", "tuneqdm-w4-ckpt", "lora-w4-ckpt"),
+        json_path=tmp_path / "train.json",
+    )
+    assert report["settings"]["full_depth"] is True
+    rows = {r["variant"]: r for r in report["variants"]}
+    assert list(rows) == ["tuneqdm-w4-ckpt", "lora-w4-ckpt"]
+    assert all("error" not in r and "extrapolated" not in r for r in rows.values()), rows
+    assert rows["lora-w4-ckpt"]["checkpointing"] is True
+    overhead = _run(
+        "dit_overhead.py",
+        *("--arch", "tiny-flux", "--full-depth", "--latent", "4", "--text-tokens", "8"),
+        *("--reps", "1"),
+        json_path=tmp_path / "overhead.json",
+    )
+    assert set(overhead["seconds"]) == {"bare", "adapter"}
+    assert all(t[0] > 0 for t in overhead["seconds"].values())
