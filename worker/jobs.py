@@ -50,8 +50,8 @@ JOB_MODELS: tuple[JobModel, ...] = (FinetuneJob, GenerationJob, AdapterExport)
 
 
 def _leaves_group(model: JobModel) -> dict[str, Any]:
-    """What a job that stops running (finished, released, swept) clears: a fine-tune is no
-    longer in a co-training group."""
+    """What a job that leaves its group (canceled, failed, released, swept) clears: a fine-tune
+    is no longer in a co-training group."""
     return {"group_size": None} if model is FinetuneJob else {}
 
 
@@ -237,7 +237,11 @@ def finish_owned(
         update(model)
         .where(model.id == job_id, model.lease_owner == owner, model.status == "running")
         .values(
-            status=status, finished_at=now, updated_at=now, **{**_leaves_group(model), **values}
+            status=status,
+            finished_at=now,
+            updated_at=now,
+            # A fine-tune that succeeded in a group keeps its size: the group it trained in.
+            **{**({} if status == "succeeded" else _leaves_group(model)), **values},
         )
         .returning(model.base_model)
         .execution_options(synchronize_session=False)
