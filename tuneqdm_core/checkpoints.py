@@ -38,8 +38,9 @@ def _fingerprint_config(config: FinetuneConfig) -> dict[str, Any]:
 
 
 def _save_checkpoint(run: _Run, path: Path, config: FinetuneConfig, base: BaseModel) -> None:
-    # A checkpoint directory named before it exists is made at the first save.
-    path.parent.mkdir(parents=True, exist_ok=True)
+    # The directory is made when the run starts (finetune(), CoTrainer.add), not here: one
+    # removed while the run trains (its job deleted) is not made again, so the save fails
+    # instead of leaving a checkpoint that nobody owns.
     _atomic_save(
         {
             "step": run.step,

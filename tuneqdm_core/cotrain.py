@@ -175,6 +175,8 @@ class CoTrainer:
             raise FinetuneCanceled(0) from None
         run = _start(self.base, config)
         checkpoint = Path(job.checkpoint_dir) / CHECKPOINT_NAME if job.checkpoint_dir else None
+        if checkpoint is not None:
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
         if checkpoint is not None and checkpoint.is_file():
             _restore_checkpoint(run, checkpoint, config, self.base)
         self._key = group_key(config)

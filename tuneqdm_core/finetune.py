@@ -131,6 +131,8 @@ def finetune(
     config = config.for_device(base.device)
     start_time = time.perf_counter()
     checkpoint = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir else None
+    if checkpoint is not None:
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
     try:
         data = _prepare(
             base,
