@@ -124,7 +124,6 @@ def test_three_jobs_in_a_group_end_as_they_would_alone(base64: BaseModel, tmp_pa
             should_cancel=lambda: next(calls) >= 15,
         )
     )
-    (tmp_path / "toy").mkdir()
     outcomes = trainer.step() + trainer.step()
     trainer.add(CoJob("late", [CAT], late, progress=log("late")))
     outcomes += trainer.run()
