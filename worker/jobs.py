@@ -31,12 +31,12 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, func, literal, or_, select, true, update
+from sqlalchemy import ColumnElement, and_, func, or_, select, true, update
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
+from app.db import sql_now
 from app.events import record_event
 from app.models import AdapterExport, FinetuneJob, GenerationJob
 from worker import metrics
@@ -76,18 +76,6 @@ def new_owner() -> str:
     return f"{worker_name()}:{uuid.uuid4().hex[:12]}"
 
 
-def db_now(session: Session, ago_s: float = 0.0) -> ColumnElement[Any]:
-    """The database's current time (minus `ago_s` seconds), as an SQL expression."""
-    if session.get_bind().dialect.name == "sqlite":
-        # SQLite's clock is the host's (it runs in-process); written in the format SQLAlchemy
-        # stores datetimes in on SQLite (microseconds), so strings compare in time order.
-        modifier = f"-{ago_s:.6f} seconds"
-        return func.strftime("%Y-%m-%d %H:%M:%f", "now", modifier).concat("000")
-    if ago_s:
-        return func.now() - literal(timedelta(seconds=ago_s))
-    return func.now()
-
-
 def of_base(model: JobModel, base: str | None) -> ColumnElement[bool]:
     """Only `base`'s jobs (None: any base, for tools and tests). A worker holds one base and
     passes it everywhere it picks jobs: claims, the stale sweep, the reconciler."""
@@ -101,7 +89,7 @@ def _claimable(session: Session, model: JobModel, stale_after_s: float) -> Any:
             model.status == "running",
             or_(
                 model.heartbeat_at.is_(None),
-                model.heartbeat_at < db_now(session, stale_after_s),
+                model.heartbeat_at < sql_now(session, -stale_after_s),
             ),
         ),
     )
@@ -119,7 +107,7 @@ def claim(
     """Take the job if nobody alive holds it; its attempt number when this call won. The job's
     `error` still says how the previous attempt ended (`attempts_exhausted` reads it); the
     first heartbeat of the new attempt clears it (`Lease`)."""
-    now = db_now(session)
+    now = sql_now(session)
     row = session.execute(
         update(model)
         .where(model.id == job_id, of_base(model, base), _claimable(session, model, stale_after_s))
@@ -212,7 +200,7 @@ def write_owned(
     """Update a running job only while `owner` still holds its lease; False if it lost it.
     `event` (type, data) is added to a fine-tune's event log in the same transaction;
     `commit=False` leaves the transaction (and the job's row lock) to the caller."""
-    now = db_now(session)
+    now = sql_now(session)
     result = session.execute(
         update(model)
         .where(model.id == job_id, model.lease_owner == owner, model.status == "running")
@@ -232,7 +220,7 @@ def finish_owned(
 ) -> bool:
     """Move an owned running job to a terminal status (in the caller's transaction). The lease
     owner stays on the row: it names the worker that ran the job's last attempt."""
-    now = db_now(session)
+    now = sql_now(session)
     base = session.execute(
         update(model)
         .where(model.id == job_id, model.lease_owner == owner, model.status == "running")
@@ -271,7 +259,7 @@ def release_owned(
     if reason is not None:
         values["error"] = reason
     with factory() as session:
-        now = db_now(session)
+        now = sql_now(session)
         result = session.execute(
             update(model)
             .where(model.id == job_id, model.lease_owner == owner, model.status == "running")
@@ -431,7 +419,7 @@ def sweep_stale(
     for model in JOB_MODELS:
         with factory() as session:
             stale = or_(
-                model.heartbeat_at.is_(None), model.heartbeat_at < db_now(session, stale_after_s)
+                model.heartbeat_at.is_(None), model.heartbeat_at < sql_now(session, -stale_after_s)
             )
             ids = session.scalars(
                 select(model.id).where(model.status == "running", of_base(model, base), stale)
@@ -443,7 +431,7 @@ def sweep_stale(
                     .values(
                         status="queued",
                         lease_owner=None,
-                        updated_at=db_now(session),
+                        updated_at=sql_now(session),
                         **_leaves_group(model),
                     )
                     .execution_options(synchronize_session=False)
@@ -489,7 +477,7 @@ def reconcile_queued(
                 .where(
                     model.status == "queued",
                     of_base(model, base),
-                    model.updated_at < db_now(session, older_than_s),
+                    model.updated_at < sql_now(session, -older_than_s),
                 )
                 .order_by(model.created_at)
             ).all()

@@ -9,6 +9,7 @@ from datetime import timedelta
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.db import sql_now
 from app.models import Adapter, FinetuneJob, Tenant, utcnow
 from app.services import keys
 from tests.worker.conftest import submit_finetune
@@ -20,7 +21,6 @@ from worker.jobs import (
     Lease,
     claim,
     claim_next,
-    db_now,
     reconcile_queued,
     release_owned,
     sweep_stale,
@@ -194,7 +194,7 @@ def test_heartbeats_use_the_database_clock(ctx: Context, tenant: Tenant) -> None
     with ctx.sessions() as s:
         assert claim(s, FinetuneJob, job_id, "a", stale_after_s=30)
         job = s.get(FinetuneJob, job_id)
-        db_time = s.scalar(select(db_now(s)))
+        db_time = s.scalar(select(sql_now(s)))
     assert job is not None and job.heartbeat_at is not None and job.started_at is not None
     # Written by SQL, read back as aware UTC datetimes like every other column.
     assert job.heartbeat_at.tzinfo is not None
