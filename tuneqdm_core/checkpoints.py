@@ -14,7 +14,7 @@ import torch
 
 from tuneqdm_core.base import BaseModel
 from tuneqdm_core.finetune_config import FinetuneConfig
-from tuneqdm_core.training_step import _Run
+from tuneqdm_core.training_step import TrainingRun
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -37,7 +37,7 @@ def _fingerprint_config(config: FinetuneConfig) -> dict[str, Any]:
     return {k: v for k, v in asdict(config).items() if k != "checkpoint_every"}
 
 
-def _save_checkpoint(run: _Run, path: Path, config: FinetuneConfig, base: BaseModel) -> None:
+def save_checkpoint(run: TrainingRun, path: Path, config: FinetuneConfig, base: BaseModel) -> None:
     # The directory is made when the run starts (finetune(), CoTrainer.add), not here: one
     # removed while the run trains (its job deleted) is not made again, so the save fails
     # instead of leaving a checkpoint that nobody owns.
@@ -56,7 +56,9 @@ def _save_checkpoint(run: _Run, path: Path, config: FinetuneConfig, base: BaseMo
     )
 
 
-def _restore_checkpoint(run: _Run, path: Path, config: FinetuneConfig, base: BaseModel) -> None:
+def restore_checkpoint(
+    run: TrainingRun, path: Path, config: FinetuneConfig, base: BaseModel
+) -> None:
     state = torch.load(path, weights_only=True)
     if state["config"] != _fingerprint_config(config) or state["base"] != base.fingerprint:
         raise ValueError(f"{path}: made by another configuration or base; delete it")
@@ -69,7 +71,7 @@ def _restore_checkpoint(run: _Run, path: Path, config: FinetuneConfig, base: Bas
     run.losses, run.step = list(state["losses"]), int(state["step"])
 
 
-def _checkpoint_due(config: FinetuneConfig, step: int) -> bool:
+def checkpoint_due(config: FinetuneConfig, step: int) -> bool:
     # The last step saves nothing: the caller writes the adapter itself.
     every = config.checkpoint_every
     return every > 0 and step % every == 0 and step < config.steps

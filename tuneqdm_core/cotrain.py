@@ -8,7 +8,7 @@ checkpoints, cancel check and progress callback.
 
 Why each step of a job trained in a group is the step of the same job trained alone:
 
-- each job draws its batch from its own generator with :func:`_draw_batch`, in the same order
+- each job draws its batch from its own generator with :func:`draw_batch`, in the same order
   as the solo loop;
 - the total loss is the sum of each job's own loss (its own mean over its own samples), and a
   job's scales only touch its own samples, so the gradient of job j's scales is the gradient of
@@ -49,25 +49,25 @@ from tuneqdm_core.base import BaseModel, Conditioning
 from tuneqdm_core.cancel import Canceled, cancel_checks
 from tuneqdm_core.checkpoints import (
     CHECKPOINT_NAME,
-    _checkpoint_due,
-    _restore_checkpoint,
-    _save_checkpoint,
+    checkpoint_due,
+    restore_checkpoint,
+    save_checkpoint,
 )
 from tuneqdm_core.finetune import FinetuneCanceled, FinetuneResult, Progress
 from tuneqdm_core.finetune_config import FinetuneConfig
 from tuneqdm_core.routing import route_adapters, routed
-from tuneqdm_core.training_data import Subject, _Data, _prepare, _unet_inputs
+from tuneqdm_core.training_data import Subject, TrainingData, prepare_data, unet_inputs
 from tuneqdm_core.training_step import (
-    _autocast,
-    _Batch,
-    _draw_batch,
-    _flow_inputs,
-    _loss,
-    _noisy_latents,
-    _Run,
-    _schedule,
-    _start,
-    _training,
+    Batch,
+    TrainingRun,
+    draw_batch,
+    flow_inputs,
+    noisy_latents,
+    start_run,
+    training_autocast,
+    training_loss,
+    training_mode,
+    training_schedule,
 )
 
 
@@ -109,8 +109,8 @@ def group_key(config: FinetuneConfig) -> tuple[Any, ...]:
 class _Member:
     job: CoJob
     config: FinetuneConfig  # made concrete for the device
-    data: _Data
-    run: _Run
+    data: TrainingData
+    run: TrainingRun
     checkpoint: Path | None
     resumed_from: int
     started: float  # perf_counter() when add() began
@@ -125,7 +125,7 @@ class CoTrainer:
         self._members: list[_Member] = []
         self._key: tuple[Any, ...] | None = None
         # A transformer family's schedule draws its sigmas (training_step._schedule).
-        self._scheduler, self._total_t, self._schedule = _schedule(base)
+        self._scheduler, self._total_t, self._schedule = training_schedule(base)
         self._training: ExitStack | None = None
 
     def __len__(self) -> int:
@@ -161,7 +161,7 @@ class CoTrainer:
         # UNet: leave training mode while preparing (only when someone joins).
         self._leave_training()
         try:
-            data = _prepare(
+            data = prepare_data(
                 self.base,
                 job.subjects,
                 config,
@@ -173,12 +173,12 @@ class CoTrainer:
             raise
         except Canceled:
             raise FinetuneCanceled(0) from None
-        run = _start(self.base, config)
+        run = start_run(self.base, config)
         checkpoint = Path(job.checkpoint_dir) / CHECKPOINT_NAME if job.checkpoint_dir else None
         if checkpoint is not None:
             checkpoint.parent.mkdir(parents=True, exist_ok=True)
         if checkpoint is not None and checkpoint.is_file():
-            _restore_checkpoint(run, checkpoint, config, self.base)
+            restore_checkpoint(run, checkpoint, config, self.base)
         self._key = group_key(config)
         self._members.append(_Member(job, config, data, run, checkpoint, run.step, started))
 
@@ -200,7 +200,7 @@ class CoTrainer:
         if member is None:
             raise KeyError(f"job {key!r} is not in the group")
         if member.checkpoint is not None and member.run.step > member.resumed_from:
-            _save_checkpoint(member.run, member.checkpoint, member.config, self.base)
+            save_checkpoint(member.run, member.checkpoint, member.config, self.base)
         self._drop(member)
         return member.run.step
 
@@ -217,7 +217,7 @@ class CoTrainer:
         states = [m.run.generator.get_state() for m in members]
         try:
             batches = [
-                _draw_batch(m.data, m.config, m.run.generator, self._total_t, self._schedule)
+                draw_batch(m.data, m.config, m.run.generator, self._total_t, self._schedule)
                 for m in members
             ]
             losses = self._forward_backward(members, batches)
@@ -256,17 +256,17 @@ class CoTrainer:
     # -- internals -------------------------------------------------------------------------
 
     def _forward_backward(
-        self, members: Sequence[_Member], batches: Sequence[_Batch]
+        self, members: Sequence[_Member], batches: Sequence[Batch]
     ) -> list[torch.Tensor]:
         if self.base.family is not None:
             return self._flow_forward_backward(members, batches)
         noisy, t, targets, inputs, slots = [], [], [], [], []
         for slot, (member, batch) in enumerate(zip(members, batches, strict=True)):
-            x, ts, target = _noisy_latents(self.base, member.data, batch, self._scheduler)
+            x, ts, target = noisy_latents(self.base, member.data, batch, self._scheduler)
             noisy.append(x)
             t.append(ts)
             targets.append(target)
-            inputs.append(_unet_inputs(self.base, member.data, batch.rows))
+            inputs.append(unet_inputs(self.base, member.data, batch.rows))
             slots += [slot] * batch.rows.shape[0]
         adapters = [m.run.adapter for m in members]
         assert all(a is not None for a in adapters)  # "full" never joins
@@ -282,12 +282,12 @@ class CoTrainer:
             cancel_checks(self.base.unet, self._any_canceled(members)),
             routed(self.base.unet, route),
         ):
-            with _autocast(config, self.base.device):
+            with training_autocast(config, self.base.device):
                 prediction = self.base.unet(
                     torch.cat(noisy), torch.cat(t), **_cat_inputs(inputs)
                 ).sample
             losses = [
-                _loss(part, target, m.config)
+                training_loss(part, target, m.config)
                 for part, target, m in zip(
                     prediction.split([x.shape[0] for x in noisy]), targets, members, strict=True
                 )
@@ -298,14 +298,14 @@ class CoTrainer:
         return losses
 
     def _flow_forward_backward(
-        self, members: Sequence[_Member], batches: Sequence[_Batch]
+        self, members: Sequence[_Member], batches: Sequence[Batch]
     ) -> list[torch.Tensor]:
         """:meth:`_forward_backward` for a transformer family (flow matching, routed by
         sigma; ``batch.timesteps`` are sigmas)."""
         family = self.base.family
         noisy, targets, states, pooled, slots = [], [], [], [], []
         for slot, (member, batch) in enumerate(zip(members, batches, strict=True)):
-            x, target, conditioning = _flow_inputs(self.base, member.data, batch)
+            x, target, conditioning = flow_inputs(self.base, member.data, batch)
             noisy.append(x)
             targets.append(target)
             states.append(conditioning.states)
@@ -324,12 +324,12 @@ class CoTrainer:
             cancel_checks(self.base.unet, self._any_canceled(members)),
             routed(self.base.unet, route),
         ):
-            with _autocast(config, self.base.device):
+            with training_autocast(config, self.base.device):
                 prediction = family.predict(
                     self.base, self.base.unet, torch.cat(noisy), sigmas, joined
                 )
             losses = [
-                _loss(part, target, m.config)
+                training_loss(part, target, m.config)
                 for part, target, m in zip(
                     prediction.split([x.shape[0] for x in noisy]), targets, members, strict=True
                 )
@@ -356,8 +356,8 @@ class CoTrainer:
             elapsed = time.perf_counter() - member.started
             eta = elapsed / max(1, run.step - member.resumed_from) * (config.steps - run.step)
             member.job.progress(Progress(run.step, config.steps, run.losses[-1], elapsed, eta))
-        if member.checkpoint is not None and _checkpoint_due(config, run.step):
-            _save_checkpoint(run, member.checkpoint, config, self.base)
+        if member.checkpoint is not None and checkpoint_due(config, run.step):
+            save_checkpoint(run, member.checkpoint, config, self.base)
 
     def _result(self, member: _Member) -> FinetuneResult:
         adapter = member.run.adapter
@@ -396,7 +396,7 @@ class CoTrainer:
     def _enter_training(self) -> None:
         if self._training is None:
             stack = ExitStack()
-            stack.enter_context(_training(self.base, self.base.unet, self._members[0].config))
+            stack.enter_context(training_mode(self.base, self.base.unet, self._members[0].config))
             self._training = stack
 
     def _leave_training(self) -> None:

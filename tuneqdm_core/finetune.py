@@ -30,9 +30,9 @@ from tuneqdm_core.base import BaseModel
 from tuneqdm_core.cancel import Canceled, cancel_checks
 from tuneqdm_core.checkpoints import (
     CHECKPOINT_NAME,
-    _checkpoint_due,
-    _restore_checkpoint,
-    _save_checkpoint,
+    checkpoint_due,
+    restore_checkpoint,
+    save_checkpoint,
 )
 from tuneqdm_core.finetune_config import (
     S_OUT_RELATIVE_LR,
@@ -41,9 +41,15 @@ from tuneqdm_core.finetune_config import (
     MixedPrecision,
     s_out_learning_rate,
 )
-from tuneqdm_core.sampling import Sampling, _sample
-from tuneqdm_core.training_data import CLASS_IMAGE_CHUNK, Subject, _prepare, class_images
-from tuneqdm_core.training_step import _draw_batch, _schedule, _start, _train_step, _training
+from tuneqdm_core.sampling import Sampling, sample_images
+from tuneqdm_core.training_data import CLASS_IMAGE_CHUNK, Subject, class_images, prepare_data
+from tuneqdm_core.training_step import (
+    draw_batch,
+    start_run,
+    train_step,
+    training_mode,
+    training_schedule,
+)
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -134,7 +140,7 @@ def finetune(
     if checkpoint is not None:
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
     try:
-        data = _prepare(
+        data = prepare_data(
             base,
             subjects,
             config,
@@ -146,18 +152,18 @@ def finetune(
         raise
     except Canceled:
         raise FinetuneCanceled(0) from None
-    run = _start(base, config)
+    run = start_run(base, config)
     if checkpoint is not None and checkpoint.is_file():
-        _restore_checkpoint(run, checkpoint, config, base)
+        restore_checkpoint(run, checkpoint, config, base)
     resumed_from = run.step
-    noise_scheduler, total_t, schedule = _schedule(base)
-    with _training(base, run.unet, config), cancel_checks(run.unet, should_cancel):
+    noise_scheduler, total_t, schedule = training_schedule(base)
+    with training_mode(base, run.unet, config), cancel_checks(run.unet, should_cancel):
         while run.step < config.steps:
             if should_cancel is not None and should_cancel():
                 raise FinetuneCanceled(run.step)
-            batch = _draw_batch(data, config, run.generator, total_t, schedule)
+            batch = draw_batch(data, config, run.generator, total_t, schedule)
             try:
-                loss = _train_step(base, run, data, batch, noise_scheduler, config)
+                loss = train_step(base, run, data, batch, noise_scheduler, config)
             except FinetuneCanceled:
                 raise
             except Canceled:
@@ -173,7 +179,7 @@ def finetune(
                 progress(Progress(run.step, config.steps, run.losses[-1], elapsed, eta))
             if sampling is not None and sampling.due(run.step, config.steps):
                 try:
-                    images = _sample(base, run, sampling, on_sample_step)
+                    images = sample_images(base, run, sampling, on_sample_step)
                 except FinetuneCanceled:
                     raise
                 except Canceled:
@@ -181,12 +187,12 @@ def finetune(
                     raise FinetuneCanceled(run.step) from None
                 if on_sample is not None:
                     on_sample(run.step, images)
-            due = _checkpoint_due(config, run.step)
+            due = checkpoint_due(config, run.step)
             if checkpoint is not None and due:
-                _save_checkpoint(run, checkpoint, config, base)
+                save_checkpoint(run, checkpoint, config, base)
             if should_pause is not None and run.step < config.steps and should_pause():
                 if checkpoint is not None and not due:
-                    _save_checkpoint(run, checkpoint, config, base)
+                    save_checkpoint(run, checkpoint, config, base)
                 raise FinetuneCanceled(run.step)
     if run.adapter is not None:
         run.adapter.requires_grad_(False)

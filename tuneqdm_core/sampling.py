@@ -12,7 +12,7 @@ from PIL import Image
 
 from tuneqdm_core.base import BaseModel
 from tuneqdm_core.generate import GenerationRequest, Precision, generate
-from tuneqdm_core.training_step import _Run
+from tuneqdm_core.training_step import TrainingRun
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class Sampling:
 
 @contextmanager
 def _inference(base: BaseModel, unet: Any) -> Iterator[None]:
-    """Inside ``_training``: ``unet`` in eval mode with VAE and text encoder back on the
+    """Inside ``training_mode``: ``unet`` in eval mode with VAE and text encoder back on the
     accelerator for a moment, then training mode and offloading again."""
     unet.eval()
     if base.device.type != "cpu":
@@ -57,9 +57,9 @@ def _inference(base: BaseModel, unet: Any) -> Iterator[None]:
         unet.train()
 
 
-def _sample(
+def sample_images(
     base: BaseModel,
-    run: _Run,
+    run: TrainingRun,
     sampling: Sampling,
     on_step: Callable[[int, int], None] | None,
 ) -> list[Image.Image]:

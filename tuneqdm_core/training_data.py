@@ -36,7 +36,7 @@ class Subject:
 
 
 @dataclass
-class _Data:
+class TrainingData:
     """Everything the loop samples from, computed once."""
 
     mean: torch.Tensor  # [N, C, h, w] latent means (instance images, then class images)
@@ -51,7 +51,7 @@ class _Data:
     time_ids: torch.Tensor | None = None
 
 
-def _unet_inputs(base: BaseModel, data: _Data, rows: torch.Tensor) -> dict[str, Any]:
+def unet_inputs(base: BaseModel, data: TrainingData, rows: torch.Tensor) -> dict[str, Any]:
     """The UNet's conditioning keyword arguments for data ``rows`` (base.unet_inputs)."""
     prompts = data.prompt_of[rows]
     if data.time_ids is None:
@@ -125,14 +125,14 @@ def class_images(
     return have[:count]
 
 
-def _prepare(
+def prepare_data(
     base: BaseModel,
     subjects: Sequence[Subject],
     config: FinetuneConfig,
     cache_dir: Path | None,
     should_cancel: Callable[[], bool] | None = None,
     on_class_images: Callable[[int, int], None] | None = None,
-) -> _Data:
+) -> TrainingData:
     prompts: list[str] = []
 
     def prompt_index(prompt: str) -> int:
@@ -179,7 +179,7 @@ def _prepare(
         class_rows.append(rows)
     mean, std = _encode_images(base, torch.cat(pixels))
     conditioning = base.encode(prompts)
-    return _Data(
+    return TrainingData(
         mean=mean,
         std=std,
         embeds=conditioning.states,

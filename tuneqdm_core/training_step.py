@@ -1,6 +1,7 @@
-"""One fine-tuning step and what it works on: the trained parameters with their optimizer and
-random generator (:class:`_Run`), one step's random draws (:class:`_Batch`), the noised latents
-and their target, the loss, and the UNet's training mode with VAE and text encoders offloaded."""
+"""One fine-tuning step and what it works on: the trained parameters with their optimizer
+and random generator (:class:`TrainingRun`), one step's random draws (:class:`Batch`), the
+noised latents and their target, the loss, and the UNet's training mode with VAE and text
+encoders offloaded."""
 
 from __future__ import annotations
 
@@ -17,11 +18,11 @@ from tuneqdm_core.adapter import Adapter, param_groups
 from tuneqdm_core.base import BaseModel, Conditioning
 from tuneqdm_core.finetune_config import FinetuneConfig, s_out_learning_rate
 from tuneqdm_core.routing import route_adapters, routed
-from tuneqdm_core.training_data import _Data, _unet_inputs
+from tuneqdm_core.training_data import TrainingData, unet_inputs
 
 
 @dataclass
-class _Run:
+class TrainingRun:
     """What one fine-tune trains and the state a checkpoint saves."""
 
     unet: Any  # the quantized base UNet, or a float copy for method "full"
@@ -35,7 +36,7 @@ class _Run:
 
 
 @dataclass(frozen=True)
-class _Batch:
+class Batch:
     """One step's draws: data rows (instance rows, then their paired class rows), noise."""
 
     rows: torch.Tensor
@@ -44,7 +45,7 @@ class _Batch:
     timesteps: torch.Tensor
 
 
-def _start(base: BaseModel, config: FinetuneConfig) -> _Run:
+def start_run(base: BaseModel, config: FinetuneConfig) -> TrainingRun:
     """The trained parameters (a fresh adapter, or the float UNet), optimizer and generator."""
     device = base.device
     adapter: Adapter | None = None
@@ -69,7 +70,7 @@ def _start(base: BaseModel, config: FinetuneConfig) -> _Run:
     scaler = torch.amp.GradScaler(
         device.type, enabled=config.mixed_precision == "fp16" and device.type == "cuda"
     )
-    return _Run(
+    return TrainingRun(
         unet=unet,
         adapter=adapter,
         params=params,
@@ -79,16 +80,16 @@ def _start(base: BaseModel, config: FinetuneConfig) -> _Run:
     )
 
 
-def _draw_batch(
-    data: _Data,
+def draw_batch(
+    data: TrainingData,
     config: FinetuneConfig,
     generator: torch.Generator,
     total_t: int,
     schedule: Any = None,
-) -> _Batch:
+) -> Batch:
     """Rows, noises and timesteps of one step, all from ``generator`` in a fixed order (what
     makes a resumed run end with the same adapter). ``schedule`` (a transformer family's, see
-    :func:`_schedule`): the timesteps are that family's training sigmas instead."""
+    :func:`training_schedule`): the timesteps are that family's training sigmas instead."""
     rows = torch.randint(0, data.instance, (config.batch_size,), generator=generator)
     if any(data.class_rows):
         # Each instance sample is paired with a class image of its own subject.
@@ -101,15 +102,15 @@ def _draw_batch(
     latent_noise = torch.randn(data.mean[rows].shape, generator=generator)
     if schedule is not None:
         family, scheduler = schedule
-        return _Batch(
+        return Batch(
             rows, noise, latent_noise, family.draw_sigmas(rows.shape[0], generator, scheduler)
         )
     timesteps = torch.randint(0, total_t, (rows.shape[0],), generator=generator)
-    return _Batch(rows, noise, latent_noise, timesteps)
+    return Batch(rows, noise, latent_noise, timesteps)
 
 
-def _noisy_latents(
-    base: BaseModel, data: _Data, batch: _Batch, noise_scheduler: Any
+def noisy_latents(
+    base: BaseModel, data: TrainingData, batch: Batch, noise_scheduler: Any
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(noisy latents, timesteps, target) on the device: a latent sampled from each image's
     VAE posterior, noised at its timestep; the target is ε or v by the scheduler's type."""
@@ -124,14 +125,16 @@ def _noisy_latents(
     return noisy, t, noise_scheduler.get_velocity(latents, noise, t)
 
 
-def _autocast(config: FinetuneConfig, device: torch.device) -> Any:
+def training_autocast(config: FinetuneConfig, device: torch.device) -> Any:
     if config.mixed_precision == "no" or device.type != "cuda":
         return nullcontext()
     dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float16
     return torch.autocast(device.type, dtype=dtype)
 
 
-def _loss(prediction: torch.Tensor, target: torch.Tensor, config: FinetuneConfig) -> torch.Tensor:
+def training_loss(
+    prediction: torch.Tensor, target: torch.Tensor, config: FinetuneConfig
+) -> torch.Tensor:
     """Instance MSE, plus ``prior_loss_weight`` × the class images' MSE when the batch carries
     them (its second half)."""
     # At least float32 (mixed precision); a float64 model keeps float64 (exactness tests).
@@ -145,7 +148,7 @@ def _loss(prediction: torch.Tensor, target: torch.Tensor, config: FinetuneConfig
     return loss
 
 
-def _optimizer_step(run: _Run, loss: torch.Tensor, max_grad_norm: float) -> None:
+def _optimizer_step(run: TrainingRun, loss: torch.Tensor, max_grad_norm: float) -> None:
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
     if max_grad_norm > 0:
@@ -155,8 +158,8 @@ def _optimizer_step(run: _Run, loss: torch.Tensor, max_grad_norm: float) -> None
     run.scaler.update()
 
 
-def _schedule(base: BaseModel) -> tuple[Any, int, Any]:
-    """(noise scheduler, its training timesteps, the family schedule :func:`_draw_batch`
+def training_schedule(base: BaseModel) -> tuple[Any, int, Any]:
+    """(noise scheduler, its training timesteps, the family schedule :func:`draw_batch`
     takes: None for a UNet base)."""
     if base.family is None:
         scheduler = DDPMScheduler.from_config(base.scheduler_config)
@@ -165,8 +168,8 @@ def _schedule(base: BaseModel) -> tuple[Any, int, Any]:
     return scheduler, int(scheduler.config.num_train_timesteps), (base.family, scheduler)
 
 
-def _flow_inputs(
-    base: BaseModel, data: _Data, batch: _Batch
+def flow_inputs(
+    base: BaseModel, data: TrainingData, batch: Batch
 ) -> tuple[torch.Tensor, torch.Tensor, Conditioning]:
     """A transformer family's (noisy latents, target, conditioning) of a batch drawn with its
     schedule (``batch.timesteps`` are sigmas)."""
@@ -179,39 +182,39 @@ def _flow_inputs(
 
 
 def _flow_step(
-    base: BaseModel, run: _Run, data: _Data, batch: _Batch, config: FinetuneConfig
+    base: BaseModel, run: TrainingRun, data: TrainingData, batch: Batch, config: FinetuneConfig
 ) -> float:
-    """:func:`_train_step` for a transformer family: flow matching, routed by sigma."""
-    noisy, target, conditioning = _flow_inputs(base, data, batch)
+    """:func:`train_step` for a transformer family: flow matching, routed by sigma."""
+    noisy, target, conditioning = flow_inputs(base, data, batch)
     assert run.adapter is not None
     total = run.adapter.config.num_train_timesteps
     route = route_adapters([run.adapter], base.family.tas_timesteps(batch.timesteps, total))
     with routed(base.unet, route):
-        with _autocast(config, base.device):
+        with training_autocast(config, base.device):
             prediction = base.family.predict(base, run.unet, noisy, batch.timesteps, conditioning)
-        loss = _loss(prediction, target, config)
+        loss = training_loss(prediction, target, config)
         _optimizer_step(run, loss, config.max_grad_norm)
     return float(loss.detach())
 
 
-def _train_step(
+def train_step(
     base: BaseModel,
-    run: _Run,
-    data: _Data,
-    batch: _Batch,
+    run: TrainingRun,
+    data: TrainingData,
+    batch: Batch,
     noise_scheduler: Any,
     config: FinetuneConfig,
 ) -> float:
     """One optimizer step on ``batch``; returns its loss."""
     if base.family is not None:
         return _flow_step(base, run, data, batch, config)
-    noisy, t, target = _noisy_latents(base, data, batch, noise_scheduler)
+    noisy, t, target = noisy_latents(base, data, batch, noise_scheduler)
     route = None if run.adapter is None else route_adapters([run.adapter], batch.timesteps)
     # The backward stays inside: checkpointing reads the route again there.
     with routed(base.unet, route):
-        with _autocast(config, base.device):
-            prediction = run.unet(noisy, t, **_unet_inputs(base, data, batch.rows)).sample
-        loss = _loss(prediction, target, config)
+        with training_autocast(config, base.device):
+            prediction = run.unet(noisy, t, **unet_inputs(base, data, batch.rows)).sample
+        loss = training_loss(prediction, target, config)
         _optimizer_step(run, loss, config.max_grad_norm)
     return float(loss.detach())
 
@@ -233,7 +236,7 @@ def _offloaded(base: BaseModel) -> Any:
 
 
 @contextmanager
-def _training(base: BaseModel, unet: Any, config: FinetuneConfig) -> Iterator[None]:
+def training_mode(base: BaseModel, unet: Any, config: FinetuneConfig) -> Iterator[None]:
     """``unet`` in train mode (checkpointing on if asked), VAE and text encoder offloaded."""
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()

@@ -32,7 +32,7 @@ from tuneqdm_core.finetune import (
     finetune,
 )
 from tuneqdm_core.model import quant_state
-from tuneqdm_core.training_step import _draw_batch
+from tuneqdm_core.training_step import draw_batch
 
 # As in test_finetune.py: rates for a random tiny model whose quantization steps are ~1e-2.
 FAST: dict[str, Any] = {"resolution": 32, "lr_s_out": 1e-3, "lr_s_in": 3e-2}
@@ -210,7 +210,7 @@ def _grads_of_first(base: BaseModel, jobs: list[CoJob]) -> list[list[torch.Tenso
     for job in jobs:
         trainer.add(job)
     members = trainer._members
-    batches = [_draw_batch(m.data, m.config, m.run.generator, 1000) for m in members]
+    batches = [draw_batch(m.data, m.config, m.run.generator, 1000) for m in members]
     trainer._forward_backward(members, batches)
     grads = [[p.grad.clone() for p in m.run.params if p.grad is not None] for m in members]
     trainer.close()

@@ -32,8 +32,8 @@ from tuneqdm_core.finetune import (
 from tuneqdm_core.generate import GenerationRequest, generate
 from tuneqdm_core.model import quant_state
 from tuneqdm_core.routing import route_adapters, routed
-from tuneqdm_core.training_data import _prepare
-from tuneqdm_core.training_step import _draw_batch, _flow_inputs, _schedule
+from tuneqdm_core.training_data import prepare_data
+from tuneqdm_core.training_step import draw_batch, flow_inputs, training_schedule
 
 ARCHS = ("tiny-flux", "tiny-sd3")
 FAST: dict[str, Any] = {"resolution": 32, "lr_s_out": 1e-3, "lr_s_in": 3e-2}
@@ -215,11 +215,11 @@ def test_finetune_lowers_the_loss(base: BaseModel) -> None:
     config = FinetuneConfig(steps=30, batch_size=2, num_class_images=0, **FAST)
     result = finetune(base, [DOG], config)
     assert result.adapter is not None and quant_state(base.unet).route is None
-    data = _prepare(base, [DOG], config, None)
-    _, total, schedule = _schedule(base)
+    data = prepare_data(base, [DOG], config, None)
+    _, total, schedule = training_schedule(base)
     held = FinetuneConfig(steps=1, batch_size=8, num_class_images=0, **FAST)
-    batch = _draw_batch(data, held, torch.Generator().manual_seed(9), total, schedule)
-    noisy, target, conditioning = _flow_inputs(base, data, batch)
+    batch = draw_batch(data, held, torch.Generator().manual_seed(9), total, schedule)
+    noisy, target, conditioning = flow_inputs(base, data, batch)
 
     def held_loss(adapter: Adapter) -> float:
         route = route_adapters([adapter], base.family.tas_timesteps(batch.timesteps))
@@ -237,10 +237,10 @@ def test_a_training_step_matches_the_oracle_in_float64(base64: BaseModel) -> Non
     single-stream blocks (FLUX), AdaLN modulation linears and the patch embedding — equal the
     materialising oracle's, for a batch of two subjects at their own sigmas."""
     config = FinetuneConfig(steps=1, batch_size=3, num_class_images=0, intervals=3, **FAST)
-    data = _prepare(base64, [DOG, CAT], config, None)
-    _, total, schedule = _schedule(base64)
-    batch = _draw_batch(data, config, torch.Generator().manual_seed(0), total, schedule)
-    noisy, _, conditioning = _flow_inputs(base64, data, batch)
+    data = prepare_data(base64, [DOG, CAT], config, None)
+    _, total, schedule = training_schedule(base64)
+    batch = draw_batch(data, config, torch.Generator().manual_seed(0), total, schedule)
+    noisy, _, conditioning = flow_inputs(base64, data, batch)
     assert noisy.dtype == torch.float64
     adapter = perturbed_adapter(base64.unet, AdapterConfig(intervals=3))
     adapter.requires_grad_(True)
@@ -346,7 +346,7 @@ def test_lora_and_merged_exports_draw_what_the_adapter_draws(
 def test_mean_interval_weights_are_the_training_draws_shares(base: BaseModel) -> None:
     """FLUX draws sigmas uniformly (equal shares); SD3's logit-normal draws over sigmas
     shifted by 3.0 put most draws at high noise. Checked against a million draws."""
-    family, scheduler = _schedule(base)[2]
+    family, scheduler = training_schedule(base)[2]
     sigmas = family.draw_sigmas(1 << 20, torch.Generator().manual_seed(0), scheduler)
     for n in (2, 3):
         shares = family.interval_shares(base, n)

@@ -30,8 +30,8 @@ from tuneqdm_core.finetune import (
 from tuneqdm_core.generate import GenerationRequest, generate
 from tuneqdm_core.ldm_layout import xl_pipeline_to_ldm
 from tuneqdm_core.model import quant_state
-from tuneqdm_core.training_data import _prepare, _unet_inputs
-from tuneqdm_core.training_step import _draw_batch, _noisy_latents
+from tuneqdm_core.training_data import prepare_data, unet_inputs
+from tuneqdm_core.training_step import draw_batch, noisy_latents
 
 # As in test_finetune.py: rates for a random tiny model whose quantization steps are ~1e-2.
 FAST: dict[str, Any] = {"resolution": 32, "lr_s_out": 1e-3, "lr_s_in": 3e-2}
@@ -151,7 +151,7 @@ def test_finetune_lowers_the_loss(xl_base: BaseModel) -> None:
 
 
 def test_time_ids_carry_each_photos_size_and_crop(xl_base: BaseModel) -> None:
-    data = _prepare(xl_base, [CAT], FinetuneConfig(steps=1, **FAST), None)
+    data = prepare_data(xl_base, [CAT], FinetuneConfig(steps=1, **FAST), None)
     assert data.time_ids is not None and data.pooled is not None
     # 30×44 (w×h) photo → 32×47 after resizing the short side, cropped 32×32 from row 7.
     assert data.time_ids.tolist() == [[44.0, 30.0, 7.0, 0.0, 32.0, 32.0]] * 2
@@ -161,11 +161,11 @@ def test_a_training_step_matches_the_oracle_in_float64(xl_base64: BaseModel) -> 
     """The step's forward and scale gradients with SDXL's real conditioning equal the
     materialising oracle's (tests/core/oracle.py), batch of two subjects' photos."""
     config = FinetuneConfig(steps=1, batch_size=3, num_class_images=0, **FAST)
-    data = _prepare(xl_base64, [DOG, CAT], config, None)
+    data = prepare_data(xl_base64, [DOG, CAT], config, None)
     scheduler = DDPMScheduler.from_config(xl_base64.scheduler_config)
-    batch = _draw_batch(data, config, torch.Generator().manual_seed(0), 1000)
-    noisy, t, _ = _noisy_latents(xl_base64, data, batch, scheduler)
-    inputs = _unet_inputs(xl_base64, data, batch.rows)
+    batch = draw_batch(data, config, torch.Generator().manual_seed(0), 1000)
+    noisy, t, _ = noisy_latents(xl_base64, data, batch, scheduler)
+    inputs = unet_inputs(xl_base64, data, batch.rows)
     assert inputs["added_cond_kwargs"]["time_ids"].dtype == torch.float64
     adapter = perturbed_adapter(xl_base64.unet, AdapterConfig(intervals=2))
     adapter.requires_grad_(True)

@@ -92,7 +92,7 @@ def tokenizer_files(
     return vocab, merges
 
 
-def _text_config(vocab: dict[str, int], width: int, layers: int, **extra: Any) -> CLIPTextConfig:
+def text_config(vocab: dict[str, int], width: int, layers: int, **extra: Any) -> CLIPTextConfig:
     return CLIPTextConfig(
         vocab_size=len(vocab),
         hidden_size=width,
@@ -145,7 +145,7 @@ def build_pipeline(
     vocab, merges = tokenizer_files(words)
     tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
     text_encoder = CLIPTextModel(
-        _text_config(vocab, unet_config["cross_attention_dim"], text_layers)
+        text_config(vocab, unet_config["cross_attention_dim"], text_layers)
     )
     vae, unet = _vae_and_unet(unet_config, vae_channels, resolution)
     scheduler = DDIMScheduler(
@@ -192,9 +192,9 @@ def build_xl_pipeline(
         - 6 * unet_config["addition_time_embed_dim"]
     )
     first = cross * 3 // 8
-    text_encoder = CLIPTextModel(_text_config(vocab, first, text_layers))
+    text_encoder = CLIPTextModel(text_config(vocab, first, text_layers))
     text_encoder_2 = CLIPTextModelWithProjection(
-        _text_config(vocab, cross - first, text_layers, projection_dim=pooled)
+        text_config(vocab, cross - first, text_layers, projection_dim=pooled)
     )
     tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
     tokenizer_2 = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77, pad_token="!")

@@ -33,7 +33,7 @@ from transformers import (
     T5TokenizerFast,
 )
 
-from tuneqdm_core.builtin.tiny import WORDS, _text_config, tokenizer_files
+from tuneqdm_core.builtin.tiny import WORDS, text_config, tokenizer_files
 
 DIT_ARCHS = ("tiny-flux", "tiny-sd3")
 T5_SPECIAL = ("<pad>", "</s>", "<unk>")
@@ -108,7 +108,7 @@ def build_tiny_flux(seed: int = 0, resolution: int = 32) -> FluxPipeline:
     embedding, CLIP (pooled) + T5 (sequence) text encoders, 4 latent channels packed 2×2."""
     torch.manual_seed(seed)
     vocab, _ = tokenizer_files(WORDS)
-    text_encoder = CLIPTextModel(_text_config(vocab, 32, 2))
+    text_encoder = CLIPTextModel(text_config(vocab, 32, 2))
     t5_tok = t5_tokenizer()
     text_encoder_2 = _t5(32, len(t5_tok))
     vae = _vae(4, resolution, shift=0.1159, scale=0.3611)
@@ -149,8 +149,8 @@ def build_tiny_sd3(seed: int = 0, resolution: int = 32) -> StableDiffusion3Pipel
     T5, 4 latent channels in 2×2 patches, the flow-matching scheduler with shift 3.0."""
     torch.manual_seed(seed)
     vocab, _ = tokenizer_files(WORDS)
-    text_encoder = CLIPTextModelWithProjection(_text_config(vocab, 16, 2, projection_dim=16))
-    text_encoder_2 = CLIPTextModelWithProjection(_text_config(vocab, 16, 2, projection_dim=16))
+    text_encoder = CLIPTextModelWithProjection(text_config(vocab, 16, 2, projection_dim=16))
+    text_encoder_2 = CLIPTextModelWithProjection(text_config(vocab, 16, 2, projection_dim=16))
     t5_tok = t5_tokenizer()
     text_encoder_3 = _t5(32, len(t5_tok))
     vae = _vae(4, resolution, shift=0.0609, scale=1.5305)

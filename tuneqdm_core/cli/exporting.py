@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from tuneqdm_core.cli.models import _base, add_base_arguments
+from tuneqdm_core.cli.models import add_base_arguments, base_from_args
 from tuneqdm_core.export import (
     DEFAULT_RANK,
     FORMATS,
@@ -35,7 +35,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         max_relative_error=args.max_relative_error,
     )
     read_metadata(args.adapter)  # a bad adapter file fails before the base loads
-    base = _base(args)
+    base = base_from_args(args)
     adapter = load_adapter(args.adapter, base.unet)
     out = Path(args.out)
     if base.family is None:

@@ -66,7 +66,7 @@ def cache_dir(args: argparse.Namespace) -> Path | None:
     return Path(args.cache_dir) if args.cache_dir else default_cache_dir()
 
 
-def _base(args: argparse.Namespace) -> BaseModel:
+def base_from_args(args: argparse.Namespace) -> BaseModel:
     base = load_base(
         args.model,
         quant=QuantConfig(bits=args.bits),
@@ -90,7 +90,7 @@ def cmd_build_tiny(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    base = _base(args)
+    base = base_from_args(args)
     print(f"fingerprint {base.fingerprint}")
     return 0
 
@@ -148,7 +148,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     for subject in subjects:
         for photo in subject.images:
             open_image(photo)
-    base = _base(args)
+    base = base_from_args(args)
     with tqdm(total=config.steps, desc="fine-tune", unit="step") as bar:
 
         def show(p: Progress) -> None:
@@ -179,7 +179,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     if args.adapter:
         read_metadata(args.adapter)  # a bad adapter file fails before the base loads
-    base = _base(args)
+    base = base_from_args(args)
     adapter = load_adapter(args.adapter, base.unet, device=base.device) if args.adapter else None
     request = GenerationRequest(
         prompt=args.prompt,
