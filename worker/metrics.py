@@ -190,9 +190,18 @@ class GpuMemory(Collector):
     """GPU memory this process holds, read at scrape time; nothing without CUDA in use (a
     webhook sender never imports torch, a CPU worker has no CUDA)."""
 
+    def describe(self) -> Iterable[Metric]:
+        # Without it, registering would call collect(): at worker start the base loader's
+        # thread may be importing torch right then, and a half-imported torch has no `cuda`
+        # (the metrics server then never started).
+        return []
+
     def collect(self) -> Iterable[Metric]:
-        torch = sys.modules.get("torch")
-        if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        # A module another thread is still importing is in sys.modules already.
+        cuda = getattr(sys.modules.get("torch"), "cuda", None)
+        if cuda is None or not hasattr(cuda, "is_initialized"):
+            return
+        if not cuda.is_available() or not cuda.is_initialized():
             return
         allocated = GaugeMetricFamily(
             "tuneqdm_gpu_memory_allocated_bytes",
@@ -204,10 +213,10 @@ class GpuMemory(Collector):
             "Most GPU memory this worker's tensors held since it started.",
             labels=["device"],
         )
-        for index in range(torch.cuda.device_count()):
+        for index in range(cuda.device_count()):
             device = f"cuda:{index}"
-            allocated.add_metric([device], float(torch.cuda.memory_allocated(index)))
-            peak.add_metric([device], float(torch.cuda.max_memory_allocated(index)))
+            allocated.add_metric([device], float(cuda.memory_allocated(index)))
+            peak.add_metric([device], float(cuda.max_memory_allocated(index)))
         yield allocated
         yield peak
 

@@ -157,11 +157,6 @@ def _bucket_quantile(q: float, values: list[float]) -> float:
     return start + (bounds[b] - start) * (rank / count)
 
 
-@pytest.mark.xfail(
-    reason="known open defect: within the whole suite the scrape of every target timed out "
-    "after 60 s (passes alone in ~30 s); to be fixed, the test kept as it is",
-    strict=False,
-)
 def test_prometheus_scrapes_the_api_and_workers_and_computes_what_happened(
     pg_url: str, logs: Path, tmp_path: Path, tiny_settings: dict[str, object]
 ) -> None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import sys
+import types
 import urllib.request
 
-from prometheus_client import REGISTRY
+import pytest
+from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.models import Tenant
@@ -79,3 +82,18 @@ def test_failure_causes_are_a_small_fixed_set() -> None:
     assert metrics.cause_of("failed", attempts_exhausted(4, 3, None)) == "attempts_exhausted"
     assert metrics.cause_of("failed", attempts_exhausted(4, 3, "boom")) == "attempts_exhausted"
     assert metrics.cause_of("failed", "the worker failed (ValueError)") == "error"
+
+
+def test_gpu_memory_is_safe_while_another_thread_imports_torch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """At worker start the base loader's thread imports torch while the main thread starts the
+    metrics server: registering must not read torch, and a scrape meanwhile finds a
+    half-imported module (in sys.modules, no `cuda` yet) and reports no GPU series."""
+    half = types.ModuleType("torch")
+    monkeypatch.setitem(sys.modules, "torch", half)
+    registry = CollectorRegistry()
+    registry.register(metrics.GpuMemory())
+    assert list(registry.collect()) == []
+    half.cuda = types.ModuleType("torch.cuda")  # type: ignore[attr-defined]
+    assert list(registry.collect()) == []
