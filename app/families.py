@@ -21,11 +21,11 @@ without torch; tests/worker/test_families.py checks they agree.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args
 
 # How a base uses guidance_scale (Guidance): classifier-free guidance (a second, negative
 # batch), an embedding the model was distilled with (FLUX.1 [dev]), or not at all ([schnell]).
-from app.models import Family, Guidance
+from app.models import ExportFormat, Family, Guidance
 
 # model_index.json's _class_name of the transformer families (tuneqdm_core.families'
 # pipeline_names); any other pipeline is a UNet one.
@@ -124,6 +124,18 @@ FINETUNE_DEFAULTS: dict[Family, FinetuneDefaults] = {
 # The params GET /v1/bases shows the defaults of (lr_s_out: null means relative to the base's
 # quantization step, FinetuneParams' description).
 FINETUNE_FIELDS = ("steps", "lr_s_in", "lr_s_out", "batch_size")
+
+
+# Export formats per family: kohya keys and the original single-file layout exist for the
+# UNet families only (tuneqdm_core.export; the transformer families export diffusers-keyed
+# LoRAs, which their pipelines' load_lora_weights read, and merged transformers).
+TRANSFORMER_EXPORTS = ("lora", "merged")
+EXPORT_FORMATS: dict[Family, tuple[str, ...]] = {
+    "sd": get_args(ExportFormat),
+    "sdxl": get_args(ExportFormat),
+    "sd3": TRANSFORMER_EXPORTS,
+    "flux": TRANSFORMER_EXPORTS,
+}
 
 
 def generation_rules(family: str, guidance: str) -> GenerationRules:

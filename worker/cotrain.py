@@ -2,13 +2,13 @@
 
 A fine-tune on its first attempt does not train alone: its worker claims more queued fine-tunes
 that can share its UNet calls (the same base, so the same family — SD, SDXL, SD3 or FLUX — and
-`tuneqdm_core.cotrain.group_key`: method, resolution, precision and checkpointing) and trains them all with one `CoTrainer`; between
-steps it claims more while there is room. Claims follow the tenants' fair pick, one place per
-tenant in turn (`claim_compatible`). Everything else stays per job, as in the solo path
-(worker/training.py): lease and heartbeat, progress writes, checkpoint folder, cancel flag,
-time limit, attempts, publishing. A job that finishes, fails or is canceled leaves after its
-step and is published or ended at once; the others go on. The claimed jobs' own messages
-later find them taken (claim_next's skip).
+`tuneqdm_core.cotrain.group_key`: method, resolution, precision and checkpointing) and trains
+them all with one `CoTrainer`; between steps it claims more while there is room. Claims follow
+the tenants' fair pick, one place per tenant in turn (`claim_compatible`). Everything else
+stays per job, as in the solo path (worker/training.py): lease and heartbeat, progress writes,
+checkpoint folder, cancel flag, time limit, attempts, publishing. A job that finishes, fails or
+is canceled leaves after its step and is published or ended at once; the others go on. The
+claimed jobs' own messages later find them taken (claim_next's skip).
 
 A job on its second attempt or later trains alone (worker/finetunes.py), so a job that kills
 its worker takes other tenants' jobs down with it at most once. A failure of the shared step

@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 from PIL import Image
+from safetensors import safe_open
 
 from tests.service.procs import (
     Proc,
@@ -55,9 +56,9 @@ def _bases(client: httpx.Client) -> dict[str, dict[str, Any]]:
 
 def _finetune_then_generate(
     client: httpx.Client, base: str, procs: list[Proc], **generation: Any
-) -> tuple[str, str]:
+) -> tuple[str, str, str]:
     """A fine-tune on `base`, then a WIDTH × HEIGHT generation with its adapter; both must
-    succeed, the image at the requested size. Returns (fine-tune id, generation id)."""
+    succeed, the image at the requested size. Returns (fine-tune, generation, adapter) ids."""
     r = post_finetune(client, PARAMS, photos=2, base=base)
     assert r.status_code == 202, r.text
     ft = r.json()
@@ -75,7 +76,7 @@ def _finetune_then_generate(
     assert gen["status"] == "succeeded", gen
     png = client.get(gen["images"][0]["url"]).raise_for_status().content
     assert Image.open(io.BytesIO(png)).size == (WIDTH, HEIGHT)
-    return ft["id"], gen["id"]
+    return ft["id"], gen["id"], adapter
 
 
 def test_flux_and_sd_workers_side_by_side(
@@ -142,8 +143,8 @@ def test_flux_and_sd_workers_side_by_side(
             assert problem["errors"][0]["field"] == field
             assert f"'{FLUX}' (family flux)" in problem["detail"]
 
-        ft_flux, gen_flux = _finetune_then_generate(client, FLUX, procs)
-        ft_sd, gen_sd = _finetune_then_generate(client, SD, procs, negative_prompt="blurry")
+        ft_flux, gen_flux, _ = _finetune_then_generate(client, FLUX, procs)
+        ft_sd, gen_sd, _ = _finetune_then_generate(client, SD, procs, negative_prompt="blurry")
         for proc, own, other in (
             (worker_flux, (ft_flux, gen_flux), (ft_sd, gen_sd)),
             (worker_sd, (ft_sd, gen_sd), (ft_flux, gen_flux)),
@@ -168,7 +169,7 @@ def test_flux_and_sd_workers_side_by_side(
 
 
 def test_sd3_base_end_to_end(
-    logs: Path, tiny_settings: dict[str, object], tiny_sd3_dir: Path
+    logs: Path, tiny_settings: dict[str, object], tiny_sd3_dir: Path, tmp_path: Path
 ) -> None:
     env = service_env(**{**tiny_settings, "model": str(tiny_sd3_dir)}, **COMMON, base_model=SD3)
     key = create_key(env, "dit")["api key"]
@@ -182,9 +183,28 @@ def test_sd3_base_end_to_end(
             r = client.post("/v1/generations", json={"prompt": "a dog", "scheduler": "ddim"})
             assert r.status_code == 422 and r.json()["errors"][0]["field"] == "scheduler"
             # SD3 uses classifier-free guidance, so it takes a negative prompt.
-            _finetune_then_generate(
+            _, _, adapter = _finetune_then_generate(
                 client, SD3, service.procs, negative_prompt="blurry", scheduler="heun"
             )
+            # Its adapter exports as a LoRA on the transformer (kohya keys are UNet-only).
+            exports = f"/v1/adapters/{adapter}/exports"
+            r = client.post(exports, json={"format": "lora-kohya", "rank": 4})
+            assert r.status_code == 422 and r.json()["errors"][0]["field"] == "format"
+            r = client.post(exports, json={"format": "lora", "rank": 4})
+            assert r.status_code == 202, r.text
+            file_url = r.json()["links"]["file"]
+
+            def exported() -> bool:
+                status = client.get(exports).json()["data"][0]["status"]
+                return bool(status in ("succeeded", "failed"))
+
+            wait_for("the export", exported, 120, service.procs)
+            assert client.get(exports).json()["data"][0]["status"] == "succeeded"
+            lora = tmp_path / "lora.safetensors"
+            lora.write_bytes(client.get(file_url).raise_for_status().content)
+            with safe_open(str(lora), framework="pt") as handle:
+                keys = list(handle.keys())
+            assert keys and all(k.startswith("transformer.") for k in keys)
 
 
 def test_the_embedded_mode_serves_a_flux_base(tmp_path: Path, tiny_flux_dir: Path) -> None:
