@@ -38,7 +38,12 @@ from tests.service.procs import (
 SD, FLUX, SD3 = "tiny-sd", "tiny-flux", "tiny-sd3"
 # Tiny sizes: FLUX's native side is FluxPipeline's 128 × the tiny VAE's 2 = 256 px; a lower
 # bound of 1/8 lets the test train and generate at 32 px.
-COMMON: dict[str, Any] = {"torch_threads": 1, "min_size_factor": 0.125, "heartbeat_s": 1}
+COMMON: dict[str, Any] = {
+    "torch_threads": 1,
+    "min_size_factor": 0.125,
+    "heartbeat_s": 1,
+    "sample_steps": 2,
+}
 PARAMS = {"steps": 2, "resolution": 32, "seed": 1}
 WIDTH, HEIGHT = 48, 32
 
@@ -55,11 +60,16 @@ def _bases(client: httpx.Client) -> dict[str, dict[str, Any]]:
 
 
 def _finetune_then_generate(
-    client: httpx.Client, base: str, procs: list[Proc], **generation: Any
+    client: httpx.Client,
+    base: str,
+    procs: list[Proc],
+    params: dict[str, Any] | None = None,
+    **generation: Any,
 ) -> tuple[str, str, str]:
-    """A fine-tune on `base`, then a WIDTH × HEIGHT generation with its adapter; both must
-    succeed, the image at the requested size. Returns (fine-tune, generation, adapter) ids."""
-    r = post_finetune(client, PARAMS, photos=2, base=base)
+    """A fine-tune on `base` (PARAMS and `params`), then a WIDTH × HEIGHT generation with its
+    adapter; both must succeed, the image at the requested size. Returns (fine-tune,
+    generation, adapter) ids."""
+    r = post_finetune(client, {**PARAMS, **(params or {})}, photos=2, base=base)
     assert r.status_code == 202, r.text
     ft = r.json()
     assert (ft["base_model"], ft["params"]["resolution"]) == (base, 32)
@@ -143,7 +153,12 @@ def test_flux_and_sd_workers_side_by_side(
             assert problem["errors"][0]["field"] == field
             assert f"'{FLUX}' (family flux)" in problem["detail"]
 
-        ft_flux, gen_flux, _ = _finetune_then_generate(client, FLUX, procs)
+        # With a progress image: sampled at the base's native size with the family's guidance.
+        sampled = {"validation_prompts": ["a photo of sks dog"], "sample_every": 2}
+        ft_flux, gen_flux, _ = _finetune_then_generate(client, FLUX, procs, sampled)
+        [sample] = client.get(f"/v1/finetunes/{ft_flux}/samples").json()["data"]
+        png = client.get(sample["url"]).raise_for_status().content
+        assert sample["step"] == 2 and Image.open(io.BytesIO(png)).size == (256, 256)
         ft_sd, gen_sd, _ = _finetune_then_generate(client, SD, procs, negative_prompt="blurry")
         for proc, own, other in (
             (worker_flux, (ft_flux, gen_flux), (ft_sd, gen_sd)),
