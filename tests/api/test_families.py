@@ -8,16 +8,22 @@ what a worker writes for each tiny model)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import pytest
+from alembic import command
 from fastapi.testclient import TestClient
+from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.bases import BaseInfo, register
+from app.db import make_engine
 from app.families import FINETUNE_DEFAULTS, GENERATION_RULES
-from app.models import FinetuneJob, GenerationJob
+from app.models import FinetuneJob, GenerationJob, utcnow
 from app.storage import LocalStorage
+from tests.api.conftest import alembic_config
 from tests.api.factories import make_adapter, make_tenant
 from tests.api.test_finetunes import post_finetune
 
@@ -165,3 +171,33 @@ def test_the_base_shows_its_family_rules_and_defaults(
     sd3 = client.get(f"/v1/bases/{SD35.name}", headers=headers).json()
     assert (sd3["family"], sd3["generation"]["negative_prompt"]) == ("sd3", True)
     assert set(FINETUNE_DEFAULTS) == {"sd", "sdxl", "sd3", "flux"}
+
+
+def test_the_migration_serves_existing_bases_by_the_unet_rules(
+    new_database: Callable[[], str],
+) -> None:
+    """Bases registered before migration 0017 were UNet bases: they get `sd`, `cfg` and 8
+    (SDXL's family is corrected when its worker registers again); a family outside the four
+    is refused by the database."""
+    url = new_database()
+    cfg = alembic_config(url)
+    command.upgrade(cfg, "0016")
+    engine = make_engine(url)
+    insert = text(
+        "INSERT INTO bases (name, source, native_resolution, prediction_type, bits, "
+        "created_at, updated_at) VALUES ('sd15', '/m', 512, 'epsilon', 4, :now, :now)"
+    )
+    try:
+        with engine.begin() as c:
+            c.execute(insert, {"now": utcnow()})
+        command.upgrade(cfg, "head")
+        with engine.connect() as c:
+            row = c.execute(text("SELECT family, guidance, size_multiple FROM bases")).one()
+        assert tuple(row) == ("sd", "cfg", 8)
+        with pytest.raises(IntegrityError), engine.begin() as c:
+            c.execute(text("UPDATE bases SET family = 'sd4'"))
+        command.downgrade(cfg, "0016")
+        with engine.connect() as c:
+            assert c.execute(text("SELECT name FROM bases")).scalar_one() == "sd15"
+    finally:
+        engine.dispose()
