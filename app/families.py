@@ -162,6 +162,12 @@ def guidance_of(family: str, denoiser: dict[str, Any]) -> Guidance:
     return "cfg"
 
 
+def finetune_overrides(family: str) -> dict[str, Any]:
+    """The family's own defaults of FinetuneParams fields (those that differ from the schema's);
+    the resolution's is given by `finetune_defaults`, which knows the base's sizes."""
+    return dict(FINETUNE_DEFAULTS[family].overrides)  # type: ignore[index]
+
+
 def finetune_defaults(
     family: str, *, native: int, low: int, high: int, multiple: int
 ) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from app import storage as st
 from app.bases import BaseInfo, finetune_defaults, size_range, sizes_of
 from app.errors import Conflict, InvalidInput, NotFound
 from app.events import record_event
+from app.families import finetune_overrides
 from app.ids import looks_like_id, new_id
 from app.images import CheckedImage, check_image, read_limited
 from app.models import ACTIVE_STATUSES, FinetuneImage, FinetuneJob, Tenant, utcnow
@@ -55,15 +57,16 @@ class FinetuneForm:
 
 def parse_params(raw: str | None, overrides: dict[str, Any] | None = None) -> FinetuneParams:
     """The params as sent, with the base family's `overrides` of FinetuneParams' defaults
-    (app/families.py) for the fields they omit."""
+    (app/families.py) for the keys the JSON object omits."""
+    text = raw if raw and raw.strip() else "{}"
     try:
-        params = FinetuneParams.model_validate_json(raw if raw and raw.strip() else "{}")
-        omitted = {k: v for k, v in (overrides or {}).items() if k not in params.model_fields_set}
+        params = FinetuneParams.model_validate_json(text)
+        sent = json.loads(text)  # valid: a JSON object
+        omitted = {k: v for k, v in (overrides or {}).items() if k not in sent}
         if omitted:
-            # Validated again as a whole: defaults derived from them (sample_every) follow.
-            params = FinetuneParams.model_validate(
-                {**omitted, **params.model_dump(exclude_unset=True)}
-            )
+            # Validated again as sent plus the overrides, so that what derives from them
+            # (sample_every from steps) follows.
+            params = FinetuneParams.model_validate_json(json.dumps({**omitted, **sent}))
         return params
     except ValidationError as exc:
         errors = exc.errors()
@@ -92,10 +95,7 @@ def _validate_form(form: FinetuneForm, settings: Settings, base: BaseInfo) -> Fi
             f"'a photo of {form.token} dog'"
         )
     sizes = sizes_of(base, settings)
-    defaults = finetune_defaults(base, sizes)
-    params = parse_params(
-        form.params, {k: v for k, v in defaults.items() if k not in ("resolution", "lr_s_out")}
-    )
+    params = parse_params(form.params, finetune_overrides(base.family))
     if params.bits is None:
         # Stored resolved, like the resolution (the registry holds only 4 and 8).
         params.bits = 8 if base.bits == 8 else 4
@@ -110,7 +110,7 @@ def _validate_form(form: FinetuneForm, settings: Settings, base: BaseInfo) -> Fi
     ]
     if params.resolution is None:
         # Stored resolved, so the worker never re-applies a default.
-        params.resolution = int(defaults["resolution"])
+        params.resolution = int(finetune_defaults(base, sizes)["resolution"])
     elif not sizes.accepts(params.resolution):
         raise InvalidInput(
             f"params.resolution={params.resolution} must be {sizes.describe()} for base "

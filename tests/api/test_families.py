@@ -22,6 +22,7 @@ from app.bases import BaseInfo, register
 from app.db import make_engine
 from app.families import FINETUNE_DEFAULTS, GENERATION_RULES
 from app.models import FinetuneJob, GenerationJob, utcnow
+from app.services.finetunes import parse_params
 from app.storage import LocalStorage
 from tests.api.conftest import alembic_config
 from tests.api.factories import make_adapter, make_tenant
@@ -201,3 +202,15 @@ def test_the_migration_serves_existing_bases_by_the_unet_rules(
             assert c.execute(text("SELECT name FROM bases")).scalar_one() == "sd15"
     finally:
         engine.dispose()
+
+
+def test_a_family_override_fills_only_what_the_params_omit() -> None:
+    """How a family's own fine-tune default (app/families.py `overrides`) applies: to omitted
+    keys only, before what derives from it (sample_every from steps)."""
+    sampled = '{"validation_prompts": ["a photo of sks dog"]}'
+    params = parse_params(sampled, {"steps": 100})
+    assert (params.steps, params.sample_every) == (100, 25)
+    params = parse_params('{"steps": 8, "validation_prompts": ["x"]}', {"steps": 100})
+    assert (params.steps, params.sample_every) == (8, 2)
+    assert parse_params(None, {"lr_s_in": 0.01}).lr_s_in == 0.01
+    assert parse_params(None).steps == 400
