@@ -23,8 +23,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, get_args
 
-# How a base uses guidance_scale (Guidance): classifier-free guidance (a second, negative
-# batch), an embedding the model was distilled with (FLUX.1 [dev]), or not at all ([schnell]).
 from app.models import ExportFormat, Family, Guidance
 
 # model_index.json's _class_name of the transformer families (tuneqdm_core.families'

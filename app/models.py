@@ -35,7 +35,9 @@ Method = Literal["tuneqdm", "peqa", "full"]
 ExportFormat = Literal["lora", "lora-kohya", "merged", "merged-checkpoint"]
 ExportStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
 DeliveryStatus = Literal["pending", "delivered", "failed"]
-# A base's model family and how it uses guidance_scale (app/families.py; migration 0017).
+# A base's model family and how it uses guidance_scale (app/families.py; migration 0017):
+# classifier-free guidance, an embedding the model was distilled with (FLUX.1 [dev]), or not
+# at all (FLUX.1 [schnell]).
 Family = Literal["sd", "sdxl", "sd3", "flux"]
 Guidance = Literal["cfg", "embedded", "none"]
 # What a fine-tune's event log records (app/events.py, docs/api.md "Events").

@@ -7,11 +7,13 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import get_args
 
 import pytest
 
 from app.bases import describe_folder
 from app.families import GENERATION_RULES, PIPELINES, UNET_SCHEDULERS
+from app.schemas import Scheduler
 from app.settings import Settings
 from tuneqdm_core.base import load_base
 from tuneqdm_core.families import FAMILIES
@@ -29,6 +31,9 @@ def test_the_api_tables_agree_with_the_core() -> None:
         schedulers = set(core.schedulers) if core is not None else set(UNET_CORE_SCHEDULERS)
         assert set(rules.schedulers) == schedulers, family
         assert rules.scheduler in rules.schedulers
+    # The request schema's names are every family's.
+    every = {name for rules in GENERATION_RULES.values() for name in rules.schedulers}
+    assert set(get_args(Scheduler)) == every
 
 
 @pytest.mark.parametrize("arch", ["tiny-flux", "tiny-sd3", "tiny-sd", "tiny-sdxl"])
