@@ -18,9 +18,18 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app import families
 from app.db import database_now
-from app.models import BaseWorker, ServedBase
+from app.families import family_of, guidance_of
+from app.models import BaseWorker, Family, Guidance, ServedBase
 from app.settings import Settings
+
+# The side of a generated image a FLUX pipeline makes when asked none, in latent pixels:
+# FluxPipeline's `default_sample_size`, a constant of the pipeline (FLUX transformer configs
+# carry no sample_size), multiplied there by the VAE's scale factor (1024 px for FLUX.1).
+FLUX_SAMPLE_SIZE = 128
+# Every requested side is a multiple of this (the schemas' multiple_of); a family may need more.
+SIZE_STEP = 8
 
 
 @dataclass(frozen=True)
@@ -29,21 +38,30 @@ class BaseInfo:
 
     name: str
     source: str
-    native_resolution: int  # UNet sample_size × VAE scale factor, in pixels
+    native_resolution: int  # the pipeline's default side: sample size × VAE scale factor
     prediction_type: str
     bits: int
+    family: Family = "sd"
+    guidance: Guidance = "cfg"
+    # Sides must be multiples of this: 8 for UNets; VAE factor × 2 for FLUX (2×2 latent
+    # patches packed into tokens) and for SD3 (its transformer's patch size).
+    size_multiple: int = SIZE_STEP
 
 
 @dataclass(frozen=True)
 class SizeRange:
-    """Accepted image sides (fine-tune resolution, generation width/height), multiples of 8."""
+    """Accepted image sides (fine-tune resolution, generation width/height)."""
 
     default: int
     min: int
     max: int
+    multiple: int = SIZE_STEP
 
     def describe(self) -> str:
-        return f"between {self.min} and {self.max} (a multiple of 8)"
+        return f"between {self.min} and {self.max} (a multiple of {self.multiple})"
+
+    def accepts(self, side: int) -> bool:
+        return self.min <= side <= self.max and side % self.multiple == 0
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -57,36 +75,85 @@ def describe_folder(folder: str | Path, *, name: str, bits: int) -> BaseInfo | N
     """A diffusers model folder's description from its config files, or None when `folder` is
     not a local model folder (a hub id: only a worker that downloaded it can describe it)."""
     root = Path(folder)
-    unet_config = root / "unet" / "config.json"
-    if not unet_config.is_file():
+    configs = [root / part / "config.json" for part in ("unet", "transformer")]
+    denoiser_config = next((path for path in configs if path.is_file()), None)
+    if denoiser_config is None:
         return None
-    unet = _read_json(unet_config)
+    denoiser = _read_json(denoiser_config)
+    index_file = root / "model_index.json"
+    index = _read_json(index_file) if index_file.is_file() else {}
     vae_config = root / "vae" / "config.json"
     # diffusers' VaeImageProcessor rule: one halving per VAE block after the first (8 for SD).
     blocks = len(_read_json(vae_config)["block_out_channels"]) if vae_config.is_file() else 4
     scheduler_config = root / "scheduler" / "scheduler_config.json"
-    prediction = (
-        _read_json(scheduler_config).get("prediction_type", "epsilon")
-        if scheduler_config.is_file()
-        else "epsilon"
-    )
-    sample_size = unet["sample_size"]
-    if isinstance(sample_size, list):  # non-square UNets give [h, w]; the short side bounds
-        sample_size = min(sample_size)
-    return BaseInfo(
+    scheduler = _read_json(scheduler_config) if scheduler_config.is_file() else {}
+    return describe_configs(
         name=name,
         source=str(folder),
-        native_resolution=int(sample_size) * 2 ** (blocks - 1),
-        prediction_type=str(prediction),
         bits=bits,
+        family=family_of(index, denoiser),
+        denoiser=denoiser,
+        vae_scale_factor=2 ** (blocks - 1),
+        scheduler=scheduler,
     )
 
 
-def size_range(native: int, settings: Settings) -> SizeRange:
-    """native × [MIN_SIZE_FACTOR, MAX_SIZE_FACTOR], rounded inwards to multiples of 8."""
-    low = max(8, 8 * math.ceil(native * settings.min_size_factor / 8))
-    high = max(low, 8 * math.floor(native * settings.max_size_factor / 8))
-    return SizeRange(default=native, min=low, max=high)
+def describe_configs(
+    *,
+    name: str,
+    source: str,
+    bits: int,
+    family: Family,
+    denoiser: dict[str, Any],
+    vae_scale_factor: int,
+    scheduler: dict[str, Any],
+) -> BaseInfo:
+    """A base's description from its denoiser's (UNet's or transformer's) config, its VAE's
+    scale factor and its scheduler config: the same facts whether read from the folder's JSON
+    (describe_folder) or from the loaded model (worker/bases.py)."""
+    if family == "flux":
+        sample_size: Any = FLUX_SAMPLE_SIZE
+        multiple = vae_scale_factor * 2
+    else:
+        # StableDiffusion3Pipeline's default_sample_size is its transformer's sample_size, as
+        # the UNet pipelines' is their UNet's.
+        sample_size = denoiser["sample_size"]
+        multiple = vae_scale_factor * int(denoiser.get("patch_size", 1))
+    if isinstance(sample_size, list):  # non-square UNets give [h, w]; the short side bounds
+        sample_size = min(sample_size)
+    if family in ("flux", "sd3"):
+        prediction = "flow"  # the velocity noise − latents (tuneqdm_core.families.flow)
+    else:
+        prediction = str(scheduler.get("prediction_type", "epsilon"))
+    return BaseInfo(
+        name=name,
+        source=source,
+        native_resolution=int(sample_size) * vae_scale_factor,
+        prediction_type=prediction,
+        bits=bits,
+        family=family,
+        guidance=guidance_of(family, denoiser),
+        size_multiple=math.lcm(SIZE_STEP, multiple),
+    )
+
+
+def size_range(native: int, settings: Settings, multiple: int = SIZE_STEP) -> SizeRange:
+    """native × [MIN_SIZE_FACTOR, MAX_SIZE_FACTOR], rounded inwards to multiples of
+    `multiple` (the base's size_multiple)."""
+    low = max(multiple, multiple * math.ceil(native * settings.min_size_factor / multiple))
+    high = max(low, multiple * math.floor(native * settings.max_size_factor / multiple))
+    return SizeRange(default=native, min=low, max=high, multiple=multiple)
+
+
+def sizes_of(info: BaseInfo, settings: Settings) -> SizeRange:
+    return size_range(info.native_resolution, settings, info.size_multiple)
+
+
+def finetune_defaults(info: BaseInfo, sizes: SizeRange) -> dict[str, Any]:
+    """What a fine-tune of this base trains with where its params omit a value."""
+    return families.finetune_defaults(
+        info.family, native=sizes.default, low=sizes.min, high=sizes.max, multiple=sizes.multiple
+    )
 
 
 def info_of(row: ServedBase) -> BaseInfo:
@@ -96,6 +163,9 @@ def info_of(row: ServedBase) -> BaseInfo:
         native_resolution=row.native_resolution,
         prediction_type=row.prediction_type,
         bits=row.bits,
+        family=row.family,  # type: ignore[arg-type]
+        guidance=row.guidance,  # type: ignore[arg-type]
+        size_multiple=row.size_multiple,
     )
 
 
@@ -123,6 +193,9 @@ def register(
     row.native_resolution = info.native_resolution
     row.prediction_type = info.prediction_type
     row.bits = info.bits
+    row.family = info.family
+    row.guidance = info.guidance
+    row.size_multiple = info.size_multiple
     row.updated_at = now
     for field, value in (
         ("fingerprint", fingerprint),

@@ -35,6 +35,11 @@ Method = Literal["tuneqdm", "peqa", "full"]
 ExportFormat = Literal["lora", "lora-kohya", "merged", "merged-checkpoint"]
 ExportStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
 DeliveryStatus = Literal["pending", "delivered", "failed"]
+# A base's model family and how it uses guidance_scale (app/families.py; migration 0017):
+# classifier-free guidance, an embedding the model was distilled with (FLUX.1 [dev]), or not
+# at all (FLUX.1 [schnell]).
+Family = Literal["sd", "sdxl", "sd3", "flux"]
+Guidance = Literal["cfg", "embedded", "none"]
 # What a fine-tune's event log records (app/events.py, docs/api.md "Events").
 EventType = Literal[
     "queued",
@@ -55,6 +60,8 @@ METHODS: tuple[Method, ...] = get_args(Method)
 EXPORT_FORMATS: tuple[ExportFormat, ...] = get_args(ExportFormat)
 EXPORT_STATUSES: tuple[ExportStatus, ...] = get_args(ExportStatus)
 DELIVERY_STATUSES: tuple[DeliveryStatus, ...] = get_args(DeliveryStatus)
+FAMILIES: tuple[Family, ...] = get_args(Family)
+GUIDANCE_KINDS: tuple[Guidance, ...] = get_args(Guidance)
 JOB_KINDS = ("finetune", "generation")
 EVENT_TYPES: tuple[EventType, ...] = get_args(EventType)
 
@@ -292,13 +299,21 @@ class ServedBase(Base):
     derive from. Written by workers when they start and when they load the model."""
 
     __tablename__ = "bases"
-    __table_args__ = (CheckConstraint("bits IN (4, 8)", name="bits"),)
+    __table_args__ = (
+        CheckConstraint("bits IN (4, 8)", name="bits"),
+        CheckConstraint(_in("family", FAMILIES), name="family"),
+        CheckConstraint(_in("guidance", GUIDANCE_KINDS), name="guidance"),
+    )
 
     name: Mapped[str] = mapped_column(String(255), primary_key=True)
     source: Mapped[str] = mapped_column(String(1024))  # model folder or hub id
     native_resolution: Mapped[int] = mapped_column(Integer)
     prediction_type: Mapped[str] = mapped_column(String(32))
     bits: Mapped[int] = mapped_column(Integer)
+    # app/families.py: what generations may ask of it; sides are multiples of size_multiple.
+    family: Mapped[str] = mapped_column(String(16), default="sd", server_default="sd")
+    guidance: Mapped[str] = mapped_column(String(16), default="cfg", server_default="cfg")
+    size_multiple: Mapped[int] = mapped_column(Integer, default=8, server_default="8")
     # Known once a worker has loaded (quantized) the model.
     fingerprint: Mapped[str | None] = mapped_column(String(128))
     device: Mapped[str | None] = mapped_column(String(32))

@@ -38,6 +38,22 @@ def tiny_xl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_flux_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny FLUX.1-dev-layout pipeline (guidance-distilled transformer), written once."""
+    from tuneqdm_core.builtin.tiny_dit import save_tiny_dit
+
+    return save_tiny_dit(tmp_path_factory.mktemp("tiny-flux"), "tiny-flux")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny SD3.5-layout pipeline (MMDiT, three text encoders), written once."""
+    from tuneqdm_core.builtin.tiny_dit import save_tiny_dit
+
+    return save_tiny_dit(tmp_path_factory.mktemp("tiny-sd3"), "tiny-sd3")
+
+
+@pytest.fixture(scope="session")
 def quant_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("quant-cache")
 

@@ -136,11 +136,33 @@ class QueuedJobs(TypedDict):
     generation: int
 
 
+class GenerationDefaults(TypedDict):
+    steps: int
+    guidance_scale: float  # 0: the base takes none
+    guidance: str  # "cfg", "embedded" (FLUX.1 [dev]) or "none" (FLUX.1 [schnell])
+    guidance_meaning: str
+    scheduler: str
+    schedulers: list[str]
+    negative_prompt: bool  # whether the base accepts one
+
+
+class FinetuneDefaults(TypedDict):
+    steps: int
+    lr_s_in: float
+    lr_s_out: float | None  # None: relative to the base's quantization step
+    batch_size: int
+    resolution: int
+
+
 class Base(TypedDict):
     name: str
     source: str
+    family: str  # "sd", "sdxl", "sd3" or "flux"
     native_resolution: int
     sizes: SizeRange
+    size_multiple: int
+    generation: GenerationDefaults
+    finetune: FinetuneDefaults
     bits: int
     prediction_type: str
     fingerprint: str | None

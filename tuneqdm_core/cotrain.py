@@ -100,8 +100,9 @@ def group_key(config: FinetuneConfig) -> tuple[Any, ...]:
     """What jobs must share to go through the UNet as one batch: the method family (the float
     UNet of ``full`` cannot be shared), the resolution (latents are concatenated), and the
     forward's precision and checkpointing. Everything else may differ per job. The base is
-    the trainer's own, so SD and SDXL jobs never meet; an SDXL group concatenates its
-    members' added conditioning (pooled text, time ids) like their text states."""
+    the trainer's own, so jobs of different bases or families (SD, SDXL, SD3, FLUX) never
+    meet; an SDXL group concatenates its members' added conditioning (pooled text, time ids)
+    like their text states."""
     return (config.method, config.resolution, config.mixed_precision, config.gradient_checkpointing)
 
 

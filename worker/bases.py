@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.bases import BaseInfo, describe_folder, register
+from app.bases import BaseInfo, describe_configs, describe_folder, register
+from app.models import Family
 from app.settings import Settings
 from worker.jobs import worker_name
 
@@ -39,16 +40,22 @@ def folder_info(settings: Settings) -> BaseInfo | None:
 
 
 def loaded_info(settings: Settings, base: BaseModel) -> BaseInfo:
-    """The description of the model as loaded (also right for a hub id)."""
-    sample_size = base.unet.config.sample_size
-    if isinstance(sample_size, (list, tuple)):
-        sample_size = min(sample_size)
-    return BaseInfo(
+    """The description of the model as loaded (also right for a hub id): the same rules as a
+    folder's (app.bases.describe_configs), read from the loaded denoiser's config (a UNet's,
+    or a transformer family's) instead of its JSON file."""
+    unet_family: Family = "sdxl" if base.is_xl else "sd"
+    family: Family = base.family.name if base.family is not None else unet_family
+    denoiser = dict(base.unet.config)
+    if isinstance(denoiser.get("sample_size"), tuple):
+        denoiser["sample_size"] = list(denoiser["sample_size"])
+    return describe_configs(
         name=settings.base_model,
         source=base.source,
-        native_resolution=int(sample_size) * base.vae_scale_factor,
-        prediction_type=str(base.scheduler_config.get("prediction_type", "epsilon")),
         bits=settings.bits,
+        family=family,
+        denoiser=denoiser,
+        vae_scale_factor=base.vae_scale_factor,
+        scheduler=dict(base.scheduler_config),
     )
 
 

@@ -1,14 +1,14 @@
 """Co-training: one worker trains up to TUNEQDM_COTRAIN_MAX fine-tunes in one loop.
 
 A fine-tune on its first attempt does not train alone: its worker claims more queued fine-tunes
-that can share its UNet calls (`tuneqdm_core.cotrain.group_key`: method, resolution, precision
-and checkpointing on this worker's base) and trains them all with one `CoTrainer`; between
-steps it claims more while there is room. Claims follow the tenants' fair pick, one place per
-tenant in turn (`claim_compatible`). Everything else stays per job, as in the solo path
-(worker/training.py): lease and heartbeat, progress writes, checkpoint folder, cancel flag,
-time limit, attempts, publishing. A job that finishes, fails or is canceled leaves after its
-step and is published or ended at once; the others go on. The claimed jobs' own messages
-later find them taken (claim_next's skip).
+that can share its UNet calls (the same base, so the same family — SD, SDXL, SD3 or FLUX — and
+`tuneqdm_core.cotrain.group_key`: method, resolution, precision and checkpointing) and trains
+them all with one `CoTrainer`; between steps it claims more while there is room. Claims follow
+the tenants' fair pick, one place per tenant in turn (`claim_compatible`). Everything else
+stays per job, as in the solo path (worker/training.py): lease and heartbeat, progress writes,
+checkpoint folder, cancel flag, time limit, attempts, publishing. A job that finishes, fails or
+is canceled leaves after its step and is published or ended at once; the others go on. The
+claimed jobs' own messages later find them taken (claim_next's skip).
 
 A job on its second attempt or later trains alone (worker/finetunes.py), so a job that kills
 its worker takes other tenants' jobs down with it at most once. A failure of the shared step
@@ -31,6 +31,7 @@ from app import storage as st
 from app.models import FinetuneJob
 from app.schemas import FinetuneParams
 from worker import metrics
+from worker.bases import loaded_info
 from worker.bounds import Deadline, stop_check
 from worker.context import Context
 from worker.failures import transient_reason
@@ -146,10 +147,16 @@ class _Group:
         """Whether stored params can share the UNet calls of a group started by `first`."""
         from tuneqdm_core.cotrain import group_key
 
-        device = self.ctx.runtime.base.device
+        base = self.ctx.runtime.base
+        device = base.device
+        # Only this worker's base is ever claimed (claim_compatible), so base and family are
+        # the same for every candidate; they are in the key so that a group can never mix
+        # denoisers, whatever claims it one day.
+        family = loaded_info(self.ctx.settings, base).family
 
         def key(params: FinetuneParams, job_id: str) -> Any:
-            return group_key(finetune_config(params, job_id).for_device(device))
+            config = finetune_config(params, job_id).for_device(device)
+            return (self.ctx.settings.base_model, family, *group_key(config))
 
         want = key(first, "")
 

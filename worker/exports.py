@@ -143,16 +143,35 @@ def _write(
         fp16=row.format in ("merged", "merged-checkpoint"),
         max_relative_error=variant_max_relative_error(row.variant),
     )
-    # The float weights the base was quantized from, read for this export only (CPU); the
-    # whole pipeline for a merged checkpoint.
-    pipeline = load_float_pipeline(base.source) if row.format == "merged-checkpoint" else None
-    float_unet = pipeline.unet if pipeline is not None else load_float_unet(base.source)
-    lease.touch()
     extra = {
         "adapter": adapter.id,
         "tokens": list(adapter.tokens),
         "base_model": adapter.base_model,
     }
+    family = base.family
+    if family is not None:
+        # A transformer family (as `tuneqdm export`): its float transformer, the LoRA key
+        # prefix its pipeline's load_lora_weights reads, and the share of training each
+        # interval had (the "mean" interval's weights). The API offers it lora and merged.
+        if row.format not in ("lora", "merged"):
+            raise ValueError(f"a {family.name} base exports as lora or merged, not {row.format}")
+        float_model = family.load_float(base.source)
+        lease.touch()
+        return export_adapter(
+            base.unet,
+            float_model,
+            loaded,
+            path,
+            options,
+            extra=extra,
+            prefix=family.lora_prefix,
+            shares=family.interval_shares(base, loaded.config.intervals),
+        )
+    # The float weights the base was quantized from, read for this export only (CPU); the
+    # whole pipeline for a merged checkpoint.
+    pipeline = load_float_pipeline(base.source) if row.format == "merged-checkpoint" else None
+    float_unet = pipeline.unet if pipeline is not None else load_float_unet(base.source)
+    lease.touch()
     summary = export_adapter(
         base.unet, float_unet, loaded, path, options, extra=extra, pipeline=pipeline
     )

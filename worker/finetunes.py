@@ -16,6 +16,7 @@ from sqlalchemy import select
 
 from app import storage as st
 from app.events import record_event
+from app.families import generation_rules
 from app.models import FinetuneJob, FinetuneSample
 from app.schemas import FinetuneParams
 from app.services.retention import finetune_ended
@@ -199,18 +200,21 @@ def _train(
 
 def sampling_for(ctx: Context, params: FinetuneParams) -> Any:
     """The core's Sampling for the job's validation prompts (None without any): the base's
-    native size, TUNEQDM_SAMPLE_STEPS, prompt i with seed SAMPLE_SEED + i at every step."""
+    native size and family guidance, TUNEQDM_SAMPLE_STEPS, prompt i with seed SAMPLE_SEED + i
+    at every step."""
     if not params.validation_prompts or params.sample_every is None:
         return None
     from tuneqdm_core.finetune import Sampling
 
-    base = ctx.runtime.base
+    info = loaded_info(ctx.settings, ctx.runtime.base)
     return Sampling(
         prompts=list(params.validation_prompts),
         every=params.sample_every,
-        size=loaded_info(ctx.settings, base).native_resolution,
+        size=info.native_resolution,
         steps=ctx.settings.sample_steps,
         seed=SAMPLE_SEED,
+        # The family's default guidance, as a generation without guidance_scale gets it.
+        guidance_scale=generation_rules(info.family, info.guidance).guidance_scale,
         precision=ctx.settings.generation_dtype,
     )
 

@@ -1,5 +1,6 @@
-"""/v1/bases: the base models workers serve, their native size and accepted size range, their
-workers (up or not) and the jobs queued for them."""
+"""/v1/bases: the base models workers serve, their family, native size and accepted size range,
+the defaults and rules of their requests, their workers (up or not) and the jobs queued for
+them."""
 
 from __future__ import annotations
 
@@ -7,9 +8,18 @@ from datetime import datetime
 
 from fastapi import APIRouter
 
+from app.bases import finetune_defaults, info_of, sizes_of
 from app.deps import CurrentTenant, SessionDep, SettingsDep
+from app.families import generation_rules
 from app.models import ServedBase
-from app.schemas import BasePublic, BasesPublic, QueuedPublic, SizeRangePublic
+from app.schemas import (
+    BasePublic,
+    BasesPublic,
+    FinetuneDefaultsPublic,
+    GenerationDefaultsPublic,
+    QueuedPublic,
+    SizeRangePublic,
+)
 from app.services import bases as svc
 from app.settings import Settings
 
@@ -27,11 +37,23 @@ def _public(
     queued: dict[str, dict[str, int]],
     up_since: datetime,
 ) -> BasePublic:
-    sizes = svc.sizes_of(row.native_resolution, settings)
+    info = info_of(row)
+    sizes = sizes_of(info, settings)
+    rules = generation_rules(info.family, info.guidance)
     counts = queued.get(row.name, {})
     return BasePublic.from_row(
         row,
         SizeRangePublic(default=sizes.default, min=sizes.min, max=sizes.max),
+        generation=GenerationDefaultsPublic(
+            steps=rules.steps,
+            guidance_scale=rules.guidance_scale,
+            guidance=rules.guidance,
+            guidance_meaning=rules.describe_guidance(),
+            scheduler=rules.scheduler,
+            schedulers=list(rules.schedulers),
+            negative_prompt=rules.negative_prompt,
+        ),
+        finetune=FinetuneDefaultsPublic(**finetune_defaults(info, sizes)),
         default=row.name == settings.base_model,
         queued=QueuedPublic(
             finetune=counts.get("finetune", 0), generation=counts.get("generation", 0)

@@ -15,6 +15,36 @@ class SizeRangePublic(BaseModel):
     max: int
 
 
+class GenerationDefaultsPublic(BaseModel):
+    """What a generation on this base may send, and what it gets when it sends nothing."""
+
+    steps: int = Field(description="Default steps.")
+    guidance_scale: float = Field(description="Default guidance_scale (0: the base takes none).")
+    guidance: models.Guidance = Field(
+        description="What guidance_scale means: `cfg` classifier-free guidance, `embedded` the "
+        "distilled guidance embedding of FLUX.1 [dev], `none` not accepted (FLUX.1 [schnell])."
+    )
+    guidance_meaning: str = Field(description="The same, in words.")
+    scheduler: str = Field(description="Default scheduler.")
+    schedulers: list[str] = Field(description="The schedulers the base runs.")
+    negative_prompt: bool = Field(description="Whether negative_prompt is accepted.")
+
+
+class FinetuneDefaultsPublic(BaseModel):
+    """What a fine-tune on this base trains with where its params omit a value."""
+
+    steps: int
+    lr_s_in: float
+    lr_s_out: float | None = Field(
+        description="null: relative to the base's median quantization step (params.lr_s_out)."
+    )
+    batch_size: int
+    resolution: int = Field(
+        description="The native resolution for UNet bases; half of it for FLUX and SD3, as "
+        "their DreamBooth training defaults."
+    )
+
+
 class BaseWorkerPublic(BaseModel):
     worker: str
     device: str | None
@@ -33,10 +63,24 @@ class QueuedPublic(BaseModel):
 class BasePublic(BaseModel):
     name: str
     source: str = Field(description="Model folder or hub id.")
-    native_resolution: int = Field(description="UNet sample size × VAE scale factor, in pixels.")
-    sizes: SizeRangePublic = Field(
-        description="Accepted fine-tune resolution and generation width/height (multiples of 8)."
+    family: models.Family = Field(
+        description="Model family, from the model's own config: `sd` (SD 1.x/2.x), `sdxl`, "
+        "`sd3` (SD3/SD3.5) or `flux` (FLUX.1)."
     )
+    native_resolution: int = Field(
+        description="The side the family's pipeline generates by default, in pixels: the UNet's "
+        "or SD3 transformer's sample size (FLUX: the pipeline's 128) × the VAE's scale factor."
+    )
+    sizes: SizeRangePublic = Field(
+        description="Accepted fine-tune resolution and generation width/height (multiples of "
+        "size_multiple)."
+    )
+    size_multiple: int = Field(
+        description="Every side is a multiple of this: 8 for UNet bases; the VAE's scale "
+        "factor × 2 for FLUX and SD3 (16 for their public checkpoints)."
+    )
+    generation: GenerationDefaultsPublic
+    finetune: FinetuneDefaultsPublic
     bits: int
     prediction_type: str
     fingerprint: str | None = Field(description="Known once a worker has loaded the base.")
@@ -55,6 +99,8 @@ class BasePublic(BaseModel):
         row: models.ServedBase,
         sizes: SizeRangePublic,
         *,
+        generation: GenerationDefaultsPublic,
+        finetune: FinetuneDefaultsPublic,
         default: bool,
         queued: QueuedPublic,
         up_since: datetime,
@@ -71,8 +117,12 @@ class BasePublic(BaseModel):
         return cls(
             name=row.name,
             source=row.source,
+            family=row.family,  # type: ignore[arg-type]
             native_resolution=row.native_resolution,
             sizes=sizes,
+            size_multiple=row.size_multiple,
+            generation=generation,
+            finetune=finetune,
             bits=row.bits,
             prediction_type=row.prediction_type,
             fingerprint=row.fingerprint,

@@ -11,7 +11,9 @@ from pydantic import BaseModel, Field
 
 from app import models
 
-Scheduler = Literal["ddim", "dpmsolver++", "euler"]
+# Every scheduler name of any family; which ones a base runs depends on its family
+# (app/families.py, GET /v1/bases).
+Scheduler = Literal["ddim", "dpmsolver++", "euler", "heun"]
 SEED_MAX = 2**32 - 1
 
 

@@ -27,10 +27,23 @@ class GenerationCreate(BaseModel):
         "without an adapter the deployment's default base.",
     )
     prompt: str = Field(min_length=1, max_length=10_000)
-    negative_prompt: str | None = Field(default=None, max_length=10_000)
+    negative_prompt: str | None = Field(
+        default=None,
+        max_length=10_000,
+        description="Only for bases whose family uses one (not FLUX; GET /v1/bases).",
+    )
     num_images: int = Field(default=1, ge=1, le=64)
-    steps: int = Field(default=30, ge=1, le=1000)
-    guidance_scale: float = Field(default=7.5, ge=0, le=30)
+    steps: int | None = Field(
+        default=None, ge=1, le=1000, description="Default: the base's (GET /v1/bases)."
+    )
+    guidance_scale: float | None = Field(
+        default=None,
+        ge=0,
+        le=30,
+        description="Classifier-free guidance, or for a guidance-distilled base (FLUX.1 "
+        "[dev]) the guidance embedding; refused by a base that takes none (FLUX.1 [schnell]). "
+        "Default: the base's (GET /v1/bases).",
+    )
     seed: int | None = Field(default=None, ge=0, le=SEED_MAX, description="Image i uses seed + i.")
     width: int | None = Field(
         default=None,
@@ -46,7 +59,10 @@ class GenerationCreate(BaseModel):
         multiple_of=8,
         description="Default: the base's native resolution (GET /v1/bases).",
     )
-    scheduler: Scheduler = "ddim"
+    scheduler: Scheduler | None = Field(
+        default=None,
+        description="One of the base's schedulers (GET /v1/bases); default: the base's.",
+    )
     webhook_url: str | None = Field(
         default=None, max_length=2048, description="Receives a signed POST when it finishes."
     )

@@ -7,7 +7,7 @@ from datetime import datetime
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, selectinload
 
-from app.bases import BaseInfo, SizeRange, describe_folder, info_of, size_range
+from app.bases import BaseInfo, describe_folder, info_of
 from app.db import database_now
 from app.errors import Conflict, InvalidInput, NotFound, ServiceUnavailable
 from app.models import FinetuneJob, GenerationJob, ServedBase
@@ -48,10 +48,6 @@ def resolve_base(*, session: Session, settings: Settings, name: str | None = Non
             "size is unknown; start a worker (or wait until it has started) and retry"
         )
     return info
-
-
-def sizes_of(native: int, settings: Settings) -> SizeRange:
-    return size_range(native, settings)
 
 
 def list_bases(*, session: Session) -> list[ServedBase]:

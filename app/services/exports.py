@@ -14,8 +14,9 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app.errors import Conflict, InvalidInput, NotFound
+from app.families import EXPORT_FORMATS
 from app.ids import new_id
-from app.models import ACTIVE_STATUSES, AdapterExport, Tenant, utcnow
+from app.models import ACTIVE_STATUSES, AdapterExport, ServedBase, Tenant, utcnow
 from app.queue import EXPORT_TASK, GENERATE_QUEUE, TaskSender, base_queue
 from app.schemas import ExportCreate
 from app.services import quotas
@@ -23,6 +24,21 @@ from app.services.adapters import get_adapter
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+def _check_format(session: Session, data: ExportCreate, base: str) -> None:
+    """The formats of the adapter's base family (app/families.py); an adapter of a base no
+    longer in the registry is left to its worker."""
+    row = session.get(ServedBase, base)
+    if row is None:
+        return
+    formats = EXPORT_FORMATS[row.family]  # type: ignore[index]
+    if data.format not in formats:
+        raise InvalidInput(
+            f"format={data.format!r} is not available for adapters of base {base!r} (family "
+            f"{row.family}); ask for one of {', '.join(map(repr, formats))}",
+            field="format",
+        )
 
 
 def _check(data: ExportCreate, intervals: int, settings: Settings) -> None:
@@ -54,6 +70,7 @@ def create_export(
     again as a new request, with its attempts from zero."""
     adapter = get_adapter(session=session, tenant=tenant, adapter_id=adapter_id)
     _check(data, adapter.intervals, settings)
+    _check_format(session, data, adapter.base_model)
     row = session.scalar(
         select(AdapterExport).where(
             AdapterExport.adapter_id == adapter.id, AdapterExport.variant == data.variant

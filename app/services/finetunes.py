@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from pydantic import ValidationError
 from sqlalchemy import Select, select, update
@@ -14,9 +15,10 @@ from sqlalchemy.orm import Session, selectinload
 
 from app import budget, idempotency, metrics
 from app import storage as st
-from app.bases import BaseInfo, size_range
+from app.bases import BaseInfo, finetune_defaults, size_range, sizes_of
 from app.errors import Conflict, InvalidInput, NotFound
 from app.events import record_event
+from app.families import finetune_overrides
 from app.ids import looks_like_id, new_id
 from app.images import CheckedImage, check_image, read_limited
 from app.models import ACTIVE_STATUSES, FinetuneImage, FinetuneJob, Tenant, utcnow
@@ -53,11 +55,19 @@ class FinetuneForm:
     base: str | None = None  # None: TUNEQDM_BASE_MODEL
 
 
-def parse_params(raw: str | None) -> FinetuneParams:
-    if raw is None or not raw.strip():
-        return FinetuneParams()
+def parse_params(raw: str | None, overrides: dict[str, Any] | None = None) -> FinetuneParams:
+    """The params as sent, with the base family's `overrides` of FinetuneParams' defaults
+    (app/families.py) for the keys the JSON object omits."""
+    text = raw if raw and raw.strip() else "{}"
     try:
-        return FinetuneParams.model_validate_json(raw)
+        params = FinetuneParams.model_validate_json(text)
+        sent = json.loads(text)  # valid: a JSON object
+        omitted = {k: v for k, v in (overrides or {}).items() if k not in sent}
+        if omitted:
+            # Validated again as sent plus the overrides, so that what derives from them
+            # (sample_every from steps) follows.
+            params = FinetuneParams.model_validate_json(json.dumps({**omitted, **sent}))
+        return params
     except ValidationError as exc:
         errors = exc.errors()
         fields = [
@@ -84,7 +94,8 @@ def _validate_form(form: FinetuneForm, settings: Settings, base: BaseInfo) -> Fi
             f"instance_prompt must contain the identifier token {form.token!r} as a word, e.g. "
             f"'a photo of {form.token} dog'"
         )
-    params = parse_params(form.params)
+    sizes = sizes_of(base, settings)
+    params = parse_params(form.params, finetune_overrides(base.family))
     if params.bits is None:
         # Stored resolved, like the resolution (the registry holds only 4 and 8).
         params.bits = 8 if base.bits == 8 else 4
@@ -97,15 +108,15 @@ def _validate_form(form: FinetuneForm, settings: Settings, base: BaseInfo) -> Fi
         required_text(p, field=f"params.validation_prompts[{i}]", max_chars=limit)
         for i, p in enumerate(params.validation_prompts)
     ]
-    sizes = size_range(base.native_resolution, settings)
     if params.resolution is None:
         # Stored resolved, so the worker never re-applies a default.
-        params.resolution = sizes.default
-    elif not sizes.min <= params.resolution <= sizes.max:
+        params.resolution = int(finetune_defaults(base, sizes)["resolution"])
+    elif not sizes.accepts(params.resolution):
         raise InvalidInput(
             f"params.resolution={params.resolution} must be {sizes.describe()} for base "
-            f"{base.name!r} (native {base.native_resolution} px; TUNEQDM_MIN_SIZE_FACTOR / "
-            "TUNEQDM_MAX_SIZE_FACTOR set the range)"
+            f"{base.name!r} (native {base.native_resolution} px, family {base.family}; "
+            "TUNEQDM_MIN_SIZE_FACTOR / TUNEQDM_MAX_SIZE_FACTOR set the range)",
+            field="params.resolution",
         )
     prior = class_prompt is not None and params.num_class_images > 0
     budget.check_finetune(params, prior=prior, native=base.native_resolution, settings=settings)

@@ -10,8 +10,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
 from app import budget, idempotency, metrics
-from app.bases import BaseInfo, size_range
+from app.bases import BaseInfo, sizes_of
 from app.errors import Conflict, InvalidInput, NotFound
+from app.families import GenerationRules, generation_rules
 from app.ids import looks_like_id, new_id
 from app.models import ACTIVE_STATUSES, Adapter, GeneratedImage, GenerationJob, Tenant, utcnow
 from app.outbox import record_final
@@ -27,29 +28,62 @@ from app.webhooks import check_webhook_url
 log = logging.getLogger(__name__)
 
 
-def _check_limits(data: GenerationCreate, settings: Settings, base: BaseInfo) -> tuple[int, int]:
+def _check_family(
+    data: GenerationCreate, base: BaseInfo, negative: str | None
+) -> tuple[int, float, str]:
+    """The family's rules (app/families.py): (steps, guidance_scale, scheduler), with the
+    family's defaults where the request sends none. A value the base's family does not use
+    is refused rather than ignored: the image would not be the one asked for."""
+    rules: GenerationRules = generation_rules(base.family, base.guidance)
+    which = f"base {base.name!r} (family {base.family})"
+    if negative is not None and not rules.negative_prompt:
+        raise InvalidInput(
+            f"negative_prompt is not used by {which}: its guidance is distilled into the model, "
+            "with no negative pass; leave it out",
+            field="negative_prompt",
+        )
+    if data.guidance_scale is not None and rules.guidance == "none":
+        raise InvalidInput(
+            f"guidance_scale is not used by {which}: the model was distilled to run without "
+            "guidance; leave it out",
+            field="guidance_scale",
+        )
+    scheduler = rules.scheduler if data.scheduler is None else data.scheduler
+    if scheduler not in rules.schedulers:
+        raise InvalidInput(
+            f"scheduler={scheduler!r} is not one {which} runs; send one of "
+            f"{', '.join(map(repr, rules.schedulers))} (or omit it for {rules.scheduler!r})",
+            field="scheduler",
+        )
+    steps = rules.steps if data.steps is None else data.steps
+    guidance = rules.guidance_scale if data.guidance_scale is None else data.guidance_scale
+    return steps, guidance, scheduler
+
+
+def _check_limits(
+    data: GenerationCreate, steps: int, settings: Settings, base: BaseInfo
+) -> tuple[int, int]:
     """Check the request's limits; returns (width, height) with the base's defaults filled in."""
     if data.num_images > settings.max_num_images:
         raise InvalidInput(
             f"num_images={data.num_images} is above the limit of {settings.max_num_images}"
         )
-    if data.steps > settings.max_generation_steps:
-        raise InvalidInput(
-            f"steps={data.steps} is above the limit of {settings.max_generation_steps}"
-        )
-    sizes = size_range(base.native_resolution, settings)
+    if steps > settings.max_generation_steps:
+        raise InvalidInput(f"steps={steps} is above the limit of {settings.max_generation_steps}")
+    sizes = sizes_of(base, settings)
     width = sizes.default if data.width is None else data.width
     height = sizes.default if data.height is None else data.height
     for field, value in (("width", width), ("height", height)):
-        if not sizes.min <= value <= sizes.max:
+        if not sizes.accepts(value):
             raise InvalidInput(
                 f"{field}={value} must be {sizes.describe()} for base {base.name!r} (native "
-                f"{base.native_resolution} px; TUNEQDM_MIN_SIZE_FACTOR / TUNEQDM_MAX_SIZE_FACTOR "
-                "set the range)"
+                f"{base.native_resolution} px, family {base.family}; TUNEQDM_MIN_SIZE_FACTOR / "
+                "TUNEQDM_MAX_SIZE_FACTOR set the range)",
+                field=field,
             )
     budget.check_generation(
         num_images=data.num_images,
-        steps=data.steps,
+        steps=steps,
         width=width,
         height=height,
         native=base.native_resolution,
@@ -144,7 +178,8 @@ def create_generation(
     if data.adapter_id is not None:
         adapter = _check_adapter(session, tenant, data.adapter_id)
     base = _base_of(session, settings, data, adapter)
-    width, height = _check_limits(data, settings, base)
+    steps, guidance_scale, scheduler = _check_family(data, base, negative)
+    width, height = _check_limits(data, steps, settings, base)
     webhook_url = None
     if data.webhook_url is not None and data.webhook_url.strip():
         webhook_url = check_webhook_url(
@@ -163,12 +198,12 @@ def create_generation(
         prompt=prompt,
         negative_prompt=negative,
         num_images=data.num_images,
-        steps=data.steps,
-        guidance_scale=data.guidance_scale,
+        steps=steps,
+        guidance_scale=guidance_scale,
         seed=seed,
         width=width,
         height=height,
-        scheduler=data.scheduler,
+        scheduler=scheduler,
         time_limit_s=settings.generation_time_limit_s,
         webhook_url=webhook_url,
         idempotency_key=key,

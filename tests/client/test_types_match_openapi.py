@@ -31,6 +31,8 @@ SCHEMA_OF = {
     "SizeRange": "SizeRangePublic",
     "BaseWorker": "BaseWorkerPublic",
     "QueuedJobs": "QueuedPublic",
+    "GenerationDefaults": "GenerationDefaultsPublic",
+    "FinetuneDefaults": "FinetuneDefaultsPublic",
     "Base": "BasePublic",
     "BasePage": "BasesPublic",
     "Export": "ExportPublic",

@@ -1,0 +1,184 @@
+"""What requests may ask of each model family, and what they get when they ask nothing.
+
+The one table of per-family request rules and defaults (docs/api.md "Families"), shared by the
+API (validation at submit, GET /v1/bases) and the worker (the family it registers); no torch.
+A base's family and guidance kind come from its own config files (app/bases.py):
+
+- ``sd`` (SD 1.x/2.x) and ``sdxl``: UNets, classifier-free guidance, negative prompts, the
+  UNet schedulers of ``tuneqdm_core.generate``;
+- ``sd3`` (SD3/SD3.5): a flow-matching MMDiT with classifier-free guidance and negative prompts;
+- ``flux`` (FLUX.1): a flow-matching transformer without negative prompts; [dev] takes the
+  guidance scale as an embedding it was distilled with (``guidance_embeds`` in its transformer
+  config), [schnell] takes none.
+
+Generation defaults are the ones of each family's diffusers pipeline (``FluxPipeline``,
+``StableDiffusion3Pipeline``: 28 steps; guidance 3.5 and 7.0), except [schnell], which its
+model card runs at 4 steps without guidance. The scheduler names repeat the core's lists
+(``tuneqdm_core.generate.SCHEDULERS``, ``FlowFamily.schedulers``), which the API cannot import
+without torch; tests/worker/test_families.py checks they agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, get_args
+
+from app.models import ExportFormat, Family, Guidance
+
+# model_index.json's _class_name of the transformer families (tuneqdm_core.families'
+# pipeline_names); any other pipeline is a UNet one.
+PIPELINES: dict[str, Family] = {
+    "FluxPipeline": "flux",
+    "StableDiffusion3Pipeline": "sd3",
+}
+UNET_SCHEDULERS = ("ddim", "dpmsolver++", "euler")
+
+
+@dataclass(frozen=True)
+class GenerationRules:
+    """What a generation of a base of this family and guidance kind may send, and its
+    defaults where it sends nothing."""
+
+    steps: int
+    guidance_scale: float  # stored for every job; 0 where the base takes no guidance
+    guidance: Guidance
+    schedulers: tuple[str, ...]
+    scheduler: str  # the default
+    negative_prompt: bool
+
+    def describe_guidance(self) -> str:
+        return {
+            "cfg": "classifier-free guidance scale",
+            "embedded": "distilled guidance strength, given to the model as an embedding "
+            "(no second, unconditioned pass)",
+            "none": "not used: the model was distilled to run without guidance",
+        }[self.guidance]
+
+
+UNET_RULES = GenerationRules(
+    steps=30,
+    guidance_scale=7.5,
+    guidance="cfg",
+    schedulers=UNET_SCHEDULERS,
+    scheduler="ddim",
+    negative_prompt=True,
+)
+GENERATION_RULES: dict[tuple[Family, Guidance], GenerationRules] = {
+    ("sd", "cfg"): UNET_RULES,
+    ("sdxl", "cfg"): UNET_RULES,
+    ("sd3", "cfg"): GenerationRules(
+        steps=28,
+        guidance_scale=7.0,
+        guidance="cfg",
+        schedulers=("euler", "heun", "dpmsolver++"),
+        scheduler="euler",
+        negative_prompt=True,
+    ),
+    # FluxPipeline sets custom sigmas and a shift per call, which only the flow-matching
+    # Euler scheduler takes (tuneqdm_core.families.flux.Flux.schedulers).
+    ("flux", "embedded"): GenerationRules(
+        steps=28,
+        guidance_scale=3.5,
+        guidance="embedded",
+        schedulers=("euler",),
+        scheduler="euler",
+        negative_prompt=False,
+    ),
+    ("flux", "none"): GenerationRules(
+        steps=4,
+        guidance_scale=0.0,
+        guidance="none",
+        schedulers=("euler",),
+        scheduler="euler",
+        negative_prompt=False,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class FinetuneDefaults:
+    """What a fine-tune of this family trains with where its params omit a value. Only the
+    values that differ from FinetuneParams' own defaults (those of the UNet families) are
+    here; `as_dict` gives the whole set GET /v1/bases shows."""
+
+    overrides: dict[str, Any] = field(default_factory=dict)
+    # The default training side, as a share of the base's native side (rounded down to the
+    # base's size multiple, kept within its size range).
+    resolution_share: float = 1.0
+
+
+# FLUX and SD3 train at half their native side by default: diffusers' DreamBooth scripts for
+# both (train_dreambooth_flux.py, train_dreambooth_sd3.py) default to 512 px for their 1024 px
+# models. Steps and learning rates stay the method's own: lr_s_out is already relative to each
+# base's quantization step, and nothing measured on these families asks for other values.
+FINETUNE_DEFAULTS: dict[Family, FinetuneDefaults] = {
+    "sd": FinetuneDefaults(),
+    "sdxl": FinetuneDefaults(),
+    "sd3": FinetuneDefaults(resolution_share=0.5),
+    "flux": FinetuneDefaults(resolution_share=0.5),
+}
+
+
+# The params GET /v1/bases shows the defaults of (lr_s_out: null means relative to the base's
+# quantization step, FinetuneParams' description).
+FINETUNE_FIELDS = ("steps", "lr_s_in", "lr_s_out", "batch_size")
+
+
+# Export formats per family: kohya keys and the original single-file layout exist for the
+# UNet families only (tuneqdm_core.export; the transformer families export diffusers-keyed
+# LoRAs, which their pipelines' load_lora_weights read, and merged transformers).
+TRANSFORMER_EXPORTS = ("lora", "merged")
+EXPORT_FORMATS: dict[Family, tuple[str, ...]] = {
+    "sd": get_args(ExportFormat),
+    "sdxl": get_args(ExportFormat),
+    "sd3": TRANSFORMER_EXPORTS,
+    "flux": TRANSFORMER_EXPORTS,
+}
+
+
+def generation_rules(family: str, guidance: str) -> GenerationRules:
+    """The rules of a registered base; an unknown pair (a registry row written by a newer
+    worker) is refused rather than guessed."""
+    rules = GENERATION_RULES.get((family, guidance))  # type: ignore[arg-type]
+    if rules is None:
+        raise ValueError(f"no generation rules for family {family!r} with guidance {guidance!r}")
+    return rules
+
+
+def family_of(index: dict[str, Any], denoiser: dict[str, Any]) -> Family:
+    """The family of a diffusers folder from its model_index.json and its UNet's or
+    transformer's config (SDXL's UNet takes added "text_time" conditioning)."""
+    family = PIPELINES.get(str(index.get("_class_name", "")))
+    if family is not None:
+        return family
+    return "sdxl" if denoiser.get("addition_embed_type") == "text_time" else "sd"
+
+
+def guidance_of(family: str, denoiser: dict[str, Any]) -> Guidance:
+    if family == "flux":
+        return "embedded" if denoiser.get("guidance_embeds") else "none"
+    return "cfg"
+
+
+def finetune_overrides(family: str) -> dict[str, Any]:
+    """The family's own defaults of FinetuneParams fields (those that differ from the schema's);
+    the resolution's is given by `finetune_defaults`, which knows the base's sizes."""
+    return dict(FINETUNE_DEFAULTS[family].overrides)  # type: ignore[index]
+
+
+def finetune_defaults(
+    family: str, *, native: int, low: int, high: int, multiple: int
+) -> dict[str, Any]:
+    """The values a fine-tune of a base of `family` trains with where its params omit them:
+    FinetuneParams' defaults, the family's overrides, and the default resolution (the share
+    of `native`, rounded down to `multiple`, kept within [low, high])."""
+    from app.schemas.finetunes import FinetuneParams
+
+    defaults = FINETUNE_DEFAULTS[family]  # type: ignore[index]
+    values: dict[str, Any] = {
+        name: FinetuneParams.model_fields[name].default for name in FINETUNE_FIELDS
+    }
+    values.update(defaults.overrides)
+    side = multiple * int(native * defaults.resolution_share // multiple)
+    values["resolution"] = min(max(side, low), high)
+    return values
