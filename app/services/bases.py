@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
 
 from sqlalchemy import func, select
@@ -10,7 +11,7 @@ from sqlalchemy.orm import Session, selectinload
 from app.bases import BaseInfo, SizeRange, describe_folder, info_of, size_range
 from app.db import database_now
 from app.errors import Conflict, InvalidInput, NotFound, ServiceUnavailable
-from app.models import FinetuneJob, GenerationJob, ServedBase
+from app.models import BaseWorker, FinetuneJob, GenerationJob, ServedBase
 from app.settings import Settings
 
 
@@ -81,6 +82,44 @@ def queued_jobs(*, session: Session) -> dict[str, dict[str, int]]:
         for base, n in session.execute(stmt):
             counts.setdefault(base, {"finetune": 0, "generation": 0})[kind] = int(n)
     return counts
+
+
+def waiting_reasons(
+    *, session: Session, settings: Settings, bases: Iterable[str]
+) -> dict[str, str]:
+    """Why queued jobs of each of `bases` wait, from what GET /v1/bases shows: no worker of
+    the base is up, or its workers are busy with other jobs (one query; none without bases)."""
+    names = set(bases)
+    if not names:
+        return {}
+    stmt = (
+        select(BaseWorker.base_name, func.count())
+        .where(
+            BaseWorker.base_name.in_(names),
+            BaseWorker.last_seen_at >= up_since(session, settings),
+        )
+        .group_by(BaseWorker.base_name)
+    )
+    up = {name: int(n) for name, n in session.execute(stmt)}
+    reasons = {}
+    for name in names:
+        n = up.get(name, 0)
+        if n == 0:
+            reasons[name] = (
+                f"no worker of base {name!r} is up (GET /v1/bases); the job starts when one is"
+            )
+        else:
+            workers = "its worker is" if n == 1 else f"its {n} workers are"
+            reasons[name] = f"{workers} busy with other jobs of base {name!r}"
+    return reasons
+
+
+def waiting_of(
+    *, session: Session, settings: Settings, jobs: Iterable[FinetuneJob | GenerationJob]
+) -> dict[str, str]:
+    """`waiting_reasons` for the bases of the queued ones among `jobs`."""
+    bases = {job.base_model for job in jobs if job.status == "queued"}
+    return waiting_reasons(session=session, settings=settings, bases=bases)
 
 
 def up_since(session: Session, settings: Settings) -> datetime:

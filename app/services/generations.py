@@ -28,10 +28,14 @@ log = logging.getLogger(__name__)
 
 
 def _check_limits(data: GenerationCreate, settings: Settings, base: BaseInfo) -> tuple[int, int]:
-    """Check the request's limits; returns (width, height) with the base's defaults filled in."""
-    if data.num_images > settings.max_num_images:
+    """Check the request's limits; returns (width, height) with the base's defaults filled in.
+    With compare_base every image is made twice (adapter and base): it counts twice."""
+    sides = 2 if data.compare_base else 1
+    if data.num_images * sides > settings.max_num_images:
+        doubled = " × 2 for compare_base" if data.compare_base else ""
         raise InvalidInput(
-            f"num_images={data.num_images} is above the limit of {settings.max_num_images}"
+            f"num_images={data.num_images}{doubled} is above the limit of "
+            f"{settings.max_num_images} images (TUNEQDM_MAX_NUM_IMAGES)"
         )
     if data.steps > settings.max_generation_steps:
         raise InvalidInput(
@@ -49,6 +53,7 @@ def _check_limits(data: GenerationCreate, settings: Settings, base: BaseInfo) ->
             )
     budget.check_generation(
         num_images=data.num_images,
+        compare_base=data.compare_base,
         steps=data.steps,
         width=width,
         height=height,
@@ -140,6 +145,11 @@ def create_generation(
     limit = settings.max_prompt_chars
     prompt = required_text(data.prompt, field="prompt", max_chars=limit)
     negative = optional_text(data.negative_prompt, field="negative_prompt", max_chars=limit)
+    if data.compare_base and data.adapter_id is None:
+        raise InvalidInput(
+            "compare_base=true sets the base's images beside an adapter's; give adapter_id, or "
+            "leave compare_base out for the base model alone"
+        )
     adapter = None
     if data.adapter_id is not None:
         adapter = _check_adapter(session, tenant, data.adapter_id)
@@ -169,6 +179,7 @@ def create_generation(
         width=width,
         height=height,
         scheduler=data.scheduler,
+        compare_base=data.compare_base,
         time_limit_s=settings.generation_time_limit_s,
         webhook_url=webhook_url,
         idempotency_key=key,
