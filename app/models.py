@@ -37,13 +37,15 @@ Method = Literal["tuneqdm", "peqa", "full"]
 ExportFormat = Literal["lora", "lora-kohya", "merged", "merged-checkpoint"]
 ExportStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
 DeliveryStatus = Literal["pending", "delivered", "failed"]
-# What a fine-tune's event log records (app/events.py, docs/api.md "Events").
+# What a fine-tune's event log records (app/events.py, docs/api.md "Events"); migration 0018
+# added "phase".
 EventType = Literal[
     "queued",
     "running",
     "released",
     "progress",
     "samples",
+    "phase",
     "succeeded",
     "failed",
     "canceled",

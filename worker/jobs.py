@@ -363,11 +363,12 @@ class Lease:
 
     def enter_phase(self, phase: Phase) -> bool:
         """Say what the job does now (app.models.Phase, docs/api.md "Phases"): written when it
-        changes, like every write only while the lease holds; False once the lease is lost."""
+        changes (a fine-tune's event log gets a `phase` event with it), like every write only
+        while the lease holds; False once the lease is lost."""
         if phase == self.phase:
             return not self.lost.is_set()
         self.phase = phase
-        return self.write(phase=phase)
+        return self.write(event=("phase", {"phase": phase}), phase=phase)
 
     def write(self, event: tuple[str, dict[str, Any]] | None = None, **values: Any) -> bool:
         with self._lock, self.factory() as session:

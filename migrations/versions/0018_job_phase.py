@@ -1,5 +1,6 @@
-"""What a running job is doing (`phase`, written by its worker), and generations that also make
-the base's images with the same seeds (`compare_base`; their images are marked `base`).
+"""What a running job is doing (`phase`, written by its worker; a fine-tune's event log records
+each change as a `phase` event), and generations that also make the base's images with the
+same seeds (`compare_base`; their images are marked `base`).
 
 Revision ID: 0018
 Revises: 0016
@@ -16,8 +17,20 @@ down_revision: str | None = "0016"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
+OLD_EVENTS = (
+    "type IN ('queued', 'running', 'released', 'progress', 'samples', 'succeeded', 'failed', "
+    "'canceled', 'webhook')"
+)
+NEW_EVENTS = (
+    "type IN ('queued', 'running', 'released', 'progress', 'samples', 'phase', 'succeeded', "
+    "'failed', 'canceled', 'webhook')"
+)
+
 
 def upgrade() -> None:
+    with op.batch_alter_table("finetune_events", schema=None) as batch_op:
+        batch_op.drop_constraint(op.f("ck_finetune_events_type"), type_="check")
+        batch_op.create_check_constraint(op.f("ck_finetune_events_type"), NEW_EVENTS)
     with op.batch_alter_table("finetune_jobs", schema=None) as batch_op:
         batch_op.add_column(sa.Column("phase", sa.String(length=32), nullable=True))
     with op.batch_alter_table("generation_jobs", schema=None) as batch_op:
@@ -39,3 +52,8 @@ def downgrade() -> None:
         batch_op.drop_column("phase")
     with op.batch_alter_table("finetune_jobs", schema=None) as batch_op:
         batch_op.drop_column("phase")
+    # Phase events cannot be kept under the old constraint.
+    op.execute("DELETE FROM finetune_events WHERE type = 'phase'")
+    with op.batch_alter_table("finetune_events", schema=None) as batch_op:
+        batch_op.drop_constraint(op.f("ck_finetune_events_type"), type_="check")
+        batch_op.create_check_constraint(op.f("ck_finetune_events_type"), OLD_EVENTS)
