@@ -19,8 +19,9 @@ PHASE_DOC = (
     "as it goes; null once the job is final (and for a moment after a worker claims it)."
 )
 WAITING_DOC = (
-    "While queued: why, from the bases registry (GET /v1/bases): no worker of the job's base "
-    "is up, or its workers are busy with other jobs; null otherwise."
+    "While queued: why, from the bases registry (GET /v1/bases) and the base's running jobs: "
+    "no worker of the job's base is up, its workers are busy with other jobs, or one is free "
+    "and takes it at its next claim; null otherwise."
 )
 
 

@@ -10,7 +10,13 @@ from sqlalchemy.orm import Session
 from app.bases import BaseInfo, register
 from app.models import FinetuneJob, GenerationJob
 from app.storage import LocalStorage
-from tests.api.factories import RecordingSender, make_adapter, make_finetune, make_tenant
+from tests.api.factories import (
+    RecordingSender,
+    make_adapter,
+    make_finetune,
+    make_generation,
+    make_tenant,
+)
 
 DEFAULT = "tuneqdm/fashion-sd"  # TUNEQDM_BASE_MODEL of the test settings (4 bits, 32 px)
 
@@ -23,7 +29,7 @@ def _set(
 
 
 def test_a_queued_job_waits_for_a_worker_and_says_why(
-    client: TestClient, session: Session, sender: RecordingSender
+    client: TestClient, session: Session, storage: LocalStorage, sender: RecordingSender
 ) -> None:
     t = make_tenant(session)
     queued = make_finetune(session, t.tenant, status="queued")
@@ -38,18 +44,35 @@ def test_a_queued_job_waits_for_a_worker_and_says_why(
     assert gen.json()["phase"] == "waiting for a worker"
     assert "no worker of base" in gen.json()["waiting_reason"]
 
-    # One worker up: it is busy with other jobs (this one is still queued).
+    # One worker up and nothing running: it is free, it takes the job at its next claim.
     info = BaseInfo(DEFAULT, "/models/fashion-sd", 32, "epsilon", 4)
     register(session, info, worker="gpu-1:1")
     session.commit()
     listed = client.get("/v1/finetunes", headers=t.headers).json()["data"]
     assert [(j["phase"], j["waiting_reason"]) for j in listed] == [
-        ("waiting for a worker", f"its worker is busy with other jobs of base {DEFAULT!r}")
+        (
+            "waiting for a worker",
+            f"a worker of base {DEFAULT!r} is free and takes the job at its next claim",
+        )
     ]
+    # As many jobs of the base running as workers up: they are busy.
+    make_finetune(session, t.tenant, status="running", phase="training")
+    body = client.get(f"/v1/finetunes/{queued.id}", headers=t.headers).json()
+    assert body["waiting_reason"] == f"its worker is busy with other jobs of base {DEFAULT!r}"
     register(session, info, worker="gpu-2:1")
     session.commit()
+    make_generation(session, storage, t.tenant, status="running")
     again = client.get(f"/v1/generations/{gen.json()['id']}", headers=t.headers).json()
     assert again["waiting_reason"] == f"its 2 workers are busy with other jobs of base {DEFAULT!r}"
+    # Another base's running jobs do not count.
+    make_finetune(session, t.tenant, status="running", base_model="other")
+    make_finetune(session, t.tenant, status="running", base_model="other")
+    assert (
+        client.get(f"/v1/generations/{gen.json()['id']}", headers=t.headers).json()[
+            "waiting_reason"
+        ]
+        == f"its 2 workers are busy with other jobs of base {DEFAULT!r}"
+    )
 
 
 def test_a_running_job_shows_its_workers_phase_and_a_final_one_none(
