@@ -399,7 +399,7 @@ $("delete-job").addEventListener("click", async () => {
   }
 });
 
-// The exponential moving average of the per-step losses (the first value starts it): one
+// The exponential moving average of the reported losses (the first value starts it): one
 // step's loss is noisy (its timestep and noise are drawn at random), the average shows the trend.
 function smooth(points, alpha = EMA_ALPHA) {
   let average = null;

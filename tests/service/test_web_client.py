@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -170,6 +171,23 @@ def test_client_finetune_wait_generate_download_delete(service: Service, tmp_pat
         assert [Image.open(f).size for f in files] == [(32, 32), (32, 32)]
         listed = client.list_generations(status="succeeded")
         assert gen["id"] in [g["id"] for g in listed["data"]]
+
+        # The base beside the adapter: its images with the same seeds, in the same batch, equal
+        # to a plain base generation with those seeds (up to one level of float32 rounding).
+        both = client.generate(
+            adapter["id"], "a photo of sks bag", steps=10, seed=7, num_images=1, compare_base=True
+        )
+        assert [(i["index"], i["seed"], i["base"]) for i in both["images"]] == [
+            (0, 7, False),
+            (1, 7, True),
+        ]
+        plain = client.generate(None, "a photo of sks bag", steps=10, seed=7)
+        assert [(i["seed"], i["base"]) for i in plain["images"]] == [(7, False)]
+        _, base_png = client.download_images(both, tmp_path / "both")
+        (plain_png,) = client.download_images(plain, tmp_path / "plain")
+        pixels = [np.asarray(Image.open(f), dtype=np.int16) for f in (base_png, plain_png)]
+        assert np.abs(pixels[0] - pixels[1]).max() <= 1
+        assert both["phase"] is None and plain["phase"] is None
 
         # The API's own explanation travels in the exception.
         with pytest.raises(ApiError) as bad:
