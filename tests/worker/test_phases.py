@@ -21,6 +21,7 @@ from tests.worker.conftest import submit_finetune
 from worker.context import Context
 from worker.finetunes import SAMPLE_SEED, run_finetune
 from worker.generations import run_generation
+from worker.jobs import Lease, claim, release_owned
 
 PROMPTS = ["a photo of sks dog", "sks dog on a beach"]
 
@@ -150,3 +151,21 @@ def test_compare_base_makes_the_bases_images_with_the_same_seeds(
         assert np.abs(base_image - plain_image).max() <= 1
     # The adapter's images are not the base's: it changed something.
     assert any(np.abs(a - b).max() > 8 for a, b in zip(ours[:2], ours[2:], strict=True))
+
+
+def test_a_phase_is_written_once_and_only_under_the_lease(ctx: Context, tenant: Tenant) -> None:
+    job_id = submit_finetune(ctx, tenant, '{"steps": 2}')
+    with ctx.sessions() as s:
+        assert claim(s, FinetuneJob, job_id, "a", stale_after_s=30) == 1
+    with Lease(ctx.sessions, FinetuneJob, job_id, "a", heartbeat_s=30) as lease:
+        assert lease.enter_phase("training") and lease.enter_phase("training")
+    with Lease(ctx.sessions, FinetuneJob, job_id, "other", heartbeat_s=30) as lost:
+        # A worker that lost the job (here: never held it) writes no phase and no event.
+        assert not lost.enter_phase("saving") and lost.lost.is_set()
+    assert _phases(ctx, job_id) == ["training"]
+    with ctx.sessions() as s:
+        assert s.get(FinetuneJob, job_id).phase == "training"  # type: ignore[union-attr]
+    # Given back to the queue, the job drops its worker's phase: it waits again.
+    assert release_owned(ctx.sessions, FinetuneJob, job_id, "a", reason=None, counts=False)
+    with ctx.sessions() as s:
+        assert s.get(FinetuneJob, job_id).phase is None  # type: ignore[union-attr]
