@@ -251,8 +251,11 @@ def _generate(
         return "failed"
 
     for job, sides in runnable:
-        # The adapter's images, then the base's (compare_base), in the order of the requests.
-        images = [(image, side > 0) for side in range(len(sides)) for image in next(results)]
+        # The adapter's images, then (compare_base) the base's: side 0, then side 1.
+        made = [next(results) for _ in sides]
+        images = [
+            (image, side > 0) for side, side_images in enumerate(made) for image in side_images
+        ]
         # Finished images of a generation past its time limit are still delivered; a canceled
         # or taken-over one publishes nothing.
         if leases[job.id].should_stop() or not leases[job.id].enter_phase("saving"):
