@@ -4,9 +4,10 @@ before anything is stored, with a message naming the limit, its setting and what
 Costs are counted in units of one UNet sample at the base's native size, so a limit means the
 same amount of work on every base: a fine-tune costs steps × batch × (1 + prior) × pixels /
 native pixels (prior preservation doubles each step's batch) plus its progress images
-(sampling points × validation prompts × TUNEQDM_SAMPLE_STEPS, at the native size), a
-generation images × steps × pixels / native pixels. Attention makes large sizes cost more
-than their pixel count, which is one reason sizes are also bounded (TUNEQDM_MAX_SIZE_FACTOR).
+((sampling points + step 0) × validation prompts × TUNEQDM_SAMPLE_STEPS, at the native
+size), a generation images × steps × pixels / native pixels (twice that with compare_base,
+which makes the base's images too). Attention makes large sizes cost more than their pixel
+count, which is one reason sizes are also bounded (TUNEQDM_MAX_SIZE_FACTOR).
 The class images of prior preservation are not in the budget; the job's time limit bounds
 them.
 """
@@ -33,10 +34,12 @@ def training_cost(params: FinetuneParams, *, prior: bool, native: int) -> float:
 
 
 def sampling_cost(params: FinetuneParams, *, sample_steps: int) -> float:
-    """The progress images: one per validation prompt at each sampling point, native size."""
+    """The progress images: one per validation prompt at each sampling point and at step 0,
+    native size."""
     if not params.validation_prompts or params.sample_every is None:
         return 0.0
-    points = sample_points(params.steps, params.sample_every)
+    # One more point than sample_points counts: step 0, the base before any training.
+    points = sample_points(params.steps, params.sample_every) + 1
     return float(points * len(params.validation_prompts) * sample_steps)
 
 
@@ -51,8 +54,8 @@ def check_finetune(params: FinetuneParams, *, prior: bool, native: int, settings
     if cost > limit:
         res = params.resolution
         samples = (
-            f" + {sampling:g} for progress images (sampling points × validation_prompts × "
-            f"TUNEQDM_SAMPLE_STEPS {settings.sample_steps})"
+            f" + {sampling:g} for progress images ((sampling points + step 0) × "
+            f"validation_prompts × TUNEQDM_SAMPLE_STEPS {settings.sample_steps})"
             if sampling
             else ""
         )
@@ -66,15 +69,25 @@ def check_finetune(params: FinetuneParams, *, prior: bool, native: int, settings
 
 
 def check_generation(
-    *, num_images: int, steps: int, width: int, height: int, native: int, settings: Settings
+    *,
+    num_images: int,
+    steps: int,
+    width: int,
+    height: int,
+    native: int,
+    settings: Settings,
+    compare_base: bool = False,
 ) -> None:
+    """With compare_base each image is made twice (adapter and base): twice the cost."""
+    sides = 2 if compare_base else 1
     cost = generation_cost(
-        num_images=num_images, steps=steps, width=width, height=height, native=native
+        num_images=num_images * sides, steps=steps, width=width, height=height, native=native
     )
     limit = settings.max_generation_cost
     if cost > limit:
+        doubled = " × 2 for compare_base" if compare_base else ""
         raise InvalidInput(
-            f"this generation costs {cost:g} (num_images {num_images} × steps {steps} × "
+            f"this generation costs {cost:g} (num_images {num_images}{doubled} × steps {steps} × "
             f"{width}×{height} / {native}² pixels), above the limit of {limit:g} "
             f"(TUNEQDM_MAX_GENERATION_COST); lower num_images, steps, width or height"
         )

@@ -12,6 +12,7 @@ from typing import Any, Literal, get_args
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     CheckConstraint,
     DateTime,
     Float,
@@ -22,6 +23,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -40,17 +42,32 @@ DeliveryStatus = Literal["pending", "delivered", "failed"]
 # at all (FLUX.1 [schnell]).
 Family = Literal["sd", "sdxl", "sd3", "flux"]
 Guidance = Literal["cfg", "embedded", "none"]
-# What a fine-tune's event log records (app/events.py, docs/api.md "Events").
+# What a fine-tune's event log records (app/events.py, docs/api.md "Events"); migration 0018
+# added "phase".
 EventType = Literal[
     "queued",
     "running",
     "released",
     "progress",
     "samples",
+    "phase",
     "succeeded",
     "failed",
     "canceled",
     "webhook",
+]
+
+# What a job is doing (docs/api.md "Phases"): "waiting for a worker" while queued (the API
+# derives it), the rest written by the worker while it runs; null once the job is final.
+Phase = Literal[
+    "waiting for a worker",
+    "loading base",
+    "preparing photos",
+    "making class images",
+    "training",
+    "progress images",
+    "generating",
+    "saving",
 ]
 
 FINETUNE_STATUSES: tuple[Status, ...] = get_args(Status)
@@ -192,6 +209,8 @@ class FinetuneJob(Base):
     # Jobs its worker trains in one loop with this one, itself included (worker/cotrain.py),
     # as of its last membership change; null when it ran alone (TUNEQDM_COTRAIN_MAX).
     group_size: Mapped[int | None] = mapped_column(Integer)
+    # What the worker is doing while it runs (Phase); cleared when the job ends or is given back.
+    phase: Mapped[str | None] = mapped_column(String(32))
 
     images: Mapped[list[FinetuneImage]] = relationship(
         back_populates="job", order_by="FinetuneImage.index", cascade="all, delete-orphan"
@@ -283,6 +302,9 @@ class GenerationJob(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # As on finetune_jobs, from TUNEQDM_GENERATION_TIME_LIMIT_S.
     time_limit_s: Mapped[float | None] = mapped_column(Float)
+    phase: Mapped[str | None] = mapped_column(String(32))
+    # Also the base's images with the same seeds, in the same batch (marked `base`).
+    compare_base: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
     images: Mapped[list[GeneratedImage]] = relationship(
         back_populates="generation",
@@ -353,6 +375,8 @@ class GeneratedImage(Base):
     generation_id: Mapped[str] = mapped_column(ForeignKey("generation_jobs.id", ondelete="CASCADE"))
     index: Mapped[int] = mapped_column(Integer)
     seed: Mapped[int] = mapped_column(BigInteger)
+    # An image of the plain base (compare_base), made with the same seed as an adapter image.
+    base: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     storage_key: Mapped[str] = mapped_column(String(255))
     # Counted in the tenant's stored bytes (TUNEQDM_TENANT_STORED_BYTES).
     size_bytes: Mapped[int] = mapped_column(Integer, default=0, server_default="0")

@@ -44,7 +44,12 @@ def generation_data(job: GenerationJob) -> dict[str, Any]:
         "adapter_id": job.adapter_id,
         "error": job.error,
         "images": [
-            {"index": i.index, "seed": i.seed, "url": f"/v1/generations/{job.id}/images/{i.index}"}
+            {
+                "index": i.index,
+                "seed": i.seed,
+                "base": i.base,
+                "url": f"/v1/generations/{job.id}/images/{i.index}",
+            }
             for i in job.images
         ],
         "finished_at": _iso(job.finished_at),

@@ -302,7 +302,8 @@ class Client:
         """Request images (adapter_id=None: the plain base model); by default wait for them.
 
         Keyword arguments are the request's fields: num_images, steps, guidance_scale, seed,
-        width, height, scheduler, negative_prompt. Raises JobFailed when the generation fails.
+        width, height, scheduler, negative_prompt, compare_base (the base's images too, with the
+        same seeds, marked `base`). Raises JobFailed when the generation fails.
         """
         body = {"adapter_id": adapter_id, "prompt": prompt, **params}
         gen = cast(Generation, self._json("POST", "/v1/generations", json=body))

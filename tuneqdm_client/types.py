@@ -30,6 +30,8 @@ class Finetune(TypedDict):
     loss: float | None
     eta_seconds: float | None
     group_size: int | None  # while running: fine-tunes trained in one loop with it, itself too
+    phase: str | None  # what it is doing (docs/api.md "Phases"); null once final
+    waiting_reason: str | None  # while queued: why it waits
     error: str | None
     adapter_id: str | None
     time_limit_s: float | None
@@ -58,6 +60,7 @@ class Adapter(TypedDict):
 class GeneratedImage(TypedDict):
     index: int
     seed: int
+    base: bool  # the plain base's image with this seed (compare_base)
     url: str
 
 
@@ -75,10 +78,13 @@ class Generation(TypedDict):
     width: int
     height: int
     scheduler: str
+    compare_base: bool  # also the base's images with the same seeds (marked `base`)
     webhook_url: str | None
     webhook: dict[str, Any] | None
     time_limit_s: float | None
     error: str | None
+    phase: str | None  # what it is doing (docs/api.md "Phases"); null once final
+    waiting_reason: str | None  # while queued: why it waits
     images: list[GeneratedImage]
     created_at: str
     updated_at: str

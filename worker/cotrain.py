@@ -229,9 +229,11 @@ class _Group:
         def class_images(done: int, total: int) -> None:
             for other in [member, *self.members.values()]:
                 other.lease.touch()  # the whole loop waits for these: progress for all
+            lease.enter_phase("making class images")
             log.info("fine-tune %s: class images %d/%d", job.id, done, total)
 
         try:
+            lease.enter_phase("preparing photos")
             checkpoint_dir = ctx.files.checkpoint_dir(job.tenant_id, job.id)
             self.trainer.add(
                 CoJob(
@@ -254,6 +256,7 @@ class _Group:
         except Exception as exc:
             self._end(member, error=exc)
             return
+        lease.enter_phase("training")
         self.members[job.id] = member
         self.largest = max(self.largest, len(self.members))
         log.info("fine-tune %s joined a co-training group of %d", job.id, len(self.members))
@@ -323,7 +326,9 @@ class _Group:
                 return after_stop(ctx, job, lease)
             if error is not None:
                 raise error
-            if not publish_adapter(ctx, job, member.params, result, member.owner, member.attempt):
+            if not lease.enter_phase("saving") or not publish_adapter(
+                ctx, job, member.params, result, member.owner, member.attempt
+            ):
                 return after_stop(ctx, job, lease)
         except Exception as exc:
             return raised(ctx, job, member.owner, exc)
@@ -413,6 +418,8 @@ def run_group(
     try:
         from tuneqdm_core.cotrain import cotraining
 
+        if not ctx.runtime.loaded:
+            lease.enter_phase("loading base")
         base = ctx.runtime.base
     except Exception:
         log.exception("the base model could not be loaded")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import select
@@ -97,6 +98,8 @@ def _run_claimed(
     with ctx.lease(FinetuneJob, job.id, owner) as lease:
         lease.write(group_size=None)  # alone now, whatever an earlier attempt trained with
         try:
+            if not ctx.runtime.loaded:
+                lease.enter_phase("loading base")
             _ = ctx.runtime.base
         except Exception:
             # Misconfiguration (wrong TUNEQDM_MODEL, no GPU): not the user's fault to fix.
@@ -107,7 +110,7 @@ def _run_claimed(
             result = _train(ctx, job, params, image_keys, lease)
             if isinstance(result, str):
                 return result  # ended by its time limit
-            if result is None:
+            if result is None or not lease.enter_phase("saving"):
                 return after_stop(ctx, job, lease)
             if not publish_adapter(ctx, job, params, result, owner, attempt):
                 return after_stop(ctx, job, lease)
@@ -123,6 +126,11 @@ def _train(
     run stopped early (canceled, lease lost, worker stopping or stalled)."""
     from tuneqdm_core.finetune import FinetuneCanceled, Subject, finetune
 
+    deadline = Deadline(job.started_at, job.time_limit_s, "TUNEQDM_FINETUNE_TIME_LIMIT_S")
+    sampling = sampling_for(ctx, params)
+    if sampling is not None:
+        base_samples(ctx, job, params, lease, sampling, stop_check(lease.should_stop, deadline))
+    lease.enter_phase("preparing photos")
     checkpoint_dir = ctx.files.checkpoint_dir(job.tenant_id, job.id)
     subject = Subject(
         instance_prompt=job.instance_prompt,
@@ -131,18 +139,18 @@ def _train(
     )
     config = finetune_config(params, job.id)
     write = ProgressWriter(lease, every_s=min(1.0, ctx.settings.heartbeat_s), clock=time.monotonic)
-    deadline = Deadline(job.started_at, job.time_limit_s, "TUNEQDM_FINETUNE_TIME_LIMIT_S")
     first = True
     last = time.perf_counter()
 
     def class_images(done: int, total: int) -> None:
         lease.touch()  # each chunk of class images is progress too
+        lease.enter_phase("making class images")
         log.info("fine-tune %s: class images %d/%d", job.id, done, total)
 
     def progress(p: Any) -> None:
         nonlocal first, last
         # The previous step's save, if any; nothing once the lease is lost.
-        if not save_checkpoint(ctx, job, lease):
+        if not save_checkpoint(ctx, job, lease) or not lease.enter_phase("training"):
             return
         now = time.perf_counter()
         if first:  # the first call's interval includes encoding the photos
@@ -157,10 +165,9 @@ def _train(
         else:
             write(p.step, p.total, p.loss)
 
-    sampling = sampling_for(ctx, params)
-
     def sample_step(done: int, total: int) -> None:
         lease.touch()  # each denoising step of the progress images is progress too
+        lease.enter_phase("progress images")
 
     def samples(step: int, images: list[Any]) -> None:
         lease.touch()
@@ -217,6 +224,52 @@ def sampling_for(ctx: Context, params: FinetuneParams) -> Any:
         guidance_scale=generation_rules(info.family, info.guidance).guidance_scale,
         precision=ctx.settings.generation_dtype,
     )
+
+
+def base_samples(
+    ctx: Context,
+    job: FinetuneJob,
+    params: FinetuneParams,
+    lease: Lease,
+    sampling: Any,
+    should_cancel: Callable[[], bool],
+) -> None:
+    """The progress images of step 0: the plain base with the prompts and seeds of every later
+    sampling point, so the first column shows what the training starts from. Made once (a
+    resumed job that has them skips this); one small batch of TUNEQDM_SAMPLE_STEPS steps.
+    Stopped (canceled, lease lost, time limit) it stores nothing; the training that follows
+    then stops at once."""
+    from tuneqdm_core.cancel import Canceled
+    from tuneqdm_core.generate import GenerationRequest, generate
+
+    with ctx.sessions() as session:
+        have = session.scalar(
+            select(FinetuneSample.id).where(FinetuneSample.job_id == job.id).limit(1)
+        )
+    if have is not None or not lease.enter_phase("progress images"):
+        return
+    requests = [
+        GenerationRequest(
+            prompt=prompt,
+            steps=sampling.steps,
+            guidance_scale=sampling.guidance_scale,
+            seed=sampling.seed + i,
+            width=sampling.size,
+            height=sampling.size,
+        )
+        for i, prompt in enumerate(sampling.prompts)
+    ]
+    try:
+        made = generate(
+            ctx.runtime.base,
+            requests,
+            precision=sampling.precision,
+            on_step=lambda done, total: lease.touch(),
+            should_cancel=should_cancel,
+        )
+    except Canceled:
+        return
+    store_samples(ctx, job, params, lease, 0, [images[0].image for images in made])
 
 
 def store_samples(

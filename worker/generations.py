@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.models import Adapter, GeneratedImage, GenerationJob
+from app.models import Adapter, GeneratedImage, GenerationJob, Phase
 from app.outbox import record_final
 from worker import metrics
 from worker.bounds import Deadline, stop_check
@@ -136,6 +136,11 @@ def _touch(leases: dict[str, Lease]) -> None:
         lease.touch()
 
 
+def _enter_phase(leases: dict[str, Lease], phase: Phase) -> None:
+    for lease in leases.values():
+        lease.enter_phase(phase)
+
+
 def _generate(
     ctx: Context,
     jobs: list[GenerationJob],
@@ -147,7 +152,9 @@ def _generate(
     from tuneqdm_core.cancel import Canceled
     from tuneqdm_core.generate import GenerationRequest, generate
 
-    runnable: list[tuple[GenerationJob, Any]] = []
+    if not ctx.runtime.loaded:
+        _enter_phase(leases, "loading base")
+    runnable: list[tuple[GenerationJob, list[Any]]] = []
     for job in jobs:
         try:
             if job.base_model != ctx.settings.base_model:
@@ -171,19 +178,29 @@ def _generate(
                     )
                     continue
                 adapter = ctx.files.adapter(ctx.runtime, job.adapter_id, found[1])
-            request = GenerationRequest(
-                prompt=job.prompt,
-                adapter=adapter,
-                negative_prompt=job.negative_prompt or "",
-                num_images=job.num_images,
-                steps=job.steps,
-                guidance_scale=job.guidance_scale,
-                seed=job.seed,
-                width=job.width,
-                height=job.height,
-                scheduler=job.scheduler,
+            # One request per side: the adapter's, then (compare_base) the plain base's with
+            # the same seeds, in the same loop.
+            sides = [adapter, None] if job.compare_base and adapter is not None else [adapter]
+            runnable.append(
+                (
+                    job,
+                    [
+                        GenerationRequest(
+                            prompt=job.prompt,
+                            adapter=side,
+                            negative_prompt=job.negative_prompt or "",
+                            num_images=job.num_images,
+                            steps=job.steps,
+                            guidance_scale=job.guidance_scale,
+                            seed=job.seed,
+                            width=job.width,
+                            height=job.height,
+                            scheduler=job.scheduler,
+                        )
+                        for side in sides
+                    ],
+                )
             )
-            runnable.append((job, request))
         except Exception as exc:
             log.exception("generation %s could not be prepared", job.id)
             _fail(
@@ -195,7 +212,7 @@ def _generate(
     if not runnable:
         return "failed"
 
-    requests = [request for _, request in runnable]
+    requests = [request for _, sides in runnable for request in sides]
     distinct = {id(r.adapter): r.adapter for r in requests if r.adapter is not None}
     intervals = max([a.config.intervals for a in distinct.values()] + [1])
     deadlines = {
@@ -209,13 +226,16 @@ def _generate(
         # was canceled, taken over or passed its time limit. One canceled generation among
         # other tenants' ones only loses its own images below.
         sampling = time.perf_counter()
-        results = generate(
-            ctx.runtime.base,
-            requests,
-            bank=bank,
-            precision=ctx.settings.generation_dtype,
-            should_cancel=lambda: all(stop() for stop in stops.values()),
-            on_step=lambda done, total: _touch(leases),
+        _enter_phase(leases, "generating")
+        results = iter(
+            generate(
+                ctx.runtime.base,
+                requests,
+                bank=bank,
+                precision=ctx.settings.generation_dtype,
+                should_cancel=lambda: all(stop() for stop in stops.values()),
+                on_step=lambda done, total: _touch(leases),
+            )
         )
         metrics.generation_batch(ctx.settings.base_model, time.perf_counter() - sampling)
     except Canceled:
@@ -230,10 +250,15 @@ def _generate(
             _fail(ctx, job.id, owner, message)
         return "failed"
 
-    for (job, _), images in zip(runnable, results, strict=True):
+    for job, sides in runnable:
+        # The adapter's images, then (compare_base) the base's: side 0, then side 1.
+        made = [next(results) for _ in sides]
+        images = [
+            (image, side > 0) for side, side_images in enumerate(made) for image in side_images
+        ]
         # Finished images of a generation past its time limit are still delivered; a canceled
         # or taken-over one publishes nothing.
-        if leases[job.id].should_stop():
+        if leases[job.id].should_stop() or not leases[job.id].enter_phase("saving"):
             _stopped(ctx, job.id, owner, leases[job.id], deadlines[job.id])
             continue
         try:
@@ -249,18 +274,19 @@ def _generate(
 
 
 def publish_images(
-    ctx: Context, job: GenerationJob, images: list[Any], owner: str, attempt: int
+    ctx: Context, job: GenerationJob, images: list[tuple[Any, bool]], owner: str, attempt: int
 ) -> bool:
     """Write the PNGs under this attempt's own folder (each by temporary file and rename),
     then the image rows and `succeeded` in one transaction while `owner` holds the lease;
-    this attempt's files are removed when the lease was lost or anything failed."""
+    this attempt's files are removed when the lease was lost or anything failed. `images`
+    pairs each core image with whether it is the plain base's (compare_base)."""
     keys = []
     try:
-        for index, generated in enumerate(images):
+        for index, (generated, base) in enumerate(images):
             buffer = io.BytesIO()
             generated.image.save(buffer, format="PNG")
             key = generated_image_attempt_key(job.tenant_id, job.id, attempt, index)
-            keys.append((index, generated.seed, key, buffer.getbuffer().nbytes))
+            keys.append((index, generated.seed, base, key, buffer.getbuffer().nbytes))
             ctx.storage.put(key, buffer.getvalue())
         with ctx.sessions() as session:
             done = finish_owned(session, GenerationJob, job.id, owner, "succeeded", error=None)
@@ -270,20 +296,21 @@ def publish_images(
                         generation_id=job.id,
                         index=i,
                         seed=seed,
+                        base=base,
                         storage_key=key,
                         size_bytes=size,
                     )
-                    for i, seed, key, size in keys
+                    for i, seed, base, key, size in keys
                 )
                 record_final(session, GenerationJob, job.id)
             session.commit()
     except BaseException:
-        for _, _, key, _ in keys:
+        for *_, key, _ in keys:
             ctx.storage.delete(key)
         raise
     if not done:
         # Canceled, deleted or taken over meanwhile: only this attempt's own images go.
-        for _, _, key, _ in keys:
+        for *_, key, _ in keys:
             ctx.storage.delete(key)
     else:
         ctx.notify(job.id)

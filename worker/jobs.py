@@ -38,7 +38,7 @@ from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from app.db import sql_now
 from app.events import record_event
-from app.models import AdapterExport, FinetuneJob, GenerationJob
+from app.models import AdapterExport, FinetuneJob, GenerationJob, Phase
 from worker import metrics
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,12 @@ def _leaves_group(model: JobModel) -> dict[str, Any]:
     """What a job that leaves its group (canceled, failed, released, swept) clears: a fine-tune
     is no longer in a co-training group."""
     return {"group_size": None} if model is FinetuneJob else {}
+
+
+def _no_phase(model: JobModel) -> dict[str, Any]:
+    """What a job that stops running (ended, released, swept) clears: the phase its worker
+    wrote (a queued job waits for a worker, a final one does nothing; docs/api.md "Phases")."""
+    return {} if model is AdapterExport else {"phase": None}
 
 
 # Set when the worker process is asked to stop (SIGTERM): running jobs checkpoint, give their
@@ -229,7 +235,11 @@ def finish_owned(
             finished_at=now,
             updated_at=now,
             # A fine-tune that succeeded in a group keeps its size: the group it trained in.
-            **{**({} if status == "succeeded" else _leaves_group(model)), **values},
+            **{
+                **({} if status == "succeeded" else _leaves_group(model)),
+                **_no_phase(model),
+                **values,
+            },
         )
         .returning(model.base_model)
         .execution_options(synchronize_session=False)
@@ -255,6 +265,7 @@ def release_owned(
     values: dict[str, Any] = {
         "attempts": model.attempts - (0 if counts else 1),
         **_leaves_group(model),
+        **_no_phase(model),
     }
     if reason is not None:
         values["error"] = reason
@@ -319,6 +330,7 @@ class Lease:
         self.lost = threading.Event()
         self.stalled = threading.Event()
         self.last_progress = time.monotonic()
+        self.phase: Phase | None = None
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{job_id}", daemon=True)
@@ -336,6 +348,15 @@ class Lease:
     def touch(self) -> None:
         """The job made progress: keep renewing the lease."""
         self.last_progress = time.monotonic()
+
+    def enter_phase(self, phase: Phase) -> bool:
+        """Say what the job does now (app.models.Phase, docs/api.md "Phases"): written when it
+        changes (a fine-tune's event log gets a `phase` event with it), like every write only
+        while the lease holds; False once the lease is lost."""
+        if phase == self.phase:
+            return not self.lost.is_set()
+        self.phase = phase
+        return self.write(event=("phase", {"phase": phase}), phase=phase)
 
     def write(self, event: tuple[str, dict[str, Any]] | None = None, **values: Any) -> bool:
         with self._lock, self.factory() as session:
@@ -433,6 +454,7 @@ def sweep_stale(
                         lease_owner=None,
                         updated_at=sql_now(session),
                         **_leaves_group(model),
+                        **_no_phase(model),
                     )
                     .execution_options(synchronize_session=False)
                 )

@@ -19,6 +19,7 @@ from app.deps import (
 )
 from app.downloads import stream_response
 from app.forms import StrictFormRoute
+from app.models import FinetuneJob
 from app.schemas import (
     EventPublic,
     EventsPublic,
@@ -29,6 +30,7 @@ from app.schemas import (
     SamplesPublic,
     Status,
 )
+from app.services import bases as bases_svc
 from app.services import finetunes as svc
 from app.services import progress
 
@@ -146,7 +148,13 @@ async def create_finetune(
         form=form,
         checked=checked,
     )
-    return FinetunePublic.from_row(job)
+    return await run_in_threadpool(_public, session, settings, job)
+
+
+def _public(session: SessionDep, settings: SettingsDep, job: FinetuneJob) -> FinetunePublic:
+    """The job as the API shows it, with why it waits while queued."""
+    waiting = bases_svc.waiting_of(session=session, settings=settings, jobs=[job])
+    return FinetunePublic.from_row(job, waiting)
 
 
 @router.get("", response_model=FinetunesPublic, responses={401: ERRORS[401]})
@@ -165,13 +173,16 @@ def list_finetunes(
         limit=min(limit, settings.max_page_size),
         offset=offset,
     )
-    return FinetunesPublic(data=[FinetunePublic.from_row(r) for r in rows], count=count)
+    waiting = bases_svc.waiting_of(session=session, settings=settings, jobs=rows)
+    return FinetunesPublic(data=[FinetunePublic.from_row(r, waiting) for r in rows], count=count)
 
 
 @router.get("/{finetune_id}", response_model=FinetunePublic, responses=ERRORS)
-def get_finetune(session: SessionDep, tenant: CurrentTenant, finetune_id: str) -> FinetunePublic:
+def get_finetune(
+    session: SessionDep, settings: SettingsDep, tenant: CurrentTenant, finetune_id: str
+) -> FinetunePublic:
     job = svc.get_finetune(session=session, tenant=tenant, finetune_id=finetune_id)
-    return FinetunePublic.from_row(job)
+    return _public(session, settings, job)
 
 
 @router.get("/{finetune_id}/samples", response_model=SamplesPublic, responses=ERRORS)

@@ -9,7 +9,9 @@ from fastapi.responses import StreamingResponse
 
 from app.deps import CurrentTenant, SenderDep, SessionDep, SettingsDep, StorageDep
 from app.downloads import REDIRECT_DOC, file_response
+from app.models import GenerationJob
 from app.schemas import GenerationCreate, GenerationPublic, GenerationsPublic, Status
+from app.services import bases as bases_svc
 from app.services import generations as svc
 
 router = APIRouter(prefix="/v1/generations", tags=["generations"])
@@ -58,7 +60,13 @@ def create_generation(
         data=data,
         idempotency_key=idempotency_key,
     )
-    return GenerationPublic.from_row(gen)
+    return _public(session, settings, gen)
+
+
+def _public(session: SessionDep, settings: SettingsDep, gen: GenerationJob) -> GenerationPublic:
+    """The generation as the API shows it, with why it waits while queued."""
+    waiting = bases_svc.waiting_of(session=session, settings=settings, jobs=[gen])
+    return GenerationPublic.from_row(gen, waiting)
 
 
 @router.get("", response_model=GenerationsPublic, responses={401: ERRORS[401]})
@@ -77,16 +85,17 @@ def list_generations(
         limit=min(limit, settings.max_page_size),
         offset=offset,
     )
-    return GenerationsPublic(data=[GenerationPublic.from_row(r) for r in rows], count=count)
+    waiting = bases_svc.waiting_of(session=session, settings=settings, jobs=rows)
+    data = [GenerationPublic.from_row(r, waiting) for r in rows]
+    return GenerationsPublic(data=data, count=count)
 
 
 @router.get("/{generation_id}", response_model=GenerationPublic, responses=ERRORS)
 def get_generation(
-    session: SessionDep, tenant: CurrentTenant, generation_id: str
+    session: SessionDep, settings: SettingsDep, tenant: CurrentTenant, generation_id: str
 ) -> GenerationPublic:
-    return GenerationPublic.from_row(
-        svc.get_generation(session=session, tenant=tenant, generation_id=generation_id)
-    )
+    gen = svc.get_generation(session=session, tenant=tenant, generation_id=generation_id)
+    return _public(session, settings, gen)
 
 
 @router.post(

@@ -39,4 +39,18 @@ def mount(app: FastAPI) -> None:
             headers={"Content-Security-Policy": CONTENT_SECURITY_POLICY},
         )
 
+    # The page's icon: a small SVG of its own (the page links /favicon.svg; browsers that ask
+    # for /favicon.ico get the same file), so no request for it leaves the service or 404s.
+    @app.get("/favicon.svg", include_in_schema=False)
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> FileResponse:
+        return FileResponse(
+            STATIC / "favicon.svg",
+            media_type="image/svg+xml",
+            headers={
+                "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+                "Cache-Control": "public, max-age=86400",
+            },
+        )
+
     app.mount("/static", StaticFiles(directory=STATIC), name="static")

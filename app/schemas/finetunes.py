@@ -8,8 +8,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app import models
-from app.models import Method, Status
-from app.schemas.common import SEED_MAX, WebhookPublic
+from app.models import Method, Phase, Status
+from app.schemas.common import PHASE_DOC, SEED_MAX, WAITING_DOC, WebhookPublic, phase_of
 
 # Progress images: at most this many prompts, and at most this many sampling points per job
 # (every sample_every steps plus the last step), so the sample list stays one short page.
@@ -169,6 +169,11 @@ class FinetunePublic(BaseModel):
         "one included (co-training, TUNEQDM_COTRAIN_MAX); null when it runs alone or is not "
         "running."
     )
+    phase: Phase | None = Field(
+        description=PHASE_DOC + " A fine-tune's: loading base, preparing photos, making class "
+        "images (class_prompt), training, progress images (validation_prompts), saving."
+    )
+    waiting_reason: str | None = Field(description=WAITING_DOC)
     created_at: datetime
     updated_at: datetime
     started_at: datetime | None
@@ -176,8 +181,12 @@ class FinetunePublic(BaseModel):
     links: FinetuneLinks
 
     @classmethod
-    def from_row(cls, job: models.FinetuneJob) -> FinetunePublic:
+    def from_row(
+        cls, job: models.FinetuneJob, waiting: dict[str, str] | None = None
+    ) -> FinetunePublic:
+        """`waiting`: why queued jobs of each base wait (app.services.bases.waiting_reasons)."""
         adapter_id = job.adapter.id if job.adapter is not None else None
+        phase, reason = phase_of(job.status, job.phase, job.base_model, waiting)
         return cls(
             id=job.id,
             name=job.name,
@@ -198,6 +207,8 @@ class FinetunePublic(BaseModel):
             adapter_id=adapter_id,
             time_limit_s=job.time_limit_s,
             group_size=job.group_size if job.status == "running" else None,
+            phase=phase,
+            waiting_reason=reason,
             created_at=job.created_at,
             updated_at=job.updated_at,
             started_at=job.started_at,

@@ -7,8 +7,15 @@ from datetime import datetime
 from pydantic import BaseModel, ConfigDict, Field
 
 from app import models
-from app.models import Status
-from app.schemas.common import SEED_MAX, Scheduler, WebhookPublic
+from app.models import Phase, Status
+from app.schemas.common import (
+    PHASE_DOC,
+    SEED_MAX,
+    WAITING_DOC,
+    Scheduler,
+    WebhookPublic,
+    phase_of,
+)
 
 
 class GenerationCreate(BaseModel):
@@ -63,6 +70,12 @@ class GenerationCreate(BaseModel):
         default=None,
         description="One of the base's schedulers (GET /v1/bases); default: the base's.",
     )
+    compare_base: bool = Field(
+        default=False,
+        description="Also make the plain base's images with the same seeds, in the same batch "
+        "(marked `base: true` in `images`), to see what the adapter changes. Needs adapter_id; "
+        "counts twice in num_images limits and the compute budget.",
+    )
     webhook_url: str | None = Field(
         default=None, max_length=2048, description="Receives a signed POST when it finishes."
     )
@@ -71,6 +84,10 @@ class GenerationCreate(BaseModel):
 class GeneratedImagePublic(BaseModel):
     index: int
     seed: int
+    base: bool = Field(
+        description="An image of the plain base with the same seed as the adapter image beside "
+        "it (compare_base); false for the adapter's (or, without adapter_id, the base's) images."
+    )
     url: str
 
 
@@ -96,10 +113,18 @@ class GenerationPublic(BaseModel):
     width: int
     height: int
     scheduler: Scheduler
+    compare_base: bool
     webhook_url: str | None
     webhook: WebhookPublic | None
     error: str | None
-    images: list[GeneratedImagePublic]
+    phase: Phase | None = Field(
+        description=PHASE_DOC + " A generation's: loading base, generating, saving."
+    )
+    waiting_reason: str | None = Field(description=WAITING_DOC)
+    images: list[GeneratedImagePublic] = Field(
+        description="num_images images (seed, seed + 1, ...), then with compare_base as many of "
+        "the plain base with the same seeds (`base: true`)."
+    )
     time_limit_s: float | None = Field(description="Seconds the job may run from its start.")
     created_at: datetime
     updated_at: datetime
@@ -108,7 +133,11 @@ class GenerationPublic(BaseModel):
     links: GenerationLinks
 
     @classmethod
-    def from_row(cls, gen: models.GenerationJob) -> GenerationPublic:
+    def from_row(
+        cls, gen: models.GenerationJob, waiting: dict[str, str] | None = None
+    ) -> GenerationPublic:
+        """`waiting`: why queued jobs of each base wait (app.services.bases.waiting_reasons)."""
+        phase, reason = phase_of(gen.status, gen.phase, gen.base_model, waiting)
         return cls(
             id=gen.id,
             adapter_id=gen.adapter_id,
@@ -123,13 +152,17 @@ class GenerationPublic(BaseModel):
             width=gen.width,
             height=gen.height,
             scheduler=gen.scheduler,  # type: ignore[arg-type]
+            compare_base=gen.compare_base,
             webhook_url=gen.webhook_url,
             webhook=WebhookPublic.from_row(gen.webhook),
             error=gen.error,
+            phase=phase,
+            waiting_reason=reason,
             images=[
                 GeneratedImagePublic(
                     index=img.index,
                     seed=img.seed,
+                    base=img.base,
                     url=f"/v1/generations/{gen.id}/images/{img.index}",
                 )
                 for img in gen.images

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
 
 from sqlalchemy import func, select
@@ -10,7 +11,7 @@ from sqlalchemy.orm import Session, selectinload
 from app.bases import BaseInfo, describe_folder, info_of
 from app.db import database_now
 from app.errors import Conflict, InvalidInput, NotFound, ServiceUnavailable
-from app.models import FinetuneJob, GenerationJob, ServedBase
+from app.models import AdapterExport, BaseWorker, FinetuneJob, GenerationJob, ServedBase
 from app.settings import Settings
 
 
@@ -77,6 +78,58 @@ def queued_jobs(*, session: Session) -> dict[str, dict[str, int]]:
         for base, n in session.execute(stmt):
             counts.setdefault(base, {"finetune": 0, "generation": 0})[kind] = int(n)
     return counts
+
+
+def waiting_reasons(
+    *, session: Session, settings: Settings, bases: Iterable[str]
+) -> dict[str, str]:
+    """Why queued jobs of each of `bases` wait, from the facts GET /v1/bases shows: no worker
+    of the base is up; its workers are busy (as many jobs of the base run as workers are up);
+    or one is free and takes the job at its next claim. A few grouped counts, only for the
+    bases asked about (none: no query)."""
+    names = set(bases)
+    if not names:
+        return {}
+    up_stmt = (
+        select(BaseWorker.base_name, func.count())
+        .where(
+            BaseWorker.base_name.in_(names),
+            BaseWorker.last_seen_at >= up_since(session, settings),
+        )
+        .group_by(BaseWorker.base_name)
+    )
+    up = {name: int(n) for name, n in session.execute(up_stmt)}
+    running: dict[str, int] = {}
+    # Exports run on the generation workers of their base, so they keep a worker busy too.
+    for model in (FinetuneJob, GenerationJob, AdapterExport):
+        stmt = (
+            select(model.base_model, func.count())
+            .where(model.status == "running", model.base_model.in_(names))
+            .group_by(model.base_model)
+        )
+        for name, n in session.execute(stmt):
+            running[name] = running.get(name, 0) + int(n)
+    reasons = {}
+    for name in names:
+        workers, busy = up.get(name, 0), running.get(name, 0)
+        if workers == 0:
+            reasons[name] = (
+                f"no worker of base {name!r} is up (GET /v1/bases); the job starts when one is"
+            )
+        elif busy >= workers:
+            who = "its worker is" if workers == 1 else f"its {workers} workers are"
+            reasons[name] = f"{who} busy with other jobs of base {name!r}"
+        else:
+            reasons[name] = f"a worker of base {name!r} is free and takes the job at its next claim"
+    return reasons
+
+
+def waiting_of(
+    *, session: Session, settings: Settings, jobs: Iterable[FinetuneJob | GenerationJob]
+) -> dict[str, str]:
+    """`waiting_reasons` for the bases of the queued ones among `jobs`."""
+    bases = {job.base_model for job in jobs if job.status == "queued"}
+    return waiting_reasons(session=session, settings=settings, bases=bases)
 
 
 def up_since(session: Session, settings: Settings) -> datetime:

@@ -63,10 +63,14 @@ def _check_family(
 def _check_limits(
     data: GenerationCreate, steps: int, settings: Settings, base: BaseInfo
 ) -> tuple[int, int]:
-    """Check the request's limits; returns (width, height) with the base's defaults filled in."""
-    if data.num_images > settings.max_num_images:
+    """Check the request's limits; returns (width, height) with the base's defaults filled in.
+    With compare_base every image is made twice (adapter and base): it counts twice."""
+    sides = 2 if data.compare_base else 1
+    if data.num_images * sides > settings.max_num_images:
+        doubled = " × 2 for compare_base" if data.compare_base else ""
         raise InvalidInput(
-            f"num_images={data.num_images} is above the limit of {settings.max_num_images}"
+            f"num_images={data.num_images}{doubled} is above the limit of "
+            f"{settings.max_num_images} images (TUNEQDM_MAX_NUM_IMAGES)"
         )
     if steps > settings.max_generation_steps:
         raise InvalidInput(f"steps={steps} is above the limit of {settings.max_generation_steps}")
@@ -83,6 +87,7 @@ def _check_limits(
             )
     budget.check_generation(
         num_images=data.num_images,
+        compare_base=data.compare_base,
         steps=steps,
         width=width,
         height=height,
@@ -174,6 +179,11 @@ def create_generation(
     limit = settings.max_prompt_chars
     prompt = required_text(data.prompt, field="prompt", max_chars=limit)
     negative = optional_text(data.negative_prompt, field="negative_prompt", max_chars=limit)
+    if data.compare_base and data.adapter_id is None:
+        raise InvalidInput(
+            "compare_base=true sets the base's images beside an adapter's; give adapter_id, or "
+            "leave compare_base out for the base model alone"
+        )
     adapter = None
     if data.adapter_id is not None:
         adapter = _check_adapter(session, tenant, data.adapter_id)
@@ -204,6 +214,7 @@ def create_generation(
         width=width,
         height=height,
         scheduler=scheduler,
+        compare_base=data.compare_base,
         time_limit_s=settings.generation_time_limit_s,
         webhook_url=webhook_url,
         idempotency_key=key,

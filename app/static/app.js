@@ -6,10 +6,17 @@
 const $ = (id) => document.getElementById(id);
 const FINAL = ["succeeded", "failed", "canceled"];
 const POLL_MS = 1000;
+// Weight of the newest step in the smoothed loss line (an exponential moving average).
+const EMA_ALPHA = 0.2;
 const state = {
   key: sessionStorage.getItem("tuneqdm.key") || "",
   job: null,          // id of the fine-tune shown in the job card
   losses: [],         // [step, loss] pairs seen while polling that job
+  smoothed: [],       // [step, loss] of the exponential moving average drawn over them
+  jobName: "",        // the watched fine-tune's name (or id) and adapter, for its delete prompt
+  jobAdapter: null,
+  bases: [],          // GET /v1/bases: names, native sizes and accepted size ranges
+  adapterBases: new Map(),  // adapter id -> its base's name
   sampleBlobs: new Map(),  // sample url -> blob: URL, so each progress image is fetched once
   eventCursor: null,  // next_cursor of the job's event log read so far
   hasEvents: true,
@@ -77,12 +84,31 @@ function el(tag, attrs = {}, ...children) {
 const when = (iso) => (iso ? new Date(iso).toLocaleString() : "");
 const kib = (n) => (n < 1024 * 1024 ? `${(n / 1024).toFixed(1)} KiB` : `${(n / 1048576).toFixed(1)} MiB`);
 
-function deleteButton(kind, id, after) {
+// What a delete removes and what it keeps (docs/api.md "What is kept"), named in its prompt.
+function deletePrompt(kind, id, name, adapterId) {
+  const what = name ? `"${name}" (${id})` : id;
+  if (kind === "adapter") {
+    return `Delete the adapter ${what}?\n\nDeleted: the adapter file and its exports.\n`
+      + "Kept: the fine-tune that trained it (its progress images and log) and the images "
+      + "already generated with it.";
+  }
+  if (kind === "finetune") {
+    const adapter = adapterId
+      ? `its adapter ${adapterId} (delete it under Adapters)`
+      : "any adapter it made (delete it under Adapters)";
+    return `Delete the fine-tune ${what}?\n\nDeleted: its photos, checkpoints, progress `
+      + `images and event log (a queued or running job is canceled first).\nKept: ${adapter}.`;
+  }
+  return `Delete the generation ${what}?\n\nDeleted: its prompt and images.\n`
+    + "Kept: the adapter it used.";
+}
+
+function deleteButton(kind, id, after, name = "") {
   if (!state.canDelete[kind]) return "";
   return el("button", {
     type: "button", class: "danger small", "data-delete": id,
     onclick: async () => {
-      if (!confirm(`Delete ${id}?`)) return;
+      if (!confirm(deletePrompt(kind, id, name))) return;
       await remove(kind, id);
       await after();
     },
@@ -146,10 +172,35 @@ async function refreshBases() {
     return; // the default base only
   }
   const bases = [...page.data].sort((a, b) => Number(b.default) - Number(a.default));
+  state.bases = bases;
   $("base").replaceChildren(...bases.map((b) => el("option", { value: b.default ? "" : b.name },
     `${b.name}${b.default ? " (default)" : ""}, ${b.bits}-bit, ${b.native_resolution} px`)));
   if (!bases.length) $("base").replaceChildren(el("option", { value: "" }, "default"));
+  applySizes();
 }
+
+// A base by name ("" or unknown: the default one), from GET /v1/bases.
+function baseNamed(name) {
+  return state.bases.find((b) => b.name === name) || state.bases.find((b) => b.default) || null;
+}
+
+// The size fields take their range and default from the base they run on (GET /v1/bases
+// `sizes`): the fine-tune's chosen base, the generation's adapter's base.
+function applySizes() {
+  const fields = [
+    ["resolution", baseNamed($("base").value)],
+    ["gen-size", baseNamed(state.adapterBases.get($("gen-adapter").value) || "")],
+  ];
+  for (const [id, base] of fields) {
+    if (!base) continue;
+    const { min, max } = base.sizes;
+    Object.assign($(id), { min, max, placeholder: `${base.sizes.default} (native)` });
+    $(id).title = `${base.name}: ${min}–${max} px, multiples of 8; empty: its native ${base.sizes.default} px`;
+    $(id).dataset.base = base.name;
+  }
+}
+$("base").addEventListener("change", applySizes);
+$("gen-adapter").addEventListener("change", applySizes);
 
 $("key-form").addEventListener("submit", (event) => {
   event.preventDefault();
@@ -206,13 +257,17 @@ $("finetune-form").addEventListener("submit", async (event) => {
   }
 });
 
+// What a job is doing (GET /v1/finetunes/{id} `phase`), with why it waits while queued.
+const phaseText = (job) => (job.phase ? job.phase + (job.waiting_reason ? `: ${job.waiting_reason}` : "") : "");
+
 async function refreshFinetunes() {
   const page = await api("GET", "/v1/finetunes?limit=10");
-  $("finetunes").replaceChildren(...page.data.map((job) => el("tr", {},
+  $("finetunes").replaceChildren(...page.data.map((job) => el("tr", { "data-finetune": job.id },
     el("td", {}, el("a", { href: "#", onclick: (e) => { e.preventDefault(); watch(job.id); } },
       job.name || job.id)),
     el("td", {}, el("span", { class: `badge ${job.status}` }, job.status)),
-    el("td", {}, `${job.progress.step}/${job.progress.total}`),
+    el("td", { class: "phase" }, job.phase || ""),
+    el("td", { class: "progress" }, `${job.progress.step}/${job.progress.total}`),
     el("td", {}, when(job.created_at)))));
 }
 
@@ -220,6 +275,9 @@ function watch(id) {
   clearTimeout(state.timer);
   state.job = id;
   state.losses = [];
+  state.smoothed = [];
+  state.jobName = "";
+  state.jobAdapter = null;
   state.eventCursor = null;
   for (const blob of state.sampleBlobs.values()) URL.revokeObjectURL(blob);
   state.sampleBlobs.clear();
@@ -241,13 +299,17 @@ async function poll() {
   }
   if (id !== state.job) return;
   const { step, total } = job.progress;
-  await readEvents(id);
+  // The table below the card moves with it: its row shows the same status, phase and step.
+  await Promise.all([readEvents(id), refreshFinetunes().catch(() => {})]);
   if (id !== state.job) return;
   if (job.loss !== null && !state.losses.some(([s]) => s === step)) state.losses.push([step, job.loss]);
   state.losses.sort((a, b) => a[0] - b[0]);
   $("job-title").textContent = `${job.name || job.id} — ${job.instance_prompt}`;
   $("job-status").textContent = job.status;
   $("job-status").className = `badge ${job.status}`;
+  $("job-phase").textContent = phaseText(job);
+  state.jobName = job.name || "";
+  state.jobAdapter = job.adapter_id;
   const bits = [`step ${step}/${total}`];
   if (job.loss !== null) bits.push(`loss ${job.loss.toFixed(4)}`);
   if (job.eta_seconds !== null) bits.push(`about ${Math.round(job.eta_seconds)} s left`);
@@ -261,7 +323,7 @@ async function poll() {
   plotLoss($("loss-plot"), state.losses);
   await showSamples(id);
   if (FINAL.includes(job.status)) {
-    await Promise.all([refreshFinetunes(), refreshAdapters()]);
+    await refreshAdapters();
     if (job.adapter_id) $("gen-adapter").value = job.adapter_id;
   } else {
     state.timer = setTimeout(poll, POLL_MS);
@@ -315,7 +377,7 @@ async function showSamples(id) {
     ...samples.map((s) => el("img", {
       src: state.sampleBlobs.get(s.url), "data-url": s.url, alt: s.prompt, title: `${s.prompt} (seed ${s.seed})`,
     })),
-    el("figcaption", {}, `step ${step}`))));
+    el("figcaption", {}, step === 0 ? "step 0 (base)" : `step ${step}`))));
   $("sample-prompts").textContent = `top to bottom: ${prompts.map((p, i) => `${i + 1}. ${p}`).join(" · ")}`;
   $("samples-block").hidden = byStep.size === 0;
 }
@@ -328,7 +390,7 @@ $("cancel-job").addEventListener("click", async () => {
   }
 });
 $("delete-job").addEventListener("click", async () => {
-  if (!confirm(`Delete ${state.job}?`)) return;
+  if (!confirm(deletePrompt("finetune", state.job, state.jobName, state.jobAdapter))) return;
   await remove("finetune", state.job);
   if (state.canDelete.finetune) {
     clearTimeout(state.timer);
@@ -337,8 +399,21 @@ $("delete-job").addEventListener("click", async () => {
   }
 });
 
-// A line of the loss values seen while polling, on a canvas (no chart library).
+// The exponential moving average of the reported losses (the first value starts it): one
+// step's loss is noisy (its timestep and noise are drawn at random), the average shows the trend.
+function smooth(points, alpha = EMA_ALPHA) {
+  let average = null;
+  return points.map(([s, l]) => {
+    average = average === null ? l : alpha * l + (1 - alpha) * average;
+    return [s, average];
+  });
+}
+
+// The loss values seen while polling, a thin line, with their smoothed line drawn over them, on
+// a canvas (no chart library).
 function plotLoss(canvas, points) {
+  state.smoothed = smooth(points);
+  canvas.dataset.points = String(points.length);
   const ctx = canvas.getContext("2d");
   const { width: w, height: h } = canvas;
   const pad = 44;
@@ -362,12 +437,17 @@ function plotLoss(canvas, points) {
   ctx.fillText(l0.toFixed(3), 2, h - pad - 6);
   ctx.fillText(`step ${s0}`, pad, h - 4);
   ctx.fillText(`step ${s1}`, w - pad - 40, h - 4);
-  ctx.strokeStyle = "#2563eb";
-  ctx.lineWidth = 2;
-  ctx.beginPath();
-  points.forEach(([s, l], i) => (i ? ctx.lineTo(x(s), y(l)) : ctx.moveTo(x(s), y(l))));
-  ctx.stroke();
+  const line = (series, color, width) => {
+    ctx.strokeStyle = color;
+    ctx.lineWidth = width;
+    ctx.beginPath();
+    series.forEach(([s, l], i) => (i ? ctx.lineTo(x(s), y(l)) : ctx.moveTo(x(s), y(l))));
+    ctx.stroke();
+  };
+  line(points, "#93c5fd", 1);
+  ctx.fillStyle = "#93c5fd";
   for (const [s, l] of points) ctx.fillRect(x(s) - 1.5, y(l) - 1.5, 3, 3);
+  line(state.smoothed, "#dc2626", 3);
 }
 
 // --- adapters -------------------------------------------------------------------------------
@@ -382,20 +462,28 @@ async function refreshAdapters() {
     el("td", {},
       el("button", { type: "button", class: "small", onclick: () => { $("gen-adapter").value = a.id; $("gen-prompt").focus(); } }, "Use"),
       " ",
-      deleteButton("adapter", a.id, refreshAdapters)))));
+      deleteButton("adapter", a.id, refreshAdapters, a.name || "")))));
+  state.adapterBases = new Map(page.data.map((a) => [a.id, a.base_model]));
   const select = $("gen-adapter");
   const chosen = select.value;
   select.replaceChildren(el("option", { value: "" }, "base model (no adapter)"),
     ...page.data.map((a) => el("option", { value: a.id }, `${a.name || a.id} (${a.tokens.join(", ")})`)));
   if ([...select.options].some((o) => o.value === chosen)) select.value = chosen;
+  applySizes();
 }
 
 // --- generations ----------------------------------------------------------------------------
 
 $("generate-form").addEventListener("submit", async (event) => {
   event.preventDefault();
+  // A new request: the previous one's status line and images go, whatever this one does.
   showError("generate-error", null);
+  $("generate-status").textContent = "";
+  $("generate-phase").textContent = "";
+  for (const img of $("gen-images").querySelectorAll("img")) URL.revokeObjectURL(img.src);
+  $("gen-images").replaceChildren();
   const body = { adapter_id: $("gen-adapter").value || null, prompt: $("gen-prompt").value };
+  if ($("gen-compare").checked) body.compare_base = true;
   body.num_images = Number($("gen-num").value || 1);
   if ($("gen-steps").value) body.steps = Number($("gen-steps").value);
   if ($("gen-size").value) body.width = body.height = Number($("gen-size").value);
@@ -404,12 +492,15 @@ $("generate-form").addEventListener("submit", async (event) => {
   try {
     let gen = await api("POST", "/v1/generations", body);
     $("generate-status").textContent = `${gen.id}: ${gen.status}…`;
+    $("generate-phase").textContent = phaseText(gen);
     while (!FINAL.includes(gen.status)) {
       await new Promise((r) => setTimeout(r, POLL_MS / 2));
       gen = await api("GET", `/v1/generations/${gen.id}`);
       $("generate-status").textContent = `${gen.id}: ${gen.status}…`;
+      $("generate-phase").textContent = phaseText(gen);
     }
     $("generate-status").textContent = `${gen.id}: ${gen.status}`;
+    $("generate-phase").textContent = "";
     if (gen.status !== "succeeded") throw new Error(gen.error || `generation ${gen.status}`);
     await showGeneration(gen);
   } catch (error) {
@@ -420,11 +511,23 @@ $("generate-form").addEventListener("submit", async (event) => {
   }
 });
 
+// The generation's images; with compare_base each adapter image with the base's of the same
+// seed beside it (`base: true` in `images`).
 async function showGeneration(gen) {
   const figures = [];
-  for (const image of gen.images) {
-    figures.push(el("figure", {}, el("img", { src: await imageUrl(image.url), alt: gen.prompt, class: "generated" }),
-      el("figcaption", {}, `seed ${image.seed}`)));
+  const ours = gen.images.filter((i) => !i.base);
+  const bases = new Map(gen.images.filter((i) => i.base).map((i) => [i.seed, i]));
+  for (const image of ours) {
+    const img = el("img", { src: await imageUrl(image.url), alt: gen.prompt, class: "generated" });
+    const base = bases.get(image.seed);
+    if (!base) {
+      figures.push(el("figure", {}, img, el("figcaption", {}, `seed ${image.seed}`)));
+      continue;
+    }
+    const baseImg = el("img", { src: await imageUrl(base.url), alt: `${gen.prompt} (base)`, class: "generated base" });
+    figures.push(el("figure", { class: "pair", "data-seed": image.seed },
+      el("div", {}, img, baseImg),
+      el("figcaption", {}, `seed ${image.seed}: adapter | base`)));
   }
   $("gen-images").replaceChildren(...figures);
 }
@@ -439,6 +542,7 @@ async function refreshGenerations() {
   $("generations").replaceChildren(...page.data.map((g) => el("tr", {},
     el("td", {}, el("a", { href: "#", onclick: (e) => { e.preventDefault(); showGeneration(g); } }, g.id)),
     el("td", {}, el("span", { class: `badge ${g.status}` }, g.status)),
+    el("td", { class: "phase" }, g.phase || ""),
     el("td", {}, g.prompt),
     el("td", {}, deleteButton("generation", g.id, refreshGenerations)))));
 }

@@ -138,13 +138,14 @@ def make_generation(
     *,
     images: int = 0,
     adapter_id: str | None = None,
+    status: str | None = None,
 ) -> GenerationJob:
     gen = GenerationJob(
         id=new_id("gen"),
         tenant_id=tenant.id,
         adapter_id=adapter_id,
         base_model="tuneqdm/fashion-sd",
-        status="succeeded" if images else "queued",
+        status=status or ("succeeded" if images else "queued"),
         prompt="a photo of sks dog",
         num_images=max(images, 1),
         steps=10,

@@ -68,8 +68,8 @@ def test_images_with_seeds_and_png(
     body = client.get(f"/v1/generations/{gen.id}", headers=t.headers).json()
     assert body["status"] == "succeeded"
     assert body["images"] == [
-        {"index": 0, "seed": 42, "url": f"/v1/generations/{gen.id}/images/0"},
-        {"index": 1, "seed": 43, "url": f"/v1/generations/{gen.id}/images/1"},
+        {"index": 0, "seed": 42, "base": False, "url": f"/v1/generations/{gen.id}/images/0"},
+        {"index": 1, "seed": 43, "base": False, "url": f"/v1/generations/{gen.id}/images/1"},
     ]
     r = client.get(f"/v1/generations/{gen.id}/images/1", headers=t.headers)
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"

@@ -111,8 +111,9 @@ def test_sigkilled_fine_tune_resumes_from_its_checkpoint(
             adapter = s.scalars(select(Adapter).where(Adapter.finetune_job_id == job_id)).one()
         assert storage.path(adapter.storage_key).stat().st_size == adapter.size_bytes
         assert not checkpoint.exists()
-        # Progress images: once per sampled step, however often a step was sampled.
-        sampled = list(range(SAMPLE_EVERY, STEPS + 1, SAMPLE_EVERY))
+        # Progress images: once per sampled step (and step 0, the base, made by the first
+        # attempt only), however often a step was sampled.
+        sampled = list(range(0, STEPS + 1, SAMPLE_EVERY))
         with sessions() as s:
             rows = s.scalars(
                 select(FinetuneSample.step)
@@ -127,7 +128,7 @@ def test_sigkilled_fine_tune_resumes_from_its_checkpoint(
         assert list(rows) == sampled
         assert [e.data["step"] for e in events if e.type == "samples"] == sampled
         # The sweep requeued the job (its log says so above), then the second worker ran it.
-        kinds = [e.type for e in events if e.type not in ("progress", "samples")]
+        kinds = [e.type for e in events if e.type not in ("progress", "samples", "phase")]
         assert kinds == ["queued", "running", "released", "running", "succeeded"], kinds
         assert [e.data["attempt"] for e in events if e.type == "running"] == [1, 2]
     finally:

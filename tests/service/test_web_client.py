@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -29,6 +30,30 @@ from tests.service.procs import free_port, service_env
 from tests.worker.conftest import photo_png
 from tuneqdm_client import ApiError, Client
 
+# The phases a running job's worker reports (docs/api.md "Phases").
+RUNNING_PHASES = {
+    "loading base",
+    "preparing photos",
+    "making class images",
+    "training",
+    "progress images",
+    "generating",
+    "saving",
+}
+# Records in the page every text a set of elements shows, so a test reads afterwards what the
+# page showed while polling (no race with the poll's timer).
+WATCH_TEXTS = """
+window.seen = window.seen || {};
+for (const [name, selector] of Object.entries(arguments[0])) {
+  window.seen[name] = [];
+  const texts = window.seen[name];
+  const record = () => document.querySelectorAll(selector).forEach((e) => {
+    if (e.textContent && texts.at(-1) !== e.textContent) texts.push(e.textContent);
+  });
+  new MutationObserver(record)
+    .observe(document.body, { subtree: true, childList: true, characterData: true });
+}
+"""
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 # Small and quick on a CPU: the built-in model's native 32 px and a few steps.
@@ -110,13 +135,14 @@ def test_client_finetune_wait_generate_download_delete(service: Service, tmp_pat
         assert lines[-1].startswith(f"{job['id']} [{'#' * 30}] {STEPS}/{STEPS}")
         assert lines[-1].endswith("succeeded") and "loss " in lines[-1]
 
-        # Progress images every SAMPLE_EVERY steps, one per prompt, and the event log.
+        # Progress images of the base (step 0), then every SAMPLE_EVERY steps, one per prompt,
+        # and the event log.
         samples = client.samples(job["id"])
         assert [(x["step"], x["prompt"]) for x in samples["data"]] == [
-            (step, prompt) for step in (10, 20, 30) for prompt in PROMPTS
+            (step, prompt) for step in (0, 10, 20, 30) for prompt in PROMPTS
         ]
         saved_samples = client.download_samples(job["id"], tmp_path / "samples")
-        assert len(saved_samples) == 6
+        assert len(saved_samples) == 8
         assert {Image.open(f).size for f in saved_samples} == {(32, 32)}
         page = client.events(job["id"], limit=2)
         events = page["data"]
@@ -125,7 +151,9 @@ def test_client_finetune_wait_generate_download_delete(service: Service, tmp_pat
             events += page["data"]
         kinds = [e["type"] for e in events]
         assert kinds[:2] == ["queued", "running"] and kinds[-1] == "succeeded", kinds
-        assert [e["data"]["step"] for e in events if e["type"] == "samples"] == [10, 20, 30]
+        assert [e["data"]["step"] for e in events if e["type"] == "samples"] == [0, 10, 20, 30]
+        phases = [e["data"]["phase"] for e in events if e["type"] == "phase"]
+        assert phases[-1] == "saving" and "training" in phases, phases
         assert "progress" in kinds
         assert client.events(job["id"], cursor=page["next_cursor"])["data"] == []
 
@@ -143,6 +171,23 @@ def test_client_finetune_wait_generate_download_delete(service: Service, tmp_pat
         assert [Image.open(f).size for f in files] == [(32, 32), (32, 32)]
         listed = client.list_generations(status="succeeded")
         assert gen["id"] in [g["id"] for g in listed["data"]]
+
+        # The base beside the adapter: its images with the same seeds, in the same batch, equal
+        # to a plain base generation with those seeds (up to one level of float32 rounding).
+        both = client.generate(
+            adapter["id"], "a photo of sks bag", steps=10, seed=7, num_images=1, compare_base=True
+        )
+        assert [(i["index"], i["seed"], i["base"]) for i in both["images"]] == [
+            (0, 7, False),
+            (1, 7, True),
+        ]
+        plain = client.generate(None, "a photo of sks bag", steps=10, seed=7)
+        assert [(i["seed"], i["base"]) for i in plain["images"]] == [(7, False)]
+        _, base_png = client.download_images(both, tmp_path / "both")
+        (plain_png,) = client.download_images(plain, tmp_path / "plain")
+        pixels = [np.asarray(Image.open(f), dtype=np.int16) for f in (base_png, plain_png)]
+        assert np.abs(pixels[0] - pixels[1]).max() <= 1
+        assert both["phase"] is None and plain["phase"] is None
 
         # The API's own explanation travels in the exception.
         with pytest.raises(ApiError) as bad:
@@ -243,6 +288,17 @@ def test_web_page_happy_path_and_bad_upload(service: Service, browser: Any, tmp_
     photos = _photos(tmp_path / "photos")
     browser.get(service.url + "/")
     assert browser.title == "tuneqdm" and not visible("app")
+    # The page's icon is its own small SVG, served by the API (no request leaves the origin).
+    icon = browser.find_element(By.CSS_SELECTOR, 'link[rel="icon"]').get_attribute("href")
+    assert icon == service.url + "/favicon.svg"
+    served = httpx.get(icon)
+    assert served.status_code == 200 and served.headers["content-type"] == "image/svg+xml"
+    assert served.text.startswith("<svg") and "http" not in served.text.replace(
+        "http://www.w3.org/2000/svg", ""
+    )
+    # Where a key comes from, in the README's words.
+    help_text = find("key-help").text
+    assert "make run" in help_text and "tuneqdm-admin keys create --tenant" in help_text
 
     # A wrong key: the API's 401 message, and the rest of the page stays hidden.
     find("api-key").send_keys("tqk_wrong")
@@ -276,6 +332,15 @@ def test_web_page_happy_path_and_bad_upload(service: Service, browser: Any, tmp_
         "return [...document.querySelectorAll('#base option')].map((o) => [o.value, o.text])"
     )
     assert bases == [["", "tuneqdm/fashion-sd (default), 4-bit, 32 px"]], bases
+    # The size fields take their range and default from GET /v1/bases, not from the page.
+    (listed,) = httpx.get(
+        service.url + "/v1/bases", headers={"Authorization": f"Bearer {service.key}"}
+    ).json()["data"]
+    sizes = listed["sizes"]
+    for field in ("resolution", "gen-size"):
+        assert find(field).get_attribute("min") == str(sizes["min"]), field
+        assert find(field).get_attribute("max") == str(sizes["max"]), field
+        assert find(field).get_attribute("placeholder") == f"{sizes['default']} (native)", field
 
     # The happy path: photos with previews, a few steps at 32 px, watched to success.
     find("photos").clear()
@@ -287,12 +352,41 @@ def test_web_page_happy_path_and_bad_upload(service: Service, browser: Any, tmp_
     find("resolution").send_keys("32")
     find("validation-prompts").send_keys("\n".join(PROMPTS))
     find("sample-every").send_keys(str(SAMPLE_EVERY))
+    # What the card's phase and the table's rows show while the job runs.
+    browser.execute_script(
+        WATCH_TEXTS, {"phase": "#job-phase", "rows": "#finetunes tr td:nth-child(2)"}
+    )
     find("start-finetune").click()
     _until("the job card", lambda: visible("job"), 20, browser)
     assert not visible("finetune-error")
     _until("success", lambda: find("job-status").text == "succeeded", 300, browser)
+    seen = browser.execute_script("return window.seen")
+    # The card said what the worker was doing; the table moved with it while it ran.
+    phases = {text.split(":")[0] for text in seen["phase"]}
+    assert phases & RUNNING_PHASES and phases <= RUNNING_PHASES | {"waiting for a worker"}, seen
+    assert "running" in seen["rows"], seen
+    assert find("job-phase").text == ""  # a final job does nothing
+    row = browser.find_element(By.CSS_SELECTOR, "#finetunes tr")
+    assert row.find_element(By.CSS_SELECTOR, "td.progress").text == f"{STEPS}/{STEPS}"
     points = browser.execute_script("return state.losses")
     assert len(points) >= 1 and all(isinstance(loss, float) for _, loss in points)
+    # The smoothed line: the exponential moving average of those losses, drawn over them.
+    smoothed = browser.execute_script("return state.smoothed")
+    average = points[0][1]
+    expected_line = []
+    for step, loss in points:
+        average = 0.2 * loss + 0.8 * average
+        expected_line.append([step, average])
+    expected_line[0] = points[0]
+    assert [s for s, _ in smoothed] == [s for s, _ in points]
+    assert all(abs(a - b) < 1e-9 for (_, a), (_, b) in zip(smoothed, expected_line, strict=True))
+    red = browser.execute_script(
+        "const c = document.getElementById('loss-plot');"
+        "const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
+        "let n = 0; for (let i = 0; i < d.length; i += 4)"
+        " if (d[i] === 220 && d[i + 1] === 38 && d[i + 2] === 38) n++; return n"
+    )
+    assert red > 20, red
     # From the event log: in step order, up to the last step.
     steps = [step for step, _ in points]
     assert steps == sorted(set(steps)) and steps[-1] == STEPS
@@ -303,9 +397,10 @@ def test_web_page_happy_path_and_bad_upload(service: Service, browser: Any, tmp_
         " [Number(f.dataset.step), [...f.querySelectorAll('img')]"
         ".filter((i) => i.complete && i.naturalWidth === 32).length])"
     )
-    expected = [[step, len(PROMPTS)] for step in (10, 20, 30)]
+    expected = [[step, len(PROMPTS)] for step in (0, 10, 20, 30)]
     _until("the progress images", lambda: columns() == expected, 30, browser)
     assert visible("samples-block") and PROMPTS[1] in find("sample-prompts").text
+    assert find("samples").find_element(By.TAG_NAME, "figcaption").text == "step 0 (base)"
     # The job's adapter is listed and chosen for the next generation.
     adapter_id = _until(
         "the new adapter", lambda: find("gen-adapter").get_attribute("value"), 20, browser
@@ -318,27 +413,59 @@ def test_web_page_happy_path_and_bad_upload(service: Service, browser: Any, tmp_
     find("gen-steps").send_keys("10")
     find("gen-size").send_keys("32")
     find("gen-seed").send_keys("7")
+    find("gen-compare").click()  # the base's image beside the adapter's
+    browser.execute_script(WATCH_TEXTS, {"gen_phase": "#generate-phase"})
     find("generate").click()
-    image = _until(
-        "the generated image",
+    images = _until(
+        "the adapter's and the base's image",
         lambda: browser.execute_script(
-            "const i = document.querySelector('img.generated');"
-            "return i && i.complete && i.naturalWidth ? [i.naturalWidth, i.naturalHeight] : null"
+            "const p = document.querySelector('figure.pair[data-seed=\"7\"]');"
+            "const i = p ? [...p.querySelectorAll('img.generated')] : [];"
+            "return i.length === 2 && i.every((x) => x.complete && x.naturalWidth)"
+            " ? i.map((x) => [x.classList.contains('base'), x.naturalWidth, x.naturalHeight])"
+            " : null"
         ),
         120,
         browser,
     )
-    assert image == [32, 32]
+    assert images == [[False, 32, 32], [True, 32, 32]]
     assert find("generate-status").text.endswith("succeeded")
+    # Its phase while it waited (the POST's answer) and, once final, none.
+    gen_phases = browser.execute_script("return window.seen.gen_phase")
+    assert gen_phases[0].startswith("waiting for a worker"), gen_phases
+    assert {p.split(":")[0] for p in gen_phases} <= RUNNING_PHASES | {"waiting for a worker"}
+    assert find("generate-phase").text == ""
     browser.execute_script("document.getElementById('adapters').scrollIntoView()")
     _screenshot(browser, tmp_path, "web-generate")
     # All of it under the page's Content-Security-Policy, without one violation.
     assert "default-src 'none'" in httpx.get(service.url + "/").headers["content-security-policy"]
     console = [entry["message"] for entry in browser.get_log("browser")]
     assert not [m for m in console if "Content Security Policy" in m], console
+    assert not [m for m in console if "favicon" in m], console
 
+    # A request that fails takes the previous one's status line and images away.
+    find("gen-compare").click()
+    find("gen-steps").clear()
+    find("gen-steps").send_keys("1000")
+    find("generate").click()
+    _until("the generation error", lambda: visible("generate-error"), 20, browser)
+    assert "steps=1000" in find("generate-error").text
+    assert find("generate-status").text == ""
+    assert not browser.find_elements(By.CSS_SELECTOR, "#gen-images img")
+
+    # The delete prompts name what goes and what stays; the fine-tune's is dismissed.
+    if visible("delete-job"):
+        find("delete-job").click()
+        prompt = browser.switch_to.alert.text
+        browser.switch_to.alert.dismiss()
+        assert '"bag"' in prompt and f"Kept: its adapter {adapter_id}" in prompt, prompt
+        assert "photos, checkpoints, progress images and event log" in prompt, prompt
     # Delete the adapter from its row (the page asks first).
     browser.find_element(By.CSS_SELECTOR, f'button[data-delete="{adapter_id}"]').click()
+    prompt = browser.switch_to.alert.text
+    assert prompt.startswith(f'Delete the adapter "bag" ({adapter_id})?'), prompt
+    assert "Deleted: the adapter file and its exports" in prompt, prompt
+    assert "Kept: the fine-tune that trained it" in prompt, prompt
     browser.switch_to.alert.accept()
     _until(
         "the row to go",

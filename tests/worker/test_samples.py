@@ -60,9 +60,10 @@ def test_samples_at_the_expected_steps_events_in_order_and_the_same_adapter(
             select(FinetuneEvent).where(FinetuneEvent.job_id == sampled).order_by(FinetuneEvent.id)
         ).all()
         assert s.scalars(select(FinetuneSample).where(FinetuneSample.job_id == plain)).all() == []
-    # Every 2 steps and after the last one; prompt i always with seed i.
+    # The base at step 0, then every 2 steps and after the last one; prompt i always with
+    # seed i.
     assert [(r.step, r.prompt_index, r.seed) for r in rows] == [
-        (step, i, i) for step in (2, 4, 5) for i in (0, 1)
+        (step, i, i) for step in (0, 2, 4, 5) for i in (0, 1)
     ]
     assert [r.prompt for r in rows[:2]] == PROMPTS
     for row in rows:
@@ -73,7 +74,7 @@ def test_samples_at_the_expected_steps_events_in_order_and_the_same_adapter(
     types = [e.type for e in events]
     assert types[:2] == ["queued", "running"] and types[-1] == "succeeded"
     samples = [e.data for e in events if e.type == "samples"]
-    assert samples == [{"step": s, "prompt_indexes": [0, 1]} for s in (2, 4, 5)]
+    assert samples == [{"step": s, "prompt_indexes": [0, 1]} for s in (0, 2, 4, 5)]
     steps = [e.data["step"] for e in events if e.type == "progress"]
     assert steps == sorted(steps) and steps[-1] == 5 and 1 <= len(steps) <= 5
     # A samples event comes after the progress of its step.

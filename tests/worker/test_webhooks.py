@@ -429,7 +429,7 @@ def test_every_finish_path_writes_its_delivery(ctx: Context, tenant: Tenant) -> 
     made = rows[gens[0]].payload
     assert made["type"] == "generation.succeeded"
     assert made["data"]["images"] == [
-        {"index": 0, "seed": 3, "url": f"/v1/generations/{gens[0]}/images/0"}
+        {"index": 0, "seed": 3, "base": False, "url": f"/v1/generations/{gens[0]}/images/0"}
     ]
     failed = rows[gens[1]].payload
     assert failed["type"] == "generation.failed" and "deleted" in failed["data"]["error"]
