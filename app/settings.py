@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     max_images: int = Field(default=20, ge=1)
     max_image_bytes: int = Field(default=10 * MiB, ge=1)
     max_image_pixels: int = Field(default=4096 * 4096, ge=1)
+    # Photos given as `image_urls` are fetched by the API while the request waits (app/
+    # image_urls.py): all the URLs of one request within this many seconds together.
+    image_url_timeout_s: float = Field(default=30.0, gt=0)
     # Whole request body cap; a multipart upload of max_images files plus form fields fits in it.
     max_request_bytes: int = Field(default=220 * MiB, ge=1)
 

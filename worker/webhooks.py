@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import http.client
-import ipaddress
 import json
 import logging
 import socket
-import ssl
 import threading
 import time
 from collections.abc import Callable, Collection
@@ -37,8 +35,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.db import database_now, sql_now
 from app.events import lock_job, record_event
 from app.models import Tenant, WebhookDelivery
+from app.outbound import PinnedHTTP, PinnedHTTPS, first_forbidden
 from app.settings import Settings
-from app.webhooks import check_port, is_forbidden_address, signing_secrets, webhook_headers
+from app.webhooks import check_port, signing_secrets, webhook_headers
 from worker import metrics
 
 log = logging.getLogger(__name__)
@@ -76,32 +75,10 @@ def resolve_checked(host: str, port: int, *, allow_private: bool, deadline: _Dea
     except socket.gaierror as exc:
         raise WebhookRetry(f"cannot resolve {host}: {exc}") from exc
     addresses = [str(info[4][0]) for info in infos]
-    if not allow_private:
-        bad = [a for a in addresses if is_forbidden_address(ipaddress.ip_address(a.split("%")[0]))]
-        if bad:
-            raise WebhookRefused(f"{host} resolves to a non-public address ({bad[0]})")
+    bad = None if allow_private else first_forbidden(addresses)
+    if bad is not None:
+        raise WebhookRefused(f"{host} resolves to a non-public address ({bad})")
     return addresses[0]
-
-
-class _PinnedHTTP(http.client.HTTPConnection):
-    def __init__(self, host: str, port: int, ip: str, timeout: float) -> None:
-        super().__init__(host, port, timeout=timeout)
-        self.ip = ip
-
-    def connect(self) -> None:
-        self.sock = socket.create_connection((self.ip, self.port), self.timeout)
-
-
-class _PinnedHTTPS(http.client.HTTPSConnection):
-    def __init__(self, host: str, port: int, ip: str, timeout: float) -> None:
-        super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
-        self.ip = ip
-
-    def connect(self) -> None:
-        sock = socket.create_connection((self.ip, self.port), self.timeout)
-        self.sock = sock  # visible to the deadline's watchdog during the TLS handshake
-        # Certificate and SNI are checked against the host name, not the pinned address.
-        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)  # type: ignore[attr-defined]
 
 
 def _cut(conn: http.client.HTTPConnection, expired: threading.Event) -> None:
@@ -134,7 +111,7 @@ def post_json(
     if refused is not None:
         raise WebhookRefused(refused)
     ip = resolve_checked(host, port, allow_private=allow_private, deadline=deadline)
-    conn: http.client.HTTPConnection = (_PinnedHTTPS if https else _PinnedHTTP)(
+    conn: http.client.HTTPConnection = (PinnedHTTPS if https else PinnedHTTP)(
         host, port, ip, deadline.left()
     )
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")

@@ -140,15 +140,17 @@ def precheck(
     tenant: Tenant,
     form: FinetuneForm,
     uploads: list[Upload],
+    urls: int = 0,
 ) -> int:
-    """The cheap checks, before any photo is decoded: form fields, photo count, the tenant's
+    """The cheap checks, before any photo is fetched or decoded: form fields, photo count
+    (`uploads` and `urls` photos to fetch), the tenant's
     job and byte limits (checked again with the photos' sizes before the insert). Ends its
     read transaction, so no connection is held while the photos are decoded. Returns the
     side photos are stored at (:func:`stored_side`)."""
     key = idempotency.check_key(form.idempotency_key)
     base = resolve_base(session=session, settings=settings, name=form.base)
     _validate_form(form, settings, base)
-    check_count(uploads, settings)
+    check_count(len(uploads) + urls, settings)
     try:
         # A repeated request answers with its job (create_finetune), limits or not.
         if (
@@ -167,16 +169,15 @@ def stored_side(native: int, settings: Settings) -> int:
     return round(settings.stored_photo_scale * size_range(native, settings).max)
 
 
-def check_count(uploads: list[Upload], settings: Settings) -> None:
-    if len(uploads) < settings.min_images:
+def check_count(count: int, settings: Settings) -> None:
+    """Photos sent as files, in an archive and as URLs count together."""
+    if count < settings.min_images:
         raise InvalidInput(
             f"send at least {settings.min_images} photo(s) of the subject in the 'images' field "
-            "(or in a .zip archive in 'images_zip')"
+            "(or in a .zip archive in 'images_zip', or as URLs in 'image_urls')"
         )
-    if len(uploads) > settings.max_images:
-        raise InvalidInput(
-            f"{len(uploads)} images sent, the limit is {settings.max_images}; send fewer"
-        )
+    if count > settings.max_images:
+        raise InvalidInput(f"{count} images sent, the limit is {settings.max_images}; send fewer")
 
 
 def check_upload(upload: Upload, index: int, settings: Settings, max_side: int) -> CheckedImage:
@@ -194,7 +195,7 @@ def check_upload(upload: Upload, index: int, settings: Settings, max_side: int) 
 
 
 def _check_uploads(uploads: list[Upload], settings: Settings, max_side: int) -> list[CheckedImage]:
-    check_count(uploads, settings)
+    check_count(len(uploads), settings)
     return [check_upload(up, i, settings, max_side) for i, up in enumerate(uploads)]
 
 
