@@ -224,6 +224,10 @@ class Settings(BaseSettings):
     webhook_timeout_s: float = Field(default=10.0, gt=0)
     webhook_max_retries: int = Field(default=8, ge=0)
     webhook_backoff_s: float = Field(default=2.0, gt=0)
+    # A job that asked for `progress` webhooks gets at most one per this many seconds (its
+    # progress is written about every second); the final state's webhook carries the last
+    # step's progress in any case.
+    webhook_progress_every_s: float = Field(default=10.0, ge=0)
     # How often a worker refreshes its last_seen_at in the bases registry (GET /v1/bases).
     base_seen_every_s: float = Field(default=30.0, gt=0)
     # Deliveries one worker process sends at once from its sweep (slow receivers in parallel).

@@ -97,6 +97,14 @@ async def create_finetune(
         ),
     ] = None,
     webhook_url: Annotated[str | None, Form()] = None,
+    webhook_events: Annotated[
+        list[str],
+        Form(
+            description="Events that get a webhook, one part each: running, progress, samples, "
+            "succeeded, failed, canceled (docs/api.md, Webhooks); default: the final states "
+            "(succeeded, failed, canceled)."
+        ),
+    ] = [],  # noqa: B006 - FastAPI copies defaults per request
     token: Annotated[str, Form(description="Identifier token of the subject.")] = "sks",
     base: Annotated[
         str | None,
@@ -120,6 +128,7 @@ async def create_finetune(
         name=name,
         params=params,
         webhook_url=webhook_url,
+        webhook_events=webhook_events,
         token=token,
         idempotency_key=idempotency_key,
         base=base,

@@ -7,7 +7,8 @@ from datetime import datetime
 from pydantic import BaseModel, ConfigDict, Field
 
 from app import models
-from app.models import Status
+from app.models import Status, WebhookEvent
+from app.outbox import chosen_events
 from app.schemas.common import SEED_MAX, Scheduler, WebhookPublic
 
 
@@ -50,6 +51,12 @@ class GenerationCreate(BaseModel):
     webhook_url: str | None = Field(
         default=None, max_length=2048, description="Receives a signed POST when it finishes."
     )
+    webhook_events: list[str] | None = Field(
+        default=None,
+        max_length=len(models.WEBHOOK_EVENTS),
+        description="Events that get a webhook: running, succeeded, failed, canceled "
+        "(docs/api.md, Webhooks); default: the final states (succeeded, failed, canceled).",
+    )
 
 
 class GeneratedImagePublic(BaseModel):
@@ -81,7 +88,8 @@ class GenerationPublic(BaseModel):
     height: int
     scheduler: Scheduler
     webhook_url: str | None
-    webhook: WebhookPublic | None
+    webhook_events: list[WebhookEvent] = Field(description="Events that get a webhook.")
+    webhook: WebhookPublic | None = Field(description="The delivery of the final state's webhook.")
     error: str | None
     images: list[GeneratedImagePublic]
     time_limit_s: float | None = Field(description="Seconds the job may run from its start.")
@@ -108,6 +116,7 @@ class GenerationPublic(BaseModel):
             height=gen.height,
             scheduler=gen.scheduler,  # type: ignore[arg-type]
             webhook_url=gen.webhook_url,
+            webhook_events=chosen_events(gen),  # type: ignore[arg-type]
             webhook=WebhookPublic.from_row(gen.webhook),
             error=gen.error,
             images=[

@@ -20,7 +20,7 @@ from app.events import record_event
 from app.ids import looks_like_id, new_id
 from app.images import CheckedImage, check_image, read_limited
 from app.models import ACTIVE_STATUSES, FinetuneImage, FinetuneJob, Tenant, utcnow
-from app.outbox import record_final
+from app.outbox import check_events, record_final
 from app.queue import FINETUNE_QUEUE, FINETUNE_TASK, TaskSender, base_queue
 from app.schemas import FinetuneParams
 from app.services import quotas, retention
@@ -48,6 +48,7 @@ class FinetuneForm:
     name: str | None = None
     params: str | None = None  # JSON text, as sent in the multipart form
     webhook_url: str | None = None
+    webhook_events: list[str] | None = None
     token: str = "sks"
     idempotency_key: str | None = None
     base: str | None = None  # None: TUNEQDM_BASE_MODEL
@@ -116,6 +117,7 @@ def _validate_form(form: FinetuneForm, settings: Settings, base: BaseInfo) -> Fi
             allow_private=settings.allow_private_webhooks,
             ports=settings.webhook_ports,
         )
+    webhook_events = check_events("finetune", form.webhook_events, webhook_url=webhook_url)
     job = FinetuneJob(
         name=name,
         status="queued",
@@ -125,6 +127,7 @@ def _validate_form(form: FinetuneForm, settings: Settings, base: BaseInfo) -> Fi
         base_model=base.name,
         params=params.model_dump(mode="json"),
         webhook_url=webhook_url,
+        webhook_events=webhook_events,
         idempotency_key=form.idempotency_key,
         progress_step=0,
         progress_total=params.steps,
@@ -208,6 +211,8 @@ def _fingerprint(form: FinetuneForm, checked: list[CheckedImage]) -> str:
         "webhook_url": form.webhook_url,
         "token": form.token,
         "base": form.base,
+        # Only when given: a key's fingerprint from before this field existed still matches.
+        **({"webhook_events": form.webhook_events} if form.webhook_events else {}),
     }
     return idempotency.fingerprint_digests(fields, [img.source_sha256 for img in checked])
 

@@ -70,7 +70,7 @@ class _Photos(BaseHTTPRequestHandler):
     (127.0.0.2), /to-http (plain http), /loop (forever)."""
 
     def do_GET(self) -> None:
-        port = self.server.server_address[1]
+        port = self.connection.getsockname()[1]
         redirects = {
             "/to-b": "/b.jpg",
             "/to-other": f"https://127.0.0.2:{port}/a.png",
