@@ -85,7 +85,8 @@ def test_a_finetune_gets_the_events_it_asked_for_in_order(
     assert "progress" in recorded and recorded.count("samples") == 2  # steps 2 and 4
     assert set(recorded) == {"running", "progress", "samples", "succeeded"}
     # The worker asked for each delivery when it recorded it.
-    assert set(ctx.notify) == {job_id}  # type: ignore[arg-type]
+    notified: list[str] = ctx.notify  # type: ignore[assignment]
+    assert notified == [job_id] * len(recorded)
 
     attempt = deliver_for_job(job_id, settings=ctx.settings, sessions=ctx.sessions)
     assert attempt is not None and attempt.outcome == "delivered (204)"
