@@ -23,6 +23,7 @@ class Finetune(TypedDict):
     token: str
     params: dict[str, Any]
     webhook_url: str | None
+    webhook_events: list[str]  # events that get a webhook
     webhook: dict[str, Any] | None  # delivery state of the final webhook
     num_images: int
     photos_deleted_at: str | None
@@ -76,7 +77,8 @@ class Generation(TypedDict):
     height: int
     scheduler: str
     webhook_url: str | None
-    webhook: dict[str, Any] | None
+    webhook_events: list[str]
+    webhook: dict[str, Any] | None  # delivery state of the final webhook
     time_limit_s: float | None
     error: str | None
     images: list[GeneratedImage]
