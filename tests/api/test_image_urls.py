@@ -224,3 +224,37 @@ def test_every_redirect_hop_is_checked_again(server: str) -> None:
         fetch_all([f"{server}/to-other"], allowed=public, **args)
     # The same redirect, every address allowed: followed.
     assert fetch_all([f"{server}/to-other"], allowed=lambda ip: True, **args) == [PNG]
+
+
+def test_the_client_sends_image_urls_and_webhook_events(
+    client: TestClient, session: Session, server: str, private_ok: None, tmp_path: Path
+) -> None:
+    import uvicorn
+
+    from tests.service.procs import free_port
+    from tuneqdm_client import Client
+
+    t = make_tenant(session)
+    photo = tmp_path / "c.png"
+    photo.write_bytes(PNG)
+    # The test's app served over real HTTP, for the client's multipart form.
+    port = free_port()
+    uv = uvicorn.Server(uvicorn.Config(client.app, port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    try:
+        while not uv.started:
+            thread.join(0.05)
+        with Client(f"http://127.0.0.1:{port}", t.key) as api:
+            job = api.create_finetune(
+                [photo],
+                "a photo of sks dog",
+                image_urls=[f"{server}/a.png", f"{server}/b.jpg"],
+                webhook_url="https://hooks.example.com/tuneqdm",
+                webhook_events=["progress", "succeeded"],
+            )
+    finally:
+        uv.should_exit = True
+        thread.join(10)
+    assert job["num_images"] == 3
+    assert job["webhook_events"] == ["progress", "succeeded"]
