@@ -15,10 +15,12 @@ from typing import Any, ClassVar
 import pytest
 from sqlalchemy import select, update
 
-from app.models import Tenant, WebhookDelivery, utcnow
+from app.ids import new_id
+from app.models import GenerationJob, Tenant, WebhookDelivery, utcnow
 from tests.worker.conftest import submit_finetune
 from worker.context import Context
 from worker.finetunes import run_finetune
+from worker.generations import run_generation
 from worker.webhooks import deliver_for_job, sweep_deliveries
 
 
@@ -137,3 +139,36 @@ def test_a_failing_delivery_holds_back_the_later_ones(
 
 def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(2, "test-send")
+
+
+def test_a_generation_gets_running_then_its_final_state(
+    open_ctx: Context, tenant: Tenant, receiver: str
+) -> None:
+    ctx = open_ctx
+    with ctx.sessions() as s:
+        gen = GenerationJob(
+            id=new_id("gen"),
+            tenant_id=tenant.id,
+            adapter_id=None,
+            base_model=ctx.settings.base_model,
+            status="queued",
+            prompt="a photo of a dog",
+            num_images=1,
+            steps=2,
+            guidance_scale=7.5,
+            seed=3,
+            width=32,
+            height=32,
+            scheduler="ddim",
+            webhook_url=receiver,
+            webhook_events=["running", "succeeded"],
+        )
+        s.add(gen)
+        s.commit()
+        gen_id = gen.id
+    assert run_generation(gen_id, ctx).startswith("succeeded")
+    assert deliver_for_job(gen_id, settings=ctx.settings, sessions=ctx.sessions) is not None
+    got = [(p["type"], p["data"]["status"]) for p in _Receiver.received]
+    assert got == [("generation.running", "running"), ("generation.succeeded", "succeeded")]
+    assert _Receiver.received[0]["data"]["attempt"] == 1
+    assert len(_Receiver.received[1]["data"]["images"]) == 1
