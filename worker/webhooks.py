@@ -321,7 +321,7 @@ def attempt_delivery(
 
 # Deliveries one kick sends in a row for a job (its backlog of progress webhooks, then its
 # final state's); what is left, the sweep sends.
-_KICK_MAX = 20
+_KICK_MAX = 100
 
 
 def deliver_for_job(
