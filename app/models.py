@@ -23,10 +23,11 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    and_,
     false,
 )
 from sqlalchemy.engine import Dialect
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.orm import DeclarativeBase, Mapped, foreign, mapped_column, relationship
 
 # Each literal type is the one list of its values: the API's schemas (app/schemas/) use the
 # type, the CHECK constraints below the tuple of its values.
@@ -70,6 +71,10 @@ Phase = Literal[
     "saving",
 ]
 
+# What a job's webhook_events may ask for (docs/api.md "Webhooks"); generations have no
+# progress or progress images. NULL on a job: the final states only.
+WebhookEvent = Literal["running", "progress", "samples", "succeeded", "failed", "canceled"]
+
 FINETUNE_STATUSES: tuple[Status, ...] = get_args(Status)
 GENERATION_STATUSES = FINETUNE_STATUSES
 ACTIVE_STATUSES = ("queued", "running")
@@ -81,6 +86,12 @@ FAMILIES: tuple[Family, ...] = get_args(Family)
 GUIDANCE_KINDS: tuple[Guidance, ...] = get_args(Guidance)
 JOB_KINDS = ("finetune", "generation")
 EVENT_TYPES: tuple[EventType, ...] = get_args(EventType)
+WEBHOOK_EVENTS: tuple[WebhookEvent, ...] = get_args(WebhookEvent)
+FINAL_EVENTS: tuple[WebhookEvent, ...] = ("succeeded", "failed", "canceled")
+KIND_WEBHOOK_EVENTS: dict[str, tuple[WebhookEvent, ...]] = {
+    "finetune": WEBHOOK_EVENTS,
+    "generation": ("running", *FINAL_EVENTS),
+}
 
 
 def utcnow() -> datetime:
@@ -178,6 +189,8 @@ class FinetuneJob(Base):
     # Validated FinetuneParams with defaults filled in, so the worker never re-applies defaults.
     params: Mapped[dict[str, Any]] = mapped_column(JSON)
     webhook_url: Mapped[str | None] = mapped_column(String(2048))
+    # Events that get a webhook (WebhookEvent values, in a fixed order); NULL: final states.
+    webhook_events: Mapped[list[str] | None] = mapped_column(JSON)
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     # Photos uploaded; stays when the photos themselves are deleted (photos_deleted_at).
     num_images: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
@@ -216,8 +229,9 @@ class FinetuneJob(Base):
         back_populates="job", order_by="FinetuneImage.index", cascade="all, delete-orphan"
     )
     adapter: Mapped[Adapter | None] = relationship(back_populates="finetune_job")
+    # The delivery of its final state (a job has at most one; its other events have theirs).
     webhook: Mapped[WebhookDelivery | None] = relationship(
-        primaryjoin="FinetuneJob.id == foreign(WebhookDelivery.job_id)", viewonly=True
+        primaryjoin=lambda: _final_delivery(FinetuneJob.id), viewonly=True
     )
 
 
@@ -290,6 +304,7 @@ class GenerationJob(Base):
     height: Mapped[int] = mapped_column(Integer)
     scheduler: Mapped[str] = mapped_column(String(32))
     webhook_url: Mapped[str | None] = mapped_column(String(2048))
+    webhook_events: Mapped[list[str] | None] = mapped_column(JSON)
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     idempotency_fingerprint: Mapped[str | None] = mapped_column(String(64))
     error: Mapped[str | None] = mapped_column(Text)
@@ -312,7 +327,7 @@ class GenerationJob(Base):
         cascade="all, delete-orphan",
     )
     webhook: Mapped[WebhookDelivery | None] = relationship(
-        primaryjoin="GenerationJob.id == foreign(WebhookDelivery.job_id)", viewonly=True
+        primaryjoin=lambda: _final_delivery(GenerationJob.id), viewonly=True
     )
 
 
@@ -425,7 +440,8 @@ class AdapterExport(Base):
 
 
 class WebhookDelivery(Base):
-    """The outbox row of a job's webhook, written in the transaction of the job's final state.
+    """The outbox row of one webhook of a job, written in the transaction of the event it
+    tells (the job's final state, its start, a progress write, progress images).
 
     Senders claim an attempt with a conditional UPDATE (worker/webhooks.py); a row whose sender
     died becomes due again when its `next_attempt_at` (the claim's lease) passes, so the sweep
@@ -436,14 +452,18 @@ class WebhookDelivery(Base):
     __table_args__ = (
         CheckConstraint(_in("status", DELIVERY_STATUSES), name="status"),
         CheckConstraint(_in("job_kind", JOB_KINDS), name="job_kind"),
+        UniqueConstraint("job_id", "sequence", name="uq_webhook_deliveries_job_sequence"),
     )
 
     # Also the `webhook-id` header: the same on every attempt, so receivers can drop repeats.
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
     job_kind: Mapped[str] = mapped_column(String(16))
-    # Not a foreign key: a job's final state has one webhook, and the row outlives a deleted job.
-    job_id: Mapped[str] = mapped_column(String(40), unique=True)
+    # Not a foreign key: the row outlives a deleted job.
+    job_id: Mapped[str] = mapped_column(String(40), index=True)
+    # 0, 1, 2, … per job in the order of its events (taken under the job's row lock): a
+    # delivery is sent only once the job's earlier ones are no longer pending.
+    sequence: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     url: Mapped[str] = mapped_column(String(2048))
     event: Mapped[str] = mapped_column(String(40))
     payload: Mapped[dict[str, Any]] = mapped_column(JSON)
@@ -454,6 +474,13 @@ class WebhookDelivery(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+def _final_delivery(job_id: Any) -> Any:
+    return and_(
+        job_id == foreign(WebhookDelivery.job_id),
+        WebhookDelivery.event.in_([f"{k}.{e}" for k in JOB_KINDS for e in FINAL_EVENTS]),
+    )
 
 
 class FinetuneSample(Base):

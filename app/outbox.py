@@ -1,22 +1,38 @@
-"""The webhook outbox: a delivery row written in the same transaction as a job's final state.
+"""The webhook outbox: a delivery row written in the same transaction as the event it tells.
 
 Every place that moves a job to succeeded/failed/canceled (the worker's finish paths, the API's
 cancel) calls `record_final` before its commit, so the job's final state, its webhook and (for
-a fine-tune) its event-log entry commit together or not at all; worker/webhooks.py sends the
-rows. Shared by app and worker: no FastAPI.
+a fine-tune) its event-log entry commit together or not at all. The other events a job may ask
+for in `webhook_events` (running, progress, samples) are recorded the same way with
+`record_webhook`, in the transaction of the claim, the progress write or the progress images.
+Each of these transactions holds the job's row lock (its UPDATE), so the deliveries of one job
+are numbered (`sequence`) in the order their events committed; worker/webhooks.py sends a
+delivery only once the job's earlier ones are no longer pending. Shared by app and worker: no
+FastAPI.
 """
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.db import database_now
+from app.errors import InvalidInput
 from app.events import record_event
 from app.ids import new_id
-from app.models import Adapter, FinetuneJob, GenerationJob, WebhookDelivery, utcnow
+from app.models import (
+    FINAL_EVENTS,
+    KIND_WEBHOOK_EVENTS,
+    WEBHOOK_EVENTS,
+    Adapter,
+    FinetuneJob,
+    GenerationJob,
+    WebhookDelivery,
+    utcnow,
+)
 
 JobModel = type[FinetuneJob] | type[GenerationJob]
 
@@ -56,6 +72,92 @@ def generation_data(job: GenerationJob) -> dict[str, Any]:
     }
 
 
+def check_events(
+    kind: str, events: list[str] | None, *, webhook_url: str | None
+) -> list[str] | None:
+    """The `webhook_events` a `kind` of job asked for, in their fixed order without repeats;
+    None (the final states only) when none were named. InvalidInput names an unknown event or
+    one that does not happen to this kind."""
+    if not events:
+        return None
+    allowed = KIND_WEBHOOK_EVENTS[kind]
+    for i, event in enumerate(events):
+        field = f"webhook_events[{i}]"
+        if event not in WEBHOOK_EVENTS:
+            raise InvalidInput(
+                f"{field}: unknown event {event!r}; use {', '.join(WEBHOOK_EVENTS)}", field=field
+            )
+        if event not in allowed:
+            raise InvalidInput(
+                f"{field}: a {kind} has no {event!r} event; a {kind} can send {', '.join(allowed)}",
+                field=field,
+            )
+    if webhook_url is None:
+        raise InvalidInput(
+            "webhook_events needs a webhook_url to send them to", field="webhook_events"
+        )
+    return [e for e in allowed if e in events]
+
+
+def chosen_events(job: FinetuneJob | GenerationJob) -> list[str]:
+    """The events the job gets webhooks for: what it asked for, else the final states."""
+    return list(job.webhook_events) if job.webhook_events else list(FINAL_EVENTS)
+
+
+def record_webhook(
+    session: Session,
+    model: JobModel,
+    job_id: str,
+    event: str,
+    *,
+    every_s: float = 0.0,
+    **extra: Any,
+) -> str | None:
+    """Add the delivery of `event` (uncommitted, in `session`, whose transaction holds the
+    job's row lock) when the job has a webhook_url and asked for the event; its id, or None.
+    `every_s`: none when the job's last delivery of this event is younger (progress), by the
+    database's clock. `extra` joins the payload's data (e.g. the progress images)."""
+    session.flush()
+    job: FinetuneJob | GenerationJob | None = session.get(  # type: ignore[assignment]
+        model, job_id, populate_existing=True
+    )
+    if job is None or not job.webhook_url or event not in chosen_events(job):
+        return None
+    kind = "finetune" if isinstance(job, FinetuneJob) else "generation"
+    now = database_now(session)
+    if every_s > 0:
+        last = session.scalar(
+            select(func.max(WebhookDelivery.created_at)).where(
+                WebhookDelivery.job_id == job.id, WebhookDelivery.event == f"{kind}.{event}"
+            )
+        )
+        if last is not None and last > now - timedelta(seconds=every_s):
+            return None
+    data = finetune_data(session, job) if isinstance(job, FinetuneJob) else generation_data(job)
+    data.update(extra)
+    last_sequence = session.scalar(
+        select(func.max(WebhookDelivery.sequence)).where(WebhookDelivery.job_id == job.id)
+    )
+    delivery = WebhookDelivery(
+        id=new_id("msg"),
+        tenant_id=job.tenant_id,
+        job_kind=kind,
+        job_id=job.id,
+        sequence=0 if last_sequence is None else last_sequence + 1,
+        url=job.webhook_url,
+        event=f"{kind}.{event}",
+        # The Standard Webhooks envelope: type, timestamp, data.
+        payload={"type": f"{kind}.{event}", "timestamp": utcnow().isoformat(), "data": data},
+        status="pending",
+        attempts=0,
+        # Due now by the database's clock, which the senders compare with (worker/webhooks.py).
+        next_attempt_at=now,
+        created_at=now,
+    )
+    session.add(delivery)
+    return delivery.id
+
+
 def record_final(session: Session, model: JobModel, job_id: str) -> str | None:
     """Add the webhook delivery of a job that has just reached its final state (uncommitted,
     in `session`); returns its id, or None when the job has no webhook_url."""
@@ -74,23 +176,6 @@ def record_final(session: Session, model: JobModel, job_id: str) -> str | None:
             error=job.error,
             adapter_id=data["adapter_id"],
         )
-    if job is None or not job.webhook_url:
+    if job is None:
         return None
-    kind = "finetune" if isinstance(job, FinetuneJob) else "generation"
-    data = finetune_data(session, job) if isinstance(job, FinetuneJob) else generation_data(job)
-    delivery = WebhookDelivery(
-        id=new_id("msg"),
-        tenant_id=job.tenant_id,
-        job_kind=kind,
-        job_id=job.id,
-        url=job.webhook_url,
-        event=f"{kind}.{job.status}",
-        # The Standard Webhooks envelope: type, timestamp, data.
-        payload={"type": f"{kind}.{job.status}", "timestamp": utcnow().isoformat(), "data": data},
-        status="pending",
-        attempts=0,
-        # Due now by the database's clock, which the senders compare with (worker/webhooks.py).
-        next_attempt_at=database_now(session),
-    )
-    session.add(delivery)
-    return delivery.id
+    return record_webhook(session, model, job_id, job.status)

@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     max_images: int = Field(default=20, ge=1)
     max_image_bytes: int = Field(default=10 * MiB, ge=1)
     max_image_pixels: int = Field(default=4096 * 4096, ge=1)
+    # Photos given as `image_urls` are fetched by the API while the request waits (app/
+    # image_urls.py): all the URLs of one request within this many seconds together.
+    image_url_timeout_s: float = Field(default=30.0, gt=0)
     # Whole request body cap; a multipart upload of max_images files plus form fields fits in it.
     max_request_bytes: int = Field(default=220 * MiB, ge=1)
 
@@ -221,6 +224,10 @@ class Settings(BaseSettings):
     webhook_timeout_s: float = Field(default=10.0, gt=0)
     webhook_max_retries: int = Field(default=8, ge=0)
     webhook_backoff_s: float = Field(default=2.0, gt=0)
+    # A job that asked for `progress` webhooks gets at most one per this many seconds (its
+    # progress is written about every second); the final state's webhook carries the last
+    # step's progress in any case.
+    webhook_progress_every_s: float = Field(default=10.0, ge=0)
     # How often a worker refreshes its last_seen_at in the bases registry (GET /v1/bases).
     base_seen_every_s: float = Field(default=30.0, gt=0)
     # Deliveries one worker process sends at once from its sweep (slow receivers in parallel).

@@ -129,27 +129,37 @@ class Client:
         instance_prompt: str,
         *,
         images_zip: str | Path | None = None,
+        image_urls: Iterable[str] | None = None,
         class_prompt: str | None = None,
         name: str | None = None,
         token: str = "sks",
         base: str | None = None,
         webhook_url: str | None = None,
+        webhook_events: Iterable[str] | None = None,
         idempotency_key: str | None = None,
         **params: Any,
     ) -> Finetune:
         """Upload the photos (a folder, one file, or a list of files; or None) and/or a .zip
-        of photos (`images_zip`), and start a fine-tune.
+        of photos (`images_zip`), and/or name https URLs the service fetches them from
+        (`image_urls`), and start a fine-tune.
 
+        `webhook_events` chooses the events `webhook_url` receives (running, progress,
+        samples, succeeded, failed, canceled; None: the final states).
         Keyword arguments beyond the named ones are training params (steps=200, resolution=512,
         method="peqa", ...; docs/api.md lists them). `base` names the base it trains on (one of
         `bases()`; None: the service's default).
         """
-        form: dict[str, str] = {"instance_prompt": instance_prompt, "token": token}
+        form: dict[str, str | list[str]] = {"instance_prompt": instance_prompt, "token": token}
         for key, value in (("class_prompt", class_prompt), ("name", name), ("base", base)):
             if value is not None:
                 form[key] = value
         if webhook_url is not None:
             form["webhook_url"] = webhook_url
+        # Repeated form fields, one part per value.
+        if webhook_events is not None:
+            form["webhook_events"] = list(webhook_events)
+        if image_urls is not None:
+            form["image_urls"] = list(image_urls)
         if params:
             form["params"] = json.dumps(params)
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
@@ -303,7 +313,8 @@ class Client:
 
         Keyword arguments are the request's fields: num_images, steps, guidance_scale, seed,
         width, height, scheduler, negative_prompt, compare_base (the base's images too, with the
-        same seeds, marked `base`). Raises JobFailed when the generation fails.
+        same seeds, marked `base`), webhook_url, webhook_events (a list of running, succeeded,
+        failed, canceled). Raises JobFailed when the generation fails.
         """
         body = {"adapter_id": adapter_id, "prompt": prompt, **params}
         gen = cast(Generation, self._json("POST", "/v1/generations", json=body))

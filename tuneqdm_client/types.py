@@ -23,6 +23,7 @@ class Finetune(TypedDict):
     token: str
     params: dict[str, Any]
     webhook_url: str | None
+    webhook_events: list[str]  # events that get a webhook
     webhook: dict[str, Any] | None  # delivery state of the final webhook
     num_images: int
     photos_deleted_at: str | None
@@ -80,7 +81,8 @@ class Generation(TypedDict):
     scheduler: str
     compare_base: bool  # also the base's images with the same seeds (marked `base`)
     webhook_url: str | None
-    webhook: dict[str, Any] | None
+    webhook_events: list[str]
+    webhook: dict[str, Any] | None  # delivery state of the final webhook
     time_limit_s: float | None
     error: str | None
     phase: str | None  # what it is doing (docs/api.md "Phases"); null once final

@@ -14,10 +14,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar, cast
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app import storage as st
-from app.models import AdapterExport, FinetuneJob, GenerationJob
+from app.models import AdapterExport, FinetuneJob, GenerationJob, WebhookDelivery
 from app.outbox import record_final
 from app.settings import Settings
 from worker.jobs import JobModel, Lease, claim_next, finish_owned, release_owned, write_owned
@@ -58,7 +59,7 @@ class Context(Generic[S]):
         self, session: Session, model: JobModel, owner: str, hint: str
     ) -> tuple[str, int] | None:
         """`jobs.claim_next` for this worker: its base only, its stale time."""
-        return claim_next(
+        claimed = claim_next(
             session,
             model,
             owner,
@@ -66,6 +67,20 @@ class Context(Generic[S]):
             hint=hint,
             base=self.settings.base_model,
         )
+        if claimed is not None and model is not AdapterExport and self.pending_webhook(claimed[0]):
+            self.notify(claimed[0])  # its `running` webhook (app.outbox.record_webhook)
+        return claimed
+
+    def pending_webhook(self, job_id: str) -> bool:
+        with self.sessions() as session:
+            return (
+                session.scalar(
+                    select(WebhookDelivery.id)
+                    .where(WebhookDelivery.job_id == job_id, WebhookDelivery.status == "pending")
+                    .limit(1)
+                )
+                is not None
+            )
 
     def lease(self, model: JobModel, job_id: str, owner: str) -> Lease:
         """The lease of a job this process claimed, with its heartbeat, stall timeout and
@@ -78,6 +93,8 @@ class Context(Generic[S]):
             heartbeat_s=self.settings.heartbeat_s,
             progress_timeout_s=self.settings.progress_timeout_s,
             on_stall=self.on_stall,
+            notify=self.notify,
+            webhook_every_s=self.settings.webhook_progress_every_s,
         )
 
     def release(self, model: JobModel, job_id: str, owner: str, reason: str | None) -> None:

@@ -203,6 +203,8 @@ class _Group:
             log.exception("looking for fine-tunes to join the group failed")
             return
         for job, owner, attempt, image_keys in jobs:
+            if job.webhook_url and self.ctx.pending_webhook(job.id):
+                self.ctx.notify(job.id)  # its `running` webhook (worker/jobs.py claim)
             self.join(job, owner, attempt, image_keys)
 
     def join(

@@ -19,6 +19,7 @@ from app import storage as st
 from app.events import record_event
 from app.families import generation_rules
 from app.models import FinetuneJob, FinetuneSample
+from app.outbox import record_webhook
 from app.schemas import FinetuneParams
 from app.services.retention import finetune_ended
 from worker import metrics
@@ -291,6 +292,7 @@ def store_samples(
         image.save(buffer, format="PNG")
         encoded[index] = buffer.getvalue()
     written: list[str] = []
+    delivery = None
     with while_owned(ctx, lease) as session:
         if session is None:
             return False
@@ -321,8 +323,24 @@ def store_samples(
             if new:
                 # Under the row lock of the lease check: this event is in order.
                 record_event(session, job.id, "samples", step=step, prompt_indexes=new)
+                delivery = record_webhook(
+                    session,
+                    FinetuneJob,
+                    job.id,
+                    "samples",
+                    samples=[
+                        {
+                            "step": step,
+                            "prompt_index": i,
+                            "url": f"/v1/finetunes/{job.id}/samples/{step}/{i}",
+                        }
+                        for i in new
+                    ],
+                )
         except BaseException:
             for key in written:
                 ctx.storage.delete(key)
             raise
+    if delivery is not None:
+        ctx.notify(job.id)
     return True

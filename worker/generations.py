@@ -61,6 +61,8 @@ def _claim_batch(
         won = claim(session, GenerationJob, job_id, owner, stale_after_s=stale)
         if won is not None:
             batch.append((job_id, won))
+            if ctx.pending_webhook(job_id):
+                ctx.notify(job_id)  # its `running` webhook (worker/jobs.py claim)
     return batch
 
 

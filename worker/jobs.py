@@ -39,6 +39,7 @@ from sqlalchemy.orm import Session, aliased, sessionmaker
 from app.db import sql_now
 from app.events import record_event
 from app.models import AdapterExport, FinetuneJob, GenerationJob, Phase
+from app.outbox import record_webhook
 from worker import metrics
 
 log = logging.getLogger(__name__)
@@ -132,6 +133,8 @@ def claim(
     attempt = None if row is None else int(row.attempts)
     if attempt is not None and model is FinetuneJob:
         record_event(session, job_id, "running", attempt=attempt)
+    if attempt is not None and model is not AdapterExport:
+        record_webhook(session, model, job_id, "running", attempt=attempt)  # type: ignore[arg-type]
     session.commit()
     if row is not None:
         kind = metrics.kind_of(model.__tablename__)
@@ -319,8 +322,14 @@ class Lease:
         heartbeat_s: float,
         progress_timeout_s: float = float("inf"),
         on_stall: Callable[[JobModel, str], None] | None = None,
+        notify: Callable[[str], None] | None = None,
+        webhook_every_s: float = 0.0,
     ) -> None:
         self.factory = factory
+        # A progress write may add a `progress` webhook (at most one per webhook_every_s);
+        # `notify` asks for its delivery at once.
+        self.notify = notify
+        self.webhook_every_s = webhook_every_s
         self.model = model
         self.job_id = job_id
         self.owner = owner
@@ -359,17 +368,42 @@ class Lease:
         return self.write(event=("phase", {"phase": phase}), phase=phase)
 
     def write(self, event: tuple[str, dict[str, Any]] | None = None, **values: Any) -> bool:
+        delivery = None
         with self._lock, self.factory() as session:
             try:
                 ok = write_owned(
-                    session, self.model, self.job_id, self.owner, event=event, **values
+                    session,
+                    self.model,
+                    self.job_id,
+                    self.owner,
+                    event=event,
+                    commit=False,
+                    **values,
                 )
+                if (
+                    ok
+                    and self.model is FinetuneJob
+                    and event is not None
+                    and event[0] == "progress"
+                ):
+                    # Under the row lock of the UPDATE above: in order with the job's others.
+                    delivery = record_webhook(
+                        session,
+                        FinetuneJob,
+                        self.job_id,
+                        "progress",
+                        every_s=self.webhook_every_s,
+                    )
+                session.commit()
             except Exception:
                 # A database hiccup is not a lost lease; the next heartbeat tries again.
+                session.rollback()
                 log.exception("heartbeat of %s failed", self.job_id)
                 return not self.lost.is_set()
         if not ok:
             self.lost.set()
+        if delivery is not None and self.notify is not None:
+            self.notify(self.job_id)
         return ok
 
     def _beat(self) -> None:

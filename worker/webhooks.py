@@ -1,4 +1,5 @@
-"""Webhook delivery: send the outbox rows (app/outbox.py), signed, each attempt under a deadline.
+"""Webhook delivery: send the outbox rows (app/outbox.py), signed, each attempt under a deadline,
+a job's rows in the order of its events (a row waits while an earlier one of its job is pending).
 
 Each attempt is claimed with one conditional UPDATE (the row is pending, due, and its attempt
 counter is what the sender read) that counts the attempt and leases the row until the attempt's
@@ -18,11 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import http.client
-import ipaddress
 import json
 import logging
 import socket
-import ssl
 import threading
 import time
 from collections.abc import Callable, Collection
@@ -31,14 +30,15 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from sqlalchemy import select, update
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import ColumnElement, select, update
+from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from app.db import database_now, sql_now
 from app.events import lock_job, record_event
 from app.models import Tenant, WebhookDelivery
+from app.outbound import PinnedHTTP, PinnedHTTPS, first_forbidden
 from app.settings import Settings
-from app.webhooks import check_port, is_forbidden_address, signing_secrets, webhook_headers
+from app.webhooks import check_port, signing_secrets, webhook_headers
 from worker import metrics
 
 log = logging.getLogger(__name__)
@@ -76,32 +76,10 @@ def resolve_checked(host: str, port: int, *, allow_private: bool, deadline: _Dea
     except socket.gaierror as exc:
         raise WebhookRetry(f"cannot resolve {host}: {exc}") from exc
     addresses = [str(info[4][0]) for info in infos]
-    if not allow_private:
-        bad = [a for a in addresses if is_forbidden_address(ipaddress.ip_address(a.split("%")[0]))]
-        if bad:
-            raise WebhookRefused(f"{host} resolves to a non-public address ({bad[0]})")
+    bad = None if allow_private else first_forbidden(addresses)
+    if bad is not None:
+        raise WebhookRefused(f"{host} resolves to a non-public address ({bad})")
     return addresses[0]
-
-
-class _PinnedHTTP(http.client.HTTPConnection):
-    def __init__(self, host: str, port: int, ip: str, timeout: float) -> None:
-        super().__init__(host, port, timeout=timeout)
-        self.ip = ip
-
-    def connect(self) -> None:
-        self.sock = socket.create_connection((self.ip, self.port), self.timeout)
-
-
-class _PinnedHTTPS(http.client.HTTPSConnection):
-    def __init__(self, host: str, port: int, ip: str, timeout: float) -> None:
-        super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
-        self.ip = ip
-
-    def connect(self) -> None:
-        sock = socket.create_connection((self.ip, self.port), self.timeout)
-        self.sock = sock  # visible to the deadline's watchdog during the TLS handshake
-        # Certificate and SNI are checked against the host name, not the pinned address.
-        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)  # type: ignore[attr-defined]
 
 
 def _cut(conn: http.client.HTTPConnection, expired: threading.Event) -> None:
@@ -134,7 +112,7 @@ def post_json(
     if refused is not None:
         raise WebhookRefused(refused)
     ip = resolve_checked(host, port, allow_private=allow_private, deadline=deadline)
-    conn: http.client.HTTPConnection = (_PinnedHTTPS if https else _PinnedHTTP)(
+    conn: http.client.HTTPConnection = (PinnedHTTPS if https else PinnedHTTP)(
         host, port, ip, deadline.left()
     )
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
@@ -177,6 +155,21 @@ def backoff_s(settings: Settings, attempts: int) -> float:
     return float(settings.webhook_backoff_s * 2 ** (attempts - 1))
 
 
+def _first_of_its_job() -> ColumnElement[bool]:
+    """No earlier delivery of the same job is still pending: a job's webhooks go out in the
+    order of its events (app/outbox.py), each retried before the next is sent."""
+    earlier = aliased(WebhookDelivery)
+    return ~(
+        select(earlier.id)
+        .where(
+            earlier.job_id == WebhookDelivery.job_id,
+            earlier.sequence < WebhookDelivery.sequence,
+            earlier.status == "pending",
+        )
+        .exists()
+    )
+
+
 def claim_attempt(session: Session, delivery_id: str, settings: Settings) -> int | None:
     """Claim the next attempt of a due delivery; its attempt number, or None if not ours."""
     seen = session.scalar(select(WebhookDelivery.attempts).where(WebhookDelivery.id == delivery_id))
@@ -192,6 +185,7 @@ def claim_attempt(session: Session, delivery_id: str, settings: Settings) -> int
             WebhookDelivery.status == "pending",
             WebhookDelivery.next_attempt_at <= sql_now(session),
             WebhookDelivery.attempts == seen,
+            _first_of_its_job(),
         )
         .values(
             attempts=seen + 1,
@@ -325,19 +319,31 @@ def attempt_delivery(
     return result
 
 
+# Deliveries one kick sends in a row for a job (its backlog of progress webhooks, then its
+# final state's); what is left, the sweep sends.
+_KICK_MAX = 100
+
+
 def deliver_for_job(
     job_id: str, *, settings: Settings, sessions: sessionmaker[Session]
 ) -> Attempt | None:
-    """An attempt of the job's pending delivery (None: nothing pending)."""
-    with sessions() as session:
-        delivery_id = session.scalar(
-            select(WebhookDelivery.id).where(
-                WebhookDelivery.job_id == job_id, WebhookDelivery.status == "pending"
+    """Attempts of the job's pending deliveries, first in order first, as long as each is
+    delivered (None: nothing pending); the last attempt's outcome."""
+    result = None
+    for _ in range(_KICK_MAX):
+        with sessions() as session:
+            delivery_id = session.scalar(
+                select(WebhookDelivery.id)
+                .where(WebhookDelivery.job_id == job_id, WebhookDelivery.status == "pending")
+                .order_by(WebhookDelivery.sequence)
+                .limit(1)
             )
-        )
-    if delivery_id is None:
-        return None
-    return attempt_delivery(delivery_id, settings=settings, sessions=sessions)
+        if delivery_id is None:
+            return result
+        result = attempt_delivery(delivery_id, settings=settings, sessions=sessions)
+        if not result.outcome.startswith(("delivered", "failed")):
+            return result
+    return result
 
 
 def due_deliveries(session: Session, *, limit: int = 100) -> list[str]:
@@ -347,8 +353,9 @@ def due_deliveries(session: Session, *, limit: int = 100) -> list[str]:
             .where(
                 WebhookDelivery.status == "pending",
                 WebhookDelivery.next_attempt_at <= sql_now(session),
+                _first_of_its_job(),
             )
-            .order_by(WebhookDelivery.next_attempt_at)
+            .order_by(WebhookDelivery.next_attempt_at, WebhookDelivery.sequence)
             .limit(limit)
         )
     )
@@ -361,10 +368,24 @@ def sweep_deliveries(
     one sender for at most the deadline). Returns {delivery id: outcome}."""
     with sessions() as session:
         ids = due_deliveries(session)
-    futures = {
-        i: pool.submit(attempt_delivery, i, settings=settings, sessions=sessions) for i in ids
-    }
+    futures = {i: pool.submit(_send_in_order, i, settings=settings, sessions=sessions) for i in ids}
     return {i: f.result() for i, f in futures.items()}
+
+
+def _send_in_order(
+    delivery_id: str, *, settings: Settings, sessions: sessionmaker[Session]
+) -> Attempt:
+    """An attempt of a due delivery; once it is done with, the job's deliveries behind it
+    (which waited for it) follow at once rather than one per sweep."""
+    result = attempt_delivery(delivery_id, settings=settings, sessions=sessions)
+    if result.outcome.startswith(("delivered", "failed")):
+        with sessions() as session:
+            job_id = session.scalar(
+                select(WebhookDelivery.job_id).where(WebhookDelivery.id == delivery_id)
+            )
+        if job_id is not None:
+            deliver_for_job(job_id, settings=settings, sessions=sessions)
+    return result
 
 
 class DeliverySweeper:

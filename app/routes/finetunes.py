@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Header, Path, Query, Response, UploadFile, status
@@ -9,6 +10,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from app import archives, openapi
+from app import image_urls as url_photos
 from app.deps import (
     CurrentTenant,
     ImagePoolDep,
@@ -76,6 +78,14 @@ async def create_finetune(
             "`images`); every entry must be a .png, .jpg, .jpeg or .webp photo."
         ),
     ] = None,
+    image_urls: Annotated[
+        list[str],
+        Form(
+            description="Photos of the subject as https URLs, one part each (besides or "
+            "instead of `images`), fetched when the request is made; they count towards the "
+            "same photo limit and pass the same checks as uploaded photos."
+        ),
+    ] = [],  # noqa: B006 - FastAPI copies defaults per request
     class_prompt: Annotated[
         str | None, Form(description="Enables prior preservation, e.g. 'a photo of a dog'.")
     ] = None,
@@ -89,6 +99,14 @@ async def create_finetune(
         ),
     ] = None,
     webhook_url: Annotated[str | None, Form()] = None,
+    webhook_events: Annotated[
+        list[str],
+        Form(
+            description="Events that get a webhook, one part each: running, progress, samples, "
+            "succeeded, failed, canceled (docs/api.md, Webhooks); default: the final states "
+            "(succeeded, failed, canceled)."
+        ),
+    ] = [],  # noqa: B006 - FastAPI copies defaults per request
     token: Annotated[str, Form(description="Identifier token of the subject.")] = "sks",
     base: Annotated[
         str | None,
@@ -112,6 +130,7 @@ async def create_finetune(
         name=name,
         params=params,
         webhook_url=webhook_url,
+        webhook_events=webhook_events,
         token=token,
         idempotency_key=idempotency_key,
         base=base,
@@ -129,9 +148,31 @@ async def create_finetune(
             svc.Upload(filename=None, stream=e.stream, label=f"images_zip entry {e.name}")
             for e in entries
         ]
+    urls = [
+        url_photos.check_url(u, i, ports=settings.webhook_ports) for i, u in enumerate(image_urls)
+    ]
     max_side = await run_in_threadpool(
-        svc.precheck, session=session, settings=settings, tenant=tenant, form=form, uploads=uploads
+        svc.precheck,
+        session=session,
+        settings=settings,
+        tenant=tenant,
+        form=form,
+        uploads=uploads,
+        urls=len(urls),
     )
+    if urls:
+        fetched = await run_in_threadpool(
+            url_photos.fetch_all,
+            urls,
+            limit=settings.max_image_bytes,
+            timeout_s=settings.image_url_timeout_s,
+            allow_private=settings.allow_private_webhooks,
+            ports=settings.webhook_ports,
+        )
+        uploads += [
+            svc.Upload(filename=None, stream=io.BytesIO(data), label=url_photos.named(i, url))
+            for i, (url, data) in enumerate(zip(urls, fetched, strict=True))
+        ]
     # Async on purpose: waiting for a slot of the image pool holds no thread and no database
     # connection (the authentication committed); only the database work below takes a thread.
     checked = [

@@ -8,7 +8,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app import models
-from app.models import Method, Phase, Status
+from app.models import Method, Phase, Status, WebhookEvent
+from app.outbox import chosen_events
 from app.schemas.common import PHASE_DOC, SEED_MAX, WAITING_DOC, WebhookPublic, phase_of
 
 # Progress images: at most this many prompts, and at most this many sampling points per job
@@ -153,7 +154,8 @@ class FinetunePublic(BaseModel):
     base_model: str = Field(description="The base it trains on (the `base` field).")
     params: FinetuneParams
     webhook_url: str | None
-    webhook: WebhookPublic | None
+    webhook_events: list[WebhookEvent] = Field(description="Events that get a webhook.")
+    webhook: WebhookPublic | None = Field(description="The delivery of the final state's webhook.")
     num_images: int = Field(description="Photos uploaded (kept even after they are deleted).")
     photos_deleted_at: datetime | None = Field(
         description="When the photos were deleted (after the job ended; see retention)."
@@ -197,6 +199,7 @@ class FinetunePublic(BaseModel):
             base_model=job.base_model,
             params=FinetuneParams.model_validate(job.params),
             webhook_url=job.webhook_url,
+            webhook_events=chosen_events(job),  # type: ignore[arg-type]
             webhook=WebhookPublic.from_row(job.webhook),
             num_images=job.num_images,
             photos_deleted_at=job.photos_deleted_at,

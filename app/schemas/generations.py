@@ -7,7 +7,8 @@ from datetime import datetime
 from pydantic import BaseModel, ConfigDict, Field
 
 from app import models
-from app.models import Phase, Status
+from app.models import Phase, Status, WebhookEvent
+from app.outbox import chosen_events
 from app.schemas.common import (
     PHASE_DOC,
     SEED_MAX,
@@ -79,6 +80,12 @@ class GenerationCreate(BaseModel):
     webhook_url: str | None = Field(
         default=None, max_length=2048, description="Receives a signed POST when it finishes."
     )
+    webhook_events: list[str] | None = Field(
+        default=None,
+        max_length=len(models.WEBHOOK_EVENTS),
+        description="Events that get a webhook: running, succeeded, failed, canceled "
+        "(docs/api.md, Webhooks); default: the final states (succeeded, failed, canceled).",
+    )
 
 
 class GeneratedImagePublic(BaseModel):
@@ -115,7 +122,8 @@ class GenerationPublic(BaseModel):
     scheduler: Scheduler
     compare_base: bool
     webhook_url: str | None
-    webhook: WebhookPublic | None
+    webhook_events: list[WebhookEvent] = Field(description="Events that get a webhook.")
+    webhook: WebhookPublic | None = Field(description="The delivery of the final state's webhook.")
     error: str | None
     phase: Phase | None = Field(
         description=PHASE_DOC + " A generation's: loading base, generating, saving."
@@ -154,6 +162,7 @@ class GenerationPublic(BaseModel):
             scheduler=gen.scheduler,  # type: ignore[arg-type]
             compare_base=gen.compare_base,
             webhook_url=gen.webhook_url,
+            webhook_events=chosen_events(gen),  # type: ignore[arg-type]
             webhook=WebhookPublic.from_row(gen.webhook),
             error=gen.error,
             phase=phase,

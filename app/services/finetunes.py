@@ -22,7 +22,7 @@ from app.families import finetune_overrides
 from app.ids import looks_like_id, new_id
 from app.images import CheckedImage, check_image, read_limited
 from app.models import ACTIVE_STATUSES, FinetuneImage, FinetuneJob, Tenant, utcnow
-from app.outbox import record_final
+from app.outbox import check_events, record_final
 from app.queue import FINETUNE_QUEUE, FINETUNE_TASK, TaskSender, base_queue
 from app.schemas import FinetuneParams
 from app.services import quotas, retention
@@ -50,6 +50,7 @@ class FinetuneForm:
     name: str | None = None
     params: str | None = None  # JSON text, as sent in the multipart form
     webhook_url: str | None = None
+    webhook_events: list[str] | None = None
     token: str = "sks"
     idempotency_key: str | None = None
     base: str | None = None  # None: TUNEQDM_BASE_MODEL
@@ -127,6 +128,7 @@ def _validate_form(form: FinetuneForm, settings: Settings, base: BaseInfo) -> Fi
             allow_private=settings.allow_private_webhooks,
             ports=settings.webhook_ports,
         )
+    webhook_events = check_events("finetune", form.webhook_events, webhook_url=webhook_url)
     job = FinetuneJob(
         name=name,
         status="queued",
@@ -136,6 +138,7 @@ def _validate_form(form: FinetuneForm, settings: Settings, base: BaseInfo) -> Fi
         base_model=base.name,
         params=params.model_dump(mode="json"),
         webhook_url=webhook_url,
+        webhook_events=webhook_events,
         idempotency_key=form.idempotency_key,
         progress_step=0,
         progress_total=params.steps,
@@ -151,15 +154,17 @@ def precheck(
     tenant: Tenant,
     form: FinetuneForm,
     uploads: list[Upload],
+    urls: int = 0,
 ) -> int:
-    """The cheap checks, before any photo is decoded: form fields, photo count, the tenant's
+    """The cheap checks, before any photo is fetched or decoded: form fields, photo count
+    (`uploads` and `urls` photos to fetch), the tenant's
     job and byte limits (checked again with the photos' sizes before the insert). Ends its
     read transaction, so no connection is held while the photos are decoded. Returns the
     side photos are stored at (:func:`stored_side`)."""
     key = idempotency.check_key(form.idempotency_key)
     base = resolve_base(session=session, settings=settings, name=form.base)
     _validate_form(form, settings, base)
-    check_count(uploads, settings)
+    check_count(len(uploads) + urls, settings)
     try:
         # A repeated request answers with its job (create_finetune), limits or not.
         if (
@@ -178,16 +183,15 @@ def stored_side(native: int, settings: Settings) -> int:
     return round(settings.stored_photo_scale * size_range(native, settings).max)
 
 
-def check_count(uploads: list[Upload], settings: Settings) -> None:
-    if len(uploads) < settings.min_images:
+def check_count(count: int, settings: Settings) -> None:
+    """Photos sent as files, in an archive and as URLs count together."""
+    if count < settings.min_images:
         raise InvalidInput(
             f"send at least {settings.min_images} photo(s) of the subject in the 'images' field "
-            "(or in a .zip archive in 'images_zip')"
+            "(or in a .zip archive in 'images_zip', or as URLs in 'image_urls')"
         )
-    if len(uploads) > settings.max_images:
-        raise InvalidInput(
-            f"{len(uploads)} images sent, the limit is {settings.max_images}; send fewer"
-        )
+    if count > settings.max_images:
+        raise InvalidInput(f"{count} images sent, the limit is {settings.max_images}; send fewer")
 
 
 def check_upload(upload: Upload, index: int, settings: Settings, max_side: int) -> CheckedImage:
@@ -205,7 +209,7 @@ def check_upload(upload: Upload, index: int, settings: Settings, max_side: int) 
 
 
 def _check_uploads(uploads: list[Upload], settings: Settings, max_side: int) -> list[CheckedImage]:
-    check_count(uploads, settings)
+    check_count(len(uploads), settings)
     return [check_upload(up, i, settings, max_side) for i, up in enumerate(uploads)]
 
 
@@ -218,6 +222,8 @@ def _fingerprint(form: FinetuneForm, checked: list[CheckedImage]) -> str:
         "webhook_url": form.webhook_url,
         "token": form.token,
         "base": form.base,
+        # Only when given: a key's fingerprint from before this field existed still matches.
+        **({"webhook_events": form.webhook_events} if form.webhook_events else {}),
     }
     return idempotency.fingerprint_digests(fields, [img.source_sha256 for img in checked])
 

@@ -15,7 +15,7 @@ from app.errors import Conflict, InvalidInput, NotFound
 from app.families import GenerationRules, generation_rules
 from app.ids import looks_like_id, new_id
 from app.models import ACTIVE_STATUSES, Adapter, GeneratedImage, GenerationJob, Tenant, utcnow
-from app.outbox import record_final
+from app.outbox import check_events, record_final
 from app.queue import GENERATE_QUEUE, GENERATE_TASK, TaskSender, base_queue
 from app.schemas import SEED_MAX, GenerationCreate
 from app.services import quotas, retention
@@ -197,6 +197,7 @@ def create_generation(
             allow_private=settings.allow_private_webhooks,
             ports=settings.webhook_ports,
         )
+    webhook_events = check_events("generation", data.webhook_events, webhook_url=webhook_url)
     quotas.check_new_job(session=session, tenant=tenant, settings=settings)
     seed = data.seed if data.seed is not None else secrets.randbelow(SEED_MAX + 1)
     gen = GenerationJob(
@@ -217,6 +218,7 @@ def create_generation(
         compare_base=data.compare_base,
         time_limit_s=settings.generation_time_limit_s,
         webhook_url=webhook_url,
+        webhook_events=webhook_events,
         idempotency_key=key,
         idempotency_fingerprint=fingerprint if key is not None else None,
     )

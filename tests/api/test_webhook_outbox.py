@@ -9,6 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app import outbox
 from app.ids import new_id
 from app.models import FinetuneJob, WebhookDelivery, utcnow
 from app.services.finetunes import cancel_finetune
@@ -47,17 +48,19 @@ def test_cancel_writes_the_delivery_with_the_canceled_state(
     assert len(session.scalars(select(WebhookDelivery)).all()) == 1
 
 
-def test_cancel_and_its_delivery_commit_together(session: Session) -> None:
+def test_cancel_and_its_delivery_commit_together(
+    session: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """When the delivery row cannot be written, the cancel does not happen either."""
     t = make_tenant(session)
     job = make_finetune(session, t.tenant, status="queued", webhook_url=HOOK)
-    # A row that already claims this job makes the outbox insert violate its unique constraint.
+    taken = new_id("msg")
     session.add(
         WebhookDelivery(
-            id=new_id("msg"),
+            id=taken,
             tenant_id=t.tenant.id,
             job_kind="finetune",
-            job_id=job.id,
+            job_id=new_id("ft"),
             url=HOOK,
             event="finetune.succeeded",
             payload={},
@@ -67,6 +70,8 @@ def test_cancel_and_its_delivery_commit_together(session: Session) -> None:
         )
     )
     session.commit()
+    # The outbox insert reuses that row's id, so it violates the primary key.
+    monkeypatch.setattr(outbox, "new_id", lambda prefix: taken)
     with pytest.raises(IntegrityError):
         cancel_finetune(session=session, tenant=t.tenant, finetune_id=job.id)
     session.rollback()
