@@ -40,7 +40,15 @@ from app.schemas.generations import (
     GenerationPublic,
     GenerationsPublic,
 )
-from app.schemas.progress import EventPublic, EventsPublic, SamplePublic, SamplesPublic
+from app.schemas.progress import (
+    CheckpointPublic,
+    CheckpointsPublic,
+    EventPublic,
+    EventsPublic,
+    SamplePublic,
+    SamplesPublic,
+    sample_url,
+)
 
 __all__ = [
     "DEFAULT_SAMPLE_POINTS",
@@ -53,6 +61,8 @@ __all__ = [
     "BasePublic",
     "BaseWorkerPublic",
     "BasesPublic",
+    "CheckpointPublic",
+    "CheckpointsPublic",
     "EventPublic",
     "EventType",
     "EventsPublic",
@@ -83,4 +93,5 @@ __all__ = [
     "Status",
     "WebhookPublic",
     "sample_points",
+    "sample_url",
 ]
