@@ -60,7 +60,7 @@ def test_keep_checkpoints_is_a_strict_bool_that_needs_validation_prompts(
             client, t.headers, data=_params(validation_prompts=PROMPTS, keep_checkpoints=bad)
         )
         assert r.status_code == 422, (bad, r.text)
-        assert "keep_checkpoints" in r.text, r.text
+        assert "params.keep_checkpoints" in r.json()["detail"], r.text
     r = post_finetune(client, t.headers, data=_params(keep_checkpoints=True))
     assert r.status_code == 422
     assert "keep_checkpoints" in r.text and "validation_prompts" in r.text, r.text
