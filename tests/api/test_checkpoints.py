@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from fastapi.testclient import TestClient
@@ -113,7 +114,7 @@ def test_checkpoints_are_listed_with_their_steps_images(
     assert stored_bytes(session, t.tenant.id) == 2 * len(content) + 3
 
 
-def _promote(client: TestClient, t: TenantKey, job_id: str, step: int) -> tuple[int, dict]:  # type: ignore[type-arg]
+def _promote(client: TestClient, t: TenantKey, job_id: str, step: int) -> tuple[int, Any]:
     r = client.post(f"/v1/finetunes/{job_id}/checkpoints/{step}/promote", headers=t.headers)
     assert r.headers["content-type"].startswith(
         "application/json" if r.status_code == 201 else "application/problem+json"
