@@ -36,6 +36,7 @@ from sqlalchemy.orm import Session
 from app.models import (
     Adapter,
     BaseWorker,
+    FinetuneCheckpoint,
     FinetuneImage,
     FinetuneJob,
     FinetuneSample,
@@ -231,6 +232,7 @@ def _stored(session: Session, settings: Settings) -> Iterator[Metric]:
     by_job = (
         (FinetuneImage.size_bytes, FinetuneImage.job_id, FinetuneJob),
         (FinetuneSample.size_bytes, FinetuneSample.job_id, FinetuneJob),
+        (FinetuneCheckpoint.size_bytes, FinetuneCheckpoint.job_id, FinetuneJob),
         (GeneratedImage.size_bytes, GeneratedImage.generation_id, GenerationJob),
     )
     used: dict[str, int] = {}
@@ -249,7 +251,7 @@ def _stored(session: Session, settings: Settings) -> Iterator[Metric]:
         used[tenant] = used.get(tenant, 0) + int(n)
     stored = GaugeMetricFamily(
         "tuneqdm_tenant_stored_bytes",
-        "Bytes a tenant stores (photos, adapters, progress and generated images).",
+        "Bytes a tenant stores (photos, adapters, progress and generated images, checkpoints).",
         labels=["tenant"],
     )
     limit = GaugeMetricFamily(

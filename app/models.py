@@ -506,6 +506,25 @@ class FinetuneSample(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
+class FinetuneCheckpoint(Base):
+    """The adapter as it was at `step`, kept for a job with params.keep_checkpoints (one per
+    progress-image step), written by the attempt named in its key (worker/files.py). One row
+    per step, so a resumed job that reaches a step again adds nothing. It stays until the
+    fine-tune is deleted; promoting it copies the file into a registry adapter."""
+
+    __tablename__ = "finetune_checkpoints"
+    __table_args__ = (UniqueConstraint("job_id", "step", name="uq_finetune_checkpoints_step"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(
+        ForeignKey("finetune_jobs.id", ondelete="CASCADE"), index=True
+    )
+    step: Mapped[int] = mapped_column(Integer)
+    storage_key: Mapped[str] = mapped_column(String(255))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
 class FinetuneEvent(Base):
     """One entry of a fine-tune's event log, written in the transaction of what it records
     while that transaction holds the job's row lock, so ids grow in commit order per job (the

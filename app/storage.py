@@ -6,6 +6,7 @@ never from user file names, and every key is checked to stay inside the root):
     tenants/<tenant_id>/finetunes/<finetune_id>/inputs/<nnn>.jpg     uploaded photos, re-encoded
     tenants/<tenant_id>/finetunes/<finetune_id>/checkpoint/          training checkpoints (worker)
     tenants/<tenant_id>/samples/<finetune_id>/<step>_<i>.png         progress images (worker)
+    tenants/<tenant_id>/checkpoints/<finetune_id>/<step>_a<n>.safetensors  kept checkpoints
     tenants/<tenant_id>/adapters/<adapter_id>_a<n>.safetensors       adapter files (worker)
     tenants/<tenant_id>/exports/<export_id>.safetensors              LoRA / merged UNet (worker)
     tenants/<tenant_id>/generations/<generation_id>/a<n>/<nnn>.png   generated images (worker)
@@ -81,6 +82,13 @@ def finetune_samples_prefix(tenant_id: str, finetune_id: str) -> str:
 
 def finetune_sample_key(tenant_id: str, finetune_id: str, step: int, index: int) -> str:
     return check_key(f"{finetune_samples_prefix(tenant_id, finetune_id)}/{step:05d}_{index}.png")
+
+
+def finetune_checkpoints_prefix(tenant_id: str, finetune_id: str) -> str:
+    """The adapters a fine-tune with keep_checkpoints kept at its progress-image steps: like
+    its progress images, outside its own folder, so they stay until the fine-tune is deleted
+    (worker/files.py names each attempt's file)."""
+    return check_key(f"tenants/{tenant_id}/checkpoints/{finetune_id}")
 
 
 def generation_prefix(tenant_id: str, generation_id: str) -> str:

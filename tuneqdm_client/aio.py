@@ -62,6 +62,8 @@ class AsyncClient:
     wait_finetune = _threaded(Client.wait_finetune)
     samples = _threaded(Client.samples)
     download_samples = _threaded(Client.download_samples)
+    checkpoints = _threaded(Client.checkpoints)
+    promote_checkpoint = _threaded(Client.promote_checkpoint)
     events = _threaded(Client.events)
     bases = _threaded(Client.bases)
     list_adapters = _threaded(Client.list_adapters)

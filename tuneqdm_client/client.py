@@ -16,6 +16,7 @@ from tuneqdm_client.types import (
     Adapter,
     AdapterPage,
     BasePage,
+    CheckpointPage,
     EventPage,
     Export,
     ExportPage,
@@ -209,6 +210,18 @@ class Client:
             self._download(s["url"], out / f"{finetune_id}-{s['step']}-{s['prompt_index']}.png")
             for s in self.samples(finetune_id)["data"]
         ]
+
+    def checkpoints(self, finetune_id: str) -> CheckpointPage:
+        """The adapters kept at the progress-image steps (params.keep_checkpoints), by step."""
+        return cast(CheckpointPage, self._json("GET", f"/v1/finetunes/{finetune_id}/checkpoints"))
+
+    def promote_checkpoint(self, finetune_id: str, step: int) -> Adapter:
+        """Make the checkpoint kept at `step` an adapter of its own (the job must have
+        finished); use its id like any adapter's."""
+        return cast(
+            Adapter,
+            self._json("POST", f"/v1/finetunes/{finetune_id}/checkpoints/{step}/promote"),
+        )
 
     def events(
         self, finetune_id: str, *, cursor: str | None = None, limit: int | None = None

@@ -111,6 +111,22 @@ class SamplePage(TypedDict):
     count: int
 
 
+class Checkpoint(TypedDict):
+    """The adapter as it was at `step` (params.keep_checkpoints), with the URLs of the progress
+    images it made and the URL that promotes it to an adapter."""
+
+    step: int
+    size_bytes: int
+    created_at: str
+    samples: list[str]
+    promote: str
+
+
+class CheckpointPage(TypedDict):
+    data: list[Checkpoint]
+    count: int
+
+
 class Event(TypedDict):
     # queued | running | released | progress | samples | succeeded | failed | canceled | webhook
     type: str

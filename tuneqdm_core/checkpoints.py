@@ -1,4 +1,4 @@
-"""Fine-tuning checkpoints: the whole state of a :class:`~tuneqdm_core.training_step._Run`
+"""Fine-tuning checkpoints: the whole state of a :class:`~tuneqdm_core.training_step.TrainingRun`
 (parameters, optimizer, random generator, loss scaler, losses), written atomically and read
 back only by the same configuration and base."""
 

@@ -110,7 +110,7 @@ def finetune(
     on_class_images: Callable[[int, int], None] | None = None,
     should_pause: Callable[[], bool] | None = None,
     sampling: Sampling | None = None,
-    on_sample: Callable[[int, list[Image.Image]], None] | None = None,
+    on_sample: Callable[[int, list[Image.Image], Adapter], None] | None = None,
     on_sample_step: Callable[[int, int], None] | None = None,
 ) -> FinetuneResult:
     """Fine-tune on ``subjects`` (several subjects share one adapter, each with its own token).
@@ -124,9 +124,10 @@ def finetune(
     ``on_class_images(done, total)`` reports the class images of prior preservation as they are
     made.
 
-    With ``sampling``, ``on_sample(step, images)`` receives one image per prompt at the steps
-    :meth:`Sampling.due` names, before that step's checkpoint (so a run resumed from a
-    checkpoint never skips the samples of its step; it may repeat those of later steps);
+    With ``sampling``, ``on_sample(step, images, adapter)`` receives one image per prompt at
+    the steps :meth:`Sampling.due` names, before that step's checkpoint (so a run resumed from a
+    checkpoint never skips the samples of its step; it may repeat those of later steps), and
+    the adapter that made them: the one being trained, so save or copy it before returning;
     ``on_sample_step(done, total)`` reports its denoising steps. ``should_cancel`` stops
     sampling too.
     """
@@ -186,7 +187,8 @@ def finetune(
                     # The step itself is done but not checkpointed: resuming repeats it.
                     raise FinetuneCanceled(run.step) from None
                 if on_sample is not None:
-                    on_sample(run.step, images)
+                    assert run.adapter is not None  # sampling refuses method full above
+                    on_sample(run.step, images, run.adapter)
             due = checkpoint_due(config, run.step)
             if checkpoint is not None and due:
                 save_checkpoint(run, checkpoint, config, base)

@@ -24,6 +24,7 @@ from app.models import (
     ACTIVE_STATUSES,
     Adapter,
     AdapterExport,
+    FinetuneCheckpoint,
     FinetuneJob,
     FinetuneSample,
     GeneratedImage,
@@ -43,6 +44,12 @@ def adapter_attempt_key(tenant_id: str, adapter_id: str, attempt: int) -> str:
     return st.check_key(f"tenants/{tenant_id}/adapters/{adapter_id}_a{attempt}.safetensors")
 
 
+def checkpoint_attempt_key(tenant_id: str, job_id: str, step: int, attempt: int) -> str:
+    # A kept checkpoint (params.keep_checkpoints), not the training state of checkpoint_key.
+    prefix = st.finetune_checkpoints_prefix(tenant_id, job_id)
+    return st.check_key(f"{prefix}/{step:05d}_a{attempt}.safetensors")
+
+
 def generated_image_attempt_key(
     tenant_id: str, generation_id: str, attempt: int, index: int
 ) -> str:
@@ -54,6 +61,7 @@ def generated_image_attempt_key(
 # Folders of files that rows name one by one: the job's model, the rows' key and job columns.
 _NAMED_FILES: dict[str, tuple[JobModel, Any, Any]] = {
     "samples": (FinetuneJob, FinetuneSample.storage_key, FinetuneSample.job_id),
+    "checkpoints": (FinetuneJob, FinetuneCheckpoint.storage_key, FinetuneCheckpoint.job_id),
     "generations": (GenerationJob, GeneratedImage.storage_key, GeneratedImage.generation_id),
 }
 
@@ -63,11 +71,12 @@ def collect_orphans(
 ) -> list[str]:
     """Remove stored files that no row owns, older than `older_than_s`: adapter files without
     an adapter row; checkpoints of missing or finished fine-tunes; the folder of a fine-tune
-    that does not exist (photos of an upload that never committed); progress images of a
-    missing fine-tune, or of a finished one that no sample row names; generated images that
-    no image row names, unless their generation is still active; and what writes that never
-    finished left (temporary files, incomplete multipart uploads). Returns the keys (a file)
-    and prefixes (a folder) removed; a folder goes only when nothing in it is younger."""
+    that does not exist (photos of an upload that never committed); progress images and kept
+    checkpoints of a missing fine-tune, or of a finished one that no row names; generated
+    images that no image row names, unless their generation is still active; and what writes
+    that never finished left (temporary files, incomplete multipart uploads). Returns the keys
+    (a file) and prefixes (a folder) removed; a folder goes only when nothing in it is
+    younger."""
     # Object times are the store's clock (the host's with the local backend); so is this, on
     # a host whose clock is kept in step (a publish in flight is younger than the cutoff).
     cutoff = time.time() - older_than_s

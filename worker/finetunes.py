@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import io
 import logging
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
@@ -18,7 +20,7 @@ from sqlalchemy import select
 from app import storage as st
 from app.events import record_event
 from app.families import generation_rules
-from app.models import FinetuneJob, FinetuneSample
+from app.models import FinetuneCheckpoint, FinetuneJob, FinetuneSample
 from app.outbox import record_webhook
 from app.schemas import FinetuneParams
 from app.services.retention import finetune_ended
@@ -27,9 +29,11 @@ from worker.bases import loaded_info
 from worker.bounds import Deadline, stop_check
 from worker.context import Context, unclaimed, while_owned
 from worker.cotrain import run_group
+from worker.files import checkpoint_attempt_key
 from worker.jobs import SHUTDOWN, Lease, ProgressWriter, attempts_exhausted, new_owner
 from worker.training import (
     BASE_FAILED,
+    adapter_extra,
     after_stop,
     fail,
     finetune_config,
@@ -108,7 +112,7 @@ def _run_claimed(
             fail(ctx, job, owner, BASE_FAILED)
             return "failed"
         try:
-            result = _train(ctx, job, params, image_keys, lease)
+            result = _train(ctx, job, params, image_keys, lease, attempt)
             if isinstance(result, str):
                 return result  # ended by its time limit
             if result is None or not lease.enter_phase("saving"):
@@ -121,7 +125,12 @@ def _run_claimed(
 
 
 def _train(
-    ctx: Context, job: FinetuneJob, params: FinetuneParams, image_keys: list[str], lease: Lease
+    ctx: Context,
+    job: FinetuneJob,
+    params: FinetuneParams,
+    image_keys: list[str],
+    lease: Lease,
+    attempt: int,
 ) -> Any:
     """Train (resuming from the job's checkpoint); the core's FinetuneResult, or None when the
     run stopped early (canceled, lease lost, worker stopping or stalled)."""
@@ -170,10 +179,14 @@ def _train(
         lease.touch()  # each denoising step of the progress images is progress too
         lease.enter_phase("progress images")
 
-    def samples(step: int, images: list[Any]) -> None:
+    def samples(step: int, images: list[Any], adapter: Any) -> None:
         lease.touch()
         if not store_samples(ctx, job, params, lease, step, images):
             log.info("fine-tune %s lost its lease while storing samples", job.id)
+        elif params.keep_checkpoints and not store_checkpoint(
+            ctx, job, lease, attempt, step, adapter
+        ):
+            log.info("fine-tune %s lost its lease while storing a checkpoint", job.id)
 
     try:
         result = finetune(
@@ -343,4 +356,43 @@ def store_samples(
             raise
     if delivery is not None:
         ctx.notify(job.id)
+    return True
+
+
+def store_checkpoint(
+    ctx: Context, job: FinetuneJob, lease: Lease, attempt: int, step: int, adapter: Any
+) -> bool:
+    """Keep the adapter as it is at `step` (params.keep_checkpoints): its file under this
+    attempt's own name and its row, written while the job's row is locked under a lease that
+    still holds, like `store_samples`. A step that has a row already (a resumed job reaching it
+    again) adds nothing. False when the lease is lost."""
+    from tuneqdm_core.serialization import save_adapter
+
+    key = checkpoint_attempt_key(job.tenant_id, job.id, step, attempt)
+    with tempfile.TemporaryDirectory(prefix="tuneqdm-checkpoint-") as folder:
+        path = save_adapter(adapter, Path(folder) / "adapter.safetensors", adapter_extra(job))
+        with while_owned(ctx, lease) as session:
+            if session is None:
+                return False
+            have = session.scalar(
+                select(FinetuneCheckpoint.id).where(
+                    FinetuneCheckpoint.job_id == job.id, FinetuneCheckpoint.step == step
+                )
+            )
+            if have is not None:
+                return True
+            ctx.storage.put_file(key, path)
+            try:
+                session.add(
+                    FinetuneCheckpoint(
+                        job_id=job.id,
+                        step=step,
+                        storage_key=key,
+                        size_bytes=path.stat().st_size,
+                    )
+                )
+                session.flush()
+            except BaseException:
+                ctx.storage.delete(key)
+                raise
     return True

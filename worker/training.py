@@ -35,6 +35,11 @@ def adapter_id_for(job_id: str) -> str:
     return "ad_" + job_id.removeprefix("ft_")
 
 
+def adapter_extra(job: FinetuneJob) -> dict[str, Any]:
+    """The free metadata of a job's adapter files (the trained one and kept checkpoints)."""
+    return {"tokens": [job.token], "instance_prompt": job.instance_prompt, "job": job.id}
+
+
 def finetune_config(params: FinetuneParams, job_id: str) -> Any:
     """Stored API params → the core's FinetuneConfig: every field the two share is passed
     through by name (tests/worker/test_options.py checks names and defaults)."""
@@ -150,11 +155,7 @@ def publish_adapter(
     key = adapter_attempt_key(job.tenant_id, adapter_id, attempt)
     path = ctx.files.output(key)
     try:
-        save_adapter(
-            trained,
-            path,
-            extra={"tokens": [job.token], "instance_prompt": job.instance_prompt, "job": job.id},
-        )
+        save_adapter(trained, path, extra=adapter_extra(job))
         size = path.stat().st_size
         ctx.files.publish(key)
         with ctx.sessions() as session:

@@ -1,4 +1,5 @@
-"""/v1/finetunes: submit, inspect, list, cancel and delete fine-tune jobs."""
+"""/v1/finetunes: submit, inspect, list, cancel and delete fine-tune jobs; their progress
+images, kept checkpoints and events."""
 
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ from app.downloads import stream_response
 from app.forms import StrictFormRoute
 from app.models import FinetuneJob
 from app.schemas import (
+    AdapterPublic,
+    CheckpointPublic,
+    CheckpointsPublic,
     EventPublic,
     EventsPublic,
     FinetuneParams,
@@ -31,10 +35,11 @@ from app.schemas import (
     SamplePublic,
     SamplesPublic,
     Status,
+    sample_url,
 )
+from app.services import adapters, progress
 from app.services import bases as bases_svc
 from app.services import finetunes as svc
-from app.services import progress
 
 router = APIRouter(prefix="/v1/finetunes", tags=["finetunes"], route_class=StrictFormRoute)
 
@@ -261,6 +266,51 @@ def get_sample(
     )
 
 
+@router.get("/{finetune_id}/checkpoints", response_model=CheckpointsPublic, responses=ERRORS)
+def list_checkpoints(
+    session: SessionDep, tenant: CurrentTenant, finetune_id: str
+) -> CheckpointsPublic:
+    """The adapter as it was at each progress-image step (params.keep_checkpoints), by step,
+    with the progress images of that step."""
+    rows = progress.list_checkpoints(session=session, tenant=tenant, finetune_id=finetune_id)
+    return CheckpointsPublic(
+        data=[CheckpointPublic.from_row(row, [sample_url(s) for s in made]) for row, made in rows],
+        count=len(rows),
+    )
+
+
+@router.post(
+    "/{finetune_id}/checkpoints/{step}/promote",
+    status_code=status.HTTP_201_CREATED,
+    response_model=AdapterPublic,
+    responses={
+        **ERRORS,
+        404: {"description": "No such job for this tenant, or no checkpoint kept at this step."},
+        409: {"description": "The job is queued or running; promote once it has finished."},
+    },
+)
+def promote_checkpoint(
+    session: SessionDep,
+    settings: SettingsDep,
+    storage: StorageDep,
+    tenant: CurrentTenant,
+    finetune_id: str,
+    step: Annotated[int, Path(ge=0, le=1_000_000)],
+) -> AdapterPublic:
+    """Make the checkpoint kept at `step` a registry adapter of its own (a copy of the file,
+    counted in the stored bytes): usable in generations and exports, and kept when the
+    fine-tune is deleted."""
+    adapter = adapters.promote_checkpoint(
+        session=session,
+        storage=storage,
+        settings=settings,
+        tenant=tenant,
+        finetune_id=finetune_id,
+        step=step,
+    )
+    return AdapterPublic.from_row(adapter)
+
+
 @router.get(
     "/{finetune_id}/events",
     response_model=EventsPublic,
@@ -328,8 +378,8 @@ def delete_finetune(
         Query(description="Also delete the adapter trained by this job (kept by default)."),
     ] = False,
 ) -> Response:
-    """Delete the job, its photos, checkpoints, progress images and events (a queued or
-    running job is canceled first); its adapter only with delete_adapter=true."""
+    """Delete the job, its photos, checkpoints (kept ones too), progress images and events (a
+    queued or running job is canceled first); its adapter only with delete_adapter=true."""
     svc.delete_finetune(
         session=session,
         storage=storage,

@@ -42,7 +42,15 @@ from app.schemas.generations import (
     GenerationPublic,
     GenerationsPublic,
 )
-from app.schemas.progress import EventPublic, EventsPublic, SamplePublic, SamplesPublic
+from app.schemas.progress import (
+    CheckpointPublic,
+    CheckpointsPublic,
+    EventPublic,
+    EventsPublic,
+    SamplePublic,
+    SamplesPublic,
+    sample_url,
+)
 
 __all__ = [
     "DEFAULT_SAMPLE_POINTS",
@@ -55,6 +63,8 @@ __all__ = [
     "BasePublic",
     "BaseWorkerPublic",
     "BasesPublic",
+    "CheckpointPublic",
+    "CheckpointsPublic",
     "EventPublic",
     "EventType",
     "EventsPublic",
@@ -87,4 +97,5 @@ __all__ = [
     "Status",
     "WebhookPublic",
     "sample_points",
+    "sample_url",
 ]

@@ -94,12 +94,23 @@ class FinetuneParams(BaseModel):
         f"up); at most {MAX_SAMPLE_POINTS} sampling points per job. Only with "
         "validation_prompts.",
     )
+    keep_checkpoints: bool = Field(
+        default=False,
+        description="Also keep the adapter as it is at every progress-image step "
+        "(GET /v1/finetunes/{id}/checkpoints; promote one to an adapter). Only with "
+        "validation_prompts; each counts in the stored bytes until the fine-tune is deleted.",
+    )
 
     @model_validator(mode="after")
     def _sampling(self) -> FinetuneParams:
         if not self.validation_prompts:
             if self.sample_every is not None:
                 raise ValueError("sample_every needs validation_prompts; give at least one")
+            if self.keep_checkpoints:
+                raise ValueError(
+                    "keep_checkpoints keeps the adapter at the progress-image steps, so it "
+                    "needs validation_prompts; give at least one"
+                )
             return self
         if self.sample_every is None:
             self.sample_every = -(-self.steps // DEFAULT_SAMPLE_POINTS)

@@ -1,4 +1,5 @@
-"""What a fine-tune shows while it trains: progress images and the event log."""
+"""What a fine-tune shows while it trains: progress images, kept checkpoints and the event
+log."""
 
 from __future__ import annotations
 
@@ -9,6 +10,10 @@ from pydantic import BaseModel, Field
 
 from app import models
 from app.models import EventType
+
+
+def sample_url(row: models.FinetuneSample) -> str:
+    return f"/v1/finetunes/{row.job_id}/samples/{row.step}/{row.prompt_index}"
 
 
 class SamplePublic(BaseModel):
@@ -26,13 +31,39 @@ class SamplePublic(BaseModel):
             prompt_index=row.prompt_index,
             prompt=row.prompt,
             seed=row.seed,
-            url=f"/v1/finetunes/{row.job_id}/samples/{row.step}/{row.prompt_index}",
+            url=sample_url(row),
             created_at=row.created_at,
         )
 
 
 class SamplesPublic(BaseModel):
     data: list[SamplePublic] = Field(description="By step, then prompt index.")
+    count: int
+
+
+class CheckpointPublic(BaseModel):
+    step: int = Field(description="Training step the adapter had reached.")
+    size_bytes: int = Field(description="Bytes of the adapter file (counted in stored bytes).")
+    created_at: datetime
+    samples: list[str] = Field(
+        description="The progress images made with this adapter, by prompt index (same API "
+        "key); empty when none are stored for its step."
+    )
+    promote: str = Field(description="POST here to make it a registry adapter.")
+
+    @classmethod
+    def from_row(cls, row: models.FinetuneCheckpoint, sample_urls: list[str]) -> CheckpointPublic:
+        return cls(
+            step=row.step,
+            size_bytes=row.size_bytes,
+            created_at=row.created_at,
+            samples=sample_urls,
+            promote=f"/v1/finetunes/{row.job_id}/checkpoints/{row.step}/promote",
+        )
+
+
+class CheckpointsPublic(BaseModel):
+    data: list[CheckpointPublic] = Field(description="By step.")
     count: int
 
 

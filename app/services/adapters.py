@@ -1,4 +1,5 @@
-"""Adapters: read, download, delete, and upload (the worker creates the trained ones)."""
+"""Adapters: read, download, delete, upload, and promote a fine-tune's kept checkpoint (the
+worker creates the trained ones)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,19 @@ from sqlalchemy.orm import Session
 
 from app import storage as st
 from app.adapter_files import AdapterHeader, read_header
-from app.errors import InvalidInput, NotFound, PayloadTooLarge
+from app.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge
 from app.ids import looks_like_id, new_id
 from app.logs import audit
-from app.models import Adapter, AdapterExport, ServedBase, Tenant
+from app.models import (
+    ACTIVE_STATUSES,
+    Adapter,
+    AdapterExport,
+    FinetuneCheckpoint,
+    ServedBase,
+    Tenant,
+)
 from app.services.common import page
+from app.services.finetunes import get_finetune
 from app.services.quotas import check_new_bytes
 from app.settings import Settings
 from app.storage import Storage
@@ -133,15 +142,106 @@ def upload_adapter(
         )
     header = read_header(file, size)
     row = match_base(session=session, header=header, base=base)
-    adapter_id = new_id("ad")
-    key = st.adapter_key(tenant.id, adapter_id)
     with tempfile.TemporaryDirectory(prefix="tuneqdm-adapter-") as folder:
         path = Path(folder) / "adapter.safetensors"
         file.seek(0)
         with path.open("wb") as out:
             shutil.copyfileobj(file, out)
-        check_new_bytes(session=session, tenant=tenant, settings=settings, adding_bytes=size)
-        storage.put_file(key, path)
+        adapter = _register(
+            session=session,
+            storage=storage,
+            settings=settings,
+            tenant=tenant,
+            path=path,
+            header=header,
+            name=name,
+            base_model=row.name,
+        )
+    audit("adapter.upload", tenant_id=tenant.id, adapter_id=adapter.id)
+    return adapter
+
+
+def promote_checkpoint(
+    *,
+    session: Session,
+    storage: Storage,
+    settings: Settings,
+    tenant: Tenant,
+    finetune_id: str,
+    step: int,
+) -> Adapter:
+    """A registry adapter from the checkpoint a finished fine-tune kept at `step`: a copy of
+    its file, so deleting the fine-tune (and its checkpoints) or the adapter leaves the other
+    whole. Conflict while the job is queued or running, NotFound for a step it did not keep."""
+    job = get_finetune(session=session, tenant=tenant, finetune_id=finetune_id)
+    if job.status in ACTIVE_STATUSES:
+        raise Conflict(
+            f"fine-tune {job.id} is {job.status}; promote its checkpoints once it has finished "
+            f"(GET /v1/finetunes/{job.id} shows its status)"
+        )
+    checkpoint = session.scalar(
+        select(FinetuneCheckpoint).where(
+            FinetuneCheckpoint.job_id == job.id, FinetuneCheckpoint.step == step
+        )
+    )
+    missing = NotFound(
+        f"fine-tune {job.id} kept no checkpoint at step {step}; "
+        f"GET /v1/finetunes/{job.id}/checkpoints lists those it has"
+    )
+    if checkpoint is None:
+        raise missing
+    with tempfile.TemporaryDirectory(prefix="tuneqdm-adapter-") as folder:
+        path = Path(folder) / "adapter.safetensors"
+        try:
+            storage.get_file(checkpoint.storage_key, path)
+        except FileNotFoundError:
+            raise missing from None  # the fine-tune is being deleted
+        with path.open("rb") as f:
+            header = read_header(f, path.stat().st_size)
+        adapter = _register(
+            session=session,
+            storage=storage,
+            settings=settings,
+            tenant=tenant,
+            path=path,
+            header=header,
+            name=_promoted_name(job.name or job.id, step),
+            base_model=job.base_model,
+        )
+    audit(
+        "adapter.promote",
+        tenant_id=tenant.id,
+        adapter_id=adapter.id,
+        finetune_id=job.id,
+        step=step,
+    )
+    return adapter
+
+
+def _promoted_name(name: str, step: int) -> str:
+    # The job's name and the step, within the 100 characters of adapters.name.
+    suffix = f" step {step}"
+    return name[: 100 - len(suffix)] + suffix
+
+
+def _register(
+    *,
+    session: Session,
+    storage: Storage,
+    settings: Settings,
+    tenant: Tenant,
+    path: Path,
+    header: AdapterHeader,
+    name: str | None,
+    base_model: str,
+) -> Adapter:
+    """Store the checked adapter file at `path` under a new id and commit its row, once the
+    stored bytes limit allows it; nothing stays stored when that fails."""
+    size = path.stat().st_size
+    adapter_id = new_id("ad")
+    key = st.adapter_key(tenant.id, adapter_id)
+    check_new_bytes(session=session, tenant=tenant, settings=settings, adding_bytes=size)
+    storage.put_file(key, path)
     try:
         adapter = Adapter(
             id=adapter_id,
@@ -153,7 +253,7 @@ def upload_adapter(
             intervals=header.intervals,
             tokens=header.tokens,
             size_bytes=size,
-            base_model=row.name,
+            base_model=base_model,
             base_fingerprint=header.base_fingerprint,
             storage_key=key,
         )
@@ -163,5 +263,4 @@ def upload_adapter(
         session.rollback()
         storage.delete(key)
         raise
-    audit("adapter.upload", tenant_id=tenant.id, adapter_id=adapter_id)
     return adapter

@@ -1,6 +1,7 @@
-"""What a fine-tune shows while it trains: its progress images and its event log.
+"""What a fine-tune shows while it trains: its progress images, its kept checkpoints and its
+event log.
 
-Both are read through the tenant's own job (`get_finetune`), so another tenant's id is a 404.
+All are read through the tenant's own job (`get_finetune`), so another tenant's id is a 404.
 
 The event cursor is opaque to clients and bound to its (tenant, job): inside it is how many of
 the job's events the client has seen, with an HMAC of the tenant, the job and that count under
@@ -22,7 +23,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.errors import InvalidInput, NotFound
-from app.models import FinetuneEvent, FinetuneSample, Tenant
+from app.models import FinetuneCheckpoint, FinetuneEvent, FinetuneSample, Tenant
 from app.services.finetunes import get_finetune
 
 # The signature's length in bytes: 128 bits make a forgery as likely as guessing a key.
@@ -88,6 +89,22 @@ def get_sample(
             f"GET /v1/finetunes/{job.id}/samples lists those it has"
         )
     return row
+
+
+def list_checkpoints(
+    *, session: Session, tenant: Tenant, finetune_id: str
+) -> list[tuple[FinetuneCheckpoint, list[FinetuneSample]]]:
+    """The job's kept checkpoints by step, each with the progress images of its step."""
+    job = get_finetune(session=session, tenant=tenant, finetune_id=finetune_id)
+    rows = session.scalars(
+        select(FinetuneCheckpoint)
+        .where(FinetuneCheckpoint.job_id == job.id)
+        .order_by(FinetuneCheckpoint.step)
+    )
+    samples: dict[int, list[FinetuneSample]] = {}
+    for sample in list_samples(session=session, tenant=tenant, finetune_id=job.id):
+        samples.setdefault(sample.step, []).append(sample)
+    return [(row, samples.get(row.step, [])) for row in rows]
 
 
 def list_events(

@@ -28,6 +28,7 @@ from app.models import (
     ACTIVE_STATUSES,
     Adapter,
     AdapterExport,
+    FinetuneCheckpoint,
     FinetuneImage,
     FinetuneJob,
     FinetuneSample,
@@ -126,7 +127,12 @@ def stored_bytes(session: Session, tenant_id: str) -> int:
     exports = select(func.coalesce(func.sum(AdapterExport.size_bytes), 0)).where(
         AdapterExport.tenant_id == tenant_id
     )
-    parts = (photos, adapters, images, samples, exports)
+    checkpoints = select(func.coalesce(func.sum(FinetuneCheckpoint.size_bytes), 0)).where(
+        FinetuneCheckpoint.job_id.in_(
+            select(FinetuneJob.id).where(FinetuneJob.tenant_id == tenant_id)
+        )
+    )
+    parts = (photos, adapters, images, samples, exports, checkpoints)
     return sum(int(session.scalar(stmt) or 0) for stmt in parts)
 
 

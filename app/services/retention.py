@@ -6,7 +6,8 @@
 - `sweep` does both for everything that is due, so a worker that died before its hook ran, or a
   retention period, is handled; every API process runs it on a timer (app/main.py) and
   `tuneqdm-admin sweep` runs it once.
-- Progress images of a fine-tune (and its event log) stay until the fine-tune is deleted.
+- Progress images of a fine-tune, its kept checkpoints (params.keep_checkpoints) and its event
+  log stay until the fine-tune is deleted.
 - `delete_finetune`, `delete_generation` and `purge_tenant` delete on request.
 
 Import-safe for the worker (no FastAPI). Files go before rows: a row whose files are gone only
@@ -80,6 +81,7 @@ def after_finetune_end(
         # written a checkpoint or progress images since.
         storage.delete_prefix(st.finetune_prefix(tenant_id, job_id))
         storage.delete_prefix(st.finetune_samples_prefix(tenant_id, job_id))
+        storage.delete_prefix(st.finetune_checkpoints_prefix(tenant_id, job_id))
         return
     if job.status not in FINAL_STATUSES or settings.photo_retention_s > 0:
         return
@@ -120,6 +122,7 @@ def delete_finetune(
     session.commit()  # a running worker stops at its next lease write
     storage.delete_prefix(st.finetune_prefix(job.tenant_id, job.id))
     storage.delete_prefix(st.finetune_samples_prefix(job.tenant_id, job.id))
+    storage.delete_prefix(st.finetune_checkpoints_prefix(job.tenant_id, job.id))
     adapter_key = None
     adapter = session.scalar(select(Adapter).where(Adapter.finetune_job_id == job.id))
     if delete_adapter and adapter is not None:
@@ -130,7 +133,7 @@ def delete_finetune(
         for key in [adapter_key] + [e.storage_key for e in exports if e.storage_key]:
             storage.delete(key)
         session.delete(adapter)  # its export rows go with it (ON DELETE CASCADE)
-    session.delete(job)  # its sample and event rows go with it (ON DELETE CASCADE)
+    session.delete(job)  # its sample, checkpoint and event rows go with it (ON DELETE CASCADE)
     session.commit()
     audit(
         "finetune.delete",

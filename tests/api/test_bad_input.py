@@ -158,6 +158,18 @@ FINETUNE_CASES = [
         "sample_every=1 makes 400 sets of progress images",
         form={"params": json.dumps({"sample_every": 1, **FOUR_PROMPTS})},
     ),
+    Case(
+        "keep_checkpoints not a bool",
+        422,
+        "params.keep_checkpoints",
+        form={"params": '{"keep_checkpoints": "yes"}'},
+    ),
+    Case(
+        "keep_checkpoints without prompts",
+        422,
+        "keep_checkpoints keeps the adapter at the progress-image steps, so it needs",
+        form={"params": '{"keep_checkpoints": true}'},
+    ),
     Case("bad lr", 422, "params.lr_s_out", form={"params": '{"lr_s_out": -1}'}),
     Case("unknown method", 422, "params.method", form={"params": '{"method": "lora"}'}),
     Case("peqa intervals", 422, "intervals must be 1", form={"params": PEQA_2_INTERVALS}),

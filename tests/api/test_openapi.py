@@ -12,6 +12,8 @@ ENDPOINTS = {
     ("get", "/v1/finetunes/{finetune_id}/samples"),
     ("get", "/v1/finetunes/{finetune_id}/samples/{step}/{prompt_index}"),
     ("get", "/v1/finetunes/{finetune_id}/events"),
+    ("get", "/v1/finetunes/{finetune_id}/checkpoints"),
+    ("post", "/v1/finetunes/{finetune_id}/checkpoints/{step}/promote"),
     ("delete", "/v1/finetunes/{finetune_id}"),
     ("get", "/v1/adapters"),
     ("post", "/v1/adapters"),

@@ -26,6 +26,8 @@ SCHEMA_OF = {
     "GenerationPage": "GenerationsPublic",
     "Sample": "SamplePublic",
     "SamplePage": "SamplesPublic",
+    "Checkpoint": "CheckpointPublic",
+    "CheckpointPage": "CheckpointsPublic",
     "Event": "EventPublic",
     "EventPage": "EventsPublic",
     "SizeRange": "SizeRangePublic",

@@ -114,7 +114,7 @@ def test_a_cancel_while_progress_images_are_made_stops_within_one_unet_call(
             config,
             should_cancel=canceled,
             sampling=sampling,
-            on_sample=lambda step, images: made.append(step),
+            on_sample=lambda step, images, adapter: made.append(step),
             on_sample_step=sample_step,
         )
     # Step 1 trained, its images stopped inside the UNet call after their first step: no

@@ -195,7 +195,7 @@ def test_progress_images_on_cuda_leave_training_unchanged(
         config,
         progress=watch,
         sampling=sampling,
-        on_sample=lambda step, images: made.append((step, len(images))),
+        on_sample=lambda step, images, adapter: made.append((step, len(images))),
     )
     plain = finetune(base, subjects, config)
     assert made == [(3, 1), (6, 1)]

@@ -424,7 +424,7 @@ def test_gradient_checkpointing_and_progress_images_change_nothing(base64: BaseM
         [DOG],
         replace(config, gradient_checkpointing=True),
         sampling=sampling,
-        on_sample=lambda step, made: images.append(len(made)),
+        on_sample=lambda step, made, adapter: images.append(len(made)),
     )
     assert images == [1, 1]
     assert plain.adapter is not None and checkpointed.adapter is not None

@@ -31,6 +31,7 @@ API_ONLY = {
     "bits": "the base's bit width (QuantConfig); a worker serves one, TUNEQDM_BITS",
     "validation_prompts": "progress images: the worker passes them as finetune(sampling=...)",
     "sample_every": "progress images: the worker passes them as finetune(sampling=...)",
+    "keep_checkpoints": "the worker stores the adapter finetune(on_sample=...) hands it",
 }
 # Shared fields whose API default differs on purpose: (API default, why).
 API_DEFAULTS = {
