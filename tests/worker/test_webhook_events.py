@@ -84,7 +84,8 @@ def test_a_finetune_gets_the_events_it_asked_for_in_order(
     assert run_finetune(job_id, ctx) == "succeeded"
     recorded = _types(ctx, job_id)
     assert recorded[0] == "running" and recorded[-1] == "succeeded"
-    assert "progress" in recorded and recorded.count("samples") == 2  # steps 2 and 4
+    # Steps 0 (the plain base, before training), 2 and 4.
+    assert "progress" in recorded and recorded.count("samples") == 3
     assert set(recorded) == {"running", "progress", "samples", "succeeded"}
     # The worker asked for each delivery when it recorded it.
     notified: list[str] = ctx.notify  # type: ignore[assignment]
@@ -98,8 +99,8 @@ def test_a_finetune_gets_the_events_it_asked_for_in_order(
     assert steps == sorted(steps)  # in the order they happened
     assert _Receiver.received[0]["data"]["status"] == "running"
     samples = [p["data"]["samples"] for p in _Receiver.received if p["type"].endswith("samples")]
-    assert [[s["step"] for s in batch] for batch in samples] == [[2], [4]]
-    assert samples[0][0]["url"] == f"/v1/finetunes/{job_id}/samples/2/0"
+    assert [[s["step"] for s in batch] for batch in samples] == [[0], [2], [4]]
+    assert samples[1][0]["url"] == f"/v1/finetunes/{job_id}/samples/2/0"
     assert _Receiver.received[-1]["data"]["adapter_id"] is not None
 
 
