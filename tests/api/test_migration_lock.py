@@ -19,6 +19,8 @@ from app.models import Base
 from tests.api.conftest import ROOT, PgDatabases, alembic_config
 from tests.service.procs import service_env
 
+pytestmark = pytest.mark.slow  # make test-slow (docs/workers.md "Service tests")
+
 PAIRS = 3
 
 

@@ -23,6 +23,8 @@ from sqlalchemy.orm import Session
 from app.storage import LocalStorage
 from tests.api.factories import make_adapter, make_finetune, make_generation, make_tenant
 
+pytestmark = pytest.mark.slow  # make test-slow (docs/workers.md "Service tests")
+
 EXAMPLES = {GenerationMode.POSITIVE: 100, GenerationMode.NEGATIVE: 50}
 
 

@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # make test-slow (docs/workers.md "Service tests")
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -42,6 +42,7 @@ def test_loss_falls_over_a_short_finetune(tiny_base: BaseModel) -> None:
     assert quant_state(tiny_base.unet).route is None  # the shared base is left clean
 
 
+@pytest.mark.slow
 def test_resume_from_checkpoint_gives_the_same_adapter(
     tiny_base: BaseModel, tmp_path: Path
 ) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from sqlalchemy import select
 
 from app.bases import describe_folder, register
@@ -31,6 +32,8 @@ from tests.service.procs import (
     wait_for,
 )
 
+pytestmark = pytest.mark.slow  # make test-slow (docs/workers.md "Service tests")
+
 A, B = "tiny-a", "tiny-b"
 
 
@@ -44,6 +47,7 @@ def _claimed(proc: Proc, kind: str, job_id: str) -> bool:
 def test_each_base_runs_on_its_own_worker(
     pg_url: str, logs: Path, tiny_model_dir: Path, tiny_settings: dict[str, object]
 ) -> None:
+
     common: dict[str, Any] = {
         **tiny_settings,
         "torch_threads": 1,

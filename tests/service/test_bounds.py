@@ -14,11 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from app.db import make_engine, make_sessionmaker
 from app.services import keys
 from tests.service.procs import Proc, free_port, service_env, start_api, start_worker, wait_for
 from tests.worker.conftest import photo_png
+
+pytestmark = pytest.mark.slow  # make test-slow (docs/workers.md "Service tests")
 
 FINAL = ("succeeded", "failed", "canceled")
 

@@ -127,6 +127,8 @@ from app.db import engine_from_settings, make_sessionmaker
 from app.settings import Settings
 from worker.bases import Registrar
 
+pytestmark = pytest.mark.slow  # make test-slow (docs/workers.md "Service tests")
+
 settings = Settings()
 print(f"registrar ready, clock {time.time():.0f}", flush=True)
 Registrar(settings, make_sessionmaker(engine_from_settings(settings))).run()

@@ -28,6 +28,8 @@ from worker.files import checkpoint_key
 from worker.runtime import Runtime
 from worker.training import finetune_config
 
+pytestmark = pytest.mark.slow  # make test-slow (docs/workers.md "Service tests")
+
 
 @pytest.fixture
 def deploy(logs: Path, tiny_settings: dict[str, object]) -> Iterator[Deployment]:

@@ -36,6 +36,8 @@ from tests.service.procs import (
     wait_for,
 )
 
+pytestmark = pytest.mark.slow  # make test-slow (docs/workers.md "Service tests")
+
 # Long enough to be mid-training whenever it is deleted; a checkpoint after every step, so a
 # worker always has one to upload next.
 TRAINING = {"steps": 5000, "resolution": 32, "checkpoint_every": 1}
@@ -177,14 +179,12 @@ def stack(
         redis.stop()
 
 
-@pytest.mark.faults
 def _tenant(stack: Stack, name: str) -> tuple[str, str]:
     """A new API key and its tenant's id (the CLI prints "name (id)")."""
     made = create_key(stack.api_env, name)
     return made["api key"], made["tenant"].split("(")[-1].rstrip(")")
 
 
-@pytest.mark.faults
 def test_deleted_and_purged_fine_tunes_leave_no_file(stack: Stack) -> None:
     """Four fine-tunes train in one worker's co-training group (the default path); each ends
     by one of the four ways, and none leaves a file."""

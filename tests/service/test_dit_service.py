@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from PIL import Image
 from safetensors import safe_open
 
@@ -34,6 +35,8 @@ from tests.service.procs import (
     wait_final,
     wait_for,
 )
+
+pytestmark = pytest.mark.slow  # make test-slow (docs/workers.md "Service tests")
 
 SD, FLUX, SD3 = "tiny-sd", "tiny-flux", "tiny-sd3"
 # Tiny sizes: FLUX's native side is FluxPipeline's 128 × the tiny VAE's 2 = 256 px; a lower

@@ -45,6 +45,8 @@ from tests.service.procs import (
 from tests.worker.conftest import photo_png
 from worker.files import checkpoint_key
 
+pytestmark = pytest.mark.slow  # make test-slow (docs/workers.md "Service tests")
+
 FINAL = ("succeeded", "failed", "canceled")
 # Short intervals so a fault heals within seconds (docs/settings.md explains each).
 FAST: dict[str, object] = {

@@ -13,12 +13,15 @@ import json
 from pathlib import Path
 
 import httpx
+import pytest
 from sqlalchemy import select
 
 from app.db import make_engine, make_sessionmaker
 from app.models import Adapter, FinetuneJob, GeneratedImage, GenerationJob
 from tests.service.procs import Service, create_key, service_env, wait_for
 from tests.worker.conftest import photo_png
+
+pytestmark = pytest.mark.slow  # make test-slow (docs/workers.md "Service tests")
 
 FINETUNES = 4
 GENERATIONS = 8
@@ -30,6 +33,7 @@ FINAL = ("succeeded", "failed", "canceled")
 def test_two_workers_share_a_batch_and_run_each_job_once(
     pg_url: str, redis_url: str, logs: Path, tmp_path: Path, tiny_model_dir: Path, quant_cache: Path
 ) -> None:
+
     storage = tmp_path / "files"
     env = service_env(
         database_url=pg_url,

@@ -18,6 +18,8 @@ from app.services.exports import create_export
 from tests.service.procs import RedisServer, TcpProxy, wait_for
 from tests.service.test_faults import FAST, Deployment, _ready, deployed
 
+pytestmark = pytest.mark.slow  # make test-slow (docs/workers.md "Service tests")
+
 
 @pytest.fixture
 def deploy(logs: Path, tiny_settings: dict[str, object]) -> Iterator[Deployment]:
@@ -45,7 +47,6 @@ def _ended(deploy: Deployment, export_id: str) -> bool:
     return deploy.row(AdapterExport, export_id).status in ("succeeded", "failed", "canceled")
 
 
-@pytest.mark.faults
 def test_lost_export_messages_are_sent_again(deploy: Deployment, logs: Path, pg_url: str) -> None:
     redis = RedisServer(logs)
     proxy = TcpProxy(int(re.search(r":(\d+)/", pg_url).group(1)))  # type: ignore[union-attr]

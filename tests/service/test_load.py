@@ -23,6 +23,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 from PIL import Image
 from sqlalchemy import create_engine, func, select, update
 from sqlalchemy.orm import sessionmaker
@@ -30,6 +31,8 @@ from sqlalchemy.orm import sessionmaker
 from app.models import FinetuneJob, GenerationJob, Tenant
 from tests.service.procs import admin, create_key, free_port, service_env, start_api, wait_for
 from worker.jobs import claim, claim_next, finish_owned, new_owner
+
+pytestmark = pytest.mark.slow  # make test-slow (docs/workers.md "Service tests")
 
 FLOOD_UPLOADS = 50
 FLOOD_GENERATIONS = 200

@@ -43,10 +43,13 @@ JOBS = 4
 PROMETHEUS = shutil.which("prometheus")
 PROMTOOL = shutil.which("promtool")
 
-pytestmark = pytest.mark.skipif(
-    PROMETHEUS is None or PROMTOOL is None,
-    reason="Debian's prometheus package is not installed (.ci/run installs it)",
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        PROMETHEUS is None or PROMTOOL is None,
+        reason="Debian's prometheus package is not installed (.ci/run installs it)",
+    ),
+]
 
 
 def dashboard_queries() -> list[str]:

@@ -31,6 +31,8 @@ from tests.service.procs import (
     wait_for,
 )
 
+pytestmark = pytest.mark.slow  # make test-slow (docs/workers.md "Service tests")
+
 CONCURRENT = 10
 LIMIT = 3
 

@@ -13,6 +13,7 @@ import io
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from sqlalchemy import select
 
@@ -27,6 +28,8 @@ from tests.service.procs import service_env, start_worker, wait_for
 from tests.worker.conftest import photo_png
 from worker.files import checkpoint_key
 
+pytestmark = pytest.mark.slow  # make test-slow (docs/workers.md "Service tests")
+
 STEPS, EVERY = 60, 3
 SAMPLE_EVERY = 4
 
@@ -34,6 +37,7 @@ SAMPLE_EVERY = 4
 def test_sigkilled_fine_tune_resumes_from_its_checkpoint(
     pg_url: str, redis_url: str, logs: Path, tiny_settings: dict[str, object]
 ) -> None:
+
     values: dict[str, object] = {
         **tiny_settings,
         "heartbeat_s": 0.5,

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from PIL import Image
 
 from app import storage as st
@@ -25,6 +26,8 @@ from tests.service.procs import (
     wait_final,
     wait_for,
 )
+
+pytestmark = pytest.mark.slow  # make test-slow (docs/workers.md "Service tests")
 
 
 def _keys(server: S3Server, prefix: str) -> list[str]:
