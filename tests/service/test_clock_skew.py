@@ -36,6 +36,8 @@ from tests.service.procs import (
     wait_for,
 )
 
+pytestmark = pytest.mark.slow  # make test-slow (docs/workers.md "Service tests")
+
 # The receiver holds each POST this long, so an attempt is surely in flight when the other
 # sender sweeps (every 0.3 s), far below the attempt's deadline.
 HOLD_S = 10.0
@@ -127,7 +129,6 @@ from app.db import engine_from_settings, make_sessionmaker
 from app.settings import Settings
 from worker.bases import Registrar
 
-pytestmark = pytest.mark.slow  # make test-slow (docs/workers.md "Service tests")
 
 settings = Settings()
 print(f"registrar ready, clock {time.time():.0f}", flush=True)
