@@ -159,9 +159,12 @@ def test_flux_and_sd_workers_side_by_side(
         # With a progress image: sampled at the base's native size with the family's guidance.
         sampled = {"validation_prompts": ["a photo of sks dog"], "sample_every": 2}
         ft_flux, gen_flux, _ = _finetune_then_generate(client, FLUX, procs, sampled)
-        [sample] = client.get(f"/v1/finetunes/{ft_flux}/samples").json()["data"]
-        png = client.get(sample["url"]).raise_for_status().content
-        assert sample["step"] == 2 and Image.open(io.BytesIO(png)).size == (256, 256)
+        # Step 0 (the plain base, before training) and the last step.
+        samples = client.get(f"/v1/finetunes/{ft_flux}/samples").json()["data"]
+        assert [sample["step"] for sample in samples] == [0, 2]
+        for sample in samples:
+            png = client.get(sample["url"]).raise_for_status().content
+            assert Image.open(io.BytesIO(png)).size == (256, 256)
         ft_sd, gen_sd, _ = _finetune_then_generate(client, SD, procs, negative_prompt="blurry")
         for proc, own, other in (
             (worker_flux, (ft_flux, gen_flux), (ft_sd, gen_sd)),
