@@ -103,6 +103,7 @@ def check_events(
     if not events:
         return None
     allowed = KIND_WEBHOOK_EVENTS[kind]
+    a_kind = f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
     for i, event in enumerate(events):
         field = f"webhook_events[{i}]"
         if event not in WEBHOOK_EVENTS:
@@ -111,7 +112,7 @@ def check_events(
             )
         if event not in allowed:
             raise InvalidInput(
-                f"{field}: a {kind} has no {event!r} event; a {kind} can send {', '.join(allowed)}",
+                f"{field}: {a_kind} has no {event!r} event; {a_kind} can send {', '.join(allowed)}",
                 field=field,
             )
     if webhook_url is None:
