@@ -121,10 +121,10 @@ def end(ctx: Context, model: JobModel, job_id: str, owner: str, status: str, **v
     (canceled, deleted, taken over)."""
     with ctx.sessions() as session:
         done = finish_owned(session, model, job_id, owner, status, **values)
-        if done:
-            record_final(session, model, job_id)
+        delivery = record_final(session, model, job_id) if done else None
         session.commit()
-    if done:
+    # Exports, most without a webhook, ask for a sender only when they have one to send.
+    if done and (model is not AdapterExport or delivery is not None):
         ctx.notify(job_id)
     return done
 

@@ -124,3 +124,13 @@ def test_a_shared_export_keeps_the_webhook_of_the_request_that_queued_it(
         ("export.canceled", receiver),
         ("export.succeeded", receiver + "/b"),
     ]
+
+
+def test_an_export_without_a_webhook_records_and_asks_for_nothing(
+    ctx: Context, tenant: Tenant, tmp_path: Path
+) -> None:
+    adapter_id = _adapter_row(ctx, tenant, tmp_path)
+    export_id = _ask(ctx, tenant, adapter_id, format="lora", rank=4)
+    assert run_export(export_id, ctx) == "succeeded"
+    assert _deliveries(ctx, export_id) == []
+    assert ctx.notify == []
