@@ -71,8 +71,8 @@ Phase = Literal[
     "saving",
 ]
 
-# What a job's webhook_events may ask for (docs/api.md "Webhooks"); generations have no
-# progress or progress images. NULL on a job: the final states only.
+# What a job's webhook_events may ask for (docs/api.md "Webhooks"); generations and exports
+# have no progress or progress images. NULL on a job: the final states only.
 WebhookEvent = Literal["running", "progress", "samples", "succeeded", "failed", "canceled"]
 
 FINETUNE_STATUSES: tuple[Status, ...] = get_args(Status)
@@ -84,13 +84,15 @@ EXPORT_STATUSES: tuple[ExportStatus, ...] = get_args(ExportStatus)
 DELIVERY_STATUSES: tuple[DeliveryStatus, ...] = get_args(DeliveryStatus)
 FAMILIES: tuple[Family, ...] = get_args(Family)
 GUIDANCE_KINDS: tuple[Guidance, ...] = get_args(Guidance)
-JOB_KINDS = ("finetune", "generation")
+# The kinds of job a webhook delivery tells of (its `job_kind`, its type's prefix).
+JOB_KINDS = ("finetune", "generation", "export")
 EVENT_TYPES: tuple[EventType, ...] = get_args(EventType)
 WEBHOOK_EVENTS: tuple[WebhookEvent, ...] = get_args(WebhookEvent)
 FINAL_EVENTS: tuple[WebhookEvent, ...] = ("succeeded", "failed", "canceled")
 KIND_WEBHOOK_EVENTS: dict[str, tuple[WebhookEvent, ...]] = {
     "finetune": WEBHOOK_EVENTS,
     "generation": ("running", *FINAL_EVENTS),
+    "export": ("running", *FINAL_EVENTS),
 }
 
 
@@ -437,6 +439,10 @@ class AdapterExport(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Set by the request that queues the export (docs/api.md, "Exports"): the row is shared by
+    # every request for its variant, so a later request may not name another webhook.
+    webhook_url: Mapped[str | None] = mapped_column(String(2048))
+    webhook_events: Mapped[list[str] | None] = mapped_column(JSON)
 
 
 class WebhookDelivery(Base):

@@ -1,14 +1,14 @@
 """The webhook outbox: a delivery row written in the same transaction as the event it tells.
 
-Every place that moves a job to succeeded/failed/canceled (the worker's finish paths, the API's
-cancel) calls `record_final` before its commit, so the job's final state, its webhook and (for
-a fine-tune) its event-log entry commit together or not at all. The other events a job may ask
-for in `webhook_events` (running, progress, samples) are recorded the same way with
-`record_webhook`, in the transaction of the claim, the progress write or the progress images.
-Each of these transactions holds the job's row lock (its UPDATE), so the deliveries of one job
-are numbered (`sequence`) in the order their events committed; worker/webhooks.py sends a
-delivery only once the job's earlier ones are no longer pending. Shared by app and worker: no
-FastAPI.
+Jobs here are fine-tunes, generations and exports. Every place that moves a job to
+succeeded/failed/canceled (the worker's finish paths, the API's cancel) calls `record_final`
+before its commit, so the job's final state, its webhook and (for a fine-tune) its event-log
+entry commit together or not at all. The other events a job may ask for in `webhook_events`
+(running, progress, samples) are recorded the same way with `record_webhook`, in the
+transaction of the claim, the progress write or the progress images. Each of these
+transactions holds the job's row lock (its UPDATE), so the deliveries of one job are numbered
+(`sequence`) in the order their events committed; worker/webhooks.py sends a delivery only once
+the job's earlier ones are no longer pending. Shared by app and worker: no FastAPI.
 """
 
 from __future__ import annotations
@@ -28,13 +28,15 @@ from app.models import (
     KIND_WEBHOOK_EVENTS,
     WEBHOOK_EVENTS,
     Adapter,
+    AdapterExport,
     FinetuneJob,
     GenerationJob,
     WebhookDelivery,
     utcnow,
 )
 
-JobModel = type[FinetuneJob] | type[GenerationJob]
+JobModel = type[FinetuneJob] | type[GenerationJob] | type[AdapterExport]
+Job = FinetuneJob | GenerationJob | AdapterExport
 
 
 def _iso(value: Any) -> str | None:
@@ -72,6 +74,26 @@ def generation_data(job: GenerationJob) -> dict[str, Any]:
     }
 
 
+def export_data(job: AdapterExport) -> dict[str, Any]:
+    """The export as GET /v1/adapters/{id}/exports shows it."""
+    # Here, not at the top: app.schemas imports this module.
+    from app.schemas.exports import ExportPublic
+
+    return ExportPublic.from_row(job).model_dump(mode="json")
+
+
+def _kind(job: Job) -> str:
+    if isinstance(job, FinetuneJob):
+        return "finetune"
+    return "generation" if isinstance(job, GenerationJob) else "export"
+
+
+def _data(session: Session, job: Job) -> dict[str, Any]:
+    if isinstance(job, FinetuneJob):
+        return finetune_data(session, job)
+    return generation_data(job) if isinstance(job, GenerationJob) else export_data(job)
+
+
 def check_events(
     kind: str, events: list[str] | None, *, webhook_url: str | None
 ) -> list[str] | None:
@@ -81,6 +103,7 @@ def check_events(
     if not events:
         return None
     allowed = KIND_WEBHOOK_EVENTS[kind]
+    a_kind = f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
     for i, event in enumerate(events):
         field = f"webhook_events[{i}]"
         if event not in WEBHOOK_EVENTS:
@@ -89,7 +112,7 @@ def check_events(
             )
         if event not in allowed:
             raise InvalidInput(
-                f"{field}: a {kind} has no {event!r} event; a {kind} can send {', '.join(allowed)}",
+                f"{field}: {a_kind} has no {event!r} event; {a_kind} can send {', '.join(allowed)}",
                 field=field,
             )
     if webhook_url is None:
@@ -99,7 +122,7 @@ def check_events(
     return [e for e in allowed if e in events]
 
 
-def chosen_events(job: FinetuneJob | GenerationJob) -> list[str]:
+def chosen_events(job: Job) -> list[str]:
     """The events the job gets webhooks for: what it asked for, else the final states."""
     return list(job.webhook_events) if job.webhook_events else list(FINAL_EVENTS)
 
@@ -118,12 +141,10 @@ def record_webhook(
     `every_s`: none when the job's last delivery of this event is younger (progress), by the
     database's clock. `extra` joins the payload's data (e.g. the progress images)."""
     session.flush()
-    job: FinetuneJob | GenerationJob | None = session.get(  # type: ignore[assignment]
-        model, job_id, populate_existing=True
-    )
+    job: Job | None = session.get(model, job_id, populate_existing=True)  # type: ignore[assignment]
     if job is None or not job.webhook_url or event not in chosen_events(job):
         return None
-    kind = "finetune" if isinstance(job, FinetuneJob) else "generation"
+    kind = _kind(job)
     now = database_now(session)
     if every_s > 0:
         last = session.scalar(
@@ -133,7 +154,7 @@ def record_webhook(
         )
         if last is not None and last > now - timedelta(seconds=every_s):
             return None
-    data = finetune_data(session, job) if isinstance(job, FinetuneJob) else generation_data(job)
+    data = _data(session, job)
     data.update(extra)
     last_sequence = session.scalar(
         select(func.max(WebhookDelivery.sequence)).where(WebhookDelivery.job_id == job.id)
@@ -162,9 +183,7 @@ def record_final(session: Session, model: JobModel, job_id: str) -> str | None:
     """Add the webhook delivery of a job that has just reached its final state (uncommitted,
     in `session`); returns its id, or None when the job has no webhook_url."""
     session.flush()
-    job: FinetuneJob | GenerationJob | None = session.get(  # type: ignore[assignment]
-        model, job_id, populate_existing=True
-    )
+    job: Job | None = session.get(model, job_id, populate_existing=True)  # type: ignore[assignment]
     if isinstance(job, FinetuneJob):
         # The event log's final entry, under the row lock of the caller's UPDATE.
         data = finetune_data(session, job)

@@ -294,10 +294,20 @@ class Client:
         *,
         rank: int | None = None,
         interval: str = "mean",
+        webhook_url: str | None = None,
+        webhook_events: list[str] | None = None,
     ) -> Export:
         """Ask a worker for the adapter as a LoRA file (`rank` needed) or a merged UNet; the same
-        request again returns the same export."""
-        body = _query(format=format, rank=rank, interval=interval)
+        request again returns the same export. `webhook_url` gets a signed POST for each of
+        `webhook_events` (running, succeeded, failed, canceled; default the final states); only
+        the request that queues an export may set its webhook."""
+        body = _query(
+            format=format,
+            rank=rank,
+            interval=interval,
+            webhook_url=webhook_url,
+            webhook_events=webhook_events,
+        )
         return cast(Export, self._json("POST", f"/v1/adapters/{adapter_id}/exports", json=body))
 
     def list_exports(self, adapter_id: str) -> ExportPage:

@@ -265,6 +265,8 @@ class Export(_ExportBase, total=False):
 
     max_relative_error: float | None  # the LoRA's error bound, when asked by error
     warnings: list[str]  # e.g. a fixed-rank LoRA far from the adapter
+    webhook_url: str | None  # set by the request that queued it
+    webhook_events: list[str]  # events that get a webhook
 
 
 class ExportPage(TypedDict):

@@ -67,7 +67,7 @@ class Context(Generic[S]):
             hint=hint,
             base=self.settings.base_model,
         )
-        if claimed is not None and model is not AdapterExport and self.pending_webhook(claimed[0]):
+        if claimed is not None and self.pending_webhook(claimed[0]):
             self.notify(claimed[0])  # its `running` webhook (app.outbox.record_webhook)
         return claimed
 
@@ -116,15 +116,15 @@ class Context(Generic[S]):
 
 
 def end(ctx: Context, model: JobModel, job_id: str, owner: str, status: str, **values: Any) -> bool:
-    """Move an owned running job to its final `status` with its webhook row (kinds that have
-    webhooks) in one transaction, then ask for the webhook; False when the job was not this
-    owner's any more (canceled, deleted, taken over)."""
+    """Move an owned running job to its final `status` with its webhook row in one
+    transaction, then ask for the webhook; False when the job was not this owner's any more
+    (canceled, deleted, taken over)."""
     with ctx.sessions() as session:
         done = finish_owned(session, model, job_id, owner, status, **values)
-        if done and model is not AdapterExport:
-            record_final(session, cast("type[FinetuneJob] | type[GenerationJob]", model), job_id)
+        delivery = record_final(session, model, job_id) if done else None
         session.commit()
-    if done and model is not AdapterExport:
+    # Exports, most without a webhook, ask for a sender only when they have one to send.
+    if done and (model is not AdapterExport or delivery is not None):
         ctx.notify(job_id)
     return done
 

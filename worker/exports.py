@@ -16,6 +16,7 @@ from typing import Any
 
 from app import storage as st
 from app.models import Adapter, AdapterExport
+from app.outbox import record_final
 from app.schemas.exports import variant_max_relative_error
 from worker import metrics
 from worker.context import Context, end, unclaimed, while_owned
@@ -99,8 +100,9 @@ def _make(ctx: Context, row: AdapterExport, adapter: Adapter, owner: str, key: s
 def _publish(
     ctx: Context, row: AdapterExport, key: str, size: int, summary: dict[str, Any], lease: Lease
 ) -> bool:
-    """Store the file and mark the export succeeded in one transaction under the row's lock,
-    only while the lease holds; otherwise the written file goes."""
+    """Store the file and mark the export succeeded, with its webhook row, in one transaction
+    under the row's lock, only while the lease holds; otherwise the written file goes."""
+    published, delivery = False, None
     with while_owned(ctx, lease) as session:
         if session is not None:
             ctx.files.publish(key)
@@ -115,7 +117,12 @@ def _publish(
                 size_bytes=size,
                 relative_error=summary.get("relative_error"),
             )
-            return True
+            delivery = record_final(session, AdapterExport, row.id)
+            published = True
+    if delivery is not None:
+        ctx.notify(row.id)  # committed with the succeeded state above
+    if published:
+        return True
     ctx.files.discard(key)
     if isinstance(ctx.files.storage, st.LocalStorage):
         ctx.files.path(key).unlink(missing_ok=True)  # written in place

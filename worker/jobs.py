@@ -133,8 +133,8 @@ def claim(
     attempt = None if row is None else int(row.attempts)
     if attempt is not None and model is FinetuneJob:
         record_event(session, job_id, "running", attempt=attempt)
-    if attempt is not None and model is not AdapterExport:
-        record_webhook(session, model, job_id, "running", attempt=attempt)  # type: ignore[arg-type]
+    if attempt is not None:
+        record_webhook(session, model, job_id, "running", attempt=attempt)
     session.commit()
     if row is not None:
         kind = metrics.kind_of(model.__tablename__)

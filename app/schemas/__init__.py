@@ -23,6 +23,7 @@ from app.schemas.exports import (
     ExportPublic,
     ExportQuery,
     ExportsPublic,
+    ExportVariant,
 )
 from app.schemas.finetunes import (
     DEFAULT_SAMPLE_POINTS,
@@ -74,6 +75,7 @@ __all__ = [
     "ExportPublic",
     "ExportQuery",
     "ExportStatus",
+    "ExportVariant",
     "ExportsPublic",
     "FinetuneDefaultsPublic",
     "FinetuneLinks",

@@ -7,7 +7,8 @@ from datetime import datetime
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app import models
-from app.models import ExportFormat, ExportStatus
+from app.models import ExportFormat, ExportStatus, WebhookEvent
+from app.outbox import chosen_events
 
 LORA_FORMATS = ("lora", "lora-kohya")
 # A fixed-rank LoRA whose relative error is above this is flagged in `warnings` (the library's
@@ -15,9 +16,9 @@ LORA_FORMATS = ("lora", "lora-kohya")
 WARN_RELATIVE_ERROR = 0.1
 
 
-class ExportCreate(BaseModel):
-    """What to export (docs/api.md, "Exports"); the adapter's own bounds (its intervals, the
-    service's largest rank) are checked by the service."""
+class ExportVariant(BaseModel):
+    """Which file of an adapter (docs/api.md, "Exports"); the adapter's own bounds (its
+    intervals, the service's largest rank) are checked by the service."""
 
     # Strict types in the JSON body (a boolean or a string is not a rank); ExportQuery, the
     # same fields in a query string, where every value is text, converts them.
@@ -50,7 +51,7 @@ class ExportCreate(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _rank_for_lora(self) -> ExportCreate:
+    def _rank_for_lora(self) -> ExportVariant:
         chosen = (self.rank is not None) + (self.max_relative_error is not None)
         if self.format in LORA_FORMATS and chosen != 1:
             raise ValueError(
@@ -74,8 +75,26 @@ class ExportCreate(BaseModel):
         return f"{self.format}{rank}-{self.interval}"
 
 
+class ExportCreate(ExportVariant):
+    """What to export and, for the request that queues it, whom to tell (docs/api.md,
+    "Exports")."""
+
+    webhook_url: str | None = Field(
+        default=None,
+        max_length=2048,
+        description="Receives a signed POST when the export finishes. An export is shared by "
+        "every request for its variant: only the request that queues it may set a webhook.",
+    )
+    webhook_events: list[str] | None = Field(
+        default=None,
+        max_length=len(models.WEBHOOK_EVENTS),
+        description="Events that get a webhook: running, succeeded, failed, canceled "
+        "(docs/api.md, Webhooks); default: the final states (succeeded, failed, canceled).",
+    )
+
+
 def variant_max_relative_error(variant: str) -> float | None:
-    """The max_relative_error a variant (:attr:`ExportCreate.variant`) was asked with."""
+    """The max_relative_error a variant (:attr:`ExportVariant.variant`) was asked with."""
     for part in variant.split("-"):
         if part.startswith("e") and part[1:2].isdigit():
             return float(part[1:])
@@ -108,6 +127,11 @@ class ExportPublic(BaseModel):
     attempts: int = Field(
         description="Runs started so far (at most TUNEQDM_MAX_ATTEMPTS); `error` says how the "
         "last one ended while it is queued again."
+    )
+    webhook_url: str | None = None
+    webhook_events: list[WebhookEvent] = Field(
+        default_factory=lambda: list(models.FINAL_EVENTS),
+        description="Events that get a webhook.",
     )
     created_at: datetime
     finished_at: datetime | None
@@ -143,6 +167,8 @@ class ExportPublic(BaseModel):
             warnings=warnings,
             error=row.error,
             attempts=row.attempts,
+            webhook_url=row.webhook_url,
+            webhook_events=chosen_events(row),  # type: ignore[arg-type]
             created_at=row.created_at,
             finished_at=row.finished_at,
             links=ExportLinks(file=f"/v1/adapters/{row.adapter_id}/export?{query}"),
@@ -154,7 +180,8 @@ class ExportsPublic(BaseModel):
     count: int
 
 
-class ExportQuery(ExportCreate):
-    """ExportCreate read from a query string (GET .../export?format=lora&rank=16)."""
+class ExportQuery(ExportVariant):
+    """ExportVariant read from a query string (GET .../export?format=lora&rank=16); a download
+    has no webhook."""
 
     model_config = ConfigDict(extra="forbid", strict=False)

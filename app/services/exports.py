@@ -17,16 +17,18 @@ from app.errors import Conflict, InvalidInput, NotFound
 from app.families import EXPORT_FORMATS
 from app.ids import new_id
 from app.models import ACTIVE_STATUSES, AdapterExport, ServedBase, Tenant, utcnow
+from app.outbox import check_events, chosen_events, record_final
 from app.queue import EXPORT_TASK, GENERATE_QUEUE, TaskSender, base_queue
-from app.schemas import ExportCreate
+from app.schemas import ExportCreate, ExportVariant
 from app.services import quotas
 from app.services.adapters import get_adapter
 from app.settings import Settings
+from app.webhooks import check_webhook_url
 
 log = logging.getLogger(__name__)
 
 
-def _check_format(session: Session, data: ExportCreate, base: str) -> None:
+def _check_format(session: Session, data: ExportVariant, base: str) -> None:
     """The formats of the adapter's base family (app/families.py); an adapter of a base no
     longer in the registry is left to its worker."""
     row = session.get(ServedBase, base)
@@ -41,7 +43,7 @@ def _check_format(session: Session, data: ExportCreate, base: str) -> None:
         )
 
 
-def _check(data: ExportCreate, intervals: int, settings: Settings) -> None:
+def _check(data: ExportVariant, intervals: int, settings: Settings) -> None:
     if data.rank is not None and data.rank > settings.max_export_rank:
         raise InvalidInput(
             f"rank {data.rank} is above this service's largest export rank "
@@ -51,6 +53,38 @@ def _check(data: ExportCreate, intervals: int, settings: Settings) -> None:
         raise InvalidInput(
             f"interval {data.interval} does not exist: this adapter has {intervals} "
             f"interval(s), 0 to {intervals - 1}; or use 'mean'"
+        )
+
+
+def _webhook(data: ExportCreate, settings: Settings) -> tuple[str | None, list[str] | None]:
+    """The request's webhook_url (checked like a fine-tune's) and webhook_events."""
+    url = None
+    if data.webhook_url is not None and data.webhook_url.strip():
+        url = check_webhook_url(
+            data.webhook_url.strip(),
+            allow_private=settings.allow_private_webhooks,
+            ports=settings.webhook_ports,
+        )
+    return url, check_events("export", data.webhook_events, webhook_url=url)
+
+
+def _check_shared_webhook(row: AdapterExport, url: str | None, events: list[str] | None) -> None:
+    """A request for an export already queued, running or succeeded shares that export: it may
+    repeat the export's webhook or name none, not another (only the request that queues an
+    export sets its webhook)."""
+    if url is None:
+        return
+    fix = (
+        f"export {row.id} of this variant is already {row.status} and only the request that "
+        "queued it sets its webhook; leave webhook_url and webhook_events out to share it"
+    )
+    if url != row.webhook_url:
+        has = "no webhook" if row.webhook_url is None else "another webhook_url"
+        raise Conflict(f"webhook_url: {fix} (it has {has})", field="webhook_url")
+    if (events or chosen_events(row)) != chosen_events(row):
+        raise Conflict(
+            f"webhook_events: {fix} (its events are {', '.join(chosen_events(row))})",
+            field="webhook_events",
         )
 
 
@@ -67,16 +101,20 @@ def create_export(
     gets one more message (its own may have been lost: a broker restarted without its data;
     a message too many finds nothing to claim); a running one is its worker's (a dead
     worker's is given back by the workers' stale sweep); a failed or canceled one is queued
-    again as a new request, with its attempts from zero."""
+    again as a new request, with its attempts from zero and this request's webhook.
+    Conflict when a request names another webhook than the export it shares has."""
     adapter = get_adapter(session=session, tenant=tenant, adapter_id=adapter_id)
     _check(data, adapter.intervals, settings)
     _check_format(session, data, adapter.base_model)
+    webhook_url, webhook_events = _webhook(data, settings)
     row = session.scalar(
         select(AdapterExport).where(
             AdapterExport.adapter_id == adapter.id, AdapterExport.variant == data.variant
         )
     )
     queue = base_queue(GENERATE_QUEUE, adapter.base_model)  # a worker of the adapter's base
+    if row is not None and row.status in ("queued", "running", "succeeded"):
+        _check_shared_webhook(row, webhook_url, webhook_events)
     if row is not None and row.status in ("running", "succeeded"):
         return row, False
     if row is not None and row.status == "queued":
@@ -102,6 +140,7 @@ def create_export(
         session.add(row)
     row.status, row.error, row.finished_at, row.attempts = "queued", None, None, 0
     row.lease_owner = row.heartbeat_at = None
+    row.webhook_url, row.webhook_events = webhook_url, webhook_events
     session.commit()
     try:
         sender.send(EXPORT_TASK, row.id, queue=queue)
@@ -137,6 +176,8 @@ def cancel_export(
         .values(status="canceled", finished_at=now, updated_at=now)
         .execution_options(synchronize_session=False)
     )
+    if result.rowcount:  # type: ignore[attr-defined]
+        record_final(session, AdapterExport, row.id)  # commits with the canceled state
     session.commit()
     session.refresh(row)
     if not result.rowcount:  # type: ignore[attr-defined]
@@ -159,7 +200,7 @@ def list_exports(*, session: Session, tenant: Tenant, adapter_id: str) -> list[A
 
 
 def export_file(
-    *, session: Session, tenant: Tenant, adapter_id: str, data: ExportCreate
+    *, session: Session, tenant: Tenant, adapter_id: str, data: ExportVariant
 ) -> AdapterExport:
     """The finished export of this variant; NotFound when never asked for, Conflict while it
     runs or after it failed."""
