@@ -5,7 +5,8 @@ or S3-compatible storage with ``--s3``.
     PYTHONPATH=. python benchmarks/load.py [--duration 60] [--drain 120] [--s3] [--json PATH]
 
 Three tenants work at once for ``--duration`` seconds, each as two clients that never stop: one
-submits fine-tunes of the built-in tiny model (a few steps, 32 px), one submits generations
+submits fine-tunes of the built-in tiny model (a few steps, 32 px, or the smallest size
+the base allows where that is larger: GET /v1/bases), one submits generations
 (with the tenant's newest adapter once it has one, the base before), and each polls its job
 (every ``--poll`` seconds) to a final state, then downloads what it made (the adapter file,
 the images). Then submitting stops and the jobs in flight get ``--drain`` seconds to finish.
@@ -354,6 +355,20 @@ def s3_settings(workdir: Path, stack: contextlib.ExitStack) -> dict[str, object]
     }
 
 
+def _fit_sizes(base_url: str, key: str) -> None:
+    """Jobs at 32 px, or at the base's smallest size where its range starts higher (a FLUX or
+    SD3 folder: GET /v1/bases gives the range its own config implies, never assumed here)."""
+    bases = httpx.get(
+        f"{base_url}/v1/bases", headers={"Authorization": f"Bearer {key}"}, timeout=10
+    ).raise_for_status()
+    [base] = bases.json()["data"]
+    side = max(32, int(base["sizes"]["min"]))
+    FINETUNE["resolution"] = side
+    GENERATION.update(width=side, height=side)
+    if side != 32:
+        _say(f"{base['name']} ({base['family']}): jobs at {side} px, its smallest size")
+
+
 def _tiny_model(workdir: Path) -> Path:
     # Imported here: torch and diffusers take seconds to load, and --model needs neither.
     from tuneqdm_core.builtin.tiny import save_tiny_pipeline
@@ -424,6 +439,7 @@ def main() -> int:
         _say(f"API and {args.workers} workers")
         service = stack.enter_context(Service(env, logs, workers=args.workers))
         service.wait_ready(warm_key)
+        _fit_sizes(service.base_url, warm_key)
         if not args.no_warm_up:
             _say("warm-up: one fine-tune per worker")
             asyncio.run(_warm_up(service.base_url, warm_key, args.workers))
