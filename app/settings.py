@@ -176,6 +176,8 @@ class Settings(BaseSettings):
     # copy on the device (bf16/fp16 on CUDA, fp32 on CPU), shared by every job: faster steps
     # and sampling for ~2 bytes a weight more on a GPU (docs/method.md "Storage modes").
     storage_mode: Literal["packed", "resident"] = "packed"
+    # A FLUX or SD3 base's T5 encoder as 8-bit codes (unset: float; docs/settings.md).
+    text_encoder_bits: int | None = None
     # CPU threads torch may use (0: torch's default, one per core). On a CPU shared with other
     # processes 1 avoids oversubscription, which slows training down by up to 10x.
     torch_threads: int = Field(default=0, ge=0)
@@ -249,6 +251,13 @@ class Settings(BaseSettings):
     def _known_bits(cls, value: int) -> int:
         if value not in (4, 8):
             raise ValueError(f"TUNEQDM_BITS must be 4 or 8, got {value}")
+        return value
+
+    @field_validator("text_encoder_bits")
+    @classmethod
+    def _known_text_bits(cls, value: int | None) -> int | None:
+        if value is not None and value != 8:
+            raise ValueError(f"TUNEQDM_TEXT_ENCODER_BITS must be 8 or unset, got {value}")
         return value
 
     @field_validator("webhook_ports")

@@ -353,6 +353,7 @@ def load_base(
     device: torch.device | str = "cpu",
     config: str | os.PathLike[str] | None = None,
     storage_mode: StorageMode = "packed",
+    text_encoder_bits: int | None = None,
 ) -> BaseModel:
     """Load a pipeline's parts, quantize its UNet (or take it from ``cache_dir``).
 
@@ -360,7 +361,9 @@ def load_base(
     ``config``: for a single file, the diffusers folder or hub id whose configs, tokenizer and
     scheduler it is read with (ignored otherwise; see the module docstring);
     ``storage_mode``: ``packed`` (codes only, least memory) or ``resident`` (plus a dequantized
-    copy of the UNet's frozen weights on ``device``, fastest; :func:`set_storage_mode`).
+    copy of the UNet's frozen weights on ``device``, fastest; :func:`set_storage_mode`);
+    ``text_encoder_bits``: 8 stores a FLUX or SD3 base's T5 encoder as 8-bit codes
+    (:func:`tuneqdm_core.families.flow.quantize_text_encoder`; None: float).
     """
     start = time.perf_counter()
     source = str(source)
@@ -378,7 +381,12 @@ def load_base(
         # Transformer families load through their own module, with the same cache.
         key = _cache_key(source, quant, subfolder="transformer")
         entry = Path(cache_dir) / f"transformer-{key}" if cache_dir else None
-        return family.load(source, quant, device, storage_mode, entry)
+        return family.load(source, quant, device, storage_mode, entry, text_encoder_bits)
+    if text_encoder_bits is not None:
+        raise ValueError(
+            f"text_encoder_bits quantizes the T5 encoder of a FLUX or SD3 base; {source!r} has "
+            "none (its CLIP encoders are small): leave it unset"
+        )
     pipeline = _single_file_pipeline(source, model_config, device) if single else None
     key = _cache_key(source, quant, model_config if single else None)
     entry = Path(cache_dir) / f"unet-{key}" if cache_dir else None

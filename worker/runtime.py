@@ -102,6 +102,7 @@ class Runtime:
             device=self.settings.device,
             config=self.settings.single_file_config,
             storage_mode=self.settings.storage_mode,
+            text_encoder_bits=self.settings.text_encoder_bits,
         )
         seconds = time.perf_counter() - start
         metrics.base_loaded(self.settings.base_model, seconds)

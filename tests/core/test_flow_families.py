@@ -432,3 +432,36 @@ def test_gradient_checkpointing_and_progress_images_change_nothing(base64: BaseM
     want: list[torch.Tensor | None] = list(plain.adapter.parameters())
     assert_close_all(got, want, rtol=1e-10)
     assert not base64.unet.is_gradient_checkpointing
+
+
+def test_an_8_bit_t5_encodes_as_the_float_one_does_and_leaves_the_transformer_alone(
+    folder: Path, base: BaseModel
+) -> None:
+    from tuneqdm_core.layers import QuantLinear
+
+    small = load_base(folder, text_encoder_bits=8)
+    t5 = getattr(small, base.family.t5_part)
+    assert any(isinstance(m, QuantLinear) for m in t5.modules())
+    assert not any(isinstance(m, torch.nn.Linear) for m in t5.modules())
+    # A quarter of the float linear weights' bytes (codes), plus per-channel scales.
+    float_bytes = sum(
+        m.weight.numel() * 4
+        for m in getattr(base, base.family.t5_part).modules()
+        if isinstance(m, torch.nn.Linear)
+    )
+    code_bytes = sum(m.codes.numel() for m in t5.modules() if isinstance(m, QuantLinear))
+    assert code_bytes * 4 == float_bytes
+    prompts = ["a photo of sks dog", "a red bag on the beach"]
+    ours, reference = small.encode(prompts), base.encode(prompts)
+    error = (ours.states - reference.states).norm() / reference.states.norm()
+    assert 0 < error < 2e-2, error
+    assert ours.pooled is not None and torch.equal(ours.pooled, reference.pooled)  # CLIP's
+    # The transformer, and so every adapter's fit, is the same.
+    assert quant_state(small.unet).fingerprint == quant_state(base.unet).fingerprint
+    [[image]] = generate(small, [GenerationRequest("a photo of a dog", steps=2, **SIZE)])
+    assert image.image.size == (32, 32)
+
+
+def test_text_encoder_bits_is_refused_for_a_unet_base() -> None:
+    with pytest.raises(ValueError, match="T5 encoder of a FLUX or SD3 base"):
+        load_base(Path(__file__).parents[2] / "models" / "fashion-sd", text_encoder_bits=8)

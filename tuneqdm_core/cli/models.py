@@ -14,6 +14,7 @@ from tuneqdm_core.base import BaseModel, load_base
 from tuneqdm_core.builtin.tiny import TINY_ARCHS, save_tiny_pipeline
 from tuneqdm_core.builtin.tiny_dit import DIT_ARCHS, save_tiny_dit
 from tuneqdm_core.families.flow import SCHEDULERS as FLOW_SCHEDULERS
+from tuneqdm_core.families.flow import TEXT_ENCODER_BITS
 from tuneqdm_core.finetune import FinetuneConfig, Progress, Subject, finetune
 from tuneqdm_core.generate import SCHEDULERS, GenerationRequest, Precision, generate
 from tuneqdm_core.images import open_image
@@ -49,6 +50,13 @@ def add_base_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--bits", type=int, default=4, choices=[4, 8])
     parser.add_argument(
+        "--text-encoder-bits",
+        type=int,
+        choices=TEXT_ENCODER_BITS,
+        help="FLUX / SD3: keep the T5 encoder as 8-bit codes (a quarter of its fp32 memory); "
+        "default: float",
+    )
+    parser.add_argument(
         "--cache-dir",
         help=f"keep the quantized UNet here for the next start (default: ${CACHE_ENV}, else "
         "$XDG_CACHE_HOME/tuneqdm, else ~/.cache/tuneqdm)",
@@ -73,6 +81,7 @@ def base_from_args(args: argparse.Namespace) -> BaseModel:
         cache_dir=cache_dir(args),
         device=args.device,
         config=args.config,
+        text_encoder_bits=args.text_encoder_bits,
     )
     origin = "from cache" if base.from_cache else "quantized now"
     print(f"base {args.model} W{args.bits} ({origin}) in {base.load_seconds:.2f} s")

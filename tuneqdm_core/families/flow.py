@@ -14,6 +14,12 @@ in training and in generation alike (:meth:`FlowFamily.tas_timesteps` maps it on
 adapter's ``[0, T)`` axis so routes and banks need no change). Interval 0 holds the fine
 detail (low noise), the last one the layout.
 
+**The T5 encoder** (4.7 B parameters in FLUX.1 and SD3.5, 19 GB in fp32 — more than a W4
+transformer) is frozen and only encodes prompts; ``text_encoder_bits=8`` stores its linear
+layers as 8-bit codes with their per-channel scales (no adapter scales: nothing trains it),
+quantized on the CPU before the pipeline moves to its device, so the float encoder never
+occupies the device (:func:`quantize_text_encoder`).
+
 Generation runs the family's own diffusers pipeline with the quantized transformer: a forward
 pre-hook on the transformer (:class:`RowRouter`) gives each batch row its request's adapter
 slot and its timestep's interval, including the classifier-free-guidance rows SD3 doubles.
@@ -37,6 +43,7 @@ from diffusers import (
 )
 
 from tuneqdm_core.cancel import cancel_checks
+from tuneqdm_core.layers import QuantLinear
 from tuneqdm_core.model import QuantConfig, StorageMode, quantize_, set_storage_mode
 from tuneqdm_core.routing import ScaleBank, set_route
 
@@ -97,6 +104,28 @@ class Density:
         return u
 
 
+TEXT_ENCODER_BITS = (8,)
+
+
+def quantize_text_encoder(encoder: torch.nn.Module, bits: int) -> None:
+    """Store a frozen text encoder's ``nn.Linear`` layers as ``bits``-bit codes with
+    per-channel min-max scales (no adapter scales: it is never trained). Embeddings and norms
+    stay float. Every forward pass dequantizes each layer once (docs/library.md measures what
+    that costs against what it saves)."""
+    if bits not in TEXT_ENCODER_BITS:
+        raise ValueError(f"text_encoder_bits must be one of {TEXT_ENCODER_BITS}, got {bits}")
+    quantize_(
+        encoder,
+        QuantConfig(bits=bits, range="minmax"),  # type: ignore[arg-type]
+        filter_fn=lambda module, _: isinstance(module, torch.nn.Linear),
+    )
+    for module in encoder.modules():
+        if isinstance(module, QuantLinear):
+            # transformers' T5 feed-forward casts its input to `wo.weight.dtype` where that is a
+            # tensor; a quantized layer has no float weight and casts its input itself.
+            setattr(module, "weight", None)  # noqa: B010 - not a Parameter
+
+
 class FlowFamily:
     """A flow-matching transformer family; subclasses say what differs (module docstring)."""
 
@@ -108,6 +137,8 @@ class FlowFamily:
     # The schedulers of SCHEDULERS the family's pipeline runs (FLUX's sets custom sigmas
     # and a shift per call, which only the flow-matching Euler scheduler takes).
     schedulers: tuple[str, ...] = tuple(SCHEDULERS)
+    # The pipeline component holding the T5 encoder (text_encoder_bits quantizes it).
+    t5_part = ""
 
     def pipeline_class(self) -> Any:
         raise NotImplementedError
@@ -124,11 +155,13 @@ class FlowFamily:
         device: torch.device,
         storage_mode: StorageMode,
         cache: Path | None = None,
+        text_encoder_bits: int | None = None,
     ) -> BaseModel:
         """The float pipeline from a folder or hub id, its transformer quantized (every
         ``nn.Linear``; the patch embedding's conv too), the VAE and text encoders frozen.
         ``cache``: the quantized transformer's cache entry (read when complete, else written;
-        a cached transformer is never loaded in float)."""
+        a cached transformer is never loaded in float). ``text_encoder_bits``: 8 stores the
+        T5 encoder's linear layers as 8-bit codes (None: float)."""
         from tuneqdm_core.base import BaseModel, load_quantized_unet, save_quantized_unet
 
         start = time.perf_counter()
@@ -137,6 +170,8 @@ class FlowFamily:
         if cache is not None and from_cache:
             options["transformer"] = load_quantized_unet(cache, device)
         pipeline = self.pipeline_class().from_pretrained(source, **options)
+        if text_encoder_bits is not None:
+            quantize_text_encoder(getattr(pipeline, self.t5_part), text_encoder_bits)
         pipeline.to(device)
         transformer = pipeline.transformer
         if not from_cache:

@@ -54,6 +54,7 @@ class Flux(FlowFamily):
     pipeline_names = ("FluxPipeline",)
     density = Density("none")
     text_parts = ("text_encoder", "text_encoder_2")
+    t5_part = "text_encoder_2"
     size_multiple = 2
     schedulers = ("euler",)
 

@@ -33,6 +33,7 @@ class SD3(FlowFamily):
     pipeline_names = ("StableDiffusion3Pipeline",)
     density = Density("logit_normal", logit_mean=0.0, logit_std=1.0)
     text_parts = ("text_encoder", "text_encoder_2", "text_encoder_3")
+    t5_part = "text_encoder_3"
     size_multiple = 2
 
     def pipeline_class(self) -> Any:
