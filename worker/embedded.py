@@ -6,8 +6,9 @@ CPU. This process migrates the registry (and builds a random tiny model on first
 the built-in one is missing), creates an API key on first start (kept in
 <data_dir>/embedded-key, mode 0600, and printed again on every later start while it is valid
 and of the same tenant; `--new-key` mints another), starts uvicorn and a `--pool=solo` Celery
-worker, prints the URL and the key, and stops both on Ctrl-C or SIGTERM (or when either of
-them exits).
+worker, waits until the worker has loaded the base (so a user's first fine-tune starts
+training at once instead of first importing torch and loading the model), prints the URL and
+the key, and stops both on Ctrl-C or SIGTERM (or when either of them exits).
 
     python -m worker.embedded [--host 127.0.0.1] [--port 8000] [--tenant local] [--new-key]
 
@@ -72,6 +73,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 KEY_FILE = "embedded-key"
+# The worker's ready file under the data dir, unless TUNEQDM_WORKER_READY_FILE names one.
+READY_FILE = "worker.ready"
+# How long the launcher waits for the worker's first base load before it prints the URL
+# anyway (a random tiny model or a large TUNEQDM_MODEL on a slow disk can take longer).
+LOAD_WAIT_S = 300.0
 
 
 def _stored_key(session: Any, path: Path, tenant_name: str) -> str | None:
@@ -145,6 +151,25 @@ def _wait_healthy(url: str, api: subprocess.Popen[bytes], timeout: float = 120) 
     return False
 
 
+def _worker_env(settings: Settings) -> tuple[dict[str, str], Path]:
+    """The worker's environment with a ready file (its own TUNEQDM_WORKER_READY_FILE where
+    set): the worker then loads the base as soon as it starts and creates the file when it is
+    loaded (worker/bases.py). A file left by an earlier run is removed first."""
+    ready = settings.worker_ready_file or settings.data_dir / READY_FILE
+    ready = ready.resolve()
+    ready.unlink(missing_ok=True)
+    return {**os.environ, "TUNEQDM_WORKER_READY_FILE": str(ready)}, ready
+
+
+def _wait_loaded(ready: Path, worker: subprocess.Popen[bytes], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and worker.poll() is None:
+        if ready.is_file():
+            return True
+        time.sleep(0.2)
+    return False
+
+
 def _stop(children: list[subprocess.Popen[bytes]], timeout: float = 15) -> None:
     for child in children:
         if child.poll() is None:
@@ -170,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     api = subprocess.Popen(
         [*API_COMMAND, "--host", args.host, "--port", str(args.port)], start_new_session=True
     )
-    worker = subprocess.Popen(WORKER_COMMAND, start_new_session=True)
+    worker_env, ready = _worker_env(settings)
+    worker = subprocess.Popen(WORKER_COMMAND, start_new_session=True, env=worker_env)
     children = [api, worker]
     stop = threading.Event()
 
@@ -183,6 +209,14 @@ def main(argv: list[str] | None = None) -> int:
         _say("error: the API did not start; see its output above")
         _stop(children)
         return 1
+    _say("loading the model in the worker…")
+    if not _wait_loaded(ready, worker, LOAD_WAIT_S):
+        if worker.poll() is not None:
+            _say(f"error: the worker exited with code {worker.returncode}; see its output above")
+            _stop(children)
+            return 1
+        # The API takes jobs anyway; the worker starts them once it has the model.
+        _say(f"the worker is still loading the model after {LOAD_WAIT_S:.0f} s; going on")
     _say(
         "\n".join(
             [
@@ -202,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         if worker.poll() == STALLED_EXIT:
             # Its job made no progress for TUNEQDM_PROGRESS_TIMEOUT_S and was given back.
             _say("the worker gave up a stalled job; starting it again")
-            worker = subprocess.Popen(WORKER_COMMAND, start_new_session=True)
+            worker = subprocess.Popen(WORKER_COMMAND, start_new_session=True, env=worker_env)
             children = [api, worker]
         exited = [c for c in children if c.poll() is not None]
         if exited:
