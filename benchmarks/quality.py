@@ -1,8 +1,8 @@
 """Does fine-tuning learn the subject? The paper's comparison on the built-in model.
 
     PYTHONPATH=. python benchmarks/quality.py [--subjects 2] [--seeds 0 1 2] [--steps 150]
-        [--variants full peqa-w8 ...] [--class-images 0] [--export-ranks 4 32]
-        [--json PATH] | --report JSON...
+        [--variants full peqa-w8 ...] [--photo-sets distinct varied] [--class-images 0]
+        [--export-ranks 4 32] [--against VARIANT] [--json PATH] | --report JSON...
 
 Subjects are Fashion-MNIST test-set garments (never seen in pretraining), the most atypical of
 their class, each shown in 5 photos (other backgrounds and positions) and given its own token
@@ -16,6 +16,14 @@ against each other, and the base model drawing the class without the token. With
 ``--export-ranks``, each adapter is also exported as a LoRA of those ranks
 (``tuneqdm_core.export``) and drawn by diffusers' own pipeline of the float model with
 ``load_lora_weights``: rows ``<variant> LoRA r<k> on float``.
+
+Photo sets (``--photo-sets``): ``distinct`` puts the photos on backgrounds and at positions
+the prompts never ask for; ``varied`` on the very colours the prompts ask for (red, blue,
+yellow, green), each at another place — a user's photos of a bag on four coloured backgrounds,
+where an adapter that learned the backgrounds draws the wrong one. With more than one set, rows
+are ``<variant> [<set>]``. ``--against VARIANT`` adds a table of paired differences to that
+variant (same subjects, photos, seeds and sampling noise): mean ± standard error over the
+(seed, subject) pairs, and each row's prompt fidelity as a share of the base's.
 """
 
 from __future__ import annotations
@@ -43,17 +51,26 @@ from tuneqdm_core.export import export_lora, load_float_unet
 from tuneqdm_core.finetune import FinetuneConfig, Subject, finetune
 from tuneqdm_core.generate import GenerationRequest, generate
 from tuneqdm_core.images import to_pil, to_training_tensor
-from tuneqdm_core.model import QuantConfig
+from tuneqdm_core.model import QuantConfig, quant_state
 
 DEFAULT_MODEL = common.REPO_ROOT / "models" / "fashion-sd"
-# Photo contexts and new contexts share no colour and no position-colour pair.
-PHOTO_CONTEXTS = [
-    ("gray", "top left"),
-    ("white", "bottom right"),
-    ("black", "center"),
-    ("pink", "top right"),
-    ("orange", "bottom left"),
-]
+# The subject's photos, by set. "distinct" shares no colour and no (colour, position) pair with
+# the new contexts; "varied" shares the colours but no pair.
+PHOTO_SETS = {
+    "distinct": [
+        ("gray", "top left"),
+        ("white", "bottom right"),
+        ("black", "center"),
+        ("pink", "top right"),
+        ("orange", "bottom left"),
+    ],
+    "varied": [
+        ("red", "bottom left"),
+        ("blue", "center"),
+        ("yellow", "top left"),
+        ("green", "top right"),
+    ],
+}
 NEW_CONTEXTS = [
     ("red", "top right"),
     ("blue", "top left"),
@@ -71,6 +88,9 @@ class Variant:
     bits: Literal[4, 8]  # of the base it is trained on (full trains the float UNet)
     intervals: int = 1
     lr: float | None = None  # full only: instead of --lr-full
+    steps: int | None = None  # instead of --steps
+    # lr_s_out as a multiple of the base's median s0, instead of --lr-s-out
+    relative_lr: float | None = None
 
 
 VARIANTS = {
@@ -80,6 +100,12 @@ VARIANTS = {
     "peqa-w8": Variant("peqa", 8),
     "peqa-w4": Variant("peqa", 4),
     **{f"tuneqdm-w{bits}-i{k}": Variant("tuneqdm", bits, k) for bits in (8, 4) for k in (1, 2, 4)},
+    # Candidate default recipes of the service (W4, one interval; docs/benchmarks.md).
+    **{
+        f"recipe-{steps}-rel{name}": Variant("tuneqdm", 4, steps=steps, relative_lr=rel)
+        for steps in (400, 300, 200, 150)
+        for name, rel in (("2e-3", 2e-3), ("1e-3", 1e-3))
+    },
 }
 
 
@@ -88,6 +114,7 @@ class SubjectItem:
     name: str  # e.g. "bag"
     token: str
     photos: list[torch.Tensor]  # [3, SIZE, SIZE] in [-1, 1]
+    photo_set: str = "distinct"
 
     @property
     def instance_prompt(self) -> str:
@@ -98,8 +125,11 @@ class SubjectItem:
         return scene.replace("a photo of a ", f"a photo of {self.token} ") if with_token else scene
 
 
-def pick_subjects(count: int, data_dir: Path = DATA_DIR) -> list[SubjectItem]:
-    """The test garment of each class farthest from its class's mean training garment."""
+def pick_subjects(
+    count: int, data_dir: Path = DATA_DIR, photo_set: str = "distinct"
+) -> list[SubjectItem]:
+    """The test garment of each class farthest from its class's mean training garment, in the
+    photos of ``photo_set``."""
     train_images, train_labels = load_fashion("train", data_dir)
     test_images, test_labels = load_fashion("test", data_dir)
     train, test = shrink(train_images), shrink(test_images)
@@ -110,8 +140,8 @@ def pick_subjects(count: int, data_dir: Path = DATA_DIR) -> list[SubjectItem]:
         candidates = test[test_labels == label]
         distance = (candidates - mean).flatten(1).norm(dim=1)
         garment = candidates[int(distance.argmax())]
-        photos = [render(garment, colour, where) for colour, where in PHOTO_CONTEXTS]
-        subjects.append(SubjectItem(name, TOKENS[i % len(TOKENS)], photos))
+        photos = [render(garment, colour, where) for colour, where in PHOTO_SETS[photo_set]]
+        subjects.append(SubjectItem(name, TOKENS[i % len(TOKENS)], photos, photo_set))
     return subjects
 
 
@@ -198,11 +228,14 @@ def run_variant(
     """Scores of the fine-tuned variant (and of its LoRA exports), by row name."""
     variant = VARIANTS[name]
     base = bases[variant.bits]
+    lr_s_out = args.lr_s_out
+    if variant.relative_lr is not None:
+        lr_s_out = variant.relative_lr * float(quant_state(base.unet).base_scales().abs().median())
     config = FinetuneConfig(
         method=variant.method,  # type: ignore[arg-type]
         intervals=variant.intervals,
-        steps=args.steps,
-        lr_s_out=args.lr_s_out,
+        steps=variant.steps or args.steps,
+        lr_s_out=lr_s_out,
         lr_s_in=args.lr_s_in,
         lr=variant.lr or args.lr_full,
         resolution=SIZE,
@@ -307,7 +340,54 @@ def summarise(
     return table(header, rows)
 
 
-def report(paths: Sequence[str]) -> str:
+def _photo_set(row: str) -> str:
+    """The " [set]" suffix of a row name, or "" for a run with one photo set."""
+    return row[row.rindex(" [") :] if row.endswith("]") else ""
+
+
+def _mean_se(values: Sequence[float]) -> str:
+    mean = statistics.fmean(values)
+    se = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
+    return f"{mean:+.3f} ± {se:.3f}"
+
+
+def paired(
+    results: dict[str, dict[int, list[dict[str, float]]]],
+    references: dict[str, dict[str, float]],
+    against: str,
+) -> str:
+    """Each row's differences to ``against`` (the row of the same photo set), pair by pair:
+    one pair per (seed, subject), since both saw the same photos, seeds and noise. Mean ±
+    standard error; and the row's prompt fidelity as a share of its base's."""
+    header = ["variant", "Δ subject", "Δ prompt", "Δ background", "prompt ÷ base", "pairs"]
+    rows: list[list[object]] = []
+    for name, by_seed in results.items():
+        reference = results.get(against + _photo_set(name))
+        if reference is None or name == against + _photo_set(name):
+            continue
+        bits = VARIANTS[name.split(" ")[0]].bits if name.split(" ")[0] in VARIANTS else 4
+        base = references.get(f"base W{bits}, class prompt")
+        deltas: dict[str, list[float]] = {"subject": [], "prompt": [], "background": []}
+        prompts = []
+        for seed, runs in by_seed.items():
+            for run, ref in zip(runs, reference.get(seed, []), strict=False):
+                prompt = (run["background"] + run["position"]) / 2
+                deltas["subject"].append(run["subject"] - ref["subject"])
+                deltas["prompt"].append(prompt - (ref["background"] + ref["position"]) / 2)
+                deltas["background"].append(run["background"] - ref["background"])
+                prompts.append(prompt)
+        if not prompts:
+            continue
+        share = "-"
+        if base is not None:
+            share = (
+                f"{statistics.fmean(prompts) / ((base['background'] + base['position']) / 2):.3f}"
+            )
+        rows.append([name, *(_mean_se(d) for d in deltas.values()), share, str(len(prompts))])
+    return f"paired against {against}:\n" + table(header, rows)
+
+
+def report(paths: Sequence[str], against: str | None = None) -> str:
     """The table of several runs' JSON files: references from the first that has them."""
     results: dict[str, dict[int, list[dict[str, float]]]] = {}
     references: dict[str, dict[str, float]] = {}
@@ -316,9 +396,13 @@ def report(paths: Sequence[str]) -> str:
         references = references or data["references"]
         for name, by_seed in data["results"].items():
             results[name] = {int(seed): runs for seed, runs in by_seed.items()}
-    # Variants in their order, each followed by its export rows.
-    order = [r for n in VARIANTS for r in results if r == n or r.startswith(f"{n} LoRA ")]
-    return summarise({n: results[n] for n in order}, references)
+    # Variants in their order, each followed by its photo sets and export rows.
+    order = [r for n in VARIANTS for r in results if r == n or r.startswith(f"{n} ")]
+    ordered = {n: results[n] for n in order}
+    text = summarise(ordered, references)
+    if against:
+        text += "\n\n" + paired(ordered, references, against)
+    return text
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -329,6 +413,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data-dir", default=str(DATA_DIR))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--subjects", type=int, default=2, help=f"at most {len(SUBJECT_CLASSES)}")
+    parser.add_argument("--photo-sets", nargs="+", default=["distinct"], choices=list(PHOTO_SETS))
+    parser.add_argument(
+        "--against", metavar="VARIANT", choices=list(VARIANTS), help="add paired differences"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument(
@@ -358,7 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.report:
-        print(report(args.report))
+        print(report(args.report, args.against))
         return 0
     if not 1 <= args.subjects <= len(SUBJECT_CLASSES):
         parser.error(f"--subjects must be 1..{len(SUBJECT_CLASSES)}")
@@ -367,24 +455,32 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     start = time.perf_counter()
     print(f"machine: {common.machine()}; model {args.model}", flush=True)
-    subjects = pick_subjects(args.subjects, Path(args.data_dir))
+    subjects = [
+        subject
+        for photo_set in args.photo_sets
+        for subject in pick_subjects(args.subjects, Path(args.data_dir), photo_set)
+    ]
+    named_sets = len(args.photo_sets) > 1
     net = FeatureNet()
     results: dict[str, dict[int, list[dict[str, float]]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         bits_needed: set[Literal[4, 8]] = {VARIANTS[v].bits for v in args.variants}
-        if not args.no_reference:
-            bits_needed |= {4, 8}
         bases = {
             bits: load_base(args.model, quant=QuantConfig(bits=bits), cache_dir=Path(tmp) / "q")
             for bits in sorted(bits_needed)
         }
-        references = {} if args.no_reference else reference_rows(subjects, bases, net, args)
+        # The base drawing the class does not depend on the photos: one photo set's subjects.
+        references = (
+            {} if args.no_reference else reference_rows(subjects[: args.subjects], bases, net, args)
+        )
         for name in args.variants:
             for seed in args.seeds:
                 by_row: dict[str, list[dict[str, float]]] = {}
                 for subject in subjects:
                     rows = run_variant(name, subject, seed, bases, net, args, Path(tmp) / "class")
                     for row, scores in rows.items():
+                        if named_sets:
+                            row = f"{row} [{subject.photo_set}]"
                         by_row.setdefault(row, []).append(scores)
                 for row, runs in by_row.items():
                     results.setdefault(row, {})[seed] = runs
@@ -394,6 +490,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         f"{row} seed {seed}: subject {fidelity:.3f} ({elapsed:.0f} s)", flush=True
                     )
     print(summarise(results, references))
+    if args.against:
+        print(paired(results, references, args.against))
     print(f"total {time.perf_counter() - start:.0f} s")
     common.write_json(
         args.json,
@@ -401,7 +499,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "benchmark": "quality",
             "machine": common.machine(),
             "settings": {k: v for k, v in vars(args).items() if k != "json"},
-            "subjects": [s.name for s in subjects],
+            "subjects": [s.name for s in subjects[: args.subjects]],
             "references": references,
             "results": {n: {str(s): r for s, r in by.items()} for n, by in results.items()},
         },
