@@ -281,8 +281,13 @@ class FlowFamily:
 
     lora_prefix = "transformer"  # the pipeline component load_lora_weights puts it in
 
-    def load_float(self, source: str) -> Any:
-        """The float transformer of a model folder or hub id (what exports start from)."""
+    def load_float(self, source: str, config: str | None = None) -> Any:
+        """The float transformer of a model folder or hub id (what exports start from), or of
+        one transformer checkpoint file read with ``config`` (as :meth:`load` reads it)."""
+        if config and Path(source).is_file():
+            from tuneqdm_core.families.single_file import load_transformer_file
+
+            return load_transformer_file(self, source, config)
         model = self.transformer_class().from_pretrained(
             source, subfolder="transformer", dtype=torch.float32
         )
