@@ -176,3 +176,12 @@ def test_cli_exports_from_the_file_what_it_exports_from_the_folder(
                      "--rank", "4", "--out", str(lora)]) == 0  # fmt: skip
         loras.append(load_file(lora))
     _assert_same_state(*loras)
+
+
+def test_a_transformer_file_in_diffusers_layout_reads_too(folder: Path, arch: str) -> None:
+    """The folder's own ``transformer/diffusion_pytorch_model.safetensors`` as the file."""
+    checkpoint = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+    family = FAMILIES[arch.removeprefix("tiny-")]
+    loaded = load_transformer_file(family, str(checkpoint), str(folder))
+    _assert_same_state(loaded.state_dict(), _float_transformer(folder).state_dict())
+    assert load_base(checkpoint, config=folder).fingerprint == load_base(folder).fingerprint

@@ -221,6 +221,8 @@ def load_transformer_file(family: FlowFamily, path: str, config: str) -> Any:
     missing = [k for k in expected if k not in checkpoint]
     if missing:
         raise ValueError(f"{path}: the {family.name} transformer lacks {missing[:5]}")
-    state = {k: checkpoint[k].to(torch.float32).contiguous() for k in expected}
+    # Popped one by one: each tensor of the file is freed once its float32 copy is made.
+    state = {k: checkpoint.pop(k).to(torch.float32).contiguous() for k in expected}
+    del checkpoint
     model.load_state_dict(state, assign=True)
     return model.eval()
