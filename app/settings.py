@@ -169,6 +169,7 @@ class Settings(BaseSettings):
     # A single-file checkpoint holds weights only: the diffusers folder or hub id whose configs,
     # tokenizer and scheduler it is read with. Unset, diffusers infers the hub repository from
     # the checkpoint's keys (needs the hub, or that repository in the local hub cache).
+    # Required for a FLUX/SD3 transformer file: it also gives the VAE and text encoders.
     single_file_config: str | None = None
     device: str = "cpu"  # "cpu", "cuda" or "cuda:N"
     # How the base UNet holds its frozen weights: "packed" keeps only the integer codes and

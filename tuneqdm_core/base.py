@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from tuneqdm_core.families import family_of_index
+from tuneqdm_core.families.single_file import family_of_file
 from tuneqdm_core.model import (
     QuantConfig,
     StorageMode,
@@ -376,12 +377,18 @@ def load_base(
             f"model {source!r} is neither a local model folder nor a hub id like 'org/name' "
             "nor a .safetensors/.ckpt checkpoint file"
         )
-    family = None if single else family_of_index(_pipeline_index(source))
+    if single:  # a FLUX/SD3 transformer file, or a UNet checkpoint (family None)
+        family = family_of_file(source, model_config)
+    else:
+        family = family_of_index(_pipeline_index(source))
     if family is not None:
         # Transformer families load through their own module, with the same cache.
-        key = _cache_key(source, quant, subfolder="transformer")
+        file_config = model_config if single else None
+        key = _cache_key(source, quant, file_config, subfolder="transformer")
         entry = Path(cache_dir) / f"transformer-{key}" if cache_dir else None
-        return family.load(source, quant, device, storage_mode, entry, text_encoder_bits)
+        return family.load(
+            source, quant, device, storage_mode, entry, text_encoder_bits, config=file_config
+        )
     if text_encoder_bits is not None:
         raise ValueError(
             f"text_encoder_bits quantizes the T5 encoder of a FLUX or SD3 base; {source!r} has "

@@ -162,7 +162,7 @@ def _write(
         # interval had (the "mean" interval's weights). The API offers it lora and merged.
         if row.format not in ("lora", "merged"):
             raise ValueError(f"a {family.name} base exports as lora or merged, not {row.format}")
-        float_model = family.load_float(base.source)
+        float_model = family.load_float(base.source, ctx.settings.single_file_config)
         lease.touch()
         return export_adapter(
             base.unet,

@@ -59,3 +59,33 @@ def test_worker_storage_mode_setting_and_registry_row(
     monkeypatch.setenv("TUNEQDM_STORAGE_MODE", "mmap")
     with pytest.raises(ValueError, match="packed"):
         Settings()
+
+
+def test_worker_loads_a_flux_transformer_file_with_its_config(
+    tiny_flux_dir: Path,
+    tmp_path: Path,
+    sessions: sessionmaker[Session],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """TUNEQDM_MODEL = one FLUX transformer file in the original layout, with
+    TUNEQDM_SINGLE_FILE_CONFIG the folder the rest of the pipeline comes from: a flux base,
+    registered as one."""
+    from diffusers import FluxPipeline
+
+    from tests.core.dit_layout import flux_to_original
+
+    transformer = FluxPipeline.from_pretrained(tiny_flux_dir).transformer
+    checkpoint = tmp_path / "flux1-tiny.safetensors"
+    save_file(flux_to_original(transformer.state_dict()), checkpoint)
+    monkeypatch.setenv("TUNEQDM_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("TUNEQDM_MODEL", str(checkpoint))
+    monkeypatch.setenv("TUNEQDM_SINGLE_FILE_CONFIG", str(tiny_flux_dir))
+    settings = Settings()
+    base = Runtime(settings).base
+    assert base.source == str(checkpoint) and base.family is not None
+    assert base.family.name == "flux"
+    assert len(list(settings.resolved_quant_cache_dir.glob("transformer-*"))) == 1
+    Registrar(settings, sessions).on_load(base)
+    with sessions() as session:
+        row = session.get(ServedBase, settings.base_model)
+        assert row is not None and row.family == "flux"

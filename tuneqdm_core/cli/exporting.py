@@ -57,7 +57,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             return 2
         summary = export_adapter(
             base.unet,
-            family.load_float(args.model),
+            family.load_float(args.model, args.config),
             adapter,
             out,
             options,

@@ -40,13 +40,15 @@ def default_cache_dir() -> Path:
 def add_base_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "model",
-        help="a diffusers model folder or hub id (SD 1.x / 2.x layout), "
+        help="a diffusers model folder or hub id (SD 1.x / 2.x, SDXL, FLUX.1, SD3 layout), "
         "or one .safetensors/.ckpt checkpoint",
     )
     parser.add_argument(
         "--config",
         help="for a single-file model: the diffusers folder or hub id it is read with "
-        "(configs, tokenizer, scheduler); default: inferred from the checkpoint by diffusers",
+        "(configs, tokenizer, scheduler; for a FLUX/SD3 transformer file also the VAE and "
+        "text encoders, and required); default for an SD/SDXL checkpoint: inferred from the "
+        "checkpoint by diffusers",
     )
     parser.add_argument("--bits", type=int, default=4, choices=[4, 8])
     parser.add_argument(

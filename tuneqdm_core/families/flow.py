@@ -156,20 +156,26 @@ class FlowFamily:
         storage_mode: StorageMode,
         cache: Path | None = None,
         text_encoder_bits: int | None = None,
+        config: str | None = None,
     ) -> BaseModel:
         """The float pipeline from a folder or hub id, its transformer quantized (every
         ``nn.Linear``; the patch embedding's conv too), the VAE and text encoders frozen.
         ``cache``: the quantized transformer's cache entry (read when complete, else written;
         a cached transformer is never loaded in float). ``text_encoder_bits``: 8 stores the
-        T5 encoder's linear layers as 8-bit codes (None: float)."""
+        T5 encoder's linear layers as 8-bit codes (None: float). ``config``: ``source`` is one
+        transformer checkpoint file (:mod:`.single_file`) and ``config`` the diffusers folder
+        or hub id the rest of the pipeline and the transformer's config come from."""
         from tuneqdm_core.base import BaseModel, load_quantized_unet, save_quantized_unet
+        from tuneqdm_core.families.single_file import load_transformer_file
 
         start = time.perf_counter()
         from_cache = cache is not None and (cache / "meta.json").is_file()
         options: dict[str, Any] = {"dtype": torch.float32}
         if cache is not None and from_cache:
             options["transformer"] = load_quantized_unet(cache, device)
-        pipeline = self.pipeline_class().from_pretrained(source, **options)
+        elif config is not None:
+            options["transformer"] = load_transformer_file(self, source, config)
+        pipeline = self.pipeline_class().from_pretrained(config or source, **options)
         if text_encoder_bits is not None:
             quantize_text_encoder(getattr(pipeline, self.t5_part), text_encoder_bits)
         pipeline.to(device)
@@ -275,8 +281,13 @@ class FlowFamily:
 
     lora_prefix = "transformer"  # the pipeline component load_lora_weights puts it in
 
-    def load_float(self, source: str) -> Any:
-        """The float transformer of a model folder or hub id (what exports start from)."""
+    def load_float(self, source: str, config: str | None = None) -> Any:
+        """The float transformer of a model folder or hub id (what exports start from), or of
+        one transformer checkpoint file read with ``config`` (as :meth:`load` reads it)."""
+        if config and Path(source).is_file():
+            from tuneqdm_core.families.single_file import load_transformer_file
+
+            return load_transformer_file(self, source, config)
         model = self.transformer_class().from_pretrained(
             source, subfolder="transformer", dtype=torch.float32
         )
