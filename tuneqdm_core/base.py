@@ -10,11 +10,9 @@ the hub repository diffusers infers from the checkpoint's keys. The UNet is quan
 the result (packed codes, per-channel parameters, the remaining float tensors, the fingerprint)
 is cached so that a restart skips both the float load and the range search.
 
-SDXL conditions its UNet on more than one text encoder's hidden states (docs/library.md
-"SDXL"): the penultimate hidden states of both encoders, concatenated; the pooled, projected
-embedding of the second; and six "time ids" (original size, crop corner, target size).
-:meth:`BaseModel.encode` and :meth:`BaseModel.unet_inputs` hold that difference, so that
-fine-tuning and generation treat both families alike.
+What differs between model families (loading, text conditioning, the training target,
+generation) is the family module's (:mod:`tuneqdm_core.families`): :func:`load_base` finds the
+family of ``source`` and loads through it, and ``BaseModel.family`` is that family.
 """
 
 from __future__ import annotations
@@ -24,25 +22,23 @@ import json
 import os
 import re
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file, save_file
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from tuneqdm_core.families import family_of_index
-from tuneqdm_core.families.single_file import family_of_file
 from tuneqdm_core.model import (
     QuantConfig,
     StorageMode,
     quant_state,
     quantize_,
-    set_storage_mode,
 )
+
+if TYPE_CHECKING:
+    from tuneqdm_core.families.base import Family
 
 CACHE_FORMAT = 1
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
@@ -101,10 +97,17 @@ class BaseModel:
     # SD3 only: the third text encoder (T5) and its tokenizer.
     text_encoder_3: Any = None
     tokenizer_3: Any = None
-    # The family module of a transformer base (tuneqdm_core.families); None for the UNet
-    # families, whose code is this module's. For a transformer base, ``unet`` holds the
-    # quantized transformer (the denoiser every family-blind part works on).
+    # The family (a tuneqdm_core.families.base.Family: SD, SDXL, SD3 or FLUX; typed Any as
+    # the family-specific callers use their own family's methods). Left out, the UNet's config
+    # says SD or SDXL. For a transformer family, ``unet`` holds the quantized transformer (the
+    # denoiser every family-blind part works on).
     family: Any = None
+
+    def __post_init__(self) -> None:
+        if self.family is None:
+            from tuneqdm_core.families import SD, SDXL
+
+            self.family = SDXL if self.is_xl else SD
 
     @property
     def is_xl(self) -> bool:
@@ -146,57 +149,16 @@ class BaseModel:
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> Conditioning:
-        """SD: the text encoder's last hidden states. SDXL: both encoders' penultimate hidden
-        states concatenated, and the second encoder's pooled projection (as diffusers'
-        ``StableDiffusionXLPipeline.encode_prompt`` without clip skip). Transformer families:
-        their own (tuneqdm_core.families)."""
-        if self.family is not None:
-            return self.family.encode(self, prompts)
-        if self.text_encoder_2 is None:
-            return Conditioning(self._run_encoder(self.tokenizer, self.text_encoder, prompts)[0])
-        states = []
-        pooled = torch.empty(0)
-        for tokenizer, encoder in (
-            (self.tokenizer, self.text_encoder),
-            (self.tokenizer_2, self.text_encoder_2),
-        ):
-            output = self._run_encoder(tokenizer, encoder, prompts, hidden_states=True)
-            states.append(output.hidden_states[-2])
-            pooled = output[0]  # text_embeds of the projecting second encoder
-        return Conditioning(torch.cat(states, dim=-1).to(self.device), pooled.to(self.device))
-
-    def _run_encoder(
-        self, tokenizer: Any, encoder: Any, prompts: list[str], hidden_states: bool = False
-    ) -> Any:
-        tokens = tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        device = next(encoder.parameters()).device
-        if not hidden_states:  # SD 1.x/2.x: the call as it always was
-            return [encoder(tokens.input_ids.to(device))[0].to(self.device)]
-        return encoder(tokens.input_ids.to(device), output_hidden_states=True)
+        """The prompts' conditioning, as the family's denoiser takes it."""
+        return self.family.encode(self, prompts)
 
     def unet_inputs(
         self, conditioning: Conditioning, time_ids: torch.Tensor | None = None
     ) -> dict[str, Any]:
-        """The UNet's conditioning keyword arguments for a batch: the text states, plus for
-        SDXL ``added_cond_kwargs`` (pooled text and ``time_ids`` ``[N, 6]``, see
+        """A UNet family's conditioning keyword arguments for a batch: the text states, plus
+        for SDXL ``added_cond_kwargs`` (pooled text and ``time_ids`` ``[N, 6]``, see
         :func:`time_ids`)."""
-        inputs: dict[str, Any] = {"encoder_hidden_states": conditioning.states}
-        if self.is_xl:
-            if conditioning.pooled is None or time_ids is None:
-                raise ValueError("an SDXL UNet needs pooled text embeddings and time ids")
-            # At least float32: bf16 keeps 8 significant bits and would round sizes like 3023.
-            dtype = torch.promote_types(conditioning.states.dtype, torch.float32)
-            inputs["added_cond_kwargs"] = {
-                "text_embeds": conditioning.pooled,
-                "time_ids": time_ids.to(conditioning.states.device, dtype),
-            }
-        return inputs
+        return self.family.unet_inputs(self, conditioning, time_ids)
 
     def prompt_token_count(self, prompt: str) -> int:
         return len(self.tokenizer(prompt).input_ids)
@@ -320,30 +282,29 @@ def _index_is_xl(index: dict[str, Any]) -> bool:
     return isinstance(part, list) and part[0] is not None
 
 
-def _single_file_pipeline(source: str, config: str | None, device: torch.device) -> Any:
-    """The float pipeline of a single checkpoint file (its configs from ``config``): SDXL when
-    ``config`` is an SDXL folder or hub id, or, without one, when the file holds SDXL keys."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+def _unet_is_xl(source: str) -> bool:
+    """Whether a folder's or hub id's UNet takes SDXL's added conditioning."""
+    config = UNet2DConditionModel.load_config(source, subfolder="unet")
+    return dict(config).get("addition_embed_type") == "text_time"
 
-    local = config is not None and Path(config).is_dir()
-    xl = _index_is_xl(_pipeline_index(config)) if config else _checkpoint_is_xl(source)
-    # Weights as the folder path loads them (fp16 checkpoints would stay fp16 otherwise).
-    options: dict[str, Any] = {
-        "config": config,
-        "local_files_only": local,
-        "torch_dtype": torch.float32,
-    }
-    if xl:
-        pipeline = StableDiffusionXLPipeline.from_single_file(source, **options)
-    else:
-        pipeline = StableDiffusionPipeline.from_single_file(
-            source,
-            **options,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-    return pipeline.to(device)
+
+def family_of_source(source: str, config: str | None = None) -> Family:
+    """The family of a folder, hub id or single checkpoint file (``config``: its configs'
+    folder or hub id): SDXL when ``config`` is an SDXL folder or hub id, or, without one,
+    when the file holds SDXL keys."""
+    from tuneqdm_core.families import SD, SDXL, family_of_index
+    from tuneqdm_core.families.single_file import family_of_file
+
+    if is_single_file(source):
+        transformer = family_of_file(source, config)  # a FLUX or SD3 transformer file
+        if transformer is not None:
+            return transformer
+        xl = _index_is_xl(_pipeline_index(config)) if config else _checkpoint_is_xl(source)
+        return SDXL if xl else SD
+    family = family_of_index(_pipeline_index(source))
+    if family is not None:
+        return family
+    return SDXL if _unet_is_xl(source) else SD
 
 
 def load_base(
@@ -366,7 +327,6 @@ def load_base(
     ``text_encoder_bits``: 8 stores a FLUX or SD3 base's T5 encoder as 8-bit codes
     (:func:`tuneqdm_core.families.flow.quantize_text_encoder`; None: float).
     """
-    start = time.perf_counter()
     source = str(source)
     model_config = str(config) if config else None  # "": unset, as an empty env var gives
     quant = quant or QuantConfig()
@@ -377,87 +337,9 @@ def load_base(
             f"model {source!r} is neither a local model folder nor a hub id like 'org/name' "
             "nor a .safetensors/.ckpt checkpoint file"
         )
-    if single:  # a FLUX/SD3 transformer file, or a UNet checkpoint (family None)
-        family = family_of_file(source, model_config)
-    else:
-        family = family_of_index(_pipeline_index(source))
-    if family is not None:
-        # Transformer families load through their own module, with the same cache.
-        file_config = model_config if single else None
-        key = _cache_key(source, quant, file_config, subfolder="transformer")
-        entry = Path(cache_dir) / f"transformer-{key}" if cache_dir else None
-        return family.load(
-            source, quant, device, storage_mode, entry, text_encoder_bits, config=file_config
-        )
-    if text_encoder_bits is not None:
-        raise ValueError(
-            f"text_encoder_bits quantizes the T5 encoder of a FLUX or SD3 base; {source!r} has "
-            "none (its CLIP encoders are small): leave it unset"
-        )
-    pipeline = _single_file_pipeline(source, model_config, device) if single else None
-    key = _cache_key(source, quant, model_config if single else None)
-    entry = Path(cache_dir) / f"unet-{key}" if cache_dir else None
-    from_cache = entry is not None and (entry / "meta.json").is_file()
-    if entry is not None and from_cache:
-        unet = load_quantized_unet(entry, device)
-    else:
-        if pipeline is not None:
-            unet = pipeline.unet
-        else:
-            unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet").to(device)
-        quantize_(unet, quant)
-        if entry is not None:
-            save_quantized_unet(unet, entry, source)
-    unet.eval()
-    set_storage_mode(unet, storage_mode)
-    text_encoder_2 = tokenizer_2 = None
-    if pipeline is not None:
-        vae, text_encoder, tokenizer = pipeline.vae, pipeline.text_encoder, pipeline.tokenizer
-        text_encoder_2 = getattr(pipeline, "text_encoder_2", None)
-        tokenizer_2 = getattr(pipeline, "tokenizer_2", None)
-        zero_empty_negative = bool(pipeline.config.get("force_zeros_for_empty_prompt", False))
-        scheduler_config = dict(pipeline.scheduler.config)
-        del pipeline  # a cached UNet leaves the float one to be freed here
-    else:
-        vae = AutoencoderKL.from_pretrained(source, subfolder="vae").to(device)
-        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder").to(device)
-        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
-        zero_empty_negative = False
-        if unet.config.get("addition_embed_type") == "text_time":  # SDXL
-            text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
-                source, subfolder="text_encoder_2"
-            ).to(device)
-            tokenizer_2 = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2")
-            # The SDXL pipeline's default is True; SD 1.x/2.x pipelines have no such option.
-            index = _pipeline_index(source)
-            zero_empty_negative = bool(index.get("force_zeros_for_empty_prompt", True))
-        scheduler_config = _scheduler_config(source)
-    vae.eval()
-    for module in (vae, text_encoder, text_encoder_2):
-        if module is not None:
-            module.eval()
-            module.requires_grad_(False)
-    return BaseModel(
-        source=source,
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        scheduler_config=scheduler_config,
-        quant=quant,
-        device=device,
-        load_seconds=time.perf_counter() - start,
-        from_cache=from_cache,
-        text_encoder_2=text_encoder_2,
-        tokenizer_2=tokenizer_2,
-        zero_empty_negative=zero_empty_negative,
-    )
-
-
-def _scheduler_config(source: str) -> dict[str, Any]:
-    scheduler_path = Path(source) / "scheduler" / "scheduler_config.json"
-    if scheduler_path.is_file():
-        return dict(json.loads(scheduler_path.read_text()))
-    from diffusers import DDIMScheduler
-
-    return dict(DDIMScheduler.load_config(source, subfolder="scheduler"))
+    family = family_of_source(source, model_config)
+    folder = family.denoiser
+    file_config = model_config if single else None  # only a single file reads a config
+    key = _cache_key(source, quant, file_config, subfolder=folder)
+    entry = Path(cache_dir) / f"{folder}-{key}" if cache_dir else None
+    return family.load(source, quant, device, storage_mode, entry, file_config, text_encoder_bits)

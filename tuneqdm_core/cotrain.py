@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 
-from tuneqdm_core.base import BaseModel, Conditioning
+from tuneqdm_core.base import BaseModel
 from tuneqdm_core.cancel import Canceled, cancel_checks
 from tuneqdm_core.checkpoints import (
     CHECKPOINT_NAME,
@@ -56,13 +56,11 @@ from tuneqdm_core.checkpoints import (
 from tuneqdm_core.finetune import FinetuneCanceled, FinetuneResult, Progress
 from tuneqdm_core.finetune_config import FinetuneConfig
 from tuneqdm_core.routing import route_adapters, routed
-from tuneqdm_core.training_data import Subject, TrainingData, prepare_data, unet_inputs
+from tuneqdm_core.training_data import Subject, TrainingData, prepare_data
 from tuneqdm_core.training_step import (
     Batch,
     TrainingRun,
     draw_batch,
-    flow_inputs,
-    noisy_latents,
     start_run,
     training_autocast,
     training_loss,
@@ -125,7 +123,7 @@ class CoTrainer:
         self.base = base
         self._members: list[_Member] = []
         self._key: tuple[Any, ...] | None = None
-        # A transformer family's schedule draws its sigmas (training_step._schedule).
+        # The family's schedule draws the timesteps (a transformer family's: sigmas).
         self._scheduler, self._total_t, self._schedule = training_schedule(base)
         self._training: ExitStack | None = None
 
@@ -259,23 +257,21 @@ class CoTrainer:
     def _forward_backward(
         self, members: Sequence[_Member], batches: Sequence[Batch]
     ) -> list[torch.Tensor]:
-        if self.base.family is not None:
-            return self._flow_forward_backward(members, batches)
-        noisy, t, targets, inputs, slots = [], [], [], [], []
+        family = self.base.family
+        noisy, targets, inputs, slots = [], [], [], []
         for slot, (member, batch) in enumerate(zip(members, batches, strict=True)):
-            x, ts, target = noisy_latents(self.base, member.data, batch, self._scheduler)
+            x, target, member_inputs = family.training_inputs(
+                self.base, member.data, batch, self._scheduler
+            )
             noisy.append(x)
-            t.append(ts)
             targets.append(target)
-            inputs.append(unet_inputs(self.base, member.data, batch.rows))
+            inputs.append(member_inputs)
             slots += [slot] * batch.rows.shape[0]
-        adapters = [m.run.adapter for m in members]
-        assert all(a is not None for a in adapters)  # "full" never joins
-        route = route_adapters(
-            [a for a in adapters if a is not None],
-            torch.cat([b.timesteps for b in batches]),
-            torch.tensor(slots),
-        )
+        adapters = [m.run.adapter for m in members if m.run.adapter is not None]
+        assert len(adapters) == len(members)  # "full" never joins
+        total = adapters[0].config.num_train_timesteps
+        timesteps = family.tas_timesteps(torch.cat([b.timesteps for b in batches]), total)
+        route = route_adapters(adapters, timesteps, torch.tensor(slots))
         for member in members:
             member.run.optimizer.zero_grad(set_to_none=True)
         config = members[0].config
@@ -284,9 +280,10 @@ class CoTrainer:
             routed(self.base.unet, route),
         ):
             with training_autocast(config, self.base.device):
-                prediction = self.base.unet(
-                    torch.cat(noisy), torch.cat(t), **_cat_inputs(inputs)
-                ).sample
+                # Text states of equal length for every member (one tokenizer length each).
+                prediction = family.denoise(
+                    self.base, self.base.unet, torch.cat(noisy), _cat_inputs(inputs)
+                )
             losses = [
                 training_loss(part, target, m.config)
                 for part, target, m in zip(
@@ -294,47 +291,6 @@ class CoTrainer:
                 )
             ]
             # Each job's loss scaled by its own scaler: a job's scales only see its own term.
-            scaled = [m.run.scaler.scale(loss) for m, loss in zip(members, losses, strict=True)]
-            torch.stack(scaled).sum().backward()
-        return losses
-
-    def _flow_forward_backward(
-        self, members: Sequence[_Member], batches: Sequence[Batch]
-    ) -> list[torch.Tensor]:
-        """:meth:`_forward_backward` for a transformer family (flow matching, routed by
-        sigma; ``batch.timesteps`` are sigmas)."""
-        family = self.base.family
-        noisy, targets, states, pooled, slots = [], [], [], [], []
-        for slot, (member, batch) in enumerate(zip(members, batches, strict=True)):
-            x, target, conditioning = flow_inputs(self.base, member.data, batch)
-            noisy.append(x)
-            targets.append(target)
-            states.append(conditioning.states)
-            pooled.append(family.pooled(conditioning))
-            slots += [slot] * batch.rows.shape[0]
-        adapters = [m.run.adapter for m in members if m.run.adapter is not None]
-        sigmas = torch.cat([b.timesteps for b in batches])
-        total = adapters[0].config.num_train_timesteps
-        route = route_adapters(adapters, family.tas_timesteps(sigmas, total), torch.tensor(slots))
-        for member in members:
-            member.run.optimizer.zero_grad(set_to_none=True)
-        config = members[0].config
-        # Text states of equal length for every family member (one tokenizer length each).
-        joined = Conditioning(torch.cat(states), torch.cat(pooled))
-        with (
-            cancel_checks(self.base.unet, self._any_canceled(members)),
-            routed(self.base.unet, route),
-        ):
-            with training_autocast(config, self.base.device):
-                prediction = family.predict(
-                    self.base, self.base.unet, torch.cat(noisy), sigmas, joined
-                )
-            losses = [
-                training_loss(part, target, m.config)
-                for part, target, m in zip(
-                    prediction.split([x.shape[0] for x in noisy]), targets, members, strict=True
-                )
-            ]
             scaled = [m.run.scaler.scale(loss) for m, loss in zip(members, losses, strict=True)]
             torch.stack(scaled).sum().backward()
         return losses
@@ -407,7 +363,8 @@ class CoTrainer:
 
 
 def _cat_inputs(inputs: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """The members' UNet conditioning (tensors, or dicts of tensors for SDXL) as one batch."""
+    """The members' model inputs (tensors, or dicts of tensors: SDXL's added conditioning)
+    as one batch."""
     merged: dict[str, Any] = {}
     for name, first in inputs[0].items():
         parts = [i[name] for i in inputs]

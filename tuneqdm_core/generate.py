@@ -5,28 +5,25 @@ adapter's slot of a :class:`~tuneqdm_core.routing.ScaleBank` (slot 0 is the plai
 at every step, the interval of the current timestep. Each image draws its initial noise from
 its own seeded generator, so a batch gives the images its requests give one by one.
 
-SDXL bases get SDXL's conditioning (:meth:`~tuneqdm_core.base.BaseModel.encode`): the pooled
-text embedding and the time ids of an uncropped image at the requested size, for the prompt
-and the negative prompt alike; an empty negative prompt is all-zero conditioning where the
-model asks for it (``force_zeros_for_empty_prompt``), as diffusers' SDXL pipeline does.
+The loop, its schedulers and the conditioning are the family's
+(:meth:`~tuneqdm_core.families.base.Family.generate`): the UNet families run their own loop
+(:mod:`tuneqdm_core.families.sd`, SDXL's added conditioning in :mod:`~tuneqdm_core.families.sdxl`),
+a transformer family its diffusers pipeline (:mod:`tuneqdm_core.families.flow`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 from PIL import Image
 
 from tuneqdm_core.adapter import Adapter
-from tuneqdm_core.base import BaseModel, time_ids
-from tuneqdm_core.cancel import cancel_checks
-from tuneqdm_core.images import to_pil
-from tuneqdm_core.routing import ScaleBank, routed
+from tuneqdm_core.base import BaseModel
+from tuneqdm_core.families.sd import SCHEDULERS as SCHEDULERS  # the UNet families' schedulers
+from tuneqdm_core.routing import ScaleBank
 
 # "auto": bf16 on CUDA (fp16 on GPUs without bf16), fp32 elsewhere. Sampling needs no
 # gradients, so half precision costs only rounding; the scales keep float32 (layers.py).
@@ -43,15 +40,6 @@ def autocast_dtype(precision: Precision, device: torch.device | str) -> torch.dt
             return None
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return _DTYPES.get(precision)
-
-
-SCHEDULERS: dict[str, Callable[[dict[str, Any]], Any]] = {
-    "ddim": lambda config: DDIMScheduler.from_config(config),
-    "dpmsolver++": lambda config: DPMSolverMultistepScheduler.from_config(
-        config, algorithm_type="dpmsolver++"
-    ),
-    "euler": lambda config: EulerDiscreteScheduler.from_config(config),
-}
 
 
 @dataclass(frozen=True)
@@ -79,21 +67,7 @@ class GeneratedImage:
 
 
 def check_request(base: BaseModel, request: GenerationRequest) -> None:
-    if base.family is not None:
-        base.family.check_request(base, request)
-        return
-    factor = base.vae_scale_factor
-    if request.scheduler not in SCHEDULERS:
-        raise ValueError(
-            f"scheduler {request.scheduler!r} unknown; choose from {sorted(SCHEDULERS)}"
-        )
-    if request.width % factor or request.height % factor or min(request.width, request.height) < 8:
-        raise ValueError(
-            f"width and height must be multiples of {factor} and at least 8, "
-            f"got {request.width}x{request.height}"
-        )
-    if request.num_images < 1 or request.steps < 1:
-        raise ValueError("num_images and steps must be at least 1")
+    base.family.check_request(base, request)
 
 
 @torch.no_grad()
@@ -113,30 +87,14 @@ def generate(
     ``should_cancel`` is asked before every UNet block (:mod:`tuneqdm_core.cancel`); when it
     returns true, :class:`~tuneqdm_core.cancel.Canceled` is raised within one UNet call."""
     dtype = autocast_dtype(precision, base.device)
-    if base.family is not None:  # a transformer family: through its diffusers pipeline
-        return base.family.generate(
-            base,
-            requests,
-            bank=bank,
-            on_step=on_step,
-            dtype=dtype,
-            should_cancel=should_cancel,
-        )
-    for request in requests:
-        check_request(base, request)
-    results: list[list[GeneratedImage]] = [[] for _ in requests]
-    groups: dict[tuple[int, int, int, str], list[int]] = {}
-    for index, request in enumerate(requests):
-        groups.setdefault(request.loop_key(), []).append(index)
-    for indices in groups.values():
-        autocast = (
-            torch.autocast(base.device.type, dtype=dtype) if dtype is not None else nullcontext()
-        )
-        with autocast, cancel_checks(base.unet, should_cancel):
-            images = _run_loop(base, [requests[i] for i in indices], bank, on_step)
-        for i, group_images in zip(indices, images, strict=True):
-            results[i] = group_images
-    return results
+    return base.family.generate(
+        base,
+        requests,
+        bank=bank,
+        on_step=on_step,
+        dtype=dtype,
+        should_cancel=should_cancel,
+    )
 
 
 def _slots_for(
@@ -162,60 +120,3 @@ def _slots_for(
         for r in requests
     ]
     return bank, slots
-
-
-def _run_loop(
-    base: BaseModel,
-    requests: Sequence[GenerationRequest],
-    bank: ScaleBank | None,
-    on_step: Callable[[int, int], None] | None,
-) -> list[list[GeneratedImage]]:
-    first = requests[0]
-    scheduler = SCHEDULERS[first.scheduler](base.scheduler_config)
-    scheduler.set_timesteps(first.steps, device=base.device)
-    bank, request_slots = _slots_for(base, requests, bank)
-
-    seeds, slots, prompts, negatives, guidance = [], [], [], [], []
-    for request, slot in zip(requests, request_slots, strict=True):
-        for i in range(request.num_images):
-            seeds.append(request.seed + i)
-            slots.append(slot)
-            prompts.append(request.prompt)
-            negatives.append(request.negative_prompt)
-            guidance.append(request.guidance_scale)
-    shape = (
-        base.latent_channels,
-        first.height // base.vae_scale_factor,
-        first.width // base.vae_scale_factor,
-    )
-    # One CPU generator per image: the same seed gives the same image in any batch.
-    noise = [torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
-    latents = torch.stack(noise).to(base.device) * scheduler.init_noise_sigma
-    conditioning = base.encode(negatives + prompts)
-    ids = None
-    if base.is_xl:
-        if base.zero_empty_negative:
-            empty = [n == "" for n in negatives] + [False] * len(prompts)
-            conditioning = conditioning.zeroed(torch.tensor(empty))
-        size = (first.height, first.width)
-        ids = torch.tensor([time_ids(size, (0, 0), size)] * (2 * len(prompts)))
-    inputs = base.unet_inputs(conditioning, ids)
-    scale = torch.tensor(guidance, device=base.device).view(-1, 1, 1, 1)
-    # Routes are worked out on the host (no synchronisation per step), where a batch whose
-    # samples share one adapter gets a uniform route, the layers' fast path.
-    route_slots, route_timesteps = slots + slots, scheduler.timesteps.tolist()
-    unet = base.unet
-    for step, t in enumerate(scheduler.timesteps):
-        model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-        with routed(unet, bank.route(route_timesteps[step], route_slots)):
-            uncond, cond = unet(model_input, t, **inputs).sample.chunk(2)
-        prediction = uncond + scale * (cond - uncond)
-        latents = scheduler.step(prediction, t, latents).prev_sample
-        if on_step is not None:
-            on_step(step + 1, len(scheduler.timesteps))
-    decoded = base.vae.decode(latents / base.vae.config.scaling_factor).sample
-    images = iter(zip(to_pil(decoded.float()), seeds, strict=True))
-    return [
-        [GeneratedImage(image, seed) for image, seed in (next(images) for _ in range(r.num_images))]
-        for r in requests
-    ]

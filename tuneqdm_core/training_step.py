@@ -12,13 +12,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from tuneqdm_core.adapter import Adapter, param_groups
 from tuneqdm_core.base import BaseModel, Conditioning
+from tuneqdm_core.families.sd import noisy_latents as noisy_latents  # SD's, re-exported
 from tuneqdm_core.finetune_config import FinetuneConfig, s_out_learning_rate
 from tuneqdm_core.routing import route_adapters, routed
-from tuneqdm_core.training_data import TrainingData, unet_inputs
+from tuneqdm_core.training_data import TrainingData
 
 
 @dataclass
@@ -50,10 +50,8 @@ def start_run(base: BaseModel, config: FinetuneConfig) -> TrainingRun:
     device = base.device
     adapter: Adapter | None = None
     unet = base.unet
-    if config.method == "full" and base.family is not None:
-        raise ValueError(f"method 'full' fine-tunes a UNet; {base.family.name} has a transformer")
     if config.method == "full":
-        unet = UNet2DConditionModel.from_pretrained(base.source, subfolder="unet").to(device)
+        unet = base.family.float_denoiser(base)
         unet.requires_grad_(True)
         params = list(unet.parameters())
         groups: list[dict[str, Any]] = [{"params": params, "lr": config.lr, "weight_decay": 1e-2}]
@@ -88,8 +86,9 @@ def draw_batch(
     schedule: Any = None,
 ) -> Batch:
     """Rows, noises and timesteps of one step, all from ``generator`` in a fixed order (what
-    makes a resumed run end with the same adapter). ``schedule`` (a transformer family's, see
-    :func:`training_schedule`): the timesteps are that family's training sigmas instead."""
+    makes a resumed run end with the same adapter). ``schedule`` (the family and its
+    scheduler, see :func:`training_schedule`): the family draws the timesteps (a transformer
+    family's are sigmas); without it, DDPM timesteps uniform in ``[0, total_t)``."""
     rows = torch.randint(0, data.instance, (config.batch_size,), generator=generator)
     if any(data.class_rows):
         # Each instance sample is paired with a class image of its own subject.
@@ -103,26 +102,10 @@ def draw_batch(
     if schedule is not None:
         family, scheduler = schedule
         return Batch(
-            rows, noise, latent_noise, family.draw_sigmas(rows.shape[0], generator, scheduler)
+            rows, noise, latent_noise, family.draw_timesteps(rows.shape[0], generator, scheduler)
         )
     timesteps = torch.randint(0, total_t, (rows.shape[0],), generator=generator)
     return Batch(rows, noise, latent_noise, timesteps)
-
-
-def noisy_latents(
-    base: BaseModel, data: TrainingData, batch: Batch, noise_scheduler: Any
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(noisy latents, timesteps, target) on the device: a latent sampled from each image's
-    VAE posterior, noised at its timestep; the target is ε or v by the scheduler's type."""
-    device = base.device
-    latents = data.mean[batch.rows] + data.std[batch.rows] * batch.latent_noise.to(device)
-    latents = latents * base.vae.config.scaling_factor
-    noise = batch.noise.to(device)
-    t = batch.timesteps.to(device)
-    noisy = noise_scheduler.add_noise(latents, noise, t)
-    if noise_scheduler.config.prediction_type == "epsilon":
-        return noisy, t, noise
-    return noisy, t, noise_scheduler.get_velocity(latents, noise, t)
 
 
 def training_autocast(config: FinetuneConfig, device: torch.device) -> Any:
@@ -160,10 +143,7 @@ def _optimizer_step(run: TrainingRun, loss: torch.Tensor, max_grad_norm: float) 
 
 def training_schedule(base: BaseModel) -> tuple[Any, int, Any]:
     """(noise scheduler, its training timesteps, the family schedule :func:`draw_batch`
-    takes: None for a UNet base)."""
-    if base.family is None:
-        scheduler = DDPMScheduler.from_config(base.scheduler_config)
-        return scheduler, int(scheduler.config.num_train_timesteps), None
+    takes)."""
     scheduler = base.family.training_scheduler(base)
     return scheduler, int(scheduler.config.num_train_timesteps), (base.family, scheduler)
 
@@ -173,28 +153,7 @@ def flow_inputs(
 ) -> tuple[torch.Tensor, torch.Tensor, Conditioning]:
     """A transformer family's (noisy latents, target, conditioning) of a batch drawn with its
     schedule (``batch.timesteps`` are sigmas)."""
-    device = base.device
-    sample = data.mean[batch.rows] + data.std[batch.rows] * batch.latent_noise.to(device)
-    latents = base.family.latents(base, sample)
-    noisy, target = base.family.noised(latents, batch.noise.to(device), batch.timesteps)
-    conditioning = Conditioning(data.embeds, data.pooled)[data.prompt_of[batch.rows]]
-    return noisy, target, conditioning
-
-
-def _flow_step(
-    base: BaseModel, run: TrainingRun, data: TrainingData, batch: Batch, config: FinetuneConfig
-) -> float:
-    """:func:`train_step` for a transformer family: flow matching, routed by sigma."""
-    noisy, target, conditioning = flow_inputs(base, data, batch)
-    assert run.adapter is not None
-    total = run.adapter.config.num_train_timesteps
-    route = route_adapters([run.adapter], base.family.tas_timesteps(batch.timesteps, total))
-    with routed(base.unet, route):
-        with training_autocast(config, base.device):
-            prediction = base.family.predict(base, run.unet, noisy, batch.timesteps, conditioning)
-        loss = training_loss(prediction, target, config)
-        _optimizer_step(run, loss, config.max_grad_norm)
-    return float(loss.detach())
+    return base.family.flow_inputs(base, data, batch)
 
 
 def train_step(
@@ -206,14 +165,16 @@ def train_step(
     config: FinetuneConfig,
 ) -> float:
     """One optimizer step on ``batch``; returns its loss."""
-    if base.family is not None:
-        return _flow_step(base, run, data, batch, config)
-    noisy, t, target = noisy_latents(base, data, batch, noise_scheduler)
-    route = None if run.adapter is None else route_adapters([run.adapter], batch.timesteps)
+    family = base.family
+    noisy, target, inputs = family.training_inputs(base, data, batch, noise_scheduler)
+    route = None
+    if run.adapter is not None:
+        total = run.adapter.config.num_train_timesteps
+        route = route_adapters([run.adapter], family.tas_timesteps(batch.timesteps, total))
     # The backward stays inside: checkpointing reads the route again there.
     with routed(base.unet, route):
         with training_autocast(config, base.device):
-            prediction = run.unet(noisy, t, **unet_inputs(base, data, batch.rows)).sample
+            prediction = family.denoise(base, run.unet, noisy, inputs)
         loss = training_loss(prediction, target, config)
         _optimizer_step(run, loss, config.max_grad_norm)
     return float(loss.detach())

@@ -43,8 +43,7 @@ def loaded_info(settings: Settings, base: BaseModel) -> BaseInfo:
     """The description of the model as loaded (also right for a hub id): the same rules as a
     folder's (app.bases.describe_configs), read from the loaded denoiser's config (a UNet's,
     or a transformer family's) instead of its JSON file."""
-    unet_family: Family = "sdxl" if base.is_xl else "sd"
-    family: Family = base.family.name if base.family is not None else unet_family
+    family: Family = base.family.name
     denoiser = dict(base.unet.config)
     if isinstance(denoiser.get("sample_size"), tuple):
         denoiser["sample_size"] = list(denoiser["sample_size"])

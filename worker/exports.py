@@ -156,7 +156,7 @@ def _write(
         "base_model": adapter.base_model,
     }
     family = base.family
-    if family is not None:
+    if family.denoiser == "transformer":
         # A transformer family (as `tuneqdm export`): its float transformer, the LoRA key
         # prefix its pipeline's load_lora_weights reads, and the share of training each
         # interval had (the "mean" interval's weights). The API offers it lora and merged.

@@ -38,7 +38,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     base = base_from_args(args)
     adapter = load_adapter(args.adapter, base.unet)
     out = Path(args.out)
-    if base.family is None:
+    if base.family.denoiser == "unet":
         pipeline = None
         if options.format == "merged-checkpoint":
             pipeline = load_float_pipeline(args.model)

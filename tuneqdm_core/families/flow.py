@@ -43,6 +43,7 @@ from diffusers import (
 )
 
 from tuneqdm_core.cancel import cancel_checks
+from tuneqdm_core.families.base import Family
 from tuneqdm_core.layers import QuantLinear
 from tuneqdm_core.model import QuantConfig, StorageMode, quantize_, set_storage_mode
 from tuneqdm_core.routing import ScaleBank, set_route
@@ -50,6 +51,8 @@ from tuneqdm_core.routing import ScaleBank, set_route
 if TYPE_CHECKING:
     from tuneqdm_core.base import BaseModel, Conditioning
     from tuneqdm_core.generate import GeneratedImage, GenerationRequest
+    from tuneqdm_core.training_data import TrainingData
+    from tuneqdm_core.training_step import Batch
 
 # A sigma moved up by this much before ⌊σ·n⌋: the pipelines compute the transformer's
 # timestep in float32 (FLUX divides t = 1000·σ by 1000 again), which may land a hair below
@@ -126,10 +129,11 @@ def quantize_text_encoder(encoder: torch.nn.Module, bits: int) -> None:
             setattr(module, "weight", None)  # noqa: B010 - not a Parameter
 
 
-class FlowFamily:
+class FlowFamily(Family):
     """A flow-matching transformer family; subclasses say what differs (module docstring)."""
 
     name = ""
+    denoiser = "transformer"
     pipeline_names: tuple[str, ...] = ()
     density = Density()
     # Components of the diffusers pipeline besides the transformer.
@@ -155,8 +159,8 @@ class FlowFamily:
         device: torch.device,
         storage_mode: StorageMode,
         cache: Path | None = None,
-        text_encoder_bits: int | None = None,
         config: str | None = None,
+        text_encoder_bits: int | None = None,
     ) -> BaseModel:
         """The float pipeline from a folder or hub id, its transformer quantized (every
         ``nn.Linear``; the patch embedding's conv too), the VAE and text encoders frozen.
@@ -263,6 +267,11 @@ class FlowFamily:
         indices = (u * total).long().clamp(0, total - 1)
         return scheduler.sigmas[indices].to(torch.float64)
 
+    def draw_timesteps(
+        self, count: int, generator: torch.Generator, scheduler: Any
+    ) -> torch.Tensor:
+        return self.draw_sigmas(count, generator, scheduler)
+
     def interval_shares(self, base: BaseModel, intervals: int) -> list[float]:
         """The share of training draws in each of ``intervals`` intervals (exact, from the
         density's CDF over the training scheduler's sigmas): the weights of an export's
@@ -304,6 +313,39 @@ class FlowFamily:
         """(noisy input, target) of flow matching."""
         sigma = sigmas.to(latents.device, latents.dtype).view(-1, 1, 1, 1)
         return (1 - sigma) * latents + sigma * noise, noise - latents
+
+    def flow_inputs(
+        self, base: BaseModel, data: TrainingData, batch: Batch
+    ) -> tuple[torch.Tensor, torch.Tensor, Conditioning]:
+        """(noisy latents, target, conditioning) of a batch drawn with the family's schedule
+        (``batch.timesteps`` are sigmas)."""
+        from tuneqdm_core.base import Conditioning
+
+        device = base.device
+        sample = data.mean[batch.rows] + data.std[batch.rows] * batch.latent_noise.to(device)
+        latents = self.latents(base, sample)
+        noisy, target = self.noised(latents, batch.noise.to(device), batch.timesteps)
+        conditioning = Conditioning(data.embeds, data.pooled)[data.prompt_of[batch.rows]]
+        return noisy, target, conditioning
+
+    def training_inputs(
+        self, base: BaseModel, data: TrainingData, batch: Batch, scheduler: Any
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        noisy, target, conditioning = self.flow_inputs(base, data, batch)
+        inputs = {
+            "sigmas": batch.timesteps,
+            "states": conditioning.states,
+            "pooled": self.pooled(conditioning),
+        }
+        return noisy, target, inputs
+
+    def denoise(
+        self, base: BaseModel, model: Any, noisy: torch.Tensor, inputs: dict[str, Any]
+    ) -> torch.Tensor:
+        from tuneqdm_core.base import Conditioning
+
+        conditioning = Conditioning(inputs["states"], inputs["pooled"])
+        return self.predict(base, model, noisy, inputs["sigmas"], conditioning)
 
     def predict(
         self,
