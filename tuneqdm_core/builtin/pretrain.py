@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +61,20 @@ class PretrainConfig:
     max_minutes: float = 0.0
 
 
-def _lr_factor(step: int, progress: float, config: PretrainConfig) -> float:
+class Schedule(Protocol):
+    """What the shared training loop reads of a config (PretrainConfig, FluxPretrainConfig)."""
+
+    @property
+    def steps(self) -> int: ...
+    @property
+    def lr(self) -> float: ...
+    @property
+    def warmup(self) -> int: ...
+    @property
+    def ema_decay(self) -> float: ...
+
+
+def _lr_factor(step: int, progress: float, config: Schedule) -> float:
     """Linear warm-up, then cosine decay to a tenth over ``progress`` (0 → 1)."""
     if step < config.warmup:
         return (step + 1) / config.warmup
@@ -81,6 +94,50 @@ def _tokens(tokenizer: Any, caption: str, cache: dict[str, torch.Tensor]) -> tor
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     for e, p in zip(ema.parameters(), model.parameters(), strict=True):
         e.lerp_(p, 1 - decay)
+
+
+def train_loop(
+    models: torch.nn.Module,
+    ema: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    config: Schedule,
+    loss_of_batch: Callable[[], torch.Tensor],
+    start: float,
+    deadline: float,
+    log: Callable[[str], None],
+) -> tuple[int, list[float]]:
+    """The steps every built-in model trains with: ``loss_of_batch()`` (a fresh batch's loss)
+    under AdamW's learning rate with warm-up and cosine decay over the step budget or the time
+    limit (``deadline``, ``perf_counter`` seconds), whichever ends first, gradients clipped at
+    1, the moving average ``ema`` of ``models`` updated after each step. Returns (steps done,
+    losses)."""
+    losses: list[float] = []
+    pending: list[torch.Tensor] = []  # read back in groups: a sync per step slows a GPU
+    step, phase_start = 0, time.perf_counter()
+    while step < config.steps and time.perf_counter() < deadline:
+        # The schedule ends at whichever comes first, the last step or the time limit.
+        progress = step / config.steps
+        if deadline < math.inf:
+            progress = max(progress, (time.perf_counter() - phase_start) / (deadline - phase_start))
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * _lr_factor(step, progress, config)
+        loss = loss_of_batch()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(models.parameters(), 1.0)
+        optimizer.step()
+        # Warm the average up so that short runs are not dominated by the random init.
+        _ema_update(ema, models, min(config.ema_decay, (1 + step) / (10 + step)))
+        pending.append(loss.detach())
+        step += 1
+        if step % 100 == 0 or step == config.steps:
+            losses += torch.stack(pending).tolist()
+            pending.clear()
+            recent = sum(losses[-100:]) / len(losses[-100:])
+            elapsed = time.perf_counter() - start
+            log(f"step {step}/{config.steps} loss {recent:.4f} ({elapsed:.0f} s)")
+    losses += torch.stack(pending).tolist() if pending else []
+    return step, losses
 
 
 def _train_vae(
@@ -153,17 +210,9 @@ def pretrain(
     optimizer = torch.optim.AdamW(models.parameters(), lr=config.lr, weight_decay=1e-2)
     noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
     scaling = pipeline.vae.config.scaling_factor
-    losses: list[float] = []
-    pending: list[torch.Tensor] = []  # read back in groups: a sync per step slows a GPU
     token_cache: dict[str, torch.Tensor] = {}
-    step, phase_start = 0, time.perf_counter()
-    while step < config.steps and time.perf_counter() < deadline:
-        # The schedule ends at whichever comes first, the last step or the time limit.
-        progress = step / config.steps
-        if deadline < math.inf:
-            progress = max(progress, (time.perf_counter() - phase_start) / (deadline - phase_start))
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr * _lr_factor(step, progress, config)
+
+    def loss_of_batch() -> torch.Tensor:
         pixels, captions = sampler.batch(config.batch_size)
         with torch.no_grad():
             latents = pipeline.vae.encode(pixels.to(dev)).latent_dist.sample() * scaling
@@ -174,31 +223,46 @@ def pretrain(
         )
         noisy = noise_scheduler.add_noise(latents, noise, t)
         prediction = unet(noisy, t, encoder_hidden_states=text_encoder(tokens)[0]).sample
-        loss = F.mse_loss(prediction, noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(models.parameters(), 1.0)
-        optimizer.step()
-        # Warm the average up so that short runs are not dominated by the random init.
-        _ema_update(ema, models, min(config.ema_decay, (1 + step) / (10 + step)))
-        pending.append(loss.detach())
-        step += 1
-        if step % 100 == 0 or step == config.steps:
-            losses += torch.stack(pending).tolist()
-            pending.clear()
-            recent = sum(losses[-100:]) / len(losses[-100:])
-            elapsed = time.perf_counter() - start
-            log(f"step {step}/{config.steps} loss {recent:.4f} ({elapsed:.0f} s)")
+        return F.mse_loss(prediction, noise)
 
-    losses += torch.stack(pending).tolist() if pending else []
+    step, losses = train_loop(models, ema, optimizer, config, loss_of_batch, start, deadline, log)
     models.load_state_dict(ema.state_dict())
     pipeline.to("cpu")
     out = Path(out)
     save_pipeline(pipeline, out, FASHION_WORDS)
-    record = {
+    record = make_record(
+        earlier,
+        config,
+        step,
+        dev,
+        start,
+        vae_seconds,
+        vae_losses,
+        losses,
+        {"unet": unet, "vae": pipeline.vae, "text": text_encoder},
+    )
+    (out / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    write_checksums(out)
+    return record
+
+
+def make_record(
+    earlier: dict[str, Any] | None,
+    config: Any,
+    steps_done: int,
+    dev: torch.device,
+    start: float,
+    vae_seconds: float,
+    vae_losses: list[float],
+    losses: list[float],
+    parts: dict[str, torch.nn.Module],
+) -> dict[str, Any]:
+    """The ``pretrain.json`` record of a run: what it continued, its config, where it ran,
+    how long, its first and last losses and the parameter count of each part."""
+    return {
         "continues": earlier,
         "config": asdict(config),
-        "steps_done": step,
+        "steps_done": steps_done,
         "device": (
             torch.cuda.get_device_name(dev)
             if dev.type == "cuda"
@@ -211,13 +275,9 @@ def pretrain(
         "loss_first100": sum(losses[:100]) / max(1, len(losses[:100])),
         "loss_last100": sum(losses[-100:]) / max(1, len(losses[-100:])),
         "parameters": {
-            name: sum(p.numel() for p in module.parameters())
-            for name, module in [("unet", unet), ("vae", pipeline.vae), ("text", text_encoder)]
+            name: sum(p.numel() for p in module.parameters()) for name, module in parts.items()
         },
     }
-    (out / RECORD).write_text(json.dumps(record, indent=2) + "\n")
-    write_checksums(out)
-    return record
 
 
 def _load_pipeline(model_dir: str | Path) -> StableDiffusionPipeline:
@@ -283,6 +343,11 @@ def sample_grid(
         guidance_scale=guidance,
         generator=torch.Generator().manual_seed(0),
     ).images
+    return scene_grid(images)
+
+
+def scene_grid(images: list[Image.Image]) -> Image.Image:
+    """The images of :data:`SAMPLE_SCENES`, one row per garment class."""
     columns = len(SAMPLE_SCENES) // len(CLASSES)
     grid = Image.new("RGB", (columns * SIZE, len(CLASSES) * SIZE))
     for i, image in enumerate(images):

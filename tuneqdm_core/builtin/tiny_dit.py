@@ -65,14 +65,16 @@ def t5_tokenizer(words: tuple[str, ...] = WORDS, max_length: int = 512) -> T5Tok
     )
 
 
-def _t5(width: int, vocab: int) -> T5EncoderModel:
+def t5_encoder(width: int, vocab: int, layers: int = 2) -> T5EncoderModel:
+    """A T5 encoder of ``layers`` layers of ``width`` (4 heads of 8, relative positions in 8
+    buckets) over ``vocab`` ids (:func:`t5_tokenizer`'s)."""
     return T5EncoderModel(
         T5Config(
             vocab_size=vocab,
             d_model=width,
             d_kv=8,
             d_ff=2 * width,
-            num_layers=2,
+            num_layers=layers,
             num_heads=4,
             relative_attention_num_buckets=8,
             pad_token_id=0,
@@ -110,7 +112,7 @@ def build_tiny_flux(seed: int = 0, resolution: int = 32) -> FluxPipeline:
     vocab, _ = tokenizer_files(WORDS)
     text_encoder = CLIPTextModel(text_config(vocab, 32, 2))
     t5_tok = t5_tokenizer()
-    text_encoder_2 = _t5(32, len(t5_tok))
+    text_encoder_2 = t5_encoder(32, len(t5_tok))
     vae = _vae(4, resolution, shift=0.1159, scale=0.3611)
     transformer = FluxTransformer2DModel(
         patch_size=1,
@@ -152,7 +154,7 @@ def build_tiny_sd3(seed: int = 0, resolution: int = 32) -> StableDiffusion3Pipel
     text_encoder = CLIPTextModelWithProjection(text_config(vocab, 16, 2, projection_dim=16))
     text_encoder_2 = CLIPTextModelWithProjection(text_config(vocab, 16, 2, projection_dim=16))
     t5_tok = t5_tokenizer()
-    text_encoder_3 = _t5(32, len(t5_tok))
+    text_encoder_3 = t5_encoder(32, len(t5_tok))
     vae = _vae(4, resolution, shift=0.0609, scale=1.5305)
     transformer = SD3Transformer2DModel(
         sample_size=resolution // 2,

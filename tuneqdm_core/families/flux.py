@@ -24,6 +24,14 @@ if TYPE_CHECKING:
     from tuneqdm_core.generate import GenerationRequest
 
 MAX_SEQUENCE_LENGTH = 512  # FluxPipeline's default
+
+
+def sequence_length(tokenizer_2: Any) -> int:
+    """T5's padded prompt length: FluxPipeline's 512, or less where the T5 tokenizer says so
+    (FLUX.1's says 512; the built-in models/fashion-flux 32, the length it was trained at)."""
+    return min(MAX_SEQUENCE_LENGTH, int(getattr(tokenizer_2, "model_max_length", 512)))
+
+
 TRAIN_GUIDANCE = 1.0
 
 
@@ -74,7 +82,7 @@ class Flux(FlowFamily):
         clip, t5 = base.text_encoder, base.text_encoder_2
         tokens = self._tokens(base.tokenizer, prompts, base.tokenizer.model_max_length)
         pooled = clip(tokens.to(clip.device), output_hidden_states=False).pooler_output
-        tokens = self._tokens(base.tokenizer_2, prompts, MAX_SEQUENCE_LENGTH)
+        tokens = self._tokens(base.tokenizer_2, prompts, sequence_length(base.tokenizer_2))
         states = t5(tokens.to(t5.device), output_hidden_states=False)[0]
         return Conditioning(states.to(base.device), pooled.to(base.device))
 
@@ -123,7 +131,7 @@ class Flux(FlowFamily):
         return {
             "prompt_embeds": conditioning.states[which],
             "pooled_prompt_embeds": self.pooled(conditioning)[which],
-            "max_sequence_length": MAX_SEQUENCE_LENGTH,
+            "max_sequence_length": sequence_length(base.tokenizer_2),
         }
 
 
