@@ -40,7 +40,9 @@ class FinetuneParams(BaseModel):
         description="Timestep intervals, one scale set each (default 1: more measured no "
         "better on the built-in model; peqa and full use exactly 1).",
     )
-    steps: int = Field(default=400, ge=1, le=5000)
+    # tuneqdm_core's DEFAULT_STEPS (the API image has no torch; tests/worker/test_options.py
+    # checks the two agree).
+    steps: int = Field(default=300, ge=1, le=5000)
     # The core's defaults (tuneqdm_core.finetune.FinetuneConfig): s_out lives on the scale of
     # the base's quantization step, s_in around 1 (docs/method.md).
     lr_s_out: float | None = Field(

@@ -198,6 +198,9 @@ function applySizes() {
     $(id).title = `${base.name}: ${min}–${max} px, multiples of 8; empty: its native ${base.sizes.default} px`;
     $(id).dataset.base = base.name;
   }
+  // The fine-tune's default steps, from the same base (GET /v1/bases `finetune`).
+  const base = baseNamed($("base").value);
+  if (base?.finetune) $("steps").placeholder = `${base.finetune.steps} (default)`;
 }
 $("base").addEventListener("change", applySizes);
 $("gen-adapter").addEventListener("change", applySizes);

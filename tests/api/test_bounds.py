@@ -93,10 +93,10 @@ def test_budgets_refuse_with_the_limit_and_setting_and_store_nothing(
     _use(client, settings, max_finetune_cost=800, max_generation_cost=120)
     t = make_tenant(session)
     # At the limit: 400 steps × batch 1 × 2 (prior preservation) = 800.
-    at_limit = {"class_prompt": "a photo of a dog"}
+    at_limit = {"class_prompt": "a photo of a dog", "params": json.dumps({"steps": 400})}
     assert post_finetune(client, t.headers, data=at_limit).status_code == 202
     before = snapshot(session, storage)
-    over = {**at_limit, "params": json.dumps({"resolution": 40})}
+    over = {**at_limit, "params": json.dumps({"steps": 400, "resolution": 40})}
     r = post_finetune(client, t.headers, data=over)
     assert r.status_code == 422
     assert r.json()["detail"] == (

@@ -133,7 +133,7 @@ def test_finetune_defaults_follow_the_family(
     row = session.get(FinetuneJob, r.json()["id"])
     # Half FLUX's native 1024 px, as diffusers' DreamBooth script for FLUX trains.
     assert row is not None and row.params["resolution"] == 512
-    assert r.json()["params"]["steps"] == 400
+    assert r.json()["params"]["steps"] == 300
     sent = {"resolution": 1000}
     r = post_finetune(client, headers, data={"base": DEV.name, "params": json.dumps(sent)})
     assert r.status_code == 422
@@ -160,7 +160,7 @@ def test_the_base_shows_its_family_rules_and_defaults(
         "negative_prompt": False,
     }
     assert base["finetune"] == {
-        "steps": 400,
+        "steps": 300,
         "lr_s_in": 1e-3,
         "lr_s_out": None,
         "batch_size": 1,
@@ -213,4 +213,4 @@ def test_a_family_override_fills_only_what_the_params_omit() -> None:
     params = parse_params('{"steps": 8, "validation_prompts": ["x"]}', {"steps": 100})
     assert (params.steps, params.sample_every) == (8, 2)
     assert parse_params(None, {"lr_s_in": 0.01}).lr_s_in == 0.01
-    assert parse_params(None).steps == 400
+    assert parse_params(None).steps == 300

@@ -160,7 +160,7 @@ def test_params_defaults_per_method(client: TestClient, session: Session) -> Non
     assert r.status_code == 202, r.text
     assert r.json()["params"]["intervals"] == 1
     # resolution: the base's native size (the built-in model's 32 px), stored resolved.
-    assert r.json()["params"]["steps"] == 400 and r.json()["params"]["resolution"] == 32
+    assert r.json()["params"]["steps"] == 300 and r.json()["params"]["resolution"] == 32
 
 
 def test_enqueue_failure_leaves_nothing(

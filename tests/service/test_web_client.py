@@ -341,6 +341,7 @@ def test_web_page_happy_path_and_bad_upload(service: Service, browser: Any, tmp_
         assert find(field).get_attribute("min") == str(sizes["min"]), field
         assert find(field).get_attribute("max") == str(sizes["max"]), field
         assert find(field).get_attribute("placeholder") == f"{sizes['default']} (native)", field
+    assert find("steps").get_attribute("placeholder") == f"{listed['finetune']['steps']} (default)"
 
     # The happy path: photos with previews, a few steps at 32 px, watched to success.
     find("photos").clear()
