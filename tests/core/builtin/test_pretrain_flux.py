@@ -23,7 +23,7 @@ from tuneqdm_core.builtin.pretrain_flux import (
     pretrain_flux,
     sample_grid_flux,
 )
-from tuneqdm_core.builtin.scenes import SIZE, SceneSampler, load_fashion, shrink
+from tuneqdm_core.builtin.scenes import SIZE, SceneSampler, background_of, load_fashion, shrink
 from tuneqdm_core.cli import main
 from tuneqdm_core.families.flux import FLUX
 from tuneqdm_core.generate import GenerationRequest, generate
@@ -119,3 +119,38 @@ def test_pretrain_flux_options(tmp_path: Path) -> None:
         main(["pretrain", str(tmp_path / "m"), "--family", "flux", "--vae-steps", "3"])
     with pytest.raises(SystemExit, match="--init-vae is for --family flux"):
         main(["pretrain", str(tmp_path / "m"), "--init-vae", str(BUILTIN_MODEL)])
+
+
+FLUX_MODEL = BUILTIN_MODEL.parent / "fashion-flux"
+
+
+def test_shipped_flux_model_matches_its_checksums_and_record() -> None:
+    assert verify_checksums(FLUX_MODEL) == []
+    record = json.loads((FLUX_MODEL / "pretrain.json").read_text())
+    # One hour-long CPU run (docs/builtin-model.md has the command).
+    assert record["family"] == "flux" and record["steps_done"] > 3000
+    assert record["vae_from"] == "models/fashion-sd"
+    assert main(["check-model", str(FLUX_MODEL)]) == 0
+    assert sum(f.stat().st_size for f in FLUX_MODEL.rglob("*") if f.is_file()) < 25e6
+
+
+def test_shipped_flux_model_draws_the_background_it_is_asked_for() -> None:
+    """What the CPU run reached: the colour named in the prompt is the colour drawn, with
+    classifier-free guidance through FluxPipeline as its sample grid draws."""
+    pipeline = FluxPipeline.from_pretrained(FLUX_MODEL, local_files_only=True)
+    pipeline.set_progress_bar_config(disable=True)
+    colours = ["red", "blue", "yellow", "white"]
+    prompts = [f"a photo of a bag on a {colour} background" for colour in colours]
+    images = pipeline(
+        prompts,
+        negative_prompt=[""] * len(prompts),
+        true_cfg_scale=4.0,
+        guidance_scale=1.0,
+        height=SIZE,
+        width=SIZE,
+        num_inference_steps=15,
+        max_sequence_length=pipeline.tokenizer_2.model_max_length,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+    ).images
+    assert [background_of(image * 2 - 1) for image in images] == colours
