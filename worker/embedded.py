@@ -154,11 +154,20 @@ def _wait_healthy(url: str, api: subprocess.Popen[bytes], timeout: float = 120) 
 def _worker_env(settings: Settings) -> tuple[dict[str, str], Path]:
     """The worker's environment with a ready file (its own TUNEQDM_WORKER_READY_FILE where
     set): the worker then loads the base as soon as it starts and creates the file when it is
-    loaded (worker/bases.py). A file left by an earlier run is removed first."""
+    loaded (worker/bases.py). A file left by an earlier run is removed first. The built-in
+    model is kept resident and run on one thread unless TUNEQDM_STORAGE_MODE and
+    TUNEQDM_TORCH_THREADS say otherwise."""
     ready = settings.worker_ready_file or settings.data_dir / READY_FILE
     ready = ready.resolve()
     ready.unlink(missing_ok=True)
-    return {**os.environ, "TUNEQDM_WORKER_READY_FILE": str(ready)}, ready
+    env = {**os.environ, "TUNEQDM_WORKER_READY_FILE": str(ready)}
+    if not settings.model:
+        # The built-in model's dequantized copy is 18 MB and saves every pass its
+        # dequantization; and its layers are too small for two threads to share: one thread
+        # steps in 0.13 s where two take 0.21 on a 2-core CPU (docs/benchmarks.md).
+        env.setdefault("TUNEQDM_STORAGE_MODE", "resident")
+        env.setdefault("TUNEQDM_TORCH_THREADS", "1")
+    return env, ready
 
 
 def _wait_loaded(ready: Path, worker: subprocess.Popen[bytes], timeout: float) -> bool:
