@@ -155,7 +155,7 @@ FINETUNE_CASES = [
     Case(
         "sample_every too often",
         422,
-        "sample_every=1 makes 400 sets of progress images",
+        "sample_every=1 makes 300 sets of progress images",
         form={"params": json.dumps({"sample_every": 1, **FOUR_PROMPTS})},
     ),
     Case(
