@@ -265,7 +265,7 @@ def _checkpoint_is_xl(source: str) -> bool:
     return any(k.startswith(XL_CHECKPOINT_KEY) for k in keys)
 
 
-def _pipeline_index(source: str) -> dict[str, Any]:
+def pipeline_index(source: str) -> dict[str, Any]:
     """A diffusers folder's or hub id's ``model_index.json`` (which parts the pipeline has)."""
     index = Path(source) / "model_index.json"
     if index.is_file():
@@ -299,9 +299,9 @@ def family_of_source(source: str, config: str | None = None) -> Family:
         transformer = family_of_file(source, config)  # a FLUX or SD3 transformer file
         if transformer is not None:
             return transformer
-        xl = _index_is_xl(_pipeline_index(config)) if config else _checkpoint_is_xl(source)
+        xl = _index_is_xl(pipeline_index(config)) if config else _checkpoint_is_xl(source)
         return SDXL if xl else SD
-    family = family_of_index(_pipeline_index(source))
+    family = family_of_index(pipeline_index(source))
     if family is not None:
         return family
     return SDXL if _unet_is_xl(source) else SD

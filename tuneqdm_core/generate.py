@@ -97,7 +97,7 @@ def generate(
     )
 
 
-def _slots_for(
+def slots_for(
     base: BaseModel, requests: Sequence[GenerationRequest], bank: ScaleBank | None
 ) -> tuple[ScaleBank, list[int]]:
     adapters: list[Adapter] = []

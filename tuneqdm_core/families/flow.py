@@ -408,7 +408,7 @@ class FlowFamily(Family):
     ) -> list[list[GeneratedImage]]:
         """Images for each request through the family's diffusers pipeline, requests grouped
         by steps, size, scheduler and guidance (what one pipeline call shares)."""
-        from tuneqdm_core.generate import GeneratedImage, _slots_for
+        from tuneqdm_core.generate import GeneratedImage, slots_for
 
         for request in requests:
             self.check_request(base, request)
@@ -418,7 +418,7 @@ class FlowFamily(Family):
             groups.setdefault((*request.loop_key(), request.guidance_scale), []).append(index)
         for indices in groups.values():
             group = [requests[i] for i in indices]
-            bank, request_slots = _slots_for(base, group, bank)
+            bank, request_slots = slots_for(base, group, bank)
             rows, slots, seeds = [], [], []
             for request, slot in zip(group, request_slots, strict=True):
                 for i in range(request.num_images):

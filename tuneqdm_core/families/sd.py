@@ -310,12 +310,12 @@ class UNetFamily(Family):
         bank: ScaleBank | None,
         on_step: Callable[[int, int], None] | None,
     ) -> list[list[GeneratedImage]]:
-        from tuneqdm_core.generate import GeneratedImage, _slots_for
+        from tuneqdm_core.generate import GeneratedImage, slots_for
 
         first = requests[0]
         scheduler = SCHEDULERS[first.scheduler](base.scheduler_config)
         scheduler.set_timesteps(first.steps, device=base.device)
-        bank, request_slots = _slots_for(base, requests, bank)
+        bank, request_slots = slots_for(base, requests, bank)
 
         seeds, slots, prompts, negatives, guidance = [], [], [], [], []
         for request, slot in zip(requests, request_slots, strict=True):

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
-from tuneqdm_core.base import BaseModel, Conditioning, _pipeline_index, time_ids
+from tuneqdm_core.base import BaseModel, Conditioning, pipeline_index, time_ids
 from tuneqdm_core.families.sd import UNetFamily
 
 
@@ -35,7 +35,7 @@ class SDXLFamily(UNetFamily):
         ).to(device)
         tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2")
         # The SDXL pipeline's default is True; SD 1.x/2.x pipelines have no such option.
-        zero_empty = bool(_pipeline_index(source).get("force_zeros_for_empty_prompt", True))
+        zero_empty = bool(pipeline_index(source).get("force_zeros_for_empty_prompt", True))
         return encoder, tokenizer, zero_empty
 
     def encode(self, base: BaseModel, prompts: list[str]) -> Conditioning:

@@ -103,7 +103,7 @@ def family_of_file(path: str, config: str | None) -> FlowFamily | None:
     """The transformer family of the checkpoint file ``path`` read with ``config`` (None: a UNet
     checkpoint); raises ValueError when the file needs a config it was not given, or when the
     file and the config are of different families."""
-    from tuneqdm_core.base import _pipeline_index
+    from tuneqdm_core.base import pipeline_index
     from tuneqdm_core.families import family_of_index
 
     keys = checkpoint_keys(path)
@@ -117,7 +117,7 @@ def family_of_file(path: str, config: str | None) -> FlowFamily | None:
             "text encoders, tokenizers, scheduler and the transformer's config (load_base(..., "
             "config=FOLDER), the CLI's --config FOLDER, or TUNEQDM_SINGLE_FILE_CONFIG=FOLDER)"
         )
-    by_index = family_of_index(_pipeline_index(config))
+    by_index = family_of_index(pipeline_index(config))
     if by_index is None:
         if by_keys is not None:
             raise ValueError(
