@@ -102,6 +102,9 @@ class BaseModel:
     # says SD or SDXL. For a transformer family, ``unet`` holds the quantized transformer (the
     # denoiser every family-blind part works on).
     family: Any = None
+    # How generation guides the denoiser: "cfg" (classifier-free, against a negative prompt),
+    # "embedded" (FLUX.1 [dev]'s distilled guidance embedding) or "none" (FLUX.1 [schnell]).
+    guidance: str = "cfg"
 
     def __post_init__(self) -> None:
         if self.family is None:

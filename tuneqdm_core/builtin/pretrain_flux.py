@@ -74,7 +74,7 @@ from tuneqdm_core.builtin.pretrain import (
 )
 from tuneqdm_core.builtin.scenes import DATA_DIR, SIZE, SceneSampler, load_fashion, shrink
 from tuneqdm_core.builtin.tiny_dit import t5_encoder, t5_tokenizer
-from tuneqdm_core.families.flux import FLUX, TRAIN_GUIDANCE
+from tuneqdm_core.families.flux import FLUX, GUIDANCE_KEY, TRAIN_GUIDANCE
 from tuneqdm_core.model import QuantConfig
 
 TEXT_LENGTH = 32  # T5 tokens per prompt (module docstring)
@@ -162,6 +162,15 @@ def build_flux_pipeline(
     )
 
 
+def mark_cfg(folder: Path) -> None:
+    """Say in the folder's model_index.json that the model is guided classifier-free (what
+    ``BaseModel.guidance`` and the service read), not by its guidance embedding."""
+    index_file = folder / "model_index.json"
+    index = json.loads(index_file.read_text())
+    index[GUIDANCE_KEY] = "cfg"
+    index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
 def as_base(pipeline: FluxPipeline, device: torch.device, source: str = "") -> BaseModel:
     """The float pipeline as a :class:`BaseModel`, so that training runs through the FLUX
     family's own methods (encode, latents, noised, predict)."""
@@ -178,6 +187,7 @@ def as_base(pipeline: FluxPipeline, device: torch.device, source: str = "") -> B
         text_encoder_2=pipeline.text_encoder_2,
         tokenizer_2=pipeline.tokenizer_2,
         family=FLUX,
+        guidance="cfg",
     )
 
 
@@ -250,6 +260,7 @@ def pretrain_flux(
     pipeline.to("cpu")
     out = Path(out)
     pipeline.save_pretrained(out)
+    mark_cfg(out)
     # The plain vocab/merges beside tokenizer.json, as fashion-sd's CLIP tokenizer has them.
     for name in ("vocab.json", "merges.txt"):
         source = parts_from / "tokenizer" / name

@@ -197,6 +197,7 @@ class FlowFamily(Family):
                 module.requires_grad_(False)
         return BaseModel(
             source=source,
+            guidance=self.guidance(pipeline, config or source),
             unet=transformer,
             vae=pipeline.vae,
             text_encoder=pipeline.text_encoder,
@@ -381,6 +382,15 @@ class FlowFamily(Family):
 
     size_multiple = 1  # on top of the VAE's factor: FLUX packs 2×2 latents, SD3 patches 2×2
 
+    def guidance(self, pipeline: Any, source: str) -> str:
+        """How the loaded ``pipeline`` (of folder or hub id ``source``) is guided (the values
+        of ``BaseModel.guidance``); classifier-free unless the family says otherwise."""
+        return "cfg"
+
+    def guidance_call(self, base: BaseModel, scale: float) -> dict[str, Any]:
+        """The pipeline call's guidance arguments for a request's ``guidance_scale``."""
+        return {"guidance_scale": scale}
+
     def scheduler(self, base: BaseModel, name: str) -> Any:
         return SCHEDULERS[DEFAULT_SCHEDULER if name == UNET_DEFAULT else name](
             base.scheduler_config
@@ -456,7 +466,7 @@ class FlowFamily(Family):
                     num_inference_steps=first.steps,
                     height=first.height,
                     width=first.width,
-                    guidance_scale=first.guidance_scale,
+                    **self.guidance_call(base, first.guidance_scale),
                     generator=[torch.Generator().manual_seed(s) for s in seeds],
                     callback_on_step_end=step_end,
                     output_type="pil",

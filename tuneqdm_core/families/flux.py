@@ -8,6 +8,13 @@ amount that grows with the token count (``use_dynamic_shifting``), while trainin
 unshifted sigmas uniformly (diffusers' ``train_dreambooth_flux.py`` defaults, weighting
 ``none``); a guidance-distilled model ([dev]) takes the guidance scale as an embedding, trained
 at ``TRAIN_GUIDANCE``; it has no negative prompt.
+
+A FLUX-family model trained for classifier-free guidance instead (the built-in
+``models/fashion-flux``; "de-distilled" FLUX.1 variants) says so in its ``model_index.json``
+(``GUIDANCE_KEY``: ``"cfg"``; diffusers ignores keys that start with ``_``). Its guidance scale is
+then ``FluxPipeline``'s ``true_cfg_scale`` against the negative prompt (empty by default), a
+second, unconditioned pass per step, with the guidance embedding (where it has one) held at
+``TRAIN_GUIDANCE``.
 """
 
 from __future__ import annotations
@@ -33,6 +40,18 @@ def sequence_length(tokenizer_2: Any) -> int:
 
 
 TRAIN_GUIDANCE = 1.0
+# The model_index.json key of a FLUX model guided classifier-free (app/families.py reads it
+# too, without torch; tests/worker/test_families.py checks the two agree).
+GUIDANCE_KEY = "_guidance"
+
+
+def guidance_of(index: dict[str, Any], transformer: dict[str, Any]) -> str:
+    """How a FLUX model is guided, from its model_index.json and transformer config:
+    ``cfg`` (classifier-free, where the index says so), ``embedded`` (a distilled guidance
+    embedding, [dev]) or ``none`` ([schnell])."""
+    if index.get(GUIDANCE_KEY) == "cfg":
+        return "cfg"
+    return "embedded" if transformer.get("guidance_embeds") else "none"
 
 
 def pack(latents: torch.Tensor) -> torch.Tensor:
@@ -86,6 +105,15 @@ class Flux(FlowFamily):
         states = t5(tokens.to(t5.device), output_hidden_states=False)[0]
         return Conditioning(states.to(base.device), pooled.to(base.device))
 
+    def guidance(self, pipeline: Any, source: str) -> str:
+        index = self.pipeline_class().load_config(source)
+        return guidance_of(index, dict(pipeline.transformer.config))
+
+    def guidance_call(self, base: BaseModel, scale: float) -> dict[str, Any]:
+        if base.guidance == "cfg":
+            return {"true_cfg_scale": scale, "guidance_scale": TRAIN_GUIDANCE}
+        return {"guidance_scale": scale}
+
     def sigma_of(self, model_timestep: torch.Tensor) -> torch.Tensor:
         return model_timestep  # FluxPipeline passes t / 1000 = σ
 
@@ -123,16 +151,25 @@ class Flux(FlowFamily):
         requests: Sequence[GenerationRequest],
         rows: list[GenerationRequest],
     ) -> dict[str, Any]:
-        if any(r.negative_prompt for r in requests):
-            raise ValueError("FLUX takes no negative prompt (its guidance is an embedding)")
-        prompts = [r.prompt for r in requests]
-        conditioning = self.encode(base, prompts)
-        which = torch.tensor([prompts.index(r.prompt) for r in rows])
-        return {
+        cfg = base.guidance == "cfg"
+        if not cfg and any(r.negative_prompt for r in requests):
+            raise ValueError("this FLUX model takes no negative prompt (its guidance is not CFG)")
+        texts = [r.prompt for r in requests]
+        if cfg:
+            texts += [r.negative_prompt for r in requests]
+        texts = list(dict.fromkeys(texts))
+        conditioning = self.encode(base, texts)
+        which = torch.tensor([texts.index(r.prompt) for r in rows])
+        call = {
             "prompt_embeds": conditioning.states[which],
             "pooled_prompt_embeds": self.pooled(conditioning)[which],
             "max_sequence_length": sequence_length(base.tokenizer_2),
         }
+        if cfg:
+            negative = torch.tensor([texts.index(r.negative_prompt) for r in rows])
+            call["negative_prompt_embeds"] = conditioning.states[negative]
+            call["negative_pooled_prompt_embeds"] = self.pooled(conditioning)[negative]
+        return call
 
 
 FLUX = Flux()
