@@ -17,6 +17,13 @@ against each other, and the base model drawing the class without the token. With
 (``tuneqdm_core.export``) and drawn by diffusers' own pipeline of the float model with
 ``load_lora_weights``: rows ``<variant> LoRA r<k> on float``.
 
+Transformer bases (``--model models/fashion-flux``, the built-in FLUX-family model) run the same
+subjects, prompts and scores; their baselines are ``lora-r16-w4`` (LoRA of rank 16 on every
+linear layer of the same W4 base, ``tuneqdm_core.lora``) and ``full`` (the float transformer),
+drawn by the family's own diffusers pipeline with the base's guidance (classifier-free for
+fashion-flux). The column "adapter KiB" is what a run stores per subject in float32 values:
+the scale vectors, the LoRA pairs, or the whole fine-tuned denoiser.
+
 Photo sets (``--photo-sets``): ``distinct`` puts the photos on backgrounds and at positions
 the prompts never ask for; ``varied`` on the very colours the prompts ask for (red, blue,
 yellow, green), each at another place — a user's photos of a bag on four coloured backgrounds,
@@ -35,6 +42,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -48,9 +56,16 @@ from tuneqdm_core.base import BaseModel, load_base
 from tuneqdm_core.builtin.scenes import CLASSES, DATA_DIR, SIZE, Scene, load_fashion, render, shrink
 from tuneqdm_core.cli.reports import table
 from tuneqdm_core.export import export_lora, load_float_unet
-from tuneqdm_core.finetune import FinetuneConfig, Subject, finetune
+from tuneqdm_core.finetune import (
+    S_OUT_RELATIVE_LR,
+    FinetuneConfig,
+    FinetuneResult,
+    Subject,
+    finetune,
+)
 from tuneqdm_core.generate import GenerationRequest, generate
 from tuneqdm_core.images import to_pil, to_training_tensor
+from tuneqdm_core.lora import LoRA
 from tuneqdm_core.model import QuantConfig, quant_state
 
 DEFAULT_MODEL = common.REPO_ROOT / "models" / "fashion-sd"
@@ -84,8 +99,8 @@ TOKENS = ("sks", "zwx", "qrt")
 
 @dataclass(frozen=True)
 class Variant:
-    method: str  # tuneqdm | peqa | full
-    bits: Literal[4, 8]  # of the base it is trained on (full trains the float UNet)
+    method: str  # tuneqdm | peqa | lora | full
+    bits: Literal[4, 8]  # of the base it is trained on (full trains the float denoiser)
     intervals: int = 1
     lr: float | None = None  # full only: instead of --lr-full
     steps: int | None = None  # instead of --steps
@@ -99,6 +114,8 @@ VARIANTS = {
     "full-lr5e-5": Variant("full", 8, lr=5e-5),
     "peqa-w8": Variant("peqa", 8),
     "peqa-w4": Variant("peqa", 4),
+    # QLoRA's arrangement: rank 16 on the same W4 base (diffusers' FLUX LoRA rank and rate).
+    "lora-r16-w4": Variant("lora", 4),
     **{f"tuneqdm-w{bits}-i{k}": Variant("tuneqdm", bits, k) for bits in (8, 4) for k in (1, 2, 4)},
     # Candidate default recipes of the service (W4, one interval; docs/benchmarks.md).
     **{
@@ -160,6 +177,53 @@ def _float_pipeline(base: BaseModel, unet: Any) -> StableDiffusionPipeline:
     return pipeline
 
 
+def _requests(
+    prompts: Sequence[str], args: argparse.Namespace, adapter: Any = None
+) -> list[GenerationRequest]:
+    return [
+        GenerationRequest(
+            prompt=p,
+            adapter=adapter,
+            num_images=args.images,
+            steps=args.sample_steps,
+            guidance_scale=args.guidance,
+            width=SIZE,
+            height=SIZE,
+        )
+        for p in prompts
+    ]
+
+
+def _draw_float_flow(
+    base: BaseModel, model: Any, prompts: Sequence[str], args: argparse.Namespace
+) -> list[torch.Tensor]:
+    """A float transformer drawn as the core draws the quantized one: the family's pipeline,
+    scheduler, prompt embeddings and guidance arguments, the same seeds."""
+    family = base.family
+    pipeline = family.pipeline_class()(
+        **{
+            **base.extra["pipeline"].components,
+            "transformer": model,
+            "scheduler": family.scheduler(base, "euler"),
+        }
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    images = []
+    for request in _requests(prompts, args):
+        rows = [request] * request.num_images
+        out = pipeline(
+            **family.pipeline_call(base, [request], rows),
+            **family.guidance_call(base, request.guidance_scale),
+            num_inference_steps=request.steps,
+            height=SIZE,
+            width=SIZE,
+            generator=[torch.Generator().manual_seed(s) for s in range(request.num_images)],
+            output_type="pt",
+        ).images
+        images += [x * 2 - 1 for x in out]
+    return images
+
+
 def draw(
     base: BaseModel,
     prompts: Sequence[str],
@@ -167,9 +231,13 @@ def draw(
     *,
     adapter: Any = None,
     float_unet: Any = None,
+    lora: LoRA | None = None,
 ) -> list[torch.Tensor]:
     """``args.images`` images per prompt, as ``[3, H, W]`` in [-1, 1]; with the float
-    ``float_unet`` (full fine-tuning) through diffusers' own pipeline, same sampler."""
+    ``float_unet`` (full fine-tuning) through diffusers' own pipeline, same sampler; with
+    ``lora``, the quantized base with its low-rank updates."""
+    if float_unet is not None and base.family.denoiser == "transformer":
+        return _draw_float_flow(base, float_unet, prompts, args)
     if float_unet is not None:
         pipeline = _float_pipeline(base, float_unet)
         images = []
@@ -185,21 +253,9 @@ def draw(
             ).images
             images += [x * 2 - 1 for x in out]
         return images
-    requests = [
-        GenerationRequest(
-            prompt=p,
-            adapter=adapter,
-            num_images=args.images,
-            steps=args.sample_steps,
-            guidance_scale=args.guidance,
-            width=SIZE,
-            height=SIZE,
-        )
-        for p in prompts
-    ]
-    return [
-        to_training_tensor(g.image, SIZE) for result in generate(base, requests) for g in result
-    ]
+    with lora.applied(base.unet) if lora is not None else nullcontext():
+        results = generate(base, _requests(prompts, args, adapter))
+    return [to_training_tensor(g.image, SIZE) for result in results for g in result]
 
 
 def score(
@@ -229,8 +285,9 @@ def run_variant(
     variant = VARIANTS[name]
     base = bases[variant.bits]
     lr_s_out = args.lr_s_out
-    if variant.relative_lr is not None:
-        lr_s_out = variant.relative_lr * float(quant_state(base.unet).base_scales().abs().median())
+    relative_lr = variant.relative_lr or args.s_out_relative_lr
+    if relative_lr is not None:
+        lr_s_out = relative_lr * float(quant_state(base.unet).base_scales().abs().median())
     config = FinetuneConfig(
         method=variant.method,  # type: ignore[arg-type]
         intervals=variant.intervals,
@@ -238,6 +295,7 @@ def run_variant(
         lr_s_out=lr_s_out,
         lr_s_in=args.lr_s_in,
         lr=variant.lr or args.lr_full,
+        lr_lora=args.lr_lora,
         resolution=SIZE,
         seed=seed,
         num_class_images=args.class_images,
@@ -251,8 +309,16 @@ def run_variant(
     )
     seconds = time.perf_counter() - start
     prompts = [subject.prompt(c, p) for c, p in NEW_CONTEXTS[: args.contexts]]
-    images = draw(base, prompts, args, adapter=result.adapter, float_unet=result.unet)
-    rows = {name: {**score(net, images, subject, args), "seconds": seconds}}
+    images = draw(
+        base, prompts, args, adapter=result.adapter, float_unet=result.unet, lora=result.lora
+    )
+    rows = {
+        name: {
+            **score(net, images, subject, args),
+            "seconds": seconds,
+            "kib": stored_kib(result),
+        }
+    }
     adapter = result.adapter
     for rank in args.export_ranks:
         if adapter is None:  # full fine-tuning: a float UNet, nothing to export
@@ -270,6 +336,18 @@ def run_variant(
             "relative_error": lora.error,
         }
     return rows
+
+
+def stored_kib(result: FinetuneResult) -> float:
+    """What the run stores per subject, in KiB of float32 values."""
+    if result.adapter is not None:
+        values = result.adapter.num_values()
+    elif result.lora is not None:
+        values = sum(p.numel() for p in result.lora.parameters())
+    else:
+        assert result.unet is not None  # method full
+        values = sum(p.numel() for p in result.unet.parameters())
+    return 4 * values / 1024
 
 
 def reference_rows(
@@ -310,7 +388,15 @@ def summarise(
     references: dict[str, dict[str, float]],
 ) -> str:
     """One row per variant: per seed, the mean over subjects; then mean ± std over seeds."""
-    header = ["variant", "subject fidelity", "prompt fidelity", "background", "position", "s/run"]
+    header = [
+        "variant",
+        "subject fidelity",
+        "prompt fidelity",
+        "background",
+        "position",
+        "adapter KiB",
+        "s/run",
+    ]
     rows: list[list[object]] = []
     for name, reference in references.items():
         # The photos have no prompt: only a subject score.
@@ -318,7 +404,7 @@ def summarise(
         if "background" in scores:
             scores["prompt"] = (scores["background"] + scores["position"]) / 2
         cells = [scores.get(k) for k in ("subject", "prompt", "background", "position")]
-        rows.append([name, *("-" if v is None else f"{v:.3f}" for v in cells), "-"])
+        rows.append([name, *("-" if v is None else f"{v:.3f}" for v in cells), "-", "-"])
     for name, by_seed in results.items():
         per_seed = {
             key: [statistics.fmean(r[key] for r in runs) for runs in by_seed.values()]
@@ -334,10 +420,17 @@ def summarise(
                 _cell(prompt_scores),
                 _cell(per_seed["background"]),
                 _cell(per_seed["position"]),
+                _kib(by_seed),
                 f"{statistics.fmean(per_seed['seconds']):.1f}",
             ]
         )
     return table(header, rows)
+
+
+def _kib(by_seed: dict[int, list[dict[str, float]]]) -> str:
+    """The stored size of a row's runs (older result files have none)."""
+    sizes = [r["kib"] for runs in by_seed.values() for r in runs if "kib" in r]
+    return f"{statistics.fmean(sizes):,.1f}" if sizes else "-"
 
 
 def _photo_set(row: str) -> str:
@@ -379,10 +472,9 @@ def paired(
         if not prompts:
             continue
         share = "-"
-        if base is not None:
-            share = (
-                f"{statistics.fmean(prompts) / ((base['background'] + base['position']) / 2):.3f}"
-            )
+        base_prompt = 0.0 if base is None else (base["background"] + base["position"]) / 2
+        if base_prompt > 0:  # a base that drew no prompt right has no share to give
+            share = f"{statistics.fmean(prompts) / base_prompt:.3f}"
         rows.append([name, *(_mean_se(d) for d in deltas.values()), share, str(len(prompts))])
     return f"paired against {against}:\n" + table(header, rows)
 
@@ -422,8 +514,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--lr-s-out", type=float, help="absolute; default: relative to the base's s0 (the core's)"
     )
+    parser.add_argument(
+        "--s-out-relative-lr",
+        type=float,
+        help=f"lr_s_out as a multiple of the base's median s0 (the core's: {S_OUT_RELATIVE_LR})",
+    )
     parser.add_argument("--lr-s-in", type=float, default=FinetuneConfig.lr_s_in)
     parser.add_argument("--lr-full", type=float, default=FinetuneConfig.lr)
+    parser.add_argument("--lr-lora", type=float, default=FinetuneConfig.lr_lora)
     parser.add_argument("--class-images", type=int, default=0, help="prior preservation; 0: off")
     parser.add_argument("--contexts", type=int, default=len(NEW_CONTEXTS))
     parser.add_argument("--images", type=int, default=2, help="images per new-context prompt")
@@ -469,6 +567,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             bits: load_base(args.model, quant=QuantConfig(bits=bits), cache_dir=Path(tmp) / "q")
             for bits in sorted(bits_needed)
         }
+        if args.export_ranks and any(b.family.denoiser != "unet" for b in bases.values()):
+            parser.error("--export-ranks draws exports with the SD pipeline: UNet bases only")
         # The base drawing the class does not depend on the photos: one photo set's subjects.
         references = (
             {} if args.no_reference else reference_rows(subjects[: args.subjects], bases, net, args)

@@ -68,6 +68,9 @@ from tuneqdm_core.training_step import (
     training_schedule,
 )
 
+# Methods that train no scale adapter: nothing to route per job in a shared forward pass.
+SOLO_METHODS = ("lora", "full")
+
 
 @dataclass(frozen=True)
 class CoJob:
@@ -137,7 +140,7 @@ class CoTrainer:
     def accepts(self, config: FinetuneConfig) -> bool:
         """Whether a job with ``config`` can join this group."""
         key = group_key(config.for_device(self.base.device))
-        return config.method != "full" and (self._key is None or key == self._key)
+        return config.method not in SOLO_METHODS and (self._key is None or key == self._key)
 
     def add(self, job: CoJob) -> None:
         """Prepare ``job`` (its photos, class images, checkpoint) and let it join at the next
@@ -148,8 +151,11 @@ class CoTrainer:
             raise ValueError(f"job {job.key!r}: no subjects given")
         if job.key in self.keys:
             raise ValueError(f"job {job.key!r} is already in the group")
-        if job.config.method == "full":
-            raise ValueError("method 'full' trains its own float UNet; fine-tune it alone")
+        if job.config.method in SOLO_METHODS:
+            raise ValueError(
+                f"method {job.config.method!r} trains no scale adapter to share a forward pass "
+                "with; fine-tune it alone"
+            )
         config = job.config.for_device(self.base.device)
         if self._key is not None and group_key(config) != self._key:
             raise ValueError(

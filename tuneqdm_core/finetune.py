@@ -19,6 +19,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from tuneqdm_core.finetune_config import (
     MixedPrecision,
     s_out_learning_rate,
 )
+from tuneqdm_core.lora import LoRA
 from tuneqdm_core.sampling import Sampling, sample_images
 from tuneqdm_core.training_data import CLASS_IMAGE_CHUNK, Subject, class_images, prepare_data
 from tuneqdm_core.training_step import (
@@ -81,11 +83,12 @@ class Progress:
 
 @dataclass
 class FinetuneResult:
-    adapter: Adapter | None  # None for method "full"
+    adapter: Adapter | None  # None for methods "lora" and "full"
     unet: Any | None  # the fine-tuned float UNet for method "full"
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
     resumed_from: int = 0
+    lora: LoRA | None = None  # method "lora": apply with ``lora.applied(base.unet)``
 
 
 class FinetuneCanceled(Canceled):
@@ -133,8 +136,8 @@ def finetune(
     """
     if not subjects:
         raise ValueError("no subjects given")
-    if sampling is not None and config.method == "full":
-        raise ValueError("sampling needs an adapter; method full trains none")
+    if sampling is not None and config.method in ("lora", "full"):
+        raise ValueError(f"sampling needs an adapter; method {config.method} trains none")
     config = config.for_device(base.device)
     start_time = time.perf_counter()
     checkpoint = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir else None
@@ -158,7 +161,11 @@ def finetune(
         restore_checkpoint(run, checkpoint, config, base)
     resumed_from = run.step
     noise_scheduler, total_t, schedule = training_schedule(base)
-    with training_mode(base, run.unet, config), cancel_checks(run.unet, should_cancel):
+    with (
+        training_mode(base, run.unet, config),
+        cancel_checks(run.unet, should_cancel),
+        run.lora.applied(run.unet) if run.lora is not None else nullcontext(),
+    ):
         while run.step < config.steps:
             if should_cancel is not None and should_cancel():
                 raise FinetuneCanceled(run.step)
@@ -204,6 +211,7 @@ def finetune(
         losses=run.losses,
         seconds=time.perf_counter() - start_time,
         resumed_from=resumed_from,
+        lora=run.lora.requires_grad_(False) if run.lora is not None else None,
     )
 
 

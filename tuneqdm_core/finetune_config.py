@@ -10,7 +10,10 @@ import torch
 from tuneqdm_core.adapter import AdapterConfig
 from tuneqdm_core.model import quant_state
 
-FinetuneMethod = Literal["tuneqdm", "peqa", "full"]
+# "lora" and "full" are the baselines the benchmarks compare with (the service trains
+# tuneqdm and peqa adapters): LoRA on the same quantized base (tuneqdm_core.lora), and the
+# float denoiser itself (DreamBooth).
+FinetuneMethod = Literal["tuneqdm", "peqa", "lora", "full"]
 # "auto": bf16 on CUDA (fp16 where the GPU has no bf16), none elsewhere (FinetuneConfig.for_device).
 MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
 
@@ -45,6 +48,9 @@ class FinetuneConfig:
     lr_s_out: float | None = None
     lr_s_in: float = 1e-3
     lr: float = 5e-6
+    # method "lora": its rank and rate (diffusers' DreamBooth LoRA scripts' 1e-4).
+    lora_rank: int = 16
+    lr_lora: float = 1e-4
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     batch_size: int = 1
@@ -61,8 +67,8 @@ class FinetuneConfig:
     checkpoint_every: int = 0
 
     def __post_init__(self) -> None:
-        if self.method not in ("tuneqdm", "peqa", "full"):
-            raise ValueError(f"method must be tuneqdm, peqa or full, got {self.method!r}")
+        if self.method not in ("tuneqdm", "peqa", "lora", "full"):
+            raise ValueError(f"method must be tuneqdm, peqa, lora or full, got {self.method!r}")
         if self.steps < 1 or self.batch_size < 1 or self.resolution < 8:
             raise ValueError("steps and batch_size must be >= 1 and resolution >= 8")
         if self.checkpoint_every < 0 or self.num_class_images < 0:

@@ -17,6 +17,7 @@ from tuneqdm_core.adapter import Adapter, param_groups
 from tuneqdm_core.base import BaseModel, Conditioning
 from tuneqdm_core.families.sd import noisy_latents as noisy_latents  # SD's, re-exported
 from tuneqdm_core.finetune_config import FinetuneConfig, s_out_learning_rate
+from tuneqdm_core.lora import LoRA
 from tuneqdm_core.routing import route_adapters, routed
 from tuneqdm_core.training_data import TrainingData
 
@@ -27,6 +28,7 @@ class TrainingRun:
 
     unet: Any  # the quantized base UNet, or a float copy for method "full"
     adapter: Adapter | None
+    lora: LoRA | None  # method "lora"
     params: list[torch.nn.Parameter]
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
@@ -49,12 +51,18 @@ def start_run(base: BaseModel, config: FinetuneConfig) -> TrainingRun:
     """The trained parameters (a fresh adapter, or the float UNet), optimizer and generator."""
     device = base.device
     adapter: Adapter | None = None
+    lora: LoRA | None = None
     unet = base.unet
     if config.method == "full":
         unet = base.family.float_denoiser(base)
         unet.requires_grad_(True)
         params = list(unet.parameters())
         groups: list[dict[str, Any]] = [{"params": params, "lr": config.lr, "weight_decay": 1e-2}]
+    elif config.method == "lora":
+        lora = LoRA(unet, config.lora_rank, torch.Generator().manual_seed(config.seed)).to(device)
+        params = list(lora.parameters())
+        # diffusers' DreamBooth LoRA scripts' AdamW weight decay.
+        groups = [{"params": params, "lr": config.lr_lora, "weight_decay": 1e-4}]
     else:
         adapter = Adapter.create(
             unet,
@@ -71,6 +79,7 @@ def start_run(base: BaseModel, config: FinetuneConfig) -> TrainingRun:
     return TrainingRun(
         unet=unet,
         adapter=adapter,
+        lora=lora,
         params=params,
         optimizer=torch.optim.AdamW(groups),
         scaler=scaler,

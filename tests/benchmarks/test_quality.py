@@ -75,6 +75,28 @@ def test_quality_benchmark_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[s
     ]
 
 
+@needs_fashion
+def test_quality_benchmark_runs_the_dit_rows_on_the_built_in_flux_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "quality.json"
+    variants = ["tuneqdm-w4-i1", "peqa-w4", "lora-r16-w4", "full"]
+    args = ["--model", str(quality.common.REPO_ROOT / "models" / "fashion-flux")]
+    args += ["--data-dir", str(fashion_dir()), "--subjects", "1", "--seeds", "0"]
+    args += ["--steps", "2", "--contexts", "1", "--images", "1", "--sample-steps", "2"]
+    args += ["--variants", *variants, "--against", "peqa-w4", "--json", str(out)]
+    assert quality.main(args) == 0
+    results = json.loads(out.read_text())["results"]
+    assert list(results) == variants
+    kib = {name: results[name]["0"][0]["kib"] for name in variants}
+    # Scales < LoRA pairs < the whole transformer; TuneQDM adds s_in to PEQA's s_out.
+    assert kib["peqa-w4"] < kib["tuneqdm-w4-i1"] < kib["lora-r16-w4"] < kib["full"]
+    table = capsys.readouterr().out
+    assert "paired against peqa-w4" in table and "adapter KiB" in table
+    with pytest.raises(SystemExit):
+        quality.main([*args, "--export-ranks", "4"])
+
+
 def test_quality_benchmark_scores_lora_exports(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -257,6 +257,9 @@ class FlowFamily(Family):
 
     # --- training ------------------------------------------------------------------------
 
+    def float_denoiser(self, base: BaseModel) -> Any:
+        return self.load_float(base.source).to(base.device)
+
     def training_scheduler(self, base: BaseModel) -> Any:
         """The scheduler training reads its sigmas from (as the DreamBooth scripts do)."""
         return FlowMatchEulerDiscreteScheduler.from_config(base.scheduler_config)
