@@ -331,7 +331,7 @@ def test_web_page_happy_path_and_bad_upload(service: Service, browser: Any, tmp_
     bases = browser.execute_script(
         "return [...document.querySelectorAll('#base option')].map((o) => [o.value, o.text])"
     )
-    assert bases == [["", "tuneqdm/fashion-sd (default), 4-bit, 32 px"]], bases
+    assert bases == [["", "tuneqdm/fashion-sd (default), sd, 4-bit, 32 px"]], bases
     # The size fields take their range and default from GET /v1/bases, not from the page.
     (listed,) = httpx.get(
         service.url + "/v1/bases", headers={"Authorization": f"Bearer {service.key}"}
