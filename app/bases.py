@@ -87,11 +87,13 @@ def describe_folder(folder: str | Path, *, name: str, bits: int) -> BaseInfo | N
     blocks = len(_read_json(vae_config)["block_out_channels"]) if vae_config.is_file() else 4
     scheduler_config = root / "scheduler" / "scheduler_config.json"
     scheduler = _read_json(scheduler_config) if scheduler_config.is_file() else {}
+    family = family_of(index, denoiser)
     return describe_configs(
         name=name,
         source=str(folder),
         bits=bits,
-        family=family_of(index, denoiser),
+        family=family,
+        guidance=guidance_of(family, index, denoiser),
         denoiser=denoiser,
         vae_scale_factor=2 ** (blocks - 1),
         scheduler=scheduler,
@@ -104,13 +106,15 @@ def describe_configs(
     source: str,
     bits: int,
     family: Family,
+    guidance: Guidance,
     denoiser: dict[str, Any],
     vae_scale_factor: int,
     scheduler: dict[str, Any],
 ) -> BaseInfo:
-    """A base's description from its denoiser's (UNet's or transformer's) config, its VAE's
-    scale factor and its scheduler config: the same facts whether read from the folder's JSON
-    (describe_folder) or from the loaded model (worker/bases.py)."""
+    """A base's description from its family and guidance kind, its denoiser's (UNet's or
+    transformer's) config, its VAE's scale factor and its scheduler config: the same facts
+    whether read from the folder's JSON (describe_folder) or from the loaded model
+    (worker/bases.py)."""
     if family == "flux":
         sample_size: Any = FLUX_SAMPLE_SIZE
         multiple = vae_scale_factor * 2
@@ -132,7 +136,7 @@ def describe_configs(
         prediction_type=prediction,
         bits=bits,
         family=family,
-        guidance=guidance_of(family, denoiser),
+        guidance=guidance,
         size_multiple=math.lcm(SIZE_STEP, multiple),
     )
 

@@ -7,15 +7,18 @@ A base's family and guidance kind come from its own config files (app/bases.py):
 - ``sd`` (SD 1.x/2.x) and ``sdxl``: UNets, classifier-free guidance, negative prompts, the
   UNet schedulers of ``tuneqdm_core.generate``;
 - ``sd3`` (SD3/SD3.5): a flow-matching MMDiT with classifier-free guidance and negative prompts;
-- ``flux`` (FLUX.1): a flow-matching transformer without negative prompts; [dev] takes the
-  guidance scale as an embedding it was distilled with (``guidance_embeds`` in its transformer
-  config), [schnell] takes none.
+- ``flux`` (FLUX.1): a flow-matching transformer; [dev] takes the guidance scale as an
+  embedding it was distilled with (``guidance_embeds`` in its transformer config), [schnell]
+  takes none, neither a negative prompt. A FLUX model trained for classifier-free guidance (the
+  built-in models/fashion-flux) says so in its model_index.json (``GUIDANCE_KEY``); it takes a
+  negative prompt, and its guidance scale is FluxPipeline's ``true_cfg_scale``.
 
 Generation defaults are the ones of each family's diffusers pipeline (``FluxPipeline``,
 ``StableDiffusion3Pipeline``: 28 steps; guidance 3.5 and 7.0), except [schnell], which its
-model card runs at 4 steps without guidance. The scheduler names repeat the core's lists
-(``tuneqdm_core.generate.SCHEDULERS``, ``FlowFamily.schedulers``), which the API cannot import
-without torch; tests/worker/test_families.py checks they agree.
+model card runs at 4 steps without guidance, and FLUX with CFG (its rule says why). The
+scheduler names and ``GUIDANCE_KEY`` repeat the core's (``tuneqdm_core.generate.SCHEDULERS``,
+``FlowFamily.schedulers``, ``tuneqdm_core.families.flux.GUIDANCE_KEY``), which the API cannot
+import without torch; tests/worker/test_families.py checks they agree.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ PIPELINES: dict[str, Family] = {
     "StableDiffusion3Pipeline": "sd3",
 }
 UNET_SCHEDULERS = ("ddim", "dpmsolver++", "euler")
+# The model_index.json key whose value "cfg" marks a FLUX model guided classifier-free.
+GUIDANCE_KEY = "_guidance"
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,18 @@ GENERATION_RULES: dict[tuple[Family, Guidance], GenerationRules] = {
         schedulers=("euler",),
         scheduler="euler",
         negative_prompt=False,
+    ),
+    # FluxPipeline's default true_cfg_scale is 1 (no CFG), so there is no pipeline default to
+    # take: 4.0 is the scale the built-in models/fashion-flux was checked to draw the asked-for
+    # background with (its sample grid, tests/core/builtin/test_pretrain_flux.py), and 28 steps
+    # FluxPipeline's default, as for [dev]. The unconditioned pass doubles each step's cost.
+    ("flux", "cfg"): GenerationRules(
+        steps=28,
+        guidance_scale=4.0,
+        guidance="cfg",
+        schedulers=("euler",),
+        scheduler="euler",
+        negative_prompt=True,
     ),
     ("flux", "none"): GenerationRules(
         steps=4,
@@ -154,10 +171,13 @@ def family_of(index: dict[str, Any], denoiser: dict[str, Any]) -> Family:
     return "sdxl" if denoiser.get("addition_embed_type") == "text_time" else "sd"
 
 
-def guidance_of(family: str, denoiser: dict[str, Any]) -> Guidance:
-    if family == "flux":
-        return "embedded" if denoiser.get("guidance_embeds") else "none"
-    return "cfg"
+def guidance_of(family: str, index: dict[str, Any], denoiser: dict[str, Any]) -> Guidance:
+    """How a base is guided, from its model_index.json and its denoiser's config (as
+    ``tuneqdm_core.families.flux.guidance_of`` decides for FLUX): every family but FLUX, and
+    a FLUX model whose index says so, classifier-free."""
+    if family != "flux" or index.get(GUIDANCE_KEY) == "cfg":
+        return "cfg"
+    return "embedded" if denoiser.get("guidance_embeds") else "none"
 
 
 def finetune_overrides(family: str) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.bases import BaseInfo, describe_configs, describe_folder, register
-from app.models import Family
+from app.models import GUIDANCE_KINDS, Family, Guidance
 from app.settings import Settings
 from worker.jobs import worker_name
 
@@ -42,8 +42,12 @@ def folder_info(settings: Settings) -> BaseInfo | None:
 def loaded_info(settings: Settings, base: BaseModel) -> BaseInfo:
     """The description of the model as loaded (also right for a hub id): the same rules as a
     folder's (app.bases.describe_configs), read from the loaded denoiser's config (a UNet's,
-    or a transformer family's) instead of its JSON file."""
+    or a transformer family's) instead of its JSON file. The guidance kind is the one the core
+    generates with (``base.guidance``), so what the API accepts is what the worker runs."""
     family: Family = base.family.name
+    if base.guidance not in GUIDANCE_KINDS:
+        raise ValueError(f"the core's guidance kind {base.guidance!r} is not one the service knows")
+    guidance: Guidance = base.guidance  # narrowed by the check above
     denoiser = dict(base.unet.config)
     if isinstance(denoiser.get("sample_size"), tuple):
         denoiser["sample_size"] = list(denoiser["sample_size"])
@@ -52,6 +56,7 @@ def loaded_info(settings: Settings, base: BaseModel) -> BaseInfo:
         source=base.source,
         bits=settings.bits,
         family=family,
+        guidance=guidance,
         denoiser=denoiser,
         vae_scale_factor=base.vae_scale_factor,
         scheduler=dict(base.scheduler_config),

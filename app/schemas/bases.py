@@ -21,7 +21,8 @@ class GenerationDefaultsPublic(BaseModel):
     steps: int = Field(description="Default steps.")
     guidance_scale: float = Field(description="Default guidance_scale (0: the base takes none).")
     guidance: models.Guidance = Field(
-        description="What guidance_scale means: `cfg` classifier-free guidance, `embedded` the "
+        description="What guidance_scale means: `cfg` classifier-free guidance (also a FLUX "
+        "model marked for it, such as the built-in fashion-flux), `embedded` the "
         "distilled guidance embedding of FLUX.1 [dev], `none` not accepted (FLUX.1 [schnell])."
     )
     guidance_meaning: str = Field(description="The same, in words.")

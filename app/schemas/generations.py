@@ -38,7 +38,8 @@ class GenerationCreate(BaseModel):
     negative_prompt: str | None = Field(
         default=None,
         max_length=10_000,
-        description="Only for bases whose family uses one (not FLUX; GET /v1/bases).",
+        description="Only for bases that use one (not FLUX.1 [dev] or [schnell]; GET /v1/bases "
+        "`generation.negative_prompt`).",
     )
     num_images: int = Field(default=1, ge=1, le=64)
     steps: int | None = Field(
@@ -48,9 +49,9 @@ class GenerationCreate(BaseModel):
         default=None,
         ge=0,
         le=30,
-        description="Classifier-free guidance, or for a guidance-distilled base (FLUX.1 "
-        "[dev]) the guidance embedding; refused by a base that takes none (FLUX.1 [schnell]). "
-        "Default: the base's (GET /v1/bases).",
+        description="Classifier-free guidance (FLUX with CFG: the true CFG scale), or for a "
+        "guidance-distilled base (FLUX.1 [dev]) the guidance embedding; refused by a base "
+        "that takes none (FLUX.1 [schnell]). Default: the base's (GET /v1/bases).",
     )
     seed: int | None = Field(default=None, ge=0, le=SEED_MAX, description="Image i uses seed + i.")
     width: int | None = Field(

@@ -15,8 +15,9 @@ const state = {
   smoothed: [],       // [step, loss] of the exponential moving average drawn over them
   jobName: "",        // the watched fine-tune's name (or id) and adapter, for its delete prompt
   jobAdapter: null,
-  bases: [],          // GET /v1/bases: names, native sizes and accepted size ranges
+  bases: [],          // GET /v1/bases: names, families, sizes and request defaults
   adapterBases: new Map(),  // adapter id -> its base's name
+  adapters: [],       // GET /v1/adapters' page, for the generation's choices
   sampleBlobs: new Map(),  // sample url -> blob: URL, so each progress image is fetched once
   eventCursor: null,  // next_cursor of the job's event log read so far
   hasEvents: true,
@@ -174,9 +175,34 @@ async function refreshBases() {
   const bases = [...page.data].sort((a, b) => Number(b.default) - Number(a.default));
   state.bases = bases;
   $("base").replaceChildren(...bases.map((b) => el("option", { value: b.default ? "" : b.name },
-    `${b.name}${b.default ? " (default)" : ""}, ${b.bits}-bit, ${b.native_resolution} px`)));
+    `${b.name}${b.default ? " (default)" : ""}, ${b.family}, ${b.bits}-bit, ${b.native_resolution} px`)));
   if (!bases.length) $("base").replaceChildren(el("option", { value: "" }, "default"));
-  applySizes();
+  fillGenerateChoices();
+  applyBase();
+}
+
+// What a generation runs on: an adapter (on its own base), or a base without one. A base is
+// the option `base:NAME`; the default base is "" (the request then names none).
+const BASE_CHOICE = "base:";
+
+function fillGenerateChoices(adapters = state.adapters) {
+  state.adapters = adapters;
+  const select = $("gen-adapter");
+  const chosen = select.value;
+  const plain = state.bases.length
+    ? state.bases.map((b) => el("option", { value: b.default ? "" : BASE_CHOICE + b.name },
+      `${b.name} without an adapter${b.default ? " (default)" : ""}`))
+    : [el("option", { value: "" }, "base model (no adapter)")];
+  select.replaceChildren(...plain,
+    ...adapters.map((a) => el("option", { value: a.id }, `${a.name || a.id} (${a.tokens.join(", ")})`)));
+  if ([...select.options].some((o) => o.value === chosen)) select.value = chosen;
+}
+
+// The base a generation with the chosen option runs on.
+function generationBase() {
+  const chosen = $("gen-adapter").value;
+  if (chosen.startsWith(BASE_CHOICE)) return baseNamed(chosen.slice(BASE_CHOICE.length));
+  return baseNamed(state.adapterBases.get(chosen) || "");
 }
 
 // A base by name ("" or unknown: the default one), from GET /v1/bases.
@@ -184,26 +210,50 @@ function baseNamed(name) {
   return state.bases.find((b) => b.name === name) || state.bases.find((b) => b.default) || null;
 }
 
-// The size fields take their range and default from the base they run on (GET /v1/bases
-// `sizes`): the fine-tune's chosen base, the generation's adapter's base.
-function applySizes() {
+// The forms' fields take their ranges, defaults and rules from the base they run on
+// (GET /v1/bases): the fine-tune's chosen base, the generation's adapter's (or chosen) base.
+// The page holds none of its own.
+function applyBase() {
   const fields = [
     ["resolution", baseNamed($("base").value)],
-    ["gen-size", baseNamed(state.adapterBases.get($("gen-adapter").value) || "")],
+    ["gen-size", generationBase()],
   ];
   for (const [id, base] of fields) {
     if (!base) continue;
     const { min, max } = base.sizes;
-    Object.assign($(id), { min, max, placeholder: `${base.sizes.default} (native)` });
-    $(id).title = `${base.name}: ${min}–${max} px, multiples of 8; empty: its native ${base.sizes.default} px`;
+    Object.assign($(id), { min, max, step: base.size_multiple, placeholder: `${base.sizes.default} (native)` });
+    $(id).title = `${base.name}: ${min}–${max} px, multiples of ${base.size_multiple}; empty: its native ${base.sizes.default} px`;
     $(id).dataset.base = base.name;
   }
-  // The fine-tune's default steps, from the same base (GET /v1/bases `finetune`).
   const base = baseNamed($("base").value);
-  if (base?.finetune) $("steps").placeholder = `${base.finetune.steps} (default)`;
+  if (base?.finetune) {
+    $("steps").placeholder = `${base.finetune.steps} (default)`;
+    $("base-info").textContent = `${base.name}: family ${base.family}; a fine-tune trains `
+      + `${base.finetune.steps} steps at ${base.finetune.resolution} px unless told otherwise.`;
+  }
+  applyGenerationRules(generationBase());
 }
-$("base").addEventListener("change", applySizes);
-$("gen-adapter").addEventListener("change", applySizes);
+
+// A base's generation rules (GET /v1/bases `generation`): defaults as placeholders, and the
+// fields its family does not use disabled (the API would refuse them by name).
+function applyGenerationRules(base) {
+  const rules = base?.generation;
+  if (!rules) return;
+  $("gen-steps").placeholder = `${rules.steps} (default)`;
+  const guided = rules.guidance !== "none";
+  Object.assign($("gen-guidance"), { disabled: !guided, placeholder: guided ? `${rules.guidance_scale} (default)` : "not used" });
+  $("gen-guidance").title = rules.guidance_meaning;
+  Object.assign($("gen-negative"), { disabled: !rules.negative_prompt });
+  $("gen-negative").placeholder = rules.negative_prompt
+    ? "optional: what the image should not show"
+    : "not used by this base (its guidance has no negative pass)";
+  $("gen-base-info").textContent = `${base.name} (${base.family}): ${rules.steps} steps, `
+    + `guidance ${rules.guidance} (${rules.guidance_meaning}), scheduler ${rules.scheduler}`
+    + `${rules.negative_prompt ? ", negative prompt accepted" : ""}.`;
+  $("gen-base-info").dataset.base = base.name;
+}
+$("base").addEventListener("change", applyBase);
+$("gen-adapter").addEventListener("change", applyBase);
 
 $("key-form").addEventListener("submit", (event) => {
   event.preventDefault();
@@ -327,7 +377,10 @@ async function poll() {
   await showSamples(id);
   if (FINAL.includes(job.status)) {
     await refreshAdapters();
-    if (job.adapter_id) $("gen-adapter").value = job.adapter_id;
+    if (job.adapter_id) {
+      $("gen-adapter").value = job.adapter_id;
+      applyBase();  // a value set here fires no change event
+    }
   } else {
     state.timer = setTimeout(poll, POLL_MS);
   }
@@ -463,16 +516,12 @@ async function refreshAdapters() {
     el("td", {}, kib(a.size_bytes)),
     el("td", {}, when(a.created_at)),
     el("td", {},
-      el("button", { type: "button", class: "small", onclick: () => { $("gen-adapter").value = a.id; $("gen-prompt").focus(); } }, "Use"),
+      el("button", { type: "button", class: "small", onclick: () => { $("gen-adapter").value = a.id; applyBase(); $("gen-prompt").focus(); } }, "Use"),
       " ",
       deleteButton("adapter", a.id, refreshAdapters, a.name || "")))));
   state.adapterBases = new Map(page.data.map((a) => [a.id, a.base_model]));
-  const select = $("gen-adapter");
-  const chosen = select.value;
-  select.replaceChildren(el("option", { value: "" }, "base model (no adapter)"),
-    ...page.data.map((a) => el("option", { value: a.id }, `${a.name || a.id} (${a.tokens.join(", ")})`)));
-  if ([...select.options].some((o) => o.value === chosen)) select.value = chosen;
-  applySizes();
+  fillGenerateChoices(page.data);
+  applyBase();
 }
 
 // --- generations ----------------------------------------------------------------------------
@@ -485,10 +534,14 @@ $("generate-form").addEventListener("submit", async (event) => {
   $("generate-phase").textContent = "";
   for (const img of $("gen-images").querySelectorAll("img")) URL.revokeObjectURL(img.src);
   $("gen-images").replaceChildren();
-  const body = { adapter_id: $("gen-adapter").value || null, prompt: $("gen-prompt").value };
+  const chosen = $("gen-adapter").value;
+  const body = { adapter_id: chosen.startsWith(BASE_CHOICE) ? null : chosen || null, prompt: $("gen-prompt").value };
+  if (chosen.startsWith(BASE_CHOICE)) body.base = chosen.slice(BASE_CHOICE.length);
   if ($("gen-compare").checked) body.compare_base = true;
   body.num_images = Number($("gen-num").value || 1);
   if ($("gen-steps").value) body.steps = Number($("gen-steps").value);
+  if ($("gen-guidance").value && !$("gen-guidance").disabled) body.guidance_scale = Number($("gen-guidance").value);
+  if ($("gen-negative").value.trim() && !$("gen-negative").disabled) body.negative_prompt = $("gen-negative").value;
   if ($("gen-size").value) body.width = body.height = Number($("gen-size").value);
   if ($("gen-seed").value) body.seed = Number($("gen-seed").value);
   $("generate").disabled = true;

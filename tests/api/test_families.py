@@ -1,14 +1,16 @@
-"""Requests follow their base's family (app/families.py): generation defaults per family, what
-a family does not use refused by name (negative_prompt on FLUX, guidance_scale on a base
-distilled without guidance, a scheduler the family does not run), sides kept to the family's
-multiple, fine-tune defaults per family; GET /v1/bases/{name} shows all of it. Bases are
-registry rows, as a worker of each family writes them (tests/worker/test_families.py checks
-what a worker writes for each tiny model)."""
+"""Requests follow their base's family and guidance kind (app/families.py): generation defaults
+per family, what a family does not use refused by name (negative_prompt on FLUX.1 [dev] and
+[schnell], guidance_scale on a base distilled without guidance, a scheduler the family does not
+run), sides kept to the family's multiple, fine-tune defaults per family; GET /v1/bases/{name}
+shows all of it. A FLUX base guided classifier-free (the built-in models/fashion-flux) takes a
+negative prompt. Bases are registry rows, as a worker of each family writes them
+(tests/worker/test_families.py checks what a worker writes for each tiny model)."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,7 +20,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.bases import BaseInfo, register
+from app.bases import BaseInfo, describe_folder, register
 from app.db import make_engine
 from app.families import FINETUNE_DEFAULTS, GENERATION_RULES
 from app.models import FinetuneJob, GenerationJob, utcnow
@@ -37,11 +39,18 @@ SD35 = BaseInfo(
     "sd35", "stabilityai/stable-diffusion-3.5-medium", 1024, "flow", 8, "sd3", "cfg", 16
 )
 SD = "tuneqdm/fashion-sd"  # the test settings' default base (described from its folder)
+# The built-in FLUX-family model, described from its folder as its worker registers it.
+FASHION_FLUX = describe_folder(
+    Path(__file__).resolve().parents[2] / "models" / "fashion-flux",
+    name="tuneqdm/fashion-flux",
+    bits=4,
+)
+assert FASHION_FLUX is not None
 
 
 @pytest.fixture
 def headers(session: Session) -> dict[str, str]:
-    for info in (DEV, SCHNELL, SD35):
+    for info in (DEV, SCHNELL, SD35, FASHION_FLUX):
         register(session, info, worker="gpu-1:1", device="cuda:0")
     session.commit()
     return make_tenant(session).headers
@@ -58,6 +67,7 @@ def _generate(client: TestClient, headers: dict[str, str], **body: Any) -> Any:
         (SCHNELL.name, (4, 0.0, "euler")),
         (SD35.name, (28, 7.0, "euler")),
         (SD, (30, 7.5, "ddim")),
+        (FASHION_FLUX.name, (28, 4.0, "euler")),
     ],
 )
 def test_generation_defaults_follow_the_family(
@@ -73,7 +83,8 @@ def test_generation_defaults_follow_the_family(
     assert (body["steps"], body["guidance_scale"], body["scheduler"]) == expected
     row = session.get(GenerationJob, body["id"])
     assert row is not None and (row.steps, row.guidance_scale, row.scheduler) == expected
-    native = 1024 if base != SD else 32
+    # FluxPipeline's 128 × fashion-flux's VAE factor 2 (app/bases.py FLUX_SAMPLE_SIZE).
+    native = {SD: 32, FASHION_FLUX.name: 256}.get(base, 1024)
     assert (body["width"], body["height"]) == (native, native)
 
 
@@ -87,6 +98,7 @@ def test_generation_defaults_follow_the_family(
         (DEV.name, {"scheduler": "heun"}, "scheduler"),
         (SD35.name, {"scheduler": "ddim"}, "scheduler"),
         (SD, {"scheduler": "heun"}, "scheduler"),
+        (FASHION_FLUX.name, {"scheduler": "ddim"}, "scheduler"),
         (DEV.name, {"width": 1000}, "width"),
         (SD35.name, {"height": 520}, "height"),
     ],
@@ -99,7 +111,7 @@ def test_what_the_family_does_not_use_is_refused_by_name(
     problem = r.json()
     assert [e["field"] for e in problem["errors"]] == [field]
     assert problem["detail"].startswith(field)
-    family = {DEV.name: "flux", SCHNELL.name: "flux", SD35.name: "sd3", SD: "sd"}[base]
+    family = {SD35.name: "sd3", SD: "sd"}.get(base, "flux")
     assert f"{base!r}" in problem["detail"] and f"family {family}" in problem["detail"]
 
 
@@ -109,6 +121,7 @@ def test_what_the_family_uses_is_accepted(client: TestClient, headers: dict[str,
         (SD35.name, {"negative_prompt": "blurry", "scheduler": "heun", "guidance_scale": 4.5}),
         (SD35.name, {"scheduler": "dpmsolver++", "height": 512}),
         (SD, {"negative_prompt": "blurry", "scheduler": "euler", "guidance_scale": 1.0}),
+        (FASHION_FLUX.name, {"negative_prompt": "blue", "guidance_scale": 6.0, "width": 128}),
     ):
         r = _generate(client, headers, base=base, steps=4, **body)
         assert r.status_code == 202, (base, r.text)
@@ -123,6 +136,13 @@ def test_an_adapter_brings_its_base_family_rules(
     assert r.status_code == 422 and r.json()["errors"][0]["field"] == "negative_prompt"
     r = _generate(client, tenant.headers, adapter_id=adapter.id)
     assert r.status_code == 202 and r.json()["guidance_scale"] == 3.5
+    # An adapter of the built-in FLUX model: classifier-free, so its negative prompt is kept.
+    adapter = make_adapter(session, storage, tenant.tenant, base_model=FASHION_FLUX.name)
+    r = _generate(client, tenant.headers, adapter_id=adapter.id, negative_prompt="blue", width=128)
+    assert r.status_code == 202, r.text
+    assert (r.json()["guidance_scale"], r.json()["negative_prompt"]) == (4.0, "blue")
+    row = session.get(GenerationJob, r.json()["id"])
+    assert row is not None and (row.negative_prompt, row.steps) == ("blue", 28)
 
 
 def test_finetune_defaults_follow_the_family(
@@ -169,6 +189,16 @@ def test_the_base_shows_its_family_rules_and_defaults(
     dev = client.get(f"/v1/bases/{DEV.name}", headers=headers).json()
     assert dev["generation"]["guidance"] == "embedded"
     assert "embedding" in dev["generation"]["guidance_meaning"]
+    cfg = client.get(f"/v1/bases/{FASHION_FLUX.name}", headers=headers).json()
+    rules = GENERATION_RULES[("flux", "cfg")]
+    assert (cfg["family"], cfg["generation"]["guidance"]) == ("flux", "cfg")
+    assert cfg["generation"]["guidance_meaning"] == "classifier-free guidance scale"
+    assert (cfg["generation"]["steps"], cfg["generation"]["guidance_scale"]) == (28, 4.0)
+    assert (rules.steps, rules.guidance_scale, cfg["generation"]["negative_prompt"]) == (
+        28,
+        4.0,
+        True,
+    )
     sd3 = client.get(f"/v1/bases/{SD35.name}", headers=headers).json()
     assert (sd3["family"], sd3["generation"]["negative_prompt"]) == ("sd3", True)
     assert set(FINETUNE_DEFAULTS) == {"sd", "sdxl", "sd3", "flux"}

@@ -1,8 +1,11 @@
 """The Python client and the web page, each against the real embedded service
-(`python -m worker.embedded`: uvicorn + a Celery worker + SQLite, the built-in model, CPU).
+(`python -m worker.embedded`: uvicorn + a Celery worker + SQLite, the built-in model, CPU);
+then the web page against a deployment of both built-in models (uvicorn, one Celery worker per
+base, PostgreSQL, Redis), where the user picks the FLUX-family base and trains and generates
+on it.
 
 The web page runs in Debian's chromium, headless, driven by Selenium through
-/usr/bin/chromedriver; that test skips where chromium is not installed (.ci/run installs it).
+/usr/bin/chromedriver; those tests skip where chromium is not installed (.ci/run installs it).
 Set TEST_SCREENSHOTS_DIR to keep the page's screenshots (docs/web.md shows them).
 """
 
@@ -26,7 +29,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.service.procs import free_port, service_env
+from tests.service.procs import (
+    ROOT,
+    create_key,
+    free_port,
+    service_env,
+    start_api,
+    start_worker,
+    wait_for,
+)
 from tests.worker.conftest import photo_png
 from tuneqdm_client import ApiError, Client
 
@@ -331,7 +342,7 @@ def test_web_page_happy_path_and_bad_upload(service: Service, browser: Any, tmp_
     bases = browser.execute_script(
         "return [...document.querySelectorAll('#base option')].map((o) => [o.value, o.text])"
     )
-    assert bases == [["", "tuneqdm/fashion-sd (default), 4-bit, 32 px"]], bases
+    assert bases == [["", "tuneqdm/fashion-sd (default), sd, 4-bit, 32 px"]], bases
     # The size fields take their range and default from GET /v1/bases, not from the page.
     (listed,) = httpx.get(
         service.url + "/v1/bases", headers={"Authorization": f"Bearer {service.key}"}
@@ -482,3 +493,142 @@ def test_web_page_happy_path_and_bad_upload(service: Service, browser: Any, tmp_
     # Deleting fine-tunes shows only where the service has DELETE /v1/finetunes/{id}.
     paths = httpx.get(service.url + "/openapi.json").json()["paths"]
     assert visible("delete-job") == ("delete" in paths["/v1/finetunes/{finetune_id}"])
+
+
+# --- the web page on two bases ----------------------------------------------------------------
+
+SD_BASE, FLUX_BASE = "tuneqdm/fashion-sd", "tuneqdm/fashion-flux"
+FLUX_STEPS = 10
+
+
+@pytest.mark.slow  # three service processes and a browser (make test-slow)
+@pytest.mark.skipif(
+    not HAVE_CHROMIUM, reason="chromium and chromium-driver are not installed (apt-get install)"
+)
+def test_web_page_picks_the_flux_base_trains_and_generates(
+    pg_url: str,
+    redis_url: str,
+    logs: Path,
+    quant_cache: Path,
+    browser: Any,
+    tmp_path: Path,
+) -> None:
+    """Both built-in models served, one worker each: the page's base selector lists both
+    (from GET /v1/bases), and a fine-tune of the FLUX one, chosen there, trains on its worker;
+    the generation with its adapter takes the base's classifier-free rules (the default steps
+    and scale, a negative prompt) and its image comes back."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    def find(element_id: str) -> Any:
+        return browser.find_element(By.ID, element_id)
+
+    common: dict[str, Any] = {
+        "database_url": pg_url,
+        "broker_url": redis_url,
+        "data_dir": tmp_path / "data",
+        "quant_cache_dir": quant_cache,
+        "torch_threads": 1,
+        "heartbeat_s": 1,
+        # fashion-flux's native side reads as FluxPipeline's 256 px; it was trained at 32 px,
+        # which this puts in range (docs/builtin-model.md).
+        "min_size_factor": 0.125,
+    }
+    env_sd = service_env(**common, model=ROOT / "models" / "fashion-sd", base_model=SD_BASE)
+    env_flux = service_env(**common, model=ROOT / "models" / "fashion-flux", base_model=FLUX_BASE)
+    for env in (env_sd, env_flux):
+        env["OMP_WAIT_POLICY"] = "PASSIVE"  # two workers and the browser share the cores
+    key = create_key(env_sd, "web")["api key"]
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    procs = [
+        start_api(env_sd, logs, port),  # the default base: fashion-sd
+        start_worker(env_sd, logs, "worker-sd"),
+        worker_flux := start_worker(env_flux, logs, "worker-flux"),
+    ]
+    try:
+        api = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+
+        def both_up() -> bool:
+            try:
+                listed = api.get("/v1/bases").raise_for_status().json()["data"]
+            except httpx.TransportError:
+                return False
+            return {b["name"]: b["workers_up"] for b in listed} == {SD_BASE: 1, FLUX_BASE: 1}
+
+        wait_for("the API and both workers", both_up, 180, procs)
+        flux = api.get(f"/v1/bases/{FLUX_BASE}").json()
+        assert (flux["family"], flux["generation"]["guidance"]) == ("flux", "cfg")
+
+        browser.get(url + "/")
+        find("api-key").send_keys(key)
+        find("save-key").click()
+        _until("the app", lambda: find("app").is_displayed(), 20, browser)
+        options = lambda: browser.execute_script(  # noqa: E731
+            "return [...document.querySelectorAll('#base option')].map((o) => [o.value, o.text])"
+        )
+        _until("both bases", lambda: len(options()) == 2, 20, browser)
+        assert options() == [
+            ["", f"{SD_BASE} (default), sd, 4-bit, 32 px"],
+            [FLUX_BASE, f"{FLUX_BASE}, flux, 4-bit, 256 px"],
+        ]
+        # Picking the FLUX base brings its own defaults into the form.
+        Select(find("base")).select_by_value(FLUX_BASE)
+        assert find("base-info").text.startswith(f"{FLUX_BASE}: family flux")
+        assert find("resolution").get_attribute("min") == "32"
+        default_steps = flux["finetune"]["steps"]
+        assert find("steps").get_attribute("placeholder") == f"{default_steps} (default)"
+
+        find("photos").send_keys("\n".join(str(p) for p in _photos(tmp_path / "photos")))
+        find("ft-name").send_keys("flux bag")
+        find("steps").send_keys(str(FLUX_STEPS))
+        find("resolution").send_keys("32")
+        find("start-finetune").click()
+        _until("success", lambda: find("job-status").text == "succeeded", 300, browser)
+        (job,) = api.get("/v1/finetunes").json()["data"]
+        assert (job["base_model"], job["params"]["resolution"]) == (FLUX_BASE, 32)
+        assert job["id"] in worker_flux.log()  # the FLUX worker trained it
+        adapter_id = _until(
+            "the new adapter", lambda: find("gen-adapter").get_attribute("value"), 20, browser
+        )
+        assert adapter_id == job["adapter_id"]
+        # The generation form follows the adapter's base: classifier-free, negative prompt on.
+        info = find("gen-base-info")
+        assert info.get_attribute("data-base") == FLUX_BASE and "guidance cfg" in info.text
+        assert find("gen-negative").is_enabled()
+        assert find("gen-steps").get_attribute("placeholder") == "28 (default)"
+        # JavaScript writes 4.0 as 4.
+        assert find("gen-guidance").get_attribute("placeholder") == "4 (default)"
+
+        find("gen-prompt").clear()
+        find("gen-prompt").send_keys("a photo of sks bag on a red background")
+        find("gen-negative").send_keys("blue")
+        find("gen-size").send_keys("32")
+        find("gen-seed").send_keys("7")
+        find("generate").click()
+        size = _until(
+            "the generated image",
+            lambda: browser.execute_script(
+                "const i = document.querySelector('#gen-images img.generated');"
+                "return i && i.complete && i.naturalWidth ? [i.naturalWidth, i.naturalHeight]"
+                " : null"
+            ),
+            180,
+            browser,
+        )
+        assert size == [32, 32] and find("generate-status").text.endswith("succeeded")
+        (gen,) = api.get("/v1/generations").json()["data"]
+        assert (gen["base_model"], gen["adapter_id"], gen["negative_prompt"]) == (
+            FLUX_BASE,
+            adapter_id,
+            "blue",
+        )
+        assert (gen["steps"], gen["guidance_scale"]) == (28, 4.0)  # the base's defaults
+        _screenshot(browser, tmp_path, "web-flux")
+        console = [entry["message"] for entry in browser.get_log("browser")]
+        assert not [m for m in console if "Content Security Policy" in m], console
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.stop()
