@@ -28,6 +28,10 @@ from app.settings import Settings
 # FluxPipeline's `default_sample_size`, a constant of the pipeline (FLUX transformer configs
 # carry no sample_size), multiplied there by the VAE's scale factor (1024 px for FLUX.1).
 FLUX_SAMPLE_SIZE = 128
+# The model_index.json key of the side a model was trained at, where its configs do not say
+# it (the built-in models/fashion-flux: 32 px); restates the core's NATIVE_RESOLUTION_KEY
+# (tuneqdm_core.families.flow), which the API cannot import without torch.
+NATIVE_RESOLUTION_KEY = "_native_resolution"
 # Every requested side is a multiple of this (the schemas' multiple_of); a family may need more.
 SIZE_STEP = 8
 
@@ -94,6 +98,7 @@ def describe_folder(folder: str | Path, *, name: str, bits: int) -> BaseInfo | N
         bits=bits,
         family=family,
         guidance=guidance_of(family, index, denoiser),
+        index=index,
         denoiser=denoiser,
         vae_scale_factor=2 ** (blocks - 1),
         scheduler=scheduler,
@@ -110,6 +115,7 @@ def describe_configs(
     denoiser: dict[str, Any],
     vae_scale_factor: int,
     scheduler: dict[str, Any],
+    index: dict[str, Any],
 ) -> BaseInfo:
     """A base's description from its family and guidance kind, its denoiser's (UNet's or
     transformer's) config, its VAE's scale factor and its scheduler config: the same facts
@@ -129,10 +135,13 @@ def describe_configs(
         prediction = "flow"  # the velocity noise − latents (tuneqdm_core.families.flow)
     else:
         prediction = str(scheduler.get("prediction_type", "epsilon"))
+    native = int(sample_size) * vae_scale_factor
+    if family == "flux":  # FLUX configs record no side; the index may (the built-in model's)
+        native = int(index.get(NATIVE_RESOLUTION_KEY) or native)
     return BaseInfo(
         name=name,
         source=source,
-        native_resolution=int(sample_size) * vae_scale_factor,
+        native_resolution=native,
         prediction_type=prediction,
         bits=bits,
         family=family,

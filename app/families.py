@@ -119,20 +119,21 @@ class FinetuneDefaults:
     here; `as_dict` gives the whole set GET /v1/bases shows."""
 
     overrides: dict[str, Any] = field(default_factory=dict)
-    # The default training side, as a share of the base's native side (rounded down to the
-    # base's size multiple, kept within its size range).
-    resolution_share: float = 1.0
+    # The default training side: the base's native side, or this where that is larger
+    # (rounded down to the base's size multiple, kept within its size range).
+    max_resolution: int | None = None
 
 
-# FLUX and SD3 train at half their native side by default: diffusers' DreamBooth scripts for
-# both (train_dreambooth_flux.py, train_dreambooth_sd3.py) default to 512 px for their 1024 px
-# models. Steps and learning rates stay the method's own: lr_s_out is already relative to each
-# base's quantization step, and nothing measured on these families asks for other values.
+# FLUX and SD3 train at 512 px by default, as diffusers' DreamBooth scripts for both
+# (train_dreambooth_flux.py, train_dreambooth_sd3.py) do for their 1024 px models; a smaller
+# model (the built-in 32 px models/fashion-flux) at its own side. Steps and learning rates stay
+# the method's own: lr_s_out is already relative to each base's quantization step, and nothing
+# measured on these families asks for other values.
 FINETUNE_DEFAULTS: dict[Family, FinetuneDefaults] = {
     "sd": FinetuneDefaults(),
     "sdxl": FinetuneDefaults(),
-    "sd3": FinetuneDefaults(resolution_share=0.5),
-    "flux": FinetuneDefaults(resolution_share=0.5),
+    "sd3": FinetuneDefaults(max_resolution=512),
+    "flux": FinetuneDefaults(max_resolution=512),
 }
 
 
@@ -190,8 +191,8 @@ def finetune_defaults(
     family: str, *, native: int, low: int, high: int, multiple: int
 ) -> dict[str, Any]:
     """The values a fine-tune of a base of `family` trains with where its params omit them:
-    FinetuneParams' defaults, the family's overrides, and the default resolution (the share
-    of `native`, rounded down to `multiple`, kept within [low, high])."""
+    FinetuneParams' defaults, the family's overrides, and the default resolution (`native`, or
+    the family's maximum where smaller, rounded down to `multiple`, kept within [low, high])."""
     from app.schemas.finetunes import FinetuneParams
 
     defaults = FINETUNE_DEFAULTS[family]  # type: ignore[index]
@@ -199,6 +200,7 @@ def finetune_defaults(
         name: FinetuneParams.model_fields[name].default for name in FINETUNE_FIELDS
     }
     values.update(defaults.overrides)
-    side = multiple * int(native * defaults.resolution_share // multiple)
+    side = min(native, defaults.max_resolution or native)
+    side = multiple * (side // multiple)
     values["resolution"] = min(max(side, low), high)
     return values

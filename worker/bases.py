@@ -60,6 +60,7 @@ def loaded_info(settings: Settings, base: BaseModel) -> BaseInfo:
         denoiser=denoiser,
         vae_scale_factor=base.vae_scale_factor,
         scheduler=dict(base.scheduler_config),
+        index=dict(base.extra.get("index", {})),
     )
 
 

@@ -41,8 +41,8 @@ class FinetuneDefaultsPublic(BaseModel):
     )
     batch_size: int
     resolution: int = Field(
-        description="The native resolution for UNet bases; half of it for FLUX and SD3, as "
-        "their DreamBooth training defaults."
+        description="The native resolution for UNet bases; for FLUX and SD3 512 px where that "
+        "is smaller (their DreamBooth training default)."
     )
 
 

@@ -83,8 +83,8 @@ def test_generation_defaults_follow_the_family(
     assert (body["steps"], body["guidance_scale"], body["scheduler"]) == expected
     row = session.get(GenerationJob, body["id"])
     assert row is not None and (row.steps, row.guidance_scale, row.scheduler) == expected
-    # FluxPipeline's 128 × fashion-flux's VAE factor 2 (app/bases.py FLUX_SAMPLE_SIZE).
-    native = {SD: 32, FASHION_FLUX.name: 256}.get(base, 1024)
+    # fashion-flux's own side (its model_index.json's _native_resolution).
+    native = {SD: 32, FASHION_FLUX.name: 32}.get(base, 1024)
     assert (body["width"], body["height"]) == (native, native)
 
 
@@ -121,7 +121,7 @@ def test_what_the_family_uses_is_accepted(client: TestClient, headers: dict[str,
         (SD35.name, {"negative_prompt": "blurry", "scheduler": "heun", "guidance_scale": 4.5}),
         (SD35.name, {"scheduler": "dpmsolver++", "height": 512}),
         (SD, {"negative_prompt": "blurry", "scheduler": "euler", "guidance_scale": 1.0}),
-        (FASHION_FLUX.name, {"negative_prompt": "blue", "guidance_scale": 6.0, "width": 128}),
+        (FASHION_FLUX.name, {"negative_prompt": "blue", "guidance_scale": 6.0, "width": 48}),
     ):
         r = _generate(client, headers, base=base, steps=4, **body)
         assert r.status_code == 202, (base, r.text)
@@ -138,7 +138,7 @@ def test_an_adapter_brings_its_base_family_rules(
     assert r.status_code == 202 and r.json()["guidance_scale"] == 3.5
     # An adapter of the built-in FLUX model: classifier-free, so its negative prompt is kept.
     adapter = make_adapter(session, storage, tenant.tenant, base_model=FASHION_FLUX.name)
-    r = _generate(client, tenant.headers, adapter_id=adapter.id, negative_prompt="blue", width=128)
+    r = _generate(client, tenant.headers, adapter_id=adapter.id, negative_prompt="blue")
     assert r.status_code == 202, r.text
     assert (r.json()["guidance_scale"], r.json()["negative_prompt"]) == (4.0, "blue")
     row = session.get(GenerationJob, r.json()["id"])
@@ -151,7 +151,7 @@ def test_finetune_defaults_follow_the_family(
     r = post_finetune(client, headers, data={"base": DEV.name})
     assert r.status_code == 202, r.text
     row = session.get(FinetuneJob, r.json()["id"])
-    # Half FLUX's native 1024 px, as diffusers' DreamBooth script for FLUX trains.
+    # 512 px for FLUX's native 1024 px, as diffusers' DreamBooth script for FLUX trains.
     assert row is not None and row.params["resolution"] == 512
     assert r.json()["params"]["steps"] == 300
     sent = {"resolution": 1000}
@@ -160,6 +160,9 @@ def test_finetune_defaults_follow_the_family(
     assert r.json()["errors"][0]["field"] == "params.resolution"
     assert "a multiple of 16" in r.json()["detail"] and "family flux" in r.json()["detail"]
     r = post_finetune(client, headers)  # the SD default base: its native side, as before
+    assert r.status_code == 202 and r.json()["params"]["resolution"] == 32
+    # A FLUX model smaller than 512 px trains at its own side (fashion-flux's 32 px).
+    r = post_finetune(client, headers, data={"base": FASHION_FLUX.name})
     assert r.status_code == 202 and r.json()["params"]["resolution"] == 32
 
 

@@ -15,7 +15,7 @@ from diffusers import FluxPipeline
 from tests.core.helpers import perturbed_adapter
 from tuneqdm_core.adapter import AdapterConfig
 from tuneqdm_core.base import BaseModel, load_base
-from tuneqdm_core.builtin.pretrain_flux import mark_cfg
+from tuneqdm_core.builtin.pretrain_flux import mark_model
 from tuneqdm_core.cli import main
 from tuneqdm_core.families.flux import TRAIN_GUIDANCE, guidance_of
 from tuneqdm_core.generate import GenerationRequest, generate
@@ -29,7 +29,7 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("flux-guidance")
     assert main(["build-tiny", "--arch", "tiny-flux", str(root / "embedded")]) == 0
     assert main(["build-tiny", "--arch", "tiny-flux", str(root / "cfg")]) == 0
-    mark_cfg(root / "cfg")
+    mark_model(root / "cfg")
     return root / "embedded", root / "cfg"
 
 

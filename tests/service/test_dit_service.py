@@ -141,8 +141,8 @@ def test_flux_and_sd_workers_side_by_side(
             "schedulers": ["euler"],
             "negative_prompt": False,
         }
-        # Half the native side by default (FLUX and SD3), the native side for SD.
-        assert (flux["finetune"]["resolution"], sd["finetune"]["resolution"]) == (128, 32)
+        # The native side, or 512 px where that is larger (FLUX and SD3): the tiny FLUX's 256.
+        assert (flux["finetune"]["resolution"], sd["finetune"]["resolution"]) == (256, 32)
         assert sd["generation"]["steps"] == 30 and sd["generation"]["negative_prompt"] is True
 
         # What FLUX does not use is refused at submit, naming the field, base and family.

@@ -530,9 +530,6 @@ def test_web_page_picks_the_flux_base_trains_and_generates(
         "quant_cache_dir": quant_cache,
         "torch_threads": 1,
         "heartbeat_s": 1,
-        # fashion-flux's native side reads as FluxPipeline's 256 px; it was trained at 32 px,
-        # which this puts in range (docs/builtin-model.md).
-        "min_size_factor": 0.125,
     }
     env_sd = service_env(**common, model=ROOT / "models" / "fashion-sd", base_model=SD_BASE)
     env_flux = service_env(**common, model=ROOT / "models" / "fashion-flux", base_model=FLUX_BASE)
@@ -570,7 +567,7 @@ def test_web_page_picks_the_flux_base_trains_and_generates(
         _until("both bases", lambda: len(options()) == 2, 20, browser)
         assert options() == [
             ["", f"{SD_BASE} (default), sd, 4-bit, 32 px"],
-            [FLUX_BASE, f"{FLUX_BASE}, flux, 4-bit, 256 px"],
+            [FLUX_BASE, f"{FLUX_BASE}, flux, 4-bit, 32 px"],
         ]
         # Picking the FLUX base brings its own defaults into the form.
         Select(find("base")).select_by_value(FLUX_BASE)
@@ -582,8 +579,7 @@ def test_web_page_picks_the_flux_base_trains_and_generates(
         find("photos").send_keys("\n".join(str(p) for p in _photos(tmp_path / "photos")))
         find("ft-name").send_keys("flux bag")
         find("steps").send_keys(str(FLUX_STEPS))
-        find("resolution").send_keys("32")
-        find("start-finetune").click()
+        find("start-finetune").click()  # at the base's own side, 32 px
         _until("success", lambda: find("job-status").text == "succeeded", 300, browser)
         (job,) = api.get("/v1/finetunes").json()["data"]
         assert (job["base_model"], job["params"]["resolution"]) == (FLUX_BASE, 32)
@@ -603,7 +599,6 @@ def test_web_page_picks_the_flux_base_trains_and_generates(
         find("gen-prompt").clear()
         find("gen-prompt").send_keys("a photo of sks bag on a red background")
         find("gen-negative").send_keys("blue")
-        find("gen-size").send_keys("32")
         find("gen-seed").send_keys("7")
         find("generate").click()
         size = _until(
@@ -623,7 +618,8 @@ def test_web_page_picks_the_flux_base_trains_and_generates(
             adapter_id,
             "blue",
         )
-        assert (gen["steps"], gen["guidance_scale"]) == (28, 4.0)  # the base's defaults
+        # The base's defaults, its own side among them.
+        assert (gen["steps"], gen["guidance_scale"], gen["width"]) == (28, 4.0, 32)
         _screenshot(browser, tmp_path, "web-flux")
         console = [entry["message"] for entry in browser.get_log("browser")]
         assert not [m for m in console if "Content Security Policy" in m], console

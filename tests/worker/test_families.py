@@ -12,12 +12,13 @@ from typing import get_args
 
 import pytest
 
-from app.bases import describe_folder
+from app.bases import NATIVE_RESOLUTION_KEY, describe_folder
 from app.families import GENERATION_RULES, GUIDANCE_KEY, PIPELINES, UNET_SCHEDULERS
 from app.schemas import Scheduler
 from app.settings import Settings
 from tuneqdm_core.base import load_base
 from tuneqdm_core.families import FAMILIES
+from tuneqdm_core.families.flow import NATIVE_RESOLUTION_KEY as CORE_NATIVE_RESOLUTION_KEY
 from tuneqdm_core.families.flux import GUIDANCE_KEY as CORE_GUIDANCE_KEY
 from tuneqdm_core.generate import SCHEDULERS as UNET_CORE_SCHEDULERS
 from worker.bases import loaded_info
@@ -29,6 +30,7 @@ def test_the_api_tables_agree_with_the_core() -> None:
     } == (PIPELINES)
     assert set(UNET_SCHEDULERS) == set(UNET_CORE_SCHEDULERS)
     assert GUIDANCE_KEY == CORE_GUIDANCE_KEY
+    assert NATIVE_RESOLUTION_KEY == CORE_NATIVE_RESOLUTION_KEY
     for (family, _guidance), rules in GENERATION_RULES.items():
         core = FAMILIES.get(family)
         schedulers = set(core.schedulers) if core is not None else set(UNET_CORE_SCHEDULERS)
@@ -71,8 +73,8 @@ def test_folder_and_loaded_model_describe_the_same_base(
         "tiny-sd": ("sd", "cfg", 32, "epsilon", 8),
         "tiny-sdxl": ("sdxl", "cfg", from_folder.native_resolution, "epsilon", 8),
         # Guided classifier-free (its model_index.json's _guidance), though its transformer
-        # has a guidance embedding; FluxPipeline's 128 × its VAE's 2.
-        "fashion-flux": ("flux", "cfg", 256, "flow", 8),
+        # has a guidance embedding; trained at 32 px (its _native_resolution).
+        "fashion-flux": ("flux", "cfg", 32, "flow", 8),
     }[arch]
     assert (
         from_folder.family,

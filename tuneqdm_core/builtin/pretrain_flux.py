@@ -74,6 +74,7 @@ from tuneqdm_core.builtin.pretrain import (
 )
 from tuneqdm_core.builtin.scenes import DATA_DIR, SIZE, SceneSampler, load_fashion, shrink
 from tuneqdm_core.builtin.tiny_dit import t5_encoder, t5_tokenizer
+from tuneqdm_core.families.flow import NATIVE_RESOLUTION_KEY
 from tuneqdm_core.families.flux import FLUX, GUIDANCE_KEY, TRAIN_GUIDANCE
 from tuneqdm_core.model import QuantConfig
 
@@ -162,12 +163,14 @@ def build_flux_pipeline(
     )
 
 
-def mark_cfg(folder: Path) -> None:
-    """Say in the folder's model_index.json that the model is guided classifier-free (what
-    ``BaseModel.guidance`` and the service read), not by its guidance embedding."""
+def mark_model(folder: Path) -> None:
+    """Say in the folder's model_index.json what its configs cannot: that the model is guided
+    classifier-free, not by its guidance embedding (``BaseModel.guidance``), and the side it was
+    trained at (the service's native resolution; FLUX pipelines assume 1024 px)."""
     index_file = folder / "model_index.json"
     index = json.loads(index_file.read_text())
     index[GUIDANCE_KEY] = "cfg"
+    index[NATIVE_RESOLUTION_KEY] = SIZE
     index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
@@ -260,7 +263,7 @@ def pretrain_flux(
     pipeline.to("cpu")
     out = Path(out)
     pipeline.save_pretrained(out)
-    mark_cfg(out)
+    mark_model(out)
     # The plain vocab/merges beside tokenizer.json, as fashion-sd's CLIP tokenizer has them.
     for name in ("vocab.json", "merges.txt"):
         source = parts_from / "tokenizer" / name

@@ -71,6 +71,10 @@ SCHEDULERS: dict[str, Callable[[dict[str, Any]], Any]] = {
         prediction_type="flow_prediction",
     ),
 }
+# The model_index.json key of the side (pixels) a model was trained at, where its configs do
+# not say it (FLUX pipelines assume 1024 px; the built-in models/fashion-flux is 32 px). The
+# service reads it as the base's native resolution (app/bases.py restates it, without torch).
+NATIVE_RESOLUTION_KEY = "_native_resolution"
 # GenerationRequest's default name ("ddim", a UNet scheduler) means the family's default.
 DEFAULT_SCHEDULER = "euler"
 UNET_DEFAULT = "ddim"
@@ -180,6 +184,9 @@ class FlowFamily(Family):
         elif config is not None:
             options["transformer"] = load_transformer_file(self, source, config)
         pipeline = self.pipeline_class().from_pretrained(config or source, **options)
+        # model_index.json as written, keys diffusers ignores included (NATIVE_RESOLUTION_KEY,
+        # a FLUX model's guidance).
+        index = dict(self.pipeline_class().load_config(config or source))
         if text_encoder_bits is not None:
             quantize_text_encoder(getattr(pipeline, self.t5_part), text_encoder_bits)
         pipeline.to(device)
@@ -197,7 +204,7 @@ class FlowFamily(Family):
                 module.requires_grad_(False)
         return BaseModel(
             source=source,
-            guidance=self.guidance(pipeline, config or source),
+            guidance=self.guidance(index, pipeline),
             unet=transformer,
             vae=pipeline.vae,
             text_encoder=pipeline.text_encoder,
@@ -207,7 +214,7 @@ class FlowFamily(Family):
             device=device,
             load_seconds=time.perf_counter() - start,
             from_cache=from_cache,
-            extra={"pipeline": pipeline},
+            extra={"pipeline": pipeline, "index": index},
             text_encoder_2=pipeline.text_encoder_2,
             tokenizer_2=pipeline.tokenizer_2,
             text_encoder_3=getattr(pipeline, "text_encoder_3", None),
@@ -385,9 +392,9 @@ class FlowFamily(Family):
 
     size_multiple = 1  # on top of the VAE's factor: FLUX packs 2×2 latents, SD3 patches 2×2
 
-    def guidance(self, pipeline: Any, source: str) -> str:
-        """How the loaded ``pipeline`` (of folder or hub id ``source``) is guided (the values
-        of ``BaseModel.guidance``); classifier-free unless the family says otherwise."""
+    def guidance(self, index: dict[str, Any], pipeline: Any) -> str:
+        """How the loaded ``pipeline`` with model_index.json ``index`` is guided (the values of
+        ``BaseModel.guidance``); classifier-free unless the family says otherwise."""
         return "cfg"
 
     def guidance_call(self, base: BaseModel, scale: float) -> dict[str, Any]:

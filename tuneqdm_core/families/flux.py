@@ -105,8 +105,7 @@ class Flux(FlowFamily):
         states = t5(tokens.to(t5.device), output_hidden_states=False)[0]
         return Conditioning(states.to(base.device), pooled.to(base.device))
 
-    def guidance(self, pipeline: Any, source: str) -> str:
-        index = self.pipeline_class().load_config(source)
+    def guidance(self, index: dict[str, Any], pipeline: Any) -> str:
         return guidance_of(index, dict(pipeline.transformer.config))
 
     def guidance_call(self, base: BaseModel, scale: float) -> dict[str, Any]:
