@@ -572,7 +572,8 @@ def test_web_page_picks_the_flux_base_trains_and_generates(
         # Picking the FLUX base brings its own defaults into the form.
         Select(find("base")).select_by_value(FLUX_BASE)
         assert find("base-info").text.startswith(f"{FLUX_BASE}: family flux")
-        assert find("resolution").get_attribute("min") == "32"
+        assert flux["sizes"] == {"default": 32, "min": 16, "max": 64}
+        assert find("resolution").get_attribute("min") == "16"
         default_steps = flux["finetune"]["steps"]
         assert find("steps").get_attribute("placeholder") == f"{default_steps} (default)"
 
