@@ -126,14 +126,17 @@ class FinetuneDefaults:
 
 # FLUX and SD3 train at 512 px by default, as diffusers' DreamBooth scripts for both
 # (train_dreambooth_flux.py, train_dreambooth_sd3.py) do for their 1024 px models; a smaller
-# model (the built-in 32 px models/fashion-flux) at its own side. Steps and learning rates stay
-# the method's own: lr_s_out is already relative to each base's quantization step, and nothing
-# measured on these families asks for other values.
+# model (the built-in 32 px models/fashion-flux) at its own side. Steps and lr_s_out stay the
+# method's own (lr_s_out is already relative to each base's quantization step). FLUX trains
+# s_in ten times faster: on the built-in FLUX model, lr_s_in 1e-2 put TuneQDM ahead of PEQA by
+# +0.019 ± 0.004 subject fidelity (24 pairs, 4.7 standard errors, confirmed on seeds it was
+# not chosen on) at 1.01 × the base's prompt fidelity, where the UNet families' 1e-3 stayed
+# level with PEQA (+0.002 ± 0.001; docs/benchmarks.md "A FLUX-family model"). SD3: unmeasured.
 FINETUNE_DEFAULTS: dict[Family, FinetuneDefaults] = {
     "sd": FinetuneDefaults(),
     "sdxl": FinetuneDefaults(),
     "sd3": FinetuneDefaults(max_resolution=512),
-    "flux": FinetuneDefaults(max_resolution=512),
+    "flux": FinetuneDefaults(overrides={"lr_s_in": 1e-2}, max_resolution=512),
 }
 
 

@@ -106,6 +106,7 @@ class Variant:
     steps: int | None = None  # instead of --steps
     # lr_s_out as a multiple of the base's median s0, instead of --lr-s-out
     relative_lr: float | None = None
+    lr_s_in: float | None = None  # instead of --lr-s-in
 
 
 VARIANTS = {
@@ -116,6 +117,11 @@ VARIANTS = {
     "peqa-w4": Variant("peqa", 4),
     # QLoRA's arrangement: rank 16 on the same W4 base (diffusers' FLUX LoRA rank and rate).
     "lora-r16-w4": Variant("lora", 4),
+    # s_in's rate, the one TuneQDM has and PEQA lacks, above the core's 1e-3.
+    **{
+        f"tuneqdm-w4-sin{n}": Variant("tuneqdm", 4, lr_s_in=v)
+        for n, v in (("3e-3", 3e-3), ("1e-2", 1e-2))
+    },
     **{f"tuneqdm-w{bits}-i{k}": Variant("tuneqdm", bits, k) for bits in (8, 4) for k in (1, 2, 4)},
     # Candidate default recipes of the service (W4, one interval; docs/benchmarks.md).
     **{
@@ -293,7 +299,7 @@ def run_variant(
         intervals=variant.intervals,
         steps=variant.steps or args.steps,
         lr_s_out=lr_s_out,
-        lr_s_in=args.lr_s_in,
+        lr_s_in=variant.lr_s_in or args.lr_s_in,
         lr=variant.lr or args.lr_full,
         lr_lora=args.lr_lora,
         resolution=SIZE,
@@ -452,14 +458,17 @@ def paired(
     """Each row's differences to ``against`` (the row of the same photo set), pair by pair:
     one pair per (seed, subject), since both saw the same photos, seeds and noise. Mean ±
     standard error; and the row's prompt fidelity as a share of its base's."""
-    header = ["variant", "Δ subject", "Δ prompt", "Δ background", "prompt ÷ base", "pairs"]
+    header = ["variant", "Δ subject", "÷ SE", "Δ prompt", "Δ background", "prompt ÷ base", "pairs"]
     rows: list[list[object]] = []
     for name, by_seed in results.items():
         reference = results.get(against + _photo_set(name))
         if reference is None or name == against + _photo_set(name):
             continue
         bits = VARIANTS[name.split(" ")[0]].bits if name.split(" ")[0] in VARIANTS else 4
-        base = references.get(f"base W{bits}, class prompt")
+        # The base of the row's bits; where a run drew only the other one, that one (full
+        # fine-tuning trains the float model: both are references for it).
+        bases = [v for k, v in sorted(references.items()) if k.startswith("base W")]
+        base = references.get(f"base W{bits}, class prompt", bases[0] if bases else None)
         deltas: dict[str, list[float]] = {"subject": [], "prompt": [], "background": []}
         prompts = []
         for seed, runs in by_seed.items():
@@ -475,7 +484,12 @@ def paired(
         base_prompt = 0.0 if base is None else (base["background"] + base["position"]) / 2
         if base_prompt > 0:  # a base that drew no prompt right has no share to give
             share = f"{statistics.fmean(prompts) / base_prompt:.3f}"
-        rows.append([name, *(_mean_se(d) for d in deltas.values()), share, str(len(prompts))])
+        subject = deltas["subject"]
+        spread = statistics.stdev(subject) if len(subject) > 1 else 0.0
+        # The subject difference in standard errors (how far from chance a lead is).
+        z = f"{statistics.fmean(subject) / (spread / len(subject) ** 0.5):+.1f}" if spread else "-"
+        cells = [_mean_se(d) for d in deltas.values()]
+        rows.append([name, cells[0], z, *cells[1:], share, str(len(prompts))])
     return f"paired against {against}:\n" + table(header, rows)
 
 
@@ -487,7 +501,8 @@ def report(paths: Sequence[str], against: str | None = None) -> str:
         data = json.loads(Path(path).read_text())
         references = references or data["references"]
         for name, by_seed in data["results"].items():
-            results[name] = {int(seed): runs for seed, runs in by_seed.items()}
+            # A variant in several files (other seeds) gathers all of its seeds.
+            results.setdefault(name, {}).update({int(s): runs for s, runs in by_seed.items()})
     # Variants in their order, each followed by its photo sets and export rows.
     order = [r for n in VARIANTS for r in results if r == n or r.startswith(f"{n} ")]
     ordered = {n: results[n] for n in order}

@@ -184,7 +184,7 @@ def test_the_base_shows_its_family_rules_and_defaults(
     }
     assert base["finetune"] == {
         "steps": 300,
-        "lr_s_in": 1e-3,
+        "lr_s_in": 1e-2,  # FLUX's own (app/families.py FINETUNE_DEFAULTS)
         "lr_s_out": None,
         "batch_size": 1,
         "resolution": 512,
