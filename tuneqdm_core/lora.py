@@ -47,6 +47,17 @@ class LoRA(torch.nn.Module):
     def scale(self) -> float:
         return 1.0  # alpha / rank with alpha = rank
 
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The pairs in PEFT's keys, ``{prefix}.{layer}.lora_A/lora_B.weight`` (``prefix`` the
+        pipeline component, "unet" or "transformer"), as diffusers' ``load_lora_weights`` reads
+        them: the float model with this LoRA, as QLoRA adapters are used (alpha = rank is PEFT's
+        reading of a file without alphas)."""
+        out = {}
+        for name, down, up in zip(self.names, self.down, self.up, strict=True):
+            out[f"{prefix}.{name}.lora_A.weight"] = down.detach().cpu().contiguous()
+            out[f"{prefix}.{name}.lora_B.weight"] = up.detach().cpu().contiguous()
+        return out
+
     def num_bytes(self) -> int:
         """What the adapter weighs stored in float32 (its file's tensors)."""
         return 4 * sum(p.numel() for p in self.parameters())

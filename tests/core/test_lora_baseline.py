@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from diffusers import FluxTransformer2DModel
+from diffusers import FluxPipeline, FluxTransformer2DModel
 
 from tests.conftest import subject_photos
 from tuneqdm_core.base import BaseModel, load_base
@@ -79,6 +80,21 @@ def test_full_fine_tunes_the_float_transformer(base: BaseModel) -> None:
         if not torch.equal(p.detach(), q)
     ]
     assert changed and result.adapter is None
+
+
+def test_the_cli_writes_a_lora_diffusers_loads(base: BaseModel, tmp_path: Path) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, photo in enumerate(subject_photos(2)):
+        photo.save(photos / f"{i}.png")
+    out = tmp_path / "lora.safetensors"
+    args = ["finetune", base.source, "--images", str(photos), "--prompt", "a photo of sks dog"]
+    args += ["--method", "lora", "--lora-rank", "4", "--lr-lora", "1e-2", "--steps", "2"]
+    assert main([*args, "--resolution", "32", "--out", str(out)]) == 0
+    pipeline = FluxPipeline.from_pretrained(base.source, local_files_only=True)
+    pipeline.load_lora_weights(str(out))
+    adapted = {name for name, m in pipeline.transformer.named_modules() if hasattr(m, "lora_A")}
+    assert adapted == set(LoRA(base.unet, 1, torch.Generator()).names)
 
 
 def test_lora_refuses_a_rank_below_one(base: BaseModel) -> None:

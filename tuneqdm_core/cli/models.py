@@ -8,6 +8,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Literal, get_args, get_origin, get_type_hints
 
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from tuneqdm_core.base import BaseModel, load_base
@@ -180,9 +181,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         tokens = [s.instance_prompt for s in subjects]
         save_adapter(result.adapter, out, extra={"prompts": tokens, "base_model": args.model})
         print(f"adapter written to {out} ({out.stat().st_size / 1e6:.2f} MB)")
+    elif result.lora is not None:
+        save_file(result.lora.tensors(base.family.denoiser), str(out))
+        print(f"LoRA (rank {result.lora.rank}, PEFT keys) written to {out}")
     elif result.unet is not None:
         result.unet.save_pretrained(out)
-        print(f"fine-tuned float UNet written to {out}/")
+        print(f"fine-tuned float {base.family.denoiser} written to {out}/")
     print(f"{len(result.losses)} steps in {result.seconds:.1f} s")
     return 0
 
