@@ -131,7 +131,9 @@ class FinetuneDefaults:
 # s_in ten times faster: on the built-in FLUX model, lr_s_in 1e-2 put TuneQDM ahead of PEQA by
 # +0.019 ± 0.004 subject fidelity (24 pairs, 4.7 standard errors, confirmed on seeds it was
 # not chosen on) at 1.01 × the base's prompt fidelity, where the UNet families' 1e-3 stayed
-# level with PEQA (+0.002 ± 0.001; docs/benchmarks.md "A FLUX-family model"). SD3: unmeasured.
+# level with PEQA (+0.002 ± 0.001; docs/benchmarks.md "A FLUX-family model"). On the SD
+# built-in model the same rate gained nothing and cost prompt fidelity (0.64 × the base's), so
+# the UNet families keep 1e-3. SD3: unmeasured.
 FINETUNE_DEFAULTS: dict[Family, FinetuneDefaults] = {
     "sd": FinetuneDefaults(),
     "sdxl": FinetuneDefaults(),
