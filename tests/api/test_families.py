@@ -40,12 +40,15 @@ SD35 = BaseInfo(
 )
 SD = "tuneqdm/fashion-sd"  # the test settings' default base (described from its folder)
 # The built-in FLUX-family model, described from its folder as its worker registers it.
-FASHION_FLUX = describe_folder(
-    Path(__file__).resolve().parents[2] / "models" / "fashion-flux",
-    name="tuneqdm/fashion-flux",
-    bits=4,
+def _folder_info(folder: Path, name: str) -> BaseInfo:
+    info = describe_folder(folder, name=name, bits=4)
+    assert info is not None
+    return info
+
+
+FASHION_FLUX = _folder_info(
+    Path(__file__).resolve().parents[2] / "models" / "fashion-flux", "tuneqdm/fashion-flux"
 )
-assert FASHION_FLUX is not None
 
 
 @pytest.fixture
