@@ -39,6 +39,8 @@ SD35 = BaseInfo(
     "sd35", "stabilityai/stable-diffusion-3.5-medium", 1024, "flow", 8, "sd3", "cfg", 16
 )
 SD = "tuneqdm/fashion-sd"  # the test settings' default base (described from its folder)
+
+
 # The built-in FLUX-family model, described from its folder as its worker registers it.
 def _folder_info(folder: Path, name: str) -> BaseInfo:
     info = describe_folder(folder, name=name, bits=4)
