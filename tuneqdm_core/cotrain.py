@@ -54,7 +54,7 @@ from tuneqdm_core.checkpoints import (
     save_checkpoint,
 )
 from tuneqdm_core.finetune import FinetuneCanceled, FinetuneResult, Progress
-from tuneqdm_core.finetune_config import FinetuneConfig
+from tuneqdm_core.finetune_config import ADAPTERLESS_METHODS, FinetuneConfig
 from tuneqdm_core.routing import route_adapters, routed
 from tuneqdm_core.training_data import Subject, TrainingData, prepare_data
 from tuneqdm_core.training_step import (
@@ -67,9 +67,6 @@ from tuneqdm_core.training_step import (
     training_mode,
     training_schedule,
 )
-
-# Methods that train no scale adapter: nothing to route per job in a shared forward pass.
-SOLO_METHODS = ("lora", "full")
 
 
 @dataclass(frozen=True)
@@ -140,7 +137,7 @@ class CoTrainer:
     def accepts(self, config: FinetuneConfig) -> bool:
         """Whether a job with ``config`` can join this group."""
         key = group_key(config.for_device(self.base.device))
-        return config.method not in SOLO_METHODS and (self._key is None or key == self._key)
+        return config.method not in ADAPTERLESS_METHODS and (self._key is None or key == self._key)
 
     def add(self, job: CoJob) -> None:
         """Prepare ``job`` (its photos, class images, checkpoint) and let it join at the next
@@ -151,7 +148,7 @@ class CoTrainer:
             raise ValueError(f"job {job.key!r}: no subjects given")
         if job.key in self.keys:
             raise ValueError(f"job {job.key!r} is already in the group")
-        if job.config.method in SOLO_METHODS:
+        if job.config.method in ADAPTERLESS_METHODS:
             raise ValueError(
                 f"method {job.config.method!r} trains no scale adapter to share a forward pass "
                 "with; fine-tune it alone"

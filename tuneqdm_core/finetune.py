@@ -36,6 +36,7 @@ from tuneqdm_core.checkpoints import (
     save_checkpoint,
 )
 from tuneqdm_core.finetune_config import (
+    ADAPTERLESS_METHODS,
     S_OUT_RELATIVE_LR,
     FinetuneConfig,
     FinetuneMethod,
@@ -136,7 +137,7 @@ def finetune(
     """
     if not subjects:
         raise ValueError("no subjects given")
-    if sampling is not None and config.method in ("lora", "full"):
+    if sampling is not None and config.method in ADAPTERLESS_METHODS:
         raise ValueError(f"sampling needs an adapter; method {config.method} trains none")
     config = config.for_device(base.device)
     start_time = time.perf_counter()

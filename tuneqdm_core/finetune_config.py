@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 
@@ -14,6 +14,9 @@ from tuneqdm_core.model import quant_state
 # tuneqdm and peqa adapters): LoRA on the same quantized base (tuneqdm_core.lora), and the
 # float denoiser itself (DreamBooth).
 FinetuneMethod = Literal["tuneqdm", "peqa", "lora", "full"]
+# The methods that train no scale adapter: nothing to sample progress images with, nothing to
+# route per job in a co-training group's shared forward pass.
+ADAPTERLESS_METHODS: tuple[FinetuneMethod, ...] = ("lora", "full")
 # "auto": bf16 on CUDA (fp16 where the GPU has no bf16), none elsewhere (FinetuneConfig.for_device).
 MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
 
@@ -67,7 +70,7 @@ class FinetuneConfig:
     checkpoint_every: int = 0
 
     def __post_init__(self) -> None:
-        if self.method not in ("tuneqdm", "peqa", "lora", "full"):
+        if self.method not in get_args(FinetuneMethod):
             raise ValueError(f"method must be tuneqdm, peqa, lora or full, got {self.method!r}")
         if self.steps < 1 or self.batch_size < 1 or self.resolution < 8:
             raise ValueError("steps and batch_size must be >= 1 and resolution >= 8")

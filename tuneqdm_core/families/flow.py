@@ -173,7 +173,12 @@ class FlowFamily(Family):
         T5 encoder's linear layers as 8-bit codes (None: float). ``config``: ``source`` is one
         transformer checkpoint file (:mod:`.single_file`) and ``config`` the diffusers folder
         or hub id the rest of the pipeline and the transformer's config come from."""
-        from tuneqdm_core.base import BaseModel, load_quantized_unet, save_quantized_unet
+        from tuneqdm_core.base import (
+            BaseModel,
+            load_quantized_unet,
+            pipeline_index,
+            save_quantized_unet,
+        )
         from tuneqdm_core.families.single_file import load_transformer_file
 
         start = time.perf_counter()
@@ -186,7 +191,7 @@ class FlowFamily(Family):
         pipeline = self.pipeline_class().from_pretrained(config or source, **options)
         # model_index.json as written, keys diffusers ignores included (NATIVE_RESOLUTION_KEY,
         # a FLUX model's guidance).
-        index = dict(self.pipeline_class().load_config(config or source))
+        index = pipeline_index(config or source)
         if text_encoder_bits is not None:
             quantize_text_encoder(getattr(pipeline, self.t5_part), text_encoder_bits)
         pipeline.to(device)
