@@ -19,7 +19,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from benchmarks import common
-from benchmarks.quality import DEFAULT_MODEL, NEW_CONTEXTS, SubjectItem, pick_subjects
+from benchmarks.subjects import DEFAULT_MODEL, NEW_CONTEXTS, SubjectItem, pick_subjects
 from tuneqdm_core.cli import main as tuneqdm
 from tuneqdm_core.images import to_pil
 

@@ -24,7 +24,7 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 from benchmarks import common
-from benchmarks.quality import DEFAULT_MODEL
+from benchmarks.subjects import DEFAULT_MODEL
 from tuneqdm_core.base import load_base
 from tuneqdm_core.builtin.scenes import SIZE
 from tuneqdm_core.cli.reports import table

@@ -27,7 +27,7 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from benchmarks import common
-from benchmarks.quality import DEFAULT_MODEL, NEW_CONTEXTS, pick_subjects
+from benchmarks.subjects import DEFAULT_MODEL, NEW_CONTEXTS, pick_subjects
 from tuneqdm_core.base import BaseModel, load_base
 from tuneqdm_core.builtin.scenes import DATA_DIR, SIZE
 from tuneqdm_core.cli.reports import table

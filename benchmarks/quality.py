@@ -52,8 +52,16 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from benchmarks import common
 from benchmarks.fidelity import FeatureNet, prompt_fidelity, self_similarity, subject_fidelity
+from benchmarks.subjects import (
+    DEFAULT_MODEL,
+    NEW_CONTEXTS,
+    PHOTO_SETS,
+    SUBJECT_CLASSES,
+    SubjectItem,
+    pick_subjects,
+)
 from tuneqdm_core.base import BaseModel, load_base
-from tuneqdm_core.builtin.scenes import CLASSES, DATA_DIR, SIZE, Scene, load_fashion, render, shrink
+from tuneqdm_core.builtin.scenes import DATA_DIR, SIZE
 from tuneqdm_core.cli.reports import table
 from tuneqdm_core.export import export_lora, load_float_unet
 from tuneqdm_core.finetune import (
@@ -67,34 +75,6 @@ from tuneqdm_core.generate import GenerationRequest, generate
 from tuneqdm_core.images import to_pil, to_training_tensor
 from tuneqdm_core.lora import LoRA
 from tuneqdm_core.model import QuantConfig, quant_state
-
-DEFAULT_MODEL = common.REPO_ROOT / "models" / "fashion-sd"
-# The subject's photos, by set. "distinct" shares no colour and no (colour, position) pair with
-# the new contexts; "varied" shares the colours but no pair.
-PHOTO_SETS = {
-    "distinct": [
-        ("gray", "top left"),
-        ("white", "bottom right"),
-        ("black", "center"),
-        ("pink", "top right"),
-        ("orange", "bottom left"),
-    ],
-    "varied": [
-        ("red", "bottom left"),
-        ("blue", "center"),
-        ("yellow", "top left"),
-        ("green", "top right"),
-    ],
-}
-NEW_CONTEXTS = [
-    ("red", "top right"),
-    ("blue", "top left"),
-    ("yellow", "bottom right"),
-    ("green", "center"),
-    ("purple", "bottom left"),
-]
-SUBJECT_CLASSES = ("bag", "sneaker", "dress", "boot", "pullover", "sandal")
-TOKENS = ("sks", "zwx", "qrt")
 
 
 @dataclass(frozen=True)
@@ -130,42 +110,6 @@ VARIANTS = {
         for name, rel in (("2e-3", 2e-3), ("1e-3", 1e-3))
     },
 }
-
-
-@dataclass(frozen=True)
-class SubjectItem:
-    name: str  # e.g. "bag"
-    token: str
-    photos: list[torch.Tensor]  # [3, SIZE, SIZE] in [-1, 1]
-    photo_set: str = "distinct"
-
-    @property
-    def instance_prompt(self) -> str:
-        return f"a photo of {self.token} {self.name}"
-
-    def prompt(self, colour: str, position: str, with_token: bool = True) -> str:
-        scene = Scene(CLASSES.index(self.name), colour, position).caption()
-        return scene.replace("a photo of a ", f"a photo of {self.token} ") if with_token else scene
-
-
-def pick_subjects(
-    count: int, data_dir: Path = DATA_DIR, photo_set: str = "distinct"
-) -> list[SubjectItem]:
-    """The test garment of each class farthest from its class's mean training garment, in the
-    photos of ``photo_set``."""
-    train_images, train_labels = load_fashion("train", data_dir)
-    test_images, test_labels = load_fashion("test", data_dir)
-    train, test = shrink(train_images), shrink(test_images)
-    subjects = []
-    for i, name in enumerate(SUBJECT_CLASSES[:count]):
-        label = CLASSES.index(name)
-        mean = train[train_labels == label].mean(0)
-        candidates = test[test_labels == label]
-        distance = (candidates - mean).flatten(1).norm(dim=1)
-        garment = candidates[int(distance.argmax())]
-        photos = [render(garment, colour, where) for colour, where in PHOTO_SETS[photo_set]]
-        subjects.append(SubjectItem(name, TOKENS[i % len(TOKENS)], photos, photo_set))
-    return subjects
 
 
 def _float_pipeline(base: BaseModel, unet: Any) -> StableDiffusionPipeline:
@@ -349,7 +293,7 @@ def stored_kib(result: FinetuneResult) -> float:
     if result.adapter is not None:
         values = result.adapter.num_values()
     elif result.lora is not None:
-        values = sum(p.numel() for p in result.lora.parameters())
+        return result.lora.num_bytes() / 1024
     else:
         assert result.unet is not None  # method full
         values = sum(p.numel() for p in result.unet.parameters())
